@@ -1,0 +1,89 @@
+//! The commands that change the state (one Raft log entry carries a batch of
+//! them) and the outcome of each.
+//!
+//! A command is a request to change something; whether it is valid is decided
+//! when it is applied, against the replicated state, so every replica decides
+//! the same. Validation that needs no state (names, sizes) is also run at the
+//! HTTP edge so bad input is refused before it costs a log entry.
+
+use crate::state::Error;
+use crate::task::{Grant, Task};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// One log entry's payload: commands applied in order at one leader-stamped time.
+/// Batching many commands into one entry is what makes one fsync serve many
+/// client requests (group commit).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// The proposing leader's wall clock; applying keeps log time monotonic.
+    pub now_ms: u64,
+    pub commands: Vec<Command>,
+}
+
+/// The outcomes of one entry's commands, in the same order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub outcomes: Vec<Outcome>,
+}
+
+/// A task as submitted by a client or by an agent delegating work.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTask {
+    pub queue: String,
+    pub payload: String,
+    pub priority: u8,
+    /// Relative to the entry's log time; `None` means no deadline.
+    pub deadline_ms: Option<u64>,
+    pub max_attempts: u32,
+    pub idempotency_key: Option<String>,
+    pub parent_id: Option<u64>,
+    pub conversation_id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Only advances log time, so that lease expiry and deadlines fire when idle.
+    Tick,
+    /// Submit tasks; each one succeeds or fails on its own.
+    Submit { tasks: Vec<NewTask> },
+    Cancel { task_id: u64 },
+    RegisterAgent { agent_id: String, capabilities: BTreeSet<String>, capacity: u32 },
+    DeregisterAgent { agent_id: String, epoch: u64 },
+    /// Proposed by the leader when an agent's heartbeat time-to-live runs out.
+    ExpireAgent { agent_id: String, epoch: u64 },
+    /// Grant up to `tasks_max` leases on the given queues (each must be a
+    /// capability of the agent). The fence of every grant is this entry's index.
+    Lease { agent_id: String, epoch: u64, queues: Vec<String>, tasks_max: u32, lease_ttl_ms: u64 },
+    Complete { task_id: u64, fence: u64, result: String },
+    Fail { task_id: u64, fence: u64, error: String, retryable: bool },
+    Extend { task_id: u64, fence: u64, lease_ttl_ms: u64 },
+    /// Write one key of a conversation's context. With `expected_version`, only
+    /// if the key's version is still that (0 = key absent): compare-and-set.
+    ContextPut { conversation_id: String, key: String, value: String, expected_version: Option<u64> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Outcome {
+    Ticked,
+    Submitted { results: Vec<Result<Submitted, Error>> },
+    Cancelled { task: Task },
+    Registered { epoch: u64 },
+    Deregistered,
+    Expired,
+    Leased { grants: Vec<Grant> },
+    Completed { task: Task },
+    Failed { task: Task },
+    Extended { valid_until_ms: u64 },
+    ContextWritten { version: u64 },
+    Refused { error: Error },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted {
+    pub task_id: u64,
+    /// True when the idempotency key was already known: nothing new was created.
+    pub deduplicated: bool,
+}

@@ -1,0 +1,17 @@
+//! The Phalanx orchestrator state machine: commands in, outcomes out.
+//!
+//! Owns tasks, queues, leases, agents, conversations, dead letters and
+//! idempotency keys. Deliberately leaves everything else to the runtime
+//! (`phalanx-server`): no I/O, no clock, no threads, no randomness, and no
+//! `HashMap` (its iteration order would differ between replicas).
+//! Time enters only as the leader-stamped `now_ms` of each log entry.
+
+pub mod command;
+pub mod limits;
+pub mod state;
+pub mod task;
+
+pub use command::{Command, NewTask, Outcome, Request, Response};
+pub use limits::Limits;
+pub use state::{Error, State};
+pub use task::{Agent, Grant, Lease, Task, TaskState};

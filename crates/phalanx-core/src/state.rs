@@ -1,0 +1,754 @@
+//! The replicated state and `State::apply`, the only way to change it.
+//!
+//! Every decision compares against log time (`now_ms`, the maximum of the
+//! leader stamps seen so far), never a local clock, so that two replicas
+//! applying the same entries end in byte-identical state. Indexes (ready
+//! queues, lease expiry, deadlines) are kept beside the task map and checked
+//! against it by `check_invariants`.
+
+use crate::command::{Command, NewTask, Outcome, Request, Response, Submitted};
+use crate::limits::Limits;
+use crate::task::{Agent, Grant, Lease, Task, TaskState};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Expected refusals: typed values, mapped to HTTP statuses at the edge.
+#[derive(thiserror::Error, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "code", rename_all = "snake_case")]
+pub enum Error {
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("task {task_id} not found")]
+    TaskNotFound { task_id: u64 },
+    #[error("agent {agent_id:?} is not registered")]
+    AgentNotFound { agent_id: String },
+    #[error("agent {agent_id:?} session epoch {epoch} is stale (current {current})")]
+    StaleEpoch { agent_id: String, epoch: u64, current: u64 },
+    #[error("fence {fence} on task {task_id} is superseded (current fence {current})")]
+    Superseded { task_id: u64, fence: u64, current: u64 },
+    #[error("task {task_id} is already {state:?}")]
+    AlreadyTerminal { task_id: u64, state: TaskState },
+    #[error("the lease on task {task_id} is no longer held")]
+    LeaseExpired { task_id: u64 },
+    #[error("queue {queue:?} is full ({max} open tasks)")]
+    QueueFull { queue: String, max: u64 },
+    #[error("limit {limit} reached ({max})")]
+    LimitReached { limit: String, max: u64 },
+    #[error("{field} is {bytes} bytes, over the limit of {max}")]
+    TooLarge { field: String, bytes: u64, max: u64 },
+    #[error("agent {agent_id:?} does not declare capability {queue:?}")]
+    NotCapable { agent_id: String, queue: String },
+    #[error("context key {key:?} is at version {current}, not {expected}")]
+    VersionConflict { key: String, expected: u64, current: u64 },
+    #[error("delegation depth {hops} passes delegation_hops_max {max}")]
+    HopsExceeded { hops: u32, max: u32 },
+}
+
+impl Error {
+    /// The stable machine-readable code used in JSON errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Invalid { .. } => "invalid",
+            Error::TaskNotFound { .. } => "task_not_found",
+            Error::AgentNotFound { .. } => "agent_not_found",
+            Error::StaleEpoch { .. } => "stale_epoch",
+            Error::Superseded { .. } => "superseded",
+            Error::AlreadyTerminal { .. } => "already_terminal",
+            Error::LeaseExpired { .. } => "lease_expired",
+            Error::QueueFull { .. } => "queue_full",
+            Error::LimitReached { .. } => "limit_reached",
+            Error::TooLarge { .. } => "too_large",
+            Error::NotCapable { .. } => "not_capable",
+            Error::VersionConflict { .. } => "version_conflict",
+            Error::HopsExceeded { .. } => "hops_exceeded",
+        }
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> Error {
+    Error::Invalid { field: field.to_string(), reason: reason.into() }
+}
+
+/// Names (queues, agent ids, keys): 1..=max bytes of `[A-Za-z0-9._:-]`.
+pub fn validate_name(field: &str, value: &str, max: usize) -> Result<(), Error> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(Error::TooLarge { field: field.to_string(), bytes: value.len() as u64, max: max as u64 });
+    }
+    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))) {
+        return Err(invalid(field, format!("character {bad:?} is not allowed (use A-Z a-z 0-9 . _ - :)")));
+    }
+    Ok(())
+}
+
+fn check_size(field: &str, value: &str, max: usize) -> Result<(), Error> {
+    if value.len() > max {
+        return Err(Error::TooLarge { field: field.to_string(), bytes: value.len() as u64, max: max as u64 });
+    }
+    Ok(())
+}
+
+/// Checks of a new task that need no state; run at the HTTP edge and again on apply.
+pub fn validate_new_task(task: &NewTask, limits: &Limits) -> Result<(), Error> {
+    validate_name("queue", &task.queue, limits.queue_name_bytes_max)?;
+    check_size("payload", &task.payload, limits.payload_bytes_max)?;
+    if task.priority > 9 {
+        return Err(invalid("priority", "must be 0..=9"));
+    }
+    if task.max_attempts == 0 || task.max_attempts > limits.attempts_max {
+        return Err(invalid("max_attempts", format!("must be 1..={}", limits.attempts_max)));
+    }
+    if let Some(key) = &task.idempotency_key {
+        validate_name("idempotency_key", key, limits.id_bytes_max)?;
+    }
+    if let Some(conversation_id) = &task.conversation_id {
+        validate_name("conversation_id", conversation_id, limits.id_bytes_max)?;
+    }
+    if task.deadline_ms == Some(0) {
+        return Err(invalid("deadline_ms", "must be positive"));
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversation {
+    /// key -> (version, value)
+    pub entries: BTreeMap<String, (u64, String)>,
+    pub bytes: usize,
+}
+
+/// Monotonic counters, replicated so that every node reports the same figures.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub submitted: u64,
+    pub deduplicated: u64,
+    pub leases_granted: u64,
+    pub leases_expired: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub dead: u64,
+    pub superseded: u64,
+    pub compacted: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    now_ms: u64,
+    last_index: u64,
+    next_task_id: u64,
+    limits: Limits,
+    tasks: BTreeMap<u64, Task>,
+    /// Pending tasks that may be leased now, per queue, best first: (9 - priority, id).
+    ready: BTreeMap<String, BTreeSet<(u8, u64)>>,
+    /// Pending tasks waiting out a retry backoff: (not_before_ms, id).
+    delayed: BTreeSet<(u64, u64)>,
+    /// Leased tasks by lease end: (valid_until_ms, id).
+    lease_expiry: BTreeSet<(u64, u64)>,
+    /// Non-terminal tasks with a deadline: (deadline_ms, id).
+    deadlines: BTreeSet<(u64, u64)>,
+    /// Terminal tasks by the time they finished: (updated_ms, id), for retention.
+    finished: BTreeSet<(u64, u64)>,
+    /// Non-terminal tasks per queue.
+    open_per_queue: BTreeMap<String, u64>,
+    agents: BTreeMap<String, Agent>,
+    /// The last epoch given to each agent id, kept after deregistration so an
+    /// epoch is never reused.
+    agent_epochs: BTreeMap<String, u64>,
+    idempotency_keys: BTreeMap<String, u64>,
+    conversations: BTreeMap<String, Conversation>,
+    counters: Counters,
+}
+
+impl State {
+    pub fn new(limits: Limits) -> State {
+        State { limits, next_task_id: 1, ..State::default() }
+    }
+
+    // ---- reads ----
+
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+    pub fn last_index(&self) -> u64 {
+        self.last_index
+    }
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+    pub fn task(&self, id: u64) -> Option<&Task> {
+        self.tasks.get(&id)
+    }
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+    pub fn agent(&self, id: &str) -> Option<&Agent> {
+        self.agents.get(id)
+    }
+    pub fn agents(&self) -> impl Iterator<Item = &Agent> {
+        self.agents.values()
+    }
+    pub fn conversation(&self, id: &str) -> Option<&Conversation> {
+        self.conversations.get(id)
+    }
+
+    /// Tasks with id > `after_id`, filtered, in id order, at most `limit`.
+    pub fn tasks(&self, queue: Option<&str>, state: Option<TaskState>, after_id: u64, limit: usize) -> Vec<&Task> {
+        self.tasks
+            .range(after_id.saturating_add(1)..)
+            .map(|(_, task)| task)
+            .filter(|task| queue.is_none_or(|q| task.queue == q))
+            .filter(|task| state.is_none_or(|s| task.state == s))
+            .take(limit)
+            .collect()
+    }
+
+    /// Whether any of these queues has a task that could be leased now.
+    pub fn has_ready(&self, queues: &[String]) -> bool {
+        queues.iter().any(|q| self.ready.get(q).is_some_and(|set| !set.is_empty()))
+    }
+
+    /// Counts of tasks per (queue, state), for metrics and status.
+    pub fn queue_stats(&self) -> BTreeMap<String, [u64; 6]> {
+        let mut stats: BTreeMap<String, [u64; 6]> = BTreeMap::new();
+        for task in self.tasks.values() {
+            stats.entry(task.queue.clone()).or_default()[task.state as usize] += 1;
+        }
+        stats
+    }
+
+    /// Age in log time of the oldest task still pending, if any.
+    pub fn oldest_pending_age_ms(&self) -> Option<u64> {
+        let oldest = self.ready.values().filter_map(|set| set.iter().map(|(_, id)| *id).min()).min();
+        let oldest_delayed = self.delayed.iter().map(|(_, id)| *id).min();
+        let id = match (oldest, oldest_delayed) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(self.now_ms.saturating_sub(self.tasks[&id].created_ms))
+    }
+
+    // ---- the state transition ----
+
+    /// Applies one log entry. `index` is the entry's Raft log index; it is the
+    /// fencing token of every lease the entry grants.
+    pub fn apply(&mut self, index: u64, request: &Request) -> Response {
+        assert!(index > self.last_index, "log index went back: {index} after {}", self.last_index);
+        self.last_index = index;
+        self.now_ms = self.now_ms.max(request.now_ms);
+        self.advance_time();
+        let outcomes = request.commands.iter().map(|command| self.apply_command(index, command)).collect();
+        Response { outcomes }
+    }
+
+    /// Moves what log time has made due: backoffs ended, leases expired, deadlines passed.
+    fn advance_time(&mut self) {
+        let now = self.now_ms;
+        while let Some(&(not_before, id)) = self.delayed.first() {
+            if not_before > now {
+                break;
+            }
+            self.delayed.pop_first();
+            let task = &self.tasks[&id];
+            assert_eq!(task.state, TaskState::Pending);
+            let key = (9 - task.priority, id);
+            self.ready.entry(task.queue.clone()).or_default().insert(key);
+        }
+        while let Some(&(valid_until, id)) = self.lease_expiry.first() {
+            if valid_until >= now {
+                break;
+            }
+            self.counters.leases_expired += 1;
+            self.release_lease(id);
+            let task = &self.tasks[&id];
+            if task.attempts >= task.max_attempts {
+                self.finish(id, TaskState::Dead, |task| {
+                    task.dead_reason = Some(format!("attempts_exhausted: lease expired on attempt {}", task.attempts))
+                });
+            } else {
+                self.make_ready(id);
+            }
+        }
+        while let Some(&(deadline, id)) = self.deadlines.first() {
+            if deadline >= now {
+                break;
+            }
+            self.finish(id, TaskState::Dead, |task| task.dead_reason = Some("expired".to_string()));
+        }
+    }
+
+    fn apply_command(&mut self, index: u64, command: &Command) -> Outcome {
+        let result = match command {
+            Command::Tick => Ok(Outcome::Ticked),
+            Command::Submit { tasks } => Ok(self.submit(tasks)),
+            Command::Cancel { task_id } => self.cancel(*task_id),
+            Command::RegisterAgent { agent_id, capabilities, capacity } => {
+                self.register(agent_id, capabilities, *capacity)
+            }
+            Command::DeregisterAgent { agent_id, epoch } => {
+                self.remove_agent(agent_id, *epoch).map(|()| Outcome::Deregistered)
+            }
+            Command::ExpireAgent { agent_id, epoch } => self.remove_agent(agent_id, *epoch).map(|()| Outcome::Expired),
+            Command::Lease { agent_id, epoch, queues, tasks_max, lease_ttl_ms } => {
+                self.lease(index, agent_id, *epoch, queues, *tasks_max, *lease_ttl_ms)
+            }
+            Command::Complete { task_id, fence, result } => self.complete(*task_id, *fence, result),
+            Command::Fail { task_id, fence, error, retryable } => self.fail(*task_id, *fence, error, *retryable),
+            Command::Extend { task_id, fence, lease_ttl_ms } => self.extend(*task_id, *fence, *lease_ttl_ms),
+            Command::ContextPut { conversation_id, key, value, expected_version } => {
+                self.context_put(conversation_id, key, value, *expected_version)
+            }
+        };
+        result.unwrap_or_else(|error| Outcome::Refused { error })
+    }
+
+    fn submit(&mut self, tasks: &[NewTask]) -> Outcome {
+        if tasks.len() > self.limits.batch_tasks_max {
+            let error = Error::LimitReached { limit: "batch_tasks_max".into(), max: self.limits.batch_tasks_max as u64 };
+            return Outcome::Refused { error };
+        }
+        let results = tasks.iter().map(|task| self.submit_one(task)).collect();
+        Outcome::Submitted { results }
+    }
+
+    fn submit_one(&mut self, new: &NewTask) -> Result<Submitted, Error> {
+        validate_new_task(new, &self.limits)?;
+        if let Some(key) = &new.idempotency_key {
+            if let Some(&task_id) = self.idempotency_keys.get(key) {
+                self.counters.deduplicated += 1;
+                return Ok(Submitted { task_id, deduplicated: true });
+            }
+            if self.idempotency_keys.len() >= self.limits.idempotency_keys_max {
+                return Err(Error::LimitReached {
+                    limit: "idempotency_keys_max".into(),
+                    max: self.limits.idempotency_keys_max as u64,
+                });
+            }
+        }
+        let (hop_count, parent_conversation) = match new.parent_id {
+            None => (0, None),
+            Some(parent_id) => {
+                let parent = self.tasks.get(&parent_id).ok_or(Error::TaskNotFound { task_id: parent_id })?;
+                (parent.hop_count + 1, parent.conversation_id.clone())
+            }
+        };
+        if hop_count > self.limits.delegation_hops_max {
+            return Err(Error::HopsExceeded { hops: hop_count, max: self.limits.delegation_hops_max });
+        }
+        let open = self.open_per_queue.get(&new.queue).copied().unwrap_or(0);
+        if open >= self.limits.queue_tasks_max as u64 {
+            return Err(Error::QueueFull { queue: new.queue.clone(), max: self.limits.queue_tasks_max as u64 });
+        }
+        if self.tasks.len() >= self.limits.tasks_max {
+            self.compact_finished(self.tasks.len() + 1 - self.limits.tasks_max);
+            if self.tasks.len() >= self.limits.tasks_max {
+                return Err(Error::LimitReached { limit: "tasks_max".into(), max: self.limits.tasks_max as u64 });
+            }
+        }
+        let id = self.next_task_id;
+        self.next_task_id += 1;
+        let deadline_ms = new.deadline_ms.map(|relative| self.now_ms.saturating_add(relative));
+        let task = Task {
+            id,
+            queue: new.queue.clone(),
+            payload: new.payload.clone(),
+            priority: new.priority,
+            state: TaskState::Pending,
+            created_ms: self.now_ms,
+            updated_ms: self.now_ms,
+            deadline_ms,
+            max_attempts: new.max_attempts,
+            attempts: 0,
+            not_before_ms: 0,
+            idempotency_key: new.idempotency_key.clone(),
+            parent_id: new.parent_id,
+            conversation_id: new.conversation_id.clone().or(parent_conversation),
+            hop_count,
+            lease: None,
+            last_fence: 0,
+            result: None,
+            error: None,
+            dead_reason: None,
+            superseded_count: 0,
+        };
+        if let Some(key) = &new.idempotency_key {
+            self.idempotency_keys.insert(key.clone(), id);
+        }
+        if let Some(deadline) = deadline_ms {
+            self.deadlines.insert((deadline, id));
+        }
+        *self.open_per_queue.entry(new.queue.clone()).or_default() += 1;
+        self.tasks.insert(id, task);
+        self.make_ready(id);
+        self.counters.submitted += 1;
+        Ok(Submitted { task_id: id, deduplicated: false })
+    }
+
+    fn cancel(&mut self, task_id: u64) -> Result<Outcome, Error> {
+        let task = self.tasks.get(&task_id).ok_or(Error::TaskNotFound { task_id })?;
+        if task.state.is_terminal() {
+            return Err(Error::AlreadyTerminal { task_id, state: task.state });
+        }
+        self.finish(task_id, TaskState::Cancelled, |_| {});
+        Ok(Outcome::Cancelled { task: self.tasks[&task_id].clone() })
+    }
+
+    fn register(&mut self, agent_id: &str, capabilities: &BTreeSet<String>, capacity: u32) -> Result<Outcome, Error> {
+        validate_name("agent_id", agent_id, self.limits.id_bytes_max)?;
+        if capabilities.is_empty() {
+            return Err(invalid("capabilities", "must name at least one queue"));
+        }
+        if capabilities.len() > self.limits.capabilities_per_agent_max {
+            return Err(Error::LimitReached {
+                limit: "capabilities_per_agent_max".into(),
+                max: self.limits.capabilities_per_agent_max as u64,
+            });
+        }
+        for capability in capabilities {
+            validate_name("capabilities", capability, self.limits.queue_name_bytes_max)?;
+        }
+        if capacity == 0 || capacity > self.limits.leases_per_agent_max {
+            return Err(invalid("capacity", format!("must be 1..={}", self.limits.leases_per_agent_max)));
+        }
+        if let Some(old) = self.agents.get(agent_id) {
+            // A new session of a known agent: its old session's leases are void.
+            let epoch = old.epoch;
+            self.remove_agent(agent_id, epoch).expect("current epoch");
+        } else if self.agents.len() >= self.limits.agents_max {
+            return Err(Error::LimitReached { limit: "agents_max".into(), max: self.limits.agents_max as u64 });
+        }
+        let epoch = self.agent_epochs.get(agent_id).copied().unwrap_or(0) + 1;
+        self.agent_epochs.insert(agent_id.to_string(), epoch);
+        let agent = Agent {
+            id: agent_id.to_string(),
+            capabilities: capabilities.clone(),
+            capacity,
+            epoch,
+            registered_ms: self.now_ms,
+            leased_task_ids: BTreeSet::new(),
+        };
+        self.agents.insert(agent_id.to_string(), agent);
+        Ok(Outcome::Registered { epoch })
+    }
+
+    fn current_agent(&self, agent_id: &str, epoch: u64) -> Result<&Agent, Error> {
+        let agent = self.agents.get(agent_id).ok_or_else(|| Error::AgentNotFound { agent_id: agent_id.to_string() })?;
+        if agent.epoch != epoch {
+            return Err(Error::StaleEpoch { agent_id: agent_id.to_string(), epoch, current: agent.epoch });
+        }
+        Ok(agent)
+    }
+
+    /// Deregistration and expiry: the agent's leases go back to pending at
+    /// once (their attempt stays counted) so other agents can take them.
+    fn remove_agent(&mut self, agent_id: &str, epoch: u64) -> Result<(), Error> {
+        let held: Vec<u64> = self.current_agent(agent_id, epoch)?.leased_task_ids.iter().copied().collect();
+        for task_id in held {
+            self.release_lease(task_id);
+            self.make_ready(task_id);
+        }
+        let agent = self.agents.remove(agent_id).expect("checked above");
+        assert!(agent.leased_task_ids.is_empty(), "every lease of a removed agent is released");
+        Ok(())
+    }
+
+    fn lease(
+        &mut self,
+        index: u64,
+        agent_id: &str,
+        epoch: u64,
+        queues: &[String],
+        tasks_max: u32,
+        lease_ttl_ms: u64,
+    ) -> Result<Outcome, Error> {
+        let agent = self.current_agent(agent_id, epoch)?;
+        if !(self.limits.lease_ttl_ms_min..=self.limits.lease_ttl_ms_max).contains(&lease_ttl_ms) {
+            return Err(invalid(
+                "lease_ttl_ms",
+                format!("must be {}..={}", self.limits.lease_ttl_ms_min, self.limits.lease_ttl_ms_max),
+            ));
+        }
+        if queues.is_empty() {
+            return Err(invalid("queues", "must name at least one queue"));
+        }
+        if let Some(queue) = queues.iter().find(|q| !agent.capabilities.contains(*q)) {
+            return Err(Error::NotCapable { agent_id: agent_id.to_string(), queue: queue.clone() });
+        }
+        let room = agent.capacity.saturating_sub(agent.leased_task_ids.len() as u32);
+        let count = tasks_max.min(room);
+        let valid_until_ms = self.now_ms.saturating_add(lease_ttl_ms);
+        let mut grants = Vec::new();
+        for _ in 0..count {
+            // The best task over all asked queues: highest priority, then oldest.
+            let best = queues
+                .iter()
+                .filter_map(|q| self.ready.get(q).and_then(|set| set.first().map(|key| (*key, q))))
+                .min();
+            let Some((key, queue)) = best else { break };
+            let queue = queue.clone();
+            self.ready.get_mut(&queue).expect("found above").remove(&key);
+            let task_id = key.1;
+            let task = self.tasks.get_mut(&task_id).expect("ready task exists");
+            assert_eq!(task.state, TaskState::Pending);
+            assert!(task.lease.is_none());
+            assert!(index > task.last_fence, "fences must increase");
+            task.state = TaskState::Leased;
+            task.attempts += 1;
+            task.last_fence = index;
+            task.updated_ms = self.now_ms;
+            task.lease = Some(Lease { agent_id: agent_id.to_string(), agent_epoch: epoch, fence: index, valid_until_ms });
+            grants.push(Grant { task: task.clone(), fence: index, valid_until_ms });
+            self.lease_expiry.insert((valid_until_ms, task_id));
+            self.agents.get_mut(agent_id).expect("current agent").leased_task_ids.insert(task_id);
+            self.counters.leases_granted += 1;
+        }
+        Ok(Outcome::Leased { grants })
+    }
+
+    /// Whether `fence` may report on this task: it must be the newest fence
+    /// ever granted, and the task must not have finished.
+    fn check_fence(&mut self, task_id: u64, fence: u64) -> Result<(), Error> {
+        let task = self.tasks.get_mut(&task_id).ok_or(Error::TaskNotFound { task_id })?;
+        if fence != task.last_fence || task.last_fence == 0 {
+            task.superseded_count += 1;
+            self.counters.superseded += 1;
+            return Err(Error::Superseded { task_id, fence, current: task.last_fence });
+        }
+        if task.state.is_terminal() {
+            return Err(Error::AlreadyTerminal { task_id, state: task.state });
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, task_id: u64, fence: u64, result: &str) -> Result<Outcome, Error> {
+        check_size("result", result, self.limits.result_bytes_max)?;
+        if let Some(task) = self.tasks.get(&task_id) {
+            // The same result delivered twice under the same fence (a retried
+            // request whose answer was lost) is answered as before.
+            if task.state == TaskState::Succeeded && task.last_fence == fence && task.result.as_deref() == Some(result)
+            {
+                return Ok(Outcome::Completed { task: task.clone() });
+            }
+        }
+        self.check_fence(task_id, fence)?;
+        self.finish(task_id, TaskState::Succeeded, |task| task.result = Some(result.to_string()));
+        Ok(Outcome::Completed { task: self.tasks[&task_id].clone() })
+    }
+
+    fn fail(&mut self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Result<Outcome, Error> {
+        check_size("error", error, self.limits.result_bytes_max)?;
+        self.check_fence(task_id, fence)?;
+        let task = &self.tasks[&task_id];
+        if !retryable {
+            self.finish(task_id, TaskState::Failed, |task| task.error = Some(error.to_string()));
+        } else if task.attempts >= task.max_attempts {
+            self.finish(task_id, TaskState::Dead, |task| {
+                task.error = Some(error.to_string());
+                task.dead_reason = Some(format!("attempts_exhausted: {} attempts", task.attempts));
+            });
+        } else {
+            let exponent = task.attempts.saturating_sub(1).min(30);
+            let backoff = (self.limits.retry_backoff_ms_base << exponent).min(self.limits.retry_backoff_ms_max);
+            let not_before = self.now_ms.saturating_add(backoff);
+            self.release_lease(task_id);
+            self.remove_ready(task_id);
+            let task = self.tasks.get_mut(&task_id).expect("checked");
+            task.error = Some(error.to_string());
+            task.not_before_ms = not_before;
+            self.delayed.insert((not_before, task_id));
+        }
+        Ok(Outcome::Failed { task: self.tasks[&task_id].clone() })
+    }
+
+    fn extend(&mut self, task_id: u64, fence: u64, lease_ttl_ms: u64) -> Result<Outcome, Error> {
+        if !(self.limits.lease_ttl_ms_min..=self.limits.lease_ttl_ms_max).contains(&lease_ttl_ms) {
+            return Err(invalid(
+                "lease_ttl_ms",
+                format!("must be {}..={}", self.limits.lease_ttl_ms_min, self.limits.lease_ttl_ms_max),
+            ));
+        }
+        self.check_fence(task_id, fence)?;
+        let now = self.now_ms;
+        let task = self.tasks.get_mut(&task_id).expect("checked");
+        let Some(lease) = task.lease.as_mut() else {
+            return Err(Error::LeaseExpired { task_id });
+        };
+        let old = lease.valid_until_ms;
+        let valid_until_ms = now.saturating_add(lease_ttl_ms).max(old);
+        lease.valid_until_ms = valid_until_ms;
+        task.updated_ms = now;
+        self.lease_expiry.remove(&(old, task_id));
+        self.lease_expiry.insert((valid_until_ms, task_id));
+        Ok(Outcome::Extended { valid_until_ms })
+    }
+
+    fn context_put(
+        &mut self,
+        conversation_id: &str,
+        key: &str,
+        value: &str,
+        expected_version: Option<u64>,
+    ) -> Result<Outcome, Error> {
+        validate_name("conversation_id", conversation_id, self.limits.id_bytes_max)?;
+        validate_name("key", key, self.limits.id_bytes_max)?;
+        check_size("value", value, self.limits.conversation_bytes_max)?;
+        if !self.conversations.contains_key(conversation_id) && self.conversations.len() >= self.limits.conversations_max
+        {
+            return Err(Error::LimitReached {
+                limit: "conversations_max".into(),
+                max: self.limits.conversations_max as u64,
+            });
+        }
+        let conversation = self.conversations.get(conversation_id);
+        let current = conversation.and_then(|c| c.entries.get(key));
+        let current_version = current.map(|(version, _)| *version).unwrap_or(0);
+        if let Some(expected) = expected_version {
+            if expected != current_version {
+                return Err(Error::VersionConflict { key: key.to_string(), expected, current: current_version });
+            }
+        }
+        let old_bytes = current.map(|(_, old)| key.len() + old.len()).unwrap_or(0);
+        let bytes = conversation.map(|c| c.bytes).unwrap_or(0) - old_bytes + key.len() + value.len();
+        if bytes > self.limits.conversation_bytes_max {
+            return Err(Error::TooLarge {
+                field: "conversation context".into(),
+                bytes: bytes as u64,
+                max: self.limits.conversation_bytes_max as u64,
+            });
+        }
+        let version = current_version + 1;
+        let conversation = self.conversations.entry(conversation_id.to_string()).or_default();
+        conversation.entries.insert(key.to_string(), (version, value.to_string()));
+        conversation.bytes = bytes;
+        Ok(Outcome::ContextWritten { version })
+    }
+
+    // ---- helpers that keep the indexes in step with the tasks ----
+
+    fn make_ready(&mut self, task_id: u64) {
+        let task = self.tasks.get_mut(&task_id).expect("task exists");
+        assert!(!task.state.is_terminal());
+        assert!(task.lease.is_none());
+        task.state = TaskState::Pending;
+        let key = (9 - task.priority, task_id);
+        self.ready.entry(task.queue.clone()).or_default().insert(key);
+    }
+
+    fn remove_ready(&mut self, task_id: u64) {
+        let task = &self.tasks[&task_id];
+        if let Some(set) = self.ready.get_mut(&task.queue) {
+            set.remove(&(9 - task.priority, task_id));
+            if set.is_empty() {
+                self.ready.remove(&task.queue);
+            }
+        }
+        self.delayed.remove(&(task.not_before_ms, task_id));
+    }
+
+    fn release_lease(&mut self, task_id: u64) {
+        let task = self.tasks.get_mut(&task_id).expect("task exists");
+        if let Some(lease) = task.lease.take() {
+            self.lease_expiry.remove(&(lease.valid_until_ms, task_id));
+            if let Some(agent) = self.agents.get_mut(&lease.agent_id) {
+                if agent.epoch == lease.agent_epoch {
+                    agent.leased_task_ids.remove(&task_id);
+                }
+            }
+            task.state = TaskState::Pending;
+        }
+    }
+
+    /// Moves a task to a terminal state, out of every index but `finished`.
+    fn finish(&mut self, task_id: u64, state: TaskState, update: impl FnOnce(&mut Task)) {
+        assert!(state.is_terminal());
+        self.release_lease(task_id);
+        self.remove_ready(task_id);
+        let now = self.now_ms;
+        let task = self.tasks.get_mut(&task_id).expect("task exists");
+        assert!(!task.state.is_terminal(), "task {task_id} finished twice");
+        task.state = state;
+        task.updated_ms = now;
+        update(task);
+        if let Some(deadline) = task.deadline_ms {
+            self.deadlines.remove(&(deadline, task_id));
+        }
+        let open = self.open_per_queue.get_mut(&task.queue).expect("open count");
+        *open -= 1;
+        if *open == 0 {
+            self.open_per_queue.remove(&task.queue);
+        }
+        self.finished.insert((now, task_id));
+        match state {
+            TaskState::Succeeded => self.counters.succeeded += 1,
+            TaskState::Failed => self.counters.failed += 1,
+            TaskState::Cancelled => self.counters.cancelled += 1,
+            TaskState::Dead => self.counters.dead += 1,
+            TaskState::Pending | TaskState::Leased => unreachable!(),
+        }
+        if self.finished.len() > self.limits.finished_tasks_max {
+            self.compact_finished(self.finished.len() - self.limits.finished_tasks_max);
+        }
+    }
+
+    /// Drops the `count` oldest terminal tasks (retention). Their idempotency
+    /// keys go with them.
+    fn compact_finished(&mut self, count: usize) {
+        for _ in 0..count {
+            let Some((_, task_id)) = self.finished.pop_first() else { return };
+            let task = self.tasks.remove(&task_id).expect("finished task exists");
+            assert!(task.state.is_terminal());
+            if let Some(key) = &task.idempotency_key {
+                if self.idempotency_keys.get(key) == Some(&task_id) {
+                    self.idempotency_keys.remove(key);
+                }
+            }
+            self.counters.compacted += 1;
+        }
+    }
+
+    /// Full consistency check of every index against the task map. O(n):
+    /// for tests and for the start of a replica, not for every apply.
+    pub fn check_invariants(&self) {
+        let mut ready = 0;
+        for (queue, set) in &self.ready {
+            for &(inverse_priority, id) in set {
+                let task = &self.tasks[&id];
+                assert_eq!(&task.queue, queue);
+                assert_eq!(task.state, TaskState::Pending);
+                assert_eq!(9 - task.priority, inverse_priority);
+                ready += 1;
+            }
+        }
+        for &(not_before, id) in &self.delayed {
+            let task = &self.tasks[&id];
+            assert_eq!(task.state, TaskState::Pending);
+            assert_eq!(task.not_before_ms, not_before);
+        }
+        let pending = self.tasks.values().filter(|t| t.state == TaskState::Pending).count();
+        assert_eq!(pending, ready + self.delayed.len(), "every pending task is ready or delayed, once");
+        let mut leased = 0;
+        for task in self.tasks.values() {
+            assert_eq!(task.state == TaskState::Leased, task.lease.is_some(), "task {}", task.id);
+            if let Some(lease) = &task.lease {
+                leased += 1;
+                assert_eq!(lease.fence, task.last_fence);
+                assert!(self.lease_expiry.contains(&(lease.valid_until_ms, task.id)));
+                let agent = &self.agents[&lease.agent_id];
+                assert_eq!(agent.epoch, lease.agent_epoch);
+                assert!(agent.leased_task_ids.contains(&task.id));
+            }
+            assert_eq!(task.state.is_terminal(), self.finished.contains(&(task.updated_ms, task.id)));
+            assert!(task.id < self.next_task_id);
+        }
+        assert_eq!(leased, self.lease_expiry.len());
+        let held: usize = self.agents.values().map(|a| a.leased_task_ids.len()).sum();
+        assert_eq!(held, leased, "every lease is held by exactly one agent");
+        let open: u64 = self.open_per_queue.values().sum();
+        assert_eq!(open as usize, self.tasks.values().filter(|t| !t.state.is_terminal()).count());
+    }
+}

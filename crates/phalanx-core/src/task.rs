@@ -1,0 +1,122 @@
+//! The records the state machine keeps: tasks, their leases, and agents.
+//!
+//! Plain data with no behaviour beyond small predicates; every change to them
+//! goes through `State::apply` in `state.rs`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// Where a task is in its life. Terminal states never change again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for an agent (possibly not before `not_before_ms`, after a retry).
+    Pending,
+    /// Held by one agent under a lease with a fencing token.
+    Leased,
+    /// An agent reported a result under the current fence.
+    Succeeded,
+    /// An agent reported a non-retryable failure under the current fence.
+    Failed,
+    /// Cancelled by a client before it finished.
+    Cancelled,
+    /// Dead-lettered: see `dead_reason` (attempts exhausted, expired, ...).
+    Dead,
+}
+
+impl TaskState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled | TaskState::Dead)
+    }
+
+    pub fn parse(text: &str) -> Option<TaskState> {
+        Some(match text {
+            "pending" => TaskState::Pending,
+            "leased" => TaskState::Leased,
+            "succeeded" => TaskState::Succeeded,
+            "failed" => TaskState::Failed,
+            "cancelled" => TaskState::Cancelled,
+            "dead" => TaskState::Dead,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Leased => "leased",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::Dead => "dead",
+        }
+    }
+}
+
+/// The right of one agent to work on one task until `valid_until_ms` (log time).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub agent_id: String,
+    /// The agent's session epoch when the lease was granted.
+    pub agent_epoch: u64,
+    /// Fencing token: the log index of the entry that granted this lease.
+    pub fence: u64,
+    pub valid_until_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: u64,
+    /// The capability an agent needs to take this task.
+    pub queue: String,
+    /// Opaque JSON text; the core only checks its size.
+    pub payload: String,
+    /// 0..=9, higher runs first.
+    pub priority: u8,
+    pub state: TaskState,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// Absolute log time after which the task is dead-lettered as `expired`.
+    pub deadline_ms: Option<u64>,
+    pub max_attempts: u32,
+    /// Leases granted so far.
+    pub attempts: u32,
+    /// After a retryable failure, the task is not leased again before this log time.
+    pub not_before_ms: u64,
+    pub idempotency_key: Option<String>,
+    pub parent_id: Option<u64>,
+    pub conversation_id: Option<String>,
+    /// Delegation depth: 0 for a task submitted by a client.
+    pub hop_count: u32,
+    pub lease: Option<Lease>,
+    /// The fence of the newest lease ever granted on this task (0 if none).
+    pub last_fence: u64,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub dead_reason: Option<String>,
+    /// Results and failures refused because their fence was not current.
+    pub superseded_count: u32,
+}
+
+/// A lease as handed to an agent: the task and the fence to present with results.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub task: Task,
+    pub fence: u64,
+    pub valid_until_ms: u64,
+}
+
+/// A registered agent session. Liveness (heartbeats) is soft state on the
+/// leader; only registration, expiry and deregistration are replicated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Agent {
+    pub id: String,
+    pub capabilities: BTreeSet<String>,
+    /// How many leases the agent may hold at once.
+    pub capacity: u32,
+    /// Incremented by every registration; leases of older epochs are void.
+    pub epoch: u64,
+    pub registered_ms: u64,
+    /// Ids of the tasks this agent holds a lease on.
+    pub leased_task_ids: BTreeSet<u64>,
+}
