@@ -1,1 +1,166 @@
-fn main() {}
+//! The `phalanx` binary: runs a node (`server`), talks to a cluster (`task`,
+//! `status`), runs a built-in agent (`agent run`), and drives the `demo` and
+//! the `bench`. Argument parsing and printing live here; everything else is in
+//! the library crates.
+
+mod bench;
+mod launcher;
+mod client_commands;
+mod demo;
+mod exec_agent;
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "phalanx", version, about = "A replicated orchestrator for multi-agent systems")]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+/// How client commands find the cluster.
+#[derive(Args, Clone)]
+pub struct Connect {
+    /// Comma-separated node addresses (host:port); any node will do.
+    #[arg(long, env = "PHALANX_NODES", default_value = "127.0.0.1:7070", global = true)]
+    pub nodes: String,
+    /// Client token, when the cluster requires one.
+    #[arg(long, env = "PHALANX_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Run a node. Alone, it runs a one-node cluster in ./phalanx-data.
+    Server(ServerArgs),
+    /// Submit, inspect and cancel tasks.
+    Task {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(subcommand)]
+        command: client_commands::TaskCommand,
+    },
+    /// Show the cluster: leader, term, members, queues.
+    Status {
+        #[command(flatten)]
+        connect: Connect,
+    },
+    /// Run built-in agents.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// Start a local cluster with agents and a multi-agent workload, and report.
+    Demo(demo::DemoArgs),
+    /// Measure throughput and latency end to end.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Run CMD once per task: payload on stdin, stdout is the result.
+    Run(exec_agent::ExecAgentArgs),
+}
+
+#[derive(Args)]
+pub struct ServerArgs {
+    #[arg(long, default_value_t = 1)]
+    pub node_id: u64,
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Address others use to reach this node (default: the listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    #[arg(long, default_value = "./phalanx-data")]
+    pub data_dir: PathBuf,
+    /// Initial voters, e.g. 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003
+    #[arg(long, default_value = "")]
+    pub peers: String,
+    #[arg(long, env = "PHALANX_CLIENT_TOKEN", hide_env_values = true)]
+    pub client_token: Option<String>,
+    #[arg(long, env = "PHALANX_PEER_TOKEN", hide_env_values = true)]
+    pub peer_token: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub raft_keepalive_ms: u64,
+    #[arg(long, default_value_t = 250)]
+    pub election_timeout_min_ms: u64,
+    #[arg(long, default_value_t = 500)]
+    pub election_timeout_max_ms: u64,
+    #[arg(long, default_value_t = 20_000)]
+    pub snapshot_logs_since_last: u64,
+    #[arg(long, default_value_t = 10_000)]
+    pub agent_ttl_ms: u64,
+    #[arg(long, default_value_t = 2_000)]
+    pub agent_heartbeat_interval_ms: u64,
+}
+
+impl ServerArgs {
+    pub fn config(&self) -> anyhow::Result<phalanx_server::NodeConfig> {
+        let mut config = phalanx_server::NodeConfig::new(self.node_id, self.listen, self.data_dir.clone());
+        config.advertise = self.advertise.clone();
+        config.peers = phalanx_server::config::parse_peers(&self.peers).map_err(anyhow::Error::msg)?;
+        config.client_token = self.client_token.clone();
+        config.peer_token = self.peer_token.clone();
+        config.raft_keepalive_ms = self.raft_keepalive_ms;
+        config.election_timeout_min_ms = self.election_timeout_min_ms;
+        config.election_timeout_max_ms = self.election_timeout_max_ms;
+        config.snapshot_logs_since_last = self.snapshot_logs_since_last;
+        config.agent_ttl_ms = self.agent_ttl_ms;
+        config.agent_heartbeat_interval_ms = self.agent_heartbeat_interval_ms;
+        if let Some(advertise) = &config.advertise {
+            config.peers.entry(self.node_id).or_insert_with(|| advertise.clone());
+        }
+        config.validate().map_err(anyhow::Error::msg)?;
+        Ok(config)
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PHALANX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Commands::Server(args) => {
+                init_tracing("info,openraft=warn");
+                let config = args.config()?;
+                let running = phalanx_server::start(config).await?;
+                running.wait_for_signal().await
+            }
+            Commands::Task { connect, command } => {
+                init_tracing("warn");
+                client_commands::run_task(&connect, command).await
+            }
+            Commands::Status { connect } => {
+                init_tracing("warn");
+                client_commands::status(&connect).await
+            }
+            Commands::Agent { command: AgentCommand::Run(args) } => {
+                init_tracing("info");
+                exec_agent::run(args).await
+            }
+            Commands::Demo(args) => {
+                init_tracing("warn");
+                demo::run(args).await
+            }
+            Commands::Bench(args) => {
+                init_tracing("warn");
+                bench::run(args).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("phalanx: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

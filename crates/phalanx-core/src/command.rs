@@ -62,6 +62,8 @@ pub enum Command {
     /// Write one key of a conversation's context. With `expected_version`, only
     /// if the key's version is still that (0 = key absent): compare-and-set.
     ContextPut { conversation_id: String, key: String, value: String, expected_version: Option<u64> },
+    /// Records that a node left the cluster, so its id is never reused.
+    RetireNode { node_id: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +80,7 @@ pub enum Outcome {
     Failed { task: Task },
     Extended { valid_until_ms: u64 },
     ContextWritten { version: u64 },
+    NodeRetired,
     Refused { error: Error },
 }
 

@@ -159,6 +159,8 @@ pub struct State {
     agent_epochs: BTreeMap<String, u64>,
     idempotency_keys: BTreeMap<String, u64>,
     conversations: BTreeMap<String, Conversation>,
+    /// Ids of nodes removed from the cluster; never to be reused.
+    retired_nodes: BTreeSet<u64>,
     counters: Counters,
 }
 
@@ -192,6 +194,9 @@ impl State {
     }
     pub fn agents(&self) -> impl Iterator<Item = &Agent> {
         self.agents.values()
+    }
+    pub fn node_retired(&self, node_id: u64) -> bool {
+        self.retired_nodes.contains(&node_id)
     }
     pub fn conversation(&self, id: &str) -> Option<&Conversation> {
         self.conversations.get(id)
@@ -231,6 +236,20 @@ impl State {
             (a, b) => a.or(b)?,
         };
         Some(self.now_ms.saturating_sub(self.tasks[&id].created_ms))
+    }
+
+    /// The earliest log time at which advancing time would change something
+    /// (a backoff ends, a lease expires, a deadline passes). The leader
+    /// proposes a `Tick` once its clock reaches it.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        [
+            self.delayed.first().map(|(at, _)| *at),
+            self.lease_expiry.first().map(|(at, _)| at + 1),
+            self.deadlines.first().map(|(at, _)| at + 1),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     // ---- the state transition ----
@@ -302,6 +321,10 @@ impl State {
             Command::Extend { task_id, fence, lease_ttl_ms } => self.extend(*task_id, *fence, *lease_ttl_ms),
             Command::ContextPut { conversation_id, key, value, expected_version } => {
                 self.context_put(conversation_id, key, value, *expected_version)
+            }
+            Command::RetireNode { node_id } => {
+                self.retired_nodes.insert(*node_id);
+                Ok(Outcome::NodeRetired)
             }
         };
         result.unwrap_or_else(|error| Outcome::Refused { error })

@@ -1,4 +1,18 @@
 //! A Phalanx node: openraft replica, redb storage, Raft transport and the HTTP API.
+//!
+//! `node::start` is the entry point; `api` is the HTTP surface; `proposer`
+//! turns requests into batched log entries; `store` keeps the log, the vote
+//! and snapshots in redb; `network` carries Raft RPCs between nodes.
 
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod network;
+pub mod node;
+pub mod proposer;
 pub mod raft_types;
 pub mod store;
+
+pub use config::NodeConfig;
+pub use node::{start, Running};

@@ -1,0 +1,299 @@
+//! `phalanx bench`: end-to-end throughput (submit → lease → complete) and
+//! latency on a local cluster of real node processes, with the disk's own
+//! fsync rate measured in the same run as the baseline.
+//!
+//! Clients submit in batches and agents lease many tasks per poll; the
+//! proposer turns the concurrent completes into group commits. The figures
+//! printed are what BENCHMARKS.md records.
+
+use crate::launcher::LocalCluster;
+use anyhow::Context;
+use clap::Args;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Args, Clone)]
+pub struct BenchArgs {
+    /// Nodes in the local cluster (1 or 3 or 5).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: u64,
+    /// Seconds of measurement (after a warm-up of 2 s).
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Concurrent submitting clients.
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Tasks per submit request.
+    #[arg(long, default_value_t = 50)]
+    pub submit_batch: usize,
+    /// Concurrent agents.
+    #[arg(long, default_value_t = 8)]
+    pub agents: usize,
+    /// Tasks leased per poll.
+    #[arg(long, default_value_t = 64)]
+    pub lease_batch: u32,
+    /// Clients stop submitting while this many tasks wait, so the queue stays bounded.
+    #[arg(long, default_value_t = 20_000)]
+    pub backlog_max: u64,
+    /// Leader SIGKILLs to measure the write outage (cluster mode only).
+    #[arg(long, default_value_t = 0)]
+    pub kills: u32,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    measuring: AtomicBool,
+    submitted: AtomicU64,
+    completed: AtomicU64,
+    errors: AtomicU64,
+    /// Task id -> submit acknowledged at.
+    submitted_at: Mutex<std::collections::HashMap<u64, Instant>>,
+    submit_latency_us: Mutex<Vec<u64>>,
+    complete_latency_us: Mutex<Vec<u64>>,
+    end_to_end_us: Mutex<Vec<u64>>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fsync_per_second = measure_fsync(dir.path(), 300)?;
+    println!("disk baseline: {fsync_per_second:.0} fsyncs/s (4 KiB write + fdatasync, same file system)");
+    let cluster = LocalCluster::start(args.nodes, dir.path(), &[]).await?;
+    let addrs = cluster.addrs();
+    println!("cluster: {} node(s) at {}", args.nodes, addrs.join(","));
+    let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        measuring: AtomicBool::new(false),
+        submitted: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        submitted_at: Mutex::new(Default::default()),
+        submit_latency_us: Mutex::new(Vec::new()),
+        complete_latency_us: Mutex::new(Vec::new()),
+        end_to_end_us: Mutex::new(Vec::new()),
+    });
+    let mut handles = Vec::new();
+    for i in 0..args.agents {
+        // Agents spread over all nodes: followers forward to the leader.
+        let addr = addrs[i % addrs.len()].clone();
+        handles.push(tokio::spawn(agent_loop(http.clone(), addr, format!("bench-agent-{i}"), args.clone(), shared.clone())));
+    }
+    for i in 0..args.clients {
+        let addr = addrs[i % addrs.len()].clone();
+        handles.push(tokio::spawn(client_loop(http.clone(), addr, args.clone(), shared.clone())));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    shared.measuring.store(true, Ordering::SeqCst);
+    let completed_before = shared.completed.load(Ordering::SeqCst);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let completed = shared.completed.load(Ordering::SeqCst) - completed_before;
+    shared.measuring.store(false, Ordering::SeqCst);
+    shared.stop.store(true, Ordering::SeqCst);
+    for handle in handles {
+        let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+    }
+    let throughput = completed as f64 / elapsed;
+    println!(
+        "throughput: {throughput:.0} tasks/s end to end ({completed} tasks in {elapsed:.1} s; {} clients x batch {}, {} agents x lease {})",
+        args.clients, args.submit_batch, args.agents, args.lease_batch
+    );
+    println!("ratio to the disk's fsync rate: {:.1}x", throughput / fsync_per_second);
+    print_percentiles("submit (per request)", &shared.submit_latency_us.lock().unwrap());
+    print_percentiles("complete (per request)", &shared.complete_latency_us.lock().unwrap());
+    print_percentiles("end to end (submit ack -> complete ack)", &shared.end_to_end_us.lock().unwrap());
+    println!("errors: {}", shared.errors.load(Ordering::SeqCst));
+    if args.kills > 0 {
+        drop(shared);
+        measure_outages(cluster, &http, args.kills).await?;
+    }
+    Ok(())
+}
+
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn print_percentiles(name: &str, samples: &[u64]) {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    println!(
+        "latency {name}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples)",
+        percentile(&sorted, 0.5) as f64 / 1000.0,
+        percentile(&sorted, 0.99) as f64 / 1000.0,
+        sorted.last().copied().unwrap_or(0) as f64 / 1000.0,
+        sorted.len()
+    );
+}
+
+/// Writes 4 KiB and fdatasyncs, `count` times: the rate one fsync-per-write design could reach.
+pub fn measure_fsync(dir: &std::path::Path, count: u32) -> anyhow::Result<f64> {
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
+    let block = vec![7u8; 4096];
+    let start = Instant::now();
+    for _ in 0..count {
+        file.write_all(&block)?;
+        file.sync_data()?;
+    }
+    let rate = count as f64 / start.elapsed().as_secs_f64();
+    std::fs::remove_file(path)?;
+    Ok(rate)
+}
+
+async fn client_loop(http: reqwest::Client, addr: String, args: BenchArgs, shared: Arc<Shared>) {
+    let url = format!("http://{addr}/v1/tasks/batch");
+    let tasks: Vec<Value> = (0..args.submit_batch).map(|i| json!({"queue": "bench", "payload": {"n": i}})).collect();
+    let body = json!({ "tasks": tasks });
+    while !shared.stop.load(Ordering::Relaxed) {
+        let backlog = shared.submitted.load(Ordering::Relaxed) - shared.completed.load(Ordering::Relaxed);
+        if backlog > args.backlog_max {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        let start = Instant::now();
+        let answer = http.post(&url).json(&body).timeout(Duration::from_secs(10)).send().await;
+        let Ok(response) = answer else {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if !response.status().is_success() {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let Ok(body) = response.json::<Value>().await else { continue };
+        let now = Instant::now();
+        if shared.measuring.load(Ordering::Relaxed) {
+            shared.submit_latency_us.lock().unwrap().push(start.elapsed().as_micros() as u64);
+        }
+        let mut at = shared.submitted_at.lock().unwrap();
+        for result in body["results"].as_array().into_iter().flatten() {
+            if let Some(id) = result["task_id"].as_u64() {
+                at.insert(id, now);
+                shared.submitted.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn agent_loop(http: reqwest::Client, addr: String, agent_id: String, args: BenchArgs, shared: Arc<Shared>) {
+    let base = format!("http://{addr}");
+    let register = json!({"agent_id": agent_id, "capabilities": ["bench"], "capacity": args.lease_batch});
+    let epoch = loop {
+        match http.post(format!("{base}/v1/agents/register")).json(&register).send().await {
+            Ok(r) if r.status().is_success() => {
+                let body: Value = r.json().await.unwrap_or_default();
+                break body["epoch"].as_u64().unwrap_or(0);
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let poll = json!({"epoch": epoch, "max_tasks": args.lease_batch, "wait_ms": 500});
+    while !shared.stop.load(Ordering::Relaxed) {
+        let answer = http.post(format!("{base}/v1/agents/{agent_id}/poll")).json(&poll).send().await;
+        let Ok(response) = answer else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(body) = response.json::<Value>().await else { continue };
+        let leases = body["leases"].as_array().cloned().unwrap_or_default();
+        let completes = leases.iter().map(|lease| {
+            let http = http.clone();
+            let base = base.clone();
+            let shared = shared.clone();
+            let id = lease["task"]["id"].as_u64().unwrap_or(0);
+            let fence = lease["fence"].as_u64().unwrap_or(0);
+            async move {
+                let start = Instant::now();
+                let url = format!("{base}/v1/tasks/{id}/complete");
+                let answer = http.post(url).json(&json!({"fence": fence, "result": "ok"})).send().await;
+                let ok = answer.is_ok_and(|r| r.status().is_success());
+                if !ok {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let submitted = shared.submitted_at.lock().unwrap().remove(&id);
+                shared.completed.fetch_add(1, Ordering::Relaxed);
+                if shared.measuring.load(Ordering::Relaxed) {
+                    shared.complete_latency_us.lock().unwrap().push(start.elapsed().as_micros() as u64);
+                    if let Some(at) = submitted {
+                        shared.end_to_end_us.lock().unwrap().push(at.elapsed().as_micros() as u64);
+                    }
+                }
+            }
+        });
+        futures::future::join_all(completes).await;
+    }
+}
+
+/// Kills the leader `kills` times while a writer submits one task at a time,
+/// and reports the longest gap between acknowledged writes around each kill.
+async fn measure_outages(mut cluster: LocalCluster, http: &reqwest::Client, kills: u32) -> anyhow::Result<()> {
+    let mut outages_ms = Vec::new();
+    for round in 0..kills {
+        let leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
+        let addrs: Vec<String> =
+            cluster.nodes.values().filter(|n| n.id != leader).map(|n| n.addr.clone()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = tokio::spawn(outage_writer(http.clone(), addrs, stop.clone()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let killed_at = Instant::now();
+        cluster.kill(leader);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        stop.store(true, Ordering::SeqCst);
+        let acks = writer.await.context("writer")?;
+        // The outage: from the last ack before the kill to the first ack after it.
+        let before = acks.iter().filter(|t| **t <= killed_at).max().copied();
+        let after = acks.iter().filter(|t| **t > killed_at).min().copied();
+        match (before, after) {
+            (Some(before), Some(after)) => {
+                let ms = after.duration_since(before).as_millis() as u64;
+                println!("kill {}: leader {leader} SIGKILLed, write outage {ms} ms", round + 1);
+                outages_ms.push(ms);
+            }
+            _ => println!("kill {}: no write acknowledged within 2.5 s of the kill", round + 1),
+        }
+        cluster.spawn(leader)?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    outages_ms.sort_unstable();
+    println!(
+        "write outage after leader SIGKILL: p50 {} ms, max {} ms over {} kills",
+        percentile(&outages_ms, 0.5),
+        outages_ms.last().copied().unwrap_or(0),
+        outages_ms.len()
+    );
+    Ok(())
+}
+
+/// Submits one task at a time to the surviving nodes, round robin, and
+/// records when each write was acknowledged.
+async fn outage_writer(http: reqwest::Client, addrs: Vec<String>, stop: Arc<AtomicBool>) -> Vec<Instant> {
+    let mut acks = Vec::new();
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let addr = &addrs[i % addrs.len()];
+        i += 1;
+        let answer = http
+            .post(format!("http://{addr}/v1/tasks"))
+            .json(&json!({"queue": "outage", "payload": i}))
+            .timeout(Duration::from_millis(1000))
+            .send()
+            .await;
+        if answer.is_ok_and(|r| r.status().is_success()) {
+            acks.push(Instant::now());
+        } else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    acks
+}

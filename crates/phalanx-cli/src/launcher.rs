@@ -1,0 +1,128 @@
+//! Local clusters of real `phalanx server` processes, for `demo` and `bench`:
+//! start, SIGKILL, SIGSTOP/SIGCONT and restart nodes, and find the leader.
+
+use anyhow::Context;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct LocalNode {
+    pub id: u64,
+    pub addr: String,
+    data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct LocalCluster {
+    pub nodes: BTreeMap<u64, LocalNode>,
+    peers: String,
+    extra: Vec<String>,
+    http: reqwest::Client,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl LocalCluster {
+    /// Starts `count` nodes under `dir` and waits until one leads.
+    pub async fn start(count: u64, dir: &Path, extra: &[String]) -> anyhow::Result<LocalCluster> {
+        let mut nodes = BTreeMap::new();
+        for id in 1..=count {
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            nodes.insert(id, LocalNode { id, addr, data_dir: dir.join(format!("node-{id}")), child: None });
+        }
+        let peers = if count == 1 {
+            String::new()
+        } else {
+            nodes.values().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",")
+        };
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        let mut cluster = LocalCluster { nodes, peers, extra: extra.to_vec(), http };
+        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+        for id in ids {
+            cluster.spawn(id)?;
+        }
+        cluster.wait_for_leader(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.addr.clone()).collect()
+    }
+
+    pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("finding the phalanx binary")?;
+        let node = self.nodes.get_mut(&id).context("no such node")?;
+        let child = Command::new(exe)
+            .args(["server", "--node-id", &id.to_string(), "--listen", &node.addr, "--peers", &self.peers])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(&self.extra)
+            .env("PHALANX_LOG", std::env::var("PHALANX_LOG").unwrap_or_else(|_| "error".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting a node")?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes.get_mut(&id).and_then(|n| n.child.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn signal(&self, id: u64, signal: &str) {
+        if let Some(child) = &self.nodes[&id].child {
+            let _ = Command::new("kill").args([format!("-{signal}"), child.id().to_string()]).status();
+        }
+    }
+
+    /// The leader as a running node reports it.
+    pub async fn leader(&self) -> Option<u64> {
+        for node in self.nodes.values().filter(|n| n.child.is_some()) {
+            let url = format!("http://{}/v1/cluster", node.addr);
+            if let Ok(response) = self.http.get(url).send().await {
+                if let Ok(body) = response.json::<Value>().await {
+                    if let Some(leader) = body["leader_id"].as_u64() {
+                        if self.nodes.get(&leader).is_some_and(|n| n.child.is_some()) {
+                            return Some(leader);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    pub async fn wait_for_leader(&self, within: Duration) -> anyhow::Result<u64> {
+        let start = Instant::now();
+        loop {
+            if let Some(leader) = self.leader().await {
+                let url = format!("http://{}/health/ready", self.nodes[&leader].addr);
+                if self.http.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
+                    return Ok(leader);
+                }
+            }
+            if start.elapsed() > within {
+                anyhow::bail!("no leader within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.signal(id, "CONT");
+            self.kill(id);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! A three-node cluster of real processes under clients and agents, with the
+//! leader SIGKILLed three times and SIGSTOPped once. Every request and its
+//! outcome is recorded; afterwards the history is checked: every acknowledged
+//! task exists and finishes, no task has two accepted results, no result with
+//! a stale fence was accepted, and all nodes converge to the same state.
+//! A request that timed out is "unknown", never counted as lost.
+
+mod common;
+
+use common::Cluster;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct History {
+    /// Submits acknowledged with 2xx: task id -> idempotency key.
+    acknowledged: BTreeMap<u64, String>,
+    unknown_submits: u64,
+    /// Completes answered 200: (task id, fence).
+    accepted: Vec<(u64, u64)>,
+    superseded: u64,
+    unknown_completes: u64,
+}
+
+struct Ctx {
+    addrs: Vec<String>,
+    http: reqwest::Client,
+    history: Mutex<History>,
+    stop: AtomicBool,
+}
+
+async fn post(ctx: &Ctx, node: usize, path: &str, body: &Value) -> Result<(u16, Value), ()> {
+    let url = format!("http://{}{}", ctx.addrs[node % ctx.addrs.len()], path);
+    let response = ctx.http.post(url).json(body).timeout(Duration::from_secs(3)).send().await.map_err(|_| ())?;
+    let status = response.status().as_u16();
+    let value = response.json().await.map_err(|_| ())?;
+    Ok((status, value))
+}
+
+async fn writer(ctx: Arc<Ctx>, writer_id: usize) {
+    let mut n = 0;
+    let mut node = writer_id;
+    while !ctx.stop.load(Ordering::Relaxed) {
+        n += 1;
+        let key = format!("w{writer_id}-{n}");
+        let body = json!({"queue": "work", "payload": {"key": key}, "idempotency_key": key, "max_attempts": 100});
+        match post(&ctx, node, "/v1/tasks", &body).await {
+            Ok((201, answer)) => {
+                let id = answer["task_id"].as_u64().unwrap();
+                ctx.history.lock().unwrap().acknowledged.insert(id, key);
+            }
+            Ok((status, answer)) => {
+                // A refusal (no leader, not leader) changed nothing; a timeout is unknown.
+                if answer["error"]["code"] == "timeout" {
+                    ctx.history.lock().unwrap().unknown_submits += 1;
+                }
+                assert!(status == 503 || status == 429, "unexpected refusal {status} {answer}");
+                node += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(()) => {
+                ctx.history.lock().unwrap().unknown_submits += 1;
+                node += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn agent(ctx: Arc<Ctx>, agent_id: String) {
+    let mut node = 0usize;
+    let mut epoch = None;
+    loop {
+        if ctx.stop.load(Ordering::Relaxed) && agent_done(&ctx).await {
+            return;
+        }
+        let Some(current) = epoch else {
+            let body = json!({"agent_id": agent_id, "capabilities": ["work"], "capacity": 8});
+            match post(&ctx, node, "/v1/agents/register", &body).await {
+                Ok((200, answer)) => epoch = answer["epoch"].as_u64(),
+                _ => {
+                    node += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            continue;
+        };
+        let poll = json!({"epoch": current, "max_tasks": 8, "wait_ms": 500, "lease_ttl_ms": 3000});
+        let leases = match post(&ctx, node, &format!("/v1/agents/{agent_id}/poll"), &poll).await {
+            Ok((200, answer)) => answer["leases"].as_array().cloned().unwrap_or_default(),
+            Ok((404 | 409, _)) => {
+                epoch = None;
+                continue;
+            }
+            _ => {
+                node += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        for lease in leases {
+            let id = lease["task"]["id"].as_u64().unwrap();
+            let fence = lease["fence"].as_u64().unwrap();
+            let body = json!({"fence": fence, "result": {"by": agent_id, "fence": fence}});
+            // An unknown outcome is retried with the same fence and result: idempotent.
+            for _attempt in 0..5 {
+                match post(&ctx, node, &format!("/v1/tasks/{id}/complete"), &body).await {
+                    Ok((200, _)) => {
+                        ctx.history.lock().unwrap().accepted.push((id, fence));
+                        break;
+                    }
+                    Ok((409, answer)) if answer["error"]["code"] == "superseded" => {
+                        ctx.history.lock().unwrap().superseded += 1;
+                        break;
+                    }
+                    Ok((409, _)) => break,
+                    _ => {
+                        ctx.history.lock().unwrap().unknown_completes += 1;
+                        node += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The agents keep working after the writers stop until nothing is open.
+async fn agent_done(ctx: &Ctx) -> bool {
+    for node in 0..ctx.addrs.len() {
+        let mut open = Vec::new();
+        for state in ["pending", "leased"] {
+            let url = format!("http://{}/v1/tasks?state={state}&limit=1", ctx.addrs[node]);
+            let Ok(response) = ctx.http.get(url).timeout(Duration::from_secs(3)).send().await else { break };
+            let Ok(body) = response.json::<Value>().await else { break };
+            let Some(tasks) = body["tasks"].as_array() else { break };
+            open.push(tasks.len());
+        }
+        if open.len() == 2 {
+            return open == [0, 0];
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kills_lose_nothing_and_accept_no_stale_result() {
+    // Short agent time-to-live, so tasks held by an agent cut off mid-run are re-leased quickly.
+    let mut cluster = Cluster::start(3, &["--snapshot-logs-since-last", "500"]).await;
+    let addrs: Vec<String> = cluster.servers.values().map(|s| s.addr.clone()).collect();
+    let ctx = Arc::new(Ctx {
+        addrs,
+        http: reqwest::Client::builder().pool_max_idle_per_host(16).build().unwrap(),
+        history: Mutex::new(History::default()),
+        stop: AtomicBool::new(false),
+    });
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        workers.push(tokio::spawn(writer(ctx.clone(), i)));
+    }
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        agents.push(tokio::spawn(agent(ctx.clone(), format!("agent-{i}"))));
+    }
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for round in 0..3 {
+        let leader = wait_leader(&cluster).await;
+        eprintln!("round {round}: SIGKILL leader {leader}");
+        cluster.servers.get_mut(&leader).unwrap().kill9();
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        cluster.servers.get_mut(&leader).unwrap().spawn();
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+    }
+    let leader = wait_leader(&cluster).await;
+    eprintln!("SIGSTOP leader {leader}");
+    cluster.servers[&leader].signal("STOP");
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    cluster.servers[&leader].signal("CONT");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+
+    ctx.stop.store(true, Ordering::SeqCst);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let drained = tokio::time::timeout(Duration::from_secs(90), async {
+        for agent in agents {
+            agent.await.unwrap();
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "agents did not drain the backlog within 90 s");
+
+    // Every node must have applied the same log; wait for followers to catch up.
+    let history = std::mem::take(&mut *ctx.history.lock().unwrap());
+    eprintln!(
+        "history: {} acknowledged, {} unknown submits, {} accepted results, {} superseded, {} unknown completes",
+        history.acknowledged.len(),
+        history.unknown_submits,
+        history.accepted.len(),
+        history.superseded,
+        history.unknown_completes
+    );
+    assert!(history.acknowledged.len() > 50, "the run did real work");
+    converge(&cluster).await;
+
+    let leader = wait_leader(&cluster).await;
+    let mut accepted_fences: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    for (id, fence) in &history.accepted {
+        accepted_fences.entry(*id).or_default().insert(*fence);
+    }
+    for (id, fences) in &accepted_fences {
+        assert_eq!(fences.len(), 1, "task {id} had results accepted under two fences: {fences:?}");
+    }
+    let mut lost = Vec::new();
+    for (id, key) in &history.acknowledged {
+        let (status, task) = cluster.get(leader, &format!("/v1/tasks/{id}")).await.unwrap();
+        if status != 200 {
+            lost.push(*id);
+            continue;
+        }
+        assert_eq!(task["payload"]["key"], json!(key));
+        assert_eq!(task["state"], "succeeded", "task {id} did not finish: {task}");
+        // The accepted result is the one recorded under the task's newest fence.
+        let fence = task["last_fence"].as_u64().unwrap();
+        assert_eq!(task["result"]["fence"], json!(fence), "result of task {id} came from a stale fence");
+        if let Some(fences) = accepted_fences.get(id) {
+            assert!(fences.contains(&fence), "task {id}: accepted {fences:?}, final fence {fence}");
+        }
+    }
+    assert!(lost.is_empty(), "acknowledged tasks lost: {lost:?}");
+}
+
+async fn wait_leader(cluster: &Cluster) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let Some(leader) = cluster.leader().await {
+            if cluster.servers[&leader].child.is_some() {
+                return leader;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no leader within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// All nodes reach the same applied index and hold identical tasks.
+async fn converge(cluster: &Cluster) {
+    let start = Instant::now();
+    loop {
+        let mut applied = BTreeSet::new();
+        let mut listings = BTreeSet::new();
+        for id in cluster.servers.keys() {
+            let (_, info) = cluster.get(*id, "/v1/cluster").await.unwrap();
+            applied.insert(info["last_applied"].as_u64().unwrap_or(0));
+            let mut all = Vec::new();
+            let mut after = 0;
+            loop {
+                let (_, page) =
+                    cluster.get(*id, &format!("/v1/tasks?stale=true&limit=1000&after={after}")).await.unwrap();
+                let tasks = page["tasks"].as_array().unwrap().clone();
+                all.extend(tasks);
+                match page["next_after"].as_u64() {
+                    Some(next) => after = next,
+                    None => break,
+                }
+            }
+            listings.insert(serde_json::to_string(&all).unwrap());
+        }
+        if applied.len() == 1 && listings.len() == 1 {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "nodes did not converge: applied {applied:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,173 @@
+//! Test harness: real `phalanx server` processes on loopback, killed with real
+//! signals, and a small JSON HTTP client.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().unwrap().port()
+}
+
+pub struct Server {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub peers: String,
+    pub extra: Vec<String>,
+    pub child: Option<Child>,
+}
+
+impl Server {
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_phalanx"));
+        command
+            .args(["server", "--node-id", &self.id.to_string(), "--listen", &self.addr])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--peers", &self.peers])
+            .args(&self.extra)
+            .env("PHALANX_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.child = Some(command.spawn().expect("spawn phalanx server"));
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill").args([format!("-{signal}"), pid.to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub servers: BTreeMap<u64, Server>,
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    /// Starts `n` nodes (n = 1: a one-node cluster without --peers).
+    pub async fn start(n: u64, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let addrs: BTreeMap<u64, String> = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
+        let peers = if n == 1 {
+            String::new()
+        } else {
+            addrs.iter().map(|(id, addr)| format!("{id}={addr}")).collect::<Vec<_>>().join(",")
+        };
+        let mut servers = BTreeMap::new();
+        for (id, addr) in &addrs {
+            let mut server = Server {
+                id: *id,
+                addr: addr.clone(),
+                data_dir: dir.path().join(format!("node-{id}")),
+                peers: peers.clone(),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                child: None,
+            };
+            server.spawn();
+            servers.insert(*id, server);
+        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+        let cluster = Cluster { dir, servers, http };
+        for id in addrs.keys() {
+            cluster.wait_ready(*id, Duration::from_secs(30)).await;
+        }
+        cluster
+    }
+
+    pub fn addr(&self, id: u64) -> &str {
+        &self.servers[&id].addr
+    }
+
+    pub fn url(&self, id: u64, path: &str) -> String {
+        format!("http://{}{}", self.addr(id), path)
+    }
+
+    pub async fn wait_ready(&self, id: u64, within: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Ok(response) = self.http.get(self.url(id, "/health/ready")).send().await {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            assert!(start.elapsed() < within, "node {id} not ready within {within:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn leader(&self) -> Option<u64> {
+        for id in self.servers.keys() {
+            if self.servers[id].child.is_none() {
+                continue;
+            }
+            if let Ok((200, body)) = self.get(*id, "/v1/cluster").await {
+                if let Some(leader) = body["leader_id"].as_u64() {
+                    return Some(leader);
+                }
+            }
+        }
+        None
+    }
+
+    pub async fn post(&self, id: u64, path: &str, body: &Value) -> Result<(u16, Value), reqwest::Error> {
+        let response = self.http.post(self.url(id, path)).json(body).send().await?;
+        decode(response).await
+    }
+
+    pub async fn post_raw(&self, id: u64, path: &str, body: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(id, path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        decode(response).await.unwrap()
+    }
+
+    pub async fn put(&self, id: u64, path: &str, body: &Value) -> (u16, Value) {
+        let response = self.http.put(self.url(id, path)).json(body).send().await.unwrap();
+        decode(response).await.unwrap()
+    }
+
+    pub async fn get(&self, id: u64, path: &str) -> Result<(u16, Value), reqwest::Error> {
+        let response = self.http.get(self.url(id, path)).send().await?;
+        decode(response).await
+    }
+}
+
+async fn decode(response: reqwest::Response) -> Result<(u16, Value), reqwest::Error> {
+    let status = response.status().as_u16();
+    let text = response.text().await?;
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok((status, value))
+}
+
+/// Asserts a JSON error with this status and code.
+pub fn assert_error(answer: &(u16, Value), status: u16, code: &str) {
+    assert_eq!(answer.0, status, "status of {answer:?}");
+    assert_eq!(answer.1["error"]["code"], code, "code of {answer:?}");
+    assert!(answer.1["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "message of {answer:?}");
+}

@@ -1,0 +1,779 @@
+//! The HTTP API (docs/api.md), the Raft RPC routes, health and metrics.
+//!
+//! Every handler is thin: parse and validate at the edge, then either read the
+//! applied state or propose a command through the proposer. A follower does
+//! not handle `/v1` requests itself: `route_to_leader` forwards them, once, to
+//! the leader (a request already forwarded is never forwarded again, so two
+//! nodes that disagree about the leader cannot bounce it forever).
+
+use crate::error::ApiError;
+use crate::node::Node;
+use crate::proposer;
+use crate::raft_types::TypeConfig;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use phalanx_core::state::validate_name;
+use phalanx_core::{Command, NewTask, Outcome, Task};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type Node_ = Arc<Node>;
+type ApiResult = Result<Response, ApiError>;
+type Body = Result<Bytes, BytesRejection>;
+
+/// Marks a request a follower forwarded to the leader.
+const FORWARDED_HEADER: &str = "x-phalanx-forwarded";
+/// Marks a response answered from a node's own, possibly stale, state.
+const STALE_HEADER: &str = "x-phalanx-stale";
+/// Longest long-poll an agent may ask for.
+const POLL_WAIT_MS_MAX: u64 = 30_000;
+const LIST_LIMIT_MAX: usize = 1000;
+/// Raft RPC bodies carry log batches and snapshot chunks.
+const RAFT_REQUEST_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+pub fn router(node: Arc<Node>) -> Router {
+    let raft = Router::new()
+        .route("/raft/append", post(raft_append))
+        .route("/raft/vote", post(raft_vote))
+        .route("/raft/snapshot", post(raft_snapshot))
+        .layer(DefaultBodyLimit::max(RAFT_REQUEST_BYTES_MAX))
+        .layer(middleware::from_fn_with_state(node.clone(), require_peer_token));
+    let routed = Router::new()
+        .route("/v1/tasks", post(submit).get(list_tasks))
+        .route("/v1/tasks/batch", post(submit_batch))
+        .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/tasks/{id}/cancel", post(cancel))
+        .route("/v1/tasks/{id}/complete", post(complete))
+        .route("/v1/tasks/{id}/fail", post(fail))
+        .route("/v1/tasks/{id}/extend", post(extend))
+        .route("/v1/agents/register", post(register))
+        .route("/v1/agents/{agent_id}/heartbeat", post(heartbeat))
+        .route("/v1/agents/{agent_id}/deregister", post(deregister))
+        .route("/v1/agents/{agent_id}/poll", post(poll))
+        .route("/v1/conversations/{id}", get(context_get))
+        .route("/v1/conversations/{id}/{key}", put(context_put))
+        .route("/v1/cluster/members", post(add_member))
+        .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))
+        .layer(middleware::from_fn_with_state(node.clone(), route_to_leader));
+    let client = Router::new()
+        .merge(routed)
+        .route("/v1/cluster", get(cluster))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(node.config.request_bytes_max))
+        .layer(middleware::from_fn_with_state(node.clone(), require_client_token));
+    Router::new()
+        .merge(raft)
+        .merge(client)
+        .route("/health/live", get(|| async { Json(json!({"live": true})) }))
+        .route("/health/ready", get(ready))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(node.clone(), count_requests))
+        .with_state(node)
+}
+
+// ---- middleware ----
+
+async fn count_requests(State(node): State<Node_>, request: Request, next: Next) -> Response {
+    node.stats.http_requests.fetch_add(1, Ordering::Relaxed);
+    next.run(request).await
+}
+
+fn check_token(headers: &HeaderMap, expected: &Option<String>) -> Result<(), ApiError> {
+    let Some(expected) = expected else { return Ok(()) };
+    let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if presented != Some(expected.as_str()) {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token"));
+    }
+    Ok(())
+}
+
+async fn require_client_token(State(node): State<Node_>, request: Request, next: Next) -> Response {
+    match check_token(request.headers(), &node.config.client_token) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn require_peer_token(State(node): State<Node_>, request: Request, next: Next) -> Response {
+    match check_token(request.headers(), &node.config.peer_token) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+fn wants_stale(request: &Request) -> bool {
+    request.method() == Method::GET
+        && request.uri().query().is_some_and(|q| q.split('&').any(|pair| pair == "stale=true"))
+}
+
+async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next) -> Response {
+    if wants_stale(&request) || request.headers().contains_key(FORWARDED_HEADER) || node.is_leader() {
+        return next.run(request).await;
+    }
+    match forward(&node, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// Sends the request to the leader and relays its answer.
+async fn forward(node: &Node, request: Request) -> ApiResult {
+    let Some((leader_id, leader_addr)) = node.leader() else {
+        return Err(ApiError::unavailable("no_leader", "no leader is known: an election may be under way", 200));
+    };
+    node.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, node.config.request_bytes_max)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body too large"))?;
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let wait = if path.ends_with("/poll") { POLL_WAIT_MS_MAX } else { 0 };
+    let timeout = Duration::from_millis(node.config.write_timeout_ms + wait + 2_000);
+    let mut outgoing = node
+        .http
+        .request(parts.method.clone(), format!("http://{leader_addr}{path}"))
+        .header(FORWARDED_HEADER, node.id().to_string())
+        .timeout(timeout)
+        .body(body);
+    for name in ["authorization", "content-type"] {
+        if let Some(value) = parts.headers.get(name) {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    let unreachable = |error: reqwest::Error| {
+        ApiError::unavailable("unavailable", format!("leader {leader_id} at {leader_addr} did not answer: {error}"), 200)
+            .with_leader_hint(Some(leader_addr.clone()))
+    };
+    let answer = outgoing.send().await.map_err(unreachable)?;
+    let status = answer.status();
+    let headers = answer.headers().clone();
+    let bytes = answer.bytes().await.map_err(unreachable)?;
+    let mut response = (status, bytes).into_response();
+    for name in ["content-type", "retry-after", STALE_HEADER] {
+        if let Some(value) = headers.get(name) {
+            response.headers_mut().insert(name, value.clone());
+        }
+    }
+    Ok(response)
+}
+
+// ---- helpers ----
+
+fn parse<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body refused: {rejection}"))
+    })?;
+    let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
+    serde_json::from_slice(bytes).map_err(|error| {
+        let code = if error.is_data() { "invalid" } else { "malformed_json" };
+        ApiError::new(StatusCode::BAD_REQUEST, code, format!("request body: {error}"))
+    })
+}
+
+fn parse_id(text: &str) -> Result<u64, ApiError> {
+    text.parse().map_err(|_| ApiError::invalid(format!("task id {text:?} is not a number")))
+}
+
+async fn propose(node: &Node, command: Command) -> Result<(Outcome, u64), ApiError> {
+    let (outcome, index) = node.proposer.propose(command).await.map_err(|error| match error {
+        proposer::Error::NotLeader { leader_addr, .. } => {
+            ApiError::unavailable("not_leader", "this node is no longer the leader", 100).with_leader_hint(leader_addr)
+        }
+        proposer::Error::Overloaded(_) => {
+            node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
+            ApiError::overloaded("overloaded", error.to_string(), 100)
+        }
+        proposer::Error::Timeout(_) => ApiError::unavailable("timeout", error.to_string(), 500),
+        proposer::Error::Fatal(_) => ApiError::unavailable("unavailable", error.to_string(), 1000),
+    })?;
+    match outcome {
+        Outcome::Refused { error } => Err(error.into()),
+        outcome => Ok((outcome, index)),
+    }
+}
+
+/// Waits until this node has applied everything the leader had committed
+/// when the read arrived (Raft §6.4 read index), unless `stale=true`.
+async fn read_barrier(node: &Node, query: &Option<String>) -> Result<bool, ApiError> {
+    let stale = query.as_deref().is_some_and(|q| q.split('&').any(|pair| pair == "stale=true"));
+    if stale {
+        return Ok(true);
+    }
+    node.raft.ensure_linearizable().await.map_err(|error| {
+        ApiError::unavailable("not_leader", format!("cannot confirm leadership for a linearizable read: {error}"), 100)
+            .with_leader_hint(node.leader().map(|(_, addr)| addr))
+    })?;
+    Ok(false)
+}
+
+fn mark_stale(mut response: Response, stale: bool) -> Response {
+    if stale {
+        response.headers_mut().insert(STALE_HEADER, HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// A task as the API shows it: payload and result as JSON, not JSON text.
+#[derive(Serialize)]
+pub struct TaskView<'a> {
+    id: u64,
+    queue: &'a str,
+    payload: &'a RawValue,
+    priority: u8,
+    state: &'static str,
+    created_ms: u64,
+    updated_ms: u64,
+    deadline_ms: Option<u64>,
+    max_attempts: u32,
+    attempts: u32,
+    idempotency_key: &'a Option<String>,
+    parent_id: Option<u64>,
+    conversation_id: &'a Option<String>,
+    hop_count: u32,
+    lease: &'a Option<phalanx_core::Lease>,
+    last_fence: u64,
+    result: Option<&'a RawValue>,
+    error: &'a Option<String>,
+    dead_reason: &'a Option<String>,
+    superseded_count: u32,
+}
+
+fn raw(text: &str) -> &RawValue {
+    serde_json::from_str(text).expect("stored JSON text is valid: it was serialised from a JSON value")
+}
+
+pub fn view(task: &Task) -> TaskView<'_> {
+    TaskView {
+        id: task.id,
+        queue: &task.queue,
+        payload: raw(&task.payload),
+        priority: task.priority,
+        state: task.state.as_str(),
+        created_ms: task.created_ms,
+        updated_ms: task.updated_ms,
+        deadline_ms: task.deadline_ms,
+        max_attempts: task.max_attempts,
+        attempts: task.attempts,
+        idempotency_key: &task.idempotency_key,
+        parent_id: task.parent_id,
+        conversation_id: &task.conversation_id,
+        hop_count: task.hop_count,
+        lease: &task.lease,
+        last_fence: task.last_fence,
+        result: task.result.as_deref().map(raw),
+        error: &task.error,
+        dead_reason: &task.dead_reason,
+        superseded_count: task.superseded_count,
+    }
+}
+
+fn task_response(task: &Task) -> Response {
+    Json(view(task)).into_response()
+}
+
+// ---- tasks ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubmitBody {
+    queue: String,
+    #[serde(default)]
+    payload: Value,
+    priority: Option<u8>,
+    idempotency_key: Option<String>,
+    deadline_ms: Option<u64>,
+    max_attempts: Option<u32>,
+    parent_id: Option<u64>,
+    conversation_id: Option<String>,
+}
+
+impl SubmitBody {
+    fn into_new_task(self, node: &Node) -> Result<NewTask, ApiError> {
+        let task = NewTask {
+            queue: self.queue,
+            payload: self.payload.to_string(),
+            priority: self.priority.unwrap_or(5),
+            deadline_ms: self.deadline_ms,
+            max_attempts: self.max_attempts.unwrap_or(3),
+            idempotency_key: self.idempotency_key,
+            parent_id: self.parent_id,
+            conversation_id: self.conversation_id,
+        };
+        let limits = node.shared.data.read().expect("state lock").state.limits().clone();
+        phalanx_core::state::validate_new_task(&task, &limits)?;
+        Ok(task)
+    }
+}
+
+async fn submit(State(node): State<Node_>, body: Body) -> ApiResult {
+    let task = parse::<SubmitBody>(body)?.into_new_task(&node)?;
+    let (outcome, _) = propose(&node, Command::Submit { tasks: vec![task] }).await?;
+    let Outcome::Submitted { mut results } = outcome else { unreachable!("submit answers Submitted") };
+    let submitted = results.pop().expect("one result per task")?;
+    let body = json!({"task_id": submitted.task_id, "deduplicated": submitted.deduplicated});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    tasks: Vec<SubmitBody>,
+}
+
+async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
+    let batch = parse::<BatchBody>(body)?;
+    let batch_max = node.shared.data.read().expect("state lock").state.limits().batch_tasks_max;
+    if batch.tasks.is_empty() || batch.tasks.len() > batch_max {
+        return Err(ApiError::invalid(format!("tasks: a batch holds 1..={batch_max} tasks")));
+    }
+    // Each task stands on its own: an invalid one is reported in its slot.
+    let mut slots: Vec<Result<Option<usize>, ApiError>> = Vec::new();
+    let mut valid = Vec::new();
+    for task in batch.tasks {
+        match task.into_new_task(&node) {
+            Ok(task) => {
+                slots.push(Ok(Some(valid.len())));
+                valid.push(task);
+            }
+            Err(error) => slots.push(Err(error)),
+        }
+    }
+    let mut results = Vec::new();
+    if !valid.is_empty() {
+        let (outcome, _) = propose(&node, Command::Submit { tasks: valid }).await?;
+        let Outcome::Submitted { results: submitted } = outcome else { unreachable!("submit answers Submitted") };
+        results = submitted;
+    }
+    let rendered: Vec<Value> = slots
+        .into_iter()
+        .map(|slot| match slot {
+            Ok(Some(i)) => match &results[i] {
+                Ok(s) => json!({"task_id": s.task_id, "deduplicated": s.deduplicated}),
+                Err(error) => json!({"error": {"code": error.code(), "message": error.to_string()}}),
+            },
+            Ok(None) => unreachable!(),
+            Err(error) => json!({"error": {"code": error.code, "message": error.message}}),
+        })
+        .collect();
+    Ok(Json(json!({ "results": rendered })).into_response())
+}
+
+async fn get_task(State(node): State<Node_>, Path(id): Path<String>, RawQuery(query): RawQuery) -> ApiResult {
+    let id = parse_id(&id)?;
+    let stale = read_barrier(&node, &query).await?;
+    let data = node.shared.data.read().expect("state lock");
+    let task = data.state.task(id).ok_or(phalanx_core::Error::TaskNotFound { task_id: id })?;
+    Ok(mark_stale(task_response(task), stale))
+}
+
+async fn list_tasks(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResult {
+    let (mut queue, mut state, mut after, mut limit) = (None, None, 0u64, 100usize);
+    for pair in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "queue" => queue = Some(value.to_string()),
+            "state" => {
+                state = Some(phalanx_core::TaskState::parse(value).ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "state {value:?}: use pending, leased, succeeded, failed, cancelled or dead"
+                    ))
+                })?)
+            }
+            "after" => after = value.parse().map_err(|_| ApiError::invalid(format!("after {value:?}")))?,
+            "limit" => {
+                limit = value.parse().map_err(|_| ApiError::invalid(format!("limit {value:?}")))?;
+                if limit == 0 || limit > LIST_LIMIT_MAX {
+                    return Err(ApiError::invalid(format!("limit must be 1..={LIST_LIMIT_MAX}")));
+                }
+            }
+            "stale" => {}
+            other => return Err(ApiError::invalid(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    if let Some(queue) = &queue {
+        validate_name("queue", queue, 1024)?;
+    }
+    let stale = read_barrier(&node, &query).await?;
+    let data = node.shared.data.read().expect("state lock");
+    let tasks = data.state.tasks(queue.as_deref(), state, after, limit);
+    let next_after = if tasks.len() == limit { tasks.last().map(|t| t.id) } else { None };
+    let views: Vec<TaskView> = tasks.into_iter().map(view).collect();
+    let body = serde_json::to_vec(&json!({"tasks": views, "next_after": next_after})).expect("serialisable");
+    Ok(mark_stale(([("content-type", "application/json")], body).into_response(), stale))
+}
+
+async fn cancel(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult {
+    let task_id = parse_id(&id)?;
+    let (outcome, _) = propose(&node, Command::Cancel { task_id }).await?;
+    let Outcome::Cancelled { task } = outcome else { unreachable!() };
+    Ok(task_response(&task))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompleteBody {
+    fence: u64,
+    #[serde(default)]
+    result: Value,
+}
+
+async fn complete(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+    let task_id = parse_id(&id)?;
+    let body = parse::<CompleteBody>(body)?;
+    let command = Command::Complete { task_id, fence: body.fence, result: body.result.to_string() };
+    let (outcome, _) = propose(&node, command).await?;
+    let Outcome::Completed { task } = outcome else { unreachable!() };
+    Ok(task_response(&task))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailBody {
+    fence: u64,
+    error: String,
+    retryable: Option<bool>,
+}
+
+async fn fail(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+    let task_id = parse_id(&id)?;
+    let body = parse::<FailBody>(body)?;
+    let command =
+        Command::Fail { task_id, fence: body.fence, error: body.error, retryable: body.retryable.unwrap_or(true) };
+    let (outcome, _) = propose(&node, command).await?;
+    let Outcome::Failed { task } = outcome else { unreachable!() };
+    Ok(task_response(&task))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtendBody {
+    fence: u64,
+    lease_ttl_ms: Option<u64>,
+}
+
+async fn extend(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+    let task_id = parse_id(&id)?;
+    let body = parse::<ExtendBody>(body)?;
+    let lease_ttl_ms = body.lease_ttl_ms.unwrap_or_else(|| default_lease_ttl_ms(&node));
+    let (outcome, _) = propose(&node, Command::Extend { task_id, fence: body.fence, lease_ttl_ms }).await?;
+    let Outcome::Extended { valid_until_ms } = outcome else { unreachable!() };
+    Ok(Json(json!({ "valid_until_ms": valid_until_ms })).into_response())
+}
+
+fn default_lease_ttl_ms(node: &Node) -> u64 {
+    node.shared.data.read().expect("state lock").state.limits().lease_ttl_ms_default
+}
+
+// ---- agents ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    agent_id: String,
+    capabilities: Vec<String>,
+    capacity: Option<u32>,
+}
+
+async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
+    let body = parse::<RegisterBody>(body)?;
+    let command = Command::RegisterAgent {
+        agent_id: body.agent_id.clone(),
+        capabilities: body.capabilities.into_iter().collect(),
+        capacity: body.capacity.unwrap_or(1),
+    };
+    let (outcome, _) = propose(&node, command).await?;
+    let Outcome::Registered { epoch } = outcome else { unreachable!() };
+    node.liveness.lock().expect("liveness lock").touch(&body.agent_id, epoch);
+    Ok(Json(json!({
+        "agent_id": body.agent_id,
+        "epoch": epoch,
+        "heartbeat_interval_ms": node.config.agent_heartbeat_interval_ms,
+        "agent_ttl_ms": node.config.agent_ttl_ms,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EpochBody {
+    epoch: u64,
+}
+
+/// Checks the session against the applied state and records it as alive.
+fn check_session(node: &Node, agent_id: &str, epoch: u64) -> Result<Vec<String>, ApiError> {
+    let data = node.shared.data.read().expect("state lock");
+    let agent = data
+        .state
+        .agent(agent_id)
+        .ok_or_else(|| phalanx_core::Error::AgentNotFound { agent_id: agent_id.to_string() })?;
+    if agent.epoch != epoch {
+        return Err(phalanx_core::Error::StaleEpoch { agent_id: agent_id.to_string(), epoch, current: agent.epoch }.into());
+    }
+    let capabilities = agent.capabilities.iter().cloned().collect();
+    drop(data);
+    node.liveness.lock().expect("liveness lock").touch(agent_id, epoch);
+    Ok(capabilities)
+}
+
+async fn heartbeat(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
+    let body = parse::<EpochBody>(body)?;
+    check_session(&node, &agent_id, body.epoch)?;
+    Ok(Json(json!({"ok": true})).into_response())
+}
+
+async fn deregister(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
+    let body = parse::<EpochBody>(body)?;
+    propose(&node, Command::DeregisterAgent { agent_id, epoch: body.epoch }).await?;
+    Ok(Json(json!({"ok": true})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PollBody {
+    epoch: u64,
+    queues: Option<Vec<String>>,
+    max_tasks: Option<u32>,
+    wait_ms: Option<u64>,
+    lease_ttl_ms: Option<u64>,
+}
+
+/// Long-poll: proposes a lease only when the applied state shows ready work,
+/// otherwise waits for the next apply (which may have added some) until
+/// `wait_ms` runs out.
+async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
+    let body = parse::<PollBody>(body)?;
+    let wait_ms = body.wait_ms.unwrap_or(0);
+    if wait_ms > POLL_WAIT_MS_MAX {
+        return Err(ApiError::invalid(format!("wait_ms must be at most {POLL_WAIT_MS_MAX}")));
+    }
+    let tasks_max = body.max_tasks.unwrap_or(1);
+    if tasks_max == 0 || tasks_max > 1000 {
+        return Err(ApiError::invalid("max_tasks must be 1..=1000"));
+    }
+    let lease_ttl_ms = body.lease_ttl_ms.unwrap_or_else(|| default_lease_ttl_ms(&node));
+    let capabilities = check_session(&node, &agent_id, body.epoch)?;
+    let queues = body.queues.unwrap_or_else(|| capabilities.clone());
+    if queues.is_empty() {
+        return Err(ApiError::invalid("queues must name at least one queue"));
+    }
+    if let Some(queue) = queues.iter().find(|q| !capabilities.contains(q)) {
+        return Err(phalanx_core::Error::NotCapable { agent_id: agent_id.clone(), queue: queue.clone() }.into());
+    }
+    let _permit = node.pollers.clone().try_acquire_owned().map_err(|_| {
+        node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
+        ApiError::overloaded("overloaded", format!("pollers_max ({}) long-polls already wait here", node.config.pollers_max), 1000)
+    })?;
+    let deadline = Instant::now() + Duration::from_millis(wait_ms);
+    loop {
+        let mut applied = node.shared.applied_tx.subscribe();
+        let ready = node.shared.data.read().expect("state lock").state.has_ready(&queues);
+        if ready {
+            let command = Command::Lease {
+                agent_id: agent_id.clone(),
+                epoch: body.epoch,
+                queues: queues.clone(),
+                tasks_max,
+                lease_ttl_ms,
+            };
+            let (outcome, _) = propose(&node, command).await?;
+            let Outcome::Leased { grants } = outcome else { unreachable!() };
+            if !grants.is_empty() || Instant::now() >= deadline {
+                let leases: Vec<Value> = grants
+                    .iter()
+                    .map(|grant| {
+                        json!({
+                            "task": view(&grant.task),
+                            "fence": grant.fence,
+                            "valid_until_ms": grant.valid_until_ms,
+                            "lease_ttl_ms": lease_ttl_ms,
+                        })
+                    })
+                    .collect();
+                return Ok(Json(json!({ "leases": leases })).into_response());
+            }
+            continue;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(Json(json!({ "leases": [] })).into_response());
+        }
+        if tokio::time::timeout(deadline - now, applied.changed()).await.is_err() {
+            return Ok(Json(json!({ "leases": [] })).into_response());
+        }
+        node.liveness.lock().expect("liveness lock").touch(&agent_id, body.epoch);
+    }
+}
+
+// ---- conversations ----
+
+async fn context_get(State(node): State<Node_>, Path(id): Path<String>, RawQuery(query): RawQuery) -> ApiResult {
+    let stale = read_barrier(&node, &query).await?;
+    let data = node.shared.data.read().expect("state lock");
+    let conversation =
+        data.state.conversation(&id).ok_or_else(|| ApiError::not_found(format!("conversation {id:?} not found")))?;
+    let entries: serde_json::Map<String, Value> = conversation
+        .entries
+        .iter()
+        .map(|(key, (version, value))| {
+            let value: Value = serde_json::from_str(value).expect("stored JSON text is valid");
+            (key.clone(), json!({"version": version, "value": value}))
+        })
+        .collect();
+    Ok(mark_stale(Json(json!({"conversation_id": id, "entries": entries})).into_response(), stale))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContextPutBody {
+    value: Value,
+    expected_version: Option<u64>,
+}
+
+async fn context_put(State(node): State<Node_>, Path((id, key)): Path<(String, String)>, body: Body) -> ApiResult {
+    let body = parse::<ContextPutBody>(body)?;
+    let command = Command::ContextPut {
+        conversation_id: id,
+        key,
+        value: body.value.to_string(),
+        expected_version: body.expected_version,
+    };
+    let (outcome, _) = propose(&node, command).await?;
+    let Outcome::ContextWritten { version } = outcome else { unreachable!() };
+    Ok(Json(json!({ "version": version })).into_response())
+}
+
+// ---- cluster, health, metrics ----
+
+async fn cluster(State(node): State<Node_>) -> ApiResult {
+    let metrics = node.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    let nodes: Vec<Value> = membership
+        .nodes()
+        .map(|(id, member)| {
+            let matched = metrics.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
+            json!({"id": id, "addr": member.addr, "voter": voters.contains(id), "matched_index": matched})
+        })
+        .collect();
+    Ok(Json(json!({
+        "node_id": node.id(),
+        "leader_id": metrics.current_leader,
+        "term": metrics.current_term,
+        "state": format!("{:?}", metrics.state),
+        "last_log_index": metrics.last_log_index,
+        "last_applied": metrics.last_applied.map(|l| l.index),
+        "snapshot_index": metrics.snapshot.map(|l| l.index),
+        "millis_since_quorum_ack": metrics.millis_since_quorum_ack,
+        "nodes": nodes,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMemberBody {
+    node_id: u64,
+    addr: String,
+}
+
+fn membership_error(error: impl std::fmt::Display) -> ApiError {
+    ApiError::unavailable("membership_change_failed", format!("membership change failed: {error}"), 1000)
+}
+
+/// Adds a node: first as a learner (it catches up by log or snapshot), then
+/// as a voter. Node ids are never reused: an id that was ever a member is refused.
+async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
+    let body = parse::<AddMemberBody>(body)?;
+    if body.node_id == 0 {
+        return Err(ApiError::invalid("node_id must be positive"));
+    }
+    let voters: std::collections::BTreeSet<u64> = {
+        let metrics = node.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        if membership.get_node(&body.node_id).is_some() {
+            return Err(ApiError::new(StatusCode::CONFLICT, "already_member", format!("node {} is already a member", body.node_id)));
+        }
+        membership.voter_ids().collect()
+    };
+    let retired = node.shared.data.read().expect("state lock").state.node_retired(body.node_id);
+    if retired {
+        return Err(ApiError::new(StatusCode::CONFLICT, "node_id_reused", format!("node id {} was removed before; node ids are never reused", body.node_id)));
+    }
+    node.raft.add_learner(body.node_id, openraft::BasicNode::new(body.addr.clone()), true).await.map_err(membership_error)?;
+    let mut new_voters = voters;
+    new_voters.insert(body.node_id);
+    node.raft.change_membership(new_voters, false).await.map_err(membership_error)?;
+    Ok(Json(json!({"ok": true, "node_id": body.node_id})).into_response())
+}
+
+async fn remove_member(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult {
+    let node_id = parse_id(&id)?;
+    let voters: std::collections::BTreeSet<u64> = {
+        let metrics = node.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.membership_config.membership().voter_ids().collect()
+    };
+    if !voters.contains(&node_id) {
+        return Err(ApiError::not_found(format!("node {node_id} is not a voter")));
+    }
+    if voters.len() == 1 {
+        return Err(ApiError::invalid("cannot remove the last voter"));
+    }
+    // Recorded first, so the id can never come back even if the change below fails half-way.
+    propose(&node, Command::RetireNode { node_id }).await?;
+    let remaining: std::collections::BTreeSet<u64> = voters.into_iter().filter(|v| *v != node_id).collect();
+    node.raft.change_membership(remaining, false).await.map_err(membership_error)?;
+    Ok(Json(json!({"ok": true, "node_id": node_id})).into_response())
+}
+
+/// Ready means useful: a leader is known and this node's applied state is
+/// not far behind its log.
+async fn ready(State(node): State<Node_>) -> ApiResult {
+    let metrics = node.raft.metrics().borrow().clone();
+    let applied = metrics.last_applied.map(|l| l.index).unwrap_or(0);
+    let last_log = metrics.last_log_index.unwrap_or(0);
+    let problem = if let Err(fatal) = &metrics.running_state {
+        Some(format!("raft stopped: {fatal}"))
+    } else if metrics.current_leader.is_none() {
+        Some("no leader known".to_string())
+    } else if last_log.saturating_sub(applied) > 10_000 {
+        Some(format!("apply lag {} entries", last_log - applied))
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(Json(json!({"ready": true, "leader_id": metrics.current_leader, "last_applied": applied})).into_response()),
+        Some(reason) => Err(ApiError::unavailable("not_ready", reason, 500)),
+    }
+}
+
+async fn metrics(State(node): State<Node_>) -> ApiResult {
+    Ok(([("content-type", "text/plain; version=0.0.4")], crate::metrics::render(&node)).into_response())
+}
+
+// ---- Raft RPC (server side of network.rs) ----
+
+async fn raft_append(State(node): State<Node_>, Json(request): Json<AppendEntriesRequest<TypeConfig>>) -> Response {
+    Json(node.raft.append_entries(request).await).into_response()
+}
+
+async fn raft_vote(State(node): State<Node_>, Json(request): Json<VoteRequest<u64>>) -> Response {
+    Json(node.raft.vote(request).await).into_response()
+}
+
+async fn raft_snapshot(State(node): State<Node_>, Json(request): Json<InstallSnapshotRequest<TypeConfig>>) -> Response {
+    Json(node.raft.install_snapshot(request).await).into_response()
+}

@@ -1,0 +1,115 @@
+//! A node's local configuration: identity, addresses, tokens and timings.
+//!
+//! Only what a node needs before it can reach its peers lives here; limits
+//! that every replica must agree on live in the replicated state
+//! (`phalanx_core::Limits`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: u64,
+    pub listen: SocketAddr,
+    /// The address peers and clients use to reach this node (default: `listen`).
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    /// Initial voters, including this node, by id. Empty: a one-node cluster.
+    pub peers: BTreeMap<u64, String>,
+    /// Token clients and agents must present (`Authorization: Bearer`).
+    pub client_token: Option<String>,
+    /// Token nodes present to each other on `/raft/*` and forwarded requests.
+    pub peer_token: Option<String>,
+    /// Raft leader keep-alive period (not an agent heartbeat; see the glossary).
+    pub raft_keepalive_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and compact the log) after this many entries.
+    pub snapshot_logs_since_last: u64,
+    /// How long an agent stays registered without a heartbeat.
+    pub agent_ttl_ms: u64,
+    pub agent_heartbeat_interval_ms: u64,
+    /// Period of the leader's timer loop (agent expiry, Tick proposals).
+    pub timer_interval_ms: u64,
+    /// Commands in one log entry (group commit).
+    pub batch_commands_max: usize,
+    /// Log entries being proposed at once.
+    pub proposals_in_flight_max: usize,
+    /// Long-polls waiting at once on this node.
+    pub pollers_max: usize,
+    /// Bytes of one HTTP request body.
+    pub request_bytes_max: usize,
+    /// How long a write may wait for commit before the client hears `timeout`.
+    pub write_timeout_ms: u64,
+}
+
+impl NodeConfig {
+    pub fn new(node_id: u64, listen: SocketAddr, data_dir: PathBuf) -> NodeConfig {
+        NodeConfig {
+            node_id,
+            listen,
+            advertise: None,
+            data_dir,
+            peers: BTreeMap::new(),
+            client_token: None,
+            peer_token: None,
+            raft_keepalive_ms: 50,
+            election_timeout_min_ms: 250,
+            election_timeout_max_ms: 500,
+            snapshot_logs_since_last: 20_000,
+            agent_ttl_ms: 10_000,
+            agent_heartbeat_interval_ms: 2_000,
+            timer_interval_ms: 100,
+            batch_commands_max: 1024,
+            proposals_in_flight_max: 8,
+            pollers_max: 10_000,
+            request_bytes_max: 4 * 1024 * 1024,
+            write_timeout_ms: 10_000,
+        }
+    }
+
+    pub fn advertise_addr(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// Refuses configurations that would run insecurely or cannot work.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id == 0 {
+            return Err("node_id must be positive (0 is reserved)".into());
+        }
+        if !self.listen.ip().is_loopback() && (self.client_token.is_none() || self.peer_token.is_none()) {
+            return Err(format!(
+                "refusing to listen on non-loopback address {} without tokens: set --client-token and --peer-token \
+                 (or PHALANX_CLIENT_TOKEN and PHALANX_PEER_TOKEN)",
+                self.listen
+            ));
+        }
+        if !self.peers.is_empty() && !self.peers.contains_key(&self.node_id) {
+            return Err(format!("--peers must include this node's own id {}", self.node_id));
+        }
+        if self.election_timeout_min_ms <= self.raft_keepalive_ms * 2 {
+            return Err("election_timeout_min_ms must be more than twice raft_keepalive_ms".into());
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return Err("election_timeout_max_ms must exceed election_timeout_min_ms".into());
+        }
+        if self.agent_ttl_ms <= self.agent_heartbeat_interval_ms * 2 {
+            return Err("agent_ttl_ms must be more than twice agent_heartbeat_interval_ms".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
+pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut peers = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| format!("peer {part:?} is not ID=ADDR"))?;
+        let id: u64 = id.trim().parse().map_err(|_| format!("peer id {id:?} is not a number"))?;
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            return Err(format!("peer id {id} appears twice"));
+        }
+    }
+    Ok(peers)
+}

@@ -1,0 +1,80 @@
+//! The one place where errors become HTTP responses.
+//!
+//! Every refusal is `{"error": {"code", "message", "leader_hint"?, "retry_after_ms"?}}`
+//! with the status given in docs/api.md; 429 and 503 carry `Retry-After`.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub leader_hint: Option<String>,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), leader_hint: None, retry_after_ms: None }
+    }
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", message)
+    }
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after_ms: u64) -> ApiError {
+        ApiError { retry_after_ms: Some(retry_after_ms), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message) }
+    }
+    pub fn overloaded(code: &'static str, message: impl Into<String>, retry_after_ms: u64) -> ApiError {
+        ApiError { retry_after_ms: Some(retry_after_ms), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message) }
+    }
+    pub fn with_leader_hint(mut self, hint: Option<String>) -> ApiError {
+        self.leader_hint = hint;
+        self
+    }
+}
+
+impl From<phalanx_core::Error> for ApiError {
+    fn from(error: phalanx_core::Error) -> ApiError {
+        use phalanx_core::Error as E;
+        let status = match &error {
+            E::Invalid { .. } | E::NotCapable { .. } => StatusCode::BAD_REQUEST,
+            E::TaskNotFound { .. } | E::AgentNotFound { .. } => StatusCode::NOT_FOUND,
+            E::StaleEpoch { .. }
+            | E::Superseded { .. }
+            | E::AlreadyTerminal { .. }
+            | E::LeaseExpired { .. }
+            | E::VersionConflict { .. } => StatusCode::CONFLICT,
+            E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            E::HopsExceeded { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            E::QueueFull { .. } | E::LimitReached { .. } => StatusCode::TOO_MANY_REQUESTS,
+        };
+        let mut api = ApiError::new(status, error.code(), error.to_string());
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            api.retry_after_ms = Some(1000);
+        }
+        api
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"code": self.code, "message": self.message});
+        if let Some(hint) = &self.leader_hint {
+            body["leader_hint"] = json!(hint);
+        }
+        if let Some(ms) = self.retry_after_ms {
+            body["retry_after_ms"] = json!(ms);
+        }
+        let mut response = (self.status, axum::Json(json!({ "error": body }))).into_response();
+        if let Some(ms) = self.retry_after_ms {
+            let seconds = ms.div_ceil(1000).max(1);
+            response.headers_mut().insert("retry-after", HeaderValue::from(seconds));
+        }
+        response
+    }
+}

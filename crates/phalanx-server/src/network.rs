@@ -1,0 +1,119 @@
+//! The Raft transport, client side: openraft's RPCs as HTTP/JSON POSTs to a
+//! peer's `/raft/*` routes (served in `api.rs`).
+//!
+//! Leaves retries to openraft (it resends on the next heartbeat or after
+//! `backoff`) and leaves authentication of the receiving side to `api.rs`.
+
+use crate::raft_types::{NodeId, TypeConfig};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::time::Duration;
+
+/// Builds one connection per peer; all share one HTTP client (connection pool).
+#[derive(Clone)]
+pub struct Network {
+    http: reqwest::Client,
+    peer_token: Option<String>,
+}
+
+impl Network {
+    pub fn new(peer_token: Option<String>) -> Network {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(8)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_millis(500))
+            .build()
+            .expect("HTTP client builds");
+        Network { http, peer_token }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Connection {
+        Connection { network: self.clone(), target, addr: node.addr.clone() }
+    }
+}
+
+pub struct Connection {
+    network: Network,
+    target: NodeId,
+    addr: String,
+}
+
+impl Connection {
+    async fn post<Req, Resp, Err>(
+        &self,
+        route: &str,
+        body: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, Err>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        Err: std::error::Error + DeserializeOwned,
+    {
+        let url = format!("http://{}/raft/{route}", self.addr);
+        let mut request = self.network.http.post(url).json(body).timeout(option.hard_ttl());
+        if let Some(token) = &self.network.peer_token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.map_err(|error| {
+            if error.is_connect() {
+                RPCError::Unreachable(Unreachable::new(&error))
+            } else {
+                RPCError::Network(NetworkError::new(&error))
+            }
+        })?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            let error = std::io::Error::other(format!("peer {} answered {status}: {text}", self.target));
+            return Err(RPCError::Network(NetworkError::new(&error)));
+        }
+        let result: Result<Resp, RaftError<NodeId, Err>> =
+            response.json().await.map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
+        result.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.post("append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.post("snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.post("vote", &rpc, &option).await
+    }
+
+    /// An unreachable peer is retried soon: a restarted node should rejoin
+    /// within a few heartbeats, not after openraft's default 500 ms.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::repeat(Duration::from_millis(100)))
+    }
+}

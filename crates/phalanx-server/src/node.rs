@@ -1,0 +1,258 @@
+//! A running node: opens storage, starts the Raft replica, the proposer, the
+//! leader's timer loop and the HTTP server, and wires them together.
+//!
+//! The timer loop is the only place that turns wall-clock time into commands:
+//! it proposes `ExpireAgent` when an agent's heartbeat time-to-live runs out
+//! and `Tick` when a lease, backoff or deadline falls due. Agent liveness is
+//! soft state here, rebuilt (everyone gets a fresh time-to-live) whenever this
+//! node becomes leader, so a failover never expires the fleet.
+
+use crate::config::NodeConfig;
+use crate::network::Network;
+use crate::proposer::{wall_clock_ms, Proposer};
+use crate::raft_types::Raft;
+use crate::store::{self, StateMachineShared};
+use anyhow::Context;
+use openraft::{BasicNode, ServerState};
+use phalanx_core::Command;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// When each agent session last showed it is alive (heartbeat or poll).
+#[derive(Default)]
+pub struct Liveness {
+    /// agent id -> (epoch, last seen)
+    seen: BTreeMap<String, (u64, Instant)>,
+}
+
+impl Liveness {
+    pub fn touch(&mut self, agent_id: &str, epoch: u64) {
+        self.seen.insert(agent_id.to_string(), (epoch, Instant::now()));
+    }
+}
+
+/// Counters kept by this node only (not replicated).
+#[derive(Default)]
+pub struct NodeStats {
+    pub http_requests: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub refused_overload: AtomicU64,
+    pub agents_expired: AtomicU64,
+    pub leader_changes: AtomicU64,
+}
+
+pub struct Node {
+    pub config: NodeConfig,
+    pub raft: Raft,
+    pub shared: Arc<StateMachineShared>,
+    pub proposer: Proposer,
+    /// For forwarding requests to the leader.
+    pub http: reqwest::Client,
+    pub liveness: Mutex<Liveness>,
+    pub pollers: Arc<Semaphore>,
+    pub stats: NodeStats,
+}
+
+impl Node {
+    pub fn id(&self) -> u64 {
+        self.config.node_id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.server_metrics().borrow().current_leader == Some(self.config.node_id)
+    }
+
+    /// The current leader's id and address, as this node knows it.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let metrics = self.raft.server_metrics();
+        let metrics = metrics.borrow();
+        let leader_id = metrics.current_leader?;
+        let node = metrics.membership_config.membership().get_node(&leader_id)?;
+        Some((leader_id, node.addr.clone()))
+    }
+}
+
+/// A node serving HTTP; dropping it does not stop it, `shutdown` does.
+pub struct Running {
+    pub node: Arc<Node>,
+    pub addr: std::net::SocketAddr,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown_tx.send(true);
+        let _ = self.node.raft.shutdown().await;
+        self.server.await??;
+        Ok(())
+    }
+
+    /// Serves until the process receives SIGTERM or SIGINT.
+    pub async fn wait_for_signal(self) -> anyhow::Result<()> {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        self.shutdown().await
+    }
+}
+
+pub fn raft_config(config: &NodeConfig) -> anyhow::Result<openraft::Config> {
+    let raft_config = openraft::Config {
+        cluster_name: "phalanx".into(),
+        heartbeat_interval: config.raft_keepalive_ms,
+        election_timeout_min: config.election_timeout_min_ms,
+        election_timeout_max: config.election_timeout_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: 1000,
+        max_payload_entries: 256,
+        ..Default::default()
+    };
+    Ok(raft_config.validate()?)
+}
+
+pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let (log_store, state_machine) =
+        store::open(&config.data_dir).with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
+    let shared = state_machine.shared();
+    let raft_config = Arc::new(raft_config(&config)?);
+    let network = Network::new(config.peer_token.clone());
+    let raft = Raft::new(config.node_id, raft_config, network, log_store, state_machine).await?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let mut config = config;
+    if config.advertise.is_none() {
+        config.advertise = Some(addr.to_string());
+    }
+
+    initialize_if_first(&raft, &config).await?;
+
+    let proposer = Proposer::start(
+        raft.clone(),
+        config.batch_commands_max,
+        config.proposals_in_flight_max,
+        config.write_timeout_ms,
+    );
+    let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(64).build()?;
+    let node = Arc::new(Node {
+        pollers: Arc::new(Semaphore::new(config.pollers_max)),
+        config,
+        raft,
+        shared,
+        proposer,
+        http,
+        liveness: Mutex::new(Liveness::default()),
+        stats: NodeStats::default(),
+    });
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(timer_loop(node.clone(), shutdown_rx.clone()));
+    let router = crate::api::router(node.clone());
+    let mut server_shutdown = shutdown_rx;
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = server_shutdown.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    tracing::info!(node_id = node.id(), %addr, "node serving");
+    Ok(Running { node, addr, shutdown_tx, server })
+}
+
+/// A fresh cluster is initialised by exactly one node: the lowest id among
+/// the initial voters (or the only node). Others wait to be contacted. A node
+/// whose storage already holds a log or vote skips this, so restarts are safe.
+async fn initialize_if_first(raft: &Raft, config: &NodeConfig) -> anyhow::Result<()> {
+    let members: BTreeMap<u64, BasicNode> = if config.peers.is_empty() {
+        BTreeMap::from([(config.node_id, BasicNode::new(config.advertise_addr()))])
+    } else {
+        config.peers.iter().map(|(id, addr)| (*id, BasicNode::new(addr.clone()))).collect()
+    };
+    let first = *members.keys().next().expect("at least this node");
+    if first != config.node_id {
+        return Ok(());
+    }
+    let already = raft.is_initialized().await?;
+    if already {
+        return Ok(());
+    }
+    match raft.initialize(members).await {
+        Ok(()) => tracing::info!("initialised a new cluster"),
+        Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+        Err(error) => return Err(error.into()),
+    }
+    Ok(())
+}
+
+async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(node.config.timer_interval_ms));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leading_term: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let (state, term, leader) = {
+            let metrics = node.raft.server_metrics();
+            let metrics = metrics.borrow();
+            (metrics.state, metrics.vote.leader_id().term, metrics.current_leader)
+        };
+        if state != ServerState::Leader || leader != Some(node.id()) {
+            leading_term = None;
+            continue;
+        }
+        if leading_term != Some(term) {
+            // New leadership: every agent starts with a fresh time-to-live.
+            leading_term = Some(term);
+            node.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
+            node.liveness.lock().expect("liveness lock").seen.clear();
+        }
+        let (agents, next_due_ms) = {
+            let data = node.shared.data.read().expect("state lock");
+            let agents: Vec<(String, u64)> = data.state.agents().map(|a| (a.id.clone(), a.epoch)).collect();
+            (agents, data.state.next_due_ms())
+        };
+        let ttl = Duration::from_millis(node.config.agent_ttl_ms);
+        let mut expired = Vec::new();
+        {
+            let mut liveness = node.liveness.lock().expect("liveness lock");
+            let now = Instant::now();
+            let known: std::collections::BTreeSet<&String> = agents.iter().map(|(id, _)| id).collect();
+            liveness.seen.retain(|id, _| known.contains(id));
+            for (agent_id, epoch) in &agents {
+                let entry = liveness.seen.entry(agent_id.clone()).or_insert((*epoch, now));
+                if entry.0 != *epoch {
+                    *entry = (*epoch, now);
+                }
+                if now.duration_since(entry.1) > ttl {
+                    expired.push((agent_id.clone(), *epoch));
+                }
+            }
+        }
+        for (agent_id, epoch) in expired {
+            tracing::warn!(%agent_id, epoch, "agent missed its heartbeats: expiring it and releasing its leases");
+            node.stats.agents_expired.fetch_add(1, Ordering::Relaxed);
+            let node = node.clone();
+            tokio::spawn(async move {
+                let _ = node.proposer.propose(Command::ExpireAgent { agent_id, epoch }).await;
+            });
+        }
+        if next_due_ms.is_some_and(|due| due <= wall_clock_ms()) {
+            let _ = node.proposer.propose(Command::Tick).await;
+        }
+    }
+}

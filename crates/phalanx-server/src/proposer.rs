@@ -1,0 +1,133 @@
+//! Group commit: many HTTP requests' commands become one Raft log entry.
+//!
+//! Requests queue their command on a bounded channel; one loop takes what has
+//! queued up (at most `batch_commands_max`), stamps it with the leader's clock
+//! and proposes it as one entry. Up to `proposals_in_flight_max` entries are in
+//! flight at once, so while one batch waits for its fsync the next one fills:
+//! the busier the node, the bigger the batches and the fewer fsyncs per task.
+//!
+//! Leaves forwarding to the leader to `api.rs`: a proposal on a follower
+//! fails with `Error::NotLeader`.
+
+use crate::raft_types::Raft;
+use openraft::error::{ClientWriteError, RaftError};
+use phalanx_core::{Command, Outcome, Request};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("this node is not the leader")]
+    NotLeader { leader_id: Option<u64>, leader_addr: Option<String> },
+    #[error("too many proposals queued on this node ({0})")]
+    Overloaded(usize),
+    #[error("no commit within {0} ms: the outcome is unknown")]
+    Timeout(u64),
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+struct Proposal {
+    command: Command,
+    reply: oneshot::Sender<Result<(Outcome, u64), Error>>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Stats {
+    pub entries: AtomicU64,
+    pub commands: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Proposer {
+    tx: mpsc::Sender<Proposal>,
+    queue_max: usize,
+    write_timeout: Duration,
+    pub stats: Arc<Stats>,
+}
+
+pub fn wall_clock_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as u64
+}
+
+impl Proposer {
+    pub fn start(raft: Raft, batch_commands_max: usize, in_flight_max: usize, write_timeout_ms: u64) -> Proposer {
+        let queue_max = batch_commands_max * in_flight_max * 2;
+        let (tx, rx) = mpsc::channel(queue_max);
+        let stats = Arc::new(Stats::default());
+        tokio::spawn(run(raft, rx, batch_commands_max, in_flight_max, stats.clone()));
+        Proposer { tx, queue_max, write_timeout: Duration::from_millis(write_timeout_ms), stats }
+    }
+
+    /// Proposes one command; resolves once its entry is committed and applied,
+    /// with the command's outcome and the entry's log index.
+    pub async fn propose(&self, command: Command) -> Result<(Outcome, u64), Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.try_send(Proposal { command, reply }).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => Error::Overloaded(self.queue_max),
+            mpsc::error::TrySendError::Closed(_) => Error::Fatal("proposer stopped".into()),
+        })?;
+        match tokio::time::timeout(self.write_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Fatal("proposal dropped".into())),
+            Err(_) => Err(Error::Timeout(self.write_timeout.as_millis() as u64)),
+        }
+    }
+}
+
+async fn run(
+    raft: Raft,
+    mut rx: mpsc::Receiver<Proposal>,
+    batch_commands_max: usize,
+    in_flight_max: usize,
+    stats: Arc<Stats>,
+) {
+    let in_flight = Arc::new(Semaphore::new(in_flight_max));
+    while let Some(first) = rx.recv().await {
+        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let mut batch = vec![first];
+        while batch.len() < batch_commands_max {
+            match rx.try_recv() {
+                Ok(proposal) => batch.push(proposal),
+                Err(_) => break,
+            }
+        }
+        stats.entries.fetch_add(1, Ordering::Relaxed);
+        stats.commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            let request = Request { now_ms: wall_clock_ms(), commands };
+            match raft.client_write(request).await {
+                Ok(response) => {
+                    let index = response.log_id.index;
+                    assert_eq!(response.data.outcomes.len(), replies.len(), "one outcome per command");
+                    for (reply, outcome) in replies.into_iter().zip(response.data.outcomes) {
+                        let _ = reply.send(Ok((outcome, index)));
+                    }
+                }
+                Err(error) => {
+                    let error = map_error(error);
+                    for reply in replies {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn map_error(error: RaftError<u64, ClientWriteError<u64, openraft::BasicNode>>) -> Error {
+    match error {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => Error::NotLeader {
+            leader_id: forward.leader_id,
+            leader_addr: forward.leader_node.map(|node| node.addr),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => Error::Fatal(error.to_string()),
+        RaftError::Fatal(fatal) => Error::Fatal(fatal.to_string()),
+    }
+}
