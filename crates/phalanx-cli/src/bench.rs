@@ -41,6 +41,9 @@ pub struct BenchArgs {
     /// Leader SIGKILLs to measure the write outage (cluster mode only).
     #[arg(long, default_value_t = 0)]
     pub kills: u32,
+    /// Extra arguments for every `phalanx server` (e.g. Raft timings), space-separated.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    pub server_args: String,
 }
 
 struct Shared {
@@ -60,7 +63,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let fsync_per_second = measure_fsync(dir.path(), 300)?;
     println!("disk baseline: {fsync_per_second:.0} fsyncs/s (4 KiB write + fdatasync, same file system)");
-    let cluster = LocalCluster::start(args.nodes, dir.path(), &[]).await?;
+    let server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
+    let cluster = LocalCluster::start(args.nodes, dir.path(), &server_args).await?;
     let addrs = cluster.addrs();
     println!("cluster: {} node(s) at {}", args.nodes, addrs.join(","));
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
@@ -86,6 +90,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         handles.push(tokio::spawn(client_loop(http.clone(), addr, args.clone(), shared.clone())));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let term_before = cluster_term(&http, &addrs).await;
     shared.measuring.store(true, Ordering::SeqCst);
     let completed_before = shared.completed.load(Ordering::SeqCst);
     let started = Instant::now();
@@ -107,11 +112,26 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     print_percentiles("complete (per request)", &shared.complete_latency_us.lock().unwrap());
     print_percentiles("end to end (submit ack -> complete ack)", &shared.end_to_end_us.lock().unwrap());
     println!("errors: {}", shared.errors.load(Ordering::SeqCst));
+    let term_after = cluster_term(&http, &addrs).await;
+    println!("leader elections during the measurement: {}", term_after.saturating_sub(term_before));
     if args.kills > 0 {
         drop(shared);
         measure_outages(cluster, &http, args.kills).await?;
     }
     Ok(())
+}
+
+/// The highest Raft term any node reports: it grows by one per election.
+async fn cluster_term(http: &reqwest::Client, addrs: &[String]) -> u64 {
+    let mut term = 0;
+    for addr in addrs {
+        if let Ok(response) = http.get(format!("http://{addr}/v1/cluster")).send().await {
+            if let Ok(body) = response.json::<Value>().await {
+                term = term.max(body["term"].as_u64().unwrap_or(0));
+            }
+        }
+    }
+    term
 }
 
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -251,16 +271,16 @@ async fn measure_outages(mut cluster: LocalCluster, http: &reqwest::Client, kill
         tokio::time::sleep(Duration::from_millis(2500)).await;
         stop.store(true, Ordering::SeqCst);
         let acks = writer.await.context("writer")?;
-        // The outage: from the last ack before the kill to the first ack after it.
-        let before = acks.iter().filter(|t| **t <= killed_at).max().copied();
-        let after = acks.iter().filter(|t| **t > killed_at).min().copied();
-        match (before, after) {
-            (Some(before), Some(after)) => {
-                let ms = after.duration_since(before).as_millis() as u64;
+        // The outage: from the kill to the first acknowledgement of a write
+        // that was sent after the kill (one already in flight proves nothing).
+        let first = acks.iter().filter(|(sent, _)| *sent >= killed_at).map(|(_, acked)| *acked).min();
+        match first {
+            Some(acked) => {
+                let ms = acked.duration_since(killed_at).as_millis() as u64;
                 println!("kill {}: leader {leader} SIGKILLed, write outage {ms} ms", round + 1);
                 outages_ms.push(ms);
             }
-            _ => println!("kill {}: no write acknowledged within 2.5 s of the kill", round + 1),
+            None => println!("kill {}: no write acknowledged within 2.5 s of the kill", round + 1),
         }
         cluster.spawn(leader)?;
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -276,13 +296,14 @@ async fn measure_outages(mut cluster: LocalCluster, http: &reqwest::Client, kill
 }
 
 /// Submits one task at a time to the surviving nodes, round robin, and
-/// records when each write was acknowledged.
-async fn outage_writer(http: reqwest::Client, addrs: Vec<String>, stop: Arc<AtomicBool>) -> Vec<Instant> {
+/// records when each acknowledged write was sent and acknowledged.
+async fn outage_writer(http: reqwest::Client, addrs: Vec<String>, stop: Arc<AtomicBool>) -> Vec<(Instant, Instant)> {
     let mut acks = Vec::new();
     let mut i = 0;
     while !stop.load(Ordering::Relaxed) {
         let addr = &addrs[i % addrs.len()];
         i += 1;
+        let sent = Instant::now();
         let answer = http
             .post(format!("http://{addr}/v1/tasks"))
             .json(&json!({"queue": "outage", "payload": i}))
@@ -290,7 +311,7 @@ async fn outage_writer(http: reqwest::Client, addrs: Vec<String>, stop: Arc<Atom
             .send()
             .await;
         if answer.is_ok_and(|r| r.status().is_success()) {
-            acks.push(Instant::now());
+            acks.push((sent, Instant::now()));
         } else {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

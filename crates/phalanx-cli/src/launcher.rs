@@ -61,7 +61,7 @@ impl LocalCluster {
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(&self.extra)
-            .env("PHALANX_LOG", std::env::var("PHALANX_LOG").unwrap_or_else(|_| "error".into()))
+            .env("PHALANX_LOG", std::env::var("PHALANX_LOG").unwrap_or_else(|_| "error,openraft=off".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -82,11 +82,12 @@ pub struct ServerArgs {
     pub client_token: Option<String>,
     #[arg(long, env = "PHALANX_PEER_TOKEN", hide_env_values = true)]
     pub peer_token: Option<String>,
-    #[arg(long, default_value_t = 50)]
+    /// Raft leader keep-alive period (not an agent heartbeat).
+    #[arg(long, default_value_t = 30)]
     pub raft_keepalive_ms: u64,
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = 100)]
     pub election_timeout_min_ms: u64,
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 200)]
     pub election_timeout_max_ms: u64,
     #[arg(long, default_value_t = 20_000)]
     pub snapshot_logs_since_last: u64,

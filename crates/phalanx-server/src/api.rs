@@ -660,11 +660,23 @@ async fn cluster(State(node): State<Node_>) -> ApiResult {
     let metrics = node.raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    let contacts = node.peer_contacts.lock().expect("contacts lock").clone();
     let nodes: Vec<Value> = membership
         .nodes()
         .map(|(id, member)| {
             let matched = metrics.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
-            json!({"id": id, "addr": member.addr, "voter": voters.contains(id), "matched_index": matched})
+            let last_contact_ms = if *id == node.id() {
+                Some(0)
+            } else {
+                contacts.get(id).map(|at| at.elapsed().as_millis() as u64)
+            };
+            json!({
+                "id": id,
+                "addr": member.addr,
+                "voter": voters.contains(id),
+                "matched_index": matched,
+                "last_contact_ms": last_contact_ms,
+            })
         })
         .collect();
     Ok(Json(json!({

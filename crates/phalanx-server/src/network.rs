@@ -14,13 +14,17 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Builds one connection per peer; all share one HTTP client (connection pool).
 #[derive(Clone)]
 pub struct Network {
     http: reqwest::Client,
     peer_token: Option<String>,
+    /// When each peer last answered a Raft RPC (shown by `/v1/cluster`).
+    pub contacts: Arc<Mutex<BTreeMap<NodeId, Instant>>>,
 }
 
 impl Network {
@@ -31,7 +35,7 @@ impl Network {
             .connect_timeout(Duration::from_millis(500))
             .build()
             .expect("HTTP client builds");
-        Network { http, peer_token }
+        Network { http, peer_token, contacts: Arc::default() }
     }
 }
 
@@ -79,6 +83,7 @@ impl Connection {
             let error = std::io::Error::other(format!("peer {} answered {status}: {text}", self.target));
             return Err(RPCError::Network(NetworkError::new(&error)));
         }
+        self.network.contacts.lock().expect("contacts lock").insert(self.target, Instant::now());
         let result: Result<Resp, RaftError<NodeId, Err>> =
             response.json().await.map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
         result.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))

@@ -52,6 +52,8 @@ pub struct Node {
     /// For forwarding requests to the leader.
     pub http: reqwest::Client,
     pub liveness: Mutex<Liveness>,
+    /// When each peer last answered this node's Raft RPCs.
+    pub peer_contacts: Arc<Mutex<BTreeMap<u64, Instant>>>,
     pub pollers: Arc<Semaphore>,
     pub stats: NodeStats,
 }
@@ -126,6 +128,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let shared = state_machine.shared();
     let raft_config = Arc::new(raft_config(&config)?);
     let network = Network::new(config.peer_token.clone());
+    let peer_contacts = network.contacts.clone();
     let raft = Raft::new(config.node_id, raft_config, network, log_store, state_machine).await?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -154,6 +157,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         proposer,
         http,
         liveness: Mutex::new(Liveness::default()),
+        peer_contacts,
         stats: NodeStats::default(),
     });
 
