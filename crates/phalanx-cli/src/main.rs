@@ -95,6 +95,12 @@ pub struct ServerArgs {
     pub agent_ttl_ms: u64,
     #[arg(long, default_value_t = 2_000)]
     pub agent_heartbeat_interval_ms: u64,
+    /// Per-client sustained request rate (token bucket), requests per second.
+    #[arg(long, default_value_t = 20_000.0)]
+    pub client_rate_per_second: f64,
+    /// Per-client burst (token bucket size).
+    #[arg(long, default_value_t = 40_000.0)]
+    pub client_burst: f64,
 }
 
 impl ServerArgs {
@@ -110,6 +116,8 @@ impl ServerArgs {
         config.snapshot_logs_since_last = self.snapshot_logs_since_last;
         config.agent_ttl_ms = self.agent_ttl_ms;
         config.agent_heartbeat_interval_ms = self.agent_heartbeat_interval_ms;
+        config.client_rate_per_second = self.client_rate_per_second;
+        config.client_burst = self.client_burst;
         if let Some(advertise) = &config.advertise {
             config.peers.entry(self.node_id).or_insert_with(|| advertise.clone());
         }

@@ -66,7 +66,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/conversations/{id}/{key}", put(context_put))
         .route("/v1/cluster/members", post(add_member))
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))
-        .layer(middleware::from_fn_with_state(node.clone(), route_to_leader));
+        .layer(middleware::from_fn_with_state(node.clone(), route_to_leader))
+        .layer(middleware::from_fn_with_state(node.clone(), admit));
     let client = Router::new()
         .merge(routed)
         .route("/v1/cluster", get(cluster))
@@ -113,6 +114,42 @@ async fn require_peer_token(State(node): State<Node_>, request: Request, next: N
     }
 }
 
+/// Header carrying the client's remaining time budget, in milliseconds.
+pub const DEADLINE_HEADER: &str = "x-phalanx-deadline-ms";
+/// Header naming the client for per-client rate limits.
+pub const CLIENT_HEADER: &str = "x-phalanx-client";
+
+/// Per-client rate limit and request deadline. A forwarded request was
+/// admitted by the node that received it and is not counted twice.
+async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Response {
+    let now = Instant::now();
+    if !request.headers().contains_key(FORWARDED_HEADER) {
+        let client = match request.headers().get(CLIENT_HEADER).and_then(|v| v.to_str().ok()) {
+            Some(name) => name.chars().take(128).collect::<String>(),
+            None => request
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0.ip().to_string())
+                .unwrap_or_default(),
+        };
+        if let Err(wait) = node.rate_limiter.check(&client, now) {
+            node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
+            let message = format!("client {client:?} is over its rate limit ({} requests/s)", node.config.client_rate_per_second);
+            return ApiError::overloaded("rate_limited", message, wait.as_millis() as u64 + 1).into_response();
+        }
+    }
+    let deadline = match request.headers().get(DEADLINE_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok())) {
+        None => None,
+        Some(None) => return ApiError::invalid(format!("{DEADLINE_HEADER} must be a whole number of milliseconds")).into_response(),
+        Some(Some(0)) => {
+            return ApiError::unavailable("deadline_exceeded", "the request arrived with no time left; nothing was done", 0)
+                .into_response()
+        }
+        Some(Some(ms)) => Some(now + Duration::from_millis(ms)),
+    };
+    crate::admission::DEADLINE.scope(deadline, next.run(request)).await
+}
+
 fn wants_stale(request: &Request) -> bool {
     request.method() == Method::GET
         && request.uri().query().is_some_and(|q| q.split('&').any(|pair| pair == "stale=true"))
@@ -152,6 +189,10 @@ async fn forward(node: &Node, request: Request) -> ApiResult {
             outgoing = outgoing.header(name, value);
         }
     }
+    if let Some(deadline) = crate::admission::current_deadline() {
+        let remaining = deadline.saturating_duration_since(Instant::now()).as_millis().max(1);
+        outgoing = outgoing.header(DEADLINE_HEADER, remaining.to_string());
+    }
     let unreachable = |error: reqwest::Error| {
         ApiError::unavailable("unavailable", format!("leader {leader_id} at {leader_addr} did not answer: {error}"), 200)
             .with_leader_hint(Some(leader_addr.clone()))
@@ -187,7 +228,8 @@ fn parse_id(text: &str) -> Result<u64, ApiError> {
 }
 
 async fn propose(node: &Node, command: Command) -> Result<(Outcome, u64), ApiError> {
-    let (outcome, index) = node.proposer.propose(command).await.map_err(|error| match error {
+    let deadline = crate::admission::current_deadline();
+    let (outcome, index) = node.proposer.propose_by(command, deadline).await.map_err(|error| match error {
         proposer::Error::NotLeader { leader_addr, .. } => {
             ApiError::unavailable("not_leader", "this node is no longer the leader", 100).with_leader_hint(leader_addr)
         }
@@ -196,6 +238,7 @@ async fn propose(node: &Node, command: Command) -> Result<(Outcome, u64), ApiErr
             ApiError::overloaded("overloaded", error.to_string(), 100)
         }
         proposer::Error::Timeout(_) => ApiError::unavailable("timeout", error.to_string(), 500),
+        proposer::Error::DeadlineExceeded => ApiError::unavailable("deadline_exceeded", error.to_string(), 100),
         proposer::Error::Fatal(_) => ApiError::unavailable("unavailable", error.to_string(), 1000),
     })?;
     match outcome {

@@ -42,6 +42,11 @@ pub struct NodeConfig {
     pub request_bytes_max: usize,
     /// How long a write may wait for commit before the client hears `timeout`.
     pub write_timeout_ms: u64,
+    /// Per-client token bucket: sustained requests per second and burst.
+    pub client_rate_per_second: f64,
+    pub client_burst: f64,
+    /// Client buckets remembered at once.
+    pub clients_tracked_max: usize,
 }
 
 impl NodeConfig {
@@ -66,6 +71,9 @@ impl NodeConfig {
             pollers_max: 10_000,
             request_bytes_max: 4 * 1024 * 1024,
             write_timeout_ms: 10_000,
+            client_rate_per_second: 20_000.0,
+            client_burst: 40_000.0,
+            clients_tracked_max: 10_000,
         }
     }
 
@@ -93,6 +101,9 @@ impl NodeConfig {
         }
         if self.election_timeout_max_ms <= self.election_timeout_min_ms {
             return Err("election_timeout_max_ms must exceed election_timeout_min_ms".into());
+        }
+        if !(self.client_rate_per_second > 0.0 && self.client_burst >= 1.0) {
+            return Err("client_rate_per_second must be positive and client_burst at least 1".into());
         }
         if self.agent_ttl_ms <= self.agent_heartbeat_interval_ms * 2 {
             return Err("agent_ttl_ms must be more than twice agent_heartbeat_interval_ms".into());

@@ -4,6 +4,7 @@
 //! turns requests into batched log entries; `store` keeps the log, the vote
 //! and snapshots in redb; `network` carries Raft RPCs between nodes.
 
+pub mod admission;
 pub mod api;
 pub mod config;
 pub mod error;

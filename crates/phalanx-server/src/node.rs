@@ -55,6 +55,7 @@ pub struct Node {
     /// When each peer last answered this node's Raft RPCs.
     pub peer_contacts: Arc<Mutex<BTreeMap<u64, Instant>>>,
     pub pollers: Arc<Semaphore>,
+    pub rate_limiter: crate::admission::RateLimiter,
     pub stats: NodeStats,
 }
 
@@ -151,6 +152,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(64).build()?;
     let node = Arc::new(Node {
         pollers: Arc::new(Semaphore::new(config.pollers_max)),
+        rate_limiter: crate::admission::RateLimiter::new(
+            config.client_rate_per_second,
+            config.client_burst,
+            config.clients_tracked_max,
+        ),
         config,
         raft,
         shared,
@@ -166,7 +172,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let router = crate::api::router(node.clone());
     let mut server_shutdown = shutdown_rx;
     let server = tokio::spawn(async move {
-        axum::serve(listener, router)
+        axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
             .with_graceful_shutdown(async move {
                 let _ = server_shutdown.wait_for(|stop| *stop).await;
             })

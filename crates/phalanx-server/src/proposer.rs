@@ -14,7 +14,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use phalanx_core::{Command, Outcome, Request};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -25,13 +25,58 @@ pub enum Error {
     Overloaded(usize),
     #[error("no commit within {0} ms: the outcome is unknown")]
     Timeout(u64),
+    #[error("the request's deadline passed before it could be proposed; nothing was written")]
+    DeadlineExceeded,
     #[error("raft stopped: {0}")]
     Fatal(String),
 }
 
 struct Proposal {
     command: Command,
+    /// Past this instant the proposal is dropped unproposed: the client has given up.
+    deadline: Option<Instant>,
     reply: oneshot::Sender<Result<(Outcome, u64), Error>>,
+}
+
+/// Load-shedding classes: when the proposal queue fills, the lowest class is
+/// refused first. Finishing work (complete, fail, extend) is `High`: shedding
+/// it would waste work already done and keep leases busy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Class {
+    Low,
+    Normal,
+    High,
+}
+
+impl Class {
+    /// Priorities 0..=3 are low, 4..=6 normal, 7..=9 high.
+    pub fn of_priority(priority: u8) -> Class {
+        match priority {
+            0..=3 => Class::Low,
+            4..=6 => Class::Normal,
+            _ => Class::High,
+        }
+    }
+
+    pub fn of_command(command: &Command) -> Class {
+        match command {
+            Command::Submit { tasks } => {
+                tasks.iter().map(|t| Class::of_priority(t.priority)).max().unwrap_or(Class::Normal)
+            }
+            Command::Lease { .. } | Command::ContextPut { .. } | Command::RegisterAgent { .. } => Class::Normal,
+            _ => Class::High,
+        }
+    }
+
+    /// The share of the proposal queue that may be in use when a proposal of
+    /// this class arrives.
+    fn fill_max(self) -> f64 {
+        match self {
+            Class::Low => 0.5,
+            Class::Normal => 0.8,
+            Class::High => 1.0,
+        }
+    }
 }
 
 /// Counters for `/metrics`.
@@ -65,8 +110,27 @@ impl Proposer {
     /// Proposes one command; resolves once its entry is committed and applied,
     /// with the command's outcome and the entry's log index.
     pub async fn propose(&self, command: Command) -> Result<(Outcome, u64), Error> {
+        self.propose_by(command, None).await
+    }
+
+    /// How full the proposal queue is, 0.0 to 1.0.
+    pub fn fill(&self) -> f64 {
+        1.0 - self.tx.capacity() as f64 / self.queue_max as f64
+    }
+
+    /// Proposes with admission control: refused at once when the queue is
+    /// fuller than the command's class allows, dropped unproposed if it is
+    /// still queued at `deadline`.
+    pub async fn propose_by(&self, command: Command, deadline: Option<Instant>) -> Result<(Outcome, u64), Error> {
+        let class = Class::of_command(&command);
+        if class < Class::High && self.fill() > class.fill_max() {
+            return Err(Error::Overloaded(self.queue_max));
+        }
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(Error::DeadlineExceeded);
+        }
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send(Proposal { command, reply }).map_err(|error| match error {
+        self.tx.try_send(Proposal { command, deadline, reply }).map_err(|error| match error {
             mpsc::error::TrySendError::Full(_) => Error::Overloaded(self.queue_max),
             mpsc::error::TrySendError::Closed(_) => Error::Fatal("proposer stopped".into()),
         })?;
@@ -88,18 +152,28 @@ async fn run(
     let in_flight = Arc::new(Semaphore::new(in_flight_max));
     while let Some(first) = rx.recv().await {
         let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
-        let mut batch = vec![first];
-        while batch.len() < batch_commands_max {
-            match rx.try_recv() {
-                Ok(proposal) => batch.push(proposal),
-                Err(_) => break,
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        let now = Instant::now();
+        while let Some(proposal) = next.take() {
+            if proposal.deadline.is_some_and(|d| d <= now) {
+                let _ = proposal.reply.send(Err(Error::DeadlineExceeded));
+            } else {
+                batch.push(proposal);
             }
+            if batch.len() < batch_commands_max {
+                next = rx.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            continue;
         }
         stats.entries.fetch_add(1, Ordering::Relaxed);
         stats.commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let raft = raft.clone();
         tokio::spawn(async move {
             let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            let _permit = permit;
             let request = Request { now_ms: wall_clock_ms(), commands };
             match raft.client_write(request).await {
                 Ok(response) => {
@@ -116,7 +190,6 @@ async fn run(
                     }
                 }
             }
-            drop(permit);
         });
     }
 }

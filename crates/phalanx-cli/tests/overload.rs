@@ -1,0 +1,122 @@
+//! Admission control on a real node: refusals are immediate JSON errors with
+//! Retry-After, expired work is dead-lettered instead of run late, and a
+//! burst of load causes no leader election.
+
+mod common;
+
+use common::{assert_error, Cluster};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn a_client_over_its_rate_gets_429_with_retry_after() {
+    let cluster = Cluster::start(1, &["--client-rate-per-second", "5", "--client-burst", "5"]).await;
+    let mut refused = None;
+    for i in 0..20 {
+        let response = cluster
+            .http
+            .post(cluster.url(1, "/v1/tasks"))
+            .header("x-phalanx-client", "greedy")
+            .json(&json!({"queue": "q", "payload": i}))
+            .send()
+            .await
+            .unwrap();
+        if response.status().as_u16() == 429 {
+            refused = Some(response);
+            break;
+        }
+    }
+    let response = refused.expect("the sixth request within a second is refused");
+    assert!(response.headers().contains_key("retry-after"));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_error(&(429, body.clone()), 429, "rate_limited");
+    assert!(body["error"]["retry_after_ms"].as_u64().unwrap() > 0);
+    // Another client is not affected.
+    let answer = cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": "other"})).await.unwrap();
+    assert_eq!(answer.0, 201, "{answer:?}");
+}
+
+#[tokio::test]
+async fn a_request_whose_deadline_passed_is_refused_and_changes_nothing() {
+    let cluster = Cluster::start(1, &[]).await;
+    let response = cluster
+        .http
+        .post(cluster.url(1, "/v1/tasks"))
+        .header("x-phalanx-deadline-ms", "0")
+        .json(&json!({"queue": "q", "payload": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "deadline_exceeded");
+    let (_, listed) = cluster.get(1, "/v1/tasks").await.unwrap();
+    assert!(listed["tasks"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn expired_backlog_is_dead_lettered_not_run_late() {
+    let cluster = Cluster::start(1, &[]).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (status, body) =
+            cluster.post(1, "/v1/tasks", &json!({"queue": "late", "payload": i, "deadline_ms": 300})).await.unwrap();
+        assert_eq!(status, 201);
+        ids.push(body["task_id"].as_u64().unwrap());
+    }
+    let (_, fresh) = cluster.post(1, "/v1/tasks", &json!({"queue": "late", "payload": "fresh"})).await.unwrap();
+    // Nobody serves the queue until the deadline has passed (an outage, seen from the tasks).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, registered) = cluster
+        .post(1, "/v1/agents/register", &json!({"agent_id": "late-agent", "capabilities": ["late"], "capacity": 10}))
+        .await
+        .unwrap();
+    let epoch = registered["epoch"].as_u64().unwrap();
+    let (_, polled) = cluster
+        .post(1, "/v1/agents/late-agent/poll", &json!({"epoch": epoch, "max_tasks": 10, "wait_ms": 500}))
+        .await
+        .unwrap();
+    let leased: Vec<u64> = polled["leases"].as_array().unwrap().iter().map(|l| l["task"]["id"].as_u64().unwrap()).collect();
+    assert_eq!(leased, vec![fresh["task_id"].as_u64().unwrap()], "only the task without a deadline is run");
+    for id in ids {
+        let (_, task) = cluster.get(1, &format!("/v1/tasks/{id}")).await.unwrap();
+        assert_eq!(task["state"], "dead");
+        assert_eq!(task["dead_reason"], "expired");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_load_causes_no_election() {
+    let cluster = Cluster::start(3, &[]).await;
+    let (_, before) = cluster.get(1, "/v1/cluster").await.unwrap();
+    let term = before["term"].as_u64().unwrap();
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for worker in 0..16 {
+        let http = cluster.http.clone();
+        let url = cluster.url(1 + worker % 3, "/v1/tasks/batch");
+        handles.push(tokio::spawn(async move {
+            let tasks: Vec<_> = (0..100).map(|i| json!({"queue": "burst", "payload": i, "priority": i % 10})).collect();
+            let mut statuses = Vec::new();
+            while start.elapsed() < Duration::from_secs(3) {
+                if let Ok(response) = http.post(&url).json(&json!({"tasks": tasks})).send().await {
+                    statuses.push(response.status().as_u16());
+                }
+            }
+            statuses
+        }));
+    }
+    let mut accepted = 0;
+    for handle in handles {
+        for status in handle.await.unwrap() {
+            assert!(matches!(status, 200 | 429 | 503), "burst answered {status}");
+            accepted += (status == 200) as u32;
+        }
+    }
+    assert!(accepted > 0);
+    for id in 1..=3 {
+        let (_, after) = cluster.get(id, "/v1/cluster").await.unwrap();
+        assert_eq!(after["term"].as_u64().unwrap(), term, "node {id} saw an election under load: {after}");
+        cluster.wait_ready(id, Duration::from_secs(1)).await;
+    }
+}
