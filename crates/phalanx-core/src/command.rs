@@ -38,6 +38,9 @@ pub struct NewTask {
     pub max_attempts: u32,
     pub idempotency_key: Option<String>,
     pub parent_id: Option<u64>,
+    /// The delegating task's fence: a delegation from a stale lease is refused.
+    #[serde(default)]
+    pub parent_fence: Option<u64>,
     pub conversation_id: Option<String>,
 }
 
@@ -62,6 +65,9 @@ pub enum Command {
     /// Write one key of a conversation's context. With `expected_version`, only
     /// if the key's version is still that (0 = key absent): compare-and-set.
     ContextPut { conversation_id: String, key: String, value: String, expected_version: Option<u64> },
+    /// The task holding lease `fence` waits for the tasks `on` to finish,
+    /// for at most `timeout_ms`. Refused if the wait would close a cycle.
+    Wait { task_id: u64, fence: u64, on: Vec<u64>, timeout_ms: u64 },
     /// Records that a node left the cluster, so its id is never reused.
     RetireNode { node_id: u64 },
 }
@@ -81,6 +87,8 @@ pub enum Outcome {
     Extended { valid_until_ms: u64 },
     ContextWritten { version: u64 },
     NodeRetired,
+    /// `pending` lists the awaited tasks not finished yet (empty: nothing to wait for).
+    Waiting { pending: Vec<u64> },
     Refused { error: Error },
 }
 

@@ -14,4 +14,4 @@ pub mod task;
 pub use command::{Command, NewTask, Outcome, Request, Response};
 pub use limits::Limits;
 pub use state::{Error, State};
-pub use task::{Agent, Grant, Lease, Task, TaskState};
+pub use task::{payload_hash, Agent, Grant, Lease, Task, TaskState, TrailStep};

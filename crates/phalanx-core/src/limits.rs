@@ -40,6 +40,9 @@ pub struct Limits {
     pub delegation_hops_max: u32,
     /// Terminal tasks kept for reads; the oldest are compacted out past this.
     pub finished_tasks_max: usize,
+    /// Tasks one wait may name, and the longest wait.
+    pub wait_tasks_max: usize,
+    pub wait_ms_max: u64,
 }
 
 impl Default for Limits {
@@ -66,6 +69,8 @@ impl Default for Limits {
             idempotency_keys_max: 1_000_000,
             delegation_hops_max: 25,
             finished_tasks_max: 200_000,
+            wait_tasks_max: 1_000,
+            wait_ms_max: 24 * 3600 * 1000,
         }
     }
 }

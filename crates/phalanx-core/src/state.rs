@@ -8,7 +8,7 @@
 
 use crate::command::{Command, NewTask, Outcome, Request, Response, Submitted};
 use crate::limits::Limits;
-use crate::task::{Agent, Grant, Lease, Task, TaskState};
+use crate::task::{payload_hash, Agent, Grant, Lease, Task, TaskState, TrailStep};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -40,8 +40,10 @@ pub enum Error {
     NotCapable { agent_id: String, queue: String },
     #[error("context key {key:?} is at version {current}, not {expected}")]
     VersionConflict { key: String, expected: u64, current: u64 },
-    #[error("delegation depth {hops} passes delegation_hops_max {max}")]
-    HopsExceeded { hops: u32, max: u32 },
+    #[error("delegation loop from task {task_id}: {trail}")]
+    LoopDetected { task_id: u64, trail: String },
+    #[error("waiting would deadlock: {cycle}")]
+    Deadlock { cycle: String },
 }
 
 impl Error {
@@ -60,7 +62,8 @@ impl Error {
             Error::TooLarge { .. } => "too_large",
             Error::NotCapable { .. } => "not_capable",
             Error::VersionConflict { .. } => "version_conflict",
-            Error::HopsExceeded { .. } => "hops_exceeded",
+            Error::LoopDetected { .. } => "loop_detected",
+            Error::Deadlock { .. } => "deadlock",
         }
     }
 }
@@ -119,6 +122,16 @@ pub struct Conversation {
     pub bytes: usize,
 }
 
+/// One edge set of the wait-for graph.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wait {
+    /// Awaited tasks not finished yet.
+    pub on: BTreeSet<u64>,
+    /// Every task the wait named, to judge the outcome when all have finished.
+    pub named: Vec<u64>,
+    pub until_ms: u64,
+}
+
 /// Monotonic counters, replicated so that every node reports the same figures.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
@@ -159,6 +172,12 @@ pub struct State {
     agent_epochs: BTreeMap<String, u64>,
     idempotency_keys: BTreeMap<String, u64>,
     conversations: BTreeMap<String, Conversation>,
+    /// The wait-for graph: waiting task -> the tasks it waits on.
+    waits: BTreeMap<u64, Wait>,
+    /// Reverse edges: task -> the tasks waiting on it.
+    waited_by: BTreeMap<u64, BTreeSet<u64>>,
+    /// Waits by deadline: (until_ms, waiting task).
+    wait_deadlines: BTreeSet<(u64, u64)>,
     /// Ids of nodes removed from the cluster; never to be reused.
     retired_nodes: BTreeSet<u64>,
     counters: Counters,
@@ -293,6 +312,15 @@ impl State {
                 self.make_ready(id);
             }
         }
+        while let Some(&(until, id)) = self.wait_deadlines.first() {
+            if until >= now {
+                break;
+            }
+            self.remove_wait(id);
+            if let Some(task) = self.tasks.get_mut(&id) {
+                task.error = Some("wait_timeout: the awaited tasks did not finish in time".to_string());
+            }
+        }
         while let Some(&(deadline, id)) = self.deadlines.first() {
             if deadline >= now {
                 break;
@@ -322,6 +350,7 @@ impl State {
             Command::ContextPut { conversation_id, key, value, expected_version } => {
                 self.context_put(conversation_id, key, value, *expected_version)
             }
+            Command::Wait { task_id, fence, on, timeout_ms } => self.wait(*task_id, *fence, on, *timeout_ms),
             Command::RetireNode { node_id } => {
                 self.retired_nodes.insert(*node_id);
                 Ok(Outcome::NodeRetired)
@@ -353,16 +382,11 @@ impl State {
                 });
             }
         }
-        let (hop_count, parent_conversation) = match new.parent_id {
-            None => (0, None),
-            Some(parent_id) => {
-                let parent = self.tasks.get(&parent_id).ok_or(Error::TaskNotFound { task_id: parent_id })?;
-                (parent.hop_count + 1, parent.conversation_id.clone())
-            }
+        let hash = payload_hash(&new.payload);
+        let (hop_count, parent_conversation, trail) = match new.parent_id {
+            None => (0, None, vec![TrailStep { queue: new.queue.clone(), agent_id: None, payload_hash: hash }]),
+            Some(parent_id) => self.check_delegation(parent_id, new, hash)?,
         };
-        if hop_count > self.limits.delegation_hops_max {
-            return Err(Error::HopsExceeded { hops: hop_count, max: self.limits.delegation_hops_max });
-        }
         let open = self.open_per_queue.get(&new.queue).copied().unwrap_or(0);
         if open >= self.limits.queue_tasks_max as u64 {
             return Err(Error::QueueFull { queue: new.queue.clone(), max: self.limits.queue_tasks_max as u64 });
@@ -392,6 +416,7 @@ impl State {
             parent_id: new.parent_id,
             conversation_id: new.conversation_id.clone().or(parent_conversation),
             hop_count,
+            trail,
             lease: None,
             last_fence: 0,
             result: None,
@@ -651,6 +676,160 @@ impl State {
         Ok(Outcome::ContextWritten { version })
     }
 
+    /// A delegation must come from the parent's current lease, must not repeat
+    /// a step already on the parent's trail (same capability, same payload),
+    /// and must stay within `delegation_hops_max`. A loop dead-letters the
+    /// parent with the trail in its reason: it would only go round again.
+    fn check_delegation(
+        &mut self,
+        parent_id: u64,
+        new: &NewTask,
+        hash: u64,
+    ) -> Result<(u32, Option<String>, Vec<TrailStep>), Error> {
+        let parent = self.tasks.get(&parent_id).ok_or(Error::TaskNotFound { task_id: parent_id })?;
+        if let Some(fence) = new.parent_fence {
+            if fence != parent.last_fence {
+                return Err(Error::Superseded { task_id: parent_id, fence, current: parent.last_fence });
+            }
+            if parent.state.is_terminal() {
+                return Err(Error::AlreadyTerminal { task_id: parent_id, state: parent.state });
+            }
+        }
+        let step = TrailStep {
+            queue: new.queue.clone(),
+            agent_id: parent.lease.as_ref().map(|lease| lease.agent_id.clone()),
+            payload_hash: hash,
+        };
+        let hop_count = parent.hop_count + 1;
+        let repeats = parent.trail.iter().any(|s| s.queue == step.queue && s.payload_hash == step.payload_hash);
+        if repeats || hop_count > self.limits.delegation_hops_max {
+            let mut path: Vec<String> = parent.trail.iter().map(|s| s.queue.clone()).collect();
+            path.push(step.queue.clone());
+            let why = if repeats {
+                "repeats a step already on its trail".to_string()
+            } else {
+                format!("passes delegation_hops_max {}", self.limits.delegation_hops_max)
+            };
+            let trail = format!("{} {why}", path.join(" -> "));
+            if !parent.state.is_terminal() {
+                let reason = format!("loop_detected: {trail}");
+                self.finish(parent_id, TaskState::Dead, |task| task.dead_reason = Some(reason));
+            }
+            return Err(Error::LoopDetected { task_id: parent_id, trail });
+        }
+        let mut trail = parent.trail.clone();
+        trail.push(step);
+        Ok((hop_count, parent.conversation_id.clone(), trail))
+    }
+
+    /// Records that a task waits on others, unless that closes a cycle in
+    /// the wait-for graph (then nothing changes and the cycle is named).
+    fn wait(&mut self, task_id: u64, fence: u64, on: &[u64], timeout_ms: u64) -> Result<Outcome, Error> {
+        if on.is_empty() || on.len() > self.limits.wait_tasks_max {
+            return Err(invalid("on", format!("must name 1..={} tasks", self.limits.wait_tasks_max)));
+        }
+        if timeout_ms == 0 || timeout_ms > self.limits.wait_ms_max {
+            return Err(invalid("timeout_ms", format!("must be 1..={}", self.limits.wait_ms_max)));
+        }
+        if on.contains(&task_id) {
+            return Err(Error::Deadlock { cycle: format!("{task_id} -> {task_id}") });
+        }
+        if let Some(missing) = on.iter().find(|id| !self.tasks.contains_key(id)) {
+            return Err(Error::TaskNotFound { task_id: *missing });
+        }
+        self.check_fence(task_id, fence)?;
+        if self.tasks[&task_id].lease.is_none() {
+            return Err(Error::LeaseExpired { task_id });
+        }
+        for &target in on {
+            if let Some(mut path) = self.wait_path(target, task_id) {
+                path.insert(0, task_id);
+                let cycle: Vec<String> = path.iter().map(|id| id.to_string()).collect();
+                return Err(Error::Deadlock { cycle: cycle.join(" -> ") });
+            }
+        }
+        self.remove_wait(task_id);
+        let pending: BTreeSet<u64> = on.iter().copied().filter(|id| !self.tasks[id].state.is_terminal()).collect();
+        if pending.is_empty() {
+            self.resolve_wait(task_id, on);
+            return Ok(Outcome::Waiting { pending: Vec::new() });
+        }
+        let until_ms = self.now_ms.saturating_add(timeout_ms);
+        for &target in &pending {
+            self.waited_by.entry(target).or_default().insert(task_id);
+        }
+        self.wait_deadlines.insert((until_ms, task_id));
+        let outcome = Outcome::Waiting { pending: pending.iter().copied().collect() };
+        self.waits.insert(task_id, Wait { on: pending, named: on.to_vec(), until_ms });
+        Ok(outcome)
+    }
+
+    /// A path of wait edges from `from` to `to`, if any (depth-first, iterative).
+    fn wait_path(&self, from: u64, to: u64) -> Option<Vec<u64>> {
+        let mut stack = vec![(from, vec![from])];
+        let mut seen = BTreeSet::new();
+        while let Some((at, path)) = stack.pop() {
+            if at == to {
+                return Some(path);
+            }
+            if !seen.insert(at) {
+                continue;
+            }
+            if let Some(wait) = self.waits.get(&at) {
+                for &next in &wait.on {
+                    let mut longer = path.clone();
+                    longer.push(next);
+                    stack.push((next, longer));
+                }
+            }
+        }
+        None
+    }
+
+    fn remove_wait(&mut self, task_id: u64) {
+        if let Some(wait) = self.waits.remove(&task_id) {
+            self.wait_deadlines.remove(&(wait.until_ms, task_id));
+            for target in wait.on {
+                if let Some(waiters) = self.waited_by.get_mut(&target) {
+                    waiters.remove(&task_id);
+                    if waiters.is_empty() {
+                        self.waited_by.remove(&target);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every awaited task has finished. If all of them are dead, the waiting
+    /// task cannot succeed either: it is dead-lettered now, not at its deadline.
+    fn resolve_wait(&mut self, task_id: u64, named: &[u64]) {
+        let all_dead = named.iter().all(|id| self.tasks.get(id).is_some_and(|t| t.state == TaskState::Dead));
+        let waiter = &self.tasks[&task_id];
+        if all_dead && !waiter.state.is_terminal() {
+            let ids: Vec<String> = named.iter().map(|id| id.to_string()).collect();
+            let reason = format!("dependencies_dead: every awaited task ({}) is dead", ids.join(", "));
+            self.finish(task_id, TaskState::Dead, |task| task.dead_reason = Some(reason));
+        }
+    }
+
+    /// The tasks waiting on `task_id` learn that it finished.
+    fn notify_waiters(&mut self, task_id: u64) {
+        let Some(waiters) = self.waited_by.remove(&task_id) else { return };
+        for waiter in waiters {
+            let Some(wait) = self.waits.get_mut(&waiter) else { continue };
+            wait.on.remove(&task_id);
+            if wait.on.is_empty() {
+                let named = wait.named.clone();
+                self.remove_wait(waiter);
+                self.resolve_wait(waiter, &named);
+            }
+        }
+    }
+
+    pub fn wait_of(&self, task_id: u64) -> Option<&Wait> {
+        self.waits.get(&task_id)
+    }
+
     // ---- helpers that keep the indexes in step with the tasks ----
 
     fn make_ready(&mut self, task_id: u64) {
@@ -674,6 +853,8 @@ impl State {
     }
 
     fn release_lease(&mut self, task_id: u64) {
+        // A wait belongs to the lease that asked for it.
+        self.remove_wait(task_id);
         let task = self.tasks.get_mut(&task_id).expect("task exists");
         if let Some(lease) = task.lease.take() {
             self.lease_expiry.remove(&(lease.valid_until_ms, task_id));
@@ -706,6 +887,7 @@ impl State {
             self.open_per_queue.remove(&task.queue);
         }
         self.finished.insert((now, task_id));
+        self.notify_waiters(task_id);
         match state {
             TaskState::Succeeded => self.counters.succeeded += 1,
             TaskState::Failed => self.counters.failed += 1,

@@ -88,6 +88,8 @@ pub struct Task {
     pub conversation_id: Option<String>,
     /// Delegation depth: 0 for a task submitted by a client.
     pub hop_count: u32,
+    /// The delegation trail from the root task to this one (this one last).
+    pub trail: Vec<TrailStep>,
     pub lease: Option<Lease>,
     /// The fence of the newest lease ever granted on this task (0 if none).
     pub last_fence: u64,
@@ -96,6 +98,21 @@ pub struct Task {
     pub dead_reason: Option<String>,
     /// Results and failures refused because their fence was not current.
     pub superseded_count: u32,
+}
+
+/// One step of a delegation trail: which capability was asked, by which
+/// agent (the holder of the delegating task's lease), with what payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrailStep {
+    pub queue: String,
+    pub agent_id: Option<String>,
+    /// FNV-1a of the payload text: equal payloads, equal hashes, on every replica.
+    pub payload_hash: u64,
+}
+
+/// FNV-1a, 64 bits: deterministic across processes and platforms, unlike std's hasher.
+pub fn payload_hash(payload: &str) -> u64 {
+    payload.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// A lease as handed to an agent: the task and the fence to present with results.

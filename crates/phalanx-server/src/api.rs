@@ -58,6 +58,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/tasks/{id}/complete", post(complete))
         .route("/v1/tasks/{id}/fail", post(fail))
         .route("/v1/tasks/{id}/extend", post(extend))
+        .route("/v1/tasks/{id}/wait", post(wait))
         .route("/v1/agents/register", post(register))
         .route("/v1/agents/{agent_id}/heartbeat", post(heartbeat))
         .route("/v1/agents/{agent_id}/deregister", post(deregister))
@@ -285,6 +286,7 @@ pub struct TaskView<'a> {
     parent_id: Option<u64>,
     conversation_id: &'a Option<String>,
     hop_count: u32,
+    trail: &'a [phalanx_core::TrailStep],
     lease: &'a Option<phalanx_core::Lease>,
     last_fence: u64,
     result: Option<&'a RawValue>,
@@ -313,6 +315,7 @@ pub fn view(task: &Task) -> TaskView<'_> {
         parent_id: task.parent_id,
         conversation_id: &task.conversation_id,
         hop_count: task.hop_count,
+        trail: &task.trail,
         lease: &task.lease,
         last_fence: task.last_fence,
         result: task.result.as_deref().map(raw),
@@ -339,6 +342,7 @@ struct SubmitBody {
     deadline_ms: Option<u64>,
     max_attempts: Option<u32>,
     parent_id: Option<u64>,
+    parent_fence: Option<u64>,
     conversation_id: Option<String>,
 }
 
@@ -352,6 +356,7 @@ impl SubmitBody {
             max_attempts: self.max_attempts.unwrap_or(3),
             idempotency_key: self.idempotency_key,
             parent_id: self.parent_id,
+            parent_fence: self.parent_fence,
             conversation_id: self.conversation_id,
         };
         let limits = node.shared.data.read().expect("state lock").state.limits().clone();
@@ -513,6 +518,25 @@ async fn extend(State(node): State<Node_>, Path(id): Path<String>, body: Body) -
     let (outcome, _) = propose(&node, Command::Extend { task_id, fence: body.fence, lease_ttl_ms }).await?;
     let Outcome::Extended { valid_until_ms } = outcome else { unreachable!() };
     Ok(Json(json!({ "valid_until_ms": valid_until_ms })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitBody {
+    fence: u64,
+    on: Vec<u64>,
+    timeout_ms: u64,
+}
+
+/// Declares that the task (under its lease) waits on other tasks. Answers at
+/// once: 200 with the tasks still pending, or 422 `deadlock` naming the cycle.
+async fn wait(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+    let task_id = parse_id(&id)?;
+    let body = parse::<WaitBody>(body)?;
+    let command = Command::Wait { task_id, fence: body.fence, on: body.on, timeout_ms: body.timeout_ms };
+    let (outcome, _) = propose(&node, command).await?;
+    let Outcome::Waiting { pending } = outcome else { unreachable!() };
+    Ok(Json(json!({ "pending": pending })).into_response())
 }
 
 fn default_lease_ttl_ms(node: &Node) -> u64 {

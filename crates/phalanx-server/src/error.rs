@@ -50,7 +50,7 @@ impl From<phalanx_core::Error> for ApiError {
             | E::LeaseExpired { .. }
             | E::VersionConflict { .. } => StatusCode::CONFLICT,
             E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            E::HopsExceeded { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            E::LoopDetected { .. } | E::Deadlock { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             E::QueueFull { .. } | E::LimitReached { .. } => StatusCode::TOO_MANY_REQUESTS,
         };
         let mut api = ApiError::new(status, error.code(), error.to_string());
