@@ -9,6 +9,7 @@ mod client_commands;
 mod demo;
 mod exec_agent;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -91,10 +92,9 @@ pub struct ServerArgs {
     pub election_timeout_max_ms: u64,
     #[arg(long, default_value_t = 20_000)]
     pub snapshot_logs_since_last: u64,
-    #[arg(long, default_value_t = 10_000)]
-    pub agent_ttl_ms: u64,
-    #[arg(long, default_value_t = 2_000)]
-    pub agent_heartbeat_interval_ms: u64,
+    /// A bootstrap file of `key = value` lines; its values override the flags.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Per-client sustained request rate (token bucket), requests per second.
     #[arg(long, default_value_t = 20_000.0)]
     pub client_rate_per_second: f64,
@@ -114,10 +114,12 @@ impl ServerArgs {
         config.election_timeout_min_ms = self.election_timeout_min_ms;
         config.election_timeout_max_ms = self.election_timeout_max_ms;
         config.snapshot_logs_since_last = self.snapshot_logs_since_last;
-        config.agent_ttl_ms = self.agent_ttl_ms;
-        config.agent_heartbeat_interval_ms = self.agent_heartbeat_interval_ms;
         config.client_rate_per_second = self.client_rate_per_second;
         config.client_burst = self.client_burst;
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            config.apply_file(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;
+        }
         if let Some(advertise) = &config.advertise {
             config.peers.entry(self.node_id).or_insert_with(|| advertise.clone());
         }

@@ -68,6 +68,10 @@ pub enum Command {
     /// The task holding lease `fence` waits for the tasks `on` to finish,
     /// for at most `timeout_ms`. Refused if the wait would close a cycle.
     Wait { task_id: u64, fence: u64, on: Vec<u64>, timeout_ms: u64 },
+    /// Replaces the policy if its version is still `expected_version`.
+    SetPolicy { policy: crate::Limits, expected_version: u64, note: String },
+    /// Makes an earlier version's policy current again (as a new version).
+    RollbackPolicy { to_version: u64, note: String },
     /// Records that a node left the cluster, so its id is never reused.
     RetireNode { node_id: u64 },
 }
@@ -87,6 +91,7 @@ pub enum Outcome {
     Extended { valid_until_ms: u64 },
     ContextWritten { version: u64 },
     NodeRetired,
+    PolicySet { version: u64 },
     /// `pending` lists the awaited tasks not finished yet (empty: nothing to wait for).
     Waiting { pending: Vec<u64> },
     Refused { error: Error },

@@ -1,7 +1,10 @@
-//! Every bound the state machine enforces, named `*_max`.
+//! The policy: every bound the state machine enforces (named `*_max`) and the
+//! timings the leader's runtime follows.
 //!
-//! The limits are part of the replicated state (so every replica refuses the
-//! same command for the same reason); the runtime only reads them.
+//! The policy is part of the replicated state, versioned, so every replica
+//! refuses the same command for the same reason and a bad change can be
+//! rolled back; `validate` runs before a change is proposed and again when
+//! it is applied, and names the offending field.
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +46,88 @@ pub struct Limits {
     /// Tasks one wait may name, and the longest wait.
     pub wait_tasks_max: usize,
     pub wait_ms_max: u64,
+    /// Agent liveness: an agent that sends no heartbeat for `agent_ttl_ms` is
+    /// expired; agents are told to heartbeat every `agent_heartbeat_interval_ms`.
+    pub agent_ttl_ms: u64,
+    pub agent_heartbeat_interval_ms: u64,
+    /// After a policy change, how long the leader watches for dispatch to
+    /// stall before rolling the change back.
+    pub policy_guard_ms: u64,
+}
+
+/// A policy change refused by validation, naming the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl Limits {
+    /// Range and cross-field checks. Every field must be positive, and:
+    /// lease time-to-live bounds ordered and above the heartbeat interval
+    /// (an agent must be able to extend a lease before it lapses), agent
+    /// time-to-live more than twice the heartbeat interval, backoff ordered.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let fail = |field: &'static str, reason: String| Err(Invalid { field, reason });
+        let positive: [(&'static str, u64); 26] = [
+            ("payload_bytes_max", self.payload_bytes_max as u64),
+            ("result_bytes_max", self.result_bytes_max as u64),
+            ("queue_tasks_max", self.queue_tasks_max as u64),
+            ("tasks_max", self.tasks_max as u64),
+            ("batch_tasks_max", self.batch_tasks_max as u64),
+            ("leases_per_agent_max", self.leases_per_agent_max as u64),
+            ("agents_max", self.agents_max as u64),
+            ("capabilities_per_agent_max", self.capabilities_per_agent_max as u64),
+            ("queue_name_bytes_max", self.queue_name_bytes_max as u64),
+            ("id_bytes_max", self.id_bytes_max as u64),
+            ("attempts_max", self.attempts_max as u64),
+            ("lease_ttl_ms_min", self.lease_ttl_ms_min),
+            ("lease_ttl_ms_max", self.lease_ttl_ms_max),
+            ("lease_ttl_ms_default", self.lease_ttl_ms_default),
+            ("retry_backoff_ms_base", self.retry_backoff_ms_base),
+            ("retry_backoff_ms_max", self.retry_backoff_ms_max),
+            ("conversations_max", self.conversations_max as u64),
+            ("conversation_bytes_max", self.conversation_bytes_max as u64),
+            ("idempotency_keys_max", self.idempotency_keys_max as u64),
+            ("delegation_hops_max", self.delegation_hops_max as u64),
+            ("finished_tasks_max", self.finished_tasks_max as u64),
+            ("wait_tasks_max", self.wait_tasks_max as u64),
+            ("wait_ms_max", self.wait_ms_max),
+            ("agent_ttl_ms", self.agent_ttl_ms),
+            ("agent_heartbeat_interval_ms", self.agent_heartbeat_interval_ms),
+            ("policy_guard_ms", self.policy_guard_ms),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return fail(field, "must be positive".into());
+            }
+        }
+        if self.lease_ttl_ms_min > self.lease_ttl_ms_max {
+            return fail("lease_ttl_ms_min", format!("must not exceed lease_ttl_ms_max ({})", self.lease_ttl_ms_max));
+        }
+        if !(self.lease_ttl_ms_min..=self.lease_ttl_ms_max).contains(&self.lease_ttl_ms_default) {
+            return fail("lease_ttl_ms_default", "must lie within lease_ttl_ms_min..=lease_ttl_ms_max".into());
+        }
+        if self.lease_ttl_ms_default <= self.agent_heartbeat_interval_ms {
+            return fail(
+                "lease_ttl_ms_default",
+                format!("must be greater than agent_heartbeat_interval_ms ({})", self.agent_heartbeat_interval_ms),
+            );
+        }
+        if self.agent_ttl_ms <= 2 * self.agent_heartbeat_interval_ms {
+            return fail(
+                "agent_ttl_ms",
+                format!("must be more than twice agent_heartbeat_interval_ms ({})", self.agent_heartbeat_interval_ms),
+            );
+        }
+        if self.retry_backoff_ms_base > self.retry_backoff_ms_max {
+            return fail("retry_backoff_ms_base", "must not exceed retry_backoff_ms_max".into());
+        }
+        if self.finished_tasks_max > self.tasks_max {
+            return fail("finished_tasks_max", "must not exceed tasks_max".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for Limits {
@@ -71,6 +156,9 @@ impl Default for Limits {
             finished_tasks_max: 200_000,
             wait_tasks_max: 1_000,
             wait_ms_max: 24 * 3600 * 1000,
+            agent_ttl_ms: 10_000,
+            agent_heartbeat_interval_ms: 2_000,
+            policy_guard_ms: 10_000,
         }
     }
 }

@@ -122,6 +122,18 @@ pub struct Conversation {
     pub bytes: usize,
 }
 
+/// Policy versions kept for `config history` and rollback.
+pub const POLICY_HISTORY_MAX: usize = 64;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    pub version: u64,
+    pub policy: Limits,
+    pub set_ms: u64,
+    /// Why: "bootstrap", "set by client", "rollback to 3: dispatch stalled", ...
+    pub note: String,
+}
+
 /// One edge set of the wait-for graph.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Wait {
@@ -178,6 +190,9 @@ pub struct State {
     waited_by: BTreeMap<u64, BTreeSet<u64>>,
     /// Waits by deadline: (until_ms, waiting task).
     wait_deadlines: BTreeSet<(u64, u64)>,
+    policy_version: u64,
+    /// Earlier and current policies, newest last, at most `POLICY_HISTORY_MAX`.
+    policy_history: Vec<PolicyVersion>,
     /// Ids of nodes removed from the cluster; never to be reused.
     retired_nodes: BTreeSet<u64>,
     counters: Counters,
@@ -185,7 +200,32 @@ pub struct State {
 
 impl State {
     pub fn new(limits: Limits) -> State {
-        State { limits, next_task_id: 1, ..State::default() }
+        let first = PolicyVersion { version: 1, policy: limits.clone(), set_ms: 0, note: "bootstrap".into() };
+        State { limits, next_task_id: 1, policy_version: 1, policy_history: vec![first], ..State::default() }
+    }
+
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version
+    }
+
+    pub fn policy_history(&self) -> &[PolicyVersion] {
+        &self.policy_history
+    }
+
+    fn set_policy(&mut self, policy: &Limits, note: String) -> Result<Outcome, Error> {
+        policy.validate().map_err(|invalid| Error::Invalid { field: invalid.field.to_string(), reason: invalid.reason })?;
+        self.policy_version += 1;
+        self.limits = policy.clone();
+        self.policy_history.push(PolicyVersion {
+            version: self.policy_version,
+            policy: policy.clone(),
+            set_ms: self.now_ms,
+            note,
+        });
+        if self.policy_history.len() > POLICY_HISTORY_MAX {
+            self.policy_history.remove(0);
+        }
+        Ok(Outcome::PolicySet { version: self.policy_version })
     }
 
     // ---- reads ----
@@ -230,6 +270,15 @@ impl State {
             .filter(|task| state.is_none_or(|s| task.state == s))
             .take(limit)
             .collect()
+    }
+
+    /// Whether some registered agent with free capacity serves a queue with a
+    /// task ready now: if so and no lease is granted, dispatch is stalled.
+    pub fn dispatch_possible(&self) -> bool {
+        self.agents.values().any(|agent| {
+            (agent.leased_task_ids.len() as u32) < agent.capacity
+                && agent.capabilities.iter().any(|q| self.ready.get(q).is_some_and(|set| !set.is_empty()))
+        })
     }
 
     /// Whether any of these queues has a task that could be leased now.
@@ -351,6 +400,26 @@ impl State {
                 self.context_put(conversation_id, key, value, *expected_version)
             }
             Command::Wait { task_id, fence, on, timeout_ms } => self.wait(*task_id, *fence, on, *timeout_ms),
+            Command::SetPolicy { policy, expected_version, note } => {
+                if *expected_version != self.policy_version {
+                    Err(Error::VersionConflict {
+                        key: "policy".into(),
+                        expected: *expected_version,
+                        current: self.policy_version,
+                    })
+                } else {
+                    self.set_policy(policy, note.clone())
+                }
+            }
+            Command::RollbackPolicy { to_version, note } => {
+                match self.policy_history.iter().find(|v| v.version == *to_version) {
+                    None => Err(invalid("version", format!("policy version {to_version} is not in the history"))),
+                    Some(old) => {
+                        let policy = old.policy.clone();
+                        self.set_policy(&policy, format!("rollback to {to_version}: {note}"))
+                    }
+                }
+            }
             Command::RetireNode { node_id } => {
                 self.retired_nodes.insert(*node_id);
                 Ok(Outcome::NodeRetired)

@@ -65,6 +65,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/agents/{agent_id}/poll", post(poll))
         .route("/v1/conversations/{id}", get(context_get))
         .route("/v1/conversations/{id}/{key}", put(context_put))
+        .route("/v1/config", get(config_get).put(config_set))
+        .route("/v1/config/history", get(config_history))
+        .route("/v1/config/rollback", post(config_rollback))
         .route("/v1/cluster/members", post(add_member))
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))
         .layer(middleware::from_fn_with_state(node.clone(), route_to_leader))
@@ -563,11 +566,12 @@ async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
     let (outcome, _) = propose(&node, command).await?;
     let Outcome::Registered { epoch } = outcome else { unreachable!() };
     node.liveness.lock().expect("liveness lock").touch(&body.agent_id, epoch);
+    let policy = node.shared.data.read().expect("state lock").state.limits().clone();
     Ok(Json(json!({
         "agent_id": body.agent_id,
         "epoch": epoch,
-        "heartbeat_interval_ms": node.config.agent_heartbeat_interval_ms,
-        "agent_ttl_ms": node.config.agent_ttl_ms,
+        "heartbeat_interval_ms": policy.agent_heartbeat_interval_ms,
+        "agent_ttl_ms": policy.agent_ttl_ms,
     }))
     .into_response())
 }
@@ -719,6 +723,88 @@ async fn context_put(State(node): State<Node_>, Path((id, key)): Path<(String, S
     let (outcome, _) = propose(&node, command).await?;
     let Outcome::ContextWritten { version } = outcome else { unreachable!() };
     Ok(Json(json!({ "version": version })).into_response())
+}
+
+// ---- policy ----
+
+async fn config_get(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResult {
+    let stale = read_barrier(&node, &query).await?;
+    let data = node.shared.data.read().expect("state lock");
+    let body = json!({"version": data.state.policy_version(), "policy": data.state.limits()});
+    Ok(mark_stale(Json(body).into_response(), stale))
+}
+
+async fn config_history(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResult {
+    let stale = read_barrier(&node, &query).await?;
+    let data = node.shared.data.read().expect("state lock");
+    let body = json!({"version": data.state.policy_version(), "history": data.state.policy_history()});
+    Ok(mark_stale(Json(body).into_response(), stale))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigSetBody {
+    /// KEY -> VALUE (a JSON value or its text).
+    set: serde_json::Map<String, Value>,
+    expected_version: Option<u64>,
+}
+
+/// Builds the new policy from the current one and the changes, validates it
+/// (types, ranges, cross-field rules) before proposing; the state machine
+/// validates it again when applying.
+async fn config_set(State(node): State<Node_>, body: Body) -> ApiResult {
+    let body = parse::<ConfigSetBody>(body)?;
+    if body.set.is_empty() {
+        return Err(ApiError::invalid("set: name at least one KEY=VALUE"));
+    }
+    let (current, version) = {
+        let data = node.shared.data.read().expect("state lock");
+        (serde_json::to_value(data.state.limits()).expect("policy serialises"), data.state.policy_version())
+    };
+    let mut policy = current.clone();
+    for (key, value) in &body.set {
+        let Some(slot) = policy.get_mut(key) else {
+            return Err(ApiError::invalid(format!("{key}: no such policy key")));
+        };
+        let value = match value {
+            Value::String(text) => serde_json::from_str(text).unwrap_or_else(|_| value.clone()),
+            other => other.clone(),
+        };
+        *slot = value;
+    }
+    let policy: phalanx_core::Limits = serde_json::from_value(policy).map_err(|error| ApiError::invalid(format!("policy: {error}")))?;
+    policy.validate().map_err(|invalid| ApiError::invalid(format!("{}: {}", invalid.field, invalid.reason)))?;
+    let keys: Vec<&String> = body.set.keys().collect();
+    let note = format!("set {}", keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "));
+    let command = Command::SetPolicy { policy, expected_version: body.expected_version.unwrap_or(version), note };
+    let (outcome, _) = propose(&node, command).await?;
+    let Outcome::PolicySet { version } = outcome else { unreachable!() };
+    Ok(Json(json!({ "version": version })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    version: Option<u64>,
+}
+
+async fn config_rollback(State(node): State<Node_>, body: Body) -> ApiResult {
+    let body = parse::<RollbackBody>(body)?;
+    let to_version = match body.version {
+        Some(version) => version,
+        None => {
+            let data = node.shared.data.read().expect("state lock");
+            let history = data.state.policy_history();
+            if history.len() < 2 {
+                return Err(ApiError::invalid("there is no earlier policy version to roll back to"));
+            }
+            history[history.len() - 2].version
+        }
+    };
+    let command = Command::RollbackPolicy { to_version, note: "asked by a client".into() };
+    let (outcome, _) = propose(&node, command).await?;
+    let Outcome::PolicySet { version } = outcome else { unreachable!() };
+    Ok(Json(json!({ "version": version, "rolled_back_to": to_version })).into_response())
 }
 
 // ---- cluster, health, metrics ----

@@ -27,9 +27,6 @@ pub struct NodeConfig {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and compact the log) after this many entries.
     pub snapshot_logs_since_last: u64,
-    /// How long an agent stays registered without a heartbeat.
-    pub agent_ttl_ms: u64,
-    pub agent_heartbeat_interval_ms: u64,
     /// Period of the leader's timer loop (agent expiry, Tick proposals).
     pub timer_interval_ms: u64,
     /// Commands in one log entry (group commit).
@@ -63,8 +60,6 @@ impl NodeConfig {
             election_timeout_min_ms: 100,
             election_timeout_max_ms: 200,
             snapshot_logs_since_last: 20_000,
-            agent_ttl_ms: 10_000,
-            agent_heartbeat_interval_ms: 2_000,
             timer_interval_ms: 100,
             batch_commands_max: 1024,
             proposals_in_flight_max: 8,
@@ -105,10 +100,41 @@ impl NodeConfig {
         if !(self.client_rate_per_second > 0.0 && self.client_burst >= 1.0) {
             return Err("client_rate_per_second must be positive and client_burst at least 1".into());
         }
-        if self.agent_ttl_ms <= self.agent_heartbeat_interval_ms * 2 {
-            return Err("agent_ttl_ms must be more than twice agent_heartbeat_interval_ms".into());
-        }
         Ok(())
+    }
+}
+
+impl NodeConfig {
+    /// Applies a bootstrap file of `key = value` lines (`#` starts a comment;
+    /// values may be quoted). Any line that does not parse stops the node with
+    /// a message naming the file and line: a node never starts half-configured.
+    pub fn apply_file(&mut self, name: &str, text: &str) -> Result<(), String> {
+        for (number, line) in text.lines().enumerate() {
+            let at = |why: String| format!("{name} line {}: {why}", number + 1);
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let (key, value) = line.split_once('=').ok_or_else(|| at(format!("{line:?} is not `key = value`")))?;
+            let key = key.trim();
+            let value = value.trim().trim_matches('"');
+            let number_of = |value: &str| value.parse::<u64>().map_err(|_| at(format!("{key}: {value:?} is not a whole number")));
+            match key {
+                "node_id" => self.node_id = number_of(value)?,
+                "listen" => self.listen = value.parse().map_err(|_| at(format!("listen: {value:?} is not HOST:PORT")))?,
+                "advertise" => self.advertise = Some(value.to_string()),
+                "data_dir" => self.data_dir = PathBuf::from(value),
+                "peers" => self.peers = parse_peers(value).map_err(at)?,
+                "raft_keepalive_ms" => self.raft_keepalive_ms = number_of(value)?,
+                "election_timeout_min_ms" => self.election_timeout_min_ms = number_of(value)?,
+                "election_timeout_max_ms" => self.election_timeout_max_ms = number_of(value)?,
+                "snapshot_logs_since_last" => self.snapshot_logs_since_last = number_of(value)?,
+                "client_rate_per_second" => self.client_rate_per_second = number_of(value)? as f64,
+                "client_burst" => self.client_burst = number_of(value)? as f64,
+                other => return Err(at(format!("unknown key {other:?}"))),
+            }
+        }
+        self.validate().map_err(|why| format!("{name}: {why}"))
     }
 }
 

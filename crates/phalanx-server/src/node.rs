@@ -211,6 +211,7 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
     let mut interval = tokio::time::interval(Duration::from_millis(node.config.timer_interval_ms));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leading_term: Option<u64> = None;
+    let mut guard = PolicyGuard::default();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -231,12 +232,11 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             node.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
             node.liveness.lock().expect("liveness lock").seen.clear();
         }
-        let (agents, next_due_ms) = {
+        let (agents, next_due_ms, ttl) = {
             let data = node.shared.data.read().expect("state lock");
             let agents: Vec<(String, u64)> = data.state.agents().map(|a| (a.id.clone(), a.epoch)).collect();
-            (agents, data.state.next_due_ms())
+            (agents, data.state.next_due_ms(), Duration::from_millis(data.state.limits().agent_ttl_ms))
         };
-        let ttl = Duration::from_millis(node.config.agent_ttl_ms);
         let mut expired = Vec::new();
         {
             let mut liveness = node.liveness.lock().expect("liveness lock");
@@ -264,5 +264,66 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
         if next_due_ms.is_some_and(|due| due <= wall_clock_ms()) {
             let _ = node.proposer.propose(Command::Tick).await;
         }
+        if let Some(command) = guard.check(&node) {
+            tracing::error!(?command, "policy change stalled dispatch: rolling it back");
+            let _ = node.proposer.propose(command).await;
+        }
+    }
+}
+
+/// Watches the cluster for a while after each policy change; if dispatch
+/// stalls (work is ready, an agent has room, and no lease is granted), the
+/// change is rolled back to the previous version and the rollback recorded.
+#[derive(Default)]
+struct PolicyGuard {
+    version: u64,
+    changed_at: Option<Instant>,
+    leases_granted: u64,
+    stalled_since: Option<Instant>,
+}
+
+/// How long dispatch may stall inside the guard window before a rollback.
+const POLICY_STALL_MS: u64 = 2_000;
+
+impl PolicyGuard {
+    fn check(&mut self, node: &Node) -> Option<Command> {
+        let now = Instant::now();
+        let data = node.shared.data.read().expect("state lock");
+        let state = &data.state;
+        let version = state.policy_version();
+        let granted = state.counters().leases_granted;
+        if version != self.version {
+            let history = state.policy_history();
+            let watch = history.len() >= 2 && !history.last().is_some_and(|v| v.note.starts_with("rollback"));
+            *self = PolicyGuard {
+                version,
+                changed_at: watch.then_some(now),
+                leases_granted: granted,
+                stalled_since: None,
+            };
+            return None;
+        }
+        let changed_at = self.changed_at?;
+        if now.duration_since(changed_at) > Duration::from_millis(state.limits().policy_guard_ms) {
+            self.changed_at = None;
+            return None;
+        }
+        if granted != self.leases_granted || !state.dispatch_possible() {
+            self.leases_granted = granted;
+            self.stalled_since = None;
+            return None;
+        }
+        let stalled_since = *self.stalled_since.get_or_insert(now);
+        let stalled = now.duration_since(stalled_since);
+        if stalled < Duration::from_millis(POLICY_STALL_MS) {
+            return None;
+        }
+        let history = state.policy_history();
+        let previous = history[history.len() - 2].version;
+        self.changed_at = None;
+        Some(Command::RollbackPolicy {
+            to_version: previous,
+            note: format!("dispatch stalled for {} ms after version {version}", stalled.as_millis()),
+        })
     }
 }

@@ -1,0 +1,96 @@
+//! The replicated, versioned policy on a real node: an invalid change is
+//! refused naming the field and changes nothing; a change that stalls
+//! dispatch is rolled back automatically and the rollback recorded; a
+//! bootstrap file that does not parse stops the node at start, naming the line.
+
+mod common;
+
+use common::{assert_error, Cluster};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn an_invalid_policy_is_refused_naming_the_field_and_nothing_changes() {
+    let cluster = Cluster::start(1, &[]).await;
+    let (_, before) = cluster.get(1, "/v1/config").await.unwrap();
+    let cases = [
+        (json!({"set": {"lease_ttl_ms_default": 1000}}), "lease_ttl_ms_default"),
+        (json!({"set": {"agent_ttl_ms": 3000}}), "agent_ttl_ms"),
+        (json!({"set": {"queue_tasks_max": 0}}), "queue_tasks_max"),
+        (json!({"set": {"queue_tasks_max": "many"}}), "policy"),
+        (json!({"set": {"no_such_key": 1}}), "no_such_key"),
+    ];
+    for (body, field) in cases {
+        let response = cluster.http.put(cluster.url(1, "/v1/config")).json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert_error(&(status, answer.clone()), 400, "invalid");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(field), "{message} names {field}");
+    }
+    let (_, after) = cluster.get(1, "/v1/config").await.unwrap();
+    assert_eq!(before, after);
+
+    // A valid change is versioned and can be rolled back by hand.
+    let (status, set) = cluster.put(1, "/v1/config", &json!({"set": {"queue_tasks_max": "5"}})).await;
+    assert_eq!(status, 200, "{set}");
+    assert_eq!(set["version"], 2);
+    for i in 0..5 {
+        cluster.post(1, "/v1/tasks", &json!({"queue": "small", "payload": i})).await.unwrap();
+    }
+    let full = cluster.post(1, "/v1/tasks", &json!({"queue": "small", "payload": 5})).await.unwrap();
+    assert_error(&full, 429, "queue_full");
+    let (status, _) = cluster.post(1, "/v1/config/rollback", &json!({})).await.unwrap();
+    assert_eq!(status, 200);
+    let (_, history) = cluster.get(1, "/v1/config/history").await.unwrap();
+    assert_eq!(history["version"], 3);
+    assert!(history["history"][2]["note"].as_str().unwrap().starts_with("rollback to 1"));
+}
+
+#[tokio::test]
+async fn a_change_that_stalls_dispatch_is_rolled_back_automatically() {
+    let cluster = Cluster::start(1, &[]).await;
+    let (_, registered) = cluster
+        .post(1, "/v1/agents/register", &json!({"agent_id": "worker", "capabilities": ["q"], "capacity": 2}))
+        .await
+        .unwrap();
+    let epoch = registered["epoch"].as_u64().unwrap();
+    // Valid on its own, but every running agent asks for 30 s leases: nothing can be dispatched.
+    let change = json!({"set": {"lease_ttl_ms_max": 5000, "lease_ttl_ms_default": 4000}});
+    let (status, answer) = cluster.put(1, "/v1/config", &change).await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, submitted) = cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": 1})).await.unwrap();
+    let start = Instant::now();
+    let leased = loop {
+        assert!(start.elapsed() < Duration::from_secs(15), "no automatic rollback within 15 s");
+        let poll = json!({"epoch": epoch, "wait_ms": 200, "lease_ttl_ms": 30_000});
+        let (status, answer) = cluster.post(1, "/v1/agents/worker/poll", &poll).await.unwrap();
+        if status == 200 && !answer["leases"].as_array().unwrap().is_empty() {
+            break answer["leases"][0]["task"]["id"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(leased, submitted["task_id"]);
+    let (_, history) = cluster.get(1, "/v1/config/history").await.unwrap();
+    let last = &history["history"][2];
+    assert!(last["note"].as_str().unwrap().contains("dispatch stalled"), "{history}");
+    assert_eq!(last["policy"]["lease_ttl_ms_max"], history["history"][0]["policy"]["lease_ttl_ms_max"]);
+}
+
+#[test]
+fn a_corrupt_bootstrap_file_stops_the_node_naming_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("phalanx.conf");
+    std::fs::write(&file, "# node settings\nraft_keepalive_ms = 30\nelection_timeout_min_ms = soon\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_phalanx"))
+        .args(["server", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 3") && stderr.contains("election_timeout_min_ms"), "{stderr}");
+    assert!(!dir.path().join("data").exists(), "nothing was started or written");
+}
