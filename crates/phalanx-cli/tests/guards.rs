@@ -123,3 +123,36 @@ async fn a_parent_whose_children_are_all_dead_fails_at_once() {
     assert_eq!(task["state"], "dead", "the parent does not wait out its hour: {task}");
     assert!(task["dead_reason"].as_str().unwrap().starts_with("dependencies_dead"));
 }
+
+#[tokio::test]
+async fn a_stalled_but_alive_agent_is_detected_and_its_task_completed_by_another() {
+    let cluster = Cluster::start(1, &[]).await;
+    let (status, answer) = cluster.put(1, "/v1/config", &json!({"set": {"stall_timeout_ms": 1000}})).await;
+    assert_eq!(status, 200, "{answer}");
+    let stuck = Agent::register(&cluster, "stuck-agent", &["slow"]).await;
+    let (_, submitted) = submit(&cluster, json!({"queue": "slow", "payload": "work"})).await;
+    let (task, stale_fence) = stuck.lease("slow").await;
+    assert_eq!(Some(task), submitted["task_id"].as_u64());
+    // The stuck agent keeps heartbeating (it is alive) but reports no progress.
+    let healthy = Agent::register(&cluster, "healthy-agent", &["slow"]).await;
+    let mut taken = None;
+    for _ in 0..40 {
+        let beat = json!({"epoch": stuck.epoch});
+        assert_eq!(cluster.post(1, "/v1/agents/stuck-agent/heartbeat", &beat).await.unwrap().0, 200);
+        let body = json!({"epoch": healthy.epoch, "queues": ["slow"], "wait_ms": 100});
+        let (_, answer) = cluster.post(1, "/v1/agents/healthy-agent/poll", &body).await.unwrap();
+        if let Some(lease) = answer["leases"].as_array().and_then(|l| l.first()) {
+            taken = Some(lease["fence"].as_u64().unwrap());
+            break;
+        }
+    }
+    let fence = taken.expect("the task was re-granted to the healthy agent");
+    let (_, status_body) = cluster.get(1, "/v1/status").await.unwrap();
+    assert_eq!(status_body["stuck_agents"], json!(["stuck-agent"]), "{status_body}");
+    let done = cluster.post(1, &format!("/v1/tasks/{task}/complete"), &json!({"fence": fence, "result": "ok"})).await;
+    assert_eq!(done.unwrap().0, 200);
+    let late = cluster.post(1, &format!("/v1/tasks/{task}/complete"), &json!({"fence": stale_fence, "result": "late"})).await;
+    assert_error(&late.unwrap(), 409, "superseded");
+    let (_, final_task) = cluster.get(1, &format!("/v1/tasks/{task}")).await.unwrap();
+    assert_eq!(final_task["result"], "ok");
+}

@@ -62,6 +62,9 @@ pub enum Command {
     Complete { task_id: u64, fence: u64, result: String },
     Fail { task_id: u64, fence: u64, error: String, retryable: bool },
     Extend { task_id: u64, fence: u64, lease_ttl_ms: u64 },
+    /// The lease holder reports progress on a long task (not a heartbeat:
+    /// heartbeats say the agent lives, progress says the work moves).
+    Progress { task_id: u64, fence: u64 },
     /// Write one key of a conversation's context. With `expected_version`, only
     /// if the key's version is still that (0 = key absent): compare-and-set.
     ContextPut { conversation_id: String, key: String, value: String, expected_version: Option<u64> },
@@ -89,6 +92,7 @@ pub enum Outcome {
     Completed { task: Task },
     Failed { task: Task },
     Extended { valid_until_ms: u64 },
+    Progressed,
     ContextWritten { version: u64 },
     NodeRetired,
     PolicySet { version: u64 },

@@ -53,6 +53,9 @@ pub struct Limits {
     /// After a policy change, how long the leader watches for dispatch to
     /// stall before rolling the change back.
     pub policy_guard_ms: u64,
+    /// A lease whose holder reports no progress for this long is revoked and
+    /// the task granted elsewhere (the agent is marked stuck).
+    pub stall_timeout_ms: u64,
 }
 
 /// A policy change refused by validation, naming the field.
@@ -69,7 +72,7 @@ impl Limits {
     /// time-to-live more than twice the heartbeat interval, backoff ordered.
     pub fn validate(&self) -> Result<(), Invalid> {
         let fail = |field: &'static str, reason: String| Err(Invalid { field, reason });
-        let positive: [(&'static str, u64); 26] = [
+        let positive: [(&'static str, u64); 27] = [
             ("payload_bytes_max", self.payload_bytes_max as u64),
             ("result_bytes_max", self.result_bytes_max as u64),
             ("queue_tasks_max", self.queue_tasks_max as u64),
@@ -96,6 +99,7 @@ impl Limits {
             ("agent_ttl_ms", self.agent_ttl_ms),
             ("agent_heartbeat_interval_ms", self.agent_heartbeat_interval_ms),
             ("policy_guard_ms", self.policy_guard_ms),
+            ("stall_timeout_ms", self.stall_timeout_ms),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -159,6 +163,7 @@ impl Default for Limits {
             agent_ttl_ms: 10_000,
             agent_heartbeat_interval_ms: 2_000,
             policy_guard_ms: 10_000,
+            stall_timeout_ms: 10 * 60 * 1000,
         }
     }
 }

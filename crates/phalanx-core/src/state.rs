@@ -172,6 +172,8 @@ pub struct State {
     delayed: BTreeSet<(u64, u64)>,
     /// Leased tasks by lease end: (valid_until_ms, id).
     lease_expiry: BTreeSet<(u64, u64)>,
+    /// Leased tasks by last progress: (progress_ms, id).
+    lease_progress: BTreeSet<(u64, u64)>,
     /// Non-terminal tasks with a deadline: (deadline_ms, id).
     deadlines: BTreeSet<(u64, u64)>,
     /// Terminal tasks by the time they finished: (updated_ms, id), for retention.
@@ -281,6 +283,15 @@ impl State {
         })
     }
 
+    /// Queues with tasks ready now that no registered agent serves.
+    pub fn unserved_queues(&self) -> Vec<String> {
+        self.ready
+            .iter()
+            .filter(|(queue, set)| !set.is_empty() && !self.agents.values().any(|a| a.capabilities.contains(*queue)))
+            .map(|(queue, _)| queue.clone())
+            .collect()
+    }
+
     /// Whether any of these queues has a task that could be leased now.
     pub fn has_ready(&self, queues: &[String]) -> bool {
         queues.iter().any(|q| self.ready.get(q).is_some_and(|set| !set.is_empty()))
@@ -313,6 +324,7 @@ impl State {
         [
             self.delayed.first().map(|(at, _)| *at),
             self.lease_expiry.first().map(|(at, _)| at + 1),
+            self.lease_progress.first().map(|(at, _)| at.saturating_add(self.limits.stall_timeout_ms) + 1),
             self.deadlines.first().map(|(at, _)| at + 1),
         ]
         .into_iter()
@@ -361,6 +373,27 @@ impl State {
                 self.make_ready(id);
             }
         }
+        while let Some(&(progress, id)) = self.lease_progress.first() {
+            if progress.saturating_add(self.limits.stall_timeout_ms) >= now {
+                break;
+            }
+            // Stuck: alive (heartbeats) but no progress. Revoke and re-grant elsewhere.
+            let holder = self.tasks[&id].lease.as_ref().map(|lease| lease.agent_id.clone());
+            self.release_lease(id);
+            if let Some(agent) = holder.and_then(|holder| self.agents.get_mut(&holder)) {
+                agent.stuck_count += 1;
+                agent.stuck_ms = Some(now);
+            }
+            let task = self.tasks.get_mut(&id).expect("leased task exists");
+            task.error = Some(format!("stuck: no progress for {} ms; lease revoked", self.limits.stall_timeout_ms));
+            if task.attempts >= task.max_attempts {
+                self.finish(id, TaskState::Dead, |task| {
+                    task.dead_reason = Some(format!("attempts_exhausted: stuck on attempt {}", task.attempts))
+                });
+            } else {
+                self.make_ready(id);
+            }
+        }
         while let Some(&(until, id)) = self.wait_deadlines.first() {
             if until >= now {
                 break;
@@ -396,6 +429,7 @@ impl State {
             Command::Complete { task_id, fence, result } => self.complete(*task_id, *fence, result),
             Command::Fail { task_id, fence, error, retryable } => self.fail(*task_id, *fence, error, *retryable),
             Command::Extend { task_id, fence, lease_ttl_ms } => self.extend(*task_id, *fence, *lease_ttl_ms),
+            Command::Progress { task_id, fence } => self.progress(*task_id, *fence),
             Command::ContextPut { conversation_id, key, value, expected_version } => {
                 self.context_put(conversation_id, key, value, *expected_version)
             }
@@ -548,6 +582,8 @@ impl State {
             epoch,
             registered_ms: self.now_ms,
             leased_task_ids: BTreeSet::new(),
+            stuck_count: 0,
+            stuck_ms: None,
         };
         self.agents.insert(agent_id.to_string(), agent);
         Ok(Outcome::Registered { epoch })
@@ -618,9 +654,17 @@ impl State {
             task.attempts += 1;
             task.last_fence = index;
             task.updated_ms = self.now_ms;
-            task.lease = Some(Lease { agent_id: agent_id.to_string(), agent_epoch: epoch, fence: index, valid_until_ms });
+            let now = self.now_ms;
+            task.lease = Some(Lease {
+                agent_id: agent_id.to_string(),
+                agent_epoch: epoch,
+                fence: index,
+                valid_until_ms,
+                progress_ms: now,
+            });
             grants.push(Grant { task: task.clone(), fence: index, valid_until_ms });
             self.lease_expiry.insert((valid_until_ms, task_id));
+            self.lease_progress.insert((now, task_id));
             self.agents.get_mut(agent_id).expect("current agent").leased_task_ids.insert(task_id);
             self.counters.leases_granted += 1;
         }
@@ -702,6 +746,19 @@ impl State {
         self.lease_expiry.remove(&(old, task_id));
         self.lease_expiry.insert((valid_until_ms, task_id));
         Ok(Outcome::Extended { valid_until_ms })
+    }
+
+    fn progress(&mut self, task_id: u64, fence: u64) -> Result<Outcome, Error> {
+        self.check_fence(task_id, fence)?;
+        let now = self.now_ms;
+        let task = self.tasks.get_mut(&task_id).expect("checked");
+        let Some(lease) = task.lease.as_mut() else {
+            return Err(Error::LeaseExpired { task_id });
+        };
+        self.lease_progress.remove(&(lease.progress_ms, task_id));
+        lease.progress_ms = now;
+        self.lease_progress.insert((now, task_id));
+        Ok(Outcome::Progressed)
     }
 
     fn context_put(
@@ -927,6 +984,7 @@ impl State {
         let task = self.tasks.get_mut(&task_id).expect("task exists");
         if let Some(lease) = task.lease.take() {
             self.lease_expiry.remove(&(lease.valid_until_ms, task_id));
+            self.lease_progress.remove(&(lease.progress_ms, task_id));
             if let Some(agent) = self.agents.get_mut(&lease.agent_id) {
                 if agent.epoch == lease.agent_epoch {
                     agent.leased_task_ids.remove(&task_id);
@@ -1020,6 +1078,7 @@ impl State {
             assert!(task.id < self.next_task_id);
         }
         assert_eq!(leased, self.lease_expiry.len());
+        assert_eq!(leased, self.lease_progress.len());
         let held: usize = self.agents.values().map(|a| a.leased_task_ids.len()).sum();
         assert_eq!(held, leased, "every lease is held by exactly one agent");
         let open: u64 = self.open_per_queue.values().sum();

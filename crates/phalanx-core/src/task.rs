@@ -62,6 +62,9 @@ pub struct Lease {
     /// Fencing token: the log index of the entry that granted this lease.
     pub fence: u64,
     pub valid_until_ms: u64,
+    /// Log time of the last progress report (or of the grant). A lease with no
+    /// progress for the policy's `stall_timeout_ms` is revoked as stuck.
+    pub progress_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,4 +139,8 @@ pub struct Agent {
     pub registered_ms: u64,
     /// Ids of the tasks this agent holds a lease on.
     pub leased_task_ids: BTreeSet<u64>,
+    /// Leases revoked because the agent made no progress on them (stuck).
+    pub stuck_count: u32,
+    /// Log time of the latest such revocation.
+    pub stuck_ms: Option<u64>,
 }

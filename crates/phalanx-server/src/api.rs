@@ -59,6 +59,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/tasks/{id}/fail", post(fail))
         .route("/v1/tasks/{id}/extend", post(extend))
         .route("/v1/tasks/{id}/wait", post(wait))
+        .route("/v1/tasks/{id}/progress", post(progress))
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/status", get(status))
         .route("/v1/agents/register", post(register))
         .route("/v1/agents/{agent_id}/heartbeat", post(heartbeat))
         .route("/v1/agents/{agent_id}/deregister", post(deregister))
@@ -521,6 +524,71 @@ async fn extend(State(node): State<Node_>, Path(id): Path<String>, body: Body) -
     let (outcome, _) = propose(&node, Command::Extend { task_id, fence: body.fence, lease_ttl_ms }).await?;
     let Outcome::Extended { valid_until_ms } = outcome else { unreachable!() };
     Ok(Json(json!({ "valid_until_ms": valid_until_ms })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProgressBody {
+    fence: u64,
+}
+
+/// The lease holder says the work moves; a lease without progress for the
+/// policy's `stall_timeout_ms` is revoked as stuck.
+async fn progress(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+    let task_id = parse_id(&id)?;
+    let body = parse::<ProgressBody>(body)?;
+    propose(&node, Command::Progress { task_id, fence: body.fence }).await?;
+    Ok(Json(json!({"ok": true})).into_response())
+}
+
+async fn list_agents(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResult {
+    let stale = read_barrier(&node, &query).await?;
+    let data = node.shared.data.read().expect("state lock");
+    let agents: Vec<Value> = data
+        .state
+        .agents()
+        .map(|agent| {
+            json!({
+                "agent_id": agent.id,
+                "epoch": agent.epoch,
+                "capabilities": agent.capabilities,
+                "capacity": agent.capacity,
+                "leases": agent.leased_task_ids.len(),
+                "stuck_count": agent.stuck_count,
+                "stuck_ms": agent.stuck_ms,
+            })
+        })
+        .collect();
+    Ok(mark_stale(Json(json!({ "agents": agents })).into_response(), stale))
+}
+
+/// What an operator needs at a glance: is it working, not just is it up.
+async fn status(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResult {
+    let stale = read_barrier(&node, &query).await?;
+    let data = node.shared.data.read().expect("state lock");
+    let state = &data.state;
+    let stuck: Vec<&str> = state.agents().filter(|a| a.stuck_count > 0).map(|a| a.id.as_str()).collect();
+    let queues: serde_json::Map<String, Value> = state
+        .queue_stats()
+        .into_iter()
+        .map(|(queue, counts)| {
+            let names = ["pending", "leased", "succeeded", "failed", "cancelled", "dead"];
+            let counts: serde_json::Map<String, Value> =
+                names.iter().zip(counts).map(|(name, count)| (name.to_string(), json!(count))).collect();
+            (queue, Value::Object(counts))
+        })
+        .collect();
+    let body = json!({
+        "policy_version": state.policy_version(),
+        "tasks": state.task_count(),
+        "agents": state.agents().count(),
+        "stuck_agents": stuck,
+        "unserved_queues": state.unserved_queues(),
+        "oldest_pending_age_ms": state.oldest_pending_age_ms(),
+        "counters": state.counters(),
+        "queues": queues,
+    });
+    Ok(mark_stale(Json(body).into_response(), stale))
 }
 
 #[derive(Deserialize)]

@@ -61,6 +61,9 @@ pub fn render(node: &Node) -> String {
         }
     }
     let _ = writeln!(out, "phalanx_agents {}", state.agents().count());
+    let _ = writeln!(out, "phalanx_agents_stuck {}", state.agents().filter(|a| a.stuck_count > 0).count());
+    let _ = writeln!(out, "phalanx_queues_unserved {}", state.unserved_queues().len());
+    let _ = writeln!(out, "phalanx_policy_version {}", state.policy_version());
     let _ = writeln!(out, "phalanx_oldest_pending_age_ms {}", state.oldest_pending_age_ms().unwrap_or(0));
     out
 }
