@@ -1,1 +1,13 @@
-//! placeholder
+//! The Rust agent SDK and client for Phalanx.
+//!
+//! `client` talks to any node of a cluster (failover, backoff with full
+//! jitter, Retry-After, a retry budget); `agent` runs handlers for leased
+//! tasks with fencing, lease extension, delegation and graceful drain;
+//! `outbox` keeps results durable while no node can be reached.
+
+pub mod agent;
+pub mod client;
+pub mod outbox;
+
+pub use agent::{handler, Agent, AgentConfig, HandlerError, Mode, TaskContext};
+pub use client::{Client, Error, LeaseGrant, SubmitRequest, Task, TaskState};

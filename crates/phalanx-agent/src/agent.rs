@@ -1,0 +1,570 @@
+//! The agent runtime: register, heartbeat, long-poll through any node, run
+//! handlers with bounded concurrency, extend long leases, report results
+//! under the lease's fence, and drain gracefully.
+//!
+//! Fencing on the agent side: a lease already past its local deadline is
+//! never started, and a lease older than one already seen for the same task
+//! is refused. When no node answers for `orchestrator_timeout_ms`, the agent
+//! goes autonomous: results go to the durable outbox (`outbox.rs`) and are
+//! reconciled when a node answers again.
+
+use crate::client::{Client, Error, LeaseGrant, SubmitRequest, Task};
+use crate::outbox::{Entry, Outbox, Report};
+use serde_json::Value;
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub nodes: Vec<String>,
+    pub token: Option<String>,
+    pub agent_id: String,
+    pub capabilities: Vec<String>,
+    /// Tasks handled at once (the capacity declared to the cluster).
+    pub concurrency: u32,
+    pub lease_ttl_ms: u64,
+    pub poll_wait_ms: u64,
+    /// With no answer from any node for this long, the agent goes autonomous.
+    pub orchestrator_timeout_ms: u64,
+    /// Where the outbox lives; `None` keeps no outbox (results are retried in memory only).
+    pub outbox_dir: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    pub fn new(nodes: Vec<String>, agent_id: impl Into<String>, capabilities: Vec<String>) -> AgentConfig {
+        AgentConfig {
+            nodes,
+            token: None,
+            agent_id: agent_id.into(),
+            capabilities,
+            concurrency: 1,
+            lease_ttl_ms: 30_000,
+            poll_wait_ms: 10_000,
+            orchestrator_timeout_ms: 5_000,
+            outbox_dir: None,
+        }
+    }
+}
+
+/// A handler failure; `retryable: false` fails the task for good.
+#[derive(Clone, Debug)]
+pub struct HandlerError {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl HandlerError {
+    pub fn retryable(message: impl Into<String>) -> HandlerError {
+        HandlerError { message: message.into(), retryable: true }
+    }
+    pub fn fatal(message: impl Into<String>) -> HandlerError {
+        HandlerError { message: message.into(), retryable: false }
+    }
+}
+
+impl From<Error> for HandlerError {
+    fn from(error: Error) -> HandlerError {
+        HandlerError::retryable(error.to_string())
+    }
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
+pub type Handler = Arc<dyn Fn(TaskContext) -> HandlerFuture + Send + Sync>;
+
+/// Wraps an async function as a handler.
+pub fn handler<F, Fut>(function: F) -> Handler
+where
+    F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Value, HandlerError>> + Send + 'static,
+{
+    Arc::new(move |context| Box::pin(function(context)))
+}
+
+/// What a handler gets: the task, its fence and deadline, and delegation helpers.
+#[derive(Clone)]
+pub struct TaskContext {
+    pub task: Task,
+    /// The fencing token: pass it to any system the handler writes to.
+    pub fence: u64,
+    /// Local instant after which the lease may have lapsed (unless extended).
+    pub valid_until: Instant,
+    client: Arc<Client>,
+}
+
+impl TaskContext {
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Submits a child task on another capability (fan-out); the child
+    /// inherits the conversation and extends the delegation trail.
+    pub async fn spawn_child(&self, queue: &str, payload: Value) -> Result<u64, Error> {
+        let mut request = SubmitRequest::new(queue, payload);
+        request.parent_id = Some(self.task.id);
+        request.parent_fence = Some(self.fence);
+        // Keyed by parent, fence and child content: a retried spawn is not a second child.
+        request.idempotency_key = Some(format!(
+            "child-{}-{}-{}-{:016x}",
+            self.task.id,
+            self.fence,
+            queue,
+            phalanx_hash(&request.payload.to_string())
+        ));
+        Ok(self.client.submit(&request).await?.task_id)
+    }
+
+    /// Waits for tasks to finish (fan-in). The wait is declared to the
+    /// cluster first, so a wait that would deadlock is refused at once.
+    pub async fn await_tasks(&self, ids: &[u64], timeout: Duration) -> Result<Vec<Task>, Error> {
+        self.client.wait(self.task.id, self.fence, ids, timeout.as_millis().max(1) as u64).await?;
+        self.client.await_tasks(ids, timeout).await
+    }
+
+    /// Hands the work to another capability: spawns the child and returns
+    /// the result to record for this task.
+    pub async fn hand_off(&self, queue: &str, payload: Value) -> Result<Value, Error> {
+        let child = self.spawn_child(queue, payload).await?;
+        Ok(serde_json::json!({ "handed_off_to": child }))
+    }
+
+    pub async fn context_get(&self) -> Result<Option<Value>, Error> {
+        let Some(conversation) = &self.task.conversation_id else { return Ok(None) };
+        match self.client.context_get(conversation).await {
+            Ok(value) => Ok(Some(value)),
+            Err(error) if error.code() == Some("not_found") => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Compare-and-set on the task's conversation (0 = only if absent).
+    pub async fn context_put(&self, key: &str, value: &Value, expected_version: Option<u64>) -> Result<u64, Error> {
+        let conversation = self
+            .task
+            .conversation_id
+            .as_deref()
+            .ok_or_else(|| Error::Decode("the task has no conversation_id".into()))?;
+        self.client.context_put(conversation, key, value, expected_version).await
+    }
+
+    /// Reports progress on a long task (a lease without progress is revoked as stuck).
+    pub async fn progress(&self) -> Result<(), Error> {
+        self.client.progress(self.task.id, self.fence).await
+    }
+}
+
+fn phalanx_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// The agent's connection to the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Connected = 0,
+    Autonomous = 1,
+    Reconciling = 2,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Connected => "connected",
+            Mode::Autonomous => "autonomous",
+            Mode::Reconciling => "reconciling",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct AgentStats {
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub superseded: AtomicU64,
+    pub refused_expired: AtomicU64,
+    pub refused_stale: AtomicU64,
+    pub outboxed: AtomicU64,
+    pub reconciled: AtomicU64,
+    mode: AtomicU8,
+}
+
+impl AgentStats {
+    pub fn mode(&self) -> Mode {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => Mode::Autonomous,
+            2 => Mode::Reconciling,
+            _ => Mode::Connected,
+        }
+    }
+    fn set_mode(&self, mode: Mode, agent_id: &str) {
+        if self.mode.swap(mode as u8, Ordering::Relaxed) != mode as u8 {
+            tracing::warn!(agent_id, mode = mode.as_str(), "agent mode changed");
+        }
+    }
+}
+
+/// The newest fence seen per task, at most `SEEN_FENCES_MAX` tasks (oldest forgotten first).
+pub struct SeenFences {
+    fences: BTreeMap<u64, u64>,
+    order: VecDeque<u64>,
+}
+
+pub const SEEN_FENCES_MAX: usize = 10_000;
+
+impl SeenFences {
+    pub fn new() -> SeenFences {
+        SeenFences { fences: BTreeMap::new(), order: VecDeque::new() }
+    }
+
+    /// Accepts a lease unless a newer one was already seen for the task.
+    pub fn accept(&mut self, task_id: u64, fence: u64) -> bool {
+        match self.fences.get(&task_id) {
+            Some(&seen) if seen > fence => false,
+            Some(_) => {
+                self.fences.insert(task_id, fence);
+                true
+            }
+            None => {
+                if self.order.len() >= SEEN_FENCES_MAX {
+                    if let Some(oldest) = self.order.pop_front() {
+                        self.fences.remove(&oldest);
+                    }
+                }
+                self.order.push_back(task_id);
+                self.fences.insert(task_id, fence);
+                true
+            }
+        }
+    }
+}
+
+impl Default for SeenFences {
+    fn default() -> Self {
+        SeenFences::new()
+    }
+}
+
+/// Safety margin kept from a lease's end: work is not started this close to it.
+pub const LEASE_MARGIN: Duration = Duration::from_millis(200);
+
+/// Whether a lease granted with `lease_ttl_ms` on a poll sent at `sent_at` may still be started.
+pub fn lease_startable(sent_at: Instant, lease_ttl_ms: u64, now: Instant) -> bool {
+    sent_at + Duration::from_millis(lease_ttl_ms) > now + LEASE_MARGIN
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    client: Arc<Client>,
+    handler: Handler,
+    pub stats: Arc<AgentStats>,
+    seen: Mutex<SeenFences>,
+    outbox: Option<Arc<Outbox>>,
+    epoch: AtomicU64,
+    /// When a node last answered this agent.
+    last_contact: Mutex<Instant>,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, handler: Handler) -> Result<Arc<Agent>, Error> {
+        let client = Client::new(config.nodes.clone(), config.token.clone())?.with_name(config.agent_id.clone());
+        let outbox = match &config.outbox_dir {
+            Some(dir) => Some(Arc::new(
+                Outbox::open(&dir.join(format!("{}.outbox", config.agent_id))).map_err(|e| Error::Decode(e.to_string()))?,
+            )),
+            None => None,
+        };
+        Ok(Arc::new(Agent {
+            config,
+            client: Arc::new(client),
+            handler,
+            stats: Arc::new(AgentStats::default()),
+            seen: Mutex::new(SeenFences::new()),
+            outbox,
+            epoch: AtomicU64::new(0),
+            last_contact: Mutex::new(Instant::now()),
+        }))
+    }
+
+    pub fn client(&self) -> Arc<Client> {
+        self.client.clone()
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.as_ref().map(|o| o.len()).unwrap_or(0)
+    }
+
+    fn contact(&self) {
+        *self.last_contact.lock().expect("contact lock") = Instant::now();
+        if self.stats.mode() == Mode::Autonomous {
+            self.stats.set_mode(Mode::Reconciling, &self.config.agent_id);
+        }
+    }
+
+    fn note_failure(&self, error: &Error) {
+        if matches!(error, Error::Unavailable(_) | Error::Unknown(_)) {
+            let silent = self.last_contact.lock().expect("contact lock").elapsed();
+            if silent >= Duration::from_millis(self.config.orchestrator_timeout_ms) {
+                self.stats.set_mode(Mode::Autonomous, &self.config.agent_id);
+            }
+        }
+    }
+
+    async fn register(&self) -> Result<u64, Error> {
+        let registered = self
+            .client
+            .register(&self.config.agent_id, &self.config.capabilities, self.config.concurrency)
+            .await?;
+        self.epoch.store(registered.epoch, Ordering::SeqCst);
+        self.contact();
+        Ok(registered.heartbeat_interval_ms)
+    }
+
+    /// Runs until SIGTERM or ctrl-c, then drains.
+    pub async fn run(self: Arc<Self>) -> Result<(), Error> {
+        let shutdown = async {
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        self.run_until(shutdown).await
+    }
+
+    /// Runs until `shutdown` resolves: then stops polling, finishes the tasks
+    /// in hand, reports them, and deregisters.
+    pub async fn run_until(self: Arc<Self>, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let mut attempt = 0;
+        let heartbeat_ms = loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                registered = self.register() => match registered {
+                    Ok(ms) => break ms,
+                    Err(error) => {
+                        self.note_failure(&error);
+                        attempt += 1;
+                        tokio::time::sleep(crate::client::backoff(attempt, Duration::from_millis(100), Duration::from_secs(2))).await;
+                    }
+                }
+            }
+        };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let heartbeats = tokio::spawn(self.clone().heartbeat_loop(heartbeat_ms, stopped.clone()));
+        let flusher = tokio::spawn(self.clone().flush_loop(stopped));
+        let slots = Arc::new(Semaphore::new(self.config.concurrency as usize));
+        loop {
+            let free = slots.available_permits() as u32;
+            if free == 0 {
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    permit = slots.clone().acquire_owned() => { drop(permit); continue; }
+                }
+            }
+            let sent_at = Instant::now();
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            let polled = tokio::select! {
+                _ = &mut shutdown => break,
+                polled = self.client.poll(&self.config.agent_id, epoch, free, self.config.poll_wait_ms, self.config.lease_ttl_ms) => polled,
+            };
+            match polled {
+                Ok(grants) => {
+                    self.contact();
+                    for grant in grants {
+                        self.clone().start(grant, sent_at, slots.clone());
+                    }
+                }
+                Err(error) if matches!(error.code(), Some("agent_not_found" | "stale_epoch")) => {
+                    let _ = self.register().await;
+                }
+                Err(error) => {
+                    self.note_failure(&error);
+                    tokio::time::sleep(crate::client::backoff(3, Duration::from_millis(100), Duration::from_secs(1))).await;
+                }
+            }
+        }
+        // Drain: every slot back means every handler finished and reported.
+        let _all = slots.acquire_many(self.config.concurrency).await;
+        let _ = stop.send(true);
+        let _ = heartbeats.await;
+        let _ = flusher.await;
+        let _ = self.client.deregister(&self.config.agent_id, self.epoch.load(Ordering::SeqCst)).await;
+        Ok(())
+    }
+
+    fn start(self: Arc<Self>, grant: LeaseGrant, sent_at: Instant, slots: Arc<Semaphore>) {
+        let now = Instant::now();
+        if !lease_startable(sent_at, grant.lease_ttl_ms, now) {
+            self.stats.refused_expired.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(task_id = grant.task.id, fence = grant.fence, "refusing an instruction already past its lease");
+            return;
+        }
+        if !self.seen.lock().expect("seen lock").accept(grant.task.id, grant.fence) {
+            self.stats.refused_stale.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(task_id = grant.task.id, fence = grant.fence, "refusing a lease older than one already seen");
+            return;
+        }
+        let Ok(permit) = slots.try_acquire_owned() else {
+            // More grants than free slots cannot happen (we ask for `free`); drop safely: the lease expires.
+            return;
+        };
+        tokio::spawn(async move {
+            let valid_until = sent_at + Duration::from_millis(grant.lease_ttl_ms);
+            let context = TaskContext { task: grant.task.clone(), fence: grant.fence, valid_until, client: self.client.clone() };
+            let extender = tokio::spawn(self.clone().extend_loop(grant.task.id, grant.fence));
+            let outcome = (self.handler)(context).await;
+            extender.abort();
+            let report = match outcome {
+                Ok(result) => Report::Complete { result },
+                Err(error) => Report::Fail { error: error.message, retryable: error.retryable },
+            };
+            self.report(Entry { task_id: grant.task.id, fence: grant.fence, report }).await;
+            drop(permit);
+        });
+    }
+
+    /// Keeps the lease of a long task alive (every third of its time-to-live).
+    async fn extend_loop(self: Arc<Self>, task_id: u64, fence: u64) {
+        let period = Duration::from_millis(self.config.lease_ttl_ms / 3).max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(period).await;
+            match self.client.extend(task_id, fence, self.config.lease_ttl_ms).await {
+                Ok(_) => self.contact(),
+                Err(error) if error.code().is_some() => return,
+                Err(error) => self.note_failure(&error),
+            }
+        }
+    }
+
+    /// Reports a result under its fence; when no node can take it, keeps it
+    /// in the outbox for reconciliation.
+    async fn report(&self, entry: Entry) {
+        match self.send(&entry).await {
+            Ok(()) => {}
+            Err(error) => {
+                self.note_failure(&error);
+                match &self.outbox {
+                    Some(outbox) => match outbox.push(&entry) {
+                        Ok(()) => {
+                            self.stats.outboxed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(io) => tracing::error!(task_id = entry.task_id, %io, "outbox write failed; result lost locally"),
+                    },
+                    None => tracing::error!(task_id = entry.task_id, %error, "could not report a result and no outbox is set"),
+                }
+            }
+        }
+    }
+
+    /// Sends one report. A definite answer (accepted, superseded, refused) is
+    /// final; only an unreachable cluster returns an error.
+    async fn send(&self, entry: &Entry) -> Result<(), Error> {
+        let answer = match &entry.report {
+            Report::Complete { result } => self.client.complete(entry.task_id, entry.fence, result).await.map(|_| ()),
+            Report::Fail { error, retryable } => {
+                self.client.fail(entry.task_id, entry.fence, error, *retryable).await.map(|_| ())
+            }
+        };
+        match answer {
+            Ok(()) => {
+                self.contact();
+                let counter = if matches!(entry.report, Report::Complete { .. }) { &self.stats.completed } else { &self.stats.failed };
+                counter.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) if error.is_superseded() => {
+                self.contact();
+                self.stats.superseded.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(task_id = entry.task_id, fence = entry.fence, "result superseded: another lease owns the task now");
+                Ok(())
+            }
+            Err(Error::Api { code, message, .. }) => {
+                self.contact();
+                tracing::warn!(task_id = entry.task_id, %code, %message, "result refused");
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>, interval_ms: u64, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut interval = tokio::time::interval(Duration::from_millis(interval_ms.max(100)));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = interval.tick() => {}
+            }
+            match self.client.heartbeat(&self.config.agent_id, self.epoch.load(Ordering::SeqCst)).await {
+                Ok(()) => self.contact(),
+                Err(error) if matches!(error.code(), Some("agent_not_found" | "stale_epoch")) => {
+                    let _ = self.register().await;
+                }
+                Err(error) => self.note_failure(&error),
+            }
+        }
+    }
+
+    /// Delivers the outbox whenever a node answers: reconciling mode.
+    async fn flush_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let Some(outbox) = self.outbox.clone() else { return };
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                _ = stop.changed(), if !stopping => stopping = true,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            if outbox.len() > 0 && self.stats.mode() != Mode::Autonomous {
+                self.stats.set_mode(Mode::Reconciling, &self.config.agent_id);
+                while let Some(entry) = outbox.front() {
+                    if self.send(&entry).await.is_err() {
+                        break;
+                    }
+                    self.stats.reconciled.fetch_add(1, Ordering::Relaxed);
+                    if let Err(io) = outbox.pop_front() {
+                        tracing::error!(%io, "outbox update failed");
+                        break;
+                    }
+                }
+                if outbox.len() == 0 {
+                    self.stats.set_mode(Mode::Connected, &self.config.agent_id);
+                }
+            } else if outbox.len() == 0 && self.stats.mode() == Mode::Reconciling {
+                self.stats.set_mode(Mode::Connected, &self.config.agent_id);
+            }
+            if stopping {
+                // One last delivery attempt was made above; what remains stays durable for the next start.
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_fence_is_refused_and_the_map_is_bounded() {
+        let mut seen = SeenFences::new();
+        assert!(seen.accept(1, 10));
+        assert!(!seen.accept(1, 9), "older than one already seen");
+        assert!(seen.accept(1, 12));
+        for task in 2..(SEEN_FENCES_MAX as u64 + 10) {
+            assert!(seen.accept(task, 1));
+        }
+        assert!(seen.fences.len() <= SEEN_FENCES_MAX);
+    }
+
+    #[test]
+    fn an_expired_instruction_is_not_started() {
+        let sent = Instant::now();
+        assert!(lease_startable(sent, 1_000, sent));
+        assert!(!lease_startable(sent, 1_000, sent + Duration::from_millis(900)));
+        assert!(!lease_startable(sent, 100, sent));
+    }
+}
