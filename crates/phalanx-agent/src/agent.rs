@@ -108,11 +108,11 @@ impl TaskContext {
         let mut request = SubmitRequest::new(queue, payload);
         request.parent_id = Some(self.task.id);
         request.parent_fence = Some(self.fence);
-        // Keyed by parent, fence and child content: a retried spawn is not a second child.
+        // Keyed by parent and child content: a retried spawn, or a re-run of
+        // the parent after its lease moved, finds the same child.
         request.idempotency_key = Some(format!(
-            "child-{}-{}-{}-{:016x}",
+            "child-{}-{}-{:016x}",
             self.task.id,
-            self.fence,
             queue,
             phalanx_hash(&request.payload.to_string())
         ));

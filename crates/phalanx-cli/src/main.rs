@@ -48,6 +48,20 @@ enum Commands {
         #[command(flatten)]
         connect: Connect,
     },
+    /// Change cluster membership.
+    Cluster {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(subcommand)]
+        command: client_commands::ClusterCommand,
+    },
+    /// Read and change the replicated policy.
+    Config {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(subcommand)]
+        command: client_commands::ConfigCommand,
+    },
     /// Run built-in agents.
     Agent {
         #[command(subcommand)]
@@ -152,6 +166,14 @@ fn main() -> std::process::ExitCode {
             Commands::Status { connect } => {
                 init_tracing("warn");
                 client_commands::status(&connect).await
+            }
+            Commands::Cluster { connect, command } => {
+                init_tracing("warn");
+                client_commands::run_cluster(&connect, command).await
+            }
+            Commands::Config { connect, command } => {
+                init_tracing("warn");
+                client_commands::run_config(&connect, command).await
             }
             Commands::Agent { command: AgentCommand::Run(args) } => {
                 init_tracing("info");
