@@ -444,9 +444,16 @@ impl Agent {
     /// Reports a result under its fence; when no node can take it, keeps it
     /// in the outbox for reconciliation.
     async fn report(&self, entry: Entry) {
-        match self.send(&entry).await {
+        // Not longer than orchestrator_timeout: past it, the agent is on its own.
+        let timeout = Duration::from_millis(self.config.orchestrator_timeout_ms);
+        let sent = match tokio::time::timeout(timeout, self.send(&entry)).await {
+            Ok(sent) => sent,
+            Err(_) => Err(Error::Unavailable(format!("no node answered within {timeout:?}"))),
+        };
+        match sent {
             Ok(()) => {}
             Err(error) => {
+                self.stats.set_mode(Mode::Autonomous, &self.config.agent_id);
                 self.note_failure(&error);
                 match &self.outbox {
                     Some(outbox) => match outbox.push(&entry) {
@@ -521,7 +528,8 @@ impl Agent {
             if outbox.len() > 0 && self.stats.mode() != Mode::Autonomous {
                 self.stats.set_mode(Mode::Reconciling, &self.config.agent_id);
                 while let Some(entry) = outbox.front() {
-                    if self.send(&entry).await.is_err() {
+                    let timeout = Duration::from_millis(self.config.orchestrator_timeout_ms);
+                    if !matches!(tokio::time::timeout(timeout, self.send(&entry)).await, Ok(Ok(()))) {
                         break;
                     }
                     self.stats.reconciled.fetch_add(1, Ordering::Relaxed);
