@@ -490,6 +490,8 @@ impl Agent {
                 tracing::info!(task_id = entry.task_id, fence = entry.fence, "result superseded: another lease owns the task now");
                 Ok(())
             }
+            // Overload and unavailability are not answers about the result: try again later.
+            Err(error @ Error::Api { status: 429 | 503, .. }) => Err(error),
             Err(Error::Api { code, message, .. }) => {
                 self.contact();
                 tracing::warn!(task_id = entry.task_id, %code, %message, "result refused");

@@ -17,6 +17,13 @@ use std::time::{Duration, Instant};
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
+    /// `throughput` (default), `overload` (open-loop load at multiples of
+    /// capacity) or `backlog` (an outage under load, then the drain).
+    #[arg(default_value = "throughput")]
+    pub scenario: String,
+    /// Where `overload` writes its CSV and SVG.
+    #[arg(long, default_value = "bench-results")]
+    pub out_dir: std::path::PathBuf,
     /// Nodes in the local cluster (1 or 3 or 5).
     #[arg(long, default_value_t = 1)]
     pub nodes: u64,
@@ -60,6 +67,15 @@ struct Shared {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.scenario.as_str() {
+        "throughput" => throughput(args).await,
+        "overload" => crate::overload::overload(args).await,
+        "backlog" => crate::overload::backlog(args).await,
+        other => anyhow::bail!("unknown scenario {other:?}: use throughput, overload or backlog"),
+    }
+}
+
+async fn throughput(args: BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let fsync_per_second = measure_fsync(dir.path(), 300)?;
     println!("disk baseline: {fsync_per_second:.0} fsyncs/s (4 KiB write + fdatasync, same file system)");
@@ -122,7 +138,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// The highest Raft term any node reports: it grows by one per election.
-async fn cluster_term(http: &reqwest::Client, addrs: &[String]) -> u64 {
+pub async fn cluster_term(http: &reqwest::Client, addrs: &[String]) -> u64 {
     let mut term = 0;
     for addr in addrs {
         if let Ok(response) = http.get(format!("http://{addr}/v1/cluster")).send().await {

@@ -83,6 +83,23 @@ impl LocalCluster {
         }
     }
 
+    /// Peak resident memory (VmHWM) of each running node, in KiB.
+    pub fn peak_rss_kib(&self) -> Vec<(u64, u64)> {
+        let mut peaks = Vec::new();
+        for node in self.nodes.values() {
+            let Some(child) = &node.child else { continue };
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) else { continue };
+            let peak = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse().ok())
+                .unwrap_or(0);
+            peaks.push((node.id, peak));
+        }
+        peaks
+    }
+
     /// The leader as a running node reports it.
     pub async fn leader(&self) -> Option<u64> {
         for node in self.nodes.values().filter(|n| n.child.is_some()) {

@@ -5,6 +5,7 @@
 
 mod bench;
 mod launcher;
+mod overload;
 mod client_commands;
 mod demo;
 mod exec_agent;

@@ -130,6 +130,24 @@ pub const CLIENT_HEADER: &str = "x-phalanx-client";
 /// admitted by the node that received it and is not counted twice.
 async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Response {
     let now = Instant::now();
+    // A bound on requests being served at once (long-polls aside): past it the
+    // node answers 429 at once instead of queueing work it cannot finish soon.
+    // Only new work is bounded this way: completes, failures, extensions and
+    // heartbeats finish work already admitted, and refusing them would waste it.
+    let path = request.uri().path();
+    let new_work = request.method() == Method::POST && (path == "/v1/tasks" || path == "/v1/tasks/batch");
+    let _slot = if !new_work {
+        None
+    } else {
+        match node.requests_in_flight.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
+                let message = format!("requests_in_flight_max ({}) requests are being served", node.config.requests_in_flight_max);
+                return ApiError::overloaded("overloaded", message, 100).into_response();
+            }
+        }
+    };
     if !request.headers().contains_key(FORWARDED_HEADER) {
         let client = match request.headers().get(CLIENT_HEADER).and_then(|v| v.to_str().ok()) {
             Some(name) => name.chars().take(128).collect::<String>(),

@@ -35,6 +35,8 @@ pub struct NodeConfig {
     pub proposals_in_flight_max: usize,
     /// Long-polls waiting at once on this node.
     pub pollers_max: usize,
+    /// Other requests being served at once on this node; past it, 429 at once.
+    pub requests_in_flight_max: usize,
     /// Bytes of one HTTP request body.
     pub request_bytes_max: usize,
     /// How long a write may wait for commit before the client hears `timeout`.
@@ -64,6 +66,7 @@ impl NodeConfig {
             batch_commands_max: 1024,
             proposals_in_flight_max: 8,
             pollers_max: 10_000,
+            requests_in_flight_max: 1024,
             request_bytes_max: 4 * 1024 * 1024,
             write_timeout_ms: 10_000,
             client_rate_per_second: 20_000.0,

@@ -55,6 +55,7 @@ pub struct Node {
     /// When each peer last answered this node's Raft RPCs.
     pub peer_contacts: Arc<Mutex<BTreeMap<u64, Instant>>>,
     pub pollers: Arc<Semaphore>,
+    pub requests_in_flight: Arc<Semaphore>,
     pub rate_limiter: crate::admission::RateLimiter,
     pub stats: NodeStats,
 }
@@ -152,6 +153,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(64).build()?;
     let node = Arc::new(Node {
         pollers: Arc::new(Semaphore::new(config.pollers_max)),
+        requests_in_flight: Arc::new(Semaphore::new(config.requests_in_flight_max)),
         rate_limiter: crate::admission::RateLimiter::new(
             config.client_rate_per_second,
             config.client_burst,
