@@ -107,6 +107,9 @@ pub struct ServerArgs {
     pub election_timeout_max_ms: u64,
     #[arg(long, default_value_t = 20_000)]
     pub snapshot_logs_since_last: u64,
+    /// Log entries kept behind a snapshot for followers that lag a little.
+    #[arg(long, default_value_t = 1_000)]
+    pub snapshot_logs_kept: u64,
     /// A bootstrap file of `key = value` lines; its values override the flags.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -129,6 +132,7 @@ impl ServerArgs {
         config.election_timeout_min_ms = self.election_timeout_min_ms;
         config.election_timeout_max_ms = self.election_timeout_max_ms;
         config.snapshot_logs_since_last = self.snapshot_logs_since_last;
+        config.snapshot_logs_kept = self.snapshot_logs_kept;
         config.client_rate_per_second = self.client_rate_per_second;
         config.client_burst = self.client_burst;
         if let Some(path) = &self.config {

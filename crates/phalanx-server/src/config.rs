@@ -27,6 +27,8 @@ pub struct NodeConfig {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and compact the log) after this many entries.
     pub snapshot_logs_since_last: u64,
+    /// Log entries kept behind a snapshot, for followers that lag a little.
+    pub snapshot_logs_kept: u64,
     /// Period of the leader's timer loop (agent expiry, Tick proposals).
     pub timer_interval_ms: u64,
     /// Commands in one log entry (group commit).
@@ -62,6 +64,7 @@ impl NodeConfig {
             election_timeout_min_ms: 100,
             election_timeout_max_ms: 200,
             snapshot_logs_since_last: 20_000,
+            snapshot_logs_kept: 1_000,
             timer_interval_ms: 100,
             batch_commands_max: 1024,
             proposals_in_flight_max: 8,
@@ -132,6 +135,7 @@ impl NodeConfig {
                 "election_timeout_min_ms" => self.election_timeout_min_ms = number_of(value)?,
                 "election_timeout_max_ms" => self.election_timeout_max_ms = number_of(value)?,
                 "snapshot_logs_since_last" => self.snapshot_logs_since_last = number_of(value)?,
+                "snapshot_logs_kept" => self.snapshot_logs_kept = number_of(value)?,
                 "client_rate_per_second" => self.client_rate_per_second = number_of(value)? as f64,
                 "client_burst" => self.client_burst = number_of(value)? as f64,
                 other => return Err(at(format!("unknown key {other:?}"))),

@@ -114,7 +114,7 @@ pub fn raft_config(config: &NodeConfig) -> anyhow::Result<openraft::Config> {
         election_timeout_min: config.election_timeout_min_ms,
         election_timeout_max: config.election_timeout_max_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs_since_last),
-        max_in_snapshot_log_to_keep: 1000,
+        max_in_snapshot_log_to_keep: config.snapshot_logs_kept,
         max_payload_entries: 256,
         ..Default::default()
     };

@@ -1,0 +1,87 @@
+//! Membership at run time on real processes: a node added through the API
+//! (learner, then voter) catches up by snapshot; a removed node's id is never
+//! accepted again; a node that was down through many snapshots rejoins.
+
+mod common;
+
+use common::{assert_error, free_port, Cluster, Server};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+async fn submit_many(cluster: &Cluster, node: u64, count: usize, tag: &str) {
+    for chunk in 0..count / 50 {
+        let tasks: Vec<_> = (0..50).map(|i| json!({"queue": "m", "payload": format!("{tag}-{chunk}-{i}")})).collect();
+        let (status, body) = cluster.post(node, "/v1/tasks/batch", &json!({ "tasks": tasks })).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+async fn applied(cluster: &Cluster, node: u64) -> u64 {
+    cluster.get(node, "/v1/cluster").await.unwrap().1["last_applied"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_by_snapshot_leave_for_good_and_rejoin_after_many_snapshots() {
+    // Snapshots every 20 entries, so a late node must catch up by snapshot.
+    let extra = ["--snapshot-logs-since-last", "20", "--snapshot-logs-kept", "0"];
+    let mut cluster = Cluster::start(3, &extra).await;
+    submit_many(&cluster, 1, 500, "before").await;
+
+    // Node 4 joins at run time.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut node4 = Server {
+        id: 4,
+        addr: addr.clone(),
+        data_dir: cluster.dir.path().join("node-4"),
+        peers: String::new(),
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        child: None,
+    };
+    // A joining node is started without --peers and initialises nothing: it waits to be contacted.
+    node4.extra.extend(["--advertise".to_string(), addr.clone()]);
+    node4.peers = format!("1={},4={addr}", cluster.addr(1));
+    node4.spawn();
+    cluster.servers.insert(4, node4);
+    let (status, body) = cluster.post(2, "/v1/cluster/members", &json!({"node_id": 4, "addr": addr})).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (_, info) = cluster.get(1, "/v1/cluster").await.unwrap();
+    let members: Vec<u64> = info["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();
+    assert_eq!(members, [1, 2, 3, 4]);
+    let start = Instant::now();
+    while applied(&cluster, 4).await < applied(&cluster, 1).await {
+        assert!(start.elapsed() < Duration::from_secs(30), "node 4 did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, task) = cluster.get(4, "/v1/tasks/1?stale=true").await.unwrap();
+    assert_eq!(task["payload"], "before-0-0", "node 4 holds the state from before it joined");
+
+    // Node 3 is removed; its id can never come back.
+    let response = cluster.http.delete(cluster.url(1, "/v1/cluster/members/3")).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    cluster.servers.get_mut(&3).unwrap().kill9();
+    let again = cluster.post(1, "/v1/cluster/members", &json!({"node_id": 3, "addr": cluster.addr(3)})).await.unwrap();
+    assert_error(&again, 409, "node_id_reused");
+
+    // Node 2 goes down through many snapshots, then comes back and catches up.
+    cluster.servers.get_mut(&2).unwrap().kill9();
+    // One entry per submit: 300 entries, about fifteen snapshots, while node 2 is down.
+    for i in 0..300 {
+        let (status, _) = cluster.post(1, "/v1/tasks", &json!({"queue": "m", "payload": format!("down-{i}")})).await.unwrap();
+        assert_eq!(status, 201);
+    }
+    let (_, info) = cluster.get(1, "/v1/cluster").await.unwrap();
+    assert!(info["snapshot_index"].as_u64().unwrap() > 250, "snapshots were taken: {info}");
+    cluster.servers.get_mut(&2).unwrap().spawn();
+    let start = Instant::now();
+    loop {
+        if let Ok((200, info)) = cluster.get(2, "/v1/cluster").await {
+            if info["last_applied"].as_u64().unwrap_or(0) >= applied(&cluster, 1).await {
+                break;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "node 2 did not rejoin");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, listed) = cluster.get(2, "/v1/tasks?stale=true&queue=m&state=pending&limit=1000").await.unwrap();
+    assert_eq!(listed["tasks"].as_array().unwrap().len(), 800, "every task is on the rejoined node");
+}
