@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AgentConfig {
     pub nodes: Vec<String>,
     pub token: Option<String>,
@@ -34,7 +34,15 @@ pub struct AgentConfig {
     pub orchestrator_timeout_ms: u64,
     /// Where the outbox lives; `None` keeps no outbox (results are retried in memory only).
     pub outbox_dir: Option<PathBuf>,
+    /// Local work the agent may do while autonomous, within the budget below.
+    pub autonomous_handler: Option<AutonomousHandler>,
+    /// Autonomy budget: runs of the autonomous handler, and seconds since going autonomous.
+    pub autonomy_tasks_max: u32,
+    pub autonomy_seconds_max: u64,
 }
+
+/// Local work for an autonomous agent (no cluster task: nothing to fence).
+pub type AutonomousHandler = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 impl AgentConfig {
     pub fn new(nodes: Vec<String>, agent_id: impl Into<String>, capabilities: Vec<String>) -> AgentConfig {
@@ -48,6 +56,9 @@ impl AgentConfig {
             poll_wait_ms: 10_000,
             orchestrator_timeout_ms: 5_000,
             outbox_dir: None,
+            autonomous_handler: None,
+            autonomy_tasks_max: 0,
+            autonomy_seconds_max: 0,
         }
     }
 }
@@ -182,6 +193,7 @@ impl Mode {
 
 #[derive(Default)]
 pub struct AgentStats {
+    pub autonomous_runs: AtomicU64,
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub superseded: AtomicU64,
@@ -266,6 +278,8 @@ pub struct Agent {
     epoch: AtomicU64,
     /// When a node last answered this agent.
     last_contact: Mutex<Instant>,
+    /// When the agent last went autonomous.
+    autonomous_since: Mutex<Option<Instant>>,
 }
 
 impl Agent {
@@ -286,6 +300,7 @@ impl Agent {
             outbox,
             epoch: AtomicU64::new(0),
             last_contact: Mutex::new(Instant::now()),
+            autonomous_since: Mutex::new(None),
         }))
     }
 
@@ -384,6 +399,7 @@ impl Agent {
                 }
                 Err(error) => {
                     self.note_failure(&error);
+                    self.autonomy_step().await;
                     tokio::time::sleep(crate::client::backoff(3, Duration::from_millis(100), Duration::from_secs(1))).await;
                 }
             }
@@ -395,6 +411,22 @@ impl Agent {
         let _ = flusher.await;
         let _ = self.client.deregister(&self.config.agent_id, self.epoch.load(Ordering::SeqCst)).await;
         Ok(())
+    }
+
+    /// While autonomous, runs the declared local work within the autonomy budget.
+    async fn autonomy_step(&self) {
+        let Some(work) = &self.config.autonomous_handler else { return };
+        if self.stats.mode() != Mode::Autonomous {
+            *self.autonomous_since.lock().expect("autonomy lock") = None;
+            return;
+        }
+        let since = *self.autonomous_since.lock().expect("autonomy lock").get_or_insert_with(Instant::now);
+        let within_time = since.elapsed() <= Duration::from_secs(self.config.autonomy_seconds_max);
+        let within_count = self.stats.autonomous_runs.load(Ordering::Relaxed) < self.config.autonomy_tasks_max as u64;
+        if within_time && within_count {
+            self.stats.autonomous_runs.fetch_add(1, Ordering::Relaxed);
+            work().await;
+        }
     }
 
     fn start(self: Arc<Self>, grant: LeaseGrant, sent_at: Instant, slots: Arc<Semaphore>) {

@@ -9,5 +9,5 @@ pub mod agent;
 pub mod client;
 pub mod outbox;
 
-pub use agent::{handler, Agent, AgentConfig, HandlerError, Mode, TaskContext};
+pub use agent::{handler, Agent, AgentConfig, AutonomousHandler, HandlerError, Mode, TaskContext};
 pub use client::{Client, Error, LeaseGrant, SubmitRequest, Task, TaskState};

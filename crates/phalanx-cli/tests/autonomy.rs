@@ -48,6 +48,10 @@ async fn a_cut_off_agent_keeps_its_result_and_is_reconciled() {
     let id = submitted["task_id"].as_u64().unwrap();
     let mut agent_config = config(&cluster, "cut-off", &outbox);
     agent_config.lease_ttl_ms = 30_000;
+    // Local work while cut off, within a budget of two runs.
+    agent_config.autonomous_handler = Some(Arc::new(|| Box::pin(async {})));
+    agent_config.autonomy_tasks_max = 2;
+    agent_config.autonomy_seconds_max = 60;
     let agent = Agent::new(agent_config, handler(slow)).unwrap();
     let stop = Arc::new(tokio::sync::Notify::new());
     let running = {
@@ -66,6 +70,9 @@ async fn a_cut_off_agent_keeps_its_result_and_is_reconciled() {
     cluster.servers.get_mut(&1).unwrap().kill9();
     wait_until("the result reaching the outbox", Duration::from_secs(10), || agent.outbox_len() == 1).await;
     assert_eq!(agent.stats.mode(), Mode::Autonomous);
+    wait_until("autonomous work", Duration::from_secs(10), || agent.stats.autonomous_runs.load(Ordering::Relaxed) == 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(agent.stats.autonomous_runs.load(Ordering::Relaxed), 2, "the autonomy budget holds");
     cluster.servers.get_mut(&1).unwrap().spawn();
     cluster.wait_ready(1, Duration::from_secs(30)).await;
     wait_until("the outbox draining", Duration::from_secs(20), || agent.outbox_len() == 0).await;
