@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// Clients stop submitting while this many tasks wait, so the queue stays bounded.
     #[arg(long, default_value_t = 20_000)]
     pub backlog_max: u64,
+    /// Tasks pushed through by `soak`.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub tasks: u64,
     /// Leader SIGKILLs to measure the write outage (cluster mode only).
     #[arg(long, default_value_t = 0)]
     pub kills: u32,
@@ -71,6 +74,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "throughput" => throughput(args).await,
         "overload" => crate::overload::overload(args).await,
         "backlog" => crate::overload::backlog(args).await,
+        "soak" => soak(args).await,
         other => anyhow::bail!("unknown scenario {other:?}: use throughput, overload or backlog"),
     }
 }
@@ -148,6 +152,116 @@ pub async fn cluster_term(http: &reqwest::Client, addrs: &[String]) -> u64 {
         }
     }
     term
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            total += if path.is_dir() { dir_bytes(&path) } else { entry.metadata().map(|m| m.len()).unwrap_or(0) };
+        }
+    }
+    total
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Pushes `--tasks` tasks through one node and samples its memory and disk
+/// every 5 s: both must level off (finished tasks are compacted past
+/// `finished_tasks_max`, the log past each snapshot).
+async fn soak(args: BenchArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = LocalCluster::start(1, dir.path(), &[]).await?;
+    let addrs = cluster.addrs();
+    let pid = cluster.pid(1).context("node pid")?;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        measuring: AtomicBool::new(false),
+        submitted: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        submitted_at: Mutex::new(Default::default()),
+        submit_latency_us: Mutex::new(Vec::new()),
+        complete_latency_us: Mutex::new(Vec::new()),
+        end_to_end_us: Mutex::new(Vec::new()),
+    });
+    let mut handles = Vec::new();
+    for i in 0..args.agents {
+        handles.push(tokio::spawn(agent_loop(http.clone(), addrs[0].clone(), format!("soak-agent-{i}"), args.clone(), shared.clone())));
+    }
+    for _ in 0..args.clients {
+        handles.push(tokio::spawn(client_loop(http.clone(), addrs[0].clone(), args.clone(), shared.clone())));
+    }
+    let started = Instant::now();
+    let mut rows = vec!["seconds,tasks_completed,rss_mib,disk_mib,tasks_in_state".to_string()];
+    let mut samples = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let done = shared.completed.load(Ordering::Relaxed);
+        let rss = rss_kib(pid) as f64 / 1024.0;
+        let disk = dir_bytes(dir.path()) as f64 / (1024.0 * 1024.0);
+        let in_state = match http.get(format!("http://{}/v1/status?stale=true", addrs[0])).send().await {
+            Ok(r) => r.json::<Value>().await.map(|v| v["tasks"].as_u64().unwrap_or(0)).unwrap_or(0),
+            Err(_) => 0,
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        println!("{seconds:>6.0} s: {done:>8} tasks done, RSS {rss:>7.1} MiB, disk {disk:>7.1} MiB, {in_state} tasks kept");
+        rows.push(format!("{seconds:.0},{done},{rss:.1},{disk:.1},{in_state}"));
+        samples.push((done as f64, rss, disk));
+        if done >= args.tasks {
+            break;
+        }
+    }
+    shared.stop.store(true, Ordering::SeqCst);
+    for handle in handles {
+        let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+    }
+    std::fs::create_dir_all(&args.out_dir)?;
+    std::fs::write(args.out_dir.join("soak.csv"), rows.join("\n") + "\n")?;
+    std::fs::write(args.out_dir.join("soak.svg"), soak_svg(&samples))?;
+    println!("wrote {}/soak.csv and soak.svg", args.out_dir.display());
+    Ok(())
+}
+
+fn soak_svg(samples: &[(f64, f64, f64)]) -> String {
+    let (width, height, margin) = (640.0, 360.0, 60.0);
+    let x_max = samples.iter().map(|s| s.0).fold(1.0, f64::max);
+    let y_max = samples.iter().map(|s| s.1.max(s.2)).fold(1.0, f64::max) * 1.1;
+    let x = |v: f64| margin + v / x_max * (width - 2.0 * margin);
+    let y = |v: f64| height - margin - v / y_max * (height - 2.0 * margin);
+    let line = |pick: &dyn Fn(&(f64, f64, f64)) -> f64| {
+        samples.iter().map(|s| format!("{:.1},{:.1}", x(s.0), y(pick(s)))).collect::<Vec<_>>().join(" ")
+    };
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="20" text-anchor="middle" font-size="14">Soak: one node, {:.0} tasks</text>
+<line x1="{margin}" y1="{}" x2="{}" y2="{}" stroke="black"/>
+<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{}" stroke="black"/>
+<text x="{}" y="{}" text-anchor="middle">tasks completed</text>
+<text x="{}" y="{margin}" fill="#555">{:.0} MiB</text>
+<polyline points="{}" fill="none" stroke="#1f77b4" stroke-width="2"/>
+<polyline points="{}" fill="none" stroke="#2ca02c" stroke-width="2"/>
+<text x="{}" y="40" fill="#1f77b4">resident memory</text>
+<text x="{}" y="55" fill="#2ca02c">data directory on disk</text>
+</svg>
+"##,
+        width / 2.0, x_max,
+        height - margin, width - margin, height - margin,
+        height - margin,
+        width / 2.0, height - 20.0,
+        5.0, y_max,
+        line(&|s| s.1),
+        line(&|s| s.2),
+        width - 200.0, width - 200.0,
+    )
 }
 
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {

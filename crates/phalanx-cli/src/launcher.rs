@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub struct LocalNode {
     pub id: u64,
     pub addr: String,
+    pub raft_addr: String,
     data_dir: PathBuf,
     child: Option<Child>,
 }
@@ -32,12 +33,13 @@ impl LocalCluster {
         let mut nodes = BTreeMap::new();
         for id in 1..=count {
             let addr = format!("127.0.0.1:{}", free_port()?);
-            nodes.insert(id, LocalNode { id, addr, data_dir: dir.join(format!("node-{id}")), child: None });
+            let raft_addr = format!("127.0.0.1:{}", free_port()?);
+            nodes.insert(id, LocalNode { id, addr, raft_addr, data_dir: dir.join(format!("node-{id}")), child: None });
         }
         let peers = if count == 1 {
             String::new()
         } else {
-            nodes.values().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",")
+            nodes.values().map(|n| format!("{}={}/{}", n.id, n.addr, n.raft_addr)).collect::<Vec<_>>().join(",")
         };
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
         let mut cluster = LocalCluster { nodes, peers, extra: extra.to_vec(), http };
@@ -57,7 +59,8 @@ impl LocalCluster {
         let exe = std::env::current_exe().context("finding the phalanx binary")?;
         let node = self.nodes.get_mut(&id).context("no such node")?;
         let child = Command::new(exe)
-            .args(["server", "--node-id", &id.to_string(), "--listen", &node.addr, "--peers", &self.peers])
+            .args(["server", "--node-id", &id.to_string(), "--listen", &node.addr, "--raft-listen", &node.raft_addr])
+            .args(["--peers", &self.peers])
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(&self.extra)
@@ -81,6 +84,10 @@ impl LocalCluster {
         if let Some(child) = &self.nodes[&id].child {
             let _ = Command::new("kill").args([format!("-{signal}"), child.id().to_string()]).status();
         }
+    }
+
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes.get(&id)?.child.as_ref().map(|c| c.id())
     }
 
     /// Peak resident memory (VmHWM) of each running node, in KiB.

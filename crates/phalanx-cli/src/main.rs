@@ -91,9 +91,14 @@ pub struct ServerArgs {
     pub advertise: Option<String>,
     #[arg(long, default_value = "./phalanx-data")]
     pub data_dir: PathBuf,
-    /// Initial voters, e.g. 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003
+    /// Initial voters, e.g. 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003;
+    /// with separate Raft listeners, ID=API_ADDR/RAFT_ADDR.
     #[arg(long, default_value = "")]
     pub peers: String,
+    /// A separate listener for Raft RPCs, served by dedicated threads so that
+    /// client load cannot starve consensus (recommended for clusters).
+    #[arg(long)]
+    pub raft_listen: Option<SocketAddr>,
     #[arg(long, env = "PHALANX_CLIENT_TOKEN", hide_env_values = true)]
     pub client_token: Option<String>,
     #[arg(long, env = "PHALANX_PEER_TOKEN", hide_env_values = true)]
@@ -127,6 +132,7 @@ impl ServerArgs {
         config.advertise = self.advertise.clone();
         config.peers = phalanx_server::config::parse_peers(&self.peers).map_err(anyhow::Error::msg)?;
         config.client_token = self.client_token.clone();
+        config.raft_listen = self.raft_listen;
         config.peer_token = self.peer_token.clone();
         config.raft_keepalive_ms = self.raft_keepalive_ms;
         config.election_timeout_min_ms = self.election_timeout_min_ms;
@@ -139,8 +145,9 @@ impl ServerArgs {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             config.apply_file(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;
         }
-        if let Some(advertise) = &config.advertise {
-            config.peers.entry(self.node_id).or_insert_with(|| advertise.clone());
+        if config.advertise.is_some() && !config.peers.is_empty() {
+            let me = config.member();
+            config.peers.entry(self.node_id).or_insert(me);
         }
         config.validate().map_err(anyhow::Error::msg)?;
         Ok(config)

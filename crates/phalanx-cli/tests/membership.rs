@@ -29,9 +29,11 @@ async fn nodes_join_by_snapshot_leave_for_good_and_rejoin_after_many_snapshots()
 
     // Node 4 joins at run time.
     let addr = format!("127.0.0.1:{}", free_port());
+    let raft_addr = format!("127.0.0.1:{}", free_port());
     let mut node4 = Server {
         id: 4,
         addr: addr.clone(),
+        raft_addr: raft_addr.clone(),
         data_dir: cluster.dir.path().join("node-4"),
         peers: String::new(),
         extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -39,10 +41,11 @@ async fn nodes_join_by_snapshot_leave_for_good_and_rejoin_after_many_snapshots()
     };
     // A joining node is started without --peers and initialises nothing: it waits to be contacted.
     node4.extra.extend(["--advertise".to_string(), addr.clone()]);
-    node4.peers = format!("1={},4={addr}", cluster.addr(1));
+    node4.peers = format!("1={}/{},4={addr}/{raft_addr}", cluster.addr(1), cluster.servers[&1].raft_addr);
     node4.spawn();
     cluster.servers.insert(4, node4);
-    let (status, body) = cluster.post(2, "/v1/cluster/members", &json!({"node_id": 4, "addr": addr})).await.unwrap();
+    let body = json!({"node_id": 4, "addr": addr, "raft_addr": raft_addr});
+    let (status, body) = cluster.post(2, "/v1/cluster/members", &body).await.unwrap();
     assert_eq!(status, 200, "{body}");
     let (_, info) = cluster.get(1, "/v1/cluster").await.unwrap();
     let members: Vec<u64> = info["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect();

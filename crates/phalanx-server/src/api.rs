@@ -43,13 +43,22 @@ const LIST_LIMIT_MAX: usize = 1000;
 /// Raft RPC bodies carry log batches and snapshot chunks.
 const RAFT_REQUEST_BYTES_MAX: usize = 256 * 1024 * 1024;
 
-pub fn router(node: Arc<Node>) -> Router {
-    let raft = Router::new()
+/// The Raft RPC routes alone, for a node's separate Raft listener.
+pub fn raft_router(node: Arc<Node>) -> Router {
+    raft_routes(node.clone()).with_state(node)
+}
+
+fn raft_routes(node: Arc<Node>) -> Router<Node_> {
+    Router::new()
         .route("/raft/append", post(raft_append))
         .route("/raft/vote", post(raft_vote))
         .route("/raft/snapshot", post(raft_snapshot))
         .layer(DefaultBodyLimit::max(RAFT_REQUEST_BYTES_MAX))
-        .layer(middleware::from_fn_with_state(node.clone(), require_peer_token));
+        .layer(middleware::from_fn_with_state(node, require_peer_token))
+}
+
+pub fn router(node: Arc<Node>) -> Router {
+    let raft = raft_routes(node.clone());
     let routed = Router::new()
         .route("/v1/tasks", post(submit).get(list_tasks))
         .route("/v1/tasks/batch", post(submit_batch))
@@ -911,7 +920,8 @@ async fn cluster(State(node): State<Node_>) -> ApiResult {
             };
             json!({
                 "id": id,
-                "addr": member.addr,
+                "addr": member.api,
+                "raft_addr": member.raft,
                 "voter": voters.contains(id),
                 "matched_index": matched,
                 "last_contact_ms": last_contact_ms,
@@ -937,6 +947,8 @@ async fn cluster(State(node): State<Node_>) -> ApiResult {
 struct AddMemberBody {
     node_id: u64,
     addr: String,
+    /// The node's Raft listener, when separate from `addr`.
+    raft_addr: Option<String>,
 }
 
 fn membership_error(error: impl std::fmt::Display) -> ApiError {
@@ -963,7 +975,7 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
     if retired {
         return Err(ApiError::new(StatusCode::CONFLICT, "node_id_reused", format!("node id {} was removed before; node ids are never reused", body.node_id)));
     }
-    node.raft.add_learner(body.node_id, openraft::BasicNode::new(body.addr.clone()), true).await.map_err(membership_error)?;
+    node.raft.add_learner(body.node_id, crate::raft_types::Member::new(body.addr.clone(), body.raft_addr.clone().unwrap_or_else(|| body.addr.clone())), true).await.map_err(membership_error)?;
     let mut new_voters = voters;
     new_voters.insert(body.node_id);
     node.raft.change_membership(new_voters, false).await.map_err(membership_error)?;

@@ -4,6 +4,7 @@
 //! that every replica must agree on live in the replicated state
 //! (`phalanx_core::Limits`).
 
+use crate::raft_types::Member;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,7 +17,10 @@ pub struct NodeConfig {
     pub advertise: Option<String>,
     pub data_dir: PathBuf,
     /// Initial voters, including this node, by id. Empty: a one-node cluster.
-    pub peers: BTreeMap<u64, String>,
+    pub peers: BTreeMap<u64, Member>,
+    /// A separate listener for Raft RPCs, served by its own threads, so that
+    /// client load cannot starve consensus. `None`: Raft shares `listen`.
+    pub raft_listen: Option<SocketAddr>,
     /// Token clients and agents must present (`Authorization: Bearer`).
     pub client_token: Option<String>,
     /// Token nodes present to each other on `/raft/*` and forwarded requests.
@@ -58,6 +62,7 @@ impl NodeConfig {
             advertise: None,
             data_dir,
             peers: BTreeMap::new(),
+            raft_listen: None,
             client_token: None,
             peer_token: None,
             raft_keepalive_ms: 30,
@@ -80,6 +85,16 @@ impl NodeConfig {
 
     pub fn advertise_addr(&self) -> String {
         self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// This node as a member: its API address and its Raft address.
+    pub fn member(&self) -> Member {
+        if let Some(me) = self.peers.get(&self.node_id) {
+            return me.clone();
+        }
+        let api = self.advertise_addr();
+        let raft = self.raft_listen.map(|a| a.to_string()).unwrap_or_else(|| api.clone());
+        Member::new(api, raft)
     }
 
     /// Refuses configurations that would run insecurely or cannot work.
@@ -131,6 +146,9 @@ impl NodeConfig {
                 "advertise" => self.advertise = Some(value.to_string()),
                 "data_dir" => self.data_dir = PathBuf::from(value),
                 "peers" => self.peers = parse_peers(value).map_err(at)?,
+                "raft_listen" => {
+                    self.raft_listen = Some(value.parse().map_err(|_| at(format!("raft_listen: {value:?} is not HOST:PORT")))?)
+                }
                 "raft_keepalive_ms" => self.raft_keepalive_ms = number_of(value)?,
                 "election_timeout_min_ms" => self.election_timeout_min_ms = number_of(value)?,
                 "election_timeout_max_ms" => self.election_timeout_max_ms = number_of(value)?,
@@ -145,13 +163,18 @@ impl NodeConfig {
     }
 }
 
-/// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
-pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, String> {
+/// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`, each address optionally
+/// followed by `/RAFT_ADDR` when the node has a separate Raft listener.
+pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, Member>, String> {
     let mut peers = BTreeMap::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part.split_once('=').ok_or_else(|| format!("peer {part:?} is not ID=ADDR"))?;
+        let (id, addr) = part.split_once('=').ok_or_else(|| format!("peer {part:?} is not ID=ADDR[/RAFT_ADDR]"))?;
         let id: u64 = id.trim().parse().map_err(|_| format!("peer id {id:?} is not a number"))?;
-        if peers.insert(id, addr.trim().to_string()).is_some() {
+        let member = match addr.trim().split_once('/') {
+            Some((api, raft)) => Member::new(api.trim(), raft.trim()),
+            None => Member::new(addr.trim(), addr.trim()),
+        };
+        if peers.insert(id, member).is_some() {
             return Err(format!("peer id {id} appears twice"));
         }
     }

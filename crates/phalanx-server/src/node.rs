@@ -13,7 +13,8 @@ use crate::proposer::{wall_clock_ms, Proposer};
 use crate::raft_types::Raft;
 use crate::store::{self, StateMachineShared};
 use anyhow::Context;
-use openraft::{BasicNode, ServerState};
+use crate::raft_types::Member;
+use openraft::ServerState;
 use phalanx_core::Command;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -75,7 +76,7 @@ impl Node {
         let metrics = metrics.borrow();
         let leader_id = metrics.current_leader?;
         let node = metrics.membership_config.membership().get_node(&leader_id)?;
-        Some((leader_id, node.addr.clone()))
+        Some((leader_id, node.api.clone()))
     }
 }
 
@@ -83,15 +84,26 @@ impl Node {
 pub struct Running {
     pub node: Arc<Node>,
     pub addr: std::net::SocketAddr,
+    pub raft_addr: Option<std::net::SocketAddr>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The threads that run consensus when Raft has its own listener.
+    raft_runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.raft_runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Running {
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.shutdown_tx.send(true);
         let _ = self.node.raft.shutdown().await;
-        self.server.await??;
+        (&mut self.server).await??;
         Ok(())
     }
 
@@ -131,25 +143,56 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let raft_config = Arc::new(raft_config(&config)?);
     let network = Network::new(config.peer_token.clone());
     let peer_contacts = network.contacts.clone();
-    let raft = Raft::new(config.node_id, raft_config, network, log_store, state_machine).await?;
+
+    // With a Raft listener of its own, consensus (the Raft core, storage,
+    // apply, the proposer, the timers and the Raft RPC server) runs on
+    // dedicated threads: client load on the API threads cannot delay a
+    // keep-alive into an election.
+    let raft_runtime = match config.raft_listen {
+        Some(_) => Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("phalanx-raft")
+                .enable_all()
+                .build()
+                .context("starting the Raft threads")?,
+        ),
+        None => None,
+    };
+    let consensus = raft_runtime.as_ref().map(|r| r.handle().clone()).unwrap_or_else(tokio::runtime::Handle::current);
+    let node_id = config.node_id;
+    let raft = consensus
+        .spawn(async move { Raft::new(node_id, raft_config, network, log_store, state_machine).await })
+        .await??;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let raft_listener = match config.raft_listen {
+        Some(raft_listen) => Some(
+            consensus
+                .spawn(async move { tokio::net::TcpListener::bind(raft_listen).await })
+                .await?
+                .with_context(|| format!("binding the Raft listener {raft_listen}"))?,
+        ),
+        None => None,
+    };
+    let raft_addr = raft_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let mut config = config;
     if config.advertise.is_none() {
         config.advertise = Some(addr.to_string());
     }
+    if let Some(raft_addr) = raft_addr {
+        config.raft_listen = Some(raft_addr);
+    }
 
     initialize_if_first(&raft, &config).await?;
 
-    let proposer = Proposer::start(
-        raft.clone(),
-        config.batch_commands_max,
-        config.proposals_in_flight_max,
-        config.write_timeout_ms,
-    );
+    let proposer = {
+        let _inside = consensus.enter();
+        Proposer::start(raft.clone(), config.batch_commands_max, config.proposals_in_flight_max, config.write_timeout_ms)
+    };
     let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(64).build()?;
     let node = Arc::new(Node {
         pollers: Arc::new(Semaphore::new(config.pollers_max)),
@@ -170,7 +213,18 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     });
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(timer_loop(node.clone(), shutdown_rx.clone()));
+    consensus.spawn(timer_loop(node.clone(), shutdown_rx.clone()));
+    if let Some(raft_listener) = raft_listener {
+        let router = crate::api::raft_router(node.clone());
+        let mut raft_shutdown = shutdown_rx.clone();
+        consensus.spawn(async move {
+            let _ = axum::serve(raft_listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = raft_shutdown.wait_for(|stop| *stop).await;
+                })
+                .await;
+        });
+    }
     let router = crate::api::router(node.clone());
     let mut server_shutdown = shutdown_rx;
     let server = tokio::spawn(async move {
@@ -180,18 +234,18 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
             })
             .await
     });
-    tracing::info!(node_id = node.id(), %addr, "node serving");
-    Ok(Running { node, addr, shutdown_tx, server })
+    tracing::info!(node_id = node.id(), %addr, ?raft_addr, "node serving");
+    Ok(Running { node, addr, raft_addr, shutdown_tx, server, raft_runtime })
 }
 
 /// A fresh cluster is initialised by exactly one node: the lowest id among
 /// the initial voters (or the only node). Others wait to be contacted. A node
 /// whose storage already holds a log or vote skips this, so restarts are safe.
 async fn initialize_if_first(raft: &Raft, config: &NodeConfig) -> anyhow::Result<()> {
-    let members: BTreeMap<u64, BasicNode> = if config.peers.is_empty() {
-        BTreeMap::from([(config.node_id, BasicNode::new(config.advertise_addr()))])
+    let members: BTreeMap<u64, Member> = if config.peers.is_empty() {
+        BTreeMap::from([(config.node_id, config.member())])
     } else {
-        config.peers.iter().map(|(id, addr)| (*id, BasicNode::new(addr.clone()))).collect()
+        config.peers.clone()
     };
     let first = *members.keys().next().expect("at least this node");
     if first != config.node_id {

@@ -9,10 +9,10 @@
 //! of the fsynced log after the snapshot on restart.
 //! redb is synchronous, so every call runs on tokio's blocking threads.
 
-use crate::raft_types::{LogId, NodeId, StorageError, TypeConfig};
+use crate::raft_types::{LogId, Member, NodeId, StorageError, TypeConfig};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    BasicNode, Entry, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
+    Entry, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
     StoredMembership, Vote,
 };
 use phalanx_core::{Limits, Response, State};
@@ -48,7 +48,7 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + '
 
 pub struct StateMachineData {
     pub last_applied: Option<LogId>,
-    pub last_membership: StoredMembership<NodeId, BasicNode>,
+    pub last_membership: StoredMembership<NodeId, Member>,
     pub state: State,
 }
 
@@ -63,7 +63,7 @@ pub struct StateMachineShared {
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
     last_applied: Option<LogId>,
-    last_membership: StoredMembership<NodeId, BasicNode>,
+    last_membership: StoredMembership<NodeId, Member>,
     state: State,
 }
 
@@ -94,7 +94,7 @@ pub fn open(data_dir: &Path) -> anyhow::Result<(LogStore, StateMachineStore)> {
     Ok((LogStore { db }, state_machine))
 }
 
-fn read_snapshot(db: &Database) -> anyhow::Result<Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>> {
+fn read_snapshot(db: &Database) -> anyhow::Result<Option<(SnapshotMeta<NodeId, Member>, Vec<u8>)>> {
     let txn = db.begin_read()?;
     let table = txn.open_table(SNAPSHOT)?;
     let (Some(meta), Some(data)) = (table.get("meta")?, table.get("data")?) else { return Ok(None) };
@@ -102,7 +102,7 @@ fn read_snapshot(db: &Database) -> anyhow::Result<Option<(SnapshotMeta<NodeId, B
     Ok(Some((meta, data.value().to_vec())))
 }
 
-fn write_snapshot(db: &Database, meta: &SnapshotMeta<NodeId, BasicNode>, bytes: &[u8]) -> Result<()> {
+fn write_snapshot(db: &Database, meta: &SnapshotMeta<NodeId, Member>, bytes: &[u8]) -> Result<()> {
     let signature = Some(meta.signature());
     let fail = |error: &dyn std::error::Error| -> StorageError {
         StorageIOError::write_snapshot(signature.clone(), openraft::AnyError::error(error.to_string())).into()
@@ -317,7 +317,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = StateMachineStore;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>)> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership<NodeId, Member>)> {
         let data = self.shared.data.read().expect("state lock");
         Ok((data.last_applied, data.last_membership.clone()))
     }
@@ -357,7 +357,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
+        meta: &SnapshotMeta<NodeId, Member>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<()> {
         let bytes = snapshot.into_inner();

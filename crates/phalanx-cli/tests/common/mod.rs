@@ -16,6 +16,7 @@ pub fn free_port() -> u16 {
 pub struct Server {
     pub id: u64,
     pub addr: String,
+    pub raft_addr: String,
     pub data_dir: PathBuf,
     pub peers: String,
     pub extra: Vec<String>,
@@ -27,7 +28,7 @@ impl Server {
         assert!(self.child.is_none(), "node {} already running", self.id);
         let mut command = Command::new(env!("CARGO_BIN_EXE_phalanx"));
         command
-            .args(["server", "--node-id", &self.id.to_string(), "--listen", &self.addr])
+            .args(["server", "--node-id", &self.id.to_string(), "--listen", &self.addr, "--raft-listen", &self.raft_addr])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--peers", &self.peers])
@@ -68,17 +69,20 @@ impl Cluster {
     /// Starts `n` nodes (n = 1: a one-node cluster without --peers).
     pub async fn start(n: u64, extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let addrs: BTreeMap<u64, String> = (1..=n).map(|id| (id, format!("127.0.0.1:{}", free_port()))).collect();
+        let addrs: BTreeMap<u64, (String, String)> = (1..=n)
+            .map(|id| (id, (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()))))
+            .collect();
         let peers = if n == 1 {
             String::new()
         } else {
-            addrs.iter().map(|(id, addr)| format!("{id}={addr}")).collect::<Vec<_>>().join(",")
+            addrs.iter().map(|(id, (api, raft))| format!("{id}={api}/{raft}")).collect::<Vec<_>>().join(",")
         };
         let mut servers = BTreeMap::new();
-        for (id, addr) in &addrs {
+        for (id, (addr, raft_addr)) in &addrs {
             let mut server = Server {
                 id: *id,
                 addr: addr.clone(),
+                raft_addr: raft_addr.clone(),
                 data_dir: dir.path().join(format!("node-{id}")),
                 peers: peers.clone(),
                 extra: extra.iter().map(|s| s.to_string()).collect(),
