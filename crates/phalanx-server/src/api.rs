@@ -190,6 +190,15 @@ fn wants_stale(request: &Request) -> bool {
 }
 
 async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next) -> Response {
+    // A node that cannot make progress says so at once, so clients move on
+    // instead of waiting out a write that cannot commit here.
+    let started = node.storage_health.write_started_ms.load(Ordering::Relaxed);
+    if started != 0 && proposer::wall_clock_ms().saturating_sub(started) > crate::node::STORAGE_STALL_MS {
+        let leader = node.leader().filter(|(id, _)| *id != node.id()).map(|(_, addr)| addr);
+        return ApiError::unavailable("not_ready", "this node's storage has stalled", 200)
+            .with_leader_hint(leader)
+            .into_response();
+    }
     if wants_stale(&request) || request.headers().contains_key(FORWARDED_HEADER) || node.is_leader() {
         return next.run(request).await;
     }
@@ -1005,22 +1014,13 @@ async fn remove_member(State(node): State<Node_>, Path(id): Path<String>) -> Api
 /// Ready means useful: a leader is known and this node's applied state is
 /// not far behind its log.
 async fn ready(State(node): State<Node_>) -> ApiResult {
-    let metrics = node.raft.metrics().borrow().clone();
-    let applied = metrics.last_applied.map(|l| l.index).unwrap_or(0);
-    let last_log = metrics.last_log_index.unwrap_or(0);
-    let problem = if let Err(fatal) = &metrics.running_state {
-        Some(format!("raft stopped: {fatal}"))
-    } else if metrics.current_leader.is_none() {
-        Some("no leader known".to_string())
-    } else if last_log.saturating_sub(applied) > 10_000 {
-        Some(format!("apply lag {} entries", last_log - applied))
-    } else {
-        None
-    };
-    match problem {
-        None => Ok(Json(json!({"ready": true, "leader_id": metrics.current_leader, "last_applied": applied})).into_response()),
-        Some(reason) => Err(ApiError::unavailable("not_ready", reason, 500)),
+    let problems = node.problems();
+    if problems.is_empty() {
+        let metrics = node.raft.metrics().borrow().clone();
+        let applied = metrics.last_applied.map(|l| l.index).unwrap_or(0);
+        return Ok(Json(json!({"ready": true, "leader_id": metrics.current_leader, "last_applied": applied})).into_response());
     }
+    Err(ApiError::unavailable("not_ready", problems.join("; "), 500))
 }
 
 async fn metrics(State(node): State<Node_>) -> ApiResult {

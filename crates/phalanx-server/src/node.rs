@@ -53,6 +53,10 @@ pub struct Node {
     /// For forwarding requests to the leader.
     pub http: reqwest::Client,
     pub liveness: Mutex<Liveness>,
+    pub storage_health: Arc<crate::store::StorageHealth>,
+    /// Worst scheduling delay seen recently on the API threads [0] and the
+    /// consensus threads [1]: a stalled event loop is a node that looks alive.
+    pub event_loop_lag_ms: [AtomicU64; 2],
     /// When each peer last answered this node's Raft RPCs.
     pub peer_contacts: Arc<Mutex<BTreeMap<u64, Instant>>>,
     pub pollers: Arc<Semaphore>,
@@ -140,6 +144,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let (log_store, state_machine) =
         store::open(&config.data_dir).with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
     let shared = state_machine.shared();
+    let storage_health = log_store.health.clone();
     let raft_config = Arc::new(raft_config(&config)?);
     let network = Network::new(config.peer_token.clone());
     let peer_contacts = network.contacts.clone();
@@ -209,11 +214,15 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         http,
         liveness: Mutex::new(Liveness::default()),
         peer_contacts,
+        storage_health,
+        event_loop_lag_ms: [AtomicU64::new(0), AtomicU64::new(0)],
         stats: NodeStats::default(),
     });
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     consensus.spawn(timer_loop(node.clone(), shutdown_rx.clone()));
+    tokio::spawn(watchdog(node.clone(), 0, shutdown_rx.clone()));
+    consensus.spawn(watchdog(node.clone(), 1, shutdown_rx.clone()));
     if let Some(raft_listener) = raft_listener {
         let router = crate::api::raft_router(node.clone());
         let mut raft_shutdown = shutdown_rx.clone();
@@ -236,6 +245,80 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     });
     tracing::info!(node_id = node.id(), %addr, ?raft_addr, "node serving");
     Ok(Running { node, addr, raft_addr, shutdown_tx, server, raft_runtime })
+}
+
+/// Event loop lag past which a node is not ready.
+pub const EVENT_LOOP_LAG_MS_MAX: u64 = 1_000;
+/// A log write in progress for longer than this is a stalled disk.
+pub const STORAGE_STALL_MS: u64 = 2_000;
+
+/// Measures how late a 100 ms timer fires: the worst lag of the last five
+/// seconds is what readiness sees.
+async fn watchdog(node: Arc<Node>, slot: usize, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let period = Duration::from_millis(100);
+    let mut worst = 0u64;
+    let mut window = Instant::now();
+    loop {
+        let before = Instant::now();
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.changed() => return,
+        }
+        let lag = before.elapsed().saturating_sub(period).as_millis() as u64;
+        worst = worst.max(lag);
+        node.event_loop_lag_ms[slot].fetch_max(worst, Ordering::Relaxed);
+        if window.elapsed() > Duration::from_secs(5) {
+            node.event_loop_lag_ms[slot].store(worst, Ordering::Relaxed);
+            worst = 0;
+            window = Instant::now();
+        }
+    }
+}
+
+impl Node {
+    /// Why this node is not useful right now, if it is not: no leader known,
+    /// apply far behind, a stalled disk or event loop, or (as leader) no
+    /// contact with a quorum.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let (running, leader, applied, last_log, quorum_ack) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            (
+                m.running_state.clone().err().map(|e| e.to_string()),
+                m.current_leader,
+                m.last_applied.map(|l| l.index).unwrap_or(0),
+                m.last_log_index.unwrap_or(0),
+                m.millis_since_quorum_ack,
+            )
+        };
+        if let Some(fatal) = running {
+            problems.push(format!("raft stopped: {fatal}"));
+        }
+        if leader.is_none() {
+            problems.push("no leader known".into());
+        }
+        if last_log.saturating_sub(applied) > 10_000 {
+            problems.push(format!("apply lag {} entries", last_log - applied));
+        }
+        let started = self.storage_health.write_started_ms.load(Ordering::Relaxed);
+        if started != 0 && wall_clock_ms().saturating_sub(started) > STORAGE_STALL_MS {
+            problems.push(format!("storage write stalled for {} ms", wall_clock_ms() - started));
+        }
+        for (slot, name) in ["api", "consensus"].iter().enumerate() {
+            let lag = self.event_loop_lag_ms[slot].load(Ordering::Relaxed);
+            if lag > EVENT_LOOP_LAG_MS_MAX {
+                problems.push(format!("{name} event loop stalled {lag} ms"));
+            }
+        }
+        if leader == Some(self.id()) {
+            let limit = self.config.election_timeout_max_ms * 3;
+            if quorum_ack.is_some_and(|ms| ms > limit) {
+                problems.push(format!("leader has had no quorum contact for {} ms", quorum_ack.unwrap_or(0)));
+            }
+        }
+        problems
+    }
 }
 
 /// A fresh cluster is initialised by exactly one node: the lowest id among
@@ -268,6 +351,7 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leading_term: Option<u64> = None;
     let mut guard = PolicyGuard::default();
+    let mut stepped_down: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -279,8 +363,33 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             (metrics.state, metrics.vote.leader_id().term, metrics.current_leader)
         };
         if state != ServerState::Leader || leader != Some(node.id()) {
+            if stepped_down.take().is_some() {
+                // Another node leads now: take part in elections again.
+                node.raft.runtime_config().heartbeat(true);
+                node.raft.runtime_config().elect(true);
+            }
             leading_term = None;
             continue;
+        }
+        // A leader whose disk has stalled hands leadership over: it stops its
+        // keep-alives so a healthy follower times out and is elected.
+        let started = node.storage_health.write_started_ms.load(Ordering::Relaxed);
+        let storage_stalled = started != 0 && wall_clock_ms().saturating_sub(started) > STORAGE_STALL_MS;
+        if storage_stalled && stepped_down.is_none() {
+            tracing::error!("storage stalled on the leader: stepping down");
+            node.raft.runtime_config().heartbeat(false);
+            node.raft.runtime_config().elect(false);
+            stepped_down = Some(Instant::now());
+            continue;
+        }
+        if let Some(at) = stepped_down {
+            if storage_stalled || at.elapsed() < Duration::from_millis(node.config.election_timeout_max_ms * 5) {
+                continue;
+            }
+            // No one took over (a one-node cluster, or no healthy peer): lead again.
+            node.raft.runtime_config().heartbeat(true);
+            node.raft.runtime_config().elect(true);
+            stepped_down = None;
         }
         if leading_term != Some(term) {
             // New leadership: every agent starts with a fresh time-to-live.

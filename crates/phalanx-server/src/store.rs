@@ -91,7 +91,12 @@ pub fn open(data_dir: &Path) -> anyhow::Result<(LogStore, StateMachineStore)> {
     let shared = Arc::new(StateMachineShared { data: RwLock::new(data), applied_tx: tokio::sync::watch::channel(applied).0 });
     let state_machine =
         StateMachineStore { db: db.clone(), shared, snapshot_counter: Arc::new(AtomicU64::new(snapshot_counter)) };
-    Ok((LogStore { db }, state_machine))
+    let log = LogStore {
+        db,
+        health: Arc::default(),
+        stall_failpoint: Arc::new(data_dir.join("failpoint-stall-storage")),
+    };
+    Ok((log, state_machine))
 }
 
 fn read_snapshot(db: &Database) -> anyhow::Result<Option<(SnapshotMeta<NodeId, Member>, Vec<u8>)>> {
@@ -119,9 +124,27 @@ fn write_snapshot(db: &Database, meta: &SnapshotMeta<NodeId, Member>, bytes: &[u
 
 // ---- the log ----
 
+/// How storage is doing, read by readiness: a write that has been in progress
+/// for long means a node that looks alive but cannot make progress.
+#[derive(Default)]
+pub struct StorageHealth {
+    /// Wall-clock milliseconds when the log write in progress started (0: none).
+    pub write_started_ms: AtomicU64,
+    /// Duration of the last completed log write, in microseconds.
+    pub last_write_us: AtomicU64,
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    pub health: Arc<StorageHealth>,
+    /// Failpoint for tests of "up but not working": while this file exists in
+    /// the data directory, log writes wait, as on a disk that has stalled.
+    stall_failpoint: Arc<std::path::PathBuf>,
 }
 
 impl LogStore {
@@ -235,16 +258,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             encoded.push((entry.log_id.index, serde_json::to_vec(&entry).map_err(write_error)?));
         }
         let db = self.db.clone();
+        let health = self.health.clone();
+        let failpoint = self.stall_failpoint.clone();
         let result = blocking(move || {
-            let txn = db.begin_write().map_err(write_error)?;
+            let started = std::time::Instant::now();
+            health.write_started_ms.store(wall_ms(), Ordering::Relaxed);
+            while failpoint.exists() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let outcome = (|| {
+                let txn = db.begin_write().map_err(write_error)?;
             {
                 let mut table = txn.open_table(LOG).map_err(write_error)?;
                 for (index, bytes) in &encoded {
                     table.insert(*index, bytes.as_slice()).map_err(write_error)?;
                 }
             }
-            // Commit with Durability::Immediate (redb's default): fsynced on return.
-            txn.commit().map_err(write_error)
+                // Commit with Durability::Immediate (redb's default): fsynced on return.
+                txn.commit().map_err(write_error)
+            })();
+            health.last_write_us.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            health.write_started_ms.store(0, Ordering::Relaxed);
+            outcome
         })
         .await;
         match &result {
