@@ -476,8 +476,8 @@ impl Client {
         self.get("/v1/status").await
     }
 
-    pub async fn add_member(&self, node_id: u64, addr: &str) -> Result<Value, Error> {
-        self.post("/v1/cluster/members", json!({"node_id": node_id, "addr": addr})).await
+    pub async fn add_member(&self, node_id: u64, addr: &str, raft_addr: Option<&str>) -> Result<Value, Error> {
+        self.post("/v1/cluster/members", json!({"node_id": node_id, "addr": addr, "raft_addr": raft_addr})).await
     }
 
     pub async fn remove_member(&self, node_id: u64) -> Result<Value, Error> {

@@ -56,6 +56,7 @@ pub struct BenchArgs {
     pub server_args: String,
 }
 
+#[derive(Default)]
 struct Shared {
     stop: AtomicBool,
     measuring: AtomicBool,
@@ -88,17 +89,7 @@ async fn throughput(args: BenchArgs) -> anyhow::Result<()> {
     let addrs = cluster.addrs();
     println!("cluster: {} node(s) at {}", args.nodes, addrs.join(","));
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
-    let shared = Arc::new(Shared {
-        stop: AtomicBool::new(false),
-        measuring: AtomicBool::new(false),
-        submitted: AtomicU64::new(0),
-        completed: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        submitted_at: Mutex::new(Default::default()),
-        submit_latency_us: Mutex::new(Vec::new()),
-        complete_latency_us: Mutex::new(Vec::new()),
-        end_to_end_us: Mutex::new(Vec::new()),
-    });
+    let shared = Arc::new(Shared::default());
     let mut handles = Vec::new();
     for i in 0..args.agents {
         // Agents spread over all nodes: followers forward to the leader.
@@ -181,17 +172,7 @@ async fn soak(args: BenchArgs) -> anyhow::Result<()> {
     let addrs = cluster.addrs();
     let pid = cluster.pid(1).context("node pid")?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
-    let shared = Arc::new(Shared {
-        stop: AtomicBool::new(false),
-        measuring: AtomicBool::new(false),
-        submitted: AtomicU64::new(0),
-        completed: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        submitted_at: Mutex::new(Default::default()),
-        submit_latency_us: Mutex::new(Vec::new()),
-        complete_latency_us: Mutex::new(Vec::new()),
-        end_to_end_us: Mutex::new(Vec::new()),
-    });
+    let shared = Arc::new(Shared::default());
     let mut handles = Vec::new();
     for i in 0..args.agents {
         handles.push(tokio::spawn(agent_loop(http.clone(), addrs[0].clone(), format!("soak-agent-{i}"), args.clone(), shared.clone())));

@@ -47,8 +47,12 @@ pub enum ClusterCommand {
     Add {
         #[arg(long)]
         node_id: u64,
+        /// The node's client address.
         #[arg(long)]
         addr: String,
+        /// The node's Raft address, when it has a separate `--raft-listen`.
+        #[arg(long)]
+        raft_addr: Option<String>,
     },
     /// Remove a voter.
     Remove {
@@ -91,7 +95,7 @@ pub async fn run_task(connect: &Connect, command: TaskCommand) -> anyhow::Result
 pub async fn run_cluster(connect: &Connect, command: ClusterCommand) -> anyhow::Result<()> {
     let client = client(connect)?;
     let answer = match command {
-        ClusterCommand::Add { node_id, addr } => client.add_member(node_id, &addr).await?,
+        ClusterCommand::Add { node_id, addr, raft_addr } => client.add_member(node_id, &addr, raft_addr.as_deref()).await?,
         ClusterCommand::Remove { node_id } => client.remove_member(node_id).await?,
     };
     print(&answer);
