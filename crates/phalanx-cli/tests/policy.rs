@@ -94,3 +94,26 @@ fn a_corrupt_bootstrap_file_stops_the_node_naming_the_line() {
     assert!(stderr.contains("line 3") && stderr.contains("election_timeout_min_ms"), "{stderr}");
     assert!(!dir.path().join("data").exists(), "nothing was started or written");
 }
+
+#[tokio::test]
+async fn finished_tasks_and_their_idempotency_keys_leave_after_their_time_to_live() {
+    let cluster = Cluster::start(1, &[]).await;
+    let (status, answer) = cluster.put(1, "/v1/config", &json!({"set": {"finished_task_ttl_ms": 300}})).await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, first) = cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": 1, "idempotency_key": "once"})).await.unwrap();
+    let id = first["task_id"].as_u64().unwrap();
+    cluster.post(1, &format!("/v1/tasks/{id}/cancel"), &json!({})).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let (status, _) = cluster.get(1, &format!("/v1/tasks/{id}")).await.unwrap();
+        if status == 404 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the finished task was kept past its time-to-live");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The key went with it: the same key now creates a new task.
+    let (_, again) = cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": 1, "idempotency_key": "once"})).await.unwrap();
+    assert_eq!(again["deduplicated"], false);
+    assert_ne!(again["task_id"].as_u64().unwrap(), id);
+}

@@ -43,6 +43,9 @@ pub struct Limits {
     pub delegation_hops_max: u32,
     /// Terminal tasks kept for reads; the oldest are compacted out past this.
     pub finished_tasks_max: usize,
+    /// And none is kept longer than this after it finished. A task's
+    /// idempotency key leaves with it: keys live this long past the task's end.
+    pub finished_task_ttl_ms: u64,
     /// Tasks one wait may name, and the longest wait.
     pub wait_tasks_max: usize,
     pub wait_ms_max: u64,
@@ -72,7 +75,7 @@ impl Limits {
     /// time-to-live more than twice the heartbeat interval, backoff ordered.
     pub fn validate(&self) -> Result<(), Invalid> {
         let fail = |field: &'static str, reason: String| Err(Invalid { field, reason });
-        let positive: [(&'static str, u64); 27] = [
+        let positive: [(&'static str, u64); 28] = [
             ("payload_bytes_max", self.payload_bytes_max as u64),
             ("result_bytes_max", self.result_bytes_max as u64),
             ("queue_tasks_max", self.queue_tasks_max as u64),
@@ -94,6 +97,7 @@ impl Limits {
             ("idempotency_keys_max", self.idempotency_keys_max as u64),
             ("delegation_hops_max", self.delegation_hops_max as u64),
             ("finished_tasks_max", self.finished_tasks_max as u64),
+            ("finished_task_ttl_ms", self.finished_task_ttl_ms),
             ("wait_tasks_max", self.wait_tasks_max as u64),
             ("wait_ms_max", self.wait_ms_max),
             ("agent_ttl_ms", self.agent_ttl_ms),
@@ -158,6 +162,7 @@ impl Default for Limits {
             idempotency_keys_max: 1_000_000,
             delegation_hops_max: 25,
             finished_tasks_max: 200_000,
+            finished_task_ttl_ms: 7 * 24 * 3600 * 1000,
             wait_tasks_max: 1_000,
             wait_ms_max: 24 * 3600 * 1000,
             agent_ttl_ms: 10_000,

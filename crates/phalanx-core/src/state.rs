@@ -326,6 +326,7 @@ impl State {
             self.lease_expiry.first().map(|(at, _)| at + 1),
             self.lease_progress.first().map(|(at, _)| at.saturating_add(self.limits.stall_timeout_ms) + 1),
             self.deadlines.first().map(|(at, _)| at + 1),
+            self.finished.first().map(|(at, _)| at.saturating_add(self.limits.finished_task_ttl_ms) + 1),
         ]
         .into_iter()
         .flatten()
@@ -393,6 +394,14 @@ impl State {
             } else {
                 self.make_ready(id);
             }
+        }
+        // Retention by age: finished tasks (and their idempotency keys) leave
+        // `finished_task_ttl_ms` after they finished.
+        while let Some(&(finished_ms, _)) = self.finished.first() {
+            if finished_ms.saturating_add(self.limits.finished_task_ttl_ms) >= now {
+                break;
+            }
+            self.compact_finished(1);
         }
         while let Some(&(until, id)) = self.wait_deadlines.first() {
             if until >= now {
