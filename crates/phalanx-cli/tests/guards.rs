@@ -156,3 +156,32 @@ async fn a_stalled_but_alive_agent_is_detected_and_its_task_completed_by_another
     let (_, final_task) = cluster.get(1, &format!("/v1/tasks/{task}")).await.unwrap();
     assert_eq!(final_task["result"], "ok");
 }
+
+#[tokio::test]
+async fn a_queue_no_agent_serves_is_reported_then_its_tasks_carry_an_error() {
+    let cluster = Cluster::start(1, &[]).await;
+    let (status, answer) = cluster.put(1, "/v1/config", &json!({"set": {"unserved_grace_ms": 300}})).await;
+    assert_eq!(status, 200, "{answer}");
+    Agent::register(&cluster, "someone-else", &["other"]).await;
+    let (_, submitted) = submit(&cluster, json!({"queue": "nobody", "payload": 1})).await;
+    let id = submitted["task_id"].as_u64().unwrap();
+    let (_, status_body) = cluster.get(1, "/v1/status").await.unwrap();
+    assert_eq!(status_body["unserved_queues"], json!(["nobody"]), "reported at once: {status_body}");
+    let start = std::time::Instant::now();
+    loop {
+        let (_, task) = cluster.get(1, &format!("/v1/tasks/{id}")).await.unwrap();
+        if let Some(error) = task["error"].as_str() {
+            assert!(error.starts_with("unserved: no registered agent serves queue \"nobody\""), "{error}");
+            assert_eq!(task["state"], "pending", "still waiting: an agent may yet come");
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "no error after the grace period: {task}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // An agent for the queue arrives: it is served, and no longer reported.
+    let agent = Agent::register(&cluster, "finally", &["nobody"]).await;
+    let (leased, _) = agent.lease("nobody").await;
+    assert_eq!(leased, id);
+    let (_, status_body) = cluster.get(1, "/v1/status").await.unwrap();
+    assert_eq!(status_body["unserved_queues"], json!([]));
+}

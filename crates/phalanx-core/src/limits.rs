@@ -53,6 +53,9 @@ pub struct Limits {
     /// expired; agents are told to heartbeat every `agent_heartbeat_interval_ms`.
     pub agent_ttl_ms: u64,
     pub agent_heartbeat_interval_ms: u64,
+    /// A queue with waiting tasks and no registered agent that serves it is
+    /// reported at once; after this long its waiting tasks carry an error.
+    pub unserved_grace_ms: u64,
     /// After a policy change, how long the leader watches for dispatch to
     /// stall before rolling the change back.
     pub policy_guard_ms: u64,
@@ -75,7 +78,7 @@ impl Limits {
     /// time-to-live more than twice the heartbeat interval, backoff ordered.
     pub fn validate(&self) -> Result<(), Invalid> {
         let fail = |field: &'static str, reason: String| Err(Invalid { field, reason });
-        let positive: [(&'static str, u64); 28] = [
+        let positive: [(&'static str, u64); 29] = [
             ("payload_bytes_max", self.payload_bytes_max as u64),
             ("result_bytes_max", self.result_bytes_max as u64),
             ("queue_tasks_max", self.queue_tasks_max as u64),
@@ -103,6 +106,7 @@ impl Limits {
             ("agent_ttl_ms", self.agent_ttl_ms),
             ("agent_heartbeat_interval_ms", self.agent_heartbeat_interval_ms),
             ("policy_guard_ms", self.policy_guard_ms),
+            ("unserved_grace_ms", self.unserved_grace_ms),
             ("stall_timeout_ms", self.stall_timeout_ms),
         ];
         for (field, value) in positive {
@@ -168,6 +172,7 @@ impl Default for Limits {
             agent_ttl_ms: 10_000,
             agent_heartbeat_interval_ms: 2_000,
             policy_guard_ms: 10_000,
+            unserved_grace_ms: 60_000,
             stall_timeout_ms: 10 * 60 * 1000,
         }
     }

@@ -195,6 +195,11 @@ pub struct State {
     policy_version: u64,
     /// Earlier and current policies, newest last, at most `POLICY_HISTORY_MAX`.
     policy_history: Vec<PolicyVersion>,
+    /// Registered agents per capability.
+    servers_per_queue: BTreeMap<String, u32>,
+    /// Queues with ready tasks and no agent serving them: since when (log time),
+    /// and whether their tasks were already marked after the grace period.
+    unserved_since: BTreeMap<String, (u64, bool)>,
     /// Ids of nodes removed from the cluster; never to be reused.
     retired_nodes: BTreeSet<u64>,
     counters: Counters,
@@ -287,9 +292,33 @@ impl State {
     pub fn unserved_queues(&self) -> Vec<String> {
         self.ready
             .iter()
-            .filter(|(queue, set)| !set.is_empty() && !self.agents.values().any(|a| a.capabilities.contains(*queue)))
+            .filter(|(queue, set)| !set.is_empty() && self.servers_per_queue.get(*queue).copied().unwrap_or(0) == 0)
             .map(|(queue, _)| queue.clone())
             .collect()
+    }
+
+    /// Tracks unserved queues; past the grace period their waiting tasks get
+    /// an error saying why nothing happens (they stay pending: an agent may
+    /// still come).
+    fn check_unserved(&mut self) {
+        let now = self.now_ms;
+        let unserved = self.unserved_queues();
+        self.unserved_since.retain(|queue, _| unserved.contains(queue));
+        for queue in unserved {
+            let (since, marked) = *self.unserved_since.entry(queue.clone()).or_insert((now, false));
+            if marked || now.saturating_sub(since) <= self.limits.unserved_grace_ms {
+                continue;
+            }
+            let waiting: Vec<u64> = self.ready.get(&queue).map(|set| set.iter().map(|(_, id)| *id).collect()).unwrap_or_default();
+            for id in waiting {
+                let task = self.tasks.get_mut(&id).expect("ready task exists");
+                task.error = Some(format!(
+                    "unserved: no registered agent serves queue {queue:?} (for {} ms)",
+                    now.saturating_sub(since)
+                ));
+            }
+            self.unserved_since.insert(queue, (since, true));
+        }
     }
 
     /// Whether any of these queues has a task that could be leased now.
@@ -327,6 +356,11 @@ impl State {
             self.lease_progress.first().map(|(at, _)| at.saturating_add(self.limits.stall_timeout_ms) + 1),
             self.deadlines.first().map(|(at, _)| at + 1),
             self.finished.first().map(|(at, _)| at.saturating_add(self.limits.finished_task_ttl_ms) + 1),
+            self.unserved_since
+                .values()
+                .filter(|(_, marked)| !marked)
+                .map(|(since, _)| since.saturating_add(self.limits.unserved_grace_ms) + 1)
+                .min(),
         ]
         .into_iter()
         .flatten()
@@ -343,6 +377,7 @@ impl State {
         self.now_ms = self.now_ms.max(request.now_ms);
         self.advance_time();
         let outcomes = request.commands.iter().map(|command| self.apply_command(index, command)).collect();
+        self.check_unserved();
         Response { outcomes }
     }
 
@@ -584,6 +619,9 @@ impl State {
         }
         let epoch = self.agent_epochs.get(agent_id).copied().unwrap_or(0) + 1;
         self.agent_epochs.insert(agent_id.to_string(), epoch);
+        for capability in capabilities {
+            *self.servers_per_queue.entry(capability.clone()).or_default() += 1;
+        }
         let agent = Agent {
             id: agent_id.to_string(),
             capabilities: capabilities.clone(),
@@ -616,6 +654,13 @@ impl State {
         }
         let agent = self.agents.remove(agent_id).expect("checked above");
         assert!(agent.leased_task_ids.is_empty(), "every lease of a removed agent is released");
+        for capability in &agent.capabilities {
+            let count = self.servers_per_queue.get_mut(capability).expect("counted at registration");
+            *count -= 1;
+            if *count == 0 {
+                self.servers_per_queue.remove(capability);
+            }
+        }
         Ok(())
     }
 
@@ -1090,6 +1135,13 @@ impl State {
         assert_eq!(leased, self.lease_progress.len());
         let held: usize = self.agents.values().map(|a| a.leased_task_ids.len()).sum();
         assert_eq!(held, leased, "every lease is held by exactly one agent");
+        let mut servers: BTreeMap<String, u32> = BTreeMap::new();
+        for agent in self.agents.values() {
+            for capability in &agent.capabilities {
+                *servers.entry(capability.clone()).or_default() += 1;
+            }
+        }
+        assert_eq!(servers, self.servers_per_queue, "agents per capability");
         let open: u64 = self.open_per_queue.values().sum();
         assert_eq!(open as usize, self.tasks.values().filter(|t| !t.state.is_terminal()).count());
     }
