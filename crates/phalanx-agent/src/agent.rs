@@ -121,12 +121,8 @@ impl TaskContext {
         request.parent_fence = Some(self.fence);
         // Keyed by parent and child content: a retried spawn, or a re-run of
         // the parent after its lease moved, finds the same child.
-        request.idempotency_key = Some(format!(
-            "child-{}-{}-{:016x}",
-            self.task.id,
-            queue,
-            phalanx_hash(&request.payload.to_string())
-        ));
+        request.idempotency_key =
+            Some(format!("child-{}-{}-{:016x}", self.task.id, queue, phalanx_hash(&request.payload.to_string())));
         Ok(self.client.submit(&request).await?.task_id)
     }
 
@@ -287,7 +283,8 @@ impl Agent {
         let client = Client::new(config.nodes.clone(), config.token.clone())?.with_name(config.agent_id.clone());
         let outbox = match &config.outbox_dir {
             Some(dir) => Some(Arc::new(
-                Outbox::open(&dir.join(format!("{}.outbox", config.agent_id))).map_err(|e| Error::Decode(e.to_string()))?,
+                Outbox::open(&dir.join(format!("{}.outbox", config.agent_id)))
+                    .map_err(|e| Error::Decode(e.to_string()))?,
             )),
             None => None,
         };
@@ -329,10 +326,8 @@ impl Agent {
     }
 
     async fn register(&self) -> Result<u64, Error> {
-        let registered = self
-            .client
-            .register(&self.config.agent_id, &self.config.capabilities, self.config.concurrency)
-            .await?;
+        let registered =
+            self.client.register(&self.config.agent_id, &self.config.capabilities, self.config.concurrency).await?;
         self.epoch.store(registered.epoch, Ordering::SeqCst);
         self.contact();
         Ok(registered.heartbeat_interval_ms)
@@ -400,7 +395,8 @@ impl Agent {
                 Err(error) => {
                     self.note_failure(&error);
                     self.autonomy_step().await;
-                    tokio::time::sleep(crate::client::backoff(3, Duration::from_millis(100), Duration::from_secs(1))).await;
+                    tokio::time::sleep(crate::client::backoff(3, Duration::from_millis(100), Duration::from_secs(1)))
+                        .await;
                 }
             }
         }
@@ -433,12 +429,20 @@ impl Agent {
         let now = Instant::now();
         if !lease_startable(sent_at, grant.lease_ttl_ms, now) {
             self.stats.refused_expired.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(task_id = grant.task.id, fence = grant.fence, "refusing an instruction already past its lease");
+            tracing::warn!(
+                task_id = grant.task.id,
+                fence = grant.fence,
+                "refusing an instruction already past its lease"
+            );
             return;
         }
         if !self.seen.lock().expect("seen lock").accept(grant.task.id, grant.fence) {
             self.stats.refused_stale.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(task_id = grant.task.id, fence = grant.fence, "refusing a lease older than one already seen");
+            tracing::warn!(
+                task_id = grant.task.id,
+                fence = grant.fence,
+                "refusing a lease older than one already seen"
+            );
             return;
         }
         let Ok(permit) = slots.try_acquire_owned() else {
@@ -447,7 +451,8 @@ impl Agent {
         };
         tokio::spawn(async move {
             let valid_until = sent_at + Duration::from_millis(grant.lease_ttl_ms);
-            let context = TaskContext { task: grant.task.clone(), fence: grant.fence, valid_until, client: self.client.clone() };
+            let context =
+                TaskContext { task: grant.task.clone(), fence: grant.fence, valid_until, client: self.client.clone() };
             let extender = tokio::spawn(self.clone().extend_loop(grant.task.id, grant.fence));
             let outcome = (self.handler)(context).await;
             extender.abort();
@@ -492,9 +497,13 @@ impl Agent {
                         Ok(()) => {
                             self.stats.outboxed.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(io) => tracing::error!(task_id = entry.task_id, %io, "outbox write failed; result lost locally"),
+                        Err(io) => {
+                            tracing::error!(task_id = entry.task_id, %io, "outbox write failed; result lost locally")
+                        }
                     },
-                    None => tracing::error!(task_id = entry.task_id, %error, "could not report a result and no outbox is set"),
+                    None => {
+                        tracing::error!(task_id = entry.task_id, %error, "could not report a result and no outbox is set")
+                    }
                 }
             }
         }
@@ -512,14 +521,22 @@ impl Agent {
         match answer {
             Ok(()) => {
                 self.contact();
-                let counter = if matches!(entry.report, Report::Complete { .. }) { &self.stats.completed } else { &self.stats.failed };
+                let counter = if matches!(entry.report, Report::Complete { .. }) {
+                    &self.stats.completed
+                } else {
+                    &self.stats.failed
+                };
                 counter.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             Err(error) if error.is_superseded() => {
                 self.contact();
                 self.stats.superseded.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(task_id = entry.task_id, fence = entry.fence, "result superseded: another lease owns the task now");
+                tracing::info!(
+                    task_id = entry.task_id,
+                    fence = entry.fence,
+                    "result superseded: another lease owns the task now"
+                );
                 Ok(())
             }
             // Overload and unavailability are not answers about the result: try again later.

@@ -204,8 +204,11 @@ const BACKOFF_CAP: Duration = Duration::from_secs(2);
 
 impl Client {
     pub fn new(nodes: Vec<String>, token: Option<String>) -> Result<Client, Error> {
-        let nodes: Vec<String> =
-            nodes.into_iter().map(|n| n.trim().trim_start_matches("http://").to_string()).filter(|n| !n.is_empty()).collect();
+        let nodes: Vec<String> = nodes
+            .into_iter()
+            .map(|n| n.trim().trim_start_matches("http://").to_string())
+            .filter(|n| !n.is_empty())
+            .collect();
         if nodes.is_empty() {
             return Err(Error::Unavailable("the node list is empty".into()));
         }
@@ -297,8 +300,10 @@ impl Client {
                     // Refusals that changed nothing and may pass on retry, perhaps on another node.
                     let retriable = match status {
                         429 => true,
-                        503 => matches!(code.as_str(), "no_leader" | "not_leader" | "not_ready" | "overloaded")
-                            || retry == Retry::Safe,
+                        503 => {
+                            matches!(code.as_str(), "no_leader" | "not_leader" | "not_ready" | "overloaded")
+                                || retry == Retry::Safe
+                        }
                         _ => false,
                     };
                     if !retriable {
@@ -353,7 +358,8 @@ impl Client {
         let keyed = requests.iter().all(|r| r.idempotency_key.is_some());
         let body = json!({ "tasks": requests });
         let retry = if keyed { Retry::Safe } else { Retry::IfNotSent };
-        let answer: Value = self.call(reqwest::Method::POST, "/v1/tasks/batch", Some(&body), retry, self.request_timeout).await?;
+        let answer: Value =
+            self.call(reqwest::Method::POST, "/v1/tasks/batch", Some(&body), retry, self.request_timeout).await?;
         Ok(answer["results"].as_array().cloned().unwrap_or_default())
     }
 
@@ -389,8 +395,11 @@ impl Client {
     }
 
     pub async fn register(&self, agent_id: &str, capabilities: &[String], capacity: u32) -> Result<Registered, Error> {
-        self.post("/v1/agents/register", json!({"agent_id": agent_id, "capabilities": capabilities, "capacity": capacity}))
-            .await
+        self.post(
+            "/v1/agents/register",
+            json!({"agent_id": agent_id, "capabilities": capabilities, "capacity": capacity}),
+        )
+        .await
     }
 
     pub async fn heartbeat(&self, agent_id: &str, epoch: u64) -> Result<(), Error> {
@@ -430,8 +439,9 @@ impl Client {
     }
 
     pub async fn extend(&self, task_id: u64, fence: u64, lease_ttl_ms: u64) -> Result<u64, Error> {
-        let answer: Value =
-            self.post(&format!("/v1/tasks/{task_id}/extend"), json!({"fence": fence, "lease_ttl_ms": lease_ttl_ms})).await?;
+        let answer: Value = self
+            .post(&format!("/v1/tasks/{task_id}/extend"), json!({"fence": fence, "lease_ttl_ms": lease_ttl_ms}))
+            .await?;
         Ok(answer["valid_until_ms"].as_u64().unwrap_or(0))
     }
 
@@ -463,7 +473,13 @@ impl Client {
             body["expected_version"] = json!(version);
         }
         let answer: Value = self
-            .call(reqwest::Method::PUT, &format!("/v1/conversations/{conversation_id}/{key}"), Some(&body), Retry::Safe, self.request_timeout)
+            .call(
+                reqwest::Method::PUT,
+                &format!("/v1/conversations/{conversation_id}/{key}"),
+                Some(&body),
+                Retry::Safe,
+                self.request_timeout,
+            )
             .await?;
         Ok(answer["version"].as_u64().unwrap_or(0))
     }
@@ -481,8 +497,14 @@ impl Client {
     }
 
     pub async fn remove_member(&self, node_id: u64) -> Result<Value, Error> {
-        self.call(reqwest::Method::DELETE, &format!("/v1/cluster/members/{node_id}"), None, Retry::Safe, self.request_timeout)
-            .await
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/cluster/members/{node_id}"),
+            None,
+            Retry::Safe,
+            self.request_timeout,
+        )
+        .await
     }
 
     pub async fn config_get(&self) -> Result<Value, Error> {

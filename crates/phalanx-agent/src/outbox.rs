@@ -82,7 +82,9 @@ impl Outbox {
     pub fn push(&self, entry: &Entry) -> std::io::Result<()> {
         let mut entries = self.entries.lock().expect("outbox lock");
         if entries.len() >= OUTBOX_ENTRIES_MAX {
-            return Err(std::io::Error::other(format!("outbox holds OUTBOX_ENTRIES_MAX ({OUTBOX_ENTRIES_MAX}) entries")));
+            return Err(std::io::Error::other(format!(
+                "outbox holds OUTBOX_ENTRIES_MAX ({OUTBOX_ENTRIES_MAX}) entries"
+            )));
         }
         let mut file = OpenOptions::new().append(true).open(&self.path)?;
         let mut line = serde_json::to_vec(entry).expect("entry serialises");
@@ -129,7 +131,9 @@ mod tests {
         let path = dir.path().join("a.outbox");
         let outbox = Outbox::open(&path).unwrap();
         for task_id in 1..=3 {
-            outbox.push(&Entry { task_id, fence: 7, report: Report::Complete { result: Value::from(task_id) } }).unwrap();
+            outbox
+                .push(&Entry { task_id, fence: 7, report: Report::Complete { result: Value::from(task_id) } })
+                .unwrap();
         }
         outbox.pop_front().unwrap();
         drop(outbox);
@@ -143,7 +147,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.outbox");
         let outbox = Outbox::open(&path).unwrap();
-        outbox.push(&Entry { task_id: 1, fence: 1, report: Report::Fail { error: "x".into(), retryable: true } }).unwrap();
+        outbox
+            .push(&Entry { task_id: 1, fence: 1, report: Report::Fail { error: "x".into(), retryable: true } })
+            .unwrap();
         drop(outbox);
         OpenOptions::new().append(true).open(&path).unwrap().write_all(br#"{"task_id": 2, "fen"#).unwrap();
         assert_eq!(Outbox::open(&path).unwrap().len(), 1);

@@ -38,7 +38,8 @@ async fn researcher(context: TaskContext) -> Result<Value, HandlerError> {
 async fn writer(context: TaskContext) -> Result<Value, HandlerError> {
     let notes = context.task.payload["notes"].as_array().cloned().unwrap_or_default();
     let text: Vec<String> = notes.iter().filter_map(|n| n.as_str().map(str::to_string)).collect();
-    let essay = format!("Answer to {:?}: {}.", context.task.payload["question"].as_str().unwrap_or(""), text.join("; "));
+    let essay =
+        format!("Answer to {:?}: {}.", context.task.payload["question"].as_str().unwrap_or(""), text.join("; "));
     context.context_put("draft", &json!(essay), None).await?;
     Ok(json!({ "essay": essay }))
 }

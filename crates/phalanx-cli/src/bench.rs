@@ -94,7 +94,13 @@ async fn throughput(args: BenchArgs) -> anyhow::Result<()> {
     for i in 0..args.agents {
         // Agents spread over all nodes: followers forward to the leader.
         let addr = addrs[i % addrs.len()].clone();
-        handles.push(tokio::spawn(agent_loop(http.clone(), addr, format!("bench-agent-{i}"), args.clone(), shared.clone())));
+        handles.push(tokio::spawn(agent_loop(
+            http.clone(),
+            addr,
+            format!("bench-agent-{i}"),
+            args.clone(),
+            shared.clone(),
+        )));
     }
     for i in 0..args.clients {
         let addr = addrs[i % addrs.len()].clone();
@@ -159,7 +165,9 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -175,7 +183,13 @@ async fn soak(args: BenchArgs) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::default());
     let mut handles = Vec::new();
     for i in 0..args.agents {
-        handles.push(tokio::spawn(agent_loop(http.clone(), addrs[0].clone(), format!("soak-agent-{i}"), args.clone(), shared.clone())));
+        handles.push(tokio::spawn(agent_loop(
+            http.clone(),
+            addrs[0].clone(),
+            format!("soak-agent-{i}"),
+            args.clone(),
+            shared.clone(),
+        )));
     }
     for _ in 0..args.clients {
         handles.push(tokio::spawn(client_loop(http.clone(), addrs[0].clone(), args.clone(), shared.clone())));
@@ -193,7 +207,9 @@ async fn soak(args: BenchArgs) -> anyhow::Result<()> {
             Err(_) => 0,
         };
         let seconds = started.elapsed().as_secs_f64();
-        println!("{seconds:>6.0} s: {done:>8} tasks done, RSS {rss:>7.1} MiB, disk {disk:>7.1} MiB, {in_state} tasks kept");
+        println!(
+            "{seconds:>6.0} s: {done:>8} tasks done, RSS {rss:>7.1} MiB, disk {disk:>7.1} MiB, {in_state} tasks kept"
+        );
         rows.push(format!("{seconds:.0},{done},{rss:.1},{disk:.1},{in_state}"));
         samples.push((done as f64, rss, disk));
         if done >= args.tasks {
@@ -234,14 +250,20 @@ fn soak_svg(samples: &[(f64, f64, f64)]) -> String {
 <text x="{}" y="55" fill="#2ca02c">data directory on disk</text>
 </svg>
 "##,
-        width / 2.0, x_max,
-        height - margin, width - margin, height - margin,
+        width / 2.0,
+        x_max,
         height - margin,
-        width / 2.0, height - 20.0,
-        5.0, y_max,
+        width - margin,
+        height - margin,
+        height - margin,
+        width / 2.0,
+        height - 20.0,
+        5.0,
+        y_max,
         line(&|s| s.1),
         line(&|s| s.2),
-        width - 200.0, width - 200.0,
+        width - 200.0,
+        width - 200.0,
     )
 }
 
@@ -372,8 +394,7 @@ async fn measure_outages(mut cluster: LocalCluster, http: &reqwest::Client, kill
     let mut outages_ms = Vec::new();
     for round in 0..kills {
         let leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
-        let addrs: Vec<String> =
-            cluster.nodes.values().filter(|n| n.id != leader).map(|n| n.addr.clone()).collect();
+        let addrs: Vec<String> = cluster.nodes.values().filter(|n| n.id != leader).map(|n| n.addr.clone()).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let writer = tokio::spawn(outage_writer(http.clone(), addrs, stop.clone()));
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -95,7 +95,9 @@ pub async fn run_task(connect: &Connect, command: TaskCommand) -> anyhow::Result
 pub async fn run_cluster(connect: &Connect, command: ClusterCommand) -> anyhow::Result<()> {
     let client = client(connect)?;
     let answer = match command {
-        ClusterCommand::Add { node_id, addr, raft_addr } => client.add_member(node_id, &addr, raft_addr.as_deref()).await?,
+        ClusterCommand::Add { node_id, addr, raft_addr } => {
+            client.add_member(node_id, &addr, raft_addr.as_deref()).await?
+        }
         ClusterCommand::Remove { node_id } => client.remove_member(node_id).await?,
     };
     print(&answer);
@@ -134,9 +136,8 @@ pub async fn run_config(connect: &Connect, command: ConfigCommand) -> anyhow::Re
         ConfigCommand::Set { assignments } => {
             let mut set = serde_json::Map::new();
             for assignment in assignments {
-                let (key, value) = assignment
-                    .split_once('=')
-                    .with_context(|| format!("{assignment:?} is not KEY=VALUE"))?;
+                let (key, value) =
+                    assignment.split_once('=').with_context(|| format!("{assignment:?} is not KEY=VALUE"))?;
                 set.insert(key.trim().to_string(), Value::String(value.trim().to_string()));
             }
             client.config_set(set).await?

@@ -84,7 +84,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             let agent = Agent::new(config, function.clone())?;
             agents.push(agent.clone());
             let stop = stop_agents.clone();
-            agent_handles.push(tokio::spawn(async move { agent.run_until(async move { stop.notified().await }).await }));
+            agent_handles
+                .push(tokio::spawn(async move { agent.run_until(async move { stop.notified().await }).await }));
         }
     }
 
@@ -100,7 +101,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let plans = args.plans;
         tokio::spawn(async move {
             for i in 0..plans {
-                let mut request = SubmitRequest::new("plan", json!({ "topic": TOPICS[i as usize % TOPICS.len()], "n": i }));
+                let mut request =
+                    SubmitRequest::new("plan", json!({ "topic": TOPICS[i as usize % TOPICS.len()], "n": i }));
                 request.idempotency_key = Some(format!("demo-plan-{i}"));
                 request.conversation_id = Some(format!("demo-{i}"));
                 // Keyed submits are safe to retry until the cluster answers.

@@ -4,11 +4,11 @@
 //! the library crates.
 
 mod bench;
-mod launcher;
-mod overload;
 mod client_commands;
 mod demo;
 mod exec_agent;
+mod launcher;
+mod overload;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};

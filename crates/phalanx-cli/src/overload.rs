@@ -53,7 +53,11 @@ fn ms(us: u64) -> f64 {
 }
 
 /// Agents that complete everything at once, so queues drain and stay bounded.
-async fn start_drain_agents(addrs: &[String], queue: &str, count: usize) -> anyhow::Result<(Arc<tokio::sync::Notify>, Vec<tokio::task::JoinHandle<()>>)> {
+async fn start_drain_agents(
+    addrs: &[String],
+    queue: &str,
+    count: usize,
+) -> anyhow::Result<(Arc<tokio::sync::Notify>, Vec<tokio::task::JoinHandle<()>>)> {
     let stop = Arc::new(tokio::sync::Notify::new());
     let mut handles = Vec::new();
     for i in 0..count {
@@ -69,7 +73,14 @@ async fn start_drain_agents(addrs: &[String], queue: &str, count: usize) -> anyh
     Ok((stop, handles))
 }
 
-async fn submit_one(http: &reqwest::Client, addr: &str, client: usize, priority: u8, n: u64, queue: &str) -> (u16, u64) {
+async fn submit_one(
+    http: &reqwest::Client,
+    addr: &str,
+    client: usize,
+    priority: u8,
+    n: u64,
+    queue: &str,
+) -> (u16, u64) {
     let start = Instant::now();
     let answer = http
         .post(format!("http://{addr}/v1/tasks"))
@@ -155,7 +166,15 @@ async fn open_loop(http: &reqwest::Client, addrs: &[String], rate: f64, seconds:
     (samples, launched, not_sent, window)
 }
 
-fn summarise(multiple: f64, target: f64, samples: &[Sample], launched: u64, not_sent: u64, window: f64, elections: u64) -> Level {
+fn summarise(
+    multiple: f64,
+    target: f64,
+    samples: &[Sample],
+    launched: u64,
+    not_sent: u64,
+    window: f64,
+    elections: u64,
+) -> Level {
     let mut admitted: Vec<u64> = samples.iter().filter(|s| s.status == 201).map(|s| s.latency_us).collect();
     let mut refused: Vec<u64> =
         samples.iter().filter(|s| s.status == 429 || s.status == 503).map(|s| s.latency_us).collect();
@@ -217,7 +236,9 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     match recovered_after {
-        Some(seconds) => println!("after the load dropped: p99 back within 1.5x of normal ({normal_p99:.1} ms) in the {seconds}. second"),
+        Some(seconds) => println!(
+            "after the load dropped: p99 back within 1.5x of normal ({normal_p99:.1} ms) in the {seconds}. second"
+        ),
         None => println!("after the load dropped: p99 not back within 1.5x of normal in 10 s"),
     }
     let peaks = cluster.peak_rss_kib();
@@ -231,7 +252,13 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_outputs(dir: &std::path::Path, nodes: u64, capacity: f64, levels: &[Level], peak_kib: u64) -> anyhow::Result<()> {
+fn write_outputs(
+    dir: &std::path::Path,
+    nodes: u64,
+    capacity: f64,
+    levels: &[Level],
+    peak_kib: u64,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut csv = String::from(
         "nodes,multiple,target_per_s,offered_per_s,not_sent,goodput_per_s,goodput_low,goodput_normal,goodput_high,shed_per_s,timeouts,admitted_p50_ms,admitted_p99_ms,refused_p99_ms,elections,peak_rss_kib\n",
@@ -240,8 +267,20 @@ fn write_outputs(dir: &std::path::Path, nodes: u64, capacity: f64, levels: &[Lev
         let _ = writeln!(
             csv,
             "{nodes},{},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.0},{:.0},{},{:.2},{:.2},{:.2},{},{peak_kib}",
-            l.multiple, l.target, l.offered, l.not_sent, l.goodput, l.goodput_by_class[0], l.goodput_by_class[1],
-            l.goodput_by_class[2], l.shed, l.timeouts, l.admitted_p50_ms, l.admitted_p99_ms, l.refused_p99_ms, l.elections
+            l.multiple,
+            l.target,
+            l.offered,
+            l.not_sent,
+            l.goodput,
+            l.goodput_by_class[0],
+            l.goodput_by_class[1],
+            l.goodput_by_class[2],
+            l.shed,
+            l.timeouts,
+            l.admitted_p50_ms,
+            l.admitted_p99_ms,
+            l.refused_p99_ms,
+            l.elections
         );
     }
     let csv_path = dir.join(format!("overload-{nodes}node.csv"));
@@ -260,7 +299,8 @@ fn svg(nodes: u64, capacity: f64, levels: &[Level]) -> String {
     let p99_max = levels.iter().map(|l| l.admitted_p99_ms).fold(1.0, f64::max) * 1.2;
     let x = |v: f64| margin + v / x_max * (width - 2.0 * margin);
     let y = |v: f64, max: f64| height - margin - v / max * (height - 2.0 * margin);
-    let line = |points: Vec<(f64, f64)>| points.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect::<Vec<_>>().join(" ");
+    let line =
+        |points: Vec<(f64, f64)>| points.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect::<Vec<_>>().join(" ");
     let goodput = line(levels.iter().map(|l| (x(l.offered), y(l.goodput, y_max))).collect());
     let p99 = line(levels.iter().map(|l| (x(l.offered), y(l.admitted_p99_ms, p99_max))).collect());
     let mut out = format!(
@@ -278,13 +318,24 @@ fn svg(nodes: u64, capacity: f64, levels: &[Level]) -> String {
 <polyline points="{p99}" fill="none" stroke="#d62728" stroke-width="2"/>
 "##,
         width / 2.0,
-        height - margin, width - margin, height - margin,
         height - margin,
-        width - margin, width - margin, height - margin,
-        width / 2.0, height - 20.0,
-        height / 2.0, height / 2.0,
-        width - 15.0, height / 2.0, width - 15.0, height / 2.0,
-        y(capacity, y_max), width - margin, y(capacity, y_max),
+        width - margin,
+        height - margin,
+        height - margin,
+        width - margin,
+        width - margin,
+        height - margin,
+        width / 2.0,
+        height - 20.0,
+        height / 2.0,
+        height / 2.0,
+        width - 15.0,
+        height / 2.0,
+        width - 15.0,
+        height / 2.0,
+        y(capacity, y_max),
+        width - margin,
+        y(capacity, y_max),
     );
     for l in levels {
         let _ = write!(
@@ -292,8 +343,13 @@ fn svg(nodes: u64, capacity: f64, levels: &[Level]) -> String {
             r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#1f77b4"/><text x="{:.1}" y="{:.1}" text-anchor="middle">{}x</text>
 <circle cx="{:.1}" cy="{:.1}" r="3" fill="#d62728"/>
 "##,
-            x(l.offered), y(l.goodput, y_max), x(l.offered), height - margin + 15.0, l.multiple,
-            x(l.offered), y(l.admitted_p99_ms, p99_max)
+            x(l.offered),
+            y(l.goodput, y_max),
+            x(l.offered),
+            height - margin + 15.0,
+            l.multiple,
+            x(l.offered),
+            y(l.admitted_p99_ms, p99_max)
         );
     }
     let _ = write!(out, r##"<text x="{}" y="{}" fill="#555">{:.0}/s</text>"##, width - margin + 4.0, margin, p99_max);
@@ -381,7 +437,9 @@ pub async fn backlog(args: BenchArgs) -> anyhow::Result<()> {
             for i in 0..100u64 {
                 let start = Instant::now();
                 let body = json!({"queue": "work", "payload": format!("fresh-{i}"), "priority": 9});
-                let Ok(response) = http.post(format!("http://{addr}/v1/tasks")).json(&body).send().await else { continue };
+                let Ok(response) = http.post(format!("http://{addr}/v1/tasks")).json(&body).send().await else {
+                    continue;
+                };
                 let Ok(answer) = response.json::<Value>().await else { continue };
                 let Some(id) = answer["task_id"].as_u64() else { continue };
                 loop {

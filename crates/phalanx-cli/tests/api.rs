@@ -55,16 +55,23 @@ async fn task_life_cycle_and_fencing() {
     after["tasks"][0]["superseded_count"] = before["tasks"][0]["superseded_count"].clone();
     assert_eq!(before, after);
 
-    let (status, task) =
-        cluster.post(1, &format!("/v1/tasks/{id}/complete"), &json!({"fence": fence, "result": {"n": 1}})).await.unwrap();
+    let (status, task) = cluster
+        .post(1, &format!("/v1/tasks/{id}/complete"), &json!({"fence": fence, "result": {"n": 1}}))
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{task}");
     assert_eq!(task["state"], "succeeded");
     assert_eq!(task["result"], json!({"n": 1}));
 
     // Completing again with the same result is answered as before; cancelling a finished task is refused.
-    let again = cluster.post(1, &format!("/v1/tasks/{id}/complete"), &json!({"fence": fence, "result": {"n": 1}})).await;
+    let again =
+        cluster.post(1, &format!("/v1/tasks/{id}/complete"), &json!({"fence": fence, "result": {"n": 1}})).await;
     assert_eq!(again.unwrap().0, 200);
-    assert_error(&cluster.post(1, &format!("/v1/tasks/{id}/cancel"), &json!({})).await.unwrap(), 409, "already_terminal");
+    assert_error(
+        &cluster.post(1, &format!("/v1/tasks/{id}/cancel"), &json!({})).await.unwrap(),
+        409,
+        "already_terminal",
+    );
 
     // A stale read is labelled as such.
     let response = cluster.http.get(cluster.url(1, &format!("/v1/tasks/{id}?stale=true"))).send().await.unwrap();
@@ -113,7 +120,11 @@ async fn bad_input_is_refused_with_json_errors_and_changes_nothing() {
         (cluster.post(1, "/v1/tasks", &json!({"queue": "", "payload": 1})).await.unwrap(), 400, "invalid"),
         (cluster.post(1, "/v1/tasks", &json!({"queue": "a/b", "payload": 1})).await.unwrap(), 400, "invalid"),
         (cluster.post(1, "/v1/tasks", &json!({"queue": "q".repeat(200)})).await.unwrap(), 413, "too_large"),
-        (cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": "x".repeat(300_000)})).await.unwrap(), 413, "too_large"),
+        (
+            cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": "x".repeat(300_000)})).await.unwrap(),
+            413,
+            "too_large",
+        ),
         (cluster.post(1, "/v1/tasks", &json!({"queue": "q", "priority": 10})).await.unwrap(), 400, "invalid"),
         (cluster.post(1, "/v1/tasks", &json!({"queue": "q", "priority": -1})).await.unwrap(), 400, "invalid"),
         (cluster.post(1, "/v1/tasks", &json!({"queue": "q", "max_attempts": 0})).await.unwrap(), 400, "invalid"),
@@ -125,20 +136,55 @@ async fn bad_input_is_refused_with_json_errors_and_changes_nothing() {
         (cluster.get(1, "/v1/tasks?limit=0").await.unwrap(), 400, "invalid"),
         (cluster.get(1, "/v1/tasks?colour=red").await.unwrap(), 400, "invalid"),
         (cluster.post(1, "/v1/tasks/999/cancel", &json!({})).await.unwrap(), 404, "task_not_found"),
-        (cluster.post(1, "/v1/tasks/1/complete", &json!({"fence": 12345, "result": 1})).await.unwrap(), 409, "superseded"),
-        (cluster.post(1, "/v1/tasks/999/complete", &json!({"fence": 1, "result": 1})).await.unwrap(), 404, "task_not_found"),
+        (
+            cluster.post(1, "/v1/tasks/1/complete", &json!({"fence": 12345, "result": 1})).await.unwrap(),
+            409,
+            "superseded",
+        ),
+        (
+            cluster.post(1, "/v1/tasks/999/complete", &json!({"fence": 1, "result": 1})).await.unwrap(),
+            404,
+            "task_not_found",
+        ),
         (cluster.post(1, "/v1/tasks/1/complete", &json!({"result": 1})).await.unwrap(), 400, "invalid"),
         (cluster.post(1, "/v1/tasks/1/fail", &json!({"fence": 12345, "error": "x"})).await.unwrap(), 409, "superseded"),
         (cluster.post(1, "/v1/tasks/1/extend", &json!({"fence": 12345})).await.unwrap(), 409, "superseded"),
-        (cluster.post(1, "/v1/agents/register", &json!({"agent_id": "b", "capabilities": []})).await.unwrap(), 400, "invalid"),
-        (cluster.post(1, "/v1/agents/register", &json!({"agent_id": "b c", "capabilities": ["q"]})).await.unwrap(), 400, "invalid"),
-        (cluster.post(1, "/v1/agents/register", &json!({"agent_id": "b", "capabilities": ["q"], "capacity": 0})).await.unwrap(), 400, "invalid"),
+        (
+            cluster.post(1, "/v1/agents/register", &json!({"agent_id": "b", "capabilities": []})).await.unwrap(),
+            400,
+            "invalid",
+        ),
+        (
+            cluster.post(1, "/v1/agents/register", &json!({"agent_id": "b c", "capabilities": ["q"]})).await.unwrap(),
+            400,
+            "invalid",
+        ),
+        (
+            cluster
+                .post(1, "/v1/agents/register", &json!({"agent_id": "b", "capabilities": ["q"], "capacity": 0}))
+                .await
+                .unwrap(),
+            400,
+            "invalid",
+        ),
         (cluster.post(1, "/v1/agents/ghost/poll", &json!({"epoch": 1})).await.unwrap(), 404, "agent_not_found"),
         (cluster.post(1, "/v1/agents/agent-a/poll", &json!({"epoch": epoch + 1})).await.unwrap(), 409, "stale_epoch"),
-        (cluster.post(1, "/v1/agents/agent-a/poll", &json!({"epoch": epoch, "wait_ms": 3_600_000})).await.unwrap(), 400, "invalid"),
-        (cluster.post(1, "/v1/agents/agent-a/poll", &json!({"epoch": epoch, "queues": ["other"]})).await.unwrap(), 400, "not_capable"),
+        (
+            cluster.post(1, "/v1/agents/agent-a/poll", &json!({"epoch": epoch, "wait_ms": 3_600_000})).await.unwrap(),
+            400,
+            "invalid",
+        ),
+        (
+            cluster.post(1, "/v1/agents/agent-a/poll", &json!({"epoch": epoch, "queues": ["other"]})).await.unwrap(),
+            400,
+            "not_capable",
+        ),
         (cluster.post(1, "/v1/agents/ghost/heartbeat", &json!({"epoch": 1})).await.unwrap(), 404, "agent_not_found"),
-        (cluster.put(1, "/v1/conversations/c1/k", &json!({"value": 1, "expected_version": 3})).await, 409, "version_conflict"),
+        (
+            cluster.put(1, "/v1/conversations/c1/k", &json!({"value": 1, "expected_version": 3})).await,
+            409,
+            "version_conflict",
+        ),
         (cluster.get(1, "/v1/conversations/none").await.unwrap(), 404, "not_found"),
         (cluster.get(1, "/no/such/route").await.unwrap(), 404, "not_found"),
     ];
@@ -171,7 +217,8 @@ async fn tokens_are_required_when_configured() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 201);
     // The client token does not open the Raft routes.
-    let response = cluster.http.post(cluster.url(1, "/raft/vote")).bearer_auth("secret-c").body("{}").send().await.unwrap();
+    let response =
+        cluster.http.post(cluster.url(1, "/raft/vote")).bearer_auth("secret-c").body("{}").send().await.unwrap();
     assert_eq!(response.status().as_u16(), 401);
 }
 

@@ -70,7 +70,8 @@ async fn a_cut_off_agent_keeps_its_result_and_is_reconciled() {
     cluster.servers.get_mut(&1).unwrap().kill9();
     wait_until("the result reaching the outbox", Duration::from_secs(10), || agent.outbox_len() == 1).await;
     assert_eq!(agent.stats.mode(), Mode::Autonomous);
-    wait_until("autonomous work", Duration::from_secs(10), || agent.stats.autonomous_runs.load(Ordering::Relaxed) == 2).await;
+    wait_until("autonomous work", Duration::from_secs(10), || agent.stats.autonomous_runs.load(Ordering::Relaxed) == 2)
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(agent.stats.autonomous_runs.load(Ordering::Relaxed), 2, "the autonomy budget holds");
     cluster.servers.get_mut(&1).unwrap().spawn();

@@ -15,7 +15,8 @@ async fn acknowledged_tasks_survive_sigkill_and_restart() {
     let mut cluster = Cluster::start(1, &["--snapshot-logs-since-last", "50"]).await;
     let mut acknowledged = BTreeMap::new();
     for i in 0..120 {
-        let (status, body) = cluster.post(1, "/v1/tasks", &json!({"queue": "work", "payload": {"i": i}})).await.unwrap();
+        let (status, body) =
+            cluster.post(1, "/v1/tasks", &json!({"queue": "work", "payload": {"i": i}})).await.unwrap();
         assert_eq!(status, 201, "{body}");
         acknowledged.insert(body["task_id"].as_u64().unwrap(), i);
     }
@@ -24,8 +25,10 @@ async fn acknowledged_tasks_survive_sigkill_and_restart() {
         .await
         .unwrap();
     let epoch = registered["epoch"].as_u64().unwrap();
-    let (_, polled) =
-        cluster.post(1, "/v1/agents/w1/poll", &json!({"epoch": epoch, "max_tasks": 10, "wait_ms": 1000})).await.unwrap();
+    let (_, polled) = cluster
+        .post(1, "/v1/agents/w1/poll", &json!({"epoch": epoch, "max_tasks": 10, "wait_ms": 1000}))
+        .await
+        .unwrap();
     let leases = polled["leases"].as_array().unwrap().clone();
     assert_eq!(leases.len(), 10);
     let mut completed = BTreeMap::new();

@@ -62,11 +62,9 @@ async fn a_ping_pong_delegation_is_caught_at_its_first_repeat() {
     assert!(reason.starts_with("loop_detected: plan -> review -> plan"), "{reason}");
     assert_eq!(task["hop_count"], 1, "caught at the first repeat, long before delegation_hops_max");
     // A delegation from a stale lease of the root is refused as superseded.
-    let answer = submit(
-        &cluster,
-        json!({"queue": "review", "payload": 2, "parent_id": root, "parent_fence": root_fence - 1}),
-    )
-    .await;
+    let answer =
+        submit(&cluster, json!({"queue": "review", "payload": 2, "parent_id": root, "parent_fence": root_fence - 1}))
+            .await;
     assert_error(&answer, 409, "superseded");
 }
 
@@ -114,8 +112,10 @@ async fn a_parent_whose_children_are_all_dead_fails_at_once() {
     assert_eq!(waiting["pending"].as_array().unwrap().len(), 2);
     for _ in 0..2 {
         let (child, fence) = agent.lease("child").await;
-        let (status, task) =
-            cluster.post(1, &format!("/v1/tasks/{child}/fail"), &json!({"fence": fence, "error": "boom"})).await.unwrap();
+        let (status, task) = cluster
+            .post(1, &format!("/v1/tasks/{child}/fail"), &json!({"fence": fence, "error": "boom"}))
+            .await
+            .unwrap();
         assert_eq!(status, 200);
         assert_eq!(task["state"], "dead", "one attempt only");
     }
@@ -151,7 +151,8 @@ async fn a_stalled_but_alive_agent_is_detected_and_its_task_completed_by_another
     assert_eq!(status_body["stuck_agents"], json!(["stuck-agent"]), "{status_body}");
     let done = cluster.post(1, &format!("/v1/tasks/{task}/complete"), &json!({"fence": fence, "result": "ok"})).await;
     assert_eq!(done.unwrap().0, 200);
-    let late = cluster.post(1, &format!("/v1/tasks/{task}/complete"), &json!({"fence": stale_fence, "result": "late"})).await;
+    let late =
+        cluster.post(1, &format!("/v1/tasks/{task}/complete"), &json!({"fence": stale_fence, "result": "late"})).await;
     assert_error(&late.unwrap(), 409, "superseded");
     let (_, final_task) = cluster.get(1, &format!("/v1/tasks/{task}")).await.unwrap();
     assert_eq!(final_task["result"], "ok");

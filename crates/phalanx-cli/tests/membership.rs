@@ -69,7 +69,8 @@ async fn nodes_join_by_snapshot_leave_for_good_and_rejoin_after_many_snapshots()
     cluster.servers.get_mut(&2).unwrap().kill9();
     // One entry per submit: 300 entries, about fifteen snapshots, while node 2 is down.
     for i in 0..300 {
-        let (status, _) = cluster.post(1, "/v1/tasks", &json!({"queue": "m", "payload": format!("down-{i}")})).await.unwrap();
+        let (status, _) =
+            cluster.post(1, "/v1/tasks", &json!({"queue": "m", "payload": format!("down-{i}")})).await.unwrap();
         assert_eq!(status, 201);
     }
     let (_, info) = cluster.get(1, "/v1/cluster").await.unwrap();

@@ -76,7 +76,8 @@ async fn expired_backlog_is_dead_lettered_not_run_late() {
         .post(1, "/v1/agents/late-agent/poll", &json!({"epoch": epoch, "max_tasks": 10, "wait_ms": 500}))
         .await
         .unwrap();
-    let leased: Vec<u64> = polled["leases"].as_array().unwrap().iter().map(|l| l["task"]["id"].as_u64().unwrap()).collect();
+    let leased: Vec<u64> =
+        polled["leases"].as_array().unwrap().iter().map(|l| l["task"]["id"].as_u64().unwrap()).collect();
     assert_eq!(leased, vec![fresh["task_id"].as_u64().unwrap()], "only the task without a deadline is run");
     for id in ids {
         let (_, task) = cluster.get(1, &format!("/v1/tasks/{id}")).await.unwrap();

@@ -100,7 +100,8 @@ async fn finished_tasks_and_their_idempotency_keys_leave_after_their_time_to_liv
     let cluster = Cluster::start(1, &[]).await;
     let (status, answer) = cluster.put(1, "/v1/config", &json!({"set": {"finished_task_ttl_ms": 300}})).await;
     assert_eq!(status, 200, "{answer}");
-    let (_, first) = cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": 1, "idempotency_key": "once"})).await.unwrap();
+    let (_, first) =
+        cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": 1, "idempotency_key": "once"})).await.unwrap();
     let id = first["task_id"].as_u64().unwrap();
     cluster.post(1, &format!("/v1/tasks/{id}/cancel"), &json!({})).await.unwrap();
     let start = Instant::now();
@@ -113,7 +114,8 @@ async fn finished_tasks_and_their_idempotency_keys_leave_after_their_time_to_liv
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The key went with it: the same key now creates a new task.
-    let (_, again) = cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": 1, "idempotency_key": "once"})).await.unwrap();
+    let (_, again) =
+        cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": 1, "idempotency_key": "once"})).await.unwrap();
     assert_eq!(again["deduplicated"], false);
     assert_ne!(again["task_id"].as_u64().unwrap(), id);
 }

@@ -34,7 +34,8 @@ async fn a_leader_with_a_stalled_disk_hands_over_and_writes_continue() {
     let stop = Arc::new(AtomicBool::new(false));
     let acknowledged = Arc::new(AtomicU64::new(0));
     let writer = {
-        let (http, urls) = (cluster.http.clone(), cluster.servers.keys().map(|id| cluster.url(*id, "/v1/tasks")).collect::<Vec<_>>());
+        let (http, urls) =
+            (cluster.http.clone(), cluster.servers.keys().map(|id| cluster.url(*id, "/v1/tasks")).collect::<Vec<_>>());
         let (stop, acknowledged) = (stop.clone(), acknowledged.clone());
         tokio::spawn(async move {
             let mut i = 0;

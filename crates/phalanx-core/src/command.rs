@@ -50,55 +50,132 @@ pub enum Command {
     /// Only advances log time, so that lease expiry and deadlines fire when idle.
     Tick,
     /// Submit tasks; each one succeeds or fails on its own.
-    Submit { tasks: Vec<NewTask> },
-    Cancel { task_id: u64 },
-    RegisterAgent { agent_id: String, capabilities: BTreeSet<String>, capacity: u32 },
-    DeregisterAgent { agent_id: String, epoch: u64 },
+    Submit {
+        tasks: Vec<NewTask>,
+    },
+    Cancel {
+        task_id: u64,
+    },
+    RegisterAgent {
+        agent_id: String,
+        capabilities: BTreeSet<String>,
+        capacity: u32,
+    },
+    DeregisterAgent {
+        agent_id: String,
+        epoch: u64,
+    },
     /// Proposed by the leader when an agent's heartbeat time-to-live runs out.
-    ExpireAgent { agent_id: String, epoch: u64 },
+    ExpireAgent {
+        agent_id: String,
+        epoch: u64,
+    },
     /// Grant up to `tasks_max` leases on the given queues (each must be a
     /// capability of the agent). The fence of every grant is this entry's index.
-    Lease { agent_id: String, epoch: u64, queues: Vec<String>, tasks_max: u32, lease_ttl_ms: u64 },
-    Complete { task_id: u64, fence: u64, result: String },
-    Fail { task_id: u64, fence: u64, error: String, retryable: bool },
-    Extend { task_id: u64, fence: u64, lease_ttl_ms: u64 },
+    Lease {
+        agent_id: String,
+        epoch: u64,
+        queues: Vec<String>,
+        tasks_max: u32,
+        lease_ttl_ms: u64,
+    },
+    Complete {
+        task_id: u64,
+        fence: u64,
+        result: String,
+    },
+    Fail {
+        task_id: u64,
+        fence: u64,
+        error: String,
+        retryable: bool,
+    },
+    Extend {
+        task_id: u64,
+        fence: u64,
+        lease_ttl_ms: u64,
+    },
     /// The lease holder reports progress on a long task (not a heartbeat:
     /// heartbeats say the agent lives, progress says the work moves).
-    Progress { task_id: u64, fence: u64 },
+    Progress {
+        task_id: u64,
+        fence: u64,
+    },
     /// Write one key of a conversation's context. With `expected_version`, only
     /// if the key's version is still that (0 = key absent): compare-and-set.
-    ContextPut { conversation_id: String, key: String, value: String, expected_version: Option<u64> },
+    ContextPut {
+        conversation_id: String,
+        key: String,
+        value: String,
+        expected_version: Option<u64>,
+    },
     /// The task holding lease `fence` waits for the tasks `on` to finish,
     /// for at most `timeout_ms`. Refused if the wait would close a cycle.
-    Wait { task_id: u64, fence: u64, on: Vec<u64>, timeout_ms: u64 },
+    Wait {
+        task_id: u64,
+        fence: u64,
+        on: Vec<u64>,
+        timeout_ms: u64,
+    },
     /// Replaces the policy if its version is still `expected_version`.
-    SetPolicy { policy: crate::Limits, expected_version: u64, note: String },
+    SetPolicy {
+        policy: crate::Limits,
+        expected_version: u64,
+        note: String,
+    },
     /// Makes an earlier version's policy current again (as a new version).
-    RollbackPolicy { to_version: u64, note: String },
+    RollbackPolicy {
+        to_version: u64,
+        note: String,
+    },
     /// Records that a node left the cluster, so its id is never reused.
-    RetireNode { node_id: u64 },
+    RetireNode {
+        node_id: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Outcome {
     Ticked,
-    Submitted { results: Vec<Result<Submitted, Error>> },
-    Cancelled { task: Task },
-    Registered { epoch: u64 },
+    Submitted {
+        results: Vec<Result<Submitted, Error>>,
+    },
+    Cancelled {
+        task: Task,
+    },
+    Registered {
+        epoch: u64,
+    },
     Deregistered,
     Expired,
-    Leased { grants: Vec<Grant> },
-    Completed { task: Task },
-    Failed { task: Task },
-    Extended { valid_until_ms: u64 },
+    Leased {
+        grants: Vec<Grant>,
+    },
+    Completed {
+        task: Task,
+    },
+    Failed {
+        task: Task,
+    },
+    Extended {
+        valid_until_ms: u64,
+    },
     Progressed,
-    ContextWritten { version: u64 },
+    ContextWritten {
+        version: u64,
+    },
     NodeRetired,
-    PolicySet { version: u64 },
+    PolicySet {
+        version: u64,
+    },
     /// `pending` lists the awaited tasks not finished yet (empty: nothing to wait for).
-    Waiting { pending: Vec<u64> },
-    Refused { error: Error },
+    Waiting {
+        pending: Vec<u64>,
+    },
+    Refused {
+        error: Error,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -220,7 +220,9 @@ impl State {
     }
 
     fn set_policy(&mut self, policy: &Limits, note: String) -> Result<Outcome, Error> {
-        policy.validate().map_err(|invalid| Error::Invalid { field: invalid.field.to_string(), reason: invalid.reason })?;
+        policy
+            .validate()
+            .map_err(|invalid| Error::Invalid { field: invalid.field.to_string(), reason: invalid.reason })?;
         self.policy_version += 1;
         self.limits = policy.clone();
         self.policy_history.push(PolicyVersion {
@@ -309,7 +311,8 @@ impl State {
             if marked || now.saturating_sub(since) <= self.limits.unserved_grace_ms {
                 continue;
             }
-            let waiting: Vec<u64> = self.ready.get(&queue).map(|set| set.iter().map(|(_, id)| *id).collect()).unwrap_or_default();
+            let waiting: Vec<u64> =
+                self.ready.get(&queue).map(|set| set.iter().map(|(_, id)| *id).collect()).unwrap_or_default();
             for id in waiting {
                 let task = self.tasks.get_mut(&id).expect("ready task exists");
                 task.error = Some(format!(
@@ -508,7 +511,8 @@ impl State {
 
     fn submit(&mut self, tasks: &[NewTask]) -> Outcome {
         if tasks.len() > self.limits.batch_tasks_max {
-            let error = Error::LimitReached { limit: "batch_tasks_max".into(), max: self.limits.batch_tasks_max as u64 };
+            let error =
+                Error::LimitReached { limit: "batch_tasks_max".into(), max: self.limits.batch_tasks_max as u64 };
             return Outcome::Refused { error };
         }
         let results = tasks.iter().map(|task| self.submit_one(task)).collect();
@@ -692,10 +696,8 @@ impl State {
         let mut grants = Vec::new();
         for _ in 0..count {
             // The best task over all asked queues: highest priority, then oldest.
-            let best = queues
-                .iter()
-                .filter_map(|q| self.ready.get(q).and_then(|set| set.first().map(|key| (*key, q))))
-                .min();
+            let best =
+                queues.iter().filter_map(|q| self.ready.get(q).and_then(|set| set.first().map(|key| (*key, q)))).min();
             let Some((key, queue)) = best else { break };
             let queue = queue.clone();
             self.ready.get_mut(&queue).expect("found above").remove(&key);
@@ -825,7 +827,8 @@ impl State {
         validate_name("conversation_id", conversation_id, self.limits.id_bytes_max)?;
         validate_name("key", key, self.limits.id_bytes_max)?;
         check_size("value", value, self.limits.conversation_bytes_max)?;
-        if !self.conversations.contains_key(conversation_id) && self.conversations.len() >= self.limits.conversations_max
+        if !self.conversations.contains_key(conversation_id)
+            && self.conversations.len() >= self.limits.conversations_max
         {
             return Err(Error::LimitReached {
                 limit: "conversations_max".into(),

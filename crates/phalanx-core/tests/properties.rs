@@ -70,7 +70,11 @@ fn command(state: &State, step: &Step) -> Command {
     let pick = |n: u8| task_ids.get(n as usize % task_ids.len().max(1)).copied().unwrap_or(1);
     let fence_of = |id: u64, stale: bool| {
         let current = state.task(id).map(|t| t.last_fence).unwrap_or(0);
-        if stale { current.saturating_sub(1 + (id % 3)) } else { current }
+        if stale {
+            current.saturating_sub(1 + (id % 3))
+        } else {
+            current
+        }
     };
     match step {
         Step::Tick => Command::Tick,

@@ -44,7 +44,18 @@ fn the_core_does_no_io_and_reads_no_clock() {
         // Comments may name what the code must not use.
         let code: String = text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
         let text = code;
-        for banned in ["HashMap", "HashSet", "tokio", "std::time", "SystemTime", "Instant", "rand::", "std::fs", "std::net", "std::thread"] {
+        for banned in [
+            "HashMap",
+            "HashSet",
+            "tokio",
+            "std::time",
+            "SystemTime",
+            "Instant",
+            "rand::",
+            "std::fs",
+            "std::net",
+            "std::thread",
+        ] {
             assert!(!text.contains(banned), "{} uses {banned}", file.display());
         }
     }

@@ -152,7 +152,10 @@ async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Respo
             Ok(slot) => Some(slot),
             Err(_) => {
                 node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
-                let message = format!("requests_in_flight_max ({}) requests are being served", node.config.requests_in_flight_max);
+                let message = format!(
+                    "requests_in_flight_max ({}) requests are being served",
+                    node.config.requests_in_flight_max
+                );
                 return ApiError::overloaded("overloaded", message, 100).into_response();
             }
         }
@@ -168,19 +171,28 @@ async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Respo
         };
         if let Err(wait) = node.rate_limiter.check(&client, now) {
             node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
-            let message = format!("client {client:?} is over its rate limit ({} requests/s)", node.config.client_rate_per_second);
+            let message =
+                format!("client {client:?} is over its rate limit ({} requests/s)", node.config.client_rate_per_second);
             return ApiError::overloaded("rate_limited", message, wait.as_millis() as u64 + 1).into_response();
         }
     }
-    let deadline = match request.headers().get(DEADLINE_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok())) {
-        None => None,
-        Some(None) => return ApiError::invalid(format!("{DEADLINE_HEADER} must be a whole number of milliseconds")).into_response(),
-        Some(Some(0)) => {
-            return ApiError::unavailable("deadline_exceeded", "the request arrived with no time left; nothing was done", 0)
+    let deadline =
+        match request.headers().get(DEADLINE_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok())) {
+            None => None,
+            Some(None) => {
+                return ApiError::invalid(format!("{DEADLINE_HEADER} must be a whole number of milliseconds"))
+                    .into_response()
+            }
+            Some(Some(0)) => {
+                return ApiError::unavailable(
+                    "deadline_exceeded",
+                    "the request arrived with no time left; nothing was done",
+                    0,
+                )
                 .into_response()
-        }
-        Some(Some(ms)) => Some(now + Duration::from_millis(ms)),
-    };
+            }
+            Some(Some(ms)) => Some(now + Duration::from_millis(ms)),
+        };
     crate::admission::DEADLINE.scope(deadline, next.run(request)).await
 }
 
@@ -237,8 +249,12 @@ async fn forward(node: &Node, request: Request) -> ApiResult {
         outgoing = outgoing.header(DEADLINE_HEADER, remaining.to_string());
     }
     let unreachable = |error: reqwest::Error| {
-        ApiError::unavailable("unavailable", format!("leader {leader_id} at {leader_addr} did not answer: {error}"), 200)
-            .with_leader_hint(Some(leader_addr.clone()))
+        ApiError::unavailable(
+            "unavailable",
+            format!("leader {leader_id} at {leader_addr} did not answer: {error}"),
+            200,
+        )
+        .with_leader_hint(Some(leader_addr.clone()))
     };
     let answer = outgoing.send().await.map_err(unreachable)?;
     let status = answer.status();
@@ -694,7 +710,9 @@ fn check_session(node: &Node, agent_id: &str, epoch: u64) -> Result<Vec<String>,
         .agent(agent_id)
         .ok_or_else(|| phalanx_core::Error::AgentNotFound { agent_id: agent_id.to_string() })?;
     if agent.epoch != epoch {
-        return Err(phalanx_core::Error::StaleEpoch { agent_id: agent_id.to_string(), epoch, current: agent.epoch }.into());
+        return Err(
+            phalanx_core::Error::StaleEpoch { agent_id: agent_id.to_string(), epoch, current: agent.epoch }.into()
+        );
     }
     let capabilities = agent.capabilities.iter().cloned().collect();
     drop(data);
@@ -748,7 +766,11 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
     }
     let _permit = node.pollers.clone().try_acquire_owned().map_err(|_| {
         node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
-        ApiError::overloaded("overloaded", format!("pollers_max ({}) long-polls already wait here", node.config.pollers_max), 1000)
+        ApiError::overloaded(
+            "overloaded",
+            format!("pollers_max ({}) long-polls already wait here", node.config.pollers_max),
+            1000,
+        )
     })?;
     let deadline = Instant::now() + Duration::from_millis(wait_ms);
     loop {
@@ -876,7 +898,8 @@ async fn config_set(State(node): State<Node_>, body: Body) -> ApiResult {
         };
         *slot = value;
     }
-    let policy: phalanx_core::Limits = serde_json::from_value(policy).map_err(|error| ApiError::invalid(format!("policy: {error}")))?;
+    let policy: phalanx_core::Limits =
+        serde_json::from_value(policy).map_err(|error| ApiError::invalid(format!("policy: {error}")))?;
     policy.validate().map_err(|invalid| ApiError::invalid(format!("{}: {}", invalid.field, invalid.reason)))?;
     let keys: Vec<&String> = body.set.keys().collect();
     let note = format!("set {}", keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "));
@@ -922,11 +945,8 @@ async fn cluster(State(node): State<Node_>) -> ApiResult {
         .nodes()
         .map(|(id, member)| {
             let matched = metrics.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
-            let last_contact_ms = if *id == node.id() {
-                Some(0)
-            } else {
-                contacts.get(id).map(|at| at.elapsed().as_millis() as u64)
-            };
+            let last_contact_ms =
+                if *id == node.id() { Some(0) } else { contacts.get(id).map(|at| at.elapsed().as_millis() as u64) };
             json!({
                 "id": id,
                 "addr": member.api,
@@ -976,15 +996,33 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
         let metrics = metrics.borrow();
         let membership = metrics.membership_config.membership();
         if membership.get_node(&body.node_id).is_some() {
-            return Err(ApiError::new(StatusCode::CONFLICT, "already_member", format!("node {} is already a member", body.node_id)));
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "already_member",
+                format!("node {} is already a member", body.node_id),
+            ));
         }
         membership.voter_ids().collect()
     };
     let retired = node.shared.data.read().expect("state lock").state.node_retired(body.node_id);
     if retired {
-        return Err(ApiError::new(StatusCode::CONFLICT, "node_id_reused", format!("node id {} was removed before; node ids are never reused", body.node_id)));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "node_id_reused",
+            format!("node id {} was removed before; node ids are never reused", body.node_id),
+        ));
     }
-    node.raft.add_learner(body.node_id, crate::raft_types::Member::new(body.addr.clone(), body.raft_addr.clone().unwrap_or_else(|| body.addr.clone())), true).await.map_err(membership_error)?;
+    node.raft
+        .add_learner(
+            body.node_id,
+            crate::raft_types::Member::new(
+                body.addr.clone(),
+                body.raft_addr.clone().unwrap_or_else(|| body.addr.clone()),
+            ),
+            true,
+        )
+        .await
+        .map_err(membership_error)?;
     let mut new_voters = voters;
     new_voters.insert(body.node_id);
     node.raft.change_membership(new_voters, false).await.map_err(membership_error)?;
@@ -1018,7 +1056,9 @@ async fn ready(State(node): State<Node_>) -> ApiResult {
     if problems.is_empty() {
         let metrics = node.raft.metrics().borrow().clone();
         let applied = metrics.last_applied.map(|l| l.index).unwrap_or(0);
-        return Ok(Json(json!({"ready": true, "leader_id": metrics.current_leader, "last_applied": applied})).into_response());
+        return Ok(
+            Json(json!({"ready": true, "leader_id": metrics.current_leader, "last_applied": applied})).into_response()
+        );
     }
     Err(ApiError::unavailable("not_ready", problems.join("; "), 500))
 }

@@ -139,15 +139,19 @@ impl NodeConfig {
             let (key, value) = line.split_once('=').ok_or_else(|| at(format!("{line:?} is not `key = value`")))?;
             let key = key.trim();
             let value = value.trim().trim_matches('"');
-            let number_of = |value: &str| value.parse::<u64>().map_err(|_| at(format!("{key}: {value:?} is not a whole number")));
+            let number_of =
+                |value: &str| value.parse::<u64>().map_err(|_| at(format!("{key}: {value:?} is not a whole number")));
             match key {
                 "node_id" => self.node_id = number_of(value)?,
-                "listen" => self.listen = value.parse().map_err(|_| at(format!("listen: {value:?} is not HOST:PORT")))?,
+                "listen" => {
+                    self.listen = value.parse().map_err(|_| at(format!("listen: {value:?} is not HOST:PORT")))?
+                }
                 "advertise" => self.advertise = Some(value.to_string()),
                 "data_dir" => self.data_dir = PathBuf::from(value),
                 "peers" => self.peers = parse_peers(value).map_err(at)?,
                 "raft_listen" => {
-                    self.raft_listen = Some(value.parse().map_err(|_| at(format!("raft_listen: {value:?} is not HOST:PORT")))?)
+                    self.raft_listen =
+                        Some(value.parse().map_err(|_| at(format!("raft_listen: {value:?} is not HOST:PORT")))?)
                 }
                 "raft_keepalive_ms" => self.raft_keepalive_ms = number_of(value)?,
                 "election_timeout_min_ms" => self.election_timeout_min_ms = number_of(value)?,

@@ -27,7 +27,10 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
     pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after_ms: u64) -> ApiError {
-        ApiError { retry_after_ms: Some(retry_after_ms), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message) }
+        ApiError {
+            retry_after_ms: Some(retry_after_ms),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        }
     }
     pub fn overloaded(code: &'static str, message: impl Into<String>, retry_after_ms: u64) -> ApiError {
         ApiError { retry_after_ms: Some(retry_after_ms), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message) }

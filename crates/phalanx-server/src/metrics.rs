@@ -29,13 +29,37 @@ pub fn render(node: &Node) -> String {
     gauge("phalanx_raft_last_log_index", "Last log index in this node's log.", last_log);
     gauge("phalanx_raft_snapshot_index", "Last log index covered by the snapshot.", snapshot);
     let stats = &node.stats;
-    gauge("phalanx_http_requests_total", "HTTP requests served by this node.", stats.http_requests.load(Ordering::Relaxed));
+    gauge(
+        "phalanx_http_requests_total",
+        "HTTP requests served by this node.",
+        stats.http_requests.load(Ordering::Relaxed),
+    );
     gauge("phalanx_forwarded_total", "Requests forwarded to the leader.", stats.forwarded.load(Ordering::Relaxed));
-    gauge("phalanx_refused_overload_total", "Requests refused by admission control.", stats.refused_overload.load(Ordering::Relaxed));
-    gauge("phalanx_agents_expired_total", "Agents expired by this node as leader.", stats.agents_expired.load(Ordering::Relaxed));
-    gauge("phalanx_leaderships_total", "Terms in which this node became leader.", stats.leader_changes.load(Ordering::Relaxed));
-    gauge("phalanx_log_entries_proposed_total", "Log entries proposed here.", node.proposer.stats.entries.load(Ordering::Relaxed));
-    gauge("phalanx_commands_proposed_total", "Commands proposed here (entries x batch size).", node.proposer.stats.commands.load(Ordering::Relaxed));
+    gauge(
+        "phalanx_refused_overload_total",
+        "Requests refused by admission control.",
+        stats.refused_overload.load(Ordering::Relaxed),
+    );
+    gauge(
+        "phalanx_agents_expired_total",
+        "Agents expired by this node as leader.",
+        stats.agents_expired.load(Ordering::Relaxed),
+    );
+    gauge(
+        "phalanx_leaderships_total",
+        "Terms in which this node became leader.",
+        stats.leader_changes.load(Ordering::Relaxed),
+    );
+    gauge(
+        "phalanx_log_entries_proposed_total",
+        "Log entries proposed here.",
+        node.proposer.stats.entries.load(Ordering::Relaxed),
+    );
+    gauge(
+        "phalanx_commands_proposed_total",
+        "Commands proposed here (entries x batch size).",
+        node.proposer.stats.commands.load(Ordering::Relaxed),
+    );
 
     let data = node.shared.data.read().expect("state lock");
     let state = &data.state;

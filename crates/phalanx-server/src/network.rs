@@ -4,6 +4,7 @@
 //! Leaves retries to openraft (it resends on the next heartbeat or after
 //! `backoff`) and leaves authentication of the receiving side to `api.rs`.
 
+use crate::raft_types::Member;
 use crate::raft_types::{NodeId, TypeConfig};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -11,7 +12,6 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use crate::raft_types::Member;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeMap;

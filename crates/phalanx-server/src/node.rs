@@ -10,10 +10,10 @@
 use crate::config::NodeConfig;
 use crate::network::Network;
 use crate::proposer::{wall_clock_ms, Proposer};
+use crate::raft_types::Member;
 use crate::raft_types::Raft;
 use crate::store::{self, StateMachineShared};
 use anyhow::Context;
-use crate::raft_types::Member;
 use openraft::ServerState;
 use phalanx_core::Command;
 use std::collections::BTreeMap;
@@ -170,9 +170,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         .spawn(async move { Raft::new(node_id, raft_config, network, log_store, state_machine).await })
         .await??;
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let raft_listener = match config.raft_listen {
         Some(raft_listen) => Some(
@@ -196,7 +195,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
 
     let proposer = {
         let _inside = consensus.enter();
-        Proposer::start(raft.clone(), config.batch_commands_max, config.proposals_in_flight_max, config.write_timeout_ms)
+        Proposer::start(
+            raft.clone(),
+            config.batch_commands_max,
+            config.proposals_in_flight_max,
+            config.write_timeout_ms,
+        )
     };
     let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(64).build()?;
     let node = Arc::new(Node {
@@ -460,12 +464,8 @@ impl PolicyGuard {
         if version != self.version {
             let history = state.policy_history();
             let watch = history.len() >= 2 && !history.last().is_some_and(|v| v.note.starts_with("rollback"));
-            *self = PolicyGuard {
-                version,
-                changed_at: watch.then_some(now),
-                leases_granted: granted,
-                stalled_since: None,
-            };
+            *self =
+                PolicyGuard { version, changed_at: watch.then_some(now), leases_granted: granted, stalled_since: None };
             return None;
         }
         let changed_at = self.changed_at?;

@@ -196,10 +196,9 @@ async fn run(
 
 fn map_error(error: RaftError<u64, ClientWriteError<u64, crate::raft_types::Member>>) -> Error {
     match error {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => Error::NotLeader {
-            leader_id: forward.leader_id,
-            leader_addr: forward.leader_node.map(|node| node.api),
-        },
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+            Error::NotLeader { leader_id: forward.leader_id, leader_addr: forward.leader_node.map(|node| node.api) }
+        }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(error)) => Error::Fatal(error.to_string()),
         RaftError::Fatal(fatal) => Error::Fatal(fatal.to_string()),
     }

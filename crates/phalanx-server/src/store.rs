@@ -83,19 +83,21 @@ pub fn open(data_dir: &Path) -> anyhow::Result<(LogStore, StateMachineStore)> {
     let mut snapshot_counter = 0;
     if let Some((meta, bytes)) = read_snapshot(&db)? {
         let body: SnapshotBody = serde_json::from_slice(&bytes)?;
-        data = StateMachineData { last_applied: body.last_applied, last_membership: body.last_membership, state: body.state };
+        data = StateMachineData {
+            last_applied: body.last_applied,
+            last_membership: body.last_membership,
+            state: body.state,
+        };
         data.state.check_invariants();
         snapshot_counter = meta.snapshot_id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0);
     }
     let applied = data.last_applied.map(|l| l.index).unwrap_or(0);
-    let shared = Arc::new(StateMachineShared { data: RwLock::new(data), applied_tx: tokio::sync::watch::channel(applied).0 });
+    let shared =
+        Arc::new(StateMachineShared { data: RwLock::new(data), applied_tx: tokio::sync::watch::channel(applied).0 });
     let state_machine =
         StateMachineStore { db: db.clone(), shared, snapshot_counter: Arc::new(AtomicU64::new(snapshot_counter)) };
-    let log = LogStore {
-        db,
-        health: Arc::default(),
-        stall_failpoint: Arc::new(data_dir.join("failpoint-stall-storage")),
-    };
+    let log =
+        LogStore { db, health: Arc::default(), stall_failpoint: Arc::new(data_dir.join("failpoint-stall-storage")) };
     Ok((log, state_machine))
 }
 
@@ -268,12 +270,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             let outcome = (|| {
                 let txn = db.begin_write().map_err(write_error)?;
-            {
-                let mut table = txn.open_table(LOG).map_err(write_error)?;
-                for (index, bytes) in &encoded {
-                    table.insert(*index, bytes.as_slice()).map_err(write_error)?;
+                {
+                    let mut table = txn.open_table(LOG).map_err(write_error)?;
+                    for (index, bytes) in &encoded {
+                        table.insert(*index, bytes.as_slice()).map_err(write_error)?;
+                    }
                 }
-            }
                 // Commit with Durability::Immediate (redb's default): fsynced on return.
                 txn.commit().map_err(write_error)
             })();
@@ -423,8 +425,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
         let db = self.db.clone();
-        let stored = blocking(move || read_snapshot(&db).map_err(|e| read_error(std::io::Error::other(e.to_string()))))
-            .await?;
+        let stored =
+            blocking(move || read_snapshot(&db).map_err(|e| read_error(std::io::Error::other(e.to_string())))).await?;
         Ok(stored.map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
     }
 }

@@ -28,7 +28,15 @@ impl Server {
         assert!(self.child.is_none(), "node {} already running", self.id);
         let mut command = Command::new(env!("CARGO_BIN_EXE_phalanx"));
         command
-            .args(["server", "--node-id", &self.id.to_string(), "--listen", &self.addr, "--raft-listen", &self.raft_addr])
+            .args([
+                "server",
+                "--node-id",
+                &self.id.to_string(),
+                "--listen",
+                &self.addr,
+                "--raft-listen",
+                &self.raft_addr,
+            ])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--peers", &self.peers])
