@@ -168,6 +168,7 @@ class AsyncAgent:
                 await self._autonomy_step()
                 await asyncio.sleep(0.2)
         if heartbeat_ms is None:
+            await self.client.aclose()
             return
         background = [asyncio.create_task(self._heartbeats(heartbeat_ms)), asyncio.create_task(self._flusher())]
         while not self._stopping.is_set():

@@ -123,3 +123,25 @@ async def test_restarted_agent_delivers_its_outbox_and_a_stale_entry_is_supersed
     restarted.stop()
     await running
     assert os.path.exists(outbox)
+
+
+async def test_autonomous_work_stays_within_its_budget(server, tmp_path):
+    runs = []
+
+    async def local_work():
+        runs.append(time.monotonic())
+
+    async def handler(context: TaskContext):
+        return None
+
+    server.kill()
+    agent = AsyncAgent(server.addr, "py-alone", ["q"], handler, poll_wait_ms=300, orchestrator_timeout_s=0.3,
+                       outbox_path=str(tmp_path / "o.outbox"), autonomous_handler=local_work,
+                       autonomy_tasks_max=3, autonomy_seconds_max=60)
+    running = await run_agent(agent)
+    await wait_for(lambda: len(runs) == 3)
+    await asyncio.sleep(1.0)
+    assert len(runs) == 3, "the autonomy budget holds"
+    assert agent.state == "autonomous"
+    agent.stop()
+    await asyncio.wait_for(running, 10)
