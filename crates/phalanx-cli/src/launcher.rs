@@ -58,7 +58,17 @@ impl LocalCluster {
     pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("finding the phalanx binary")?;
         let node = self.nodes.get_mut(&id).context("no such node")?;
-        let child = Command::new(exe)
+        // PHALANX_NODE_CPUS pins the nodes (e.g. "0"), so a benchmark can keep
+        // its load generator off their cores: `taskset -c 1 phalanx bench ...`.
+        let mut command = match std::env::var("PHALANX_NODE_CPUS") {
+            Ok(cpus) => {
+                let mut taskset = Command::new("taskset");
+                taskset.args(["-c", &cpus]).arg(exe);
+                taskset
+            }
+            Err(_) => Command::new(exe),
+        };
+        let child = command
             .args(["server", "--node-id", &id.to_string(), "--listen", &node.addr, "--raft-listen", &node.raft_addr])
             .args(["--peers", &self.peers])
             .arg("--data-dir")
