@@ -350,19 +350,24 @@ impl State {
     }
 
     /// The earliest log time at which advancing time would change something
-    /// (a backoff ends, a lease expires, a deadline passes). The leader
-    /// proposes a `Tick` once its clock reaches it.
+    /// (a backoff ends, a lease expires, a deadline or a wait times out).
+    /// The leader proposes a `Tick` once its clock reaches it.
     pub fn next_due_ms(&self) -> Option<u64> {
         [
+            // Saturating throughout: a client may ask for a deadline at the end
+            // of time, and a wrapped sum would make the leader tick nonstop.
             self.delayed.first().map(|(at, _)| *at),
-            self.lease_expiry.first().map(|(at, _)| at + 1),
-            self.lease_progress.first().map(|(at, _)| at.saturating_add(self.limits.stall_timeout_ms) + 1),
-            self.deadlines.first().map(|(at, _)| at + 1),
-            self.finished.first().map(|(at, _)| at.saturating_add(self.limits.finished_task_ttl_ms) + 1),
+            self.lease_expiry.first().map(|(at, _)| at.saturating_add(1)),
+            self.lease_progress
+                .first()
+                .map(|(at, _)| at.saturating_add(self.limits.stall_timeout_ms).saturating_add(1)),
+            self.deadlines.first().map(|(at, _)| at.saturating_add(1)),
+            self.wait_deadlines.first().map(|(at, _)| at.saturating_add(1)),
+            self.finished.first().map(|(at, _)| at.saturating_add(self.limits.finished_task_ttl_ms).saturating_add(1)),
             self.unserved_since
                 .values()
                 .filter(|(_, marked)| !marked)
-                .map(|(since, _)| since.saturating_add(self.limits.unserved_grace_ms) + 1)
+                .map(|(since, _)| since.saturating_add(self.limits.unserved_grace_ms).saturating_add(1))
                 .min(),
         ]
         .into_iter()
@@ -403,14 +408,7 @@ impl State {
             }
             self.counters.leases_expired += 1;
             self.release_lease(id);
-            let task = &self.tasks[&id];
-            if task.attempts >= task.max_attempts {
-                self.finish(id, TaskState::Dead, |task| {
-                    task.dead_reason = Some(format!("attempts_exhausted: lease expired on attempt {}", task.attempts))
-                });
-            } else {
-                self.make_ready(id);
-            }
+            self.retry_or_bury(id, "lease expired");
         }
         while let Some(&(progress, id)) = self.lease_progress.first() {
             if progress.saturating_add(self.limits.stall_timeout_ms) >= now {
@@ -425,13 +423,7 @@ impl State {
             }
             let task = self.tasks.get_mut(&id).expect("leased task exists");
             task.error = Some(format!("stuck: no progress for {} ms; lease revoked", self.limits.stall_timeout_ms));
-            if task.attempts >= task.max_attempts {
-                self.finish(id, TaskState::Dead, |task| {
-                    task.dead_reason = Some(format!("attempts_exhausted: stuck on attempt {}", task.attempts))
-                });
-            } else {
-                self.make_ready(id);
-            }
+            self.retry_or_bury(id, "stuck");
         }
         // Retention by age: finished tasks (and their idempotency keys) leave
         // `finished_task_ttl_ms` after they finished.
@@ -456,6 +448,7 @@ impl State {
             }
             self.finish(id, TaskState::Dead, |task| task.dead_reason = Some("expired".to_string()));
         }
+        self.enforce_retention();
     }
 
     fn apply_command(&mut self, index: u64, command: &Command) -> Outcome {
@@ -506,6 +499,7 @@ impl State {
                 Ok(Outcome::NodeRetired)
             }
         };
+        self.enforce_retention();
         result.unwrap_or_else(|error| Outcome::Refused { error })
     }
 
@@ -649,12 +643,13 @@ impl State {
     }
 
     /// Deregistration and expiry: the agent's leases go back to pending at
-    /// once (their attempt stays counted) so other agents can take them.
+    /// once (their attempt stays counted) so other agents can take them, or
+    /// to dead letters when that was the last attempt, as for a lapsed lease.
     fn remove_agent(&mut self, agent_id: &str, epoch: u64) -> Result<(), Error> {
         let held: Vec<u64> = self.current_agent(agent_id, epoch)?.leased_task_ids.iter().copied().collect();
         for task_id in held {
             self.release_lease(task_id);
-            self.make_ready(task_id);
+            self.retry_or_bury(task_id, "agent left");
         }
         let agent = self.agents.remove(agent_id).expect("checked above");
         assert!(agent.leased_task_ids.is_empty(), "every lease of a removed agent is released");
@@ -696,8 +691,18 @@ impl State {
         let mut grants = Vec::new();
         for _ in 0..count {
             // The best task over all asked queues: highest priority, then oldest.
-            let best =
-                queues.iter().filter_map(|q| self.ready.get(q).and_then(|set| set.first().map(|key| (*key, q)))).min();
+            // A task already granted by this entry and released again within
+            // it (its holder expired, deregistered or re-registered) waits for
+            // the next entry: a second grant would carry the same fence as the
+            // voided one, and the fence must name one lease.
+            let tasks = &self.tasks;
+            let best = queues
+                .iter()
+                .filter_map(|q| {
+                    let key = self.ready.get(q)?.iter().find(|(_, id)| tasks[id].last_fence < index)?;
+                    Some((*key, q))
+                })
+                .min();
             let Some((key, queue)) = best else { break };
             let queue = queue.clone();
             self.ready.get_mut(&queue).expect("found above").remove(&key);
@@ -759,6 +764,17 @@ impl State {
 
     fn fail(&mut self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Result<Outcome, Error> {
         check_size("error", error, self.limits.result_bytes_max)?;
+        if let Some(task) = self.tasks.get(&task_id) {
+            // A failure delivered twice under the same fence (a retried request
+            // whose answer was lost) is answered as before and changes nothing:
+            // no second backoff, no second entry in the delay queue.
+            let same_error = task.error.as_deref() == Some(error) && task.last_fence == fence;
+            let already_retrying = retryable && task.state == TaskState::Pending;
+            let already_failed = !retryable && matches!(task.state, TaskState::Failed);
+            if same_error && (already_retrying || already_failed) {
+                return Ok(Outcome::Failed { task: task.clone() });
+            }
+        }
         self.check_fence(task_id, fence)?;
         let task = &self.tasks[&task_id];
         if !retryable {
@@ -770,7 +786,8 @@ impl State {
             });
         } else {
             let exponent = task.attempts.saturating_sub(1).min(30);
-            let backoff = (self.limits.retry_backoff_ms_base << exponent).min(self.limits.retry_backoff_ms_max);
+            let backoff =
+                self.limits.retry_backoff_ms_base.saturating_mul(1 << exponent).min(self.limits.retry_backoff_ms_max);
             let not_before = self.now_ms.saturating_add(backoff);
             self.release_lease(task_id);
             self.remove_ready(task_id);
@@ -1035,6 +1052,19 @@ impl State {
         self.delayed.remove(&(task.not_before_ms, task_id));
     }
 
+    /// A task whose lease ended without a result: ready for another attempt,
+    /// or dead when it has used all of them.
+    fn retry_or_bury(&mut self, task_id: u64, why: &str) {
+        let task = &self.tasks[&task_id];
+        if task.attempts >= task.max_attempts {
+            self.finish(task_id, TaskState::Dead, |task| {
+                task.dead_reason = Some(format!("attempts_exhausted: {why} on attempt {}", task.attempts))
+            });
+        } else {
+            self.make_ready(task_id);
+        }
+    }
+
     fn release_lease(&mut self, task_id: u64) {
         // A wait belongs to the lease that asked for it.
         self.remove_wait(task_id);
@@ -1079,6 +1109,13 @@ impl State {
             TaskState::Dead => self.counters.dead += 1,
             TaskState::Pending | TaskState::Leased => unreachable!(),
         }
+    }
+
+    /// Retention by count. Run once a command (or the advance of time) is
+    /// done, never inside `finish`: at equal log times the task just finished
+    /// may sort first in `finished`, and it must outlive the outcome that
+    /// reports it (and the waiters it resolves).
+    fn enforce_retention(&mut self) {
         if self.finished.len() > self.limits.finished_tasks_max {
             self.compact_finished(self.finished.len() - self.limits.finished_tasks_max);
         }
