@@ -1,13 +1,24 @@
-//! redb storage for openraft: the log, the vote, the committed index and
-//! snapshots, all in one file per node (`phalanx.redb`).
+//! redb storage for openraft: the log, the vote, the committed log id and the
+//! current snapshot, all in one file per node (`phalanx.redb`), plus the
+//! in-memory state machine that openraft applies committed entries to.
 //!
-//! Every write is one redb transaction committed with `Durability::Immediate`
-//! (fsync) before openraft hears it is done; `append` writes a whole batch of
-//! entries in one transaction, so one fsync serves a batch (group commit).
-//! The state machine itself lives in memory: it is made durable by snapshots,
-//! written to redb before openraft may purge the log they cover, plus replay
-//! of the fsynced log after the snapshot on restart.
-//! redb is synchronous, so every call runs on tokio's blocking threads.
+//! Durability. Every write is one redb write transaction committed with
+//! `Durability::Immediate` (redb's default: the file is fsynced before
+//! `commit` returns), and openraft hears that a write is done only after the
+//! commit returned. `append` writes a whole batch of entries in one
+//! transaction, so one fsync serves the batch (group commit). The state
+//! machine itself is never written: it lives in memory and is made durable by
+//! snapshots, which are on disk before `build_snapshot` returns (openraft
+//! purges the log a snapshot covers right after), plus replay of the fsynced
+//! log after the snapshot on restart: the committed log id is saved too, so
+//! openraft re-applies up to it before the node serves anything.
+//!
+//! Deliberately left to others: what an entry means (`phalanx_core::State`),
+//! when to snapshot and purge (openraft's policy, configured in `node`), and
+//! what readiness concludes from `StorageHealth` (`node`, `api`).
+//!
+//! redb is synchronous, so every redb call runs on tokio's blocking threads:
+//! an fsync must never stall the async workers that run Raft's timers.
 
 use crate::raft_types::{LogId, Member, NodeId, StorageError, TypeConfig};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -16,65 +27,148 @@ use openraft::{
     StoredMembership, Vote,
 };
 use phalanx_core::{Limits, Response, State};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+/// The name of the node's single database file inside its data directory.
+pub const DATABASE_FILE_NAME: &str = "phalanx.redb";
 
-/// A snapshot larger than this is refused rather than loaded into memory.
+/// A snapshot larger than this is refused, whether built, received or found
+/// on disk, rather than held in memory (a snapshot is one `Vec<u8>`).
 pub const SNAPSHOT_BYTES_MAX: usize = 1 << 30;
 
-type Result<T> = std::result::Result<T, StorageError>;
+/// While a file of this name exists in the data directory, log writes wait,
+/// as on a disk that has stalled: the failpoint behind the "up but not
+/// working" tests (`crates/phalanx-cli/tests/stall.rs`).
+pub const STALL_FAILPOINT_FILE_NAME: &str = "failpoint-stall-storage";
 
-fn read_error(error: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::read(&error).into()
-}
-fn write_error(error: impl std::error::Error + 'static) -> StorageError {
-    StorageIOError::write(&error).into()
+/// Log index -> serde_json of `Entry<TypeConfig>`.
+const LOG_TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// `VOTE_KEY`, `COMMITTED_KEY`, `LAST_PURGED_KEY` -> serde_json of each.
+const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The one current snapshot: its meta and its bytes, always replaced together
+/// in one transaction, so older snapshots are gone the moment a new one lands.
+const SNAPSHOT_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+/// What openraft records about a snapshot: the log id and membership it covers, and its id.
+type StoredSnapshotMeta = SnapshotMeta<NodeId, Member>;
+
+const VOTE_KEY: &str = "vote";
+const COMMITTED_KEY: &str = "committed";
+const LAST_PURGED_KEY: &str = "last_purged";
+const SNAPSHOT_META_KEY: &str = "meta";
+const SNAPSHOT_DATA_KEY: &str = "data";
+
+const LOCK_POISONED: &str = "state machine lock poisoned: an apply panicked while holding it";
+
+/// An operating error of the store: the disk, the file, or stored bytes that
+/// do not decode. Inside the Raft traits it becomes an `openraft::StorageError`
+/// whose subject says what was being read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Database(#[from] redb::Error),
+    #[error(transparent)]
+    Encoding(#[from] serde_json::Error),
+    #[error("snapshot of {bytes} bytes exceeds SNAPSHOT_BYTES_MAX ({SNAPSHOT_BYTES_MAX} bytes)")]
+    SnapshotTooLarge { bytes: usize },
+    #[error("snapshot body was taken at {body:?} but its meta says {meta:?}")]
+    SnapshotMismatch { body: Option<LogId>, meta: Option<LogId> },
+    #[error("the runtime shut down before the storage work ran")]
+    Shutdown,
 }
 
-/// Runs a redb call on a blocking thread.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(work).await.map_err(write_error)?
+/// redb reports each step with its own error type; all of them are disk or
+/// file errors to us, so they fold into `redb::Error`.
+macro_rules! from_redb_error {
+    ($($source:ty),*) => {$(
+        impl From<$source> for Error {
+            fn from(error: $source) -> Error {
+                Error::Database(error.into())
+            }
+        }
+    )*};
+}
+from_redb_error!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    Ok(serde_json::to_vec(value)?)
 }
 
-pub struct StateMachineData {
-    pub last_applied: Option<LogId>,
-    pub last_membership: StoredMembership<NodeId, Member>,
-    pub state: State,
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    Ok(serde_json::from_slice(bytes)?)
 }
 
-pub struct StateMachineShared {
-    pub data: RwLock<StateMachineData>,
-    /// The last applied log index, sent after every apply batch; long-polls
-    /// and read-index waits watch it.
-    pub applied_tx: tokio::sync::watch::Sender<u64>,
+fn check_snapshot_size(bytes: usize) -> Result<(), Error> {
+    if bytes > SNAPSHOT_BYTES_MAX {
+        return Err(Error::SnapshotTooLarge { bytes });
+    }
+    Ok(())
 }
 
-/// The serialised form of a snapshot.
-#[derive(Serialize, Deserialize)]
-struct SnapshotBody {
-    last_applied: Option<LogId>,
-    last_membership: StoredMembership<NodeId, Member>,
-    state: State,
+/// Runs synchronous redb work on tokio's blocking threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        // A panic in storage work is a broken invariant; it goes on unwinding
+        // here rather than turning into an error someone might retry.
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Err(Error::Shutdown),
+    }
 }
 
-/// Opens (or creates) `phalanx.redb` in `data_dir` and returns both halves.
-pub fn open(data_dir: &Path) -> anyhow::Result<(LogStore, StateMachineStore)> {
-    let db = Arc::new(Database::create(data_dir.join("phalanx.redb"))?);
+/// Runs `work` in one write transaction and commits it. The commit uses redb's
+/// default `Durability::Immediate`, so the data is fsynced when this returns;
+/// if `work` fails the transaction is dropped, which aborts it.
+fn write<T>(db: &Database, work: impl FnOnce(&WriteTransaction) -> Result<T, Error>) -> Result<T, Error> {
     let txn = db.begin_write()?;
-    txn.open_table(LOG)?;
-    txn.open_table(META)?;
-    txn.open_table(SNAPSHOT)?;
+    let value = work(&txn)?;
     txn.commit()?;
+    Ok(value)
+}
+
+fn read_meta<T: DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, Error> {
+    match table.get(key)? {
+        Some(value) => Ok(Some(decode(value.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn write_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> Result<(), Error> {
+    let bytes = encode(value)?;
+    write(db, |txn| {
+        txn.open_table(META_TABLE)?.insert(key, bytes.as_slice())?;
+        Ok(())
+    })
+}
+
+/// Opens (or creates) `phalanx.redb` in `data_dir` and returns the two halves
+/// of the store, sharing one database handle. A stored snapshot is loaded into
+/// the state machine, so its last applied log id is the snapshot's; openraft
+/// then re-applies the committed log after it.
+///
+/// It blocks (file open, one fsync, snapshot decode): call it at startup,
+/// before the node serves anything.
+pub fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Error> {
+    let db = Arc::new(Database::create(data_dir.join(DATABASE_FILE_NAME))?);
+    // Created up front, so that every reader can open every table.
+    write(&db, |txn| {
+        txn.open_table(LOG_TABLE)?;
+        txn.open_table(META_TABLE)?;
+        txn.open_table(SNAPSHOT_TABLE)?;
+        Ok(())
+    })?;
+
     let mut data = StateMachineData {
         last_applied: None,
         last_membership: StoredMembership::default(),
@@ -82,46 +176,81 @@ pub fn open(data_dir: &Path) -> anyhow::Result<(LogStore, StateMachineStore)> {
     };
     let mut snapshot_counter = 0;
     if let Some((meta, bytes)) = read_snapshot(&db)? {
-        let body: SnapshotBody = serde_json::from_slice(&bytes)?;
+        let body = decode_snapshot(&meta, &bytes)?;
         data = StateMachineData {
-            last_applied: body.last_applied,
-            last_membership: body.last_membership,
+            last_applied: meta.last_log_id,
+            last_membership: meta.last_membership,
             state: body.state,
         };
-        data.state.check_invariants();
+        // Only uniqueness of later ids depends on it, so an id this code did not write just restarts the count.
         snapshot_counter = meta.snapshot_id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0);
     }
-    let applied = data.last_applied.map(|l| l.index).unwrap_or(0);
-    let shared =
-        Arc::new(StateMachineShared { data: RwLock::new(data), applied_tx: tokio::sync::watch::channel(applied).0 });
+
+    let applied_index = data.last_applied.map_or(0, |log_id| log_id.index);
+    let shared = Arc::new(StateMachineShared {
+        data: RwLock::new(data),
+        applied_tx: tokio::sync::watch::channel(applied_index).0,
+    });
     let state_machine =
         StateMachineStore { db: db.clone(), shared, snapshot_counter: Arc::new(AtomicU64::new(snapshot_counter)) };
     let log =
-        LogStore { db, health: Arc::default(), stall_failpoint: Arc::new(data_dir.join("failpoint-stall-storage")) };
+        LogStore { db, health: Arc::default(), stall_failpoint: Arc::new(data_dir.join(STALL_FAILPOINT_FILE_NAME)) };
     Ok((log, state_machine))
 }
 
-fn read_snapshot(db: &Database) -> anyhow::Result<Option<(SnapshotMeta<NodeId, Member>, Vec<u8>)>> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(SNAPSHOT)?;
-    let (Some(meta), Some(data)) = (table.get("meta")?, table.get("data")?) else { return Ok(None) };
-    let meta = serde_json::from_slice(meta.value())?;
-    Ok(Some((meta, data.value().to_vec())))
+// ---- snapshots on disk ----
+
+/// The serialised form of a snapshot: what the state machine had applied and
+/// the state that resulted.
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership<NodeId, Member>,
+    state: State,
 }
 
-fn write_snapshot(db: &Database, meta: &SnapshotMeta<NodeId, Member>, bytes: &[u8]) -> Result<()> {
-    let signature = Some(meta.signature());
-    let fail = |error: &dyn std::error::Error| -> StorageError {
-        StorageIOError::write_snapshot(signature.clone(), openraft::AnyError::error(error.to_string())).into()
+fn read_snapshot(db: &Database) -> Result<Option<(StoredSnapshotMeta, Vec<u8>)>, Error> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(SNAPSHOT_TABLE)?;
+    let (Some(meta), Some(data)) = (table.get(SNAPSHOT_META_KEY)?, table.get(SNAPSHOT_DATA_KEY)?) else {
+        return Ok(None);
     };
-    let meta_bytes = serde_json::to_vec(meta).map_err(|e| fail(&e))?;
-    let txn = db.begin_write().map_err(|e| fail(&e))?;
-    {
-        let mut table = txn.open_table(SNAPSHOT).map_err(|e| fail(&e))?;
-        table.insert("meta", meta_bytes.as_slice()).map_err(|e| fail(&e))?;
-        table.insert("data", bytes).map_err(|e| fail(&e))?;
+    check_snapshot_size(data.value().len())?;
+    Ok(Some((decode(meta.value())?, data.value().to_vec())))
+}
+
+/// Decodes a snapshot and checks it against its meta and against the state
+/// machine's own invariants (a full O(n) check, affordable once per load).
+fn decode_snapshot(meta: &StoredSnapshotMeta, bytes: &[u8]) -> Result<SnapshotBody, Error> {
+    check_snapshot_size(bytes.len())?;
+    let body: SnapshotBody = decode(bytes)?;
+    if body.last_applied != meta.last_log_id {
+        return Err(Error::SnapshotMismatch { body: body.last_applied, meta: meta.last_log_id });
     }
-    txn.commit().map_err(|e| fail(&e))
+    body.state.check_invariants();
+    Ok(body)
+}
+
+/// Stores `meta` and `bytes` as the current snapshot, durably, unless the
+/// stored one is newer; returns whether it was stored.
+fn write_snapshot(db: &Database, meta: &StoredSnapshotMeta, bytes: &[u8]) -> Result<bool, Error> {
+    check_snapshot_size(bytes.len())?;
+    let meta_bytes = encode(meta)?;
+    write(db, |txn| {
+        let mut table = txn.open_table(SNAPSHOT_TABLE)?;
+        let stored: Option<StoredSnapshotMeta> = read_meta(&table, SNAPSHOT_META_KEY)?;
+        // openraft builds snapshots in a task of its own, so a build that
+        // cloned the state before an `install_snapshot` can finish after it.
+        // Storing that older snapshot would leave, after a restart, a
+        // snapshot that ends before the log (purged up to the installed one)
+        // begins: a hole.
+        if stored.is_some_and(|stored| stored.last_log_id > meta.last_log_id) {
+            return Ok(false);
+        }
+        table.insert(SNAPSHOT_META_KEY, meta_bytes.as_slice())?;
+        table.insert(SNAPSHOT_DATA_KEY, bytes)?;
+        Ok(true)
+    })
 }
 
 // ---- the log ----
@@ -137,51 +266,44 @@ pub struct StorageHealth {
 }
 
 fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The Raft log, the vote and the committed log id. Clones share the database,
+/// so `get_log_reader` hands out clones to openraft's replication tasks.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
     pub health: Arc<StorageHealth>,
-    /// Failpoint for tests of "up but not working": while this file exists in
-    /// the data directory, log writes wait, as on a disk that has stalled.
-    stall_failpoint: Arc<std::path::PathBuf>,
+    /// See `STALL_FAILPOINT_FILE_NAME`.
+    stall_failpoint: Arc<PathBuf>,
 }
 
 impl LogStore {
-    fn get_meta<T: serde::de::DeserializeOwned>(db: &Database, key: &str) -> Result<Option<T>> {
-        let txn = db.begin_read().map_err(read_error)?;
-        let table = txn.open_table(META).map_err(read_error)?;
-        match table.get(key).map_err(read_error)? {
-            Some(value) => Ok(Some(serde_json::from_slice(value.value()).map_err(read_error)?)),
-            None => Ok(None),
-        }
-    }
-
-    async fn put_meta<T: Serialize>(&self, key: &'static str, value: &T) -> Result<()> {
-        let bytes = serde_json::to_vec(value).map_err(write_error)?;
+    /// Deletes the log entries whose index is in `range`, durably.
+    async fn delete_range(&self, range: impl RangeBounds<u64> + Send + 'static) -> Result<(), Error> {
         let db = self.db.clone();
         blocking(move || {
-            let txn = db.begin_write().map_err(write_error)?;
-            txn.open_table(META).map_err(write_error)?.insert(key, bytes.as_slice()).map_err(write_error)?;
-            txn.commit().map_err(write_error)
+            write(&db, |txn| {
+                txn.open_table(LOG_TABLE)?.retain_in(range, |_, _| false)?;
+                Ok(())
+            })
         })
         .await
     }
 
-    /// Deletes the log entries whose index is in `range`.
-    async fn delete_range(&self, range: impl RangeBounds<u64> + Send + 'static) -> Result<()> {
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_write().map_err(write_error)?;
-            {
-                let mut table = txn.open_table(LOG).map_err(write_error)?;
-                table.retain_in(range, |_, _| false).map_err(write_error)?;
+    /// Writes a batch of entries in one transaction: one fsync for the batch.
+    /// The batch is bounded by openraft's `max_payload_entries` (set in `node`).
+    fn write_entries(db: &Database, entries: &[Entry<TypeConfig>]) -> Result<(), Error> {
+        let encoded =
+            entries.iter().map(|entry| Ok((entry.log_id.index, encode(entry)?))).collect::<Result<Vec<_>, Error>>()?;
+        write(db, |txn| {
+            let mut table = txn.open_table(LOG_TABLE)?;
+            for (index, bytes) in &encoded {
+                table.insert(*index, bytes.as_slice())?;
             }
-            txn.commit().map_err(write_error)
+            Ok(())
         })
-        .await
     }
 }
 
@@ -189,75 +311,90 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>> {
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        // openraft asks for at most `max_payload_entries` at a time, which bounds this vector.
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
         let db = self.db.clone();
-        let start = range.start_bound().cloned();
-        let end = range.end_bound().cloned();
         blocking(move || {
-            let txn = db.begin_read().map_err(read_error)?;
-            let table = txn.open_table(LOG).map_err(read_error)?;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(LOG_TABLE)?;
             let mut entries = Vec::new();
-            for item in table.range::<u64>((start, end)).map_err(read_error)? {
-                let (_, value) = item.map_err(read_error)?;
-                entries.push(serde_json::from_slice(value.value()).map_err(read_error)?);
+            for item in table.range::<u64>(bounds)? {
+                let (_, value) = item?;
+                entries.push(decode(value.value())?);
             }
             Ok(entries)
         })
         .await
+        .map_err(|error| StorageIOError::read_logs(&error).into())
     }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>> {
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let db = self.db.clone();
         blocking(move || {
-            let last_purged_log_id: Option<LogId> = LogStore::get_meta(&db, "last_purged")?;
-            let txn = db.begin_read().map_err(read_error)?;
-            let table = txn.open_table(LOG).map_err(read_error)?;
-            let last = match table.last().map_err(read_error)? {
-                Some((_, value)) => {
-                    let entry: Entry<TypeConfig> = serde_json::from_slice(value.value()).map_err(read_error)?;
-                    Some(entry.log_id)
-                }
-                None => last_purged_log_id,
+            // One read transaction, so the purge point and the last entry agree.
+            let txn = db.begin_read()?;
+            let last_purged_log_id: Option<LogId> = read_meta(&txn.open_table(META_TABLE)?, LAST_PURGED_KEY)?;
+            let last_entry = match txn.open_table(LOG_TABLE)?.last()? {
+                Some((_, value)) => Some(decode::<Entry<TypeConfig>>(value.value())?.log_id),
+                None => None,
             };
-            Ok(LogState { last_purged_log_id, last_log_id: last })
+            // With every entry purged, the last log id is the purge point (openraft's contract).
+            Ok(LogState { last_purged_log_id, last_log_id: last_entry.or(last_purged_log_id) })
         })
         .await
+        .map_err(|error| StorageIOError::read_logs(&error).into())
     }
 
     async fn get_log_reader(&mut self) -> LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<()> {
-        self.put_meta("vote", vote).await.map_err(|e| StorageIOError::write_vote(openraft::AnyError::error(e)).into())
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        let (db, vote) = (self.db.clone(), *vote);
+        blocking(move || write_meta(&db, VOTE_KEY, &vote))
+            .await
+            .map_err(|error| StorageIOError::write_vote(&error).into())
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>> {
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
         let db = self.db.clone();
-        blocking(move || LogStore::get_meta(&db, "vote")).await
+        blocking(move || read_meta(&db.begin_read()?.open_table(META_TABLE)?, VOTE_KEY))
+            .await
+            .map_err(|error| StorageIOError::read_vote(&error).into())
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<()> {
-        self.put_meta("committed", &committed).await
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>> {
+    /// Saved so that a restart re-applies every committed entry before the
+    /// node serves reads: the state machine is only in memory.
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let db = self.db.clone();
-        blocking(move || Ok(LogStore::get_meta::<Option<LogId>>(&db, "committed")?.flatten())).await
+        blocking(move || write_meta(&db, COMMITTED_KEY, &committed))
+            .await
+            .map_err(|error| StorageIOError::write(&error).into())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<()>
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        let db = self.db.clone();
+        blocking(move || {
+            let committed: Option<Option<LogId>> = read_meta(&db.begin_read()?.open_table(META_TABLE)?, COMMITTED_KEY)?;
+            Ok(committed.flatten())
+        })
+        .await
+        .map_err(|error| StorageIOError::read(&error).into())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded = Vec::new();
-        for entry in entries {
-            encoded.push((entry.log_id.index, serde_json::to_vec(&entry).map_err(write_error)?));
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        for pair in entries.windows(2) {
+            assert_eq!(pair[1].log_id.index, pair[0].log_id.index + 1, "append would leave a hole in the log");
         }
         let db = self.db.clone();
         let health = self.health.clone();
@@ -265,50 +402,80 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let result = blocking(move || {
             let started = std::time::Instant::now();
             health.write_started_ms.store(wall_ms(), Ordering::Relaxed);
+            // The failpoint waits without limit on purpose: it imitates a disk
+            // that has stopped, and only the test that made it ends it.
             while failpoint.exists() {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            let outcome = (|| {
-                let txn = db.begin_write().map_err(write_error)?;
-                {
-                    let mut table = txn.open_table(LOG).map_err(write_error)?;
-                    for (index, bytes) in &encoded {
-                        table.insert(*index, bytes.as_slice()).map_err(write_error)?;
-                    }
-                }
-                // Commit with Durability::Immediate (redb's default): fsynced on return.
-                txn.commit().map_err(write_error)
-            })();
+            let outcome = LogStore::write_entries(&db, &entries);
             health.last_write_us.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             health.write_started_ms.store(0, Ordering::Relaxed);
             outcome
         })
         .await;
-        match &result {
-            Ok(()) => callback.log_io_completed(Ok(())),
-            Err(error) => callback.log_io_completed(Err(std::io::Error::other(error.to_string()))),
+        // Only now, with the commit (and its fsync) returned, may openraft
+        // count these entries as persisted, e.g. towards a quorum.
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(error) => {
+                callback.log_io_completed(Err(std::io::Error::other(error.to_string())));
+                Err(StorageIOError::write_logs(&error).into())
+            }
         }
-        result
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> Result<()> {
-        self.delete_range(log_id.index..).await
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.delete_range(log_id.index..).await.map_err(|error| StorageIOError::write_logs(&error).into())
     }
 
-    async fn purge(&mut self, log_id: LogId) -> Result<()> {
-        // The purge point is recorded first: a crash between the two leaves
-        // entries that are merely ignored, never a hole.
-        self.put_meta("last_purged", &log_id).await?;
-        self.delete_range(..=log_id.index).await
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        blocking(move || {
+            // The purge point and the deletion commit together: no restart can
+            // see entries gone without knowing where the log now starts.
+            write(&db, |txn| {
+                let mut meta = txn.open_table(META_TABLE)?;
+                let previous: Option<LogId> = read_meta(&meta, LAST_PURGED_KEY)?;
+                assert!(previous <= Some(log_id), "purge went back: to {log_id} after {previous:?}");
+                meta.insert(LAST_PURGED_KEY, encode(&log_id)?.as_slice())?;
+                txn.open_table(LOG_TABLE)?.retain_in(..=log_id.index, |_, _| false)?;
+                Ok(())
+            })
+        })
+        .await
+        .map_err(|error| StorageIOError::write_logs(&error).into())
     }
 }
 
 // ---- the state machine ----
 
+/// The state machine and what openraft needs to know about it.
+pub struct StateMachineData {
+    pub last_applied: Option<LogId>,
+    pub last_membership: StoredMembership<NodeId, Member>,
+    pub state: State,
+}
+
+/// The state machine as the rest of the node sees it: readers take the read
+/// lock briefly and never across an `.await`.
+pub struct StateMachineShared {
+    pub data: RwLock<StateMachineData>,
+    /// Sends the last applied log index after every apply batch and snapshot
+    /// install; the HTTP layer waits on it (long-poll wakeups, read-index waits).
+    pub applied_tx: tokio::sync::watch::Sender<u64>,
+}
+
+/// openraft's handle on the state machine and on the snapshot stored in redb.
+/// Clones share both, so the snapshot builder is a clone.
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Arc<Database>,
     shared: Arc<StateMachineShared>,
+    /// The last part of snapshot ids, so that two snapshots taken at the same
+    /// log id still have different ids.
     snapshot_counter: Arc<AtomicU64>,
 }
 
@@ -319,34 +486,39 @@ impl StateMachineStore {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
-        // Clone under the read lock (memory copy only), serialise and write off it.
-        let (last_applied, last_membership, state) = {
-            let data = self.shared.data.read().expect("state lock");
-            (data.last_applied, data.last_membership.clone(), data.state.clone())
-        };
-        let counter = self.snapshot_counter.fetch_add(1, Ordering::SeqCst) + 1;
-        let snapshot_id = format!(
-            "{}-{}-{counter}",
-            last_applied.map(|l| l.leader_id.term).unwrap_or(0),
-            last_applied.map(|l| l.index).unwrap_or(0)
-        );
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: last_membership.clone(), snapshot_id };
-        let db = self.db.clone();
-        let meta_for_write = meta.clone();
-        let bytes = blocking(move || {
-            let body = SnapshotBody { last_applied, last_membership, state };
-            let bytes = serde_json::to_vec(&body).map_err(write_error)?;
-            if bytes.len() > SNAPSHOT_BYTES_MAX {
-                return Err(write_error(std::io::Error::other(format!(
-                    "snapshot of {} bytes exceeds SNAPSHOT_BYTES_MAX",
-                    bytes.len()
-                ))));
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        // Clone under the read lock, then serialise off it on a blocking
+        // thread: a clone is a memory copy, much faster than serde_json, so
+        // apply (the writer) waits for the copy only. The price is a second
+        // copy of the state in memory while the snapshot is built.
+        let body = {
+            let data = self.shared.data.read().expect(LOCK_POISONED);
+            SnapshotBody {
+                last_applied: data.last_applied,
+                last_membership: data.last_membership.clone(),
+                state: data.state.clone(),
             }
-            write_snapshot(&db, &meta_for_write, &bytes)?;
+        };
+        let counter = self.snapshot_counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let last_applied = body.last_applied;
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: body.last_membership.clone(),
+            snapshot_id: format!(
+                "{}-{}-{counter}",
+                last_applied.map_or(0, |log_id| log_id.leader_id.term),
+                last_applied.map_or(0, |log_id| log_id.index)
+            ),
+        };
+        let (db, stored_meta) = (self.db.clone(), meta.clone());
+        let bytes = blocking(move || {
+            let bytes = encode(&body)?;
+            // Durable before openraft hears of it: it purges the log this snapshot covers.
+            write_snapshot(&db, &stored_meta, &bytes)?;
             Ok(bytes)
         })
-        .await?;
+        .await
+        .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), &error))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }
@@ -354,33 +526,43 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = StateMachineStore;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership<NodeId, Member>)> {
-        let data = self.shared.data.read().expect("state lock");
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership<NodeId, Member>), StorageError> {
+        let data = self.shared.data.read().expect(LOCK_POISONED);
         Ok((data.last_applied, data.last_membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut responses = Vec::new();
-        let last_index = {
-            let mut data = self.shared.data.write().expect("state lock");
+        let entries = entries.into_iter();
+        let mut responses = Vec::with_capacity(entries.size_hint().0);
+        // One lock acquisition per batch; the guard ends before any `.await`.
+        let applied_index = {
+            let mut data = self.shared.data.write().expect(LOCK_POISONED);
             for entry in entries {
+                assert!(
+                    data.last_applied.is_none_or(|last| entry.log_id.index > last.index),
+                    "applied {} after {:?}",
+                    entry.log_id,
+                    data.last_applied
+                );
                 data.last_applied = Some(entry.log_id);
-                match entry.payload {
-                    EntryPayload::Blank => responses.push(Response::default()),
-                    EntryPayload::Normal(request) => responses.push(data.state.apply(entry.log_id.index, &request)),
+                let response = match entry.payload {
+                    EntryPayload::Normal(request) => data.state.apply(entry.log_id.index, &request),
+                    // Blank and membership entries are Raft's own: the core never sees them.
+                    EntryPayload::Blank => Response::default(),
                     EntryPayload::Membership(membership) => {
                         data.last_membership = StoredMembership::new(Some(entry.log_id), membership);
-                        responses.push(Response::default());
+                        Response::default()
                     }
-                }
+                };
+                responses.push(response);
             }
-            data.last_applied.map(|l| l.index).unwrap_or(0)
+            data.last_applied.map_or(0, |log_id| log_id.index)
         };
-        self.shared.applied_tx.send_replace(last_index);
+        self.shared.applied_tx.send_replace(applied_index);
         Ok(responses)
     }
 
@@ -388,45 +570,46 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, Member>,
+        meta: &StoredSnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<()> {
+    ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
-        if bytes.len() > SNAPSHOT_BYTES_MAX {
-            return Err(read_error(std::io::Error::other("received snapshot exceeds SNAPSHOT_BYTES_MAX")));
-        }
-        let db = self.db.clone();
-        let meta_for_write = meta.clone();
+        let (db, stored_meta) = (self.db.clone(), meta.clone());
+        // Persisted before the state in memory changes: if the write fails,
+        // the node keeps the state it had, consistent with its disk.
         let body = blocking(move || {
-            let body: SnapshotBody = serde_json::from_slice(&bytes).map_err(read_error)?;
-            write_snapshot(&db, &meta_for_write, &bytes)?;
+            let body = decode_snapshot(&stored_meta, &bytes)?;
+            let stored = write_snapshot(&db, &stored_meta, &bytes)?;
+            // openraft installs only a snapshot beyond its committed log id,
+            // and every stored snapshot is at or before it.
+            assert!(stored, "installing snapshot {} older than the stored one", stored_meta.snapshot_id);
             Ok(body)
         })
-        .await?;
-        body.state.check_invariants();
-        let index = {
-            let mut data = self.shared.data.write().expect("state lock");
+        .await
+        .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), &error))?;
+        let applied_index = {
+            let mut data = self.shared.data.write().expect(LOCK_POISONED);
             *data = StateMachineData {
                 last_applied: meta.last_log_id,
                 last_membership: meta.last_membership.clone(),
                 state: body.state,
             };
-            meta.last_log_id.map(|l| l.index).unwrap_or(0)
+            meta.last_log_id.map_or(0, |log_id| log_id.index)
         };
-        self.shared.applied_tx.send_replace(index);
+        self.shared.applied_tx.send_replace(applied_index);
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let db = self.db.clone();
         let stored =
-            blocking(move || read_snapshot(&db).map_err(|e| read_error(std::io::Error::other(e.to_string())))).await?;
+            blocking(move || read_snapshot(&db)).await.map_err(|error| StorageIOError::read_snapshot(None, &error))?;
         Ok(stored.map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
     }
 }
