@@ -8,11 +8,13 @@
 //! goes autonomous: results go to the durable outbox (`outbox.rs`) and are
 //! reconciled when a node answers again.
 
-use crate::client::{Client, Error, LeaseGrant, SubmitRequest, Task};
+use crate::client::{Client, Conversation, Error, LeaseGrant, SubmitRequest, Task};
 use crate::outbox::{Entry, Outbox, Report};
+use futures::FutureExt;
 use serde_json::Value;
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -103,8 +105,10 @@ pub struct TaskContext {
     pub task: Task,
     /// The fencing token: pass it to any system the handler writes to.
     pub fence: u64,
-    /// Local instant after which the lease may have lapsed (unless extended).
+    /// Local instant after which the lease, as granted, may have lapsed;
+    /// `lease_deadline()` follows the extensions.
     pub valid_until: Instant,
+    lease_deadline: Arc<Mutex<Instant>>,
     client: Arc<Client>,
 }
 
@@ -113,12 +117,19 @@ impl TaskContext {
         &self.client
     }
 
+    /// Local instant the lease runs to, as extended so far; in the past once
+    /// the cluster refused an extension (the lease is lost: stop writing).
+    pub fn lease_deadline(&self) -> Instant {
+        *self.lease_deadline.lock().expect("lease lock")
+    }
+
     /// Submits a child task on another capability (fan-out); the child
     /// inherits the conversation and extends the delegation trail.
     pub async fn spawn_child(&self, queue: &str, payload: Value) -> Result<u64, Error> {
         let mut request = SubmitRequest::new(queue, payload);
         request.parent_id = Some(self.task.id);
         request.parent_fence = Some(self.fence);
+        request.conversation_id = self.task.conversation_id.clone();
         // Keyed by parent and child content: a retried spawn, or a re-run of
         // the parent after its lease moved, finds the same child.
         request.idempotency_key =
@@ -140,10 +151,11 @@ impl TaskContext {
         Ok(serde_json::json!({ "handed_off_to": child }))
     }
 
-    pub async fn context_get(&self) -> Result<Option<Value>, Error> {
+    /// The task's conversation; `None` when it has none or it is still empty.
+    pub async fn context_get(&self) -> Result<Option<Conversation>, Error> {
         let Some(conversation) = &self.task.conversation_id else { return Ok(None) };
         match self.client.context_get(conversation).await {
-            Ok(value) => Ok(Some(value)),
+            Ok(conversation) => Ok(Some(conversation)),
             Err(error) if error.code() == Some("not_found") => Ok(None),
             Err(error) => Err(error),
         }
@@ -163,6 +175,11 @@ impl TaskContext {
     pub async fn progress(&self) -> Result<(), Error> {
         self.client.progress(self.task.id, self.fence).await
     }
+}
+
+/// The cluster forgot this session (404 `agent_not_found`, 409 `stale_epoch`).
+fn session_lost(error: &Error) -> bool {
+    matches!(error.code(), Some("agent_not_found" | "stale_epoch"))
 }
 
 fn phalanx_hash(text: &str) -> u64 {
@@ -272,6 +289,9 @@ pub struct Agent {
     seen: Mutex<SeenFences>,
     outbox: Option<Arc<Outbox>>,
     epoch: AtomicU64,
+    /// Held while re-registering, so that the heartbeat and the poll loop do
+    /// not both start a session (the second would release the first's leases).
+    registering: tokio::sync::Mutex<()>,
     /// When a node last answered this agent.
     last_contact: Mutex<Instant>,
     /// When the agent last went autonomous.
@@ -296,6 +316,7 @@ impl Agent {
             seen: Mutex::new(SeenFences::new()),
             outbox,
             epoch: AtomicU64::new(0),
+            registering: tokio::sync::Mutex::new(()),
             last_contact: Mutex::new(Instant::now()),
             autonomous_since: Mutex::new(None),
         }))
@@ -303,6 +324,11 @@ impl Agent {
 
     pub fn client(&self) -> Arc<Client> {
         self.client.clone()
+    }
+
+    /// Counters and mode, readable while the agent runs.
+    pub fn stats(&self) -> &AgentStats {
+        &self.stats
     }
 
     pub fn outbox_len(&self) -> usize {
@@ -317,7 +343,7 @@ impl Agent {
     }
 
     fn note_failure(&self, error: &Error) {
-        if matches!(error, Error::Unavailable(_) | Error::Unknown(_)) {
+        if error.is_unreachable() || matches!(error, Error::Unknown(_)) {
             let silent = self.last_contact.lock().expect("contact lock").elapsed();
             if silent >= Duration::from_millis(self.config.orchestrator_timeout_ms) {
                 self.stats.set_mode(Mode::Autonomous, &self.config.agent_id);
@@ -331,6 +357,22 @@ impl Agent {
         self.epoch.store(registered.epoch, Ordering::SeqCst);
         self.contact();
         Ok(registered.heartbeat_interval_ms)
+    }
+
+    /// Starts a new session after the cluster forgot `stale_epoch`, unless
+    /// another loop already did; pauses after a failure so that a refusal
+    /// does not turn into a busy loop.
+    async fn reregister(&self, stale_epoch: u64) {
+        let _guard = self.registering.lock().await;
+        if self.epoch.load(Ordering::SeqCst) != stale_epoch {
+            return;
+        }
+        tracing::warn!(agent_id = %self.config.agent_id, stale_epoch, "session lost; registering again");
+        if let Err(error) = self.register().await {
+            self.note_failure(&error);
+            tracing::warn!(agent_id = %self.config.agent_id, %error, "registering again failed");
+            tokio::time::sleep(crate::client::backoff(4, Duration::from_millis(100), Duration::from_secs(2))).await;
+        }
     }
 
     /// Runs until SIGTERM or ctrl-c, then drains.
@@ -389,10 +431,11 @@ impl Agent {
                         self.clone().start(grant, sent_at, slots.clone());
                     }
                 }
-                Err(error) if matches!(error.code(), Some("agent_not_found" | "stale_epoch")) => {
-                    let _ = self.register().await;
-                }
+                Err(error) if session_lost(&error) => self.reregister(epoch).await,
                 Err(error) => {
+                    if let Error::Api { .. } = error {
+                        tracing::warn!(agent_id = %self.config.agent_id, %error, "poll refused");
+                    }
                     self.note_failure(&error);
                     self.autonomy_step().await;
                     tokio::time::sleep(crate::client::backoff(3, Duration::from_millis(100), Duration::from_secs(1)))
@@ -451,28 +494,49 @@ impl Agent {
         };
         tokio::spawn(async move {
             let valid_until = sent_at + Duration::from_millis(grant.lease_ttl_ms);
-            let context =
-                TaskContext { task: grant.task.clone(), fence: grant.fence, valid_until, client: self.client.clone() };
-            let extender = tokio::spawn(self.clone().extend_loop(grant.task.id, grant.fence));
-            let outcome = (self.handler)(context).await;
+            let lease_deadline = Arc::new(Mutex::new(valid_until));
+            let context = TaskContext {
+                task: grant.task.clone(),
+                fence: grant.fence,
+                valid_until,
+                lease_deadline: lease_deadline.clone(),
+                client: self.client.clone(),
+            };
+            let extender = tokio::spawn(self.clone().extend_loop(grant.task.id, grant.fence, lease_deadline));
+            // A panicking handler is a failed attempt, not a lease kept alive
+            // by its extender until the cluster revokes it as stuck.
+            let outcome = AssertUnwindSafe((self.handler)(context)).catch_unwind().await;
             extender.abort();
             let report = match outcome {
-                Ok(result) => Report::Complete { result },
-                Err(error) => Report::Fail { error: error.message, retryable: error.retryable },
+                Ok(Ok(result)) => Report::Complete { result },
+                Ok(Err(error)) => Report::Fail { error: error.message, retryable: error.retryable },
+                Err(_) => Report::Fail { error: "the handler panicked".into(), retryable: true },
             };
             self.report(Entry { task_id: grant.task.id, fence: grant.fence, report }).await;
             drop(permit);
         });
     }
 
-    /// Keeps the lease of a long task alive (every third of its time-to-live).
-    async fn extend_loop(self: Arc<Self>, task_id: u64, fence: u64) {
-        let period = Duration::from_millis(self.config.lease_ttl_ms / 3).max(Duration::from_millis(50));
+    /// Keeps the lease of a long task alive (every third of its
+    /// time-to-live, so that one lost extension still leaves time for the next).
+    async fn extend_loop(self: Arc<Self>, task_id: u64, fence: u64, lease_deadline: Arc<Mutex<Instant>>) {
+        let ttl = Duration::from_millis(self.config.lease_ttl_ms);
+        let period = (ttl / 3).max(Duration::from_millis(50));
         loop {
             tokio::time::sleep(period).await;
+            let sent_at = Instant::now();
             match self.client.extend(task_id, fence, self.config.lease_ttl_ms).await {
-                Ok(_) => self.contact(),
-                Err(error) if error.code().is_some() => return,
+                Ok(_) => {
+                    self.contact();
+                    // Counted from the request's start, as for a poll: never later than the leader's view.
+                    *lease_deadline.lock().expect("lease lock") = sent_at + ttl;
+                }
+                Err(Error::Api { status: 429 | 503, .. }) => {}
+                Err(error @ Error::Api { .. }) => {
+                    tracing::warn!(task_id, fence, %error, "lease lost: extension refused");
+                    *lease_deadline.lock().expect("lease lock") = Instant::now();
+                    return;
+                }
                 Err(error) => self.note_failure(&error),
             }
         }
@@ -557,11 +621,10 @@ impl Agent {
                 _ = stop.changed() => return,
                 _ = interval.tick() => {}
             }
-            match self.client.heartbeat(&self.config.agent_id, self.epoch.load(Ordering::SeqCst)).await {
+            let epoch = self.epoch.load(Ordering::SeqCst);
+            match self.client.heartbeat(&self.config.agent_id, epoch).await {
                 Ok(()) => self.contact(),
-                Err(error) if matches!(error.code(), Some("agent_not_found" | "stale_epoch")) => {
-                    let _ = self.register().await;
-                }
+                Err(error) if matches!(error.status(), Some(404 | 409)) => self.reregister(epoch).await,
                 Err(error) => self.note_failure(&error),
             }
         }
@@ -576,7 +639,7 @@ impl Agent {
                 _ = stop.changed(), if !stopping => stopping = true,
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
-            if outbox.len() > 0 && self.stats.mode() != Mode::Autonomous {
+            if !outbox.is_empty() && self.stats.mode() != Mode::Autonomous {
                 self.stats.set_mode(Mode::Reconciling, &self.config.agent_id);
                 while let Some(entry) = outbox.front() {
                     let timeout = Duration::from_millis(self.config.orchestrator_timeout_ms);
@@ -589,10 +652,10 @@ impl Agent {
                         break;
                     }
                 }
-                if outbox.len() == 0 {
+                if outbox.is_empty() {
                     self.stats.set_mode(Mode::Connected, &self.config.agent_id);
                 }
-            } else if outbox.len() == 0 && self.stats.mode() == Mode::Reconciling {
+            } else if outbox.is_empty() && self.stats.mode() == Mode::Reconciling {
                 self.stats.set_mode(Mode::Connected, &self.config.agent_id);
             }
             if stopping {
@@ -613,10 +676,14 @@ mod tests {
         assert!(seen.accept(1, 10));
         assert!(!seen.accept(1, 9), "older than one already seen");
         assert!(seen.accept(1, 12));
-        for task in 2..(SEEN_FENCES_MAX as u64 + 10) {
+        assert!(seen.accept(1, 12), "the same lease again is not older");
+        for task in 2..=(SEEN_FENCES_MAX as u64) {
             assert!(seen.accept(task, 1));
         }
-        assert!(seen.fences.len() <= SEEN_FENCES_MAX);
+        assert!(!seen.accept(1, 11), "still remembered at the limit");
+        assert!(seen.accept(SEEN_FENCES_MAX as u64 + 1, 1), "one past the limit");
+        assert!(seen.accept(1, 11), "the oldest task was forgotten");
+        assert!(!seen.accept(3, 0), "the others were not");
     }
 
     #[test]

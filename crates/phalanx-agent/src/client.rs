@@ -1,32 +1,40 @@
-//! The HTTP client: any node of a node list, failover on error, backoff with
-//! full jitter, `Retry-After` honoured, and a retry budget so that a
-//! struggling cluster is not buried under retries.
+//! The HTTP client for the API in `docs/api.md`: any node of a node list,
+//! failover on error, backoff with full jitter, `Retry-After` honoured, and
+//! a retry budget so that a struggling cluster is not buried under retries.
 //!
 //! A request whose outcome is unknown (timed out, or the node failed while
-//! forwarding it) is retried only when retrying is harmless; otherwise the
-//! caller hears `Error::Unknown` and decides.
+//! forwarding it) is retried only when retrying is harmless (reads, fenced
+//! or keyed writes); otherwise the caller hears `Error::Unknown` and decides.
+//! What to do with a result or a lease is the agent's business (`agent.rs`).
 
 use rand::Rng;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    /// The cluster refused the request; nothing changed.
+    /// The cluster refused the request; nothing changed (except for 503 `timeout`, see `Unknown`).
     #[error("{status} {code}: {message}")]
     Api { status: u16, code: String, message: String, leader_hint: Option<String>, retry_after_ms: Option<u64> },
-    /// No node could be reached (connection refused or failed everywhere).
+    /// No node could be reached: every attempt failed to connect.
     #[error("no node answered: {0}")]
     Unavailable(String),
+    /// A node was reached but the exchange broke (reset, timeout) and retries ran out.
+    #[error("transport failure: {0}")]
+    Transport(String),
     /// The request may or may not have taken effect.
     #[error("outcome unknown: {0}")]
     Unknown(String),
     #[error("could not decode the answer: {0}")]
     Decode(String),
+    /// A wait ran out (`await_tasks`); it wrote nothing.
+    #[error("timed out: {0}")]
+    TimedOut(String),
 }
 
 impl Error {
@@ -36,13 +44,28 @@ impl Error {
             _ => None,
         }
     }
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
     pub fn is_superseded(&self) -> bool {
         self.code() == Some("superseded")
     }
-    /// True when no node could be reached or the cluster cannot serve now.
+    /// True when no node could be reached, or none answered in time.
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, Error::Unavailable(_))
+        matches!(self, Error::Unavailable(_) | Error::Transport(_))
     }
+}
+
+/// Splits `host:port,host:port` (also accepting `http://` prefixes and stray blanks).
+pub fn parse_nodes(nodes: &str) -> Vec<String> {
+    nodes.split(',').map(normalize_node).filter(|n| !n.is_empty()).collect()
+}
+
+fn normalize_node(node: &str) -> String {
+    node.trim().trim_start_matches("http://").trim_end_matches('/').to_string()
 }
 
 /// Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^attempt)].
@@ -51,29 +74,95 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     Duration::from_micros(rand::thread_rng().gen_range(0..=ceiling.as_micros() as u64))
 }
 
-/// Retries may be at most about a tenth of requests: every request earns 0.1
-/// token, a retry spends one; a small floor lets a quiet client retry at all.
+/// Retries may be at most about a tenth of requests: every request earns a
+/// tenth of a token, a retry spends one; a small floor (`tokens_max`, the
+/// bucket is full at the start) lets a quiet client retry at all. Counted in
+/// tenths, so that ten requests earn exactly one retry.
 #[derive(Debug)]
 pub struct RetryBudget {
-    tokens: f64,
-    tokens_max: f64,
+    tenths: u32,
+    tenths_max: u32,
 }
 
 impl RetryBudget {
-    pub fn new(tokens_max: f64) -> RetryBudget {
-        RetryBudget { tokens: tokens_max, tokens_max }
+    pub fn new(tokens_max: u32) -> RetryBudget {
+        RetryBudget { tenths: tokens_max * 10, tenths_max: tokens_max * 10 }
     }
     pub fn on_request(&mut self) {
-        self.tokens = (self.tokens + 0.1).min(self.tokens_max);
+        self.tenths = (self.tenths + 1).min(self.tenths_max);
     }
     pub fn try_retry(&mut self) -> bool {
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tenths >= 10 {
+            self.tenths -= 10;
             true
         } else {
             false
         }
     }
+}
+
+/// Whether a request may be sent again when its outcome is unknown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// Reads, and writes whose repetition is harmless (fenced, keyed, CAS).
+    Safe,
+    /// Only when the request surely never took effect (connection refused, or a refusal that changed nothing).
+    IfNotSent,
+}
+
+/// What the client does after one failed attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Next {
+    /// A definite answer: hand it to the caller.
+    Fail,
+    /// The request may have taken effect and may not be repeated.
+    FailUnknown,
+    /// Overloaded here: wait as told, then ask the same node.
+    RetrySameNode,
+    /// This node cannot serve now: ask another (the leader, if hinted).
+    RetryOtherNode,
+}
+
+/// 503 codes that promise the request changed nothing (docs/api.md); the
+/// others (`timeout`, `unavailable` while forwarding) leave the outcome open.
+fn unchanged_503(code: &str) -> bool {
+    matches!(code, "no_leader" | "not_leader" | "not_ready" | "deadline_exceeded")
+}
+
+fn after_refusal(status: u16, code: &str, retry: Retry) -> Next {
+    match status {
+        429 => Next::RetrySameNode,
+        503 if retry == Retry::Safe || unchanged_503(code) => Next::RetryOtherNode,
+        503 => Next::FailUnknown,
+        _ => Next::Fail,
+    }
+}
+
+fn after_transport(connect_failed: bool, retry: Retry) -> Next {
+    if connect_failed || retry == Retry::Safe {
+        Next::RetryOtherNode
+    } else {
+        Next::FailUnknown
+    }
+}
+
+/// `Retry-After` in whole seconds (the HTTP-date form is not sent by Phalanx nodes).
+fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    let seconds: u64 = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(seconds.saturating_mul(1000))
+}
+
+/// Percent-encodes one path segment or query value.
+fn encode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +182,9 @@ impl TaskState {
     }
 }
 
+/// A task as `GET /v1/tasks/{id}` shows it. Fields the document does not
+/// name (the delegation `trail`, ...) are kept in `other`, so printing a
+/// task loses nothing.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Task {
     pub id: u64,
@@ -100,16 +192,38 @@ pub struct Task {
     pub payload: Value,
     pub priority: u8,
     pub state: TaskState,
-    pub attempts: u32,
+    #[serde(default)]
+    pub created_ms: u64,
+    #[serde(default)]
+    pub updated_ms: u64,
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
     pub max_attempts: u32,
+    pub attempts: u32,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
     pub parent_id: Option<u64>,
     pub conversation_id: Option<String>,
     pub hop_count: u32,
+    #[serde(default)]
+    pub lease: Option<TaskLease>,
     pub last_fence: u64,
     pub result: Option<Value>,
     pub error: Option<String>,
     pub dead_reason: Option<String>,
     pub superseded_count: u32,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// The lease a task is held under, as the task shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskLease {
+    pub agent_id: String,
+    pub agent_epoch: u64,
+    pub fence: u64,
+    /// In log time (the leader's clock), not this machine's.
+    pub valid_until_ms: u64,
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
 }
@@ -123,6 +237,8 @@ pub struct LeaseGrant {
     pub lease_ttl_ms: u64,
 }
 
+/// The body of `POST /v1/tasks`; `new` sets the documented defaults and the
+/// `with_*` methods the rest.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SubmitRequest {
     pub queue: String,
@@ -157,12 +273,55 @@ impl SubmitRequest {
             conversation_id: None,
         }
     }
+    /// 0..=9, higher first.
+    pub fn with_priority(mut self, priority: u8) -> SubmitRequest {
+        self.priority = Some(priority);
+        self
+    }
+    /// A keyed submit is deduplicated by the cluster, so the client may retry it freely.
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> SubmitRequest {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+    /// Relative: the task is dropped if not finished this many ms from now.
+    pub fn with_deadline_ms(mut self, deadline_ms: u64) -> SubmitRequest {
+        self.deadline_ms = Some(deadline_ms);
+        self
+    }
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> SubmitRequest {
+        self.max_attempts = Some(max_attempts);
+        self
+    }
+    pub fn with_conversation(mut self, conversation_id: impl Into<String>) -> SubmitRequest {
+        self.conversation_id = Some(conversation_id.into());
+        self
+    }
+    /// A delegation: checked against the parent's current fence and trail.
+    pub fn with_parent(mut self, parent_id: u64, parent_fence: u64) -> SubmitRequest {
+        self.parent_id = Some(parent_id);
+        self.parent_fence = Some(parent_fence);
+        self
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Submitted {
     pub task_id: u64,
     pub deduplicated: bool,
+}
+
+/// A refusal of one task of a batch (the batch itself was answered).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Refusal {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BatchItem {
+    Submitted(Submitted),
+    Refused { error: Refusal },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -179,13 +338,68 @@ pub struct TaskPage {
     pub next_after: Option<u64>,
 }
 
-/// Whether a request may be sent again when its outcome is unknown.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Retry {
-    /// Reads, and writes whose repetition is harmless (fenced, keyed, CAS).
-    Safe,
-    /// Only when the request surely never arrived (connection refused).
-    IfNotSent,
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContextEntry {
+    pub version: u64,
+    pub value: Value,
+}
+
+/// `GET /v1/conversations/{id}`: the shared context of a conversation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Conversation {
+    pub conversation_id: String,
+    pub entries: BTreeMap<String, ContextEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterNode {
+    pub id: u64,
+    pub addr: String,
+    pub voter: bool,
+    pub matched_index: Option<u64>,
+    pub last_contact_ms: Option<u64>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// `GET /v1/cluster`: this node's view of the Raft group.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub node_id: u64,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    pub state: String,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub nodes: Vec<ClusterNode>,
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+/// Bytes of one answer read at most: the cluster bounds what it stores
+/// (`payload_bytes_max`, a page ≤ 1000 tasks); this bounds what a client believes.
+pub const RESPONSE_BYTES_MAX: usize = 256 * 1024 * 1024;
+const BACKOFF_BASE: Duration = Duration::from_millis(50);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// A server's `Retry-After` is honoured up to this long per retry.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(10);
+/// The retry budget's floor: retries a fresh or quiet client may make at once.
+const RETRY_TOKENS_MAX: u32 = 10;
+
+/// How one exchange with one node failed before it produced an answer.
+enum Failure {
+    /// The connection was never made: the request surely did not arrive.
+    Connect(String),
+    /// The request may have arrived (reset, timeout, a broken body).
+    Broken(String),
+    TooLarge(String),
+}
+
+struct Answer {
+    status: u16,
+    retry_after_ms: Option<u64>,
+    body: Vec<u8>,
 }
 
 pub struct Client {
@@ -194,21 +408,17 @@ pub struct Client {
     token: Option<String>,
     name: Option<String>,
     http: reqwest::Client,
+    /// Attempts after the first, at most, for one call.
     pub retries_max: u32,
+    /// Per attempt; a long-poll adds its `wait_ms`.
     pub request_timeout: Duration,
     budget: Mutex<RetryBudget>,
 }
 
-const BACKOFF_BASE: Duration = Duration::from_millis(50);
-const BACKOFF_CAP: Duration = Duration::from_secs(2);
-
 impl Client {
+    /// A client for `host:port` nodes, e.g. `vec!["127.0.0.1:7070".into()]`.
     pub fn new(nodes: Vec<String>, token: Option<String>) -> Result<Client, Error> {
-        let nodes: Vec<String> = nodes
-            .into_iter()
-            .map(|n| n.trim().trim_start_matches("http://").to_string())
-            .filter(|n| !n.is_empty())
-            .collect();
+        let nodes: Vec<String> = nodes.iter().map(|n| normalize_node(n)).filter(|n| !n.is_empty()).collect();
         if nodes.is_empty() {
             return Err(Error::Unavailable("the node list is empty".into()));
         }
@@ -217,7 +427,8 @@ impl Client {
             .connect_timeout(Duration::from_millis(500))
             .pool_max_idle_per_host(32)
             .build()
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
+            .map_err(|e| Error::Transport(e.to_string()))?;
+        // Clients start on different nodes, so that a fleet spreads its load.
         let start = rand::thread_rng().gen_range(0..nodes.len());
         Ok(Client {
             nodes,
@@ -227,18 +438,34 @@ impl Client {
             http,
             retries_max: 8,
             request_timeout: Duration::from_secs(15),
-            budget: Mutex::new(RetryBudget::new(10.0)),
+            budget: Mutex::new(RetryBudget::new(RETRY_TOKENS_MAX)),
         })
     }
 
     /// Parses `host:port,host:port`.
     pub fn from_nodes_str(nodes: &str, token: Option<String>) -> Result<Client, Error> {
-        Client::new(nodes.split(',').map(str::to_string).collect(), token)
+        Client::new(parse_nodes(nodes), token)
+    }
+
+    /// `PHALANX_NODES` (default `127.0.0.1:7070`, as the CLI) and `PHALANX_TOKEN`.
+    pub fn from_env() -> Result<Client, Error> {
+        let nodes = std::env::var("PHALANX_NODES").unwrap_or_else(|_| "127.0.0.1:7070".into());
+        Client::from_nodes_str(&nodes, std::env::var("PHALANX_TOKEN").ok().filter(|t| !t.is_empty()))
     }
 
     /// Names this client for the per-client rate limit (`X-Phalanx-Client`).
     pub fn with_name(mut self, name: impl Into<String>) -> Client {
         self.name = Some(name.into());
+        self
+    }
+
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Client {
+        self.request_timeout = timeout;
+        self
+    }
+
+    pub fn with_retries_max(mut self, retries_max: u32) -> Client {
+        self.retries_max = retries_max;
         self
     }
 
@@ -250,12 +477,61 @@ impl Client {
         self.nodes[self.current.load(Ordering::Relaxed) % self.nodes.len()].clone()
     }
 
+    /// Moves to the hinted leader when it is one of ours, else to the next node.
     fn move_on(&self, hint: Option<&str>) {
-        if let Some(index) = hint.and_then(|h| self.nodes.iter().position(|n| n == h)) {
-            self.current.store(index, Ordering::Relaxed);
-        } else {
-            self.current.fetch_add(1, Ordering::Relaxed);
+        match hint.and_then(|h| self.nodes.iter().position(|n| *n == normalize_node(h))) {
+            Some(index) => self.current.store(index, Ordering::Relaxed),
+            None => {
+                self.current.fetch_add(1, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// One attempt on one node, no retry.
+    async fn exchange(
+        &self,
+        node: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<Answer, Failure> {
+        let mut request = self
+            .http
+            .request(method, format!("http://{node}{path}"))
+            .timeout(timeout)
+            // The node refuses at once what it cannot propose within our
+            // budget, which changes nothing, instead of timing out with an open outcome.
+            .header("x-phalanx-deadline-ms", timeout.as_millis().to_string());
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(name) = &self.name {
+            request = request.header("x-phalanx-client", name);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let mut response = request.send().await.map_err(|e| {
+            let message = format!("{node}: {e}");
+            if e.is_connect() {
+                Failure::Connect(message)
+            } else {
+                Failure::Broken(message)
+            }
+        })?;
+        let status = response.status().as_u16();
+        let retry_after_ms = retry_after_header(response.headers());
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| Failure::Broken(format!("{node}: {e}")))? {
+            if body.len() + chunk.len() > RESPONSE_BYTES_MAX {
+                return Err(Failure::TooLarge(format!(
+                    "{node}: answer over RESPONSE_BYTES_MAX ({RESPONSE_BYTES_MAX})"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Answer { status, retry_after_ms, body })
     }
 
     async fn call<T: DeserializeOwned>(
@@ -270,72 +546,43 @@ impl Client {
         let mut attempt = 0;
         loop {
             let node = self.node();
-            let mut request = self.http.request(method.clone(), format!("http://{node}{path}")).timeout(timeout);
-            if let Some(token) = &self.token {
-                request = request.bearer_auth(token);
-            }
-            if let Some(name) = &self.name {
-                request = request.header("x-phalanx-client", name);
-            }
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            let (error, wait) = match request.send().await {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let text = response.text().await.map_err(|e| Error::Unknown(e.to_string()))?;
-                    if (200..300).contains(&status) {
-                        return serde_json::from_str(&text).map_err(|e| Error::Decode(format!("{e}: {text}")));
-                    }
-                    let value: Value = serde_json::from_str(&text).unwrap_or(json!({}));
-                    let error = &value["error"];
-                    let api = Error::Api {
-                        status,
-                        code: error["code"].as_str().unwrap_or("unknown").to_string(),
-                        message: error["message"].as_str().unwrap_or(&text).to_string(),
-                        leader_hint: error["leader_hint"].as_str().map(str::to_string),
-                        retry_after_ms: error["retry_after_ms"].as_u64(),
-                    };
-                    let Error::Api { code, leader_hint, retry_after_ms, .. } = &api else { unreachable!() };
-                    // Refusals that changed nothing and may pass on retry, perhaps on another node.
-                    let retriable = match status {
-                        429 => true,
-                        503 => {
-                            matches!(code.as_str(), "no_leader" | "not_leader" | "not_ready" | "overloaded")
-                                || retry == Retry::Safe
-                        }
-                        _ => false,
-                    };
-                    if !retriable {
-                        return Err(if status == 503 && retry == Retry::IfNotSent {
-                            Error::Unknown(api.to_string())
-                        } else {
-                            api
-                        });
-                    }
-                    if status == 503 {
+            let (error, next) = match self.exchange(&node, method.clone(), path, body, timeout).await {
+                Ok(answer) if (200..300).contains(&answer.status) => return decode(&answer.body),
+                Ok(answer) => {
+                    let error = refusal(&answer);
+                    let Error::Api { code, leader_hint, .. } = &error else { unreachable!("refusal is Api") };
+                    let next = after_refusal(answer.status, code, retry);
+                    if next == Next::RetryOtherNode {
                         self.move_on(leader_hint.as_deref());
                     }
-                    (api.clone(), retry_after_ms.map(Duration::from_millis))
+                    (error, next)
                 }
-                Err(error) if error.is_connect() => {
+                Err(Failure::TooLarge(message)) => return Err(Error::Decode(message)),
+                Err(Failure::Connect(message)) => {
                     self.move_on(None);
-                    (Error::Unavailable(format!("{node}: {error}")), None)
+                    (Error::Unavailable(message), after_transport(true, retry))
                 }
-                Err(error) => {
+                Err(Failure::Broken(message)) => {
                     self.move_on(None);
-                    if retry == Retry::IfNotSent {
-                        return Err(Error::Unknown(format!("{node}: {error}")));
-                    }
-                    (Error::Unavailable(format!("{node}: {error}")), None)
+                    (Error::Transport(message), after_transport(false, retry))
                 }
             };
+            match next {
+                Next::Fail => return Err(error),
+                Next::FailUnknown => return Err(Error::Unknown(error.to_string())),
+                Next::RetrySameNode | Next::RetryOtherNode => {}
+            }
             attempt += 1;
             if attempt > self.retries_max || !self.budget.lock().expect("budget lock").try_retry() {
                 return Err(error);
             }
-            let pause = backoff(attempt, BACKOFF_BASE, BACKOFF_CAP).max(wait.unwrap_or_default().min(BACKOFF_CAP));
-            tokio::time::sleep(pause).await;
+            // At least what the server asked for, plus jitter so that the
+            // clients it refused together do not all come back together.
+            let asked = match &error {
+                Error::Api { retry_after_ms: Some(ms), .. } => Duration::from_millis(*ms).min(RETRY_AFTER_MAX),
+                _ => Duration::ZERO,
+            };
+            tokio::time::sleep(asked + backoff(attempt - 1, BACKOFF_BASE, BACKOFF_CAP)).await;
         }
     }
 
@@ -347,22 +594,35 @@ impl Client {
         self.call(reqwest::Method::GET, path, None, Retry::Safe, self.request_timeout).await
     }
 
+    /// Without an idempotency key a submit is retried only when it surely
+    /// never took effect; a timeout surfaces as `Error::Unknown`.
     pub async fn submit(&self, request: &SubmitRequest) -> Result<Submitted, Error> {
-        let body = serde_json::to_value(request).expect("serialisable");
+        let body = serde_json::to_value(request).expect("a SubmitRequest serialises");
         let retry = if request.idempotency_key.is_some() { Retry::Safe } else { Retry::IfNotSent };
         self.call(reqwest::Method::POST, "/v1/tasks", Some(&body), retry, self.request_timeout).await
     }
 
-    /// Submits many tasks; each result is a task id or an error object.
-    pub async fn submit_batch(&self, requests: &[SubmitRequest]) -> Result<Vec<Value>, Error> {
-        let keyed = requests.iter().all(|r| r.idempotency_key.is_some());
+    /// Submits many tasks, each on its own; retried freely only when every task is keyed.
+    pub async fn submit_batch(&self, requests: &[SubmitRequest]) -> Result<Vec<Result<Submitted, Refusal>>, Error> {
+        #[derive(Deserialize)]
+        struct Answer {
+            results: Vec<BatchItem>,
+        }
         let body = json!({ "tasks": requests });
-        let retry = if keyed { Retry::Safe } else { Retry::IfNotSent };
-        let answer: Value =
+        let retry = if requests.iter().all(|r| r.idempotency_key.is_some()) { Retry::Safe } else { Retry::IfNotSent };
+        let answer: Answer =
             self.call(reqwest::Method::POST, "/v1/tasks/batch", Some(&body), retry, self.request_timeout).await?;
-        Ok(answer["results"].as_array().cloned().unwrap_or_default())
+        Ok(answer
+            .results
+            .into_iter()
+            .map(|item| match item {
+                BatchItem::Submitted(submitted) => Ok(submitted),
+                BatchItem::Refused { error } => Err(error),
+            })
+            .collect())
     }
 
+    /// Linearizable unless `stale`: then the node answers from its own state.
     pub async fn get_task(&self, id: u64, stale: bool) -> Result<Task, Error> {
         self.get(&format!("/v1/tasks/{id}{}", if stale { "?stale=true" } else { "" })).await
     }
@@ -376,10 +636,10 @@ impl Client {
     ) -> Result<TaskPage, Error> {
         let mut query = Vec::new();
         if let Some(queue) = queue {
-            query.push(format!("queue={queue}"));
+            query.push(format!("queue={}", encode(queue)));
         }
         if let Some(state) = state {
-            query.push(format!("state={state}"));
+            query.push(format!("state={}", encode(state)));
         }
         if let Some(after) = after {
             query.push(format!("after={after}"));
@@ -394,25 +654,29 @@ impl Client {
         self.post(&format!("/v1/tasks/{id}/cancel"), json!({})).await
     }
 
+    /// Starts a new session (a new epoch); the old session's leases are released.
     pub async fn register(&self, agent_id: &str, capabilities: &[String], capacity: u32) -> Result<Registered, Error> {
-        self.post(
-            "/v1/agents/register",
-            json!({"agent_id": agent_id, "capabilities": capabilities, "capacity": capacity}),
-        )
-        .await
+        let body = json!({"agent_id": agent_id, "capabilities": capabilities, "capacity": capacity});
+        self.post("/v1/agents/register", body).await
     }
 
+    /// 404 or 409 means: register again.
     pub async fn heartbeat(&self, agent_id: &str, epoch: u64) -> Result<(), Error> {
-        let _: Value = self.post(&format!("/v1/agents/{agent_id}/heartbeat"), json!({"epoch": epoch})).await?;
+        let _: Value =
+            self.post(&format!("/v1/agents/{}/heartbeat", encode(agent_id)), json!({"epoch": epoch})).await?;
         Ok(())
     }
 
     pub async fn deregister(&self, agent_id: &str, epoch: u64) -> Result<(), Error> {
-        let _: Value = self.post(&format!("/v1/agents/{agent_id}/deregister"), json!({"epoch": epoch})).await?;
+        let _: Value =
+            self.post(&format!("/v1/agents/{}/deregister", encode(agent_id)), json!({"epoch": epoch})).await?;
         Ok(())
     }
 
-    /// Long-polls for up to `max_tasks` leases, waiting up to `wait_ms`.
+    /// Long-polls for up to `max_tasks` leases on all the agent's
+    /// capabilities, waiting up to `wait_ms`; the request's timeout is longer
+    /// than the wait. Retrying is safe: leases lost with an answer expire,
+    /// or return to pending at deregistration.
     pub async fn poll(
         &self,
         agent_id: &str,
@@ -421,28 +685,36 @@ impl Client {
         wait_ms: u64,
         lease_ttl_ms: u64,
     ) -> Result<Vec<LeaseGrant>, Error> {
+        #[derive(Deserialize)]
+        struct Answer {
+            leases: Vec<LeaseGrant>,
+        }
         let body = json!({"epoch": epoch, "max_tasks": max_tasks, "wait_ms": wait_ms, "lease_ttl_ms": lease_ttl_ms});
         let timeout = self.request_timeout + Duration::from_millis(wait_ms);
-        let answer: Value = self
-            .call(reqwest::Method::POST, &format!("/v1/agents/{agent_id}/poll"), Some(&body), Retry::Safe, timeout)
-            .await?;
-        serde_json::from_value(answer["leases"].clone()).map_err(|e| Error::Decode(e.to_string()))
+        let path = format!("/v1/agents/{}/poll", encode(agent_id));
+        let answer: Answer = self.call(reqwest::Method::POST, &path, Some(&body), Retry::Safe, timeout).await?;
+        Ok(answer.leases)
     }
 
+    /// 409 `superseded` when `fence` is no longer the task's current one.
     pub async fn complete(&self, task_id: u64, fence: u64, result: &Value) -> Result<Task, Error> {
         self.post(&format!("/v1/tasks/{task_id}/complete"), json!({"fence": fence, "result": result})).await
     }
 
     pub async fn fail(&self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Result<Task, Error> {
-        self.post(&format!("/v1/tasks/{task_id}/fail"), json!({"fence": fence, "error": error, "retryable": retryable}))
-            .await
+        let body = json!({"fence": fence, "error": error, "retryable": retryable});
+        self.post(&format!("/v1/tasks/{task_id}/fail"), body).await
     }
 
+    /// Returns the new `valid_until_ms` (log time).
     pub async fn extend(&self, task_id: u64, fence: u64, lease_ttl_ms: u64) -> Result<u64, Error> {
-        let answer: Value = self
-            .post(&format!("/v1/tasks/{task_id}/extend"), json!({"fence": fence, "lease_ttl_ms": lease_ttl_ms}))
-            .await?;
-        Ok(answer["valid_until_ms"].as_u64().unwrap_or(0))
+        #[derive(Deserialize)]
+        struct Answer {
+            valid_until_ms: u64,
+        }
+        let body = json!({"fence": fence, "lease_ttl_ms": lease_ttl_ms});
+        let answer: Answer = self.post(&format!("/v1/tasks/{task_id}/extend"), body).await?;
+        Ok(answer.valid_until_ms)
     }
 
     pub async fn progress(&self, task_id: u64, fence: u64) -> Result<(), Error> {
@@ -450,17 +722,25 @@ impl Client {
         Ok(())
     }
 
-    /// Records that `task_id` waits on `on` (deadlock-checked by the cluster).
+    /// Records that `task_id` waits on `on` (deadlock-checked by the
+    /// cluster); returns the awaited tasks still pending.
     pub async fn wait(&self, task_id: u64, fence: u64, on: &[u64], timeout_ms: u64) -> Result<Vec<u64>, Error> {
+        #[derive(Deserialize)]
+        struct Answer {
+            pending: Vec<u64>,
+        }
         let body = json!({"fence": fence, "on": on, "timeout_ms": timeout_ms});
-        let answer: Value = self.post(&format!("/v1/tasks/{task_id}/wait"), body).await?;
-        Ok(answer["pending"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect())
+        let answer: Answer = self.post(&format!("/v1/tasks/{task_id}/wait"), body).await?;
+        Ok(answer.pending)
     }
 
-    pub async fn context_get(&self, conversation_id: &str) -> Result<Value, Error> {
-        self.get(&format!("/v1/conversations/{conversation_id}")).await
+    /// 404 `not_found` when the conversation has no entries yet.
+    pub async fn context_get(&self, conversation_id: &str) -> Result<Conversation, Error> {
+        self.get(&format!("/v1/conversations/{}", encode(conversation_id))).await
     }
 
+    /// Compare-and-set when `expected_version` is given (0: only if absent);
+    /// returns the key's new version. 409 `version_conflict` otherwise.
     pub async fn context_put(
         &self,
         conversation_id: &str,
@@ -468,24 +748,44 @@ impl Client {
         value: &Value,
         expected_version: Option<u64>,
     ) -> Result<u64, Error> {
+        #[derive(Deserialize)]
+        struct Answer {
+            version: u64,
+        }
         let mut body = json!({ "value": value });
         if let Some(version) = expected_version {
             body["expected_version"] = json!(version);
         }
-        let answer: Value = self
-            .call(
-                reqwest::Method::PUT,
-                &format!("/v1/conversations/{conversation_id}/{key}"),
-                Some(&body),
-                Retry::Safe,
-                self.request_timeout,
-            )
-            .await?;
-        Ok(answer["version"].as_u64().unwrap_or(0))
+        let path = format!("/v1/conversations/{}/{}", encode(conversation_id), encode(key));
+        // A blind put repeats harmlessly; a CAS repeated after it committed
+        // answers `version_conflict`, which the caller resolves by reading.
+        let answer: Answer =
+            self.call(reqwest::Method::PUT, &path, Some(&body), Retry::Safe, self.request_timeout).await?;
+        Ok(answer.version)
     }
 
-    pub async fn cluster(&self) -> Result<Value, Error> {
+    pub async fn cluster(&self) -> Result<ClusterInfo, Error> {
         self.get("/v1/cluster").await
+    }
+
+    /// Readiness of one named node, asked once: failing over would answer
+    /// for some other node.
+    pub async fn health_ready(&self, node: &str) -> Result<Value, Error> {
+        self.ask_once(node, "/health/ready").await
+    }
+
+    pub async fn health_live(&self, node: &str) -> Result<Value, Error> {
+        self.ask_once(node, "/health/live").await
+    }
+
+    async fn ask_once(&self, node: &str, path: &str) -> Result<Value, Error> {
+        match self.exchange(&normalize_node(node), reqwest::Method::GET, path, None, self.request_timeout).await {
+            Ok(answer) if (200..300).contains(&answer.status) => decode(&answer.body),
+            Ok(answer) => Err(refusal(&answer)),
+            Err(Failure::Connect(message)) => Err(Error::Unavailable(message)),
+            Err(Failure::Broken(message)) => Err(Error::Transport(message)),
+            Err(Failure::TooLarge(message)) => Err(Error::Decode(message)),
+        }
     }
 
     pub async fn status(&self) -> Result<Value, Error> {
@@ -497,14 +797,8 @@ impl Client {
     }
 
     pub async fn remove_member(&self, node_id: u64) -> Result<Value, Error> {
-        self.call(
-            reqwest::Method::DELETE,
-            &format!("/v1/cluster/members/{node_id}"),
-            None,
-            Retry::Safe,
-            self.request_timeout,
-        )
-        .await
+        let path = format!("/v1/cluster/members/{node_id}");
+        self.call(reqwest::Method::DELETE, &path, None, Retry::Safe, self.request_timeout).await
     }
 
     pub async fn config_get(&self) -> Result<Value, Error> {
@@ -524,7 +818,8 @@ impl Client {
         self.post("/v1/config/rollback", json!({ "version": version })).await
     }
 
-    /// Waits until every task is terminal, polling with backoff.
+    /// Waits until every task is terminal, reading each with backoff;
+    /// `Error::TimedOut` when `timeout` passes first.
     pub async fn await_tasks(&self, ids: &[u64], timeout: Duration) -> Result<Vec<Task>, Error> {
         let deadline = Instant::now() + timeout;
         let mut done: Vec<Option<Task>> = vec![None; ids.len()];
@@ -541,40 +836,75 @@ impl Client {
             if done.iter().all(Option::is_some) {
                 return Ok(done.into_iter().flatten().collect());
             }
-            if Instant::now() >= deadline {
-                return Err(Error::Unknown(format!("tasks {ids:?} did not finish within {timeout:?}")));
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::TimedOut(format!("tasks {ids:?} did not finish within {timeout:?}")));
             }
+            // A floor keeps full jitter from turning into a busy loop.
+            let pause = Duration::from_millis(20) + backoff(attempt, BACKOFF_BASE, Duration::from_secs(1));
+            tokio::time::sleep(pause.min(deadline - now)).await;
             attempt += 1;
-            tokio::time::sleep(Duration::from_millis(20 * (1 << attempt.min(5)))).await;
         }
+    }
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|e| {
+        let text = String::from_utf8_lossy(&body[..body.len().min(512)]);
+        Error::Decode(format!("{e}: {text}"))
+    })
+}
+
+/// Reads `{"error": {...}}`; a body that is not one keeps its text as the message.
+fn refusal(answer: &Answer) -> Error {
+    let value: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+    let error = &value["error"];
+    let text = || String::from_utf8_lossy(&answer.body[..answer.body.len().min(512)]).into_owned();
+    Error::Api {
+        status: answer.status,
+        code: error["code"].as_str().unwrap_or("unknown").to_string(),
+        message: error["message"].as_str().map(str::to_string).unwrap_or_else(text),
+        leader_hint: error["leader_hint"].as_str().map(str::to_string),
+        retry_after_ms: error["retry_after_ms"].as_u64().or(answer.retry_after_ms),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn node_lists_parse() {
-        let client = Client::from_nodes_str(" 127.0.0.1:1, http://127.0.0.1:2 ,", None).unwrap();
-        assert_eq!(client.nodes(), ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert_eq!(parse_nodes(" 127.0.0.1:1, http://127.0.0.1:2/ ,"), ["127.0.0.1:1", "127.0.0.1:2"]);
+        let client = Client::from_nodes_str("a:1,b:2", None).unwrap();
+        assert_eq!(client.nodes(), ["a:1", "b:2"]);
         assert!(Client::from_nodes_str(" , ", None).is_err());
     }
 
     #[test]
     fn backoff_stays_within_its_ceiling() {
-        for attempt in 0..20 {
+        for attempt in 0..40 {
             let pause = backoff(attempt, BACKOFF_BASE, BACKOFF_CAP);
             assert!(pause <= BACKOFF_CAP);
             assert!(pause <= BACKOFF_BASE * (1 << attempt.min(16)));
         }
+        // Full jitter: draws spread over the whole range, not bunched at the ceiling.
+        let draws: Vec<Duration> = (0..1000).map(|_| backoff(10, BACKOFF_BASE, BACKOFF_CAP)).collect();
+        assert!(draws.iter().any(|d| *d < BACKOFF_CAP / 4) && draws.iter().any(|d| *d > BACKOFF_CAP * 3 / 4));
     }
 
     #[test]
     fn retry_budget_allows_about_a_tenth() {
-        let mut budget = RetryBudget::new(2.0);
+        let mut budget = RetryBudget::new(2);
         assert!(budget.try_retry() && budget.try_retry());
         assert!(!budget.try_retry(), "the floor is spent");
+        for _ in 0..10 {
+            budget.on_request();
+        }
+        assert!(budget.try_retry(), "ten requests earn one retry");
+        assert!(!budget.try_retry());
         for _ in 0..100 {
             budget.on_request();
         }
@@ -582,6 +912,169 @@ mod tests {
         while budget.try_retry() {
             retries += 1;
         }
-        assert_eq!(retries, 2, "capped at tokens_max, earned at 0.1 per request");
+        assert_eq!(retries, 2, "capped at tokens_max");
+    }
+
+    #[test]
+    fn what_to_do_after_a_failure() {
+        fn check(status: u16, code: &str, retry: Retry, expected: Next) {
+            assert_eq!(after_refusal(status, code, retry), expected, "{status} {code} {retry:?}");
+        }
+        check(429, "queue_full", Retry::IfNotSent, Next::RetrySameNode);
+        check(503, "not_leader", Retry::IfNotSent, Next::RetryOtherNode);
+        check(503, "deadline_exceeded", Retry::IfNotSent, Next::RetryOtherNode);
+        check(503, "timeout", Retry::IfNotSent, Next::FailUnknown);
+        check(503, "unavailable", Retry::IfNotSent, Next::FailUnknown);
+        check(503, "timeout", Retry::Safe, Next::RetryOtherNode);
+        check(409, "superseded", Retry::Safe, Next::Fail);
+        check(400, "invalid", Retry::Safe, Next::Fail);
+        assert_eq!(after_transport(true, Retry::IfNotSent), Next::RetryOtherNode);
+        assert_eq!(after_transport(false, Retry::IfNotSent), Next::FailUnknown);
+        assert_eq!(after_transport(false, Retry::Safe), Next::RetryOtherNode);
+    }
+
+    #[test]
+    fn retry_after_and_encoding() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after_header(&headers), None);
+        headers.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after_header(&headers), Some(2000));
+        assert_eq!(encode("a b/é"), "a%20b%2F%C3%A9");
+    }
+
+    #[test]
+    fn types_match_the_document() {
+        let task: Task = serde_json::from_value(json!({
+            "id": 7, "queue": "q", "payload": {"x": 1}, "priority": 5, "state": "leased",
+            "created_ms": 1, "updated_ms": 2, "deadline_ms": null, "max_attempts": 3, "attempts": 1,
+            "idempotency_key": null, "parent_id": null, "conversation_id": "c", "hop_count": 0,
+            "lease": {"agent_id": "a", "agent_epoch": 1, "fence": 9, "valid_until_ms": 100, "progress_ms": 5},
+            "last_fence": 9, "result": null, "error": null, "dead_reason": null, "superseded_count": 0, "trail": []
+        }))
+        .unwrap();
+        assert_eq!(task.state, TaskState::Leased);
+        assert_eq!(task.lease.as_ref().map(|l| l.fence), Some(9));
+        assert_eq!(task.other["trail"], json!([]), "unnamed fields are kept");
+        assert_eq!(serde_json::to_value(TaskState::Cancelled).unwrap(), json!("cancelled"));
+        let request = SubmitRequest::new("q", json!(1)).with_idempotency_key("k");
+        assert_eq!(
+            serde_json::to_value(&request).unwrap(),
+            json!({"queue": "q", "payload": 1, "priority": 5, "max_attempts": 3, "idempotency_key": "k"})
+        );
+    }
+
+    /// One scripted answer of the fake node: status, `Retry-After`, body, delay.
+    type Script = (u16, Option<u64>, Value, u64);
+
+    /// A node that answers each request with the next line of its script and
+    /// counts what it received: enough to test failover without a cluster.
+    async fn fake_node(script: Vec<Script>) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let received = Arc::new(AtomicUsize::new(0));
+        let count = received.clone();
+        tokio::spawn(async move {
+            let mut script = script.into_iter();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                // Read the head, then as many body bytes as Content-Length says.
+                loop {
+                    let n = stream.read(&mut buffer).await.unwrap_or(0);
+                    request.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&request).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                            .unwrap_or(0usize);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let Some((status, retry_after, body, delay_ms)) = script.next() else { return };
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                let body = body.to_string();
+                let retry_after = retry_after.map(|s| format!("retry-after: {s}\r\n")).unwrap_or_default();
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry_after}connection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(format!("{head}{body}").as_bytes()).await;
+            }
+        });
+        (addr, received)
+    }
+
+    async fn refused_addr() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().to_string()
+    }
+
+    fn refused(code: &str, hint: Option<&str>) -> Value {
+        json!({"error": {"code": code, "message": "scripted", "leader_hint": hint, "retry_after_ms": 10}})
+    }
+
+    #[tokio::test]
+    async fn a_dead_node_and_a_follower_lead_to_the_leader() {
+        let created = json!({"task_id": 1, "deduplicated": false});
+        let (leader, leader_seen) = fake_node(vec![(201, None, created.clone(), 0), (201, None, created, 0)]).await;
+        let hint = refused("not_leader", Some(&leader));
+        let (follower, _) = fake_node(vec![(503, None, hint.clone(), 0), (503, None, hint, 0)]).await;
+        let client = Client::new(vec![refused_addr().await, follower, leader], None).unwrap();
+        for _ in 0..2 {
+            let submitted = client.submit(&SubmitRequest::new("q", json!(null))).await.unwrap();
+            assert_eq!(submitted.task_id, 1);
+        }
+        assert_eq!(leader_seen.load(Ordering::SeqCst), 2, "the leader is remembered once found");
+    }
+
+    #[tokio::test]
+    async fn an_unkeyed_submit_that_timed_out_is_not_repeated() {
+        let timeout = refused("timeout", None);
+        let created = json!({"task_id": 2, "deduplicated": false});
+        let (node, seen) =
+            fake_node(vec![(503, None, timeout.clone(), 0), (503, None, timeout, 0), (201, None, created, 0)]).await;
+        let client = Client::new(vec![node], None).unwrap();
+        let error = client.submit(&SubmitRequest::new("q", json!(null))).await.unwrap_err();
+        assert!(matches!(error, Error::Unknown(_)), "{error:?}");
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+        // With a key the cluster deduplicates, so the client retries.
+        let keyed = SubmitRequest::new("q", json!(null)).with_idempotency_key("k");
+        assert_eq!(client.submit(&keyed).await.unwrap().task_id, 2);
+    }
+
+    #[tokio::test]
+    async fn retry_after_is_honoured() {
+        let busy = json!({"error": {"code": "queue_full", "message": "full"}});
+        let created = json!({"task_id": 3, "deduplicated": false});
+        let (node, _) = fake_node(vec![(429, Some(1), busy, 0), (201, None, created, 0)]).await;
+        let client = Client::new(vec![node], None).unwrap();
+        let started = Instant::now();
+        assert_eq!(client.submit(&SubmitRequest::new("q", json!(null))).await.unwrap().task_id, 3);
+        assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After: 1 waited out");
+    }
+
+    #[tokio::test]
+    async fn a_long_poll_outlives_the_request_timeout() {
+        let (node, _) = fake_node(vec![(200, None, json!({"leases": []}), 400)]).await;
+        let client = Client::new(vec![node], None).unwrap().with_request_timeout(Duration::from_millis(200));
+        assert!(client.poll("a", 1, 1, 400, 1000).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn refusals_keep_their_details_and_unreachable_clusters_say_so() {
+        let superseded = json!({"error": {"code": "superseded", "message": "old fence"}});
+        let (node, _) = fake_node(vec![(409, None, superseded, 0)]).await;
+        let client = Client::new(vec![node], None).unwrap();
+        let error = client.complete(1, 1, &json!(1)).await.unwrap_err();
+        assert!(error.is_superseded() && error.status() == Some(409), "{error:?}");
+        let client = Client::new(vec![refused_addr().await], None).unwrap().with_retries_max(2);
+        assert!(client.get_task(1, false).await.unwrap_err().is_unreachable());
     }
 }

@@ -9,5 +9,8 @@ pub mod agent;
 pub mod client;
 pub mod outbox;
 
-pub use agent::{handler, Agent, AgentConfig, AutonomousHandler, HandlerError, Mode, TaskContext};
-pub use client::{Client, Error, LeaseGrant, SubmitRequest, Task, TaskState};
+pub use agent::{handler, Agent, AgentConfig, AgentStats, AutonomousHandler, Handler, HandlerError, Mode, TaskContext};
+pub use client::{
+    parse_nodes, Client, ClusterInfo, ClusterNode, ContextEntry, Conversation, Error, LeaseGrant, Refusal, Registered,
+    SubmitRequest, Submitted, Task, TaskLease, TaskPage, TaskState,
+};
