@@ -1,24 +1,92 @@
-"""Phalanx client and agent SDK.
+"""Phalanx client and agent SDK (docs/api.md).
 
-`Client` / `AsyncClient` talk to any node of a cluster (failover, backoff with
-full jitter, Retry-After, a retry budget). `AsyncAgent` / `Agent` run a handler
-for leased tasks with fencing, lease extension, delegation, a durable outbox
-and autonomous fallback when no node answers.
+`Client` / `AsyncClient` talk to any node of a cluster: failover, backoff with
+full jitter, `Retry-After`, a retry budget. `AsyncAgent` / `Agent` run a
+handler for leased tasks with fencing, lease extension and delegation, and
+keep working when no node answers: results go to a durable outbox and are
+reconciled on reconnect. Execution is at least once; the cluster accepts
+exactly one result per task.
 """
 
-from .client import AsyncClient, Client, PhalanxError, Unavailable, Unknown
-from .agent import Agent, AsyncAgent, TaskContext, TaskFailed
-from .outbox import Outbox
+from .agent import (
+    Agent,
+    AgentState,
+    AsyncAgent,
+    FenceMemory,
+    ReportOutcome,
+    Stats,
+    SyncTaskContext,
+    TaskContext,
+    TaskFailed,
+)
+from .client import (
+    AsyncClient,
+    BatchResult,
+    Client,
+    ClusterInfo,
+    Conflict,
+    ContextEntry,
+    Conversation,
+    InvalidRequest,
+    Lease,
+    NotFound,
+    OutcomeUnknown,
+    Overloaded,
+    PhalanxError,
+    Registration,
+    RetryBudget,
+    RetryPolicy,
+    Submitted,
+    Superseded,
+    Task,
+    TaskPage,
+    TaskSpec,
+    TERMINAL_STATES,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    Unprocessable,
+)
+from .outbox import Outbox, OutboxEntry, OutboxFull, OutboxLocked
 
 __all__ = [
     "Agent",
+    "AgentState",
     "AsyncAgent",
     "AsyncClient",
+    "BatchResult",
     "Client",
+    "ClusterInfo",
+    "Conflict",
+    "ContextEntry",
+    "Conversation",
+    "FenceMemory",
+    "InvalidRequest",
+    "Lease",
+    "NotFound",
+    "OutcomeUnknown",
     "Outbox",
+    "OutboxEntry",
+    "OutboxFull",
+    "OutboxLocked",
+    "Overloaded",
     "PhalanxError",
+    "Registration",
+    "ReportOutcome",
+    "RetryBudget",
+    "RetryPolicy",
+    "Stats",
+    "Submitted",
+    "Superseded",
+    "SyncTaskContext",
+    "TERMINAL_STATES",
+    "Task",
     "TaskContext",
     "TaskFailed",
+    "TaskPage",
+    "TaskSpec",
+    "TooLarge",
+    "Unauthorized",
     "Unavailable",
-    "Unknown",
+    "Unprocessable",
 ]

@@ -1,32 +1,186 @@
-"""HTTP client for Phalanx: any node of a node list, failover on error,
-exponential backoff with full jitter, Retry-After honoured, and a retry budget
-(retries at most about a tenth of requests) so a struggling cluster is not
-buried under retries.
+"""HTTP client for Phalanx (docs/api.md): `Client` (blocking) and
+`AsyncClient` (asyncio) with the same methods and the same request logic.
 
-A write whose outcome is unknown (timed out after it was sent) is retried only
-when repeating it is harmless (reads, fenced results, keyed submits); otherwise
-`Unknown` is raised and the caller decides.
+Owns: the node list and failover (on a connection error or a 503, the next
+node, or the node named by `leader_hint`), exponential backoff with full
+jitter, `Retry-After` honoured, a retry budget (retries at most about a tenth
+of requests plus a small floor) so that a struggling cluster is not buried
+under retries, and the typed shapes of requests and answers.
+
+A write whose outcome is unknown (it may have arrived: a read timeout, a
+dropped connection, a 503 `timeout`) is retried only when repeating it is
+harmless (reads, fenced results, keyed submits); otherwise `OutcomeUnknown`
+is raised and the caller decides. A request that surely never arrived (the
+connection was refused) is always retried.
+
+Leaves to others: what to do with the answers (the agent runtime in
+`agent.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import os
 import random
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Literal, Optional, Sequence, TypedDict, TypeVar, Union
 
 import httpx
 
-BACKOFF_BASE_S = 0.05
-BACKOFF_CAP_S = 2.0
-RETRIES_MAX = 8
+# ---- shapes of the API (docs/api.md) ----
+
+TaskState = Literal["pending", "leased", "succeeded", "failed", "cancelled", "dead"]
+TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "dead"})
+
+
+class _LeaseInfoRequired(TypedDict):
+    agent_id: str
+    agent_epoch: int
+    fence: int
+    valid_until_ms: int
+
+
+class LeaseInfo(_LeaseInfoRequired, total=False):
+    """The lease a task is under, as part of a task."""
+
+    progress_ms: int
+
+
+class _TaskRequired(TypedDict):
+    id: int
+    queue: str
+    payload: Any
+    priority: int
+    state: TaskState
+    created_ms: int
+    updated_ms: int
+    deadline_ms: Optional[int]
+    max_attempts: int
+    attempts: int
+    idempotency_key: Optional[str]
+    parent_id: Optional[int]
+    conversation_id: Optional[str]
+    hop_count: int
+    lease: Optional[LeaseInfo]
+    last_fence: int
+    result: Any
+    error: Optional[str]
+    dead_reason: Optional[str]
+    superseded_count: int
+
+
+class Task(_TaskRequired, total=False):
+    """`GET /v1/tasks/{id}`."""
+
+    trail: list[dict[str, Any]]
+
+
+class Submitted(TypedDict):
+    task_id: int
+    deduplicated: bool
+
+
+class ErrorBody(TypedDict):
+    code: str
+    message: str
+
+
+class BatchResult(TypedDict, total=False):
+    """One slot of `POST /v1/tasks/batch`: `task_id` and `deduplicated`, or `error`."""
+
+    task_id: int
+    deduplicated: bool
+    error: ErrorBody
+
+
+class _TaskSpecRequired(TypedDict):
+    queue: str
+
+
+class TaskSpec(_TaskSpecRequired, total=False):
+    """A task to submit, as `submit_batch` takes it."""
+
+    payload: Any
+    priority: int
+    idempotency_key: str
+    deadline_ms: int
+    max_attempts: int
+    parent_id: int
+    parent_fence: int
+    conversation_id: str
+
+
+class TaskPage(TypedDict):
+    tasks: list[Task]
+    next_after: Optional[int]
+
+
+class Registration(TypedDict):
+    agent_id: str
+    epoch: int
+    heartbeat_interval_ms: int
+    agent_ttl_ms: int
+
+
+class Lease(TypedDict):
+    """One lease handed out by `poll`."""
+
+    task: Task
+    fence: int
+    valid_until_ms: int
+    lease_ttl_ms: int
+
+
+class ContextEntry(TypedDict):
+    version: int
+    value: Any
+
+
+class Conversation(TypedDict):
+    conversation_id: str
+    entries: dict[str, ContextEntry]
+
+
+class _ClusterNodeRequired(TypedDict):
+    id: int
+    addr: str
+    voter: bool
+    matched_index: Optional[int]
+    last_contact_ms: Optional[int]
+
+
+class ClusterNode(_ClusterNodeRequired, total=False):
+    raft_addr: Optional[str]
+
+
+class _ClusterInfoRequired(TypedDict):
+    node_id: int
+    leader_id: Optional[int]
+    term: int
+    state: str
+    last_log_index: Optional[int]
+    last_applied: Optional[int]
+    snapshot_index: Optional[int]
+    nodes: list[ClusterNode]
+
+
+class ClusterInfo(_ClusterInfoRequired, total=False):
+    millis_since_quorum_ack: Optional[int]
+
+
+# ---- errors ----
 
 
 class PhalanxError(Exception):
-    """The cluster refused the request; nothing changed."""
+    """A refusal from the cluster, or no usable answer at all.
+
+    `status` is the HTTP status (0 when no node answered); `code` is the
+    machine-readable code of docs/api.md.
+    """
 
     def __init__(self, status: int, code: str, message: str, leader_hint: Optional[str] = None,
                  retry_after_ms: Optional[int] = None) -> None:
@@ -39,338 +193,837 @@ class PhalanxError(Exception):
 
     @property
     def is_superseded(self) -> bool:
+        """The fence was not the current one: the result was recorded as superseded, nothing else changed."""
         return self.code == "superseded"
 
-
-class Unavailable(Exception):
-    """No node could be reached."""
-
-
-class Unknown(Exception):
-    """The request may or may not have taken effect."""
+    @property
+    def is_definite(self) -> bool:
+        """The cluster decided (a 4xx other than 429): retrying the same request will not help."""
+        return 400 <= self.status < 500 and self.status != 429
 
 
-def backoff(attempt: int) -> float:
-    """Full jitter: uniform in [0, min(cap, base * 2^attempt)]."""
-    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * (2 ** min(attempt, 16))))
+class InvalidRequest(PhalanxError):
+    """400: `invalid`, `malformed_json`, `not_capable`."""
+
+
+class Unauthorized(PhalanxError):
+    """401: missing or wrong token."""
+
+
+class NotFound(PhalanxError):
+    """404: `task_not_found`, `agent_not_found`, `not_found`."""
+
+
+class Conflict(PhalanxError):
+    """409: the state moved on (`stale_epoch`, `already_terminal`, `lease_expired`, `version_conflict`, ...)."""
+
+
+class Superseded(Conflict):
+    """409 `superseded`: a result or request with an old fence."""
+
+
+class TooLarge(PhalanxError):
+    """413: a payload, result or context value over its `*_max`."""
+
+
+class Unprocessable(PhalanxError):
+    """422: `loop_detected`, `deadlock`."""
+
+
+class Overloaded(PhalanxError):
+    """429: `queue_full`, `limit_reached`, `overloaded`, `rate_limited` (still so after the retries)."""
+
+
+class Unavailable(PhalanxError):
+    """No node answered (status 0), or the cluster cannot serve now (503), after the retries."""
+
+
+class OutcomeUnknown(PhalanxError):
+    """The request may or may not have taken effect (a write that timed out after it was sent)."""
+
+
+_ERROR_BY_STATUS: dict[int, type[PhalanxError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    413: TooLarge,
+    422: Unprocessable,
+    429: Overloaded,
+    503: Unavailable,
+}
+
+
+def error_from_answer(status: int, body: Any, text: str = "", retry_after_header: Optional[str] = None) -> PhalanxError:
+    """Builds the typed error for a refusal `{"error": {code, message, leader_hint?, retry_after_ms?}}`."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        error = {}
+    code = str(error.get("code", "unknown"))
+    retry_after_ms = error.get("retry_after_ms")
+    if retry_after_ms is None:
+        retry_after_ms = _parse_retry_after_ms(retry_after_header)
+    kind = Superseded if code == "superseded" else _ERROR_BY_STATUS.get(status, PhalanxError)
+    return kind(status, code, str(error.get("message", text)), error.get("leader_hint"), retry_after_ms)
+
+
+def _parse_retry_after_ms(header: Optional[str]) -> Optional[int]:
+    """`Retry-After` is seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    if not header:
+        return None
+    header = header.strip()
+    if header.isdigit():
+        return int(header) * 1000
+    try:
+        when = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return None
+    return max(0, int((when.timestamp() - time.time()) * 1000))
+
+
+# ---- retry policy ----
+
+
+@dataclass
+class RetryPolicy:
+    """How often and how long to retry. Full jitter: AWS Architecture Blog, "Exponential Backoff And Jitter"."""
+
+    retries_max: int = 8
+    backoff_base_s: float = 0.05
+    backoff_cap_s: float = 2.0
+    # A server's Retry-After is honoured up to this long.
+    retry_after_max_s: float = 30.0
+
+    def backoff_s(self, attempt: int, rng: random.Random) -> float:
+        """Uniform in [0, min(cap, base * 2^attempt)]."""
+        return rng.uniform(0.0, min(self.backoff_cap_s, self.backoff_base_s * (2 ** min(attempt, 30))))
 
 
 class RetryBudget:
-    """Every request earns 0.1 token, a retry spends one, at most `tokens_max`."""
+    """Token bucket over retries: every request earns `ratio` token, a retry
+    spends one, and `floor_per_s` tokens trickle in each second so that a
+    quiet client may still retry; at most `tokens_max` are kept."""
 
-    def __init__(self, tokens_max: float = 10.0) -> None:
-        self.tokens = tokens_max
+    def __init__(self, ratio: float = 0.1, floor_per_s: float = 1.0, tokens_max: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ratio = ratio
+        self.floor_per_s = floor_per_s
         self.tokens_max = tokens_max
+        self.tokens = tokens_max
+        self._clock = clock
+        self._refilled_at = clock()
         self._lock = threading.Lock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self.tokens = min(self.tokens_max, self.tokens + (now - self._refilled_at) * self.floor_per_s)
+        self._refilled_at = now
 
     def on_request(self) -> None:
         with self._lock:
-            self.tokens = min(self.tokens_max, self.tokens + 0.1)
+            self._refill()
+            self.tokens = min(self.tokens_max, self.tokens + self.ratio)
 
     def try_retry(self) -> bool:
         with self._lock:
-            if self.tokens >= 1.0:
-                self.tokens -= 1.0
+            self._refill()
+            if self.tokens >= 1.0 - 1e-9:  # ten deposits of 0.1 make one token
+                self.tokens = max(0.0, self.tokens - 1.0)
                 return True
             return False
 
 
-def parse_nodes(nodes: str | Sequence[str] | None) -> list[str]:
+def parse_nodes(nodes: Union[str, Sequence[str], None]) -> list[str]:
+    """`host:port,host:port` or a list; `None` reads `PHALANX_NODES` (default `127.0.0.1:7070`)."""
     if nodes is None:
-        nodes = os.environ.get("PHALANX_NODES", "127.0.0.1:7070")
+        nodes = os.environ.get("PHALANX_NODES") or "127.0.0.1:7070"
     if isinstance(nodes, str):
         nodes = nodes.split(",")
-    parsed = [n.strip().removeprefix("http://") for n in nodes if n.strip()]
+    parsed = []
+    for node in nodes:
+        node = node.strip()
+        for prefix in ("http://", "https://"):
+            if node.startswith(prefix):
+                node = node[len(prefix):]
+        node = node.rstrip("/")
+        if node:
+            parsed.append(node)
     if not parsed:
         raise ValueError("the node list is empty")
     return parsed
 
 
-@dataclass
-class _Plan:
-    """One request: method, path, body, and whether repeating it is harmless."""
+# ---- requests: one description, executed by either client ----
 
+T = TypeVar("T")
+
+# "safe": repeating the request is harmless, so it is retried whatever happened.
+# "if_not_sent": retried only when it surely never took effect.
+Retry = Literal["safe", "if_not_sent"]
+
+# 503 codes that mean "refused, nothing was done": retried even when repeating is not harmless.
+_REFUSED_BEFORE_ACTING = frozenset({"no_leader", "not_leader", "not_ready", "deadline_exceeded"})
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+@dataclass
+class _Request(Generic[T]):
     method: str
     path: str
-    body: Optional[dict[str, Any]] = None
-    safe: bool = True
-    timeout_s: float = 15.0
+    body: Any = None
+    query: Optional[dict[str, str]] = None
+    retry: Retry = "safe"
+    # Added to the read timeout and the call budget (a long-poll's wait).
+    wait_s: float = 0.0
+    decode: Callable[[Any], T] = _identity
+    text: bool = False
 
 
+def _segment(value: Union[str, int]) -> str:
+    return urllib.parse.quote(str(value), safe="")
+
+
+def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in body.items() if value is not None}
+
+
+class _Endpoints:
+    """Every endpoint of docs/api.md as a request description."""
+
+    @staticmethod
+    def submit(queue: str, payload: Any, priority: int, idempotency_key: Optional[str], deadline_ms: Optional[int],
+               max_attempts: int, parent_id: Optional[int], parent_fence: Optional[int],
+               conversation_id: Optional[str]) -> _Request[int]:
+        body = _drop_none({"queue": queue, "payload": payload, "priority": priority,
+                           "idempotency_key": idempotency_key, "deadline_ms": deadline_ms,
+                           "max_attempts": max_attempts, "parent_id": parent_id, "parent_fence": parent_fence,
+                           "conversation_id": conversation_id})
+        body["payload"] = payload
+        retry: Retry = "safe" if idempotency_key is not None else "if_not_sent"
+        return _Request("POST", "/v1/tasks", body, retry=retry, decode=lambda answer: answer["task_id"])
+
+    @staticmethod
+    def submit_batch(tasks: Sequence[TaskSpec]) -> _Request[list[BatchResult]]:
+        keyed = all(task.get("idempotency_key") is not None for task in tasks)
+        return _Request("POST", "/v1/tasks/batch", {"tasks": [dict(task) for task in tasks]},
+                        retry="safe" if keyed else "if_not_sent", decode=lambda answer: answer["results"])
+
+    @staticmethod
+    def get_task(task_id: int, stale: bool) -> _Request[Task]:
+        return _Request("GET", f"/v1/tasks/{int(task_id)}", query={"stale": "true"} if stale else None)
+
+    @staticmethod
+    def list_tasks(queue: Optional[str], state: Optional[str], after: Optional[int], limit: Optional[int],
+                   stale: bool) -> _Request[TaskPage]:
+        query = _drop_none({"queue": queue, "state": state, "after": after, "limit": limit,
+                            "stale": "true" if stale else None})
+        return _Request("GET", "/v1/tasks", query={key: str(value) for key, value in query.items()})
+
+    @staticmethod
+    def cancel(task_id: int) -> _Request[Task]:
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/cancel", {})
+
+    @staticmethod
+    def register(agent_id: str, capabilities: Sequence[str], capacity: int) -> _Request[Registration]:
+        if isinstance(capabilities, str):
+            capabilities = [capabilities]
+        body = {"agent_id": agent_id, "capabilities": list(capabilities), "capacity": capacity}
+        return _Request("POST", "/v1/agents/register", body)
+
+    @staticmethod
+    def heartbeat(agent_id: str, epoch: int) -> _Request[None]:
+        return _Request("POST", f"/v1/agents/{_segment(agent_id)}/heartbeat", {"epoch": epoch},
+                        decode=lambda _: None)
+
+    @staticmethod
+    def deregister(agent_id: str, epoch: int) -> _Request[None]:
+        return _Request("POST", f"/v1/agents/{_segment(agent_id)}/deregister", {"epoch": epoch},
+                        decode=lambda _: None)
+
+    @staticmethod
+    def poll(agent_id: str, epoch: int, max_tasks: int, wait_ms: int, lease_ttl_ms: Optional[int],
+             queues: Optional[Sequence[str]]) -> _Request[list[Lease]]:
+        body = _drop_none({"epoch": epoch, "queues": list(queues) if queues is not None else None,
+                           "max_tasks": max_tasks, "wait_ms": wait_ms, "lease_ttl_ms": lease_ttl_ms})
+        return _Request("POST", f"/v1/agents/{_segment(agent_id)}/poll", body, wait_s=wait_ms / 1000,
+                        decode=lambda answer: answer["leases"])
+
+    @staticmethod
+    def complete(task_id: int, fence: int, result: Any) -> _Request[Task]:
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/complete", {"fence": fence, "result": result})
+
+    @staticmethod
+    def fail(task_id: int, fence: int, error: str, retryable: bool) -> _Request[Task]:
+        body = {"fence": fence, "error": error, "retryable": retryable}
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/fail", body)
+
+    @staticmethod
+    def extend(task_id: int, fence: int, lease_ttl_ms: Optional[int]) -> _Request[int]:
+        body = _drop_none({"fence": fence, "lease_ttl_ms": lease_ttl_ms})
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/extend", body,
+                        decode=lambda answer: answer["valid_until_ms"])
+
+    @staticmethod
+    def wait(task_id: int, fence: int, on: Sequence[int], timeout_ms: int) -> _Request[list[int]]:
+        body = {"fence": fence, "on": [int(i) for i in on], "timeout_ms": int(timeout_ms)}
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/wait", body, decode=lambda answer: answer["pending"])
+
+    @staticmethod
+    def progress(task_id: int, fence: int) -> _Request[None]:
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/progress", {"fence": fence}, decode=lambda _: None)
+
+    @staticmethod
+    def context_get(conversation_id: str, stale: bool) -> _Request[Conversation]:
+        return _Request("GET", f"/v1/conversations/{_segment(conversation_id)}",
+                        query={"stale": "true"} if stale else None)
+
+    @staticmethod
+    def context_put(conversation_id: str, key: str, value: Any, expected_version: Optional[int]) -> _Request[int]:
+        body = _drop_none({"value": value, "expected_version": expected_version})
+        body["value"] = value
+        # A repeated compare-and-set would fail against its own first write.
+        retry: Retry = "safe" if expected_version is None else "if_not_sent"
+        return _Request("PUT", f"/v1/conversations/{_segment(conversation_id)}/{_segment(key)}", body,
+                        retry=retry, decode=lambda answer: answer["version"])
+
+    @staticmethod
+    def cluster() -> _Request[ClusterInfo]:
+        return _Request("GET", "/v1/cluster")
+
+    @staticmethod
+    def add_member(node_id: int, addr: str, raft_addr: Optional[str]) -> _Request[dict[str, Any]]:
+        body = _drop_none({"node_id": node_id, "addr": addr, "raft_addr": raft_addr})
+        return _Request("POST", "/v1/cluster/members", body, retry="if_not_sent")
+
+    @staticmethod
+    def remove_member(node_id: int) -> _Request[dict[str, Any]]:
+        return _Request("DELETE", f"/v1/cluster/members/{int(node_id)}", retry="if_not_sent")
+
+    @staticmethod
+    def status() -> _Request[dict[str, Any]]:
+        return _Request("GET", "/v1/status")
+
+    @staticmethod
+    def agents() -> _Request[list[dict[str, Any]]]:
+        return _Request("GET", "/v1/agents", decode=lambda answer: answer["agents"])
+
+    @staticmethod
+    def config_get() -> _Request[dict[str, Any]]:
+        return _Request("GET", "/v1/config")
+
+    @staticmethod
+    def config_set(changes: dict[str, Any], expected_version: Optional[int]) -> _Request[dict[str, Any]]:
+        body = _drop_none({"set": dict(changes), "expected_version": expected_version})
+        return _Request("PUT", "/v1/config", body, retry="safe" if expected_version is None else "if_not_sent")
+
+    @staticmethod
+    def config_history() -> _Request[dict[str, Any]]:
+        return _Request("GET", "/v1/config/history")
+
+    @staticmethod
+    def config_rollback(version: Optional[int]) -> _Request[dict[str, Any]]:
+        return _Request("POST", "/v1/config/rollback", _drop_none({"version": version}), retry="if_not_sent")
+
+    @staticmethod
+    def metrics() -> _Request[str]:
+        return _Request("GET", "/metrics", text=True)
+
+
+# ---- the shared judgement of one attempt ----
+
+
+@dataclass
+class _Done:
+    value: Any
+
+
+@dataclass
+class _Retry:
+    error: PhalanxError
+    wait_s: float = 0.0
+
+
+@dataclass
+class _Raise:
+    error: PhalanxError
+
+
+_Verdict = Union[_Done, _Retry, _Raise]
+
+# Exceptions after which the request surely never reached a server.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
+@dataclass
 class _Core:
-    """State shared by the sync and async clients: nodes, token, budget."""
+    """What the sync and async clients share: nodes, failover, the judgement
+    of each answer, and the pause before a retry."""
 
-    def __init__(self, nodes: str | Sequence[str] | None, token: Optional[str], name: Optional[str]) -> None:
-        self.nodes = parse_nodes(nodes)
-        self.current = random.randrange(len(self.nodes))
-        self.token = token if token is not None else os.environ.get("PHALANX_TOKEN")
-        self.name = name
-        self.budget = RetryBudget()
+    nodes: list[str]
+    token: Optional[str]
+    name: Optional[str]
+    timeout_s: float
+    connect_timeout_s: float
+    call_timeout_s: Optional[float]
+    policy: RetryPolicy
+    budget: RetryBudget
+    rng: random.Random = field(default_factory=random.Random)
+    current: int = 0
 
-    def url(self, path: str) -> str:
-        return f"http://{self.nodes[self.current % len(self.nodes)]}{path}"
+    def __post_init__(self) -> None:
+        self.current = self.rng.randrange(len(self.nodes))
+        self._lock = threading.Lock()
 
-    def headers(self) -> dict[str, str]:
+    def node(self) -> int:
+        return self.current % len(self.nodes)
+
+    def url(self, index: int, path: str) -> str:
+        return f"http://{self.nodes[index]}{path}"
+
+    def deadline(self, request: _Request[Any]) -> Optional[float]:
+        if self.call_timeout_s is None:
+            return None
+        return time.monotonic() + self.call_timeout_s + request.wait_s
+
+    def headers(self, deadline: Optional[float]) -> dict[str, str]:
         headers = {}
         if self.token:
             headers["authorization"] = f"Bearer {self.token}"
         if self.name:
             headers["x-phalanx-client"] = self.name
+        if deadline is not None:
+            headers["x-phalanx-deadline-ms"] = str(max(1, int((deadline - time.monotonic()) * 1000)))
         return headers
 
-    def move_on(self, hint: Optional[str] = None) -> None:
-        if hint and hint in self.nodes:
-            self.current = self.nodes.index(hint)
-        else:
-            self.current += 1
+    def timeout(self, request: _Request[Any], deadline: Optional[float]) -> httpx.Timeout:
+        read_s = self.timeout_s + request.wait_s
+        if deadline is not None:
+            read_s = max(0.001, min(read_s, deadline - time.monotonic()))
+        return httpx.Timeout(read_s, connect=min(self.connect_timeout_s, read_s))
 
-    def judge(self, plan: _Plan, response: Optional[httpx.Response], error: Optional[Exception]):
-        """Returns ("done", value) or ("retry", exception, wait_s) or ("raise", exception)."""
-        if error is not None:
-            self.move_on()
-            if isinstance(error, httpx.ConnectError):
-                return ("retry", Unavailable(str(error)), None)
-            if not plan.safe:
-                return ("raise", Unknown(str(error)))
-            return ("retry", Unavailable(str(error)), None)
-        assert response is not None
-        if 200 <= response.status_code < 300:
-            return ("done", response.json())
+    def move_on(self, failed: int, hint: Optional[str] = None) -> None:
+        """After node `failed` did not serve: the hinted leader if known, else the next node.
+        Only the first of several concurrent failures on the same node moves on."""
+        with self._lock:
+            if hint is not None and hint in self.nodes:
+                self.current = self.nodes.index(hint)
+            elif self.node() == failed:
+                self.current = failed + 1
+
+    def judge_exception(self, request: _Request[Any], index: int, error: Exception) -> _Verdict:
+        self.move_on(index)
+        where = f"{self.nodes[index]}: {type(error).__name__}: {error}"
+        if isinstance(error, _NOT_SENT):
+            return _Retry(Unavailable(0, "unreachable", where))
+        if request.retry == "if_not_sent":
+            return _Raise(OutcomeUnknown(0, "outcome_unknown", f"the request may have taken effect: {where}"))
+        return _Retry(Unavailable(0, "unreachable", where))
+
+    def judge_response(self, request: _Request[Any], index: int, response: httpx.Response) -> _Verdict:
+        status = response.status_code
+        if 200 <= status < 300:
+            if request.text:
+                return _Done(response.text)
+            try:
+                return _Done(response.json())
+            except ValueError:
+                return _Raise(PhalanxError(status, "bad_answer", f"not JSON: {response.text[:200]!r}"))
         try:
-            body = response.json().get("error", {})
+            body = response.json()
         except ValueError:
-            body = {}
-        api = PhalanxError(response.status_code, body.get("code", "unknown"), body.get("message", response.text),
-                           body.get("leader_hint"), body.get("retry_after_ms"))
-        wait = api.retry_after_ms / 1000 if api.retry_after_ms else None
-        if response.status_code == 429:
-            return ("retry", api, wait)
-        if response.status_code == 503:
-            if api.code in ("no_leader", "not_leader", "not_ready", "overloaded") or plan.safe:
-                self.move_on(api.leader_hint)
-                return ("retry", api, wait)
-            return ("raise", Unknown(str(api)))
-        return ("raise", api)
+            body = None
+        error = error_from_answer(status, body, response.text[:500], response.headers.get("retry-after"))
+        wait_s = (error.retry_after_ms or 0) / 1000
+        if status == 429:
+            return _Retry(error, wait_s)
+        if status == 503:
+            if request.retry == "if_not_sent" and error.code not in _REFUSED_BEFORE_ACTING:
+                return _Raise(OutcomeUnknown(status, error.code, error.message, error.leader_hint,
+                                             error.retry_after_ms))
+            self.move_on(index, error.leader_hint)
+            return _Retry(error, wait_s)
+        return _Raise(error)
+
+    def pause_s(self, attempt: int, verdict: _Retry, deadline: Optional[float]) -> Optional[float]:
+        """The pause before retry `attempt` (1-based), or None to give up."""
+        if attempt > self.policy.retries_max or not self.budget.try_retry():
+            return None
+        pause = max(self.policy.backoff_s(attempt, self.rng), min(verdict.wait_s, self.policy.retry_after_max_s))
+        if deadline is not None and time.monotonic() + pause >= deadline:
+            return None
+        return pause
 
 
-def _task_query(queue: Optional[str], state: Optional[str], after: Optional[int], limit: Optional[int]) -> str:
-    parts = []
-    for key, value in (("queue", queue), ("state", state), ("after", after), ("limit", limit)):
-        if value is not None:
-            parts.append(f"{key}={value}")
-    return "/v1/tasks?" + "&".join(parts)
+class _ClientBase:
+    def __init__(self, nodes: Union[str, Sequence[str], None], token: Optional[str], name: Optional[str],
+                 timeout_s: float, connect_timeout_s: float, call_timeout_s: Optional[float], retries_max: int,
+                 retry_budget: Optional[RetryBudget], rng: Optional[random.Random]) -> None:
+        self._core = _Core(
+            nodes=parse_nodes(nodes),
+            token=token if token is not None else os.environ.get("PHALANX_TOKEN") or None,
+            name=name,
+            timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            call_timeout_s=call_timeout_s,
+            policy=RetryPolicy(retries_max=retries_max),
+            budget=retry_budget if retry_budget is not None else RetryBudget(),
+            rng=rng if rng is not None else random.Random(),
+        )
+
+    @property
+    def nodes(self) -> list[str]:
+        return list(self._core.nodes)
+
+    @property
+    def retries_max(self) -> int:
+        return self._core.policy.retries_max
+
+    @retries_max.setter
+    def retries_max(self, value: int) -> None:
+        self._core.policy.retries_max = value
+
+    @property
+    def retry_budget(self) -> RetryBudget:
+        return self._core.budget
 
 
-class _Api:
-    """Every endpoint as a plan; the sync and async clients execute them."""
+class Client(_ClientBase):
+    """Blocking client. `nodes`: a list or `host:port,host:port` (default `PHALANX_NODES`);
+    `token`: bearer token (default `PHALANX_TOKEN`); `name`: the `X-Phalanx-Client` rate-limit key;
+    `call_timeout_s`: a budget for one call including its retries (sent as `X-Phalanx-Deadline-Ms`)."""
 
-    @staticmethod
-    def submit(queue: str, payload: Any, priority: int = 5, idempotency_key: Optional[str] = None,
-               deadline_ms: Optional[int] = None, max_attempts: int = 3, parent_id: Optional[int] = None,
-               parent_fence: Optional[int] = None, conversation_id: Optional[str] = None) -> _Plan:
-        body: dict[str, Any] = {"queue": queue, "payload": payload, "priority": priority, "max_attempts": max_attempts}
-        for key, value in (("idempotency_key", idempotency_key), ("deadline_ms", deadline_ms),
-                           ("parent_id", parent_id), ("parent_fence", parent_fence),
-                           ("conversation_id", conversation_id)):
-            if value is not None:
-                body[key] = value
-        return _Plan("POST", "/v1/tasks", body, safe=idempotency_key is not None)
-
-
-class Client:
-    """Synchronous client."""
-
-    def __init__(self, nodes: str | Sequence[str] | None = None, token: Optional[str] = None,
-                 name: Optional[str] = None) -> None:
-        self._core = _Core(nodes, token, name)
-        self._http = httpx.Client(timeout=15.0)
+    def __init__(self, nodes: Union[str, Sequence[str], None] = None, token: Optional[str] = None,
+                 name: Optional[str] = None, *, timeout_s: float = 15.0, connect_timeout_s: float = 1.0,
+                 call_timeout_s: Optional[float] = None, retries_max: int = 8,
+                 retry_budget: Optional[RetryBudget] = None, rng: Optional[random.Random] = None,
+                 transport: Optional[httpx.BaseTransport] = None) -> None:
+        super().__init__(nodes, token, name, timeout_s, connect_timeout_s, call_timeout_s, retries_max,
+                         retry_budget, rng)
+        self._http = httpx.Client(transport=transport)
 
     def close(self) -> None:
         self._http.close()
 
-    def _run(self, plan: _Plan) -> Any:
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def _call(self, request: _Request[T]) -> T:
         core = self._core
         core.budget.on_request()
+        deadline = core.deadline(request)
         attempt = 0
         while True:
-            response, error = None, None
+            index = core.node()
+            verdict: _Verdict
             try:
-                response = self._http.request(plan.method, core.url(plan.path), json=plan.body,
-                                              headers=core.headers(), timeout=plan.timeout_s)
-            except httpx.HTTPError as exc:
-                error = exc
-            verdict = core.judge(plan, response, error)
-            if verdict[0] == "done":
-                return verdict[1]
-            if verdict[0] == "raise":
-                raise verdict[1]
+                response = self._http.request(request.method, core.url(index, request.path), params=request.query,
+                                              json=request.body, headers=core.headers(deadline),
+                                              timeout=core.timeout(request, deadline))
+            except httpx.HTTPError as error:
+                verdict = core.judge_exception(request, index, error)
+            else:
+                verdict = core.judge_response(request, index, response)
+            if isinstance(verdict, _Done):
+                return request.decode(verdict.value)
+            if isinstance(verdict, _Raise):
+                raise verdict.error
             attempt += 1
-            if attempt > RETRIES_MAX or not core.budget.try_retry():
-                raise verdict[1]
-            time.sleep(max(backoff(attempt), min(verdict[2] or 0, BACKOFF_CAP_S)))
+            pause = core.pause_s(attempt, verdict, deadline)
+            if pause is None:
+                raise verdict.error
+            time.sleep(pause)
 
-    def submit(self, queue: str, payload: Any = None, **options: Any) -> int:
-        return self._run(_Api.submit(queue, payload, **options))["task_id"]
+    # ---- tasks ----
 
-    def submit_batch(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        safe = all("idempotency_key" in t for t in tasks)
-        return self._run(_Plan("POST", "/v1/tasks/batch", {"tasks": tasks}, safe=safe))["results"]
+    def submit(self, queue: str, payload: Any = None, priority: int = 5, idempotency_key: Optional[str] = None,
+               deadline_ms: Optional[int] = None, max_attempts: int = 3, parent_id: Optional[int] = None,
+               conversation_id: Optional[str] = None, parent_fence: Optional[int] = None) -> int:
+        """Submits a task; returns its id (an existing id when `idempotency_key` was seen before)."""
+        return self._call(_Endpoints.submit(queue, payload, priority, idempotency_key, deadline_ms, max_attempts,
+                                            parent_id, parent_fence, conversation_id))
 
-    def get_task(self, task_id: int, stale: bool = False) -> dict[str, Any]:
-        return self._run(_Plan("GET", f"/v1/tasks/{task_id}" + ("?stale=true" if stale else "")))
+    def submit_batch(self, tasks: Sequence[TaskSpec]) -> list[BatchResult]:
+        return self._call(_Endpoints.submit_batch(tasks))
+
+    def get_task(self, task_id: int, stale: bool = False) -> Task:
+        return self._call(_Endpoints.get_task(task_id, stale))
 
     def list_tasks(self, queue: Optional[str] = None, state: Optional[str] = None, after: Optional[int] = None,
-                   limit: Optional[int] = None) -> dict[str, Any]:
-        return self._run(_Plan("GET", _task_query(queue, state, after, limit)))
+                   limit: Optional[int] = None, stale: bool = False) -> TaskPage:
+        return self._call(_Endpoints.list_tasks(queue, state, after, limit, stale))
 
-    def cancel(self, task_id: int) -> dict[str, Any]:
-        return self._run(_Plan("POST", f"/v1/tasks/{task_id}/cancel", {}))
+    def cancel(self, task_id: int) -> Task:
+        return self._call(_Endpoints.cancel(task_id))
 
-    def register(self, agent_id: str, capabilities: Sequence[str], capacity: int = 1) -> dict[str, Any]:
-        body = {"agent_id": agent_id, "capabilities": list(capabilities), "capacity": capacity}
-        return self._run(_Plan("POST", "/v1/agents/register", body))
+    def wait_for_tasks(self, task_ids: Sequence[int], timeout_s: float = 60.0) -> list[Task]:
+        """Reads the tasks until every one is finished; raises `TimeoutError` after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        finished: dict[int, Task] = {}
+        pause = 0.02
+        while True:
+            for task_id in task_ids:
+                if task_id not in finished:
+                    task = self.get_task(task_id)
+                    if task["state"] in TERMINAL_STATES:
+                        finished[task_id] = task
+            if len(finished) == len(set(task_ids)):
+                return [finished[task_id] for task_id in task_ids]
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"tasks {sorted(set(task_ids) - set(finished))} did not finish in {timeout_s} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    # ---- agents ----
+
+    def register(self, agent_id: str, capabilities: Sequence[str], capacity: int = 1) -> Registration:
+        return self._call(_Endpoints.register(agent_id, capabilities, capacity))
 
     def heartbeat(self, agent_id: str, epoch: int) -> None:
-        self._run(_Plan("POST", f"/v1/agents/{agent_id}/heartbeat", {"epoch": epoch}))
+        self._call(_Endpoints.heartbeat(agent_id, epoch))
 
     def deregister(self, agent_id: str, epoch: int) -> None:
-        self._run(_Plan("POST", f"/v1/agents/{agent_id}/deregister", {"epoch": epoch}))
+        self._call(_Endpoints.deregister(agent_id, epoch))
 
     def poll(self, agent_id: str, epoch: int, max_tasks: int = 1, wait_ms: int = 0,
-             lease_ttl_ms: Optional[int] = None) -> list[dict[str, Any]]:
-        body: dict[str, Any] = {"epoch": epoch, "max_tasks": max_tasks, "wait_ms": wait_ms}
-        if lease_ttl_ms is not None:
-            body["lease_ttl_ms"] = lease_ttl_ms
-        plan = _Plan("POST", f"/v1/agents/{agent_id}/poll", body, timeout_s=15.0 + wait_ms / 1000)
-        return self._run(plan)["leases"]
+             lease_ttl_ms: Optional[int] = None, queues: Optional[Sequence[str]] = None) -> list[Lease]:
+        return self._call(_Endpoints.poll(agent_id, epoch, max_tasks, wait_ms, lease_ttl_ms, queues))
 
-    def complete(self, task_id: int, fence: int, result: Any) -> dict[str, Any]:
-        return self._run(_Plan("POST", f"/v1/tasks/{task_id}/complete", {"fence": fence, "result": result}))
+    def complete(self, task_id: int, fence: int, result: Any = None) -> Task:
+        return self._call(_Endpoints.complete(task_id, fence, result))
 
-    def fail(self, task_id: int, fence: int, error: str, retryable: bool = True) -> dict[str, Any]:
-        body = {"fence": fence, "error": error, "retryable": retryable}
-        return self._run(_Plan("POST", f"/v1/tasks/{task_id}/fail", body))
+    def fail(self, task_id: int, fence: int, error: str, retryable: bool = True) -> Task:
+        return self._call(_Endpoints.fail(task_id, fence, error, retryable))
 
     def extend(self, task_id: int, fence: int, lease_ttl_ms: Optional[int] = None) -> int:
-        body: dict[str, Any] = {"fence": fence}
-        if lease_ttl_ms is not None:
-            body["lease_ttl_ms"] = lease_ttl_ms
-        return self._run(_Plan("POST", f"/v1/tasks/{task_id}/extend", body))["valid_until_ms"]
+        """Returns the new `valid_until_ms` (log time)."""
+        return self._call(_Endpoints.extend(task_id, fence, lease_ttl_ms))
 
-    def context_get(self, conversation_id: str) -> dict[str, Any]:
-        return self._run(_Plan("GET", f"/v1/conversations/{conversation_id}"))
+    def wait(self, task_id: int, fence: int, on: Sequence[int], timeout_ms: int) -> list[int]:
+        """Declares that the task waits on others; returns those still pending (422 `deadlock` on a cycle)."""
+        return self._call(_Endpoints.wait(task_id, fence, on, timeout_ms))
+
+    def progress(self, task_id: int, fence: int) -> None:
+        self._call(_Endpoints.progress(task_id, fence))
+
+    # ---- conversations ----
+
+    def context_get(self, conversation_id: str, stale: bool = False) -> Conversation:
+        return self._call(_Endpoints.context_get(conversation_id, stale))
 
     def context_put(self, conversation_id: str, key: str, value: Any, expected_version: Optional[int] = None) -> int:
-        body: dict[str, Any] = {"value": value}
-        if expected_version is not None:
-            body["expected_version"] = expected_version
-        return self._run(_Plan("PUT", f"/v1/conversations/{conversation_id}/{key}", body))["version"]
+        """Returns the new version; `expected_version=0` writes only if the key does not exist."""
+        return self._call(_Endpoints.context_put(conversation_id, key, value, expected_version))
 
-    def cluster(self) -> dict[str, Any]:
-        return self._run(_Plan("GET", "/v1/cluster"))
+    # ---- cluster, policy, health ----
+
+    def cluster(self) -> ClusterInfo:
+        return self._call(_Endpoints.cluster())
+
+    def add_member(self, node_id: int, addr: str, raft_addr: Optional[str] = None) -> dict[str, Any]:
+        return self._call(_Endpoints.add_member(node_id, addr, raft_addr))
+
+    def remove_member(self, node_id: int) -> dict[str, Any]:
+        return self._call(_Endpoints.remove_member(node_id))
+
+    def status(self) -> dict[str, Any]:
+        return self._call(_Endpoints.status())
+
+    def agents(self) -> list[dict[str, Any]]:
+        return self._call(_Endpoints.agents())
+
+    def config_get(self) -> dict[str, Any]:
+        return self._call(_Endpoints.config_get())
+
+    def config_set(self, changes: dict[str, Any], expected_version: Optional[int] = None) -> dict[str, Any]:
+        return self._call(_Endpoints.config_set(changes, expected_version))
+
+    def config_history(self) -> dict[str, Any]:
+        return self._call(_Endpoints.config_history())
+
+    def config_rollback(self, version: Optional[int] = None) -> dict[str, Any]:
+        return self._call(_Endpoints.config_rollback(version))
+
+    def metrics(self) -> str:
+        return self._call(_Endpoints.metrics())
+
+    def ready(self, node: Optional[str] = None) -> bool:
+        """`GET /health/ready` on one node (default: the current one), without retries."""
+        address = node if node is not None else self._core.nodes[self._core.node()]
+        try:
+            response = self._http.get(f"http://{address}/health/ready", timeout=self._core.connect_timeout_s + 1)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
 
-class AsyncClient:
-    """Asyncio client with the same methods and semantics as `Client`."""
+class AsyncClient(_ClientBase):
+    """Asyncio client with the same methods, arguments and semantics as `Client`."""
 
-    def __init__(self, nodes: str | Sequence[str] | None = None, token: Optional[str] = None,
-                 name: Optional[str] = None) -> None:
-        self._core = _Core(nodes, token, name)
-        self._http = httpx.AsyncClient(timeout=15.0)
-        self.retries_max = RETRIES_MAX
+    def __init__(self, nodes: Union[str, Sequence[str], None] = None, token: Optional[str] = None,
+                 name: Optional[str] = None, *, timeout_s: float = 15.0, connect_timeout_s: float = 1.0,
+                 call_timeout_s: Optional[float] = None, retries_max: int = 8,
+                 retry_budget: Optional[RetryBudget] = None, rng: Optional[random.Random] = None,
+                 transport: Optional[httpx.AsyncBaseTransport] = None) -> None:
+        super().__init__(nodes, token, name, timeout_s, connect_timeout_s, call_timeout_s, retries_max,
+                         retry_budget, rng)
+        self._http = httpx.AsyncClient(transport=transport)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _run(self, plan: _Plan) -> Any:
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *_: Any) -> None:
+        await self.aclose()
+
+    async def _call(self, request: _Request[T]) -> T:
         core = self._core
         core.budget.on_request()
+        deadline = core.deadline(request)
         attempt = 0
         while True:
-            response, error = None, None
+            index = core.node()
+            verdict: _Verdict
             try:
-                response = await self._http.request(plan.method, core.url(plan.path), json=plan.body,
-                                                    headers=core.headers(), timeout=plan.timeout_s)
-            except httpx.HTTPError as exc:
-                error = exc
-            verdict = core.judge(plan, response, error)
-            if verdict[0] == "done":
-                return verdict[1]
-            if verdict[0] == "raise":
-                raise verdict[1]
+                response = await self._http.request(request.method, core.url(index, request.path),
+                                                    params=request.query, json=request.body,
+                                                    headers=core.headers(deadline),
+                                                    timeout=core.timeout(request, deadline))
+            except httpx.HTTPError as error:
+                verdict = core.judge_exception(request, index, error)
+            else:
+                verdict = core.judge_response(request, index, response)
+            if isinstance(verdict, _Done):
+                return request.decode(verdict.value)
+            if isinstance(verdict, _Raise):
+                raise verdict.error
             attempt += 1
-            if attempt > self.retries_max or not core.budget.try_retry():
-                raise verdict[1]
-            await asyncio.sleep(max(backoff(attempt), min(verdict[2] or 0, BACKOFF_CAP_S)))
+            pause = core.pause_s(attempt, verdict, deadline)
+            if pause is None:
+                raise verdict.error
+            await asyncio.sleep(pause)
 
-    async def submit(self, queue: str, payload: Any = None, **options: Any) -> int:
-        return (await self._run(_Api.submit(queue, payload, **options)))["task_id"]
+    # ---- tasks ----
 
-    async def get_task(self, task_id: int, stale: bool = False) -> dict[str, Any]:
-        return await self._run(_Plan("GET", f"/v1/tasks/{task_id}" + ("?stale=true" if stale else "")))
+    async def submit(self, queue: str, payload: Any = None, priority: int = 5, idempotency_key: Optional[str] = None,
+                     deadline_ms: Optional[int] = None, max_attempts: int = 3, parent_id: Optional[int] = None,
+                     conversation_id: Optional[str] = None, parent_fence: Optional[int] = None) -> int:
+        return await self._call(_Endpoints.submit(queue, payload, priority, idempotency_key, deadline_ms,
+                                                  max_attempts, parent_id, parent_fence, conversation_id))
+
+    async def submit_batch(self, tasks: Sequence[TaskSpec]) -> list[BatchResult]:
+        return await self._call(_Endpoints.submit_batch(tasks))
+
+    async def get_task(self, task_id: int, stale: bool = False) -> Task:
+        return await self._call(_Endpoints.get_task(task_id, stale))
 
     async def list_tasks(self, queue: Optional[str] = None, state: Optional[str] = None,
-                         after: Optional[int] = None, limit: Optional[int] = None) -> dict[str, Any]:
-        return await self._run(_Plan("GET", _task_query(queue, state, after, limit)))
+                         after: Optional[int] = None, limit: Optional[int] = None, stale: bool = False) -> TaskPage:
+        return await self._call(_Endpoints.list_tasks(queue, state, after, limit, stale))
 
-    async def register(self, agent_id: str, capabilities: Sequence[str], capacity: int = 1) -> dict[str, Any]:
-        body = {"agent_id": agent_id, "capabilities": list(capabilities), "capacity": capacity}
-        return await self._run(_Plan("POST", "/v1/agents/register", body))
+    async def cancel(self, task_id: int) -> Task:
+        return await self._call(_Endpoints.cancel(task_id))
+
+    async def wait_for_tasks(self, task_ids: Sequence[int], timeout_s: float = 60.0) -> list[Task]:
+        deadline = time.monotonic() + timeout_s
+        finished: dict[int, Task] = {}
+        pause = 0.02
+        while True:
+            for task_id in task_ids:
+                if task_id not in finished:
+                    task = await self.get_task(task_id)
+                    if task["state"] in TERMINAL_STATES:
+                        finished[task_id] = task
+            if len(finished) == len(set(task_ids)):
+                return [finished[task_id] for task_id in task_ids]
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"tasks {sorted(set(task_ids) - set(finished))} did not finish in {timeout_s} s")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    # ---- agents ----
+
+    async def register(self, agent_id: str, capabilities: Sequence[str], capacity: int = 1) -> Registration:
+        return await self._call(_Endpoints.register(agent_id, capabilities, capacity))
 
     async def heartbeat(self, agent_id: str, epoch: int) -> None:
-        await self._run(_Plan("POST", f"/v1/agents/{agent_id}/heartbeat", {"epoch": epoch}))
+        await self._call(_Endpoints.heartbeat(agent_id, epoch))
 
     async def deregister(self, agent_id: str, epoch: int) -> None:
-        await self._run(_Plan("POST", f"/v1/agents/{agent_id}/deregister", {"epoch": epoch}))
+        await self._call(_Endpoints.deregister(agent_id, epoch))
 
     async def poll(self, agent_id: str, epoch: int, max_tasks: int = 1, wait_ms: int = 0,
-                   lease_ttl_ms: Optional[int] = None) -> list[dict[str, Any]]:
-        body: dict[str, Any] = {"epoch": epoch, "max_tasks": max_tasks, "wait_ms": wait_ms}
-        if lease_ttl_ms is not None:
-            body["lease_ttl_ms"] = lease_ttl_ms
-        plan = _Plan("POST", f"/v1/agents/{agent_id}/poll", body, timeout_s=15.0 + wait_ms / 1000)
-        return (await self._run(plan))["leases"]
+                   lease_ttl_ms: Optional[int] = None, queues: Optional[Sequence[str]] = None) -> list[Lease]:
+        return await self._call(_Endpoints.poll(agent_id, epoch, max_tasks, wait_ms, lease_ttl_ms, queues))
 
-    async def complete(self, task_id: int, fence: int, result: Any) -> dict[str, Any]:
-        return await self._run(_Plan("POST", f"/v1/tasks/{task_id}/complete", {"fence": fence, "result": result}))
+    async def complete(self, task_id: int, fence: int, result: Any = None) -> Task:
+        return await self._call(_Endpoints.complete(task_id, fence, result))
 
-    async def fail(self, task_id: int, fence: int, error: str, retryable: bool = True) -> dict[str, Any]:
-        body = {"fence": fence, "error": error, "retryable": retryable}
-        return await self._run(_Plan("POST", f"/v1/tasks/{task_id}/fail", body))
+    async def fail(self, task_id: int, fence: int, error: str, retryable: bool = True) -> Task:
+        return await self._call(_Endpoints.fail(task_id, fence, error, retryable))
 
     async def extend(self, task_id: int, fence: int, lease_ttl_ms: Optional[int] = None) -> int:
-        body: dict[str, Any] = {"fence": fence}
-        if lease_ttl_ms is not None:
-            body["lease_ttl_ms"] = lease_ttl_ms
-        return (await self._run(_Plan("POST", f"/v1/tasks/{task_id}/extend", body)))["valid_until_ms"]
+        return await self._call(_Endpoints.extend(task_id, fence, lease_ttl_ms))
 
     async def wait(self, task_id: int, fence: int, on: Sequence[int], timeout_ms: int) -> list[int]:
-        body = {"fence": fence, "on": list(on), "timeout_ms": timeout_ms}
-        return (await self._run(_Plan("POST", f"/v1/tasks/{task_id}/wait", body)))["pending"]
+        return await self._call(_Endpoints.wait(task_id, fence, on, timeout_ms))
 
-    async def context_get(self, conversation_id: str) -> dict[str, Any]:
-        return await self._run(_Plan("GET", f"/v1/conversations/{conversation_id}"))
+    async def progress(self, task_id: int, fence: int) -> None:
+        await self._call(_Endpoints.progress(task_id, fence))
+
+    # ---- conversations ----
+
+    async def context_get(self, conversation_id: str, stale: bool = False) -> Conversation:
+        return await self._call(_Endpoints.context_get(conversation_id, stale))
 
     async def context_put(self, conversation_id: str, key: str, value: Any,
                           expected_version: Optional[int] = None) -> int:
-        body: dict[str, Any] = {"value": value}
-        if expected_version is not None:
-            body["expected_version"] = expected_version
-        return (await self._run(_Plan("PUT", f"/v1/conversations/{conversation_id}/{key}", body)))["version"]
+        return await self._call(_Endpoints.context_put(conversation_id, key, value, expected_version))
 
-    async def await_tasks(self, ids: Sequence[int], timeout_s: float) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout_s
-        done: dict[int, dict[str, Any]] = {}
-        delay = 0.02
-        while True:
-            for task_id in ids:
-                if task_id not in done:
-                    task = await self.get_task(task_id)
-                    if task["state"] not in ("pending", "leased"):
-                        done[task_id] = task
-            if len(done) == len(ids):
-                return [done[i] for i in ids]
-            if time.monotonic() > deadline:
-                raise Unknown(f"tasks {list(ids)} did not finish within {timeout_s} s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+    # ---- cluster, policy, health ----
+
+    async def cluster(self) -> ClusterInfo:
+        return await self._call(_Endpoints.cluster())
+
+    async def add_member(self, node_id: int, addr: str, raft_addr: Optional[str] = None) -> dict[str, Any]:
+        return await self._call(_Endpoints.add_member(node_id, addr, raft_addr))
+
+    async def remove_member(self, node_id: int) -> dict[str, Any]:
+        return await self._call(_Endpoints.remove_member(node_id))
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call(_Endpoints.status())
+
+    async def agents(self) -> list[dict[str, Any]]:
+        return await self._call(_Endpoints.agents())
+
+    async def config_get(self) -> dict[str, Any]:
+        return await self._call(_Endpoints.config_get())
+
+    async def config_set(self, changes: dict[str, Any], expected_version: Optional[int] = None) -> dict[str, Any]:
+        return await self._call(_Endpoints.config_set(changes, expected_version))
+
+    async def config_history(self) -> dict[str, Any]:
+        return await self._call(_Endpoints.config_history())
+
+    async def config_rollback(self, version: Optional[int] = None) -> dict[str, Any]:
+        return await self._call(_Endpoints.config_rollback(version))
+
+    async def metrics(self) -> str:
+        return await self._call(_Endpoints.metrics())
+
+    async def ready(self, node: Optional[str] = None) -> bool:
+        address = node if node is not None else self._core.nodes[self._core.node()]
+        try:
+            response = await self._http.get(f"http://{address}/health/ready",
+                                            timeout=self._core.connect_timeout_s + 1)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200

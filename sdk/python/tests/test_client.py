@@ -1,41 +1,116 @@
-"""The Python client against a real server: task life cycle, fencing, errors."""
+"""The clients against a real server: the task life cycle, leases and fencing,
+conversations, errors, failover past a dead node."""
 
+from __future__ import annotations
+
+import httpx
 import pytest
 
-from phalanx import Client, PhalanxError
+from phalanx import AsyncClient, Client, Conflict, InvalidRequest, NotFound, Superseded
+from conftest import free_port
 
 
-def test_submit_get_list_cancel(server):
-    client = Client(server.addr)
-    first = client.submit("summarise", {"text": "hello"}, idempotency_key="k1")
-    assert client.submit("summarise", {"text": "hello"}, idempotency_key="k1") == first
-    second = client.submit("summarise", 2, priority=9)
-    assert client.get_task(first)["payload"] == {"text": "hello"}
-    assert [t["id"] for t in client.list_tasks(queue="summarise")["tasks"]] == [first, second]
+def test_submit_get_list_cancel(server, client):
+    first = client.submit("summarise", {"text": "hello"}, idempotency_key="doc-1")
+    assert client.submit("summarise", {"text": "other"}, idempotency_key="doc-1") == first, "deduplicated"
+    second = client.submit("summarise", 2, priority=9, max_attempts=1, conversation_id="conv-1")
+    task = client.get_task(first)
+    assert (task["payload"], task["state"], task["priority"], task["idempotency_key"]) == (
+        {"text": "hello"}, "pending", 5, "doc-1")
+    assert client.get_task(second)["conversation_id"] == "conv-1"
+    page = client.list_tasks(queue="summarise")
+    assert [t["id"] for t in page["tasks"]] == [first, second] and page["next_after"] is None
+    assert [t["id"] for t in client.list_tasks(queue="summarise", limit=1)["tasks"]] == [first]
+    assert client.list_tasks(queue="summarise", limit=1)["next_after"] == first
     assert client.cancel(second)["state"] == "cancelled"
     assert client.get_task(second, stale=True)["state"] == "cancelled"
+    assert [t["id"] for t in client.list_tasks(state="cancelled")["tasks"]] == [second]
+    results = client.submit_batch([{"queue": "summarise", "payload": 3}, {"queue": "bad queue!"}])
+    assert "task_id" in results[0] and results[1]["error"]["code"] == "invalid"
 
 
-def test_lease_complete_and_a_stale_fence_is_superseded(server):
-    client = Client(server.addr)
+def test_register_poll_complete(server, client):
     task_id = client.submit("work", {"n": 1})
-    epoch = client.register("py-agent", ["work"], capacity=2)["epoch"]
-    leases = client.poll("py-agent", epoch, max_tasks=2, wait_ms=1000)
-    assert len(leases) == 1 and leases[0]["task"]["id"] == task_id
+    registration = client.register("py-worker", ["work"], capacity=2)
+    assert registration["heartbeat_interval_ms"] > 0 and registration["agent_ttl_ms"] > 0
+    epoch = registration["epoch"]
+    client.heartbeat("py-worker", epoch)
+    leases = client.poll("py-worker", epoch, max_tasks=2, wait_ms=1000, lease_ttl_ms=5000)
+    assert len(leases) == 1 and leases[0]["task"]["id"] == task_id and leases[0]["lease_ttl_ms"] == 5000
     fence = leases[0]["fence"]
-    with pytest.raises(PhalanxError) as refused:
+    leased = client.get_task(task_id)
+    assert leased["state"] == "leased" and leased["lease"]["fence"] == fence and leased["last_fence"] == fence
+    assert client.extend(task_id, fence, 5000) >= leases[0]["valid_until_ms"]
+    done = client.complete(task_id, fence, {"ok": True})
+    assert done["state"] == "succeeded" and done["result"] == {"ok": True}
+    assert client.complete(task_id, fence, {"ok": True})["state"] == "succeeded", "a repeated report is harmless"
+    client.deregister("py-worker", epoch)
+    with pytest.raises(NotFound) as gone:
+        client.heartbeat("py-worker", epoch)
+    assert gone.value.code == "agent_not_found"
+
+
+def test_a_stale_fence_is_superseded_and_changes_nothing(server, client):
+    task_id = client.submit("work", 1)
+    epoch = client.register("py-a", ["work"])["epoch"]
+    fence = client.poll("py-a", epoch, wait_ms=1000)[0]["fence"]
+    before = client.get_task(task_id)
+    with pytest.raises(Superseded) as refused:
         client.complete(task_id, fence - 1, "late")
-    assert refused.value.is_superseded and refused.value.status == 409
-    assert client.get_task(task_id)["state"] == "leased"
-    assert client.complete(task_id, fence, {"ok": True})["result"] == {"ok": True}
+    assert refused.value.status == 409 and refused.value.is_superseded
+    after = client.get_task(task_id)
+    assert after["superseded_count"] == before["superseded_count"] + 1
+    for field in ("state", "result", "lease", "last_fence", "attempts"):
+        assert after[field] == before[field]
+    with pytest.raises(Superseded):
+        client.fail(task_id, fence + 100, "late")
+    client.fail(task_id, fence, "boom", retryable=False)
+    assert client.get_task(task_id)["state"] == "failed"
 
 
-def test_bad_input_is_a_clear_error(server):
-    client = Client(server.addr)
-    with pytest.raises(PhalanxError) as invalid:
+def test_bad_input_is_a_clear_error(server, client):
+    with pytest.raises(InvalidRequest) as invalid:
         client.submit("bad queue", 1)
-    assert invalid.value.status == 400 and invalid.value.code == "invalid"
-    with pytest.raises(PhalanxError) as missing:
+    assert invalid.value.status == 400 and invalid.value.code == "invalid" and invalid.value.message
+    with pytest.raises(InvalidRequest):
+        client.submit("q", 1, priority=42)
+    with pytest.raises(NotFound) as missing:
         client.get_task(999)
     assert missing.value.status == 404 and missing.value.code == "task_not_found"
-    assert client.list_tasks()["tasks"] == []
+    with pytest.raises(NotFound):
+        client.heartbeat("nobody", 1)
+    response = httpx.post(f"http://{server.addr}/v1/tasks", content=b"{not json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "malformed_json"
+    assert client.list_tasks()["tasks"] == [], "nothing changed"
+
+
+def test_conversation_context(server, client):
+    with pytest.raises(NotFound):
+        client.context_get("conv-9")
+    assert client.context_put("conv-9", "plan", {"step": 1}, expected_version=0) == 1
+    with pytest.raises(Conflict) as conflict:
+        client.context_put("conv-9", "plan", {"step": 2}, expected_version=0)
+    assert conflict.value.code == "version_conflict"
+    assert client.context_put("conv-9", "plan", {"step": 2}, expected_version=1) == 2
+    assert client.context_get("conv-9")["entries"] == {"plan": {"version": 2, "value": {"step": 2}}}
+
+
+def test_cluster_and_failover_past_a_dead_node(server):
+    dead = f"127.0.0.1:{free_port()}"
+    with Client([dead, server.addr], retries_max=8) as client:
+        client._core.current = 0
+        info = client.cluster()
+        assert info["node_id"] == 1 and info["leader_id"] == 1 and len(info["nodes"]) == 1
+        assert client.submit("q", 1) > 0
+        assert client.ready() and not client.ready(dead)
+        assert "phalanx" in client.metrics()
+
+
+async def test_the_async_client(server):
+    async with AsyncClient(server.addr) as client:
+        task_id = await client.submit("q", {"a": 1}, idempotency_key="async-1")
+        assert (await client.get_task(task_id))["payload"] == {"a": 1}
+        assert len((await client.submit_batch([{"queue": "q", "payload": i} for i in range(3)]))) == 3
+        assert len((await client.list_tasks(queue="q"))["tasks"]) == 4
+        assert (await client.cancel(task_id))["state"] == "cancelled"
+        assert (await client.cluster())["leader_id"] == 1
