@@ -160,6 +160,18 @@ fn init_tracing(default: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
+/// A panic anywhere in a server is a broken invariant: the process stops at
+/// once (and its supervisor restarts it from disk) instead of running on with
+/// a dead Raft task or apply loop that health checks might not notice.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("phalanx: a panic in a server is fatal: aborting");
+        std::process::abort();
+    }));
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
@@ -167,6 +179,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Commands::Server(args) => {
                 init_tracing("info,openraft=warn");
+                abort_on_panic();
                 let config = args.config()?;
                 let running = phalanx_server::start(config).await?;
                 running.wait_for_signal().await

@@ -1,6 +1,7 @@
 //! The replicated, versioned policy on a real node: an invalid change is
 //! refused naming the field and changes nothing; a change that stalls
-//! dispatch is rolled back automatically and the rollback recorded; a
+//! dispatch, or after which a majority of the voters loses readiness, is
+//! rolled back automatically and the rollback recorded with its reason; a
 //! bootstrap file that does not parse stops the node at start, naming the line.
 
 mod common;
@@ -75,6 +76,53 @@ async fn a_change_that_stalls_dispatch_is_rolled_back_automatically() {
     let last = &history["history"][2];
     assert!(last["note"].as_str().unwrap().contains("dispatch stalled"), "{history}");
     assert_eq!(last["policy"]["lease_ttl_ms_max"], history["history"][0]["policy"]["lease_ttl_ms_max"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_after_which_a_majority_loses_readiness_is_rolled_back() {
+    let cluster = Cluster::start(3, &[]).await;
+    let leader = loop {
+        if let Some(leader) = cluster.leader().await {
+            break leader;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let followers: Vec<u64> = cluster.servers.keys().copied().filter(|id| *id != leader).collect();
+    let (status, answer) = cluster.put(leader, "/v1/config", &json!({"set": {"policy_guard_ms": 30_000}})).await;
+    assert_eq!(status, 200, "{answer}");
+    // Right after the change both followers' apply loops wedge: their logs
+    // still take entries (the leader keeps committing), their state stops.
+    let failpoints: Vec<_> =
+        followers.iter().map(|id| cluster.servers[id].data_dir.join("failpoint-stall-apply")).collect();
+    for failpoint in &failpoints {
+        std::fs::write(failpoint, b"stall").unwrap();
+    }
+    let start = Instant::now();
+    let rollback = loop {
+        // Writes keep flowing, so that committed entries pile up unapplied.
+        let _ = cluster.post(leader, "/v1/tasks", &json!({"queue": "q", "payload": 1})).await;
+        let (_, history) = cluster.get(leader, "/v1/config/history").await.unwrap();
+        let versions = history["history"].as_array().unwrap();
+        if versions.len() == 3 {
+            break versions[2].clone();
+        }
+        assert!(start.elapsed() < Duration::from_secs(25), "no automatic rollback within 25 s: {history}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let note = rollback["note"].as_str().unwrap();
+    assert!(note.contains("readiness lost on 2 of 3 voters"), "{note}");
+    assert!(note.contains("apply stalled"), "{note}");
+    assert_eq!(rollback["policy"]["policy_guard_ms"], 10_000, "back to the previous version");
+
+    // The followers recover, catch up, and hold the same history.
+    for failpoint in &failpoints {
+        std::fs::remove_file(failpoint).unwrap();
+    }
+    for id in &followers {
+        cluster.wait_ready(*id, Duration::from_secs(20)).await;
+        let (_, history) = cluster.get(*id, "/v1/config/history").await.unwrap();
+        assert_eq!(history["history"][2]["note"], rollback["note"]);
+    }
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! "Up but not working": a leader whose disk stalls (a failpoint file makes
-//! its log writes wait) is reported not ready, hands leadership over, and
-//! the cluster keeps acknowledging writes; when the disk recovers it rejoins.
+//! its log writes wait), or whose apply loop stalls (another failpoint makes
+//! it apply nothing while the log still commits), is reported not ready,
+//! hands leadership over, and the cluster keeps acknowledging writes; when
+//! the fault clears it catches up and is ready again.
 
 mod common;
 
@@ -12,6 +14,15 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_with_a_stalled_disk_hands_over_and_writes_continue() {
+    stalled_leader_hands_over("failpoint-stall-storage", "storage write stalled").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_with_a_stalled_apply_loop_hands_over_and_writes_continue() {
+    stalled_leader_hands_over("failpoint-stall-apply", "apply stalled").await;
+}
+
+async fn stalled_leader_hands_over(failpoint_file: &str, reason: &str) {
     let cluster = Cluster::start(3, &[]).await;
     // The node that says it leads, once every node agrees.
     let old_leader = loop {
@@ -27,7 +38,7 @@ async fn a_leader_with_a_stalled_disk_hands_over_and_writes_continue() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let others: Vec<u64> = cluster.servers.keys().copied().filter(|id| *id != old_leader).collect();
-    let failpoint = cluster.servers[&old_leader].data_dir.join("failpoint-stall-storage");
+    let failpoint = cluster.servers[&old_leader].data_dir.join(failpoint_file);
     std::fs::write(&failpoint, b"stall").unwrap();
 
     // Clients keep writing, to any node, moving on when one refuses.
@@ -72,11 +83,11 @@ async fn a_leader_with_a_stalled_disk_hands_over_and_writes_continue() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(others.contains(&new_leader));
-    // Its stalled write shows in readiness once it has lasted STORAGE_STALL_MS.
+    // The stall shows in readiness, with its reason, once it has lasted 2 s.
     let start = Instant::now();
     loop {
         let (status, body) = cluster.get(old_leader, "/health/ready").await.unwrap();
-        if status == 503 && body["error"]["message"].as_str().unwrap_or("").contains("storage") {
+        if status == 503 && body["error"]["message"].as_str().unwrap_or("").contains(reason) {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "the stalled node still says ready: {body}");
@@ -88,7 +99,7 @@ async fn a_leader_with_a_stalled_disk_hands_over_and_writes_continue() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(acknowledged.load(Ordering::Relaxed) > before + 10, "writes continue on the healthy majority");
 
-    // The disk recovers: the old leader becomes ready again and catches up.
+    // The fault clears: the old leader becomes ready again and catches up.
     std::fs::remove_file(&failpoint).unwrap();
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();

@@ -204,10 +204,9 @@ fn wants_stale(request: &Request) -> bool {
 async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next) -> Response {
     // A node that cannot make progress says so at once, so clients move on
     // instead of waiting out a write that cannot commit here.
-    let started = node.storage_health.write_started_ms.load(Ordering::Relaxed);
-    if started != 0 && proposer::wall_clock_ms().saturating_sub(started) > crate::node::STORAGE_STALL_MS {
+    if let Some(why) = node.stall() {
         let leader = node.leader().filter(|(id, _)| *id != node.id()).map(|(_, addr)| addr);
-        return ApiError::unavailable("not_ready", "this node's storage has stalled", 200)
+        return ApiError::unavailable("not_ready", format!("this node cannot make progress: {why}"), 200)
             .with_leader_hint(leader)
             .into_response();
     }

@@ -57,6 +57,10 @@ pub struct Node {
     /// Worst scheduling delay seen recently on the API threads [0] and the
     /// consensus threads [1]: a stalled event loop is a node that looks alive.
     pub event_loop_lag_ms: [AtomicU64; 2],
+    /// The applied index and since when it has not moved (the watchdog keeps it).
+    pub apply_progress: Mutex<(u64, Instant)>,
+    /// What the policy guard last learnt of every voter's readiness.
+    pub cluster_readiness: Mutex<Option<ClusterReadiness>>,
     /// When each peer last answered this node's Raft RPCs.
     pub peer_contacts: Arc<Mutex<BTreeMap<u64, Instant>>>,
     pub pollers: Arc<Semaphore>,
@@ -220,6 +224,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         peer_contacts,
         storage_health,
         event_loop_lag_ms: [AtomicU64::new(0), AtomicU64::new(0)],
+        apply_progress: Mutex::new((0, Instant::now())),
+        cluster_readiness: Mutex::new(None),
         stats: NodeStats::default(),
     });
 
@@ -255,6 +261,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
 pub const EVENT_LOOP_LAG_MS_MAX: u64 = 1_000;
 /// A log write in progress for longer than this is a stalled disk.
 pub const STORAGE_STALL_MS: u64 = 2_000;
+/// Committed entries waiting this long with the applied index standing still
+/// is a stalled apply loop.
+pub const APPLY_STALL_MS: u64 = 2_000;
 
 /// Measures how late a 100 ms timer fires: the worst lag of the last five
 /// seconds is what readiness sees.
@@ -270,6 +279,13 @@ async fn watchdog(node: Arc<Node>, slot: usize, mut shutdown: tokio::sync::watch
         }
         let lag = before.elapsed().saturating_sub(period).as_millis() as u64;
         worst = worst.max(lag);
+        if slot == 1 {
+            let applied = *node.shared.applied_tx.borrow();
+            let mut progress = node.apply_progress.lock().expect("apply progress lock");
+            if progress.0 != applied {
+                *progress = (applied, Instant::now());
+            }
+        }
         node.event_loop_lag_ms[slot].fetch_max(worst, Ordering::Relaxed);
         if window.elapsed() > Duration::from_secs(5) {
             node.event_loop_lag_ms[slot].store(worst, Ordering::Relaxed);
@@ -280,6 +296,24 @@ async fn watchdog(node: Arc<Node>, slot: usize, mut shutdown: tokio::sync::watch
 }
 
 impl Node {
+    /// Why this node cannot make progress, if it cannot: a log write that does
+    /// not return (a stalled disk), or committed entries that are not applied
+    /// (a wedged apply loop). Such a node refuses writes at once, and as
+    /// leader hands leadership over.
+    pub fn stall(&self) -> Option<String> {
+        let started = self.storage_health.write_started_ms.load(Ordering::Relaxed);
+        if started != 0 && wall_clock_ms().saturating_sub(started) > STORAGE_STALL_MS {
+            return Some(format!("storage write stalled for {} ms", wall_clock_ms().saturating_sub(started)));
+        }
+        let committed = self.storage_health.committed_index.load(Ordering::Relaxed);
+        let (applied, since) = *self.apply_progress.lock().expect("apply progress lock");
+        let still = since.elapsed().as_millis() as u64;
+        if committed > applied && still > APPLY_STALL_MS {
+            return Some(format!("apply stalled for {still} ms at index {applied} (committed {committed})"));
+        }
+        None
+    }
+
     /// Why this node is not useful right now, if it is not: no leader known,
     /// apply far behind, a stalled disk or event loop, or (as leader) no
     /// contact with a quorum.
@@ -305,10 +339,7 @@ impl Node {
         if last_log.saturating_sub(applied) > 10_000 {
             problems.push(format!("apply lag {} entries", last_log - applied));
         }
-        let started = self.storage_health.write_started_ms.load(Ordering::Relaxed);
-        if started != 0 && wall_clock_ms().saturating_sub(started) > STORAGE_STALL_MS {
-            problems.push(format!("storage write stalled for {} ms", wall_clock_ms() - started));
-        }
+        problems.extend(self.stall());
         for (slot, name) in ["api", "consensus"].iter().enumerate() {
             let lag = self.event_loop_lag_ms[slot].load(Ordering::Relaxed);
             if lag > EVENT_LOOP_LAG_MS_MAX {
@@ -356,6 +387,7 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
     let mut leading_term: Option<u64> = None;
     let mut guard = PolicyGuard::default();
     let mut stepped_down: Option<Instant> = None;
+    let mut campaigning = true;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -366,33 +398,38 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             let metrics = metrics.borrow();
             (metrics.state, metrics.vote.leader_id().term, metrics.current_leader)
         };
+        let stall = node.stall();
         if state != ServerState::Leader || leader != Some(node.id()) {
             if stepped_down.take().is_some() {
-                // Another node leads now: take part in elections again.
                 node.raft.runtime_config().heartbeat(true);
-                node.raft.runtime_config().elect(true);
+            }
+            // A node that cannot make progress does not campaign: it would
+            // only win leadership it cannot use. Healthy again, it does.
+            if campaigning != stall.is_none() {
+                campaigning = stall.is_none();
+                node.raft.runtime_config().elect(campaigning);
             }
             leading_term = None;
             continue;
         }
-        // A leader whose disk has stalled hands leadership over: it stops its
-        // keep-alives so a healthy follower times out and is elected.
-        let started = node.storage_health.write_started_ms.load(Ordering::Relaxed);
-        let storage_stalled = started != 0 && wall_clock_ms().saturating_sub(started) > STORAGE_STALL_MS;
-        if storage_stalled && stepped_down.is_none() {
-            tracing::error!("storage stalled on the leader: stepping down");
+        // A leader whose disk or apply loop has stalled hands leadership over:
+        // it stops its keep-alives so a healthy follower times out and is elected.
+        if let Some(why) = stall.as_ref().filter(|_| stepped_down.is_none()) {
+            tracing::error!(%why, "stalled on the leader: stepping down");
             node.raft.runtime_config().heartbeat(false);
             node.raft.runtime_config().elect(false);
+            campaigning = false;
             stepped_down = Some(Instant::now());
             continue;
         }
         if let Some(at) = stepped_down {
-            if storage_stalled || at.elapsed() < Duration::from_millis(node.config.election_timeout_max_ms * 5) {
+            if stall.is_some() || at.elapsed() < Duration::from_millis(node.config.election_timeout_max_ms * 5) {
                 continue;
             }
             // No one took over (a one-node cluster, or no healthy peer): lead again.
             node.raft.runtime_config().heartbeat(true);
             node.raft.runtime_config().elect(true);
+            campaigning = true;
             stepped_down = None;
         }
         if leading_term != Some(term) {
@@ -440,55 +477,141 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
     }
 }
 
-/// Watches the cluster for a while after each policy change; if dispatch
-/// stalls (work is ready, an agent has room, and no lease is granted), the
-/// change is rolled back to the previous version and the rollback recorded.
+/// What the leader last learnt of every voter's readiness (its own
+/// `problems()`, the others' `/health/ready`, an unanswered probe counting
+/// as not ready).
+#[derive(Clone, Debug)]
+pub struct ClusterReadiness {
+    pub at: Instant,
+    pub voters: usize,
+    pub not_ready: Vec<(u64, String)>,
+}
+
+/// How often the guard probes the voters' readiness inside its window.
+const READINESS_PROBE_MS: u64 = 500;
+
+/// Probes every voter's readiness once and records the answer on the node.
+async fn probe_readiness(node: Arc<Node>) {
+    let voters: Vec<(u64, String)> = {
+        let metrics = node.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let voter_ids: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        membership.nodes().filter(|(id, _)| voter_ids.contains(id)).map(|(id, m)| (*id, m.api.clone())).collect()
+    };
+    let probes = voters.iter().map(|(id, api)| {
+        let node = node.clone();
+        async move {
+            if *id == node.id() {
+                let problems = node.problems();
+                return (!problems.is_empty()).then(|| (*id, problems.join("; ")));
+            }
+            let answer = node
+                .http
+                .get(format!("http://{api}/health/ready"))
+                .timeout(Duration::from_millis(READINESS_PROBE_MS * 2))
+                .send()
+                .await;
+            match answer {
+                Ok(response) if response.status().is_success() => None,
+                Ok(response) => {
+                    let body: serde_json::Value = response.json().await.unwrap_or_default();
+                    let why = body["error"]["message"].as_str().unwrap_or("not ready").to_string();
+                    Some((*id, why))
+                }
+                Err(error) => Some((*id, format!("no answer: {error}"))),
+            }
+        }
+    });
+    let not_ready: Vec<(u64, String)> = futures::future::join_all(probes).await.into_iter().flatten().collect();
+    let readiness = ClusterReadiness { at: Instant::now(), voters: voters.len(), not_ready };
+    *node.cluster_readiness.lock().expect("readiness lock") = Some(readiness);
+}
+
+/// Watches the cluster for `policy_guard_ms` after each policy change (by
+/// log time, so a new leader takes over the watch where the old one left
+/// it). If dispatch stalls (work is ready, an agent has room, and no lease
+/// is granted), or a majority of the voters is not ready, for
+/// `POLICY_STALL_MS`, the change is rolled back to the previous version and
+/// the rollback recorded with the reason.
 #[derive(Default)]
 struct PolicyGuard {
     version: u64,
-    changed_at: Option<Instant>,
     leases_granted: u64,
     stalled_since: Option<Instant>,
+    unready_since: Option<Instant>,
+    probe: Option<(Instant, tokio::task::JoinHandle<()>)>,
 }
 
-/// How long dispatch may stall inside the guard window before a rollback.
+/// How long dispatch may stall, or a majority stay unready, inside the guard
+/// window before a rollback.
 const POLICY_STALL_MS: u64 = 2_000;
 
 impl PolicyGuard {
-    fn check(&mut self, node: &Node) -> Option<Command> {
+    fn check(&mut self, node: &Arc<Node>) -> Option<Command> {
         let now = Instant::now();
         let data = node.shared.data.read().expect("state lock");
         let state = &data.state;
         let version = state.policy_version();
         let granted = state.counters().leases_granted;
+        let history = state.policy_history();
         if version != self.version {
-            let history = state.policy_history();
-            let watch = history.len() >= 2 && !history.last().is_some_and(|v| v.note.starts_with("rollback"));
-            *self =
-                PolicyGuard { version, changed_at: watch.then_some(now), leases_granted: granted, stalled_since: None };
+            *self = PolicyGuard { version, leases_granted: granted, ..PolicyGuard::default() };
+        }
+        // Only a change made by a client is watched: a rollback is not rolled back.
+        let watched = history.len() >= 2 && history.last().is_some_and(|v| !v.note.starts_with("rollback"));
+        let set_ms = history.last().map_or(0, |v| v.set_ms);
+        if !watched || wall_clock_ms() > set_ms.saturating_add(state.limits().policy_guard_ms) {
             return None;
         }
-        let changed_at = self.changed_at?;
-        if now.duration_since(changed_at) > Duration::from_millis(state.limits().policy_guard_ms) {
-            self.changed_at = None;
-            return None;
-        }
+        let previous = history[history.len() - 2].version;
+        let rollback = |note: String| {
+            tracing::error!(%note, "rolling the policy back to version {previous}");
+            Some(Command::RollbackPolicy { to_version: previous, note })
+        };
+
+        // Dispatch.
         if granted != self.leases_granted || !state.dispatch_possible() {
             self.leases_granted = granted;
             self.stalled_since = None;
+        } else {
+            let stalled = now.duration_since(*self.stalled_since.get_or_insert(now));
+            if stalled >= Duration::from_millis(POLICY_STALL_MS) {
+                self.version = 0;
+                return rollback(format!("dispatch stalled for {} ms after version {version}", stalled.as_millis()));
+            }
+        }
+        drop(data);
+
+        // Readiness of the voters, probed in the background.
+        if self
+            .probe
+            .as_ref()
+            .is_none_or(|(at, probe)| probe.is_finished() && at.elapsed() >= Duration::from_millis(READINESS_PROBE_MS))
+        {
+            self.probe = Some((now, tokio::spawn(probe_readiness(node.clone()))));
+        }
+        let readiness = node.cluster_readiness.lock().expect("readiness lock").clone()?;
+        let since_change = Duration::from_millis(wall_clock_ms().saturating_sub(set_ms));
+        if now.checked_sub(since_change).is_some_and(|window_start| readiness.at < window_start) {
+            return None; // learnt before the change
+        }
+        if readiness.not_ready.len() * 2 <= readiness.voters {
+            self.unready_since = None;
             return None;
         }
-        let stalled_since = *self.stalled_since.get_or_insert(now);
-        let stalled = now.duration_since(stalled_since);
-        if stalled < Duration::from_millis(POLICY_STALL_MS) {
+        let unready = now.duration_since(*self.unready_since.get_or_insert(readiness.at));
+        if unready < Duration::from_millis(POLICY_STALL_MS) {
             return None;
         }
-        let history = state.policy_history();
-        let previous = history[history.len() - 2].version;
-        self.changed_at = None;
-        Some(Command::RollbackPolicy {
-            to_version: previous,
-            note: format!("dispatch stalled for {} ms after version {version}", stalled.as_millis()),
-        })
+        self.version = 0;
+        let who: Vec<String> = readiness.not_ready.iter().map(|(id, why)| format!("node {id}: {why}")).collect();
+        rollback(format!(
+            "readiness lost on {} of {} voters for {} ms after version {version} ({})",
+            readiness.not_ready.len(),
+            readiness.voters,
+            unready.as_millis(),
+            who.join("; ")
+        ))
     }
 }

@@ -49,6 +49,11 @@ pub const SNAPSHOT_BYTES_MAX: usize = 1 << 30;
 /// working" tests (`crates/phalanx-cli/tests/stall.rs`).
 pub const STALL_FAILPOINT_FILE_NAME: &str = "failpoint-stall-storage";
 
+/// While a file of this name exists in the data directory, the state machine
+/// applies nothing, as when the apply loop is wedged: the log still grows and
+/// commits, the state stops moving (the "apply stalled" tests).
+pub const APPLY_STALL_FAILPOINT_FILE_NAME: &str = "failpoint-stall-apply";
+
 /// Log index -> serde_json of `Entry<TypeConfig>`.
 const LOG_TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 /// `VOTE_KEY`, `COMMITTED_KEY`, `LAST_PURGED_KEY` -> serde_json of each.
@@ -191,8 +196,12 @@ pub fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Error> {
         data: RwLock::new(data),
         applied_tx: tokio::sync::watch::channel(applied_index).0,
     });
-    let state_machine =
-        StateMachineStore { db: db.clone(), shared, snapshot_counter: Arc::new(AtomicU64::new(snapshot_counter)) };
+    let state_machine = StateMachineStore {
+        db: db.clone(),
+        shared,
+        snapshot_counter: Arc::new(AtomicU64::new(snapshot_counter)),
+        apply_stall_failpoint: Arc::new(data_dir.join(APPLY_STALL_FAILPOINT_FILE_NAME)),
+    };
     let log =
         LogStore { db, health: Arc::default(), stall_failpoint: Arc::new(data_dir.join(STALL_FAILPOINT_FILE_NAME)) };
     Ok((log, state_machine))
@@ -263,6 +272,9 @@ pub struct StorageHealth {
     pub write_started_ms: AtomicU64,
     /// Duration of the last completed log write, in microseconds.
     pub last_write_us: AtomicU64,
+    /// The last committed log index openraft reported (`save_committed`):
+    /// with the applied index, it tells a stalled apply loop from an idle one.
+    pub committed_index: AtomicU64,
 }
 
 fn wall_ms() -> u64 {
@@ -368,13 +380,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|error| StorageIOError::read_vote(&error).into())
     }
 
-    /// Saved so that a restart re-applies every committed entry before the
-    /// node serves reads: the state machine is only in memory.
+    /// Saved so that a restart re-applies the committed entries it can
+    /// before the node serves reads: the state machine is only in memory.
+    /// openraft awaits this on every commit, inside its core loop, so it is
+    /// written without an fsync (`Durability::None`): it becomes durable with
+    /// the next log append. Losing the latest value in a crash is harmless:
+    /// the entries are in the fsynced log, and the next leader commits them
+    /// again.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.health.committed_index.fetch_max(committed.map_or(0, |log_id| log_id.index), Ordering::Relaxed);
         let db = self.db.clone();
-        blocking(move || write_meta(&db, COMMITTED_KEY, &committed))
-            .await
-            .map_err(|error| StorageIOError::write(&error).into())
+        blocking(move || {
+            let bytes = encode(&committed)?;
+            let mut txn = db.begin_write()?;
+            txn.set_durability(redb::Durability::None).map_err(|error| Error::Database(error.into()))?;
+            txn.open_table(META_TABLE)?.insert(COMMITTED_KEY, bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|error| StorageIOError::write(&error).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -477,6 +502,8 @@ pub struct StateMachineStore {
     /// The last part of snapshot ids, so that two snapshots taken at the same
     /// log id still have different ids.
     snapshot_counter: Arc<AtomicU64>,
+    /// See `APPLY_STALL_FAILPOINT_FILE_NAME`.
+    apply_stall_failpoint: Arc<PathBuf>,
 }
 
 impl StateMachineStore {
@@ -536,6 +563,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // Waits without limit on purpose, like the storage failpoint.
+        while self.apply_stall_failpoint.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let entries = entries.into_iter();
         let mut responses = Vec::with_capacity(entries.size_hint().0);
         // One lock acquisition per batch; the guard ends before any `.await`.
