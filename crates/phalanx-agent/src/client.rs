@@ -182,6 +182,18 @@ impl TaskState {
     }
 }
 
+/// The priority a submit announces in `X-Phalanx-Priority`, so that a loaded
+/// node sheds the lowest classes first before reading bodies (a batch
+/// announces its highest task's).
+fn door_priority(path: &str, body: &Value) -> Option<u64> {
+    let tasks: Vec<&Value> = match path {
+        "/v1/tasks" => vec![body],
+        "/v1/tasks/batch" => body["tasks"].as_array()?.iter().collect(),
+        _ => return None,
+    };
+    tasks.iter().map(|task| task["priority"].as_u64().unwrap_or(5)).filter(|p| *p <= 9).max()
+}
+
 /// A task as `GET /v1/tasks/{id}` shows it. Fields the document does not
 /// name (the delegation `trail`, ...) are kept in `other`, so printing a
 /// task loses nothing.
@@ -508,6 +520,9 @@ impl Client {
         }
         if let Some(name) = &self.name {
             request = request.header("x-phalanx-client", name);
+        }
+        if let Some(priority) = body.and_then(|body| door_priority(path, body)) {
+            request = request.header("x-phalanx-priority", priority.to_string());
         }
         if let Some(body) = body {
             request = request.json(body);
@@ -874,6 +889,16 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn submits_announce_their_priority_to_the_door() {
+        assert_eq!(door_priority("/v1/tasks", &json!({"queue": "q", "priority": 8})), Some(8));
+        assert_eq!(door_priority("/v1/tasks", &json!({"queue": "q"})), Some(5));
+        let batch = json!({"tasks": [{"priority": 2}, {"priority": 7}, {}]});
+        assert_eq!(door_priority("/v1/tasks/batch", &batch), Some(7));
+        assert_eq!(door_priority("/v1/tasks/batch", &json!({"tasks": []})), None);
+        assert_eq!(door_priority("/v1/agents/a/poll", &json!({"priority": 9})), None);
+    }
 
     #[test]
     fn node_lists_parse() {

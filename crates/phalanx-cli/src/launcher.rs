@@ -117,6 +117,14 @@ impl LocalCluster {
         peaks
     }
 
+    /// CPU seconds (user + system) each running node has used so far.
+    pub fn cpu_seconds(&self) -> Vec<(u64, f64)> {
+        self.nodes
+            .values()
+            .filter_map(|node| Some((node.id, process_cpu_seconds(&node.child.as_ref()?.id().to_string())?)))
+            .collect()
+    }
+
     /// The leader as a running node reports it.
     pub async fn leader(&self) -> Option<u64> {
         for node in self.nodes.values().filter(|n| n.child.is_some()) {
@@ -159,4 +167,14 @@ impl Drop for LocalCluster {
             self.kill(id);
         }
     }
+}
+
+/// CPU seconds (user + system) used by a process ("self" for this one), from
+/// `/proc/PID/stat`, in clock ticks of 1/100 s (Linux's USER_HZ).
+pub fn process_cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: count fields after its closing parenthesis.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }

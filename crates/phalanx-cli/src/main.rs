@@ -3,12 +3,18 @@
 //! the `bench`. Argument parsing and printing live here; everything else is in
 //! the library crates.
 
+/// mimalloc instead of glibc's malloc: under overload a node spent a fifth of
+/// its CPU in glibc's allocator (BENCHMARKS.md, "Overload").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod client_commands;
 mod demo;
 mod exec_agent;
 mod launcher;
 mod overload;
+mod rawhttp;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -124,6 +130,10 @@ pub struct ServerArgs {
     /// Per-client burst (token bucket size).
     #[arg(long, default_value_t = 40_000.0)]
     pub client_burst: f64,
+    /// New-work requests (submits) served at once; past it, 429 at once.
+    /// Low priorities may use half, normal four fifths (`X-Phalanx-Priority`).
+    #[arg(long, default_value_t = 1024)]
+    pub requests_in_flight_max: usize,
 }
 
 impl ServerArgs {
@@ -141,6 +151,7 @@ impl ServerArgs {
         config.snapshot_logs_kept = self.snapshot_logs_kept;
         config.client_rate_per_second = self.client_rate_per_second;
         config.client_burst = self.client_burst;
+        config.requests_in_flight_max = self.requests_in_flight_max;
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             config.apply_file(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;

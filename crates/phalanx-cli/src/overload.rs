@@ -12,7 +12,8 @@
 //! high-priority work during the drain.
 
 use crate::bench::{cluster_term, percentile, BenchArgs};
-use crate::launcher::LocalCluster;
+use crate::launcher::{process_cpu_seconds, LocalCluster};
+use crate::rawhttp::{Failure, Pool};
 use phalanx_agent::{handler, Agent, AgentConfig};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -42,10 +43,15 @@ struct Level {
     goodput_by_class: [f64; 3],
     shed: f64,
     timeouts: u64,
+    broken: u64,
     admitted_p50_ms: f64,
     admitted_p99_ms: f64,
     refused_p99_ms: f64,
     elections: u64,
+    /// CPU used during the level, in % of one core: all nodes together, and
+    /// this process (the generator and the draining agents).
+    nodes_cpu_pct: f64,
+    generator_cpu_pct: f64,
 }
 
 fn ms(us: u64) -> f64 {
@@ -73,41 +79,49 @@ async fn start_drain_agents(
     Ok((stop, handles))
 }
 
-async fn submit_one(
-    http: &reqwest::Client,
-    addr: &str,
-    client: usize,
-    priority: u8,
-    n: u64,
-    queue: &str,
-) -> (u16, u64) {
+/// Pseudo-statuses of a submit that got no answer: none within 10 s; not
+/// sent because every connection to that node was busy (the generator's
+/// bound, counted as not sent); a connection that broke.
+const NO_ANSWER: u16 = 0;
+const NOT_SENT: u16 = 1;
+const BROKEN: u16 = 2;
+
+/// One submit through the generator's own HTTP client (`rawhttp`).
+async fn submit_one(pool: &Pool, client: usize, priority: u8, n: u64, queue: &str) -> (u16, u64) {
     let start = Instant::now();
-    let answer = http
-        .post(format!("http://{addr}/v1/tasks"))
-        .header("x-phalanx-client", format!("client-{client}"))
-        .json(&json!({"queue": queue, "payload": n, "priority": priority}))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await;
+    let headers = format!("x-phalanx-client: client-{client}\r\nx-phalanx-priority: {priority}\r\n");
+    let body = json!({"queue": queue, "payload": n, "priority": priority}).to_string();
+    let answer = tokio::time::timeout(Duration::from_secs(10), pool.post("/v1/tasks", &headers, body.as_bytes())).await;
     let status = match answer {
-        Ok(response) => response.status().as_u16(),
-        Err(_) => 0,
+        Ok(Ok(status)) => status,
+        Ok(Err(Failure::PoolFull)) => NOT_SENT,
+        Ok(Err(failure)) => {
+            tracing::debug!(%failure, "submit got no answer");
+            BROKEN
+        }
+        Err(_) => NO_ANSWER,
     };
     (status, start.elapsed().as_micros() as u64)
 }
 
+/// One connection pool per node, sharing the generator's in-flight bound.
+fn pools(addrs: &[String]) -> anyhow::Result<Vec<Arc<Pool>>> {
+    let per_node = GENERATOR_IN_FLIGHT_MAX as usize / addrs.len();
+    addrs.iter().map(|addr| Ok(Arc::new(Pool::new(addr.parse()?, per_node)))).collect()
+}
+
 /// Closed loop, `concurrency` clients back to back: the acknowledged rate.
-async fn capacity(http: &reqwest::Client, addrs: &[String], seconds: u64) -> f64 {
+async fn capacity(pools: &[Arc<Pool>], seconds: u64) -> f64 {
     let acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     for i in 0..256 {
-        let (http, addr, acked, stop) = (http.clone(), addrs[i % addrs.len()].clone(), acked.clone(), stop.clone());
+        let (pool, acked, stop) = (pools[i % pools.len()].clone(), acked.clone(), stop.clone());
         handles.push(tokio::spawn(async move {
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                if submit_one(&http, &addr, i, 5, n, "load").await.0 == 201 {
+                if submit_one(&pool, i, 5, n, "load").await.0 == 201 {
                     acked.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -126,7 +140,7 @@ async fn capacity(http: &reqwest::Client, addrs: &[String], seconds: u64) -> f64
 
 /// Open loop at `rate` requests/s for `seconds`: requests leave on schedule
 /// whether or not earlier ones were answered.
-async fn open_loop(http: &reqwest::Client, addrs: &[String], rate: f64, seconds: u64) -> (Vec<Sample>, u64, u64, f64) {
+async fn open_loop(pools: &[Arc<Pool>], rate: f64, seconds: u64) -> (Vec<Sample>, u64, u64, f64) {
     let samples = Arc::new(Mutex::new(Vec::new()));
     let in_flight = Arc::new(AtomicU64::new(0));
     let total = (rate * seconds as f64) as u64;
@@ -148,10 +162,10 @@ async fn open_loop(http: &reqwest::Client, addrs: &[String], rate: f64, seconds:
             in_flight.fetch_add(1, Ordering::Relaxed);
             let class = (n % 3) as usize;
             let priority = [2u8, 5, 8][class];
-            let (http, addr, samples, in_flight) =
-                (http.clone(), addrs[n as usize % addrs.len()].clone(), samples.clone(), in_flight.clone());
+            let (pool, samples, in_flight) =
+                (pools[n as usize % pools.len()].clone(), samples.clone(), in_flight.clone());
             tokio::spawn(async move {
-                let (status, latency_us) = submit_one(&http, &addr, n as usize % CLIENTS, priority, n, "load").await;
+                let (status, latency_us) = submit_one(&pool, n as usize % CLIENTS, priority, n, "load").await;
                 samples.lock().unwrap().push(Sample { class, status, latency_us });
                 in_flight.fetch_sub(1, Ordering::Relaxed);
             });
@@ -184,19 +198,23 @@ fn summarise(
     for sample in samples.iter().filter(|s| s.status == 201) {
         by_class[sample.class] += 1.0 / window;
     }
+    let pool_full = samples.iter().filter(|s| s.status == NOT_SENT).count() as u64;
     Level {
         multiple,
         target,
-        offered: launched as f64 / window,
-        not_sent,
+        offered: (launched - pool_full) as f64 / window,
+        not_sent: not_sent + pool_full,
         goodput: admitted.len() as f64 / window,
         goodput_by_class: by_class,
         shed: refused.len() as f64 / window,
-        timeouts: samples.iter().filter(|s| s.status == 0).count() as u64,
+        timeouts: samples.iter().filter(|s| s.status == NO_ANSWER).count() as u64,
+        broken: samples.iter().filter(|s| s.status == BROKEN).count() as u64,
         admitted_p50_ms: ms(percentile(&admitted, 0.5)),
         admitted_p99_ms: ms(percentile(&admitted, 0.99)),
         refused_p99_ms: ms(percentile(&refused, 0.99)),
         elections,
+        nodes_cpu_pct: 0.0,
+        generator_cpu_pct: 0.0,
     }
 }
 
@@ -207,19 +225,30 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::builder().pool_max_idle_per_host(1024).tcp_nodelay(true).build()?;
     let (stop_agents, agents) = start_drain_agents(&addrs, "load", 4).await?;
     println!("cluster: {} node(s); measuring capacity (closed loop, 256 clients, single-task submits) ...", args.nodes);
-    let capacity = capacity(&http, &addrs, 4).await;
+    let pools = pools(&addrs)?;
+    let capacity = capacity(&pools, 4).await;
     println!("capacity: {capacity:.0} submits/s acknowledged");
     let mut levels = Vec::new();
     for multiple in [1.0, 2.0, 5.0, 10.0] {
         let term = cluster_term(&http, &addrs).await;
-        let (samples, launched, not_sent, window) = open_loop(&http, &addrs, capacity * multiple, LEVEL_SECONDS).await;
+        let cpu_before = (cluster.cpu_seconds(), process_cpu_seconds("self").unwrap_or(0.0));
+        let level_start = Instant::now();
+        let (samples, launched, not_sent, window) = open_loop(&pools, capacity * multiple, LEVEL_SECONDS).await;
+        let cpu_after = (cluster.cpu_seconds(), process_cpu_seconds("self").unwrap_or(0.0));
         let elections = cluster_term(&http, &addrs).await.saturating_sub(term);
-        let level = summarise(multiple, capacity * multiple, &samples, launched, not_sent, window, elections);
+        let nodes_cpu: f64 =
+            cpu_after.0.iter().map(|(_, s)| s).sum::<f64>() - cpu_before.0.iter().map(|(_, s)| s).sum::<f64>();
+        let mut level = summarise(multiple, capacity * multiple, &samples, launched, not_sent, window, elections);
+        // Over the level and the wait for its last answers, so a little more than `window`.
+        let elapsed = level_start.elapsed().as_secs_f64();
+        level.nodes_cpu_pct = 100.0 * nodes_cpu / elapsed;
+        level.generator_cpu_pct = 100.0 * (cpu_after.1 - cpu_before.1) / elapsed;
         println!(
-            "{:>4}x: offered {:>7.0}/s (target {:>7.0}, not sent {}), goodput {:>6.0}/s ({:.0}% of capacity; low/normal/high {:.0}/{:.0}/{:.0}), shed {:>7.0}/s, timeouts {}, admitted p50 {:.1} ms p99 {:.1} ms, refusals p99 {:.1} ms, elections {}",
+            "{:>4}x: offered {:>7.0}/s (target {:>7.0}, not sent {}), goodput {:>6.0}/s ({:.0}% of capacity; low/normal/high {:.0}/{:.0}/{:.0}), shed {:>7.0}/s, timeouts {}, broken {}, admitted p50 {:.1} ms p99 {:.1} ms, refusals p99 {:.1} ms, elections {}, CPU nodes {:.0}% generator+agents {:.0}%",
             level.multiple, level.offered, level.target, level.not_sent, level.goodput, 100.0 * level.goodput / capacity,
             level.goodput_by_class[0], level.goodput_by_class[1], level.goodput_by_class[2],
-            level.shed, level.timeouts, level.admitted_p50_ms, level.admitted_p99_ms, level.refused_p99_ms, level.elections
+            level.shed, level.timeouts, level.broken, level.admitted_p50_ms, level.admitted_p99_ms, level.refused_p99_ms, level.elections,
+            level.nodes_cpu_pct, level.generator_cpu_pct
         );
         levels.push(level);
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -228,7 +257,7 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
     let normal_p99 = levels[0].admitted_p99_ms.max(1.0);
     let mut recovered_after = None;
     for second in 1..=10u64 {
-        let (samples, launched, not_sent, window) = open_loop(&http, &addrs, capacity, 1).await;
+        let (samples, launched, not_sent, window) = open_loop(&pools, capacity, 1).await;
         let level = summarise(1.0, capacity, &samples, launched, not_sent, window, 0);
         if level.admitted_p99_ms <= normal_p99 * 1.5 {
             recovered_after = Some(second);
@@ -261,12 +290,12 @@ fn write_outputs(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut csv = String::from(
-        "nodes,multiple,target_per_s,offered_per_s,not_sent,goodput_per_s,goodput_low,goodput_normal,goodput_high,shed_per_s,timeouts,admitted_p50_ms,admitted_p99_ms,refused_p99_ms,elections,peak_rss_kib\n",
+        "nodes,multiple,target_per_s,offered_per_s,not_sent,goodput_per_s,goodput_low,goodput_normal,goodput_high,shed_per_s,timeouts,broken,admitted_p50_ms,admitted_p99_ms,refused_p99_ms,elections,nodes_cpu_pct,generator_cpu_pct,peak_rss_kib\n",
     );
     for l in levels {
         let _ = writeln!(
             csv,
-            "{nodes},{},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.0},{:.0},{},{:.2},{:.2},{:.2},{},{peak_kib}",
+            "{nodes},{},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.0},{:.0},{},{},{:.2},{:.2},{:.2},{},{:.0},{:.0},{peak_kib}",
             l.multiple,
             l.target,
             l.offered,
@@ -277,10 +306,13 @@ fn write_outputs(
             l.goodput_by_class[2],
             l.shed,
             l.timeouts,
+            l.broken,
             l.admitted_p50_ms,
             l.admitted_p99_ms,
             l.refused_p99_ms,
-            l.elections
+            l.elections,
+            l.nodes_cpu_pct,
+            l.generator_cpu_pct
         );
     }
     let csv_path = dir.join(format!("overload-{nodes}node.csv"));

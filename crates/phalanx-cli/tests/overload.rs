@@ -36,6 +36,50 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(answer.0, 201, "{answer:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_door_refuses_low_priority_first_when_slots_run_short() {
+    let cluster = Cluster::start(1, &["--requests-in-flight-max", "10"]).await;
+    let submit = |priority: &str, payload: u64| {
+        cluster
+            .http
+            .post(cluster.url(1, "/v1/tasks"))
+            .header("x-phalanx-priority", priority)
+            .json(&json!({"queue": "q", "payload": payload}))
+            .send()
+    };
+    assert_error(&common::decode(submit("12", 0).await.unwrap()).await.unwrap(), 400, "invalid");
+
+    // The disk stalls: five high-priority submits wait for it, holding five slots.
+    let failpoint = cluster.servers[&1].data_dir.join("failpoint-stall-storage");
+    std::fs::write(&failpoint, b"stall").unwrap();
+    let waiting: Vec<_> = (1..=5).map(|i| tokio::spawn(submit("8", i))).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Low work may use half of the ten slots: refused at once, with Retry-After.
+    let start = Instant::now();
+    let refused = submit("1", 6).await.unwrap();
+    assert!(start.elapsed() < Duration::from_millis(500), "a refusal is immediate");
+    assert_eq!(refused.status().as_u16(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body = common::decode(refused).await.unwrap();
+    assert_error(&body, 429, "overloaded");
+    assert!(body.1["error"]["message"].as_str().unwrap().contains("priority 1"), "{body:?}");
+    // Normal and high work still get in (and wait for the disk like the others).
+    let normal = tokio::spawn(submit("5", 7));
+    let high = tokio::spawn(submit("9", 8));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    std::fs::remove_file(&failpoint).unwrap();
+    for answer in waiting.into_iter().chain([normal, high]) {
+        assert_eq!(answer.await.unwrap().unwrap().status().as_u16(), 201);
+    }
+    // The refused one changed nothing: seven tasks, none with payload 6.
+    let (_, list) = cluster.get(1, "/v1/tasks?queue=q").await.unwrap();
+    let payloads: Vec<u64> = list["tasks"].as_array().unwrap().iter().map(|t| t["payload"].as_u64().unwrap()).collect();
+    assert_eq!(payloads.len(), 7, "{list}");
+    assert!(!payloads.contains(&6));
+}
+
 #[tokio::test]
 async fn a_request_whose_deadline_passed_is_refused_and_changes_nothing() {
     let cluster = Cluster::start(1, &[]).await;

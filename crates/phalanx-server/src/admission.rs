@@ -21,6 +21,19 @@ pub fn current_deadline() -> Option<Instant> {
     DEADLINE.try_with(|deadline| *deadline).ok().flatten()
 }
 
+/// How many of `requests_in_flight_max` slots new work of `priority` may
+/// find taken and still be admitted: low work (0..=3) half of them, normal
+/// work (4..=6) four fifths, high work (7..=9) all. Under pressure the low
+/// class is refused first, then the normal one, and high work keeps a fifth
+/// of the slots to itself.
+pub fn in_flight_share(priority: u8, requests_in_flight_max: usize) -> usize {
+    match priority {
+        0..=3 => requests_in_flight_max / 2,
+        4..=6 => requests_in_flight_max * 4 / 5,
+        _ => requests_in_flight_max,
+    }
+}
+
 struct Bucket {
     tokens: f64,
     updated: Instant,
@@ -67,6 +80,20 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lower_priorities_get_a_smaller_share_of_the_slots() {
+        assert_eq!(in_flight_share(0, 1000), 500);
+        assert_eq!(in_flight_share(3, 1000), 500);
+        assert_eq!(in_flight_share(5, 1000), 800);
+        assert_eq!(in_flight_share(7, 1000), 1000);
+        assert_eq!(in_flight_share(9, 1000), 1000);
+        for max in [1, 2, 10, 1024] {
+            for priority in 0..9 {
+                assert!(in_flight_share(priority, max) <= in_flight_share(priority + 1, max));
+            }
+        }
+    }
 
     #[test]
     fn bucket_refuses_past_burst_and_refills_at_rate() {

@@ -132,6 +132,8 @@ async fn require_peer_token(State(node): State<Node_>, request: Request, next: N
 
 /// Header carrying the client's remaining time budget, in milliseconds.
 pub const DEADLINE_HEADER: &str = "x-phalanx-deadline-ms";
+/// Header giving the priority (0..=9) of new work before its body is read.
+pub const PRIORITY_HEADER: &str = "x-phalanx-priority";
 /// Header naming the client for per-client rate limits.
 pub const CLIENT_HEADER: &str = "x-phalanx-client";
 
@@ -148,13 +150,24 @@ async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Respo
     let _slot = if !new_work {
         None
     } else {
-        match node.requests_in_flight.clone().try_acquire_owned() {
-            Ok(slot) => Some(slot),
-            Err(_) => {
+        // The priority header lets the door shed the lowest classes first,
+        // before the body is read.
+        let priority =
+            match request.headers().get(PRIORITY_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u8>().ok())) {
+                None => 5u8,
+                Some(Some(priority)) if priority <= 9 => priority,
+                Some(_) => return ApiError::invalid(format!("{PRIORITY_HEADER} must be 0..=9")).into_response(),
+            };
+        let max = node.config.requests_in_flight_max;
+        let share = crate::admission::in_flight_share(priority, max);
+        let busy = max - node.requests_in_flight.available_permits();
+        let slot = if busy < share { node.requests_in_flight.clone().try_acquire_owned().ok() } else { None };
+        match slot {
+            Some(slot) => Some(slot),
+            None => {
                 node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
                 let message = format!(
-                    "requests_in_flight_max ({}) requests are being served",
-                    node.config.requests_in_flight_max
+                    "{busy} of requests_in_flight_max ({max}) requests are being served; priority {priority} may use {share}"
                 );
                 return ApiError::overloaded("overloaded", message, 100).into_response();
             }

@@ -382,6 +382,19 @@ class _Request(Generic[T]):
     text: bool = False
 
 
+def _door_priority(request: _Request[Any]) -> Optional[int]:
+    """The priority a submit announces in `X-Phalanx-Priority`, so that a
+    loaded node sheds the lowest classes first before reading bodies (a
+    batch announces its highest task's)."""
+    if request.method != "POST" or request.path not in ("/v1/tasks", "/v1/tasks/batch"):
+        return None
+    body = request.body if isinstance(request.body, dict) else {}
+    tasks = body.get("tasks") if request.path == "/v1/tasks/batch" else [body]
+    priorities = [t.get("priority", 5) for t in tasks or [] if isinstance(t, dict)]
+    valid = [p for p in priorities if isinstance(p, int) and 0 <= p <= 9]
+    return max(valid) if valid else None
+
+
 def _segment(value: Union[str, int]) -> str:
     return urllib.parse.quote(str(value), safe="")
 
@@ -588,7 +601,7 @@ class _Core:
             return None
         return time.monotonic() + self.call_timeout_s + request.wait_s
 
-    def headers(self, deadline: Optional[float]) -> dict[str, str]:
+    def headers(self, deadline: Optional[float], request: Optional[_Request[Any]] = None) -> dict[str, str]:
         headers = {}
         if self.token:
             headers["authorization"] = f"Bearer {self.token}"
@@ -596,6 +609,9 @@ class _Core:
             headers["x-phalanx-client"] = self.name
         if deadline is not None:
             headers["x-phalanx-deadline-ms"] = str(max(1, int((deadline - time.monotonic()) * 1000)))
+        priority = _door_priority(request) if request is not None else None
+        if priority is not None:
+            headers["x-phalanx-priority"] = str(priority)
         return headers
 
     def timeout(self, request: _Request[Any], deadline: Optional[float]) -> httpx.Timeout:
@@ -723,7 +739,7 @@ class Client(_ClientBase):
             verdict: _Verdict
             try:
                 response = self._http.request(request.method, core.url(index, request.path), params=request.query,
-                                              json=request.body, headers=core.headers(deadline),
+                                              json=request.body, headers=core.headers(deadline, request),
                                               timeout=core.timeout(request, deadline))
             except httpx.HTTPError as error:
                 verdict = core.judge_exception(request, index, error)
@@ -894,7 +910,7 @@ class AsyncClient(_ClientBase):
             try:
                 response = await self._http.request(request.method, core.url(index, request.path),
                                                     params=request.query, json=request.body,
-                                                    headers=core.headers(deadline),
+                                                    headers=core.headers(deadline, request),
                                                     timeout=core.timeout(request, deadline))
             except httpx.HTTPError as error:
                 verdict = core.judge_exception(request, index, error)

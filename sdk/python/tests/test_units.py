@@ -26,7 +26,7 @@ from phalanx import (
     Unavailable,
 )
 from phalanx.agent import lease_margin_s, lease_startable
-from phalanx.client import parse_nodes
+from phalanx.client import _door_priority, _Request, parse_nodes
 
 # ---- backoff and budget ----
 
@@ -230,3 +230,12 @@ def test_the_outbox_is_bounded_compacted_and_exclusive(tmp_path):
     outbox.close()
     with Outbox(path) as reopened:
         assert len(reopened) == 3
+
+
+def test_submits_announce_their_priority_to_the_door() -> None:
+    assert _door_priority(_Request("POST", "/v1/tasks", body={"queue": "q", "priority": 8})) == 8
+    assert _door_priority(_Request("POST", "/v1/tasks", body={"queue": "q"})) == 5
+    batch = {"tasks": [{"priority": 2}, {"priority": 7}, {}]}
+    assert _door_priority(_Request("POST", "/v1/tasks/batch", body=batch)) == 7
+    assert _door_priority(_Request("POST", "/v1/tasks/batch", body={"tasks": []})) is None
+    assert _door_priority(_Request("POST", "/v1/agents/a/poll", body={"priority": 9})) is None

@@ -170,7 +170,7 @@ impl Cluster {
     }
 }
 
-async fn decode(response: reqwest::Response) -> Result<(u16, Value), reqwest::Error> {
+pub async fn decode(response: reqwest::Response) -> Result<(u16, Value), reqwest::Error> {
     let status = response.status().as_u16();
     let text = response.text().await?;
     let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
