@@ -36,6 +36,28 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(answer.0, 201, "{answer:?}");
 }
 
+#[tokio::test]
+async fn a_saturated_queue_answers_429_with_retry_after_and_changes_nothing() {
+    let cluster = Cluster::start(1, &[]).await;
+    let (status, answer) = cluster.put(1, "/v1/config", &json!({"set": {"queue_tasks_max": 3}})).await;
+    assert_eq!(status, 200, "{answer}");
+    for i in 0..3 {
+        assert_eq!(cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": i})).await.unwrap().0, 201);
+    }
+    let start = Instant::now();
+    let response =
+        cluster.http.post(cluster.url(1, "/v1/tasks")).json(&json!({"queue": "q", "payload": 3})).send().await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(1), "the refusal is immediate");
+    assert_eq!(response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("1".into()));
+    let answer = common::decode(response).await.unwrap();
+    assert_error(&answer, 429, "queue_full");
+    assert_eq!(answer.1["error"]["retry_after_ms"], 1000);
+    // Other queues are not affected, and the full one holds what it held.
+    assert_eq!(cluster.post(1, "/v1/tasks", &json!({"queue": "other", "payload": 0})).await.unwrap().0, 201);
+    let (_, list) = cluster.get(1, "/v1/tasks?queue=q").await.unwrap();
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_door_refuses_low_priority_first_when_slots_run_short() {
     let cluster = Cluster::start(1, &["--requests-in-flight-max", "10"]).await;
