@@ -89,3 +89,20 @@ async fn nodes_join_by_snapshot_leave_for_good_and_rejoin_after_many_snapshots()
     let (_, listed) = cluster.get(2, "/v1/tasks?stale=true&queue=m&state=pending&limit=1000").await.unwrap();
     assert_eq!(listed["tasks"].as_array().unwrap().len(), 800, "every task is on the rejoined node");
 }
+
+#[tokio::test]
+async fn a_node_that_cannot_catch_up_stays_a_learner_and_never_counts_towards_quorum() {
+    let cluster = Cluster::start(1, &[]).await;
+    // Nothing runs at this address.
+    let addr = format!("127.0.0.1:{}", free_port());
+    let start = Instant::now();
+    let answer = cluster.post(1, "/v1/cluster/members", &json!({"node_id": 9, "addr": addr})).await.unwrap();
+    assert_error(&answer, 503, "learner_lagging");
+    assert!(start.elapsed() < Duration::from_secs(15));
+    let (_, info) = cluster.get(1, "/v1/cluster").await.unwrap();
+    let node9 = info["nodes"].as_array().unwrap().iter().find(|n| n["id"] == 9).cloned().expect("kept as a learner");
+    assert_eq!(node9["voter"], false, "{info}");
+    // The one voter still commits on its own.
+    let (status, _) = cluster.post(1, "/v1/tasks", &json!({"queue": "m", "payload": "after"})).await.unwrap();
+    assert_eq!(status, 201);
+}

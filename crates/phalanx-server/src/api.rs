@@ -992,6 +992,10 @@ struct AddMemberBody {
     raft_addr: Option<String>,
 }
 
+/// How long a node being added may take to catch up before the add is
+/// refused (it stays a learner).
+const LEARNER_CATCH_UP_MS: u64 = 8_000;
+
 fn membership_error(error: impl std::fmt::Display) -> ApiError {
     ApiError::unavailable("membership_change_failed", format!("membership change failed: {error}"), 1000)
 }
@@ -1007,11 +1011,12 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
         let metrics = node.raft.metrics();
         let metrics = metrics.borrow();
         let membership = metrics.membership_config.membership();
-        if membership.get_node(&body.node_id).is_some() {
+        // A learner left behind by an add that timed out may be added again.
+        if membership.voter_ids().any(|id| id == body.node_id) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "already_member",
-                format!("node {} is already a member", body.node_id),
+                format!("node {} is already a voter", body.node_id),
             ));
         }
         membership.voter_ids().collect()
@@ -1024,17 +1029,44 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
             format!("node id {} was removed before; node ids are never reused", body.node_id),
         ));
     }
-    node.raft
+    let added = node
+        .raft
         .add_learner(
             body.node_id,
             crate::raft_types::Member::new(
                 body.addr.clone(),
                 body.raft_addr.clone().unwrap_or_else(|| body.addr.clone()),
             ),
-            true,
+            false,
         )
         .await
         .map_err(membership_error)?;
+    // A voter that is not caught up (or not even running) would count
+    // towards every quorum without being able to help form one: the node
+    // becomes a voter only once it holds the log up to its own addition.
+    let target = added.log_id.index;
+    let caught_up = node
+        .raft
+        .wait(Some(Duration::from_millis(LEARNER_CATCH_UP_MS)))
+        .metrics(
+            |metrics| {
+                let matched = metrics.replication.as_ref().and_then(|r| r.get(&body.node_id).cloned().flatten());
+                matched.is_some_and(|log_id| log_id.index >= target)
+            },
+            "the new learner catches up",
+        )
+        .await;
+    if caught_up.is_err() {
+        return Err(ApiError::unavailable(
+            "learner_lagging",
+            format!(
+                "node {} at {} did not catch up within {LEARNER_CATCH_UP_MS} ms; it stays a learner, not a voter: \
+                 check that it runs and is reachable, then add it again",
+                body.node_id, body.addr
+            ),
+            1000,
+        ));
+    }
     let mut new_voters = voters;
     new_voters.insert(body.node_id);
     node.raft.change_membership(new_voters, false).await.map_err(membership_error)?;

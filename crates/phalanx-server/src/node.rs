@@ -57,8 +57,9 @@ pub struct Node {
     /// Worst scheduling delay seen recently on the API threads [0] and the
     /// consensus threads [1]: a stalled event loop is a node that looks alive.
     pub event_loop_lag_ms: [AtomicU64; 2],
-    /// The applied index and since when it has not moved (the watchdog keeps it).
-    pub apply_progress: Mutex<(u64, Instant)>,
+    /// The applied index and since when it has stood still behind the
+    /// committed index, if it has (see `observe_apply`).
+    pub apply_progress: Mutex<(u64, Option<Instant>)>,
     /// What the policy guard last learnt of every voter's readiness.
     pub cluster_readiness: Mutex<Option<ClusterReadiness>>,
     /// When each peer last answered this node's Raft RPCs.
@@ -224,7 +225,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         peer_contacts,
         storage_health,
         event_loop_lag_ms: [AtomicU64::new(0), AtomicU64::new(0)],
-        apply_progress: Mutex::new((0, Instant::now())),
+        apply_progress: Mutex::new((0, None)),
         cluster_readiness: Mutex::new(None),
         stats: NodeStats::default(),
     });
@@ -280,11 +281,7 @@ async fn watchdog(node: Arc<Node>, slot: usize, mut shutdown: tokio::sync::watch
         let lag = before.elapsed().saturating_sub(period).as_millis() as u64;
         worst = worst.max(lag);
         if slot == 1 {
-            let applied = *node.shared.applied_tx.borrow();
-            let mut progress = node.apply_progress.lock().expect("apply progress lock");
-            if progress.0 != applied {
-                *progress = (applied, Instant::now());
-            }
+            node.observe_apply();
         }
         node.event_loop_lag_ms[slot].fetch_max(worst, Ordering::Relaxed);
         if window.elapsed() > Duration::from_secs(5) {
@@ -305,13 +302,31 @@ impl Node {
         if started != 0 && wall_clock_ms().saturating_sub(started) > STORAGE_STALL_MS {
             return Some(format!("storage write stalled for {} ms", wall_clock_ms().saturating_sub(started)));
         }
-        let committed = self.storage_health.committed_index.load(Ordering::Relaxed);
-        let (applied, since) = *self.apply_progress.lock().expect("apply progress lock");
-        let still = since.elapsed().as_millis() as u64;
-        if committed > applied && still > APPLY_STALL_MS {
+        let (applied, behind_since) = self.observe_apply();
+        let still = behind_since.map_or(0, |since| since.elapsed().as_millis() as u64);
+        if still > APPLY_STALL_MS {
+            let committed = self.storage_health.committed_index.load(Ordering::Relaxed);
             return Some(format!("apply stalled for {still} ms at index {applied} (committed {committed})"));
         }
         None
+    }
+
+    /// Notes the applied index and since when it has stood still behind the
+    /// committed one (the watchdog calls this every 100 ms, readiness on
+    /// every probe). Only standing still while behind counts: an idle node
+    /// is not stalled, and neither is one whose committed index has just
+    /// jumped (catching up after a partition heals).
+    fn observe_apply(&self) -> (u64, Option<Instant>) {
+        let applied = *self.shared.applied_tx.borrow();
+        let behind = self.storage_health.committed_index.load(Ordering::Relaxed) > applied;
+        let mut progress = self.apply_progress.lock().expect("apply progress lock");
+        if progress.0 != applied || !behind {
+            *progress = (applied, None);
+        }
+        if behind && progress.1.is_none() {
+            progress.1 = Some(Instant::now());
+        }
+        *progress
     }
 
     /// Why this node is not useful right now, if it is not: no leader known,

@@ -43,7 +43,7 @@ impl Server {
             .args(&self.extra)
             .env("PHALANX_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(server_log(&self.data_dir));
         self.child = Some(command.spawn().expect("spawn phalanx server"));
     }
 
@@ -59,6 +59,16 @@ impl Server {
             child.wait().unwrap();
         }
     }
+}
+
+/// A server's stderr: `PHALANX_TEST_LOGS=DIR` keeps it in DIR (one file per
+/// data directory), otherwise it is dropped.
+fn server_log(data_dir: &std::path::Path) -> Stdio {
+    let Ok(dir) = std::env::var("PHALANX_TEST_LOGS") else { return Stdio::null() };
+    let name = data_dir.to_string_lossy().replace('/', "_");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(format!("{dir}/{name}.log")).unwrap();
+    Stdio::from(file)
 }
 
 impl Drop for Server {
