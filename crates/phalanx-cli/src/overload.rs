@@ -220,7 +220,8 @@ fn summarise(
 
 pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let cluster = LocalCluster::start(args.nodes, dir.path(), &[]).await?;
+    let server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
+    let cluster = LocalCluster::start(args.nodes, dir.path(), &server_args).await?;
     let addrs = cluster.addrs();
     let http = reqwest::Client::builder().pool_max_idle_per_host(1024).tcp_nodelay(true).build()?;
     let (stop_agents, agents) = start_drain_agents(&addrs, "load", 4).await?;
@@ -391,7 +392,8 @@ fn svg(nodes: u64, capacity: f64, levels: &[Level]) -> String {
 
 pub async fn backlog(args: BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let cluster = LocalCluster::start(args.nodes, dir.path(), &[]).await?;
+    let server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
+    let cluster = LocalCluster::start(args.nodes, dir.path(), &server_args).await?;
     let addrs = cluster.addrs();
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     // Agents take 5 ms per task; 8 agents x 8 slots: about 12,800 tasks/s at most.
