@@ -56,7 +56,7 @@ async fn write(context: TaskContext) -> Result<Value, HandlerError> {
 
 fn bar(done: usize, total: usize) -> String {
     let width = 30;
-    let filled = if total == 0 { width } else { done * width / total };
+    let filled = (done * width).checked_div(total).unwrap_or(width);
     format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
 }
 
