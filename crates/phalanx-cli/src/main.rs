@@ -134,6 +134,10 @@ pub struct ServerArgs {
     /// Low priorities may use half, normal four fifths (`X-Phalanx-Priority`).
     #[arg(long, default_value_t = 1024)]
     pub requests_in_flight_max: usize,
+    /// Client connections served at once (idle keep-alive ones included);
+    /// past it a new connection is answered 503 before it is read.
+    #[arg(long, default_value_t = 16_384)]
+    pub connections_max: usize,
 }
 
 impl ServerArgs {
@@ -152,6 +156,7 @@ impl ServerArgs {
         config.client_rate_per_second = self.client_rate_per_second;
         config.client_burst = self.client_burst;
         config.requests_in_flight_max = self.requests_in_flight_max;
+        config.connections_max = self.connections_max;
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             config.apply_file(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;

@@ -37,6 +37,51 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn past_connections_max_a_new_connection_gets_503_before_it_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(1, &["--connections-max", "3"]).await;
+    let addr = cluster.addr(1).to_string();
+    let request = format!("GET /health/live HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    // Whatever the harness's own client keeps open, fill every slot with idle connections.
+    let mut held = Vec::new();
+    let refused = loop {
+        assert!(held.len() <= 3, "more than connections_max connections were served");
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut answer)).await.unwrap().unwrap();
+        let answer = String::from_utf8_lossy(&answer[..read]).to_string();
+        if answer.starts_with("HTTP/1.1 503") {
+            break answer;
+        }
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(stream);
+    };
+    assert!(refused.contains("retry-after: 1"), "{refused}");
+    assert!(refused.contains("\"code\":\"overloaded\""), "{refused}");
+    assert!(refused.contains("connection: close"), "{refused}");
+    // Closing them frees their slots, and the refusal was counted.
+    drop(held);
+    let start = Instant::now();
+    let metrics = loop {
+        let fresh = reqwest::Client::new();
+        if let Ok(response) = fresh.get(cluster.url(1, "/metrics")).send().await {
+            if response.status().as_u16() == 200 {
+                break response.text().await.unwrap();
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "slots were not given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("phalanx_connections_refused_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("the metric is exported");
+    assert!(refused >= 1, "{metrics}");
+}
+
+#[tokio::test]
 async fn a_saturated_queue_answers_429_with_retry_after_and_changes_nothing() {
     let cluster = Cluster::start(1, &[]).await;
     let (status, answer) = cluster.put(1, "/v1/config", &json!({"set": {"queue_tasks_max": 3}})).await;

@@ -178,8 +178,8 @@ async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Respo
             Some(name) => name.chars().take(128).collect::<String>(),
             None => request
                 .extensions()
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|info| info.0.ip().to_string())
+                .get::<axum::extract::ConnectInfo<crate::listener::PeerAddr>>()
+                .map(|info| info.0 .0.ip().to_string())
                 .unwrap_or_default(),
         };
         if let Err(wait) = node.rate_limiter.check(&client, now) {

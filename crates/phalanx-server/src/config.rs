@@ -52,6 +52,9 @@ pub struct NodeConfig {
     pub client_burst: f64,
     /// Client buckets remembered at once.
     pub clients_tracked_max: usize,
+    /// Client connections served at once (idle keep-alive ones included);
+    /// past it a new connection gets `503 overloaded` before it is read.
+    pub connections_max: usize,
 }
 
 impl NodeConfig {
@@ -80,6 +83,7 @@ impl NodeConfig {
             client_rate_per_second: 20_000.0,
             client_burst: 40_000.0,
             clients_tracked_max: 10_000,
+            connections_max: 16_384,
         }
     }
 
@@ -99,6 +103,9 @@ impl NodeConfig {
 
     /// Refuses configurations that would run insecurely or cannot work.
     pub fn validate(&self) -> Result<(), String> {
+        if self.connections_max == 0 || self.requests_in_flight_max == 0 || self.pollers_max == 0 {
+            return Err("connections_max, requests_in_flight_max and pollers_max must be positive".into());
+        }
         if self.node_id == 0 {
             return Err("node_id must be positive (0 is reserved)".into());
         }
@@ -160,6 +167,7 @@ impl NodeConfig {
                 "snapshot_logs_kept" => self.snapshot_logs_kept = number_of(value)?,
                 "client_rate_per_second" => self.client_rate_per_second = number_of(value)? as f64,
                 "client_burst" => self.client_burst = number_of(value)? as f64,
+                "connections_max" => self.connections_max = number_of(value)? as usize,
                 other => return Err(at(format!("unknown key {other:?}"))),
             }
         }

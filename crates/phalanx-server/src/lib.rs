@@ -8,6 +8,7 @@ pub mod admission;
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod listener;
 pub mod metrics;
 pub mod network;
 pub mod node;

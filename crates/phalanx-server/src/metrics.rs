@@ -41,6 +41,11 @@ pub fn render(node: &Node) -> String {
         stats.refused_overload.load(Ordering::Relaxed),
     );
     gauge(
+        "phalanx_connections_refused_total",
+        "Connections answered 503 at once because connections_max were being served.",
+        node.listener_stats.connections_refused.load(Ordering::Relaxed),
+    );
+    gauge(
         "phalanx_agents_expired_total",
         "Agents expired by this node as leader.",
         stats.agents_expired.load(Ordering::Relaxed),

@@ -67,6 +67,7 @@ pub struct Node {
     pub pollers: Arc<Semaphore>,
     pub requests_in_flight: Arc<Semaphore>,
     pub rate_limiter: crate::admission::RateLimiter,
+    pub listener_stats: Arc<crate::listener::ListenerStats>,
     pub stats: NodeStats,
 }
 
@@ -226,6 +227,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         storage_health,
         event_loop_lag_ms: [AtomicU64::new(0), AtomicU64::new(0)],
         apply_progress: Mutex::new((0, None)),
+        listener_stats: Arc::default(),
         cluster_readiness: Mutex::new(None),
         stats: NodeStats::default(),
     });
@@ -246,9 +248,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         });
     }
     let router = crate::api::router(node.clone());
+    let listener =
+        crate::listener::BoundedListener::new(listener, node.config.connections_max, node.listener_stats.clone());
     let mut server_shutdown = shutdown_rx;
     let server = tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        axum::serve(listener, router.into_make_service_with_connect_info::<crate::listener::PeerAddr>())
             .with_graceful_shutdown(async move {
                 let _ = server_shutdown.wait_for(|stop| *stop).await;
             })
