@@ -149,12 +149,14 @@ fn read_meta<T: DeserializeOwned>(
     }
 }
 
-fn write_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> Result<(), Error> {
+/// Writes one meta value in its own transaction, fsynced or not (`durability`).
+fn write_meta<T: Serialize>(db: &Database, key: &str, value: &T, durability: redb::Durability) -> Result<(), Error> {
     let bytes = encode(value)?;
-    write(db, |txn| {
-        txn.open_table(META_TABLE)?.insert(key, bytes.as_slice())?;
-        Ok(())
-    })
+    let mut txn = db.begin_write()?;
+    txn.set_durability(durability).map_err(|error| Error::Database(error.into()))?;
+    txn.open_table(META_TABLE)?.insert(key, bytes.as_slice())?;
+    txn.commit()?;
+    Ok(())
 }
 
 /// Opens (or creates) `phalanx.redb` in `data_dir` and returns the two halves
@@ -368,7 +370,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let (db, vote) = (self.db.clone(), *vote);
-        blocking(move || write_meta(&db, VOTE_KEY, &vote))
+        blocking(move || write_meta(&db, VOTE_KEY, &vote, redb::Durability::Immediate))
             .await
             .map_err(|error| StorageIOError::write_vote(&error).into())
     }
@@ -390,16 +392,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         self.health.committed_index.fetch_max(committed.map_or(0, |log_id| log_id.index), Ordering::Relaxed);
         let db = self.db.clone();
-        blocking(move || {
-            let bytes = encode(&committed)?;
-            let mut txn = db.begin_write()?;
-            txn.set_durability(redb::Durability::None).map_err(|error| Error::Database(error.into()))?;
-            txn.open_table(META_TABLE)?.insert(COMMITTED_KEY, bytes.as_slice())?;
-            txn.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|error| StorageIOError::write(&error).into())
+        blocking(move || write_meta(&db, COMMITTED_KEY, &committed, redb::Durability::None))
+            .await
+            .map_err(|error| StorageIOError::write(&error).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
