@@ -147,6 +147,40 @@ async fn the_door_refuses_low_priority_first_when_slots_run_short() {
     assert!(!payloads.contains(&6));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_submit_keeps_its_priority_at_the_leaders_door() {
+    let cluster = Cluster::start(3, &["--requests-in-flight-max", "10"]).await;
+    let leader = loop {
+        if let Some(leader) = cluster.leader().await {
+            break leader;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let follower = cluster.servers.keys().copied().find(|id| *id != leader).unwrap();
+    let submit = |node: u64, priority: &str, payload: u64| {
+        cluster
+            .http
+            .post(cluster.url(node, "/v1/tasks"))
+            .header("x-phalanx-priority", priority)
+            .json(&json!({"queue": "q", "payload": payload}))
+            .send()
+    };
+    // The leader's disk stalls: five high-priority submits hold five of its ten slots.
+    let failpoint = cluster.servers[&leader].data_dir.join("failpoint-stall-storage");
+    std::fs::write(&failpoint, b"stall").unwrap();
+    let waiting: Vec<_> = (1..=5).map(|i| tokio::spawn(submit(leader, "8", i))).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A low-priority submit sent to a follower is forwarded with its class,
+    // and the leader's door refuses it (low work may use only half the slots).
+    let refused = common::decode(submit(follower, "1", 6).await.unwrap()).await.unwrap();
+    assert_error(&refused, 429, "overloaded");
+    assert!(refused.1["error"]["message"].as_str().unwrap().contains("priority 1"), "{refused:?}");
+    std::fs::remove_file(&failpoint).unwrap();
+    for answer in waiting {
+        let _ = answer.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_request_whose_deadline_passed_is_refused_and_changes_nothing() {
     let cluster = Cluster::start(1, &[]).await;

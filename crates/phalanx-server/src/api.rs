@@ -137,8 +137,10 @@ pub const PRIORITY_HEADER: &str = "x-phalanx-priority";
 /// Header naming the client for per-client rate limits.
 pub const CLIENT_HEADER: &str = "x-phalanx-client";
 
-/// Per-client rate limit and request deadline. A forwarded request was
-/// admitted by the node that received it and is not counted twice.
+/// In-flight slots by priority, per-client rate limit and request deadline.
+/// A forwarded request is not rate-limited again (the node that received it
+/// did that), but takes a slot here too: the leader bounds the work that
+/// followers send it, by the priority the client announced.
 async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Response {
     let now = Instant::now();
     // A bound on requests being served at once (long-polls aside): past it the
@@ -251,7 +253,7 @@ async fn forward(node: &Node, request: Request) -> ApiResult {
         .header(FORWARDED_HEADER, node.id().to_string())
         .timeout(timeout)
         .body(body);
-    for name in ["authorization", "content-type"] {
+    for name in ["authorization", "content-type", PRIORITY_HEADER] {
         if let Some(value) = parts.headers.get(name) {
             outgoing = outgoing.header(name, value);
         }
