@@ -53,6 +53,7 @@ fn raft_routes(node: Arc<Node>) -> Router<Node_> {
         .route("/raft/append", post(raft_append))
         .route("/raft/vote", post(raft_vote))
         .route("/raft/snapshot", post(raft_snapshot))
+        .route("/raft/probe", get(raft_probe))
         .layer(DefaultBodyLimit::max(node.config.raft_request_bytes_max))
         .layer(middleware::from_fn_with_state(node, require_peer_token))
 }
@@ -1028,6 +1029,7 @@ async fn cluster(State(node): State<Node_>) -> ApiResult {
         "last_applied": metrics.last_applied.map(|l| l.index),
         "snapshot_index": metrics.snapshot.map(|l| l.index),
         "millis_since_quorum_ack": metrics.millis_since_quorum_ack,
+        "election_hold_back": node.elections.lock().expect("elections lock").hold_back.clone(),
         "nodes": nodes,
     }))
     .into_response())
@@ -1328,7 +1330,24 @@ fn raft_input<T: DeserializeOwned>(
 
 async fn raft_append(State(node): State<Node_>, body: Body) -> ApiResult {
     let request = raft_input(&node, body, crate::raft_edge::check_append_request)?;
-    Ok(Json(node.raft.append_entries(request).await).into_response())
+    let answer = node.raft.append_entries(request).await;
+    // Any answer but "your vote is old" means a current leader reached us.
+    if answer.as_ref().is_ok_and(|a| !matches!(a, openraft::raft::AppendEntriesResponse::HigherVote(_))) {
+        node.heard_from_leader();
+    }
+    Ok(Json(answer).into_response())
+}
+
+/// The election guard's probe (`election_guard.rs`): who this node is and
+/// how long ago it last heard from its leader.
+async fn raft_probe(State(node): State<Node_>) -> ApiResult {
+    let term = node.raft.server_metrics().borrow().vote.leader_id().term;
+    Ok(Json(json!({
+        "node_id": node.id(),
+        "term": term,
+        "leader_contact_age_ms": node.leader_contact_age_ms(),
+    }))
+    .into_response())
 }
 
 async fn raft_vote(State(node): State<Node_>, body: Body) -> ApiResult {
@@ -1338,5 +1357,9 @@ async fn raft_vote(State(node): State<Node_>, body: Body) -> ApiResult {
 
 async fn raft_snapshot(State(node): State<Node_>, body: Body) -> ApiResult {
     let request = raft_input(&node, body, crate::raft_edge::check_snapshot_request)?;
-    Ok(Json(node.raft.install_snapshot(request).await).into_response())
+    let answer = node.raft.install_snapshot(request).await;
+    if answer.is_ok() {
+        node.heard_from_leader();
+    }
+    Ok(Json(answer).into_response())
 }

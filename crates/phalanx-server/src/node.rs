@@ -35,6 +35,24 @@ impl Liveness {
     }
 }
 
+/// What the election guard (`election_guard.rs`) knows: the peers' latest
+/// probe answers and when this node last heard from a leader.
+pub struct Elections {
+    /// The origin of the guard's monotonic milliseconds.
+    pub origin: Instant,
+    pub answers: BTreeMap<u64, crate::election_guard::PeerAnswer>,
+    /// When an append or snapshot from a leader was last accepted here.
+    pub leader_contact: Option<Instant>,
+    /// Why this node holds back from campaigning, if it does.
+    pub hold_back: Option<String>,
+}
+
+impl Default for Elections {
+    fn default() -> Elections {
+        Elections { origin: Instant::now(), answers: BTreeMap::new(), leader_contact: None, hold_back: None }
+    }
+}
+
 /// Counters kept by this node only (not replicated).
 #[derive(Default)]
 pub struct NodeStats {
@@ -71,9 +89,26 @@ pub struct Node {
     pub rate_limiter: crate::admission::RateLimiter,
     pub listener_stats: Arc<crate::listener::ListenerStats>,
     pub stats: NodeStats,
+    pub elections: Mutex<Elections>,
 }
 
 impl Node {
+    /// Notes that a leader's append or snapshot was accepted here.
+    pub fn heard_from_leader(&self) {
+        self.elections.lock().expect("elections lock").leader_contact = Some(Instant::now());
+    }
+
+    /// How long ago this node last heard from its leader: 0 on the leader,
+    /// `None` when it knows no leader.
+    pub fn leader_contact_age_ms(&self) -> Option<u64> {
+        let leader = self.raft.server_metrics().borrow().current_leader?;
+        if leader == self.id() {
+            return Some(0);
+        }
+        let contact = self.elections.lock().expect("elections lock").leader_contact?;
+        Some(contact.elapsed().as_millis() as u64)
+    }
+
     pub fn id(&self) -> u64 {
         self.config.node_id
     }
@@ -234,10 +269,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         listener_stats: Arc::default(),
         cluster_readiness: Mutex::new(None),
         stats: NodeStats::default(),
+        elections: Mutex::default(),
     });
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     consensus.spawn(timer_loop(node.clone(), shutdown_rx.clone()));
+    consensus.spawn(election_loop(node.clone(), shutdown_rx.clone()));
     tokio::spawn(watchdog(node.clone(), 0, shutdown_rx.clone()));
     consensus.spawn(watchdog(node.clone(), 1, shutdown_rx.clone()));
     if let Some(raft_listener) = raft_listener {
@@ -410,7 +447,6 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
     let mut leading_term: Option<u64> = None;
     let mut guard = PolicyGuard::default();
     let mut stepped_down: Option<Instant> = None;
-    let mut campaigning = true;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -426,12 +462,7 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             if stepped_down.take().is_some() {
                 node.raft.runtime_config().heartbeat(true);
             }
-            // A node that cannot make progress does not campaign: it would
-            // only win leadership it cannot use. Healthy again, it does.
-            if campaigning != stall.is_none() {
-                campaigning = stall.is_none();
-                node.raft.runtime_config().elect(campaigning);
-            }
+            // Whether a follower campaigns is `election_loop`'s to decide.
             leading_term = None;
             continue;
         }
@@ -441,7 +472,6 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             tracing::error!(%why, "stalled on the leader: stepping down");
             node.raft.runtime_config().heartbeat(false);
             node.raft.runtime_config().elect(false);
-            campaigning = false;
             stepped_down = Some(Instant::now());
             continue;
         }
@@ -452,7 +482,6 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             // No one took over (a one-node cluster, or no healthy peer): lead again.
             node.raft.runtime_config().heartbeat(true);
             node.raft.runtime_config().elect(true);
-            campaigning = true;
             stepped_down = None;
         }
         if leading_term != Some(term) {
@@ -496,6 +525,93 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
         if let Some(command) = guard.check(&node) {
             tracing::error!(?command, "policy change stalled dispatch: rolling it back");
             let _ = node.proposer.propose(command).await;
+        }
+    }
+}
+
+/// How often a node probes the other voters for the election guard.
+const ELECTION_PROBE_MS: u64 = 50;
+
+/// Probes every other voter's Raft listener every `ELECTION_PROBE_MS` and
+/// decides whether this node may campaign (`election_guard.rs`): a node
+/// that cannot make progress (a stall), cannot reach a majority, or reaches
+/// a voter that still hears from a leader does not campaign, so it cannot
+/// raise its term and disrupt a working leader (pre-vote's aim).
+async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(ELECTION_PROBE_MS));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let probe_timeout = Duration::from_millis(node.config.election_timeout_min_ms);
+    let mut campaigning = true;
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let (voters, peers): (Vec<u64>, Vec<(u64, String)>) = {
+            let metrics = node.raft.server_metrics();
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            let voters = membership.voter_ids().collect();
+            let peers = membership
+                .nodes()
+                .filter(|(id, _)| **id != node.id())
+                .map(|(id, member)| (*id, member.raft.clone()))
+                .collect();
+            (voters, peers)
+        };
+        for (peer, raft_addr) in peers {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let mut request = node.http.get(format!("http://{raft_addr}/raft/probe")).timeout(probe_timeout);
+                if let Some(token) = &node.config.peer_token {
+                    request = request.bearer_auth(token);
+                }
+                let Ok(response) = request.send().await else { return };
+                let Ok(answer) = response.json::<serde_json::Value>().await else { return };
+                if answer["node_id"].as_u64() != Some(peer) {
+                    return;
+                }
+                let mut elections = node.elections.lock().expect("elections lock");
+                let at_ms = elections.origin.elapsed().as_millis() as u64;
+                let leader_contact_age_ms = answer["leader_contact_age_ms"].as_u64();
+                elections.answers.insert(peer, crate::election_guard::PeerAnswer { at_ms, leader_contact_age_ms });
+            });
+        }
+        let decision = {
+            let mut elections = node.elections.lock().expect("elections lock");
+            elections.answers.retain(|id, _| voters.contains(id));
+            let input = crate::election_guard::Input {
+                now_ms: elections.origin.elapsed().as_millis() as u64,
+                me: node.id(),
+                voters: &voters,
+                answers: &elections.answers,
+                answer_fresh_ms: ELECTION_PROBE_MS * 5,
+                leader_alive_ms: node.config.election_timeout_min_ms,
+            };
+            // A node that cannot make progress does not campaign either: it
+            // would only win leadership it cannot use.
+            let decision = match node.stall() {
+                Some(why) => crate::election_guard::Decision::HoldBack(why),
+                None => crate::election_guard::decide(&input),
+            };
+            let why = match &decision {
+                crate::election_guard::Decision::Campaign => None,
+                crate::election_guard::Decision::HoldBack(why) => Some(why.clone()),
+            };
+            if why.is_some() != elections.hold_back.is_some() {
+                match &why {
+                    Some(why) => tracing::info!(%why, "holding back from elections"),
+                    None => tracing::info!("may campaign again"),
+                }
+            }
+            elections.hold_back = why;
+            decision
+        };
+        let allowed = decision == crate::election_guard::Decision::Campaign;
+        let leading = node.is_leader();
+        if allowed != campaigning && !leading {
+            campaigning = allowed;
+            node.raft.runtime_config().elect(allowed);
         }
     }
 }
