@@ -117,11 +117,15 @@ pub enum Command {
         on: Vec<u64>,
         timeout_ms: u64,
     },
-    /// Replaces the policy if its version is still `expected_version`.
+    /// Replaces the policy if its version is still `expected_version`. A
+    /// change that would refuse all new work of some kind or delete retained
+    /// tasks (`State::force_reasons`) is refused unless `force` is set.
     SetPolicy {
         policy: crate::Limits,
         expected_version: u64,
         note: String,
+        #[serde(default)]
+        force: bool,
     },
     /// Makes an earlier version's policy current again (as a new version).
     RollbackPolicy {

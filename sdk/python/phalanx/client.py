@@ -528,8 +528,10 @@ class _Endpoints:
         return _Request("GET", "/v1/config")
 
     @staticmethod
-    def config_set(changes: dict[str, Any], expected_version: Optional[int]) -> _Request[dict[str, Any]]:
-        body = _drop_none({"set": dict(changes), "expected_version": expected_version})
+    def config_set(
+        changes: dict[str, Any], expected_version: Optional[int], force: bool = False
+    ) -> _Request[dict[str, Any]]:
+        body = _drop_none({"set": dict(changes), "expected_version": expected_version, "force": force or None})
         return _Request("PUT", "/v1/config", body, retry="safe" if expected_version is None else "if_not_sent")
 
     @staticmethod
@@ -856,8 +858,10 @@ class Client(_ClientBase):
     def config_get(self) -> dict[str, Any]:
         return self._call(_Endpoints.config_get())
 
-    def config_set(self, changes: dict[str, Any], expected_version: Optional[int] = None) -> dict[str, Any]:
-        return self._call(_Endpoints.config_set(changes, expected_version))
+    def config_set(
+        self, changes: dict[str, Any], expected_version: Optional[int] = None, force: bool = False
+    ) -> dict[str, Any]:
+        return self._call(_Endpoints.config_set(changes, expected_version, force))
 
     def config_history(self) -> dict[str, Any]:
         return self._call(_Endpoints.config_history())
@@ -1023,8 +1027,10 @@ class AsyncClient(_ClientBase):
     async def config_get(self) -> dict[str, Any]:
         return await self._call(_Endpoints.config_get())
 
-    async def config_set(self, changes: dict[str, Any], expected_version: Optional[int] = None) -> dict[str, Any]:
-        return await self._call(_Endpoints.config_set(changes, expected_version))
+    async def config_set(
+        self, changes: dict[str, Any], expected_version: Optional[int] = None, force: bool = False
+    ) -> dict[str, Any]:
+        return await self._call(_Endpoints.config_set(changes, expected_version, force))
 
     async def config_history(self) -> dict[str, Any]:
         return await self._call(_Endpoints.config_history())
