@@ -92,10 +92,10 @@ fn an_agent_time_to_live_spans_at_least_three_heartbeats() {
 }
 
 proptest! {
-    /// Whatever value one key takes, validation answers (it never panics or
-    /// wraps, overflow checks being on in tests), refuses a value outside the
-    /// key's bounds naming that key, and accepts nothing that breaks a
-    /// cross-field rule.
+    /// Whatever value one key takes, validation answers (it never panics, in
+    /// a debug build with overflow checks, nor wraps, in release), refuses a
+    /// value outside the key's bounds naming that key, and accepts nothing
+    /// that breaks a cross-field rule.
     #[test]
     fn validation_is_total_and_bounds_name_their_key(
         key_index in 0..BOUNDS.len(),
