@@ -188,11 +188,18 @@ async fn check_refused(cluster: &Cluster, body: serde_json::Value, status: u16, 
 #[tokio::test]
 async fn values_outside_their_bounds_are_refused_naming_field_value_and_bound() {
     let cluster = Cluster::start(1, &[]).await;
-    // 2^63: doubled, it used to wrap to 0 and pass the time-to-live check.
+    // 2^63: doubled, it used to wrap to 0, so with leases long enough for
+    // the other checks an agent time-to-live of 1 ms passed.
     let huge = 1u64 << 63;
+    let wrapping = json!({"set": {
+        "agent_heartbeat_interval_ms": huge,
+        "agent_ttl_ms": 1,
+        "lease_ttl_ms_max": u64::MAX,
+        "lease_ttl_ms_default": huge + 1,
+    }});
     check_refused(
         &cluster,
-        json!({"set": {"agent_heartbeat_interval_ms": huge}}),
+        wrapping,
         400,
         "invalid",
         &["agent_heartbeat_interval_ms", "9223372036854775808", "upper bound 3600000"],
