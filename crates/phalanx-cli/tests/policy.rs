@@ -234,8 +234,20 @@ async fn lowering_agents_max_below_the_registered_agents_needs_force() {
         &["agents_max", "3 agents registered", "force"],
     )
     .await;
-    let (status, answer) = cluster.put(1, "/v1/config", &json!({"set": {"agents_max": 1}, "force": true})).await;
-    assert_eq!(status, 200, "{answer}");
+    // The CLI says the same, and forces the change with `--force`.
+    let config_set = |force: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_phalanx"));
+        command.args(["config", "--nodes", cluster.addr(1), "set", "agents_max=1"]);
+        if force {
+            command.arg("--force");
+        }
+        command.output().unwrap()
+    };
+    let refused = config_set(false);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("force"), "{stderr}");
+    let forced = config_set(true);
+    assert!(forced.status.success(), "{}", String::from_utf8_lossy(&forced.stderr));
     let (_, history) = cluster.get(1, "/v1/config/history").await.unwrap();
     let last = &history["history"][1];
     assert_eq!(last["forced"], true, "{history}");
