@@ -283,7 +283,9 @@ impl State {
         }
         if policy.queue_name_bytes_max < old.queue_name_bytes_max {
             let in_use = self.open_per_queue.keys().chain(self.servers_per_queue.keys());
-            if let Some(queue) = in_use.filter(|queue| queue.len() > policy.queue_name_bytes_max).next() {
+            if let Some(queue) =
+                in_use.filter(|queue| queue.len() > policy.queue_name_bytes_max).max_by_key(|queue| queue.len())
+            {
                 reasons.push((
                     "queue_name_bytes_max",
                     format!(
@@ -296,7 +298,7 @@ impl State {
         }
         if policy.id_bytes_max < old.id_bytes_max {
             let in_use = self.agents.keys().chain(self.conversations.keys()).chain(self.idempotency_keys.keys());
-            if let Some(id) = in_use.filter(|id| id.len() > policy.id_bytes_max).next() {
+            if let Some(id) = in_use.filter(|id| id.len() > policy.id_bytes_max).max_by_key(|id| id.len()) {
                 reasons.push((
                     "id_bytes_max",
                     format!(
