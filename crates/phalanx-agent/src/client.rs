@@ -831,8 +831,9 @@ impl Client {
         self.get("/v1/config/history").await
     }
 
-    pub async fn config_rollback(&self, version: Option<u64>) -> Result<Value, Error> {
-        self.post("/v1/config/rollback", json!({ "version": version })).await
+    /// Makes an earlier version current again; `force` as for `config_set`.
+    pub async fn config_rollback(&self, version: Option<u64>, force: bool) -> Result<Value, Error> {
+        self.post("/v1/config/rollback", json!({ "version": version, "force": force })).await
     }
 
     /// Waits until every task is terminal, reading each with backoff;

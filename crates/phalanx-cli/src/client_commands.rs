@@ -130,7 +130,13 @@ pub enum ConfigCommand {
     /// List earlier versions, with why each was set.
     History,
     /// Make an earlier version current again (default: the previous one).
-    Rollback { version: Option<u64> },
+    Rollback {
+        version: Option<u64>,
+        /// Roll back even to a version that would refuse all new work of
+        /// some kind or delete retained tasks.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub async fn run_config(connect: &Connect, command: ConfigCommand) -> anyhow::Result<()> {
@@ -147,7 +153,7 @@ pub async fn run_config(connect: &Connect, command: ConfigCommand) -> anyhow::Re
             client.config_set(set, force).await?
         }
         ConfigCommand::History => client.config_history().await?,
-        ConfigCommand::Rollback { version } => client.config_rollback(version).await?,
+        ConfigCommand::Rollback { version, force } => client.config_rollback(version, force).await?,
     };
     print(&answer);
     Ok(())

@@ -128,9 +128,16 @@ pub enum Command {
         force: bool,
     },
     /// Makes an earlier version's policy current again (as a new version).
+    /// A client's rollback (`by_client`) is judged like a change and needs
+    /// `force` in the same cases; the policy guard's is never refused for
+    /// want of it (and entries written before the field existed were not).
     RollbackPolicy {
         to_version: u64,
         note: String,
+        #[serde(default)]
+        by_client: bool,
+        #[serde(default)]
+        force: bool,
     },
     /// Records that a node left the cluster, so its id is never reused.
     RetireNode {

@@ -405,10 +405,10 @@ impl State {
         Ok(Some(why))
     }
 
-    /// Validates and installs a policy. A change by a client (`judged`) must
-    /// also pass `force_reasons` unless it carries `force`; a rollback is not
-    /// judged, so that the policy guard can always restore a version that
-    /// served.
+    /// Validates and installs a policy. A change or rollback by a client
+    /// (`judged`) must also pass `force_reasons` unless it carries `force`;
+    /// the policy guard's rollback is not judged, so that it can always
+    /// restore a version that served.
     fn set_policy(&mut self, policy: &Limits, note: String, judged: bool, force: bool) -> Result<Outcome, Error> {
         policy
             .validate()
@@ -684,12 +684,12 @@ impl State {
                     self.set_policy(policy, note.clone(), true, *force)
                 }
             }
-            Command::RollbackPolicy { to_version, note } => {
+            Command::RollbackPolicy { to_version, note, by_client, force } => {
                 match self.policy_history.iter().find(|v| v.version == *to_version) {
                     None => Err(invalid("version", format!("policy version {to_version} is not in the history"))),
                     Some(old) => {
                         let policy = old.policy.clone();
-                        self.set_policy(&policy, format!("rollback to {to_version}: {note}"), false, false)
+                        self.set_policy(&policy, format!("rollback to {to_version}: {note}"), *by_client, *force)
                     }
                 }
             }

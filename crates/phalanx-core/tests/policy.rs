@@ -272,20 +272,28 @@ fn lowering_tasks_max_to_the_open_tasks_or_a_name_limit_below_names_in_use_needs
 }
 
 #[test]
-fn a_rollback_is_never_refused_for_want_of_force() {
+fn a_guard_rollback_is_never_refused_for_want_of_force_a_client_rollback_is() {
     let mut sim = Sim::new();
     sim.register("a");
     // Version 2 allows one agent (one is registered: no force needed).
     assert!(matches!(sim.set(Limits { agents_max: 1, ..Limits::default() }, false), Outcome::PolicySet { .. }));
-    let outcome = sim.one(Command::RollbackPolicy { to_version: 1, note: "test".into() });
+    let rollback = |to_version: u64, by_client: bool, force: bool| Command::RollbackPolicy {
+        to_version,
+        note: "test".into(),
+        by_client,
+        force,
+    };
+    let outcome = sim.one(rollback(1, true, false));
     assert!(matches!(outcome, Outcome::PolicySet { version: 3 }), "{outcome:?}");
     sim.register("b");
-    // Back to version 2 with two agents registered: a client's change would
-    // need force, a rollback (the policy guard's tool) does not.
-    assert!(!sim.state.force_reasons(&Limits { agents_max: 1, ..Limits::default() }).is_empty());
-    let outcome = sim.one(Command::RollbackPolicy { to_version: 2, note: "test".into() });
+    // Back to version 2 with two agents registered: a client's rollback
+    // needs force like a change, the policy guard's does not.
+    let outcome = sim.one(rollback(2, true, false));
+    assert!(matches!(outcome, Outcome::Refused { error: Error::ForceRequired { .. } }), "{outcome:?}");
+    let outcome = sim.one(rollback(2, false, false));
     assert!(matches!(outcome, Outcome::PolicySet { version: 4 }), "{outcome:?}");
     assert_eq!(sim.state.limits().agents_max, 1);
+    assert!(!sim.state.policy_history().last().unwrap().forced);
 }
 
 #[test]

@@ -990,22 +990,33 @@ async fn config_set(State(node): State<Node_>, body: Body) -> ApiResult {
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
     version: Option<u64>,
+    /// Needed, as for a change, when the version rolled back to would refuse
+    /// all new work of some kind or delete retained tasks.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn config_rollback(State(node): State<Node_>, body: Body) -> ApiResult {
     let body = parse::<RollbackBody>(body)?;
-    let to_version = match body.version {
-        Some(version) => version,
-        None => {
-            let data = node.shared.data.read().expect("state lock");
-            let history = data.state.policy_history();
-            if history.len() < 2 {
+    let to_version = {
+        let data = node.shared.data.read().expect("state lock");
+        let history = data.state.policy_history();
+        let to_version = match body.version {
+            Some(version) => version,
+            None if history.len() < 2 => {
                 return Err(ApiError::invalid("there is no earlier policy version to roll back to"));
             }
-            history[history.len() - 2].version
+            None => history[history.len() - 2].version,
+        };
+        // Judged before proposing, so a refusal costs no log entry; the
+        // state machine judges it again when applying.
+        if let Some(old) = history.iter().find(|v| v.version == to_version) {
+            data.state.judge_policy(&old.policy, body.force)?;
         }
+        to_version
     };
-    let command = Command::RollbackPolicy { to_version, note: "asked by a client".into() };
+    let command =
+        Command::RollbackPolicy { to_version, note: "asked by a client".into(), by_client: true, force: body.force };
     let (outcome, _) = propose(&node, command).await?;
     let Outcome::PolicySet { version } = outcome else { unreachable!() };
     Ok(Json(json!({ "version": version, "rolled_back_to": to_version })).into_response())

@@ -651,7 +651,7 @@ impl PolicyGuard {
         let previous = history[history.len() - 2].version;
         let rollback = |note: String| {
             tracing::error!(%note, "rolling the policy back to version {previous}");
-            Some(Command::RollbackPolicy { to_version: previous, note })
+            Some(Command::RollbackPolicy { to_version: previous, note, by_client: false, force: false })
         };
 
         // Dispatch.
