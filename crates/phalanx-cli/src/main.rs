@@ -136,8 +136,20 @@ pub struct ServerArgs {
     pub requests_in_flight_max: usize,
     /// Client connections served at once (idle keep-alive ones included);
     /// past it a new connection is answered 503 before it is read.
+    /// (capped at start by what the descriptor limit leaves).
     #[arg(long, default_value_t = 16_384)]
     pub connections_max: usize,
+    /// A node whose wall clock is further than this from the majority's is
+    /// not ready, does not campaign and hands leadership over.
+    #[arg(long, default_value_t = 500)]
+    pub clock_skew_max_ms: u64,
+    /// New work is refused with 507 disk_full while the data directory's file
+    /// system has less free space than this many bytes...
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub disk_free_min_bytes: u64,
+    /// ...or than this share of the file system, in percent.
+    #[arg(long, default_value_t = 1)]
+    pub disk_free_min_percent: u64,
 }
 
 impl ServerArgs {
@@ -157,6 +169,9 @@ impl ServerArgs {
         config.client_burst = self.client_burst;
         config.requests_in_flight_max = self.requests_in_flight_max;
         config.connections_max = self.connections_max;
+        config.clock_skew_max_ms = self.clock_skew_max_ms;
+        config.disk_free_min_bytes = self.disk_free_min_bytes;
+        config.disk_free_min_percent = self.disk_free_min_percent;
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             config.apply_file(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;
@@ -232,6 +247,13 @@ fn main() -> std::process::ExitCode {
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // A node whose Raft has stopped on a storage error ends at once with
+        // its own status, without waiting for blocked storage threads: its
+        // supervisor restarts it, and it recovers from its fsynced log.
+        Err(error) if error.downcast_ref::<phalanx_server::node::RaftStopped>().is_some() => {
+            eprintln!("phalanx: {error:#}");
+            std::process::exit(phalanx_server::node::EXIT_RAFT_STOPPED.into());
+        }
         Err(error) => {
             eprintln!("phalanx: {error:#}");
             std::process::ExitCode::FAILURE

@@ -506,7 +506,17 @@ async fn submit(State(node): State<Node_>, body: Body) -> ApiResult {
     answer
 }
 
+/// Refuses new work (submits, delegations, registrations) while the disk is
+/// under its watermark; finishing work and reads go on, so the fleet drains.
+fn check_disk(node: &Node) -> Result<(), ApiError> {
+    match node.disk_problem() {
+        Some(why) => Err(ApiError::disk_full(format!("new work refused: {why}"))),
+        None => Ok(()),
+    }
+}
+
 async fn submit_task(node: &Node_, body: Body) -> ApiResult {
+    check_disk(node)?;
     let task = parse::<SubmitBody>(body)?.into_new_task(node)?;
     let (outcome, _) = propose(node, Command::Submit { tasks: vec![task] }).await?;
     let Outcome::Submitted { mut results } = outcome else { unreachable!("submit answers Submitted") };
@@ -531,6 +541,7 @@ async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
 
 /// A batch; each task's outcome is counted for the policy guard on its own.
 async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
+    check_disk(node)?;
     let batch = parse::<BatchBody>(body)?;
     let batch_max = node.shared.data.read().expect("state lock").state.limits().batch_tasks_max;
     if batch.tasks.is_empty() || batch.tasks.len() > batch_max {
@@ -778,6 +789,7 @@ struct RegisterBody {
 }
 
 async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
+    check_disk(&node)?;
     let body = parse::<RegisterBody>(body)?;
     let command = Command::RegisterAgent {
         agent_id: body.agent_id.clone(),
@@ -1078,6 +1090,7 @@ async fn cluster(State(node): State<Node_>) -> ApiResult {
     let membership = metrics.membership_config.membership();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
     let contacts = node.peer_contacts.lock().expect("contacts lock").clone();
+    let skews = node.log_clock.skews_ms();
     let nodes: Vec<Value> = membership
         .nodes()
         .map(|(id, member)| {
@@ -1091,6 +1104,8 @@ async fn cluster(State(node): State<Node_>) -> ApiResult {
                 "voter": voters.contains(id),
                 "matched_index": matched,
                 "last_contact_ms": last_contact_ms,
+                "clock_skew_ms": skews.get(id),
+                "clock_skewed": skews.get(id).map(|skew| skew.unsigned_abs() > node.config.clock_skew_max_ms),
             })
         })
         .collect();
@@ -1104,6 +1119,11 @@ async fn cluster(State(node): State<Node_>) -> ApiResult {
         "snapshot_index": metrics.snapshot.map(|l| l.index),
         "millis_since_quorum_ack": metrics.millis_since_quorum_ack,
         "election_hold_back": node.elections.lock().expect("elections lock").hold_back.clone(),
+        "clock_skew_max_ms": node.config.clock_skew_max_ms,
+        "disk_free_bytes": node.disk.free_bytes.load(Ordering::Relaxed),
+        "disk_free_min_bytes": node.disk_free_min_bytes(),
+        "connections_max": node.config.connections_max,
+        "descriptor_limit": node.descriptors.limit,
         "nodes": nodes,
     }))
     .into_response())
@@ -1412,14 +1432,17 @@ async fn raft_append(State(node): State<Node_>, body: Body) -> ApiResult {
     Ok(Json(answer).into_response())
 }
 
-/// The election guard's probe (`election_guard.rs`): who this node is and
-/// how long ago it last heard from its leader.
+/// The election guard's probe (`election_guard.rs`): who this node is, how
+/// long ago it last heard from its leader (nothing while, as leader, it hands
+/// leadership over), and its wall clock (for `clock.rs`).
 async fn raft_probe(State(node): State<Node_>) -> ApiResult {
     let term = node.raft.server_metrics().borrow().vote.leader_id().term;
+    let stepping_down = node.stepping_down.load(Ordering::Relaxed);
     Ok(Json(json!({
         "node_id": node.id(),
         "term": term,
-        "leader_contact_age_ms": node.leader_contact_age_ms(),
+        "leader_contact_age_ms": if stepping_down { None } else { node.leader_contact_age_ms() },
+        "wall_clock_ms": crate::clock::wall_clock_ms(),
     }))
     .into_response())
 }

@@ -62,6 +62,14 @@ pub struct NodeConfig {
     /// Client connections served at once (idle keep-alive ones included);
     /// past it a new connection gets `503 overloaded` before it is read.
     pub connections_max: usize,
+    /// A node whose wall clock is further than this from the majority's is
+    /// not ready, does not campaign and hands leadership over (`clock.rs`).
+    pub clock_skew_max_ms: u64,
+    /// Free space on the data directory's file system below which new work
+    /// (submits, registrations) is refused with `507 disk_full`: the larger
+    /// of this many bytes and `disk_free_min_percent` of the file system.
+    pub disk_free_min_bytes: u64,
+    pub disk_free_min_percent: u64,
 }
 
 impl NodeConfig {
@@ -92,6 +100,9 @@ impl NodeConfig {
             client_burst: 40_000.0,
             clients_tracked_max: 10_000,
             connections_max: 16_384,
+            clock_skew_max_ms: 500,
+            disk_free_min_bytes: 64 * 1024 * 1024,
+            disk_free_min_percent: 1,
         }
     }
 
@@ -162,6 +173,12 @@ impl NodeConfig {
         if self.election_timeout_max_ms <= self.election_timeout_min_ms {
             return Err("election_timeout_max_ms must exceed election_timeout_min_ms".into());
         }
+        if self.clock_skew_max_ms == 0 {
+            return Err("clock_skew_max_ms must be positive".into());
+        }
+        if self.disk_free_min_percent > 50 {
+            return Err("disk_free_min_percent must be at most 50".into());
+        }
         if !(self.client_rate_per_second > 0.0 && self.client_burst >= 1.0) {
             return Err("client_rate_per_second must be positive and client_burst at least 1".into());
         }
@@ -205,6 +222,9 @@ impl NodeConfig {
                 "client_rate_per_second" => self.client_rate_per_second = number_of(value)? as f64,
                 "client_burst" => self.client_burst = number_of(value)? as f64,
                 "connections_max" => self.connections_max = number_of(value)? as usize,
+                "clock_skew_max_ms" => self.clock_skew_max_ms = number_of(value)?,
+                "disk_free_min_bytes" => self.disk_free_min_bytes = number_of(value)?,
+                "disk_free_min_percent" => self.disk_free_min_percent = number_of(value)?,
                 other => return Err(at(format!("unknown key {other:?}"))),
             }
         }

@@ -38,6 +38,12 @@ pub struct Input<'a> {
     /// A leader heard from within this is alive (openraft's leader lease
     /// lasts the election timeout).
     pub leader_alive_ms: u64,
+    /// This node's wall clock minus the majority's (`clock.rs`), if known.
+    pub clock_skew_ms: Option<i64>,
+    /// A node whose clock is further than this from the majority's does not
+    /// campaign: as leader it would stamp nothing wrong (log time follows the
+    /// majority), but it is not ready and would only hand leadership over.
+    pub clock_skew_max_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +57,12 @@ pub fn decide(input: &Input) -> Decision {
     if !input.voters.contains(&input.me) {
         // A learner never campaigns; openraft knows that already.
         return Decision::Campaign;
+    }
+    if let Some(skew) = input.clock_skew_ms.filter(|skew| skew.unsigned_abs() > input.clock_skew_max_ms) {
+        return Decision::HoldBack(format!(
+            "this node's clock is {skew} ms from the majority's, past clock_skew_max_ms {}",
+            input.clock_skew_max_ms
+        ));
     }
     let mut reachable = vec![input.me];
     for (peer, answer) in input.answers {
@@ -85,12 +97,24 @@ mod tests {
     use super::*;
 
     fn check(answers: &[(u64, u64, Option<u64>)], now_ms: u64, expected: &str) {
+        check_skewed(answers, now_ms, None, expected)
+    }
+
+    fn check_skewed(answers: &[(u64, u64, Option<u64>)], now_ms: u64, clock_skew_ms: Option<i64>, expected: &str) {
         let answers: BTreeMap<u64, PeerAnswer> = answers
             .iter()
             .map(|(peer, at_ms, contact)| (*peer, PeerAnswer { at_ms: *at_ms, leader_contact_age_ms: *contact }))
             .collect();
-        let input =
-            Input { now_ms, me: 3, voters: &[1, 2, 3], answers: &answers, answer_fresh_ms: 300, leader_alive_ms: 100 };
+        let input = Input {
+            now_ms,
+            me: 3,
+            voters: &[1, 2, 3],
+            answers: &answers,
+            answer_fresh_ms: 300,
+            leader_alive_ms: 100,
+            clock_skew_ms,
+            clock_skew_max_ms: 500,
+        };
         let got = match decide(&input) {
             Decision::Campaign => "campaign".to_string(),
             Decision::HoldBack(why) => why,
@@ -119,5 +143,15 @@ mod tests {
         // Node 2 answered 80 ms ago with contact age 40: 120 ms by now.
         check(&[(2, 920, Some(40))], 1_000, "campaign");
         check(&[(2, 990, None)], 1_000, "campaign");
+    }
+
+    #[test]
+    fn a_node_whose_clock_is_off_holds_back() {
+        let hour = 3_600_000;
+        check_skewed(&[(2, 990, None)], 1_000, Some(hour), "clock is 3600000 ms from the majority's");
+        check_skewed(&[(2, 990, None)], 1_000, Some(-hour), "clock is -3600000 ms");
+        // Within the bound, or not yet known: the other rules decide.
+        check_skewed(&[(2, 990, None)], 1_000, Some(499), "campaign");
+        check_skewed(&[(2, 990, None)], 1_000, None, "campaign");
     }
 }

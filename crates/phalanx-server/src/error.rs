@@ -1,7 +1,7 @@
 //! The one place where errors become HTTP responses.
 //!
 //! Every refusal is `{"error": {"code", "message", "leader_hint"?, "retry_after_ms"?}}`
-//! with the status given in docs/api.md; 429 and 503 carry `Retry-After`.
+//! with the status given in docs/api.md; 429, 503 and 507 carry `Retry-After`.
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -34,6 +34,11 @@ impl ApiError {
     }
     pub fn overloaded(code: &'static str, message: impl Into<String>, retry_after_ms: u64) -> ApiError {
         ApiError { retry_after_ms: Some(retry_after_ms), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message) }
+    }
+    /// New work refused while the data directory's file system is under its
+    /// free-space watermark (`507 Insufficient Storage`).
+    pub fn disk_full(message: impl Into<String>) -> ApiError {
+        ApiError { retry_after_ms: Some(5_000), ..ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message) }
     }
     pub fn with_leader_hint(mut self, hint: Option<String>) -> ApiError {
         self.leader_hint = hint;

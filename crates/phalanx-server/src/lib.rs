@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod election_guard;
 pub mod error;

@@ -1,9 +1,10 @@
 //! A running node: opens storage, starts the Raft replica, the proposer, the
 //! leader's timer loop and the HTTP server, and wires them together.
 //!
-//! The timer loop is the only place that turns wall-clock time into commands:
-//! it proposes `ExpireAgent` when an agent's heartbeat time-to-live runs out
-//! and `Tick` when a lease, backoff or deadline falls due. Agent liveness is
+//! The timer loop is the only place that turns time into commands: it
+//! proposes `ExpireAgent` when an agent's heartbeat time-to-live runs out
+//! (monotonic time) and `Tick` when a lease, backoff or deadline falls due
+//! (log time, `clock.rs`). Agent liveness is
 //! soft state here, rebuilt (everyone gets a fresh time-to-live) whenever this
 //! node becomes leader, so a failover never expires the fleet.
 
@@ -17,7 +18,7 @@ use anyhow::Context;
 use openraft::ServerState;
 use phalanx_core::Command;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -95,7 +96,45 @@ pub struct Node {
     pub listener_stats: Arc<crate::listener::ListenerStats>,
     pub stats: NodeStats,
     pub elections: Mutex<Elections>,
+    /// Log time while this node leads, and every node's clock skew.
+    pub log_clock: Arc<crate::clock::LogClock>,
+    /// The data directory's file system, as last measured (`disk_loop`).
+    pub disk: DiskSpace,
+    /// Set while this node, as leader, hands leadership over: its probe
+    /// answer then no longer says it hears from a leader, so the others may
+    /// campaign.
+    pub stepping_down: AtomicBool,
+    /// What `raise_descriptor_limit` found and set at start.
+    pub descriptors: Descriptors,
 }
+
+/// Free space on the data directory's file system, measured every
+/// `DISK_CHECK_MS` off the async workers.
+#[derive(Default)]
+pub struct DiskSpace {
+    pub free_bytes: AtomicU64,
+    pub total_bytes: AtomicU64,
+    /// Set while free space is under the watermark.
+    pub low: AtomicBool,
+}
+
+/// The descriptor limit and what it left for client connections.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Descriptors {
+    pub limit: u64,
+    pub connections_max: usize,
+}
+
+/// The exit status of a node whose Raft stopped on a storage error
+/// (`EX_TEMPFAIL`): a supervisor restarts it, and it recovers from its
+/// fsynced log. openraft cannot be restarted in place, and a process that
+/// lives on with a stopped Raft is one no supervisor restarts.
+pub const EXIT_RAFT_STOPPED: u8 = 75;
+
+/// Why `Running::wait_for_signal` ended without a signal.
+#[derive(Debug, thiserror::Error)]
+#[error("raft stopped: {0}; exiting with status {EXIT_RAFT_STOPPED} so that a supervisor restarts this node")]
+pub struct RaftStopped(pub String);
 
 impl Node {
     /// Notes that a leader's append or snapshot was accepted here.
@@ -159,12 +198,30 @@ impl Running {
         Ok(())
     }
 
-    /// Serves until the process receives SIGTERM or SIGINT.
+    /// Serves until the process receives SIGTERM or SIGINT, or until Raft
+    /// stops on a storage error (then `RaftStopped`, at once: no fsync is
+    /// retried as if its data were safe; the restarted node recovers from
+    /// its log).
     pub async fn wait_for_signal(self) -> anyhow::Result<()> {
         let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut metrics = self.node.raft.metrics();
+        let stopped = async move {
+            loop {
+                if let Err(fatal) = &metrics.borrow().running_state {
+                    return fatal.to_string();
+                }
+                if metrics.changed().await.is_err() {
+                    return "the Raft task ended".to_string();
+                }
+            }
+        };
         tokio::select! {
             _ = terminate.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
+            why = stopped => {
+                tracing::error!(%why, "raft stopped: exiting with status {EXIT_RAFT_STOPPED}");
+                return Err(RaftStopped(why).into());
+            }
         }
         tracing::info!("shutting down");
         self.shutdown().await
@@ -194,6 +251,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let (log_store, state_machine) =
         store::open(&config.data_dir).with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
     let shared = state_machine.shared();
+    let log_clock = Arc::new(crate::clock::LogClock::new(config.node_id, shared.clone()));
+    let mut config = config;
+    let descriptors = raise_descriptor_limit(&mut config);
     let storage_health = log_store.health.clone();
     let raft_config = Arc::new(raft_config(&config)?);
     let network = Network::new(config.peer_token.clone());
@@ -233,7 +293,6 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         None => None,
     };
     let raft_addr = raft_listener.as_ref().map(|l| l.local_addr()).transpose()?;
-    let mut config = config;
     if config.advertise.is_none() {
         config.advertise = Some(addr.to_string());
     }
@@ -247,6 +306,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         let _inside = consensus.enter();
         Proposer::start(
             raft.clone(),
+            log_clock.clone(),
             config.batch_commands_max,
             config.proposals_in_flight_max,
             config.write_timeout_ms,
@@ -275,11 +335,18 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         cluster_readiness: Mutex::new(None),
         stats: NodeStats::default(),
         elections: Mutex::default(),
+        log_clock,
+        disk: DiskSpace::default(),
+        stepping_down: AtomicBool::new(false),
+        descriptors,
     });
+    // Measured once before serving, so the first request already knows.
+    measure_disk(&node);
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     consensus.spawn(timer_loop(node.clone(), shutdown_rx.clone()));
     consensus.spawn(election_loop(node.clone(), shutdown_rx.clone()));
+    tokio::spawn(disk_loop(node.clone(), shutdown_rx.clone()));
     tokio::spawn(watchdog(node.clone(), 0, shutdown_rx.clone()));
     consensus.spawn(watchdog(node.clone(), 1, shutdown_rx.clone()));
     if let Some(raft_listener) = raft_listener {
@@ -306,6 +373,149 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     });
     tracing::info!(node_id = node.id(), %addr, ?raft_addr, "node serving");
     Ok(Running { node, addr, raft_addr, shutdown_tx, server, raft_runtime })
+}
+
+/// Descriptors a node needs besides client connections and peers: its
+/// database file, listeners, the runtimes' own, and a margin for what the
+/// libraries open on their own.
+const DESCRIPTORS_RESERVED: u64 = 128;
+/// Descriptors kept per peer: the forwarding pool (at most 64 idle
+/// connections per host), Raft connections both ways and probes.
+const DESCRIPTORS_PER_PEER: u64 = 80;
+/// The fewest client connections a node serves, however low its limit: a
+/// node that cannot accept a handful of clients is of no use, and says so.
+const CONNECTIONS_MIN: u64 = 16;
+/// The highest soft limit asked for when the hard limit is unlimited
+/// (Linux's default `fs.nr_open`).
+const DESCRIPTORS_ASKED_MAX: u64 = 1 << 20;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and caps
+/// `connections_max` by what is left after the descriptors the node needs,
+/// so that past the cap a client gets `503 overloaded` at once instead of
+/// waiting on a listener that cannot accept. Both are logged.
+fn raise_descriptor_limit(config: &mut NodeConfig) -> Descriptors {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes into the struct passed, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(%error, "cannot read the descriptor limit: connections_max stays as configured");
+        return Descriptors { limit: 0, connections_max: config.connections_max };
+    }
+    let before = limit.rlim_cur;
+    let wanted = limit.rlim_max.min(DESCRIPTORS_ASKED_MAX);
+    if limit.rlim_cur < wanted {
+        let raised = libc::rlimit { rlim_cur: wanted, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit only reads the struct passed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = wanted;
+        } else {
+            let error = std::io::Error::last_os_error();
+            tracing::warn!(%error, "cannot raise the soft descriptor limit to {wanted}");
+        }
+    }
+    let peers = config.peers.len().saturating_sub(1) as u64;
+    let reserved = DESCRIPTORS_RESERVED + peers * DESCRIPTORS_PER_PEER;
+    let room = limit.rlim_cur.saturating_sub(reserved).max(CONNECTIONS_MIN);
+    let configured = config.connections_max;
+    config.connections_max = configured.min(usize::try_from(room).unwrap_or(usize::MAX));
+    tracing::info!(
+        soft_limit_before = before,
+        soft_limit = limit.rlim_cur,
+        hard_limit = limit.rlim_max,
+        reserved,
+        connections_max = config.connections_max,
+        "descriptor limit"
+    );
+    if config.connections_max < configured {
+        tracing::warn!(
+            configured,
+            connections_max = config.connections_max,
+            "connections_max capped by the descriptor limit: raise the hard limit (ulimit -Hn, LimitNOFILE=) to serve more"
+        );
+    }
+    Descriptors { limit: limit.rlim_cur, connections_max: config.connections_max }
+}
+
+/// How often the data directory's free space is measured.
+const DISK_CHECK_MS: u64 = 500;
+
+/// Free and total bytes of the file system holding `path` (`statvfs`: free
+/// means available to this unprivileged process).
+fn file_system_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: an all-zero statvfs is a valid value of a plain C struct.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is NUL-terminated and the struct is ours to write.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let unit = stat.f_frsize as u64;
+    Ok((stat.f_bavail as u64 * unit, stat.f_blocks as u64 * unit))
+}
+
+impl Node {
+    /// The free space under which new work is refused.
+    pub fn disk_free_min_bytes(&self) -> u64 {
+        let total = self.disk.total_bytes.load(Ordering::Relaxed);
+        self.config.disk_free_min_bytes.max(total / 100 * self.config.disk_free_min_percent)
+    }
+
+    /// Why new work is refused for want of disk space, if it is.
+    pub fn disk_problem(&self) -> Option<String> {
+        if !self.disk.low.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(format!(
+            "disk space low: {} bytes free on the data directory's file system, under the watermark of {} bytes \
+             (disk_free_min_bytes, disk_free_min_percent)",
+            self.disk.free_bytes.load(Ordering::Relaxed),
+            self.disk_free_min_bytes()
+        ))
+    }
+
+    /// Why this node's clock is not to be trusted, if it is not.
+    pub fn clock_problem(&self) -> Option<String> {
+        let skew = self.log_clock.own_skew_ms()?;
+        (skew.unsigned_abs() > self.config.clock_skew_max_ms).then(|| {
+            format!(
+                "clock skew: this node's clock is {skew} ms from the majority's, past clock_skew_max_ms {}",
+                self.config.clock_skew_max_ms
+            )
+        })
+    }
+}
+
+/// Measures the data directory's file system and sets `disk.low`. Blocking
+/// (a system call on a file system that may be slow): never on an async worker.
+fn measure_disk(node: &Node) {
+    match file_system_space(&node.config.data_dir) {
+        Ok((free, total)) => {
+            node.disk.free_bytes.store(free, Ordering::Relaxed);
+            node.disk.total_bytes.store(total, Ordering::Relaxed);
+            let low = free < node.disk_free_min_bytes();
+            if node.disk.low.swap(low, Ordering::Relaxed) != low {
+                match low {
+                    true => tracing::error!(free, total, "disk space low: refusing new work until space is freed"),
+                    false => tracing::info!(free, total, "disk space recovered: accepting new work again"),
+                }
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot measure the data directory's free space"),
+    }
+}
+
+async fn disk_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(DISK_CHECK_MS));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let node = node.clone();
+        let _ = tokio::task::spawn_blocking(move || measure_disk(&node)).await;
+    }
 }
 
 /// Event loop lag past which a node is not ready.
@@ -405,6 +615,8 @@ impl Node {
             problems.push(format!("apply lag {} entries", last_log - applied));
         }
         problems.extend(self.stall());
+        problems.extend(self.clock_problem());
+        problems.extend(self.disk_problem());
         for (slot, name) in ["api", "consensus"].iter().enumerate() {
             let lag = self.event_loop_lag_ms[slot].load(Ordering::Relaxed);
             if lag > EVENT_LOOP_LAG_MS_MAX {
@@ -462,10 +674,16 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             let metrics = metrics.borrow();
             (metrics.state, metrics.vote.leader_id().term, metrics.current_leader)
         };
-        let stall = node.stall();
+        // A leader whose clock is off hands over like a stalled one: it is
+        // not ready, and its clients would see it refuse.
+        let stall = node.stall().or_else(|| node.clock_problem());
         if state != ServerState::Leader || leader != Some(node.id()) {
             if stepped_down.take().is_some() {
                 node.raft.runtime_config().heartbeat(true);
+                node.stepping_down.store(false, Ordering::Relaxed);
+            }
+            if leading_term.is_some() {
+                node.log_clock.reset();
             }
             // Whether a follower campaigns is `election_loop`'s to decide.
             leading_term = None;
@@ -474,9 +692,10 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
         // A leader whose disk or apply loop has stalled hands leadership over:
         // it stops its keep-alives so a healthy follower times out and is elected.
         if let Some(why) = stall.as_ref().filter(|_| stepped_down.is_none()) {
-            tracing::error!(%why, "stalled on the leader: stepping down");
+            tracing::error!(%why, "the leader cannot serve: stepping down");
             node.raft.runtime_config().heartbeat(false);
             node.raft.runtime_config().elect(false);
+            node.stepping_down.store(true, Ordering::Relaxed);
             stepped_down = Some(Instant::now());
             continue;
         }
@@ -487,11 +706,13 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             // No one took over (a one-node cluster, or no healthy peer): lead again.
             node.raft.runtime_config().heartbeat(true);
             node.raft.runtime_config().elect(true);
+            node.stepping_down.store(false, Ordering::Relaxed);
             stepped_down = None;
         }
         if leading_term != Some(term) {
             // New leadership: every agent starts with a fresh time-to-live.
             leading_term = Some(term);
+            node.log_clock.reset();
             node.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
             node.liveness.lock().expect("liveness lock").seen.clear();
         }
@@ -524,7 +745,8 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
                 let _ = node.proposer.propose(Command::ExpireAgent { agent_id, epoch }).await;
             });
         }
-        if next_due_ms.is_some_and(|due| due <= wall_clock_ms()) {
+        // Log time against log time: this node's wall clock plays no part.
+        if next_due_ms.is_some_and(|due| due <= node.log_clock.now_ms()) {
             let _ = node.proposer.propose(Command::Tick).await;
         }
         if let Some(command) = guard.check(&node) {
@@ -564,6 +786,7 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                 .collect();
             (voters, peers)
         };
+        node.log_clock.set_voters(&voters);
         for (peer, raft_addr) in peers {
             let node = node.clone();
             tokio::spawn(async move {
@@ -571,10 +794,16 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                 if let Some(token) = &node.config.peer_token {
                     request = request.bearer_auth(token);
                 }
+                let sent = Instant::now();
                 let Ok(response) = request.send().await else { return };
                 let Ok(answer) = response.json::<serde_json::Value>().await else { return };
                 if answer["node_id"].as_u64() != Some(peer) {
                     return;
+                }
+                // The peer read its clock, as best this node can tell, half
+                // way through the round trip (NTP's offset estimate).
+                if let Some(wall_ms) = answer["wall_clock_ms"].as_u64() {
+                    node.log_clock.record(peer, wall_ms, sent + sent.elapsed() / 2);
                 }
                 let mut elections = node.elections.lock().expect("elections lock");
                 let at_ms = elections.origin.elapsed().as_millis() as u64;
@@ -592,6 +821,8 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                 answers: &elections.answers,
                 answer_fresh_ms: ELECTION_PROBE_MS * 5,
                 leader_alive_ms: node.config.election_timeout_min_ms,
+                clock_skew_ms: node.log_clock.own_skew_ms(),
+                clock_skew_max_ms: node.config.clock_skew_max_ms,
             };
             // A node that cannot make progress does not campaign either: it
             // would only win leadership it cannot use.

@@ -1,8 +1,8 @@
 //! Group commit: many HTTP requests' commands become one Raft log entry.
 //!
 //! Requests queue their command on a bounded channel; one loop takes what has
-//! queued up (at most `batch_commands_max`), stamps it with the leader's clock
-//! and proposes it as one entry. Up to `proposals_in_flight_max` entries are in
+//! queued up (at most `batch_commands_max`), stamps it with log time (the
+//! leader's `clock::LogClock`) and proposes it as one entry. Up to `proposals_in_flight_max` entries are in
 //! flight at once, so while one batch waits for its fsync the next one fills:
 //! the busier the node, the bigger the batches and the fewer fsyncs per task.
 //!
@@ -99,11 +99,17 @@ pub fn wall_clock_ms() -> u64 {
 }
 
 impl Proposer {
-    pub fn start(raft: Raft, batch_commands_max: usize, in_flight_max: usize, write_timeout_ms: u64) -> Proposer {
+    pub fn start(
+        raft: Raft,
+        clock: Arc<crate::clock::LogClock>,
+        batch_commands_max: usize,
+        in_flight_max: usize,
+        write_timeout_ms: u64,
+    ) -> Proposer {
         let queue_max = batch_commands_max * in_flight_max * 2;
         let (tx, rx) = mpsc::channel(queue_max);
         let stats = Arc::new(Stats::default());
-        tokio::spawn(run(raft, rx, batch_commands_max, in_flight_max, stats.clone()));
+        tokio::spawn(run(raft, clock, rx, batch_commands_max, in_flight_max, stats.clone()));
         Proposer { tx, queue_max, write_timeout: Duration::from_millis(write_timeout_ms), stats }
     }
 
@@ -165,6 +171,7 @@ fn command_bytes(command: &Command) -> usize {
 
 async fn run(
     raft: Raft,
+    clock: Arc<crate::clock::LogClock>,
     mut rx: mpsc::Receiver<Proposal>,
     batch_commands_max: usize,
     in_flight_max: usize,
@@ -194,10 +201,11 @@ async fn run(
         stats.entries.fetch_add(1, Ordering::Relaxed);
         stats.commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let raft = raft.clone();
+        let now_ms = clock.now_ms();
         tokio::spawn(async move {
             let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
             let _permit = permit;
-            let request = Request { now_ms: wall_clock_ms(), commands };
+            let request = Request { now_ms, commands };
             match raft.client_write(request).await {
                 Ok(response) => {
                     let index = response.log_id.index;

@@ -29,8 +29,23 @@ pub struct Server {
 
 impl Server {
     pub fn spawn(&mut self) {
+        self.spawn_with(&Environment::default());
+    }
+
+    /// Starts the node in a changed environment: its process started
+    /// through `wrapper` (e.g. `prlimit --nofile=256:256 --`) with `env`
+    /// added (e.g. libfaketime's `LD_PRELOAD` and `FAKETIME`).
+    pub fn spawn_with(&mut self, environment: &Environment) {
         assert!(self.child.is_none(), "node {} already running", self.id);
-        let mut command = Command::new(env!("CARGO_BIN_EXE_phalanx"));
+        let mut command = match environment.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(env!("CARGO_BIN_EXE_phalanx"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_phalanx")),
+        };
+        command.envs(environment.env.iter().map(|(k, v)| (k, v)));
         command
             .args([
                 "server",
@@ -76,6 +91,13 @@ fn server_log(data_dir: &std::path::Path) -> Stdio {
     Stdio::from(file)
 }
 
+/// How a node's process is started, when not as usual (`Server::spawn_with`).
+#[derive(Clone, Debug, Default)]
+pub struct Environment {
+    pub wrapper: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
@@ -91,6 +113,13 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` nodes (n = 1: a one-node cluster without --peers).
     pub async fn start(n: u64, extra: &[&str]) -> Cluster {
+        Cluster::start_with(n, extra, |_| Environment::default()).await
+    }
+
+    /// Starts `n` nodes, each in the environment `environment(id)` gives;
+    /// waits for readiness only of those started as usual (a node whose
+    /// environment is at fault may never be ready).
+    pub async fn start_with(n: u64, extra: &[&str], environment: impl Fn(u64) -> Environment) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let addrs: BTreeMap<u64, (String, String)> = (1..=n)
             .map(|id| (id, (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()))))
@@ -101,6 +130,7 @@ impl Cluster {
             addrs.iter().map(|(id, (api, raft))| format!("{id}={api}/{raft}")).collect::<Vec<_>>().join(",")
         };
         let mut servers = BTreeMap::new();
+        let mut usual = Vec::new();
         for (id, (addr, raft_addr)) in &addrs {
             let mut server = Server {
                 id: *id,
@@ -111,12 +141,16 @@ impl Cluster {
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 child: None,
             };
-            server.spawn();
+            let environment = environment(*id);
+            if environment.wrapper.is_empty() && environment.env.is_empty() {
+                usual.push(*id);
+            }
+            server.spawn_with(&environment);
             servers.insert(*id, server);
         }
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
         let cluster = Cluster { dir, servers, http };
-        for id in addrs.keys() {
+        for id in &usual {
             cluster.wait_ready(*id, Duration::from_secs(30)).await;
         }
         cluster
