@@ -185,6 +185,19 @@ async fn check_short_deadline(cluster: &Cluster, work: &Work) {
             assert!(elapsed >= early, "the 3 s deadline passed after only {elapsed:?}: {body}");
             return;
         }
+        if std::env::var("DEBUG_ENV").is_ok() {
+            for n in 1..=3 {
+                if let Some((v, nodes)) = cluster_view(cluster, n).await {
+                    eprintln!(
+                        "{elapsed:?} node {n}: leader {} hold {} skews {:?} task {}",
+                        v["leader_id"],
+                        v["election_hold_back"],
+                        nodes.values().map(|x| x["clock_skew_ms"].clone()).collect::<Vec<_>>(),
+                        body["state"]
+                    );
+                }
+            }
+        }
         assert!(elapsed < Duration::from_millis(3_000) + slack, "the 3 s deadline has not passed after {elapsed:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -319,7 +332,8 @@ impl SmallDisk {
     }
 
     fn free_bytes(&self) -> u64 {
-        let out = std::process::Command::new("df").args(["-B1", "--output=avail"]).arg(self.dir.path()).output().unwrap();
+        let out =
+            std::process::Command::new("df").args(["-B1", "--output=avail"]).arg(self.dir.path()).output().unwrap();
         String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
     }
 }
@@ -440,8 +454,13 @@ async fn a_storage_error_ends_the_node_with_its_own_status_and_a_restart_recover
     let filler = disk.path().join("filler");
     std::fs::write(&filler, vec![7u8; 8 * 1024 * 1024]).unwrap();
     let mut acknowledged = Vec::new();
+    let mut first_refusal: Option<Instant> = None;
     let status = loop {
         assert!(acknowledged.len() < 2_000, "the disk never filled");
+        assert!(
+            first_refusal.is_none_or(|at| at.elapsed() < Duration::from_secs(20)),
+            "the node lives on, refusing writes, 20 s after its first refusal"
+        );
         let exited = cluster.servers.get_mut(&1).unwrap().child.as_mut().unwrap().try_wait().unwrap();
         if let Some(status) = exited {
             break status;
@@ -449,7 +468,10 @@ async fn a_storage_error_ends_the_node_with_its_own_status_and_a_restart_recover
         let body = json!({"queue": "big", "payload": big_payload(acknowledged.len())});
         match cluster.post(1, "/v1/tasks", &body).await {
             Ok((201, answer)) => acknowledged.push(answer["task_id"].as_u64().unwrap()),
-            Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(_) | Err(_) => {
+                first_refusal.get_or_insert_with(Instant::now);
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
         }
     };
     assert_eq!(status.code(), Some(75), "the node should end with status 75, ended {status:?}");

@@ -254,8 +254,13 @@ fn wants_stale(request: &Request) -> bool {
 
 async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next) -> Response {
     // A node that cannot make progress says so at once, so clients move on
-    // instead of waiting out a write that cannot commit here.
-    if let Some(why) = node.stall() {
+    // instead of waiting out a write that cannot commit here. A leader
+    // handing leadership over (stalled, or its clock off) serves nothing
+    // either: each write or read it served would reach the followers as a
+    // leader's message and keep them from electing another.
+    let handing_over =
+        || node.stepping_down.load(Ordering::Relaxed).then(|| "it is handing leadership over".to_string());
+    if let Some(why) = node.stall().or_else(handing_over) {
         let leader = node.leader().filter(|(id, _)| *id != node.id()).map(|(_, addr)| addr);
         return ApiError::unavailable("not_ready", format!("this node cannot make progress: {why}"), 200)
             .with_leader_hint(leader)

@@ -183,7 +183,12 @@ impl LogClock {
             },
             Some(anchor) if !anchor.referenced && reference.is_some() => {
                 let elapsed_ms = now.duration_since(anchor.at).as_millis() as u64;
-                Anchor { log_ms: start(advance(anchor.log_ms, elapsed_ms, None), reference, 0), at: now, referenced: true, ..anchor }
+                Anchor {
+                    log_ms: start(advance(anchor.log_ms, elapsed_ms, None), reference, 0),
+                    at: now,
+                    referenced: true,
+                    ..anchor
+                }
             }
             Some(anchor) => anchor,
         };

@@ -38,7 +38,10 @@ impl ApiError {
     /// New work refused while the data directory's file system is under its
     /// free-space watermark (`507 Insufficient Storage`).
     pub fn disk_full(message: impl Into<String>) -> ApiError {
-        ApiError { retry_after_ms: Some(5_000), ..ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message) }
+        ApiError {
+            retry_after_ms: Some(5_000),
+            ..ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
+        }
     }
     pub fn with_leader_hint(mut self, hint: Option<String>) -> ApiError {
         self.leader_hint = hint;
