@@ -486,9 +486,10 @@ impl Node {
     }
 }
 
-/// Measures the data directory's file system and sets `disk.low`. Blocking
-/// (a system call on a file system that may be slow): never on an async worker.
-fn measure_disk(node: &Node) {
+/// Measures the data directory's file system and sets `disk.low`; true when
+/// it has just become low. Blocking (a system call on a file system that
+/// may be slow): never on an async worker.
+fn measure_disk(node: &Node) -> bool {
     match file_system_space(&node.config.data_dir) {
         Ok((free, total)) => {
             node.disk.free_bytes.store(free, Ordering::Relaxed);
@@ -499,9 +500,14 @@ fn measure_disk(node: &Node) {
                     true => tracing::error!(free, total, "disk space low: refusing new work until space is freed"),
                     false => tracing::info!(free, total, "disk space recovered: accepting new work again"),
                 }
+                return low;
             }
+            false
         }
-        Err(error) => tracing::warn!(%error, "cannot measure the data directory's free space"),
+        Err(error) => {
+            tracing::warn!(%error, "cannot measure the data directory's free space");
+            false
+        }
     }
 }
 
@@ -513,8 +519,13 @@ async fn disk_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<b
             _ = interval.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let node = node.clone();
-        let _ = tokio::task::spawn_blocking(move || measure_disk(&node)).await;
+        let measured = node.clone();
+        let became_low = tokio::task::spawn_blocking(move || measure_disk(&measured)).await.unwrap_or(false);
+        if became_low {
+            // Compaction first: a snapshot lets the log behind it be purged,
+            // and the database reuses the freed pages before it grows.
+            let _ = node.raft.trigger().snapshot().await;
+        }
     }
 }
 
