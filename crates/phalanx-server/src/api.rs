@@ -513,15 +513,19 @@ async fn submit(State(node): State<Node_>, body: Body) -> ApiResult {
 
 /// Refuses new work (submits, delegations, registrations) while the disk is
 /// under its watermark; finishing work and reads go on, so the fleet drains.
-fn check_disk(node: &Node) -> Result<(), ApiError> {
-    match node.disk_problem() {
-        Some(why) => Err(ApiError::disk_full(format!("new work refused: {why}"))),
-        None => Ok(()),
+/// `body` is what the work will write, counted against the free space until
+/// the next measurement.
+fn check_disk(node: &Node, body: &Body) -> Result<(), ApiError> {
+    if let Some(why) = node.disk_problem() {
+        return Err(ApiError::disk_full(format!("new work refused: {why}")));
     }
+    let bytes = body.as_ref().map_or(0, |b| b.len() as u64);
+    node.disk.written_since_measured.fetch_add(bytes, Ordering::Relaxed);
+    Ok(())
 }
 
 async fn submit_task(node: &Node_, body: Body) -> ApiResult {
-    check_disk(node)?;
+    check_disk(node, &body)?;
     let task = parse::<SubmitBody>(body)?.into_new_task(node)?;
     let (outcome, _) = propose(node, Command::Submit { tasks: vec![task] }).await?;
     let Outcome::Submitted { mut results } = outcome else { unreachable!("submit answers Submitted") };
@@ -546,7 +550,7 @@ async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
 
 /// A batch; each task's outcome is counted for the policy guard on its own.
 async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
-    check_disk(node)?;
+    check_disk(node, &body)?;
     let batch = parse::<BatchBody>(body)?;
     let batch_max = node.shared.data.read().expect("state lock").state.limits().batch_tasks_max;
     if batch.tasks.is_empty() || batch.tasks.len() > batch_max {
@@ -794,7 +798,7 @@ struct RegisterBody {
 }
 
 async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
-    check_disk(&node)?;
+    check_disk(&node, &body)?;
     let body = parse::<RegisterBody>(body)?;
     let command = Command::RegisterAgent {
         agent_id: body.agent_id.clone(),
@@ -1125,7 +1129,7 @@ async fn cluster(State(node): State<Node_>) -> ApiResult {
         "millis_since_quorum_ack": metrics.millis_since_quorum_ack,
         "election_hold_back": node.elections.lock().expect("elections lock").hold_back.clone(),
         "clock_skew_max_ms": node.config.clock_skew_max_ms,
-        "disk_free_bytes": node.disk.free_bytes.load(Ordering::Relaxed),
+        "disk_free_bytes": node.disk_free_bytes(),
         "disk_free_min_bytes": node.disk_free_min_bytes(),
         "connections_max": node.config.connections_max,
         "descriptor_limit": node.descriptors.limit,
