@@ -109,6 +109,10 @@ pub enum Command {
         value: String,
         expected_version: Option<u64>,
     },
+    /// Delete a conversation and its whole context.
+    ContextDelete {
+        conversation_id: String,
+    },
     /// The task holding lease `fence` waits for the tasks `on` to finish,
     /// for at most `timeout_ms`. Refused if the wait would close a cycle.
     Wait {
@@ -165,6 +169,7 @@ pub enum Outcome {
     ContextWritten {
         version: u64,
     },
+    ContextDeleted,
     NodeRetired,
     PolicySet {
         version: u64,

@@ -62,6 +62,24 @@ pub struct Limits {
     /// A lease whose holder reports no progress for this long is revoked and
     /// the task granted elsewhere (the agent is marked stuck).
     pub stall_timeout_ms: u64,
+    /// Bytes of the replicated state as a whole: task payloads, results and
+    /// errors, and conversation contexts. A write that would pass it is
+    /// refused (`state_full`); counts alone let 100,000 conversations of
+    /// 1 MiB each through. Policies written before it existed read the default.
+    #[serde(default = "default_state_bytes_max")]
+    pub state_bytes_max: usize,
+    /// A conversation not written for this long is deleted (it also leaves
+    /// with the last task that carries its id).
+    #[serde(default = "default_conversation_ttl_ms")]
+    pub conversation_ttl_ms: u64,
+}
+
+fn default_state_bytes_max() -> usize {
+    Limits::default().state_bytes_max
+}
+
+fn default_conversation_ttl_ms() -> u64 {
+    Limits::default().conversation_ttl_ms
 }
 
 /// A policy change refused by validation, naming the field.
@@ -78,7 +96,7 @@ impl Limits {
     /// time-to-live more than twice the heartbeat interval, backoff ordered.
     pub fn validate(&self) -> Result<(), Invalid> {
         let fail = |field: &'static str, reason: String| Err(Invalid { field, reason });
-        let positive: [(&'static str, u64); 29] = [
+        let positive: [(&'static str, u64); 31] = [
             ("payload_bytes_max", self.payload_bytes_max as u64),
             ("result_bytes_max", self.result_bytes_max as u64),
             ("queue_tasks_max", self.queue_tasks_max as u64),
@@ -108,6 +126,8 @@ impl Limits {
             ("policy_guard_ms", self.policy_guard_ms),
             ("unserved_grace_ms", self.unserved_grace_ms),
             ("stall_timeout_ms", self.stall_timeout_ms),
+            ("state_bytes_max", self.state_bytes_max as u64),
+            ("conversation_ttl_ms", self.conversation_ttl_ms),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -134,6 +154,19 @@ impl Limits {
         }
         if self.retry_backoff_ms_base > self.retry_backoff_ms_max {
             return fail("retry_backoff_ms_base", "must not exceed retry_backoff_ms_max".into());
+        }
+        // The budget must hold at least one task of the largest payload and
+        // result, and one full conversation: below that, a write every other
+        // limit allows could never be stored.
+        let one_task = self.payload_bytes_max as u64 + self.result_bytes_max as u64;
+        if (self.state_bytes_max as u64) < one_task.max(self.conversation_bytes_max as u64) {
+            return fail(
+                "state_bytes_max",
+                format!(
+                    "must be at least payload_bytes_max + result_bytes_max ({one_task}) and conversation_bytes_max ({})",
+                    self.conversation_bytes_max
+                ),
+            );
         }
         if self.finished_tasks_max > self.tasks_max {
             return fail("finished_tasks_max", "must not exceed tasks_max".into());
@@ -174,6 +207,8 @@ impl Default for Limits {
             policy_guard_ms: 10_000,
             unserved_grace_ms: 60_000,
             stall_timeout_ms: 10 * 60 * 1000,
+            state_bytes_max: 256 * 1024 * 1024,
+            conversation_ttl_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }

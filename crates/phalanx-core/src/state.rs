@@ -44,6 +44,10 @@ pub enum Error {
     LoopDetected { task_id: u64, trail: String },
     #[error("waiting would deadlock: {cycle}")]
     Deadlock { cycle: String },
+    #[error("the replicated state would hold {bytes} bytes, over state_bytes_max ({max}); finished tasks leave with retention, conversations can be deleted")]
+    StateFull { bytes: u64, max: u64 },
+    #[error("conversation {conversation_id:?} not found")]
+    ConversationNotFound { conversation_id: String },
 }
 
 impl Error {
@@ -64,6 +68,8 @@ impl Error {
             Error::VersionConflict { .. } => "version_conflict",
             Error::LoopDetected { .. } => "loop_detected",
             Error::Deadlock { .. } => "deadlock",
+            Error::StateFull { .. } => "state_full",
+            Error::ConversationNotFound { .. } => "not_found",
         }
     }
 }
@@ -120,6 +126,18 @@ pub struct Conversation {
     /// key -> (version, value)
     pub entries: BTreeMap<String, (u64, String)>,
     pub bytes: usize,
+    /// Log time of the last write, from which `conversation_ttl_ms` counts.
+    /// `None` for a conversation written by an earlier version, which then
+    /// leaves only with its tasks or when deleted (never by a guessed age).
+    #[serde(default)]
+    pub written_ms: Option<u64>,
+}
+
+/// The bytes of a task counted against `state_bytes_max`: what a client or
+/// an agent chose the size of (payload, result, error).
+fn task_bytes(task: &Task) -> u64 {
+    (task.payload.len() + task.result.as_ref().map_or(0, String::len) + task.error.as_ref().map_or(0, String::len))
+        as u64
 }
 
 /// Policy versions kept for `config history` and rollback.
@@ -203,12 +221,52 @@ pub struct State {
     /// Ids of nodes removed from the cluster; never to be reused.
     retired_nodes: BTreeSet<u64>,
     counters: Counters,
+    // Derived from the fields above, so not stored in snapshots: `restore`
+    // recounts them when a snapshot is loaded, and `check_invariants` checks them.
+    /// Bytes counted against `state_bytes_max` (see `task_bytes`, `Conversation::bytes`).
+    #[serde(skip)]
+    state_bytes: u64,
+    /// Conversations by last write: (written_ms, id), for `conversation_ttl_ms`.
+    #[serde(skip)]
+    conversation_expiry: BTreeSet<(u64, String)>,
+    /// Tasks in the state per conversation id: a conversation leaves with its last task.
+    #[serde(skip)]
+    conversation_tasks: BTreeMap<String, u64>,
 }
 
 impl State {
     pub fn new(limits: Limits) -> State {
         let first = PolicyVersion { version: 1, policy: limits.clone(), set_ms: 0, note: "bootstrap".into() };
         State { limits, next_task_id: 1, policy_version: 1, policy_history: vec![first], ..State::default() }
+    }
+
+    /// Recounts what is derived from the stored fields (the byte count and
+    /// the conversation indexes). Call it on a state read from a snapshot.
+    pub fn restore(&mut self) {
+        (self.state_bytes, self.conversation_expiry, self.conversation_tasks) = self.derived();
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn derived(&self) -> (u64, BTreeSet<(u64, String)>, BTreeMap<String, u64>) {
+        let bytes = self.tasks.values().map(task_bytes).sum::<u64>()
+            + self.conversations.values().map(|c| c.bytes as u64).sum::<u64>();
+        let expiry = self.conversations.iter().filter_map(|(id, c)| c.written_ms.map(|at| (at, id.clone()))).collect();
+        let mut per_conversation: BTreeMap<String, u64> = BTreeMap::new();
+        for task in self.tasks.values() {
+            if let Some(id) = &task.conversation_id {
+                *per_conversation.entry(id.clone()).or_default() += 1;
+            }
+        }
+        (bytes, expiry, per_conversation)
+    }
+
+    /// Bytes of the replicated state counted against `state_bytes_max`.
+    pub fn state_bytes(&self) -> u64 {
+        self.state_bytes
+    }
+
+    pub fn conversation_count(&self) -> usize {
+        self.conversations.len()
     }
 
     pub fn policy_version(&self) -> u64 {
@@ -314,11 +372,11 @@ impl State {
             let waiting: Vec<u64> =
                 self.ready.get(&queue).map(|set| set.iter().map(|(_, id)| *id).collect()).unwrap_or_default();
             for id in waiting {
-                let task = self.tasks.get_mut(&id).expect("ready task exists");
-                task.error = Some(format!(
+                let error = format!(
                     "unserved: no registered agent serves queue {queue:?} (for {} ms)",
                     now.saturating_sub(since)
-                ));
+                );
+                self.set_error(id, error);
             }
             self.unserved_since.insert(queue, (since, true));
         }
@@ -364,6 +422,9 @@ impl State {
             self.deadlines.first().map(|(at, _)| at.saturating_add(1)),
             self.wait_deadlines.first().map(|(at, _)| at.saturating_add(1)),
             self.finished.first().map(|(at, _)| at.saturating_add(self.limits.finished_task_ttl_ms).saturating_add(1)),
+            self.conversation_expiry
+                .first()
+                .map(|(at, _)| at.saturating_add(self.limits.conversation_ttl_ms).saturating_add(1)),
             self.unserved_since
                 .values()
                 .filter(|(_, marked)| !marked)
@@ -421,8 +482,7 @@ impl State {
                 agent.stuck_count += 1;
                 agent.stuck_ms = Some(now);
             }
-            let task = self.tasks.get_mut(&id).expect("leased task exists");
-            task.error = Some(format!("stuck: no progress for {} ms; lease revoked", self.limits.stall_timeout_ms));
+            self.set_error(id, format!("stuck: no progress for {} ms; lease revoked", self.limits.stall_timeout_ms));
             self.retry_or_bury(id, "stuck");
         }
         // Retention by age: finished tasks (and their idempotency keys) leave
@@ -433,13 +493,20 @@ impl State {
             }
             self.compact_finished(1);
         }
+        while let Some((written_ms, id)) = self.conversation_expiry.first() {
+            if written_ms.saturating_add(self.limits.conversation_ttl_ms) >= now {
+                break;
+            }
+            let id = id.clone();
+            self.remove_conversation(&id);
+        }
         while let Some(&(until, id)) = self.wait_deadlines.first() {
             if until >= now {
                 break;
             }
             self.remove_wait(id);
-            if let Some(task) = self.tasks.get_mut(&id) {
-                task.error = Some("wait_timeout: the awaited tasks did not finish in time".to_string());
+            if self.tasks.contains_key(&id) {
+                self.set_error(id, "wait_timeout: the awaited tasks did not finish in time".to_string());
             }
         }
         while let Some(&(deadline, id)) = self.deadlines.first() {
@@ -472,6 +539,13 @@ impl State {
             Command::Progress { task_id, fence } => self.progress(*task_id, *fence),
             Command::ContextPut { conversation_id, key, value, expected_version } => {
                 self.context_put(conversation_id, key, value, *expected_version)
+            }
+            Command::ContextDelete { conversation_id } => {
+                if self.remove_conversation(conversation_id) {
+                    Ok(Outcome::ContextDeleted)
+                } else {
+                    Err(Error::ConversationNotFound { conversation_id: conversation_id.clone() })
+                }
             }
             Command::Wait { task_id, fence, on, timeout_ms } => self.wait(*task_id, *fence, on, *timeout_ms),
             Command::SetPolicy { policy, expected_version, note } => {
@@ -536,6 +610,7 @@ impl State {
         if open >= self.limits.queue_tasks_max as u64 {
             return Err(Error::QueueFull { queue: new.queue.clone(), max: self.limits.queue_tasks_max as u64 });
         }
+        self.check_budget(new.payload.len() as u64, 0)?;
         if self.tasks.len() >= self.limits.tasks_max {
             self.compact_finished(self.tasks.len() + 1 - self.limits.tasks_max);
             if self.tasks.len() >= self.limits.tasks_max {
@@ -576,6 +651,10 @@ impl State {
             self.deadlines.insert((deadline, id));
         }
         *self.open_per_queue.entry(new.queue.clone()).or_default() += 1;
+        self.state_bytes += task_bytes(&task);
+        if let Some(conversation_id) = &task.conversation_id {
+            *self.conversation_tasks.entry(conversation_id.clone()).or_default() += 1;
+        }
         self.tasks.insert(id, task);
         self.make_ready(id);
         self.counters.submitted += 1;
@@ -758,6 +837,7 @@ impl State {
             }
         }
         self.check_fence(task_id, fence)?;
+        self.make_room(result.len() as u64, self.tasks[&task_id].result.as_ref().map_or(0, String::len) as u64)?;
         self.finish(task_id, TaskState::Succeeded, |task| task.result = Some(result.to_string()));
         Ok(Outcome::Completed { task: self.tasks[&task_id].clone() })
     }
@@ -776,6 +856,7 @@ impl State {
             }
         }
         self.check_fence(task_id, fence)?;
+        self.make_room(error.len() as u64, self.tasks[&task_id].error.as_ref().map_or(0, String::len) as u64)?;
         let task = &self.tasks[&task_id];
         if !retryable {
             self.finish(task_id, TaskState::Failed, |task| task.error = Some(error.to_string()));
@@ -791,8 +872,8 @@ impl State {
             let not_before = self.now_ms.saturating_add(backoff);
             self.release_lease(task_id);
             self.remove_ready(task_id);
+            self.set_error(task_id, error.to_string());
             let task = self.tasks.get_mut(&task_id).expect("checked");
-            task.error = Some(error.to_string());
             task.not_before_ms = not_before;
             self.delayed.insert((not_before, task_id));
         }
@@ -869,10 +950,18 @@ impl State {
                 max: self.limits.conversation_bytes_max as u64,
             });
         }
+        let old_total = conversation.map(|c| c.bytes).unwrap_or(0);
+        self.check_budget(bytes as u64, old_total as u64)?;
         let version = current_version + 1;
+        let now = self.now_ms;
         let conversation = self.conversations.entry(conversation_id.to_string()).or_default();
         conversation.entries.insert(key.to_string(), (version, value.to_string()));
         conversation.bytes = bytes;
+        if let Some(old) = conversation.written_ms.replace(now) {
+            self.conversation_expiry.remove(&(old, conversation_id.to_string()));
+        }
+        self.conversation_expiry.insert((now, conversation_id.to_string()));
+        self.state_bytes = self.state_bytes - old_total as u64 + bytes as u64;
         Ok(Outcome::ContextWritten { version })
     }
 
@@ -1091,7 +1180,9 @@ impl State {
         assert!(!task.state.is_terminal(), "task {task_id} finished twice");
         task.state = state;
         task.updated_ms = now;
+        let before = task_bytes(task);
         update(task);
+        self.state_bytes = self.state_bytes - before + task_bytes(task);
         if let Some(deadline) = task.deadline_ms {
             self.deadlines.remove(&(deadline, task_id));
         }
@@ -1128,6 +1219,16 @@ impl State {
             let Some((_, task_id)) = self.finished.pop_first() else { return };
             let task = self.tasks.remove(&task_id).expect("finished task exists");
             assert!(task.state.is_terminal());
+            self.state_bytes -= task_bytes(&task);
+            if let Some(conversation_id) = &task.conversation_id {
+                let count = self.conversation_tasks.get_mut(conversation_id).expect("counted at submit");
+                *count -= 1;
+                if *count == 0 {
+                    // The conversation's last task is gone: its context goes with it.
+                    self.conversation_tasks.remove(conversation_id);
+                    self.remove_conversation(conversation_id);
+                }
+            }
             if let Some(key) = &task.idempotency_key {
                 if self.idempotency_keys.get(key) == Some(&task_id) {
                     self.idempotency_keys.remove(key);
@@ -1135,6 +1236,55 @@ impl State {
             }
             self.counters.compacted += 1;
         }
+    }
+
+    /// Refuses a write that would take the state past `state_bytes_max`:
+    /// `added` bytes replace `removed` ones.
+    fn check_budget(&self, added: u64, removed: u64) -> Result<(), Error> {
+        let bytes = (self.state_bytes - removed).saturating_add(added);
+        if added > removed && bytes > self.limits.state_bytes_max as u64 {
+            return Err(Error::StateFull { bytes, max: self.limits.state_bytes_max as u64 });
+        }
+        Ok(())
+    }
+
+    /// A result or error finishes work already admitted: rather than refuse
+    /// it, the oldest finished tasks are compacted (as retention would) until
+    /// it fits. Refused only when even that cannot make room; then nothing
+    /// is compacted.
+    fn make_room(&mut self, added: u64, removed: u64) -> Result<(), Error> {
+        if self.check_budget(added, removed).is_ok() {
+            return Ok(());
+        }
+        let max = self.limits.state_bytes_max as u64;
+        let needed = (self.state_bytes - removed).saturating_add(added) - max;
+        let freeable: u64 = self.finished.iter().map(|(_, id)| task_bytes(&self.tasks[id])).sum();
+        if freeable < needed {
+            return self.check_budget(added, removed);
+        }
+        while self.check_budget(added, removed).is_err() {
+            self.compact_finished(1);
+        }
+        Ok(())
+    }
+
+    /// Replaces a task's error text, keeping the byte count. Errors the state
+    /// machine writes itself are short and never refused.
+    fn set_error(&mut self, task_id: u64, error: String) {
+        let task = self.tasks.get_mut(&task_id).expect("task exists");
+        let before = task_bytes(task);
+        task.error = Some(error);
+        self.state_bytes = self.state_bytes - before + task_bytes(task);
+    }
+
+    /// Deletes a conversation and its context; false if there was none.
+    fn remove_conversation(&mut self, conversation_id: &str) -> bool {
+        let Some(conversation) = self.conversations.remove(conversation_id) else { return false };
+        self.state_bytes -= conversation.bytes as u64;
+        if let Some(at) = conversation.written_ms {
+            self.conversation_expiry.remove(&(at, conversation_id.to_string()));
+        }
+        true
     }
 
     /// Full consistency check of every index against the task map. O(n):
@@ -1184,5 +1334,13 @@ impl State {
         assert_eq!(servers, self.servers_per_queue, "agents per capability");
         let open: u64 = self.open_per_queue.values().sum();
         assert_eq!(open as usize, self.tasks.values().filter(|t| !t.state.is_terminal()).count());
+        let (bytes, expiry, per_conversation) = self.derived();
+        assert_eq!(bytes, self.state_bytes, "state bytes");
+        assert_eq!(expiry, self.conversation_expiry, "conversation expiry index");
+        assert_eq!(per_conversation, self.conversation_tasks, "tasks per conversation");
+        for conversation in self.conversations.values() {
+            let bytes: usize = conversation.entries.iter().map(|(key, (_, value))| key.len() + value.len()).sum();
+            assert_eq!(bytes, conversation.bytes, "conversation bytes");
+        }
     }
 }

@@ -479,7 +479,8 @@ proptest! {
         for (i, (index, request, response)) in log.iter().enumerate() {
             if i == cut {
                 let snapshot = serde_json::to_vec(&replica).unwrap();
-                let restored: State = serde_json::from_slice(&snapshot).unwrap();
+                let mut restored: State = serde_json::from_slice(&snapshot).unwrap();
+                restored.restore();
                 prop_assert_eq!(&restored, &replica);
                 replica = restored;
                 replica.check_invariants();

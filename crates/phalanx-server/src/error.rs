@@ -46,7 +46,7 @@ impl From<phalanx_core::Error> for ApiError {
         use phalanx_core::Error as E;
         let status = match &error {
             E::Invalid { .. } | E::NotCapable { .. } => StatusCode::BAD_REQUEST,
-            E::TaskNotFound { .. } | E::AgentNotFound { .. } => StatusCode::NOT_FOUND,
+            E::TaskNotFound { .. } | E::AgentNotFound { .. } | E::ConversationNotFound { .. } => StatusCode::NOT_FOUND,
             E::StaleEpoch { .. }
             | E::Superseded { .. }
             | E::AlreadyTerminal { .. }
@@ -54,7 +54,7 @@ impl From<phalanx_core::Error> for ApiError {
             | E::VersionConflict { .. } => StatusCode::CONFLICT,
             E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             E::LoopDetected { .. } | E::Deadlock { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            E::QueueFull { .. } | E::LimitReached { .. } => StatusCode::TOO_MANY_REQUESTS,
+            E::QueueFull { .. } | E::LimitReached { .. } | E::StateFull { .. } => StatusCode::TOO_MANY_REQUESTS,
         };
         let mut api = ApiError::new(status, error.code(), error.to_string());
         if status == StatusCode::TOO_MANY_REQUESTS {
