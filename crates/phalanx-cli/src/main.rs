@@ -138,6 +138,27 @@ pub struct ServerArgs {
     /// past it a new connection is answered 503 before it is read.
     #[arg(long, default_value_t = 16_384)]
     pub connections_max: usize,
+    /// Client connections from one IP address at once.
+    #[arg(long, default_value_t = 8_192)]
+    pub connections_per_address_max: usize,
+    /// Time to send a whole request head; the connection is closed past it.
+    #[arg(long, default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// Time to send a request body once its head is read; past it, 408.
+    #[arg(long, default_value_t = 30_000)]
+    pub body_read_timeout_ms: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    #[arg(long, default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+    /// Bytes of a request head; past it, 431.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub header_bytes_max: usize,
+    /// Bytes of a request target (path and query); past it, 414.
+    #[arg(long, default_value_t = 8 * 1024)]
+    pub uri_bytes_max: usize,
+    /// Bytes of one list answer; a longer list is cut and says where to continue.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub list_bytes_max: usize,
 }
 
 impl ServerArgs {
@@ -157,6 +178,13 @@ impl ServerArgs {
         config.client_burst = self.client_burst;
         config.requests_in_flight_max = self.requests_in_flight_max;
         config.connections_max = self.connections_max;
+        config.connections_per_address_max = self.connections_per_address_max;
+        config.header_read_timeout_ms = self.header_read_timeout_ms;
+        config.body_read_timeout_ms = self.body_read_timeout_ms;
+        config.idle_timeout_ms = self.idle_timeout_ms;
+        config.header_bytes_max = self.header_bytes_max;
+        config.uri_bytes_max = self.uri_bytes_max;
+        config.list_bytes_max = self.list_bytes_max;
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             config.apply_file(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;

@@ -55,6 +55,23 @@ pub struct NodeConfig {
     /// Client connections served at once (idle keep-alive ones included);
     /// past it a new connection gets `503 overloaded` before it is read.
     pub connections_max: usize,
+    /// Client connections from one IP address at once, so that one host
+    /// cannot take every slot; past it, `503 overloaded` before it is read.
+    pub connections_per_address_max: usize,
+    /// Time a client has to send a whole request head, from the moment the
+    /// connection is opened or its previous request's first byte arrives.
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send a request's body once the head is read.
+    pub body_read_timeout_ms: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Bytes of one request head (request line and headers); past it, `431`.
+    pub header_bytes_max: usize,
+    /// Bytes of one request target (path and query); past it, `414`.
+    pub uri_bytes_max: usize,
+    /// Bytes of one list answer (`GET /v1/tasks`); a longer list is cut and
+    /// says where to continue.
+    pub list_bytes_max: usize,
 }
 
 impl NodeConfig {
@@ -84,6 +101,13 @@ impl NodeConfig {
             client_burst: 40_000.0,
             clients_tracked_max: 10_000,
             connections_max: 16_384,
+            connections_per_address_max: 8_192,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            header_bytes_max: 16 * 1024,
+            uri_bytes_max: 8 * 1024,
+            list_bytes_max: 4 * 1024 * 1024,
         }
     }
 
@@ -105,6 +129,29 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.connections_max == 0 || self.requests_in_flight_max == 0 || self.pollers_max == 0 {
             return Err("connections_max, requests_in_flight_max and pollers_max must be positive".into());
+        }
+        if self.connections_per_address_max == 0 {
+            return Err("connections_per_address_max must be positive".into());
+        }
+        for (name, value) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&value) {
+                return Err(format!("{name} must be 100..=3600000 (one hour)"));
+            }
+        }
+        // hyper reads a head in buffers of at least 8 KiB; a bound below one
+        // line of ordinary headers would refuse every client.
+        if !(1024..=1024 * 1024).contains(&self.header_bytes_max) {
+            return Err("header_bytes_max must be 1024..=1048576".into());
+        }
+        if !(256..=self.header_bytes_max).contains(&self.uri_bytes_max) {
+            return Err("uri_bytes_max must be 256..=header_bytes_max".into());
+        }
+        if self.list_bytes_max < 64 * 1024 {
+            return Err("list_bytes_max must be at least 65536".into());
         }
         if self.node_id == 0 {
             return Err("node_id must be positive (0 is reserved)".into());
@@ -168,6 +215,13 @@ impl NodeConfig {
                 "client_rate_per_second" => self.client_rate_per_second = number_of(value)? as f64,
                 "client_burst" => self.client_burst = number_of(value)? as f64,
                 "connections_max" => self.connections_max = number_of(value)? as usize,
+                "connections_per_address_max" => self.connections_per_address_max = number_of(value)? as usize,
+                "header_read_timeout_ms" => self.header_read_timeout_ms = number_of(value)?,
+                "body_read_timeout_ms" => self.body_read_timeout_ms = number_of(value)?,
+                "idle_timeout_ms" => self.idle_timeout_ms = number_of(value)?,
+                "header_bytes_max" => self.header_bytes_max = number_of(value)? as usize,
+                "uri_bytes_max" => self.uri_bytes_max = number_of(value)? as usize,
+                "list_bytes_max" => self.list_bytes_max = number_of(value)? as usize,
                 other => return Err(at(format!("unknown key {other:?}"))),
             }
         }

@@ -248,16 +248,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         });
     }
     let router = crate::api::router(node.clone());
-    let listener =
-        crate::listener::BoundedListener::new(listener, node.config.connections_max, node.listener_stats.clone());
-    let mut server_shutdown = shutdown_rx;
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<crate::listener::PeerAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = server_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let settings = crate::listener::Settings::of(&node.config);
+    let listener = crate::listener::BoundedListener::new(listener, settings, node.listener_stats.clone());
+    let server = tokio::spawn(crate::listener::serve(listener, router, shutdown_rx));
     tracing::info!(node_id = node.id(), %addr, ?raft_addr, "node serving");
     Ok(Running { node, addr, raft_addr, shutdown_tx, server, raft_runtime })
 }
