@@ -75,7 +75,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/agents/{agent_id}/heartbeat", post(heartbeat))
         .route("/v1/agents/{agent_id}/deregister", post(deregister))
         .route("/v1/agents/{agent_id}/poll", post(poll))
-        .route("/v1/conversations/{id}", get(context_get))
+        .route("/v1/conversations/{id}", get(context_get).delete(context_delete))
         .route("/v1/conversations/{id}/{key}", put(context_put))
         .route("/v1/config", get(config_get).put(config_set))
         .route("/v1/config/history", get(config_history))
@@ -83,6 +83,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/cluster/members", post(add_member))
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))
         .layer(middleware::from_fn_with_state(node.clone(), route_to_leader))
+        .layer(middleware::from_fn_with_state(node.clone(), read_body))
         .layer(middleware::from_fn_with_state(node.clone(), admit));
     let client = Router::new()
         .merge(routed)
@@ -104,7 +105,36 @@ pub fn router(node: Arc<Node>) -> Router {
 
 async fn count_requests(State(node): State<Node_>, request: Request, next: Next) -> Response {
     node.stats.http_requests.fetch_add(1, Ordering::Relaxed);
+    let target = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > node.config.uri_bytes_max {
+        let message =
+            format!("the request target is {target} bytes, over uri_bytes_max ({})", node.config.uri_bytes_max);
+        return ApiError::new(StatusCode::URI_TOO_LONG, "uri_too_long", message).into_response();
+    }
     next.run(request).await
+}
+
+/// Reads the whole body, within `body_read_timeout_ms` and
+/// `request_bytes_max`, after the door admitted the request and before
+/// anything else waits on it: a client that sends its body slowly (or never)
+/// is answered `408` instead of holding its slot and its buffers for good.
+async fn read_body(State(node): State<Node_>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let timeout = Duration::from_millis(node.config.body_read_timeout_ms);
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, node.config.request_bytes_max)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(error)) => {
+            let message =
+                format!("request body refused (request_bytes_max is {}): {error}", node.config.request_bytes_max);
+            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message).into_response();
+        }
+        Err(_) => {
+            let message =
+                format!("the request body did not arrive within body_read_timeout_ms ({})", timeout.as_millis());
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", message).into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 fn check_token(headers: &HeaderMap, expected: &Option<String>) -> Result<(), ApiError> {
@@ -526,12 +556,68 @@ async fn list_tasks(State(node): State<Node_>, RawQuery(query): RawQuery) -> Api
         validate_name("queue", queue, 1024)?;
     }
     let stale = read_barrier(&node, &query).await?;
-    let data = node.shared.data.read().expect("state lock");
-    let tasks = data.state.tasks(queue.as_deref(), state, after, limit);
-    let next_after = if tasks.len() == limit { tasks.last().map(|t| t.id) } else { None };
-    let views: Vec<TaskView> = tasks.into_iter().map(view).collect();
-    let body = serde_json::to_vec(&json!({"tasks": views, "next_after": next_after})).expect("serialisable");
+    let bytes_max = node.config.list_bytes_max;
+    // Copy what the answer needs under the lock (a memory copy, bounded by
+    // `list_bytes_max`), then let the lock go: serialising is slower, and
+    // applying the log waits for the lock.
+    let tasks = {
+        let data = node.shared.data.read().expect("state lock");
+        let found = data.state.tasks(queue.as_deref(), state, after, limit);
+        let mut copied = Vec::new();
+        let mut bytes = 0;
+        for task in &found {
+            if !copied.is_empty() && bytes + task_bytes_estimate(task) > bytes_max {
+                break;
+            }
+            bytes += task_bytes_estimate(task);
+            copied.push((*task).clone());
+        }
+        let cut = copied.len() < found.len();
+        (copied, cut, found.len() == limit)
+    };
+    let (tasks, cut, full) = tasks;
+    let body = tokio::task::spawn_blocking(move || list_answer(&tasks, cut, full, bytes_max))
+        .await
+        .map_err(|error| ApiError::unavailable("unavailable", format!("serialising the list failed: {error}"), 100))?;
     Ok(mark_stale(([("content-type", "application/json")], body).into_response(), stale))
+}
+
+/// At least the bytes a task takes in a list answer, short of JSON escapes.
+fn task_bytes_estimate(task: &Task) -> usize {
+    let texts = task.payload.len()
+        + task.result.as_ref().map_or(0, String::len)
+        + task.error.as_ref().map_or(0, String::len)
+        + task.dead_reason.as_ref().map_or(0, String::len);
+    texts + task.queue.len() + task.trail.len() * 64 + 400
+}
+
+/// `{tasks, next_after, truncated}` of at most `bytes_max` bytes (or the
+/// first task alone, when it is larger): the tasks are serialised one by one
+/// and the list is cut before the one that would pass the bound. `cut`: the
+/// copy under the lock was already cut by bytes; `full`: the query found
+/// `limit` tasks, so more may follow.
+fn list_answer(tasks: &[Task], mut cut: bool, full: bool, bytes_max: usize) -> Vec<u8> {
+    // Room for the tail: `],"next_after":ID,"truncated":false}`.
+    const TAIL_BYTES_MAX: usize = 64;
+    let mut body = b"{\"tasks\":[".to_vec();
+    let mut last = None;
+    for task in tasks {
+        let text = serde_json::to_vec(&view(task)).expect("a task view serialises");
+        if last.is_some() && body.len() + 1 + text.len() + TAIL_BYTES_MAX > bytes_max {
+            cut = true;
+            break;
+        }
+        if last.is_some() {
+            body.push(b',');
+        }
+        body.extend_from_slice(&text);
+        last = Some(task.id);
+    }
+    let next_after = if cut || full { last } else { None };
+    let tail = json!({"next_after": next_after, "truncated": cut}).to_string();
+    body.extend_from_slice(b"],");
+    body.extend_from_slice(&tail.as_bytes()[1..]);
+    body
 }
 
 async fn cancel(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult {
@@ -647,6 +733,9 @@ async fn status(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResu
     let body = json!({
         "policy_version": state.policy_version(),
         "tasks": state.task_count(),
+        "conversations": state.conversation_count(),
+        "state_bytes": state.state_bytes(),
+        "state_bytes_max": state.limits().state_bytes_max,
         "agents": state.agents().count(),
         "stuck_agents": stuck,
         "unserved_queues": state.unserved_queues(),
@@ -831,18 +920,26 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
 
 async fn context_get(State(node): State<Node_>, Path(id): Path<String>, RawQuery(query): RawQuery) -> ApiResult {
     let stale = read_barrier(&node, &query).await?;
-    let data = node.shared.data.read().expect("state lock");
-    let conversation =
-        data.state.conversation(&id).ok_or_else(|| ApiError::not_found(format!("conversation {id:?} not found")))?;
+    // A copy (at most `conversation_bytes_max`) under the lock; parsed and
+    // serialised after it is let go.
+    let conversation = node.shared.data.read().expect("state lock").state.conversation(&id).cloned();
+    let conversation = conversation.ok_or(phalanx_core::Error::ConversationNotFound { conversation_id: id.clone() })?;
     let entries: serde_json::Map<String, Value> = conversation
         .entries
-        .iter()
+        .into_iter()
         .map(|(key, (version, value))| {
-            let value: Value = serde_json::from_str(value).expect("stored JSON text is valid");
-            (key.clone(), json!({"version": version, "value": value}))
+            let value: Value = serde_json::from_str(&value).expect("stored JSON text is valid");
+            (key, json!({"version": version, "value": value}))
         })
         .collect();
     Ok(mark_stale(Json(json!({"conversation_id": id, "entries": entries})).into_response(), stale))
+}
+
+/// Deletes a conversation and its whole context (authorised as its writes are).
+async fn context_delete(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult {
+    validate_name("conversation_id", &id, 1024)?;
+    propose(&node, Command::ContextDelete { conversation_id: id.clone() }).await?;
+    Ok(Json(json!({"conversation_id": id, "deleted": true})).into_response())
 }
 
 #[derive(Deserialize)]
