@@ -99,6 +99,9 @@ enum Op {
         key: u8,
         expected: Option<u8>,
     },
+    ContextDelete {
+        conversation: u8,
+    },
 }
 
 /// One log entry: how far the index jumps, how the leader's clock moves
@@ -185,6 +188,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => pick().prop_map(|task| Op::Cancel { task }),
         1 => (0..2u8, 0..3u8, prop::option::of(0..3u8))
             .prop_map(|(conversation, key, expected)| Op::ContextPut { conversation, key, expected }),
+        1 => (0..2u8).prop_map(|conversation| Op::ContextDelete { conversation }),
     ]
 }
 
@@ -257,7 +261,9 @@ fn resolve(state: &State, op: &Op) -> Command {
                     idempotency_key: spec.key.map(|k| format!("key-{k}")),
                     parent_id: None,
                     parent_fence: None,
-                    conversation_id: None,
+                    // Some tasks share a conversation, so that retention's
+                    // removal of a conversation with its last task is exercised.
+                    conversation_id: (spec.priority < 4).then(|| format!("c{}", spec.priority % 2)),
                 })
                 .collect(),
         },
@@ -308,6 +314,7 @@ fn resolve(state: &State, op: &Op) -> Command {
             value: "v".repeat(*key as usize + 1),
             expected_version: expected.map(u64::from),
         },
+        Op::ContextDelete { conversation } => Command::ContextDelete { conversation_id: format!("c{conversation}") },
     }
 }
 
