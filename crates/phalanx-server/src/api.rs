@@ -743,10 +743,11 @@ async fn progress(State(node): State<Node_>, Path(id): Path<String>, body: Body)
 
 async fn list_agents(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResult {
     let stale = read_barrier(&node, &query).await?;
-    let data = node.shared.data.read().expect("state lock");
-    let agents: Vec<Value> = data
-        .state
-        .agents()
+    // Copied under the lock, turned into JSON after it is let go.
+    let agents: Vec<phalanx_core::Agent> =
+        node.shared.data.read().expect("state lock").state.agents().cloned().collect();
+    let agents: Vec<Value> = agents
+        .iter()
         .map(|agent| {
             json!({
                 "agent_id": agent.id,
