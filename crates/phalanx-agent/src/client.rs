@@ -779,6 +779,14 @@ impl Client {
         Ok(answer.version)
     }
 
+    /// Deletes a conversation and its whole context. 404 `not_found` when
+    /// there is none (also when a retried delete had already committed).
+    pub async fn context_delete(&self, conversation_id: &str) -> Result<(), Error> {
+        let path = format!("/v1/conversations/{}", encode(conversation_id));
+        let _: Value = self.call(reqwest::Method::DELETE, &path, None, Retry::IfNotSent, self.request_timeout).await?;
+        Ok(())
+    }
+
     pub async fn cluster(&self) -> Result<ClusterInfo, Error> {
         self.get("/v1/cluster").await
     }

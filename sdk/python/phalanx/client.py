@@ -503,6 +503,12 @@ class _Endpoints:
                         retry=retry, decode=lambda answer: answer["version"])
 
     @staticmethod
+    def context_delete(conversation_id: str) -> _Request[None]:
+        # Repeated after it committed, a delete answers 404 `not_found`.
+        return _Request("DELETE", f"/v1/conversations/{_segment(conversation_id)}", retry="if_not_sent",
+                        decode=lambda _: None)
+
+    @staticmethod
     def cluster() -> _Request[ClusterInfo]:
         return _Request("GET", "/v1/cluster")
 
@@ -836,6 +842,10 @@ class Client(_ClientBase):
         """Returns the new version; `expected_version=0` writes only if the key does not exist."""
         return self._call(_Endpoints.context_put(conversation_id, key, value, expected_version))
 
+    def context_delete(self, conversation_id: str) -> None:
+        """Deletes the conversation and its whole context; 404 `not_found` if there is none."""
+        self._call(_Endpoints.context_delete(conversation_id))
+
     # ---- cluster, policy, health ----
 
     def cluster(self) -> ClusterInfo:
@@ -1002,6 +1012,9 @@ class AsyncClient(_ClientBase):
     async def context_put(self, conversation_id: str, key: str, value: Any,
                           expected_version: Optional[int] = None) -> int:
         return await self._call(_Endpoints.context_put(conversation_id, key, value, expected_version))
+
+    async def context_delete(self, conversation_id: str) -> None:
+        await self._call(_Endpoints.context_delete(conversation_id))
 
     # ---- cluster, policy, health ----
 
