@@ -260,6 +260,17 @@ impl State {
         (bytes, expiry, per_conversation)
     }
 
+    /// Whether the state's byte budget has room for this new task now (a
+    /// task whose idempotency key is known always has: it creates nothing).
+    /// Run at the edge, so that a full state does not fill the log with
+    /// refused submits; applying decides again.
+    pub fn check_budget_for(&self, new: &NewTask) -> Result<(), Error> {
+        if new.idempotency_key.as_ref().is_some_and(|key| self.idempotency_keys.contains_key(key)) {
+            return Ok(());
+        }
+        self.check_budget(new.payload.len() as u64, 0)
+    }
+
     /// Bytes of the replicated state counted against `state_bytes_max`.
     pub fn state_bytes(&self) -> u64 {
         self.state_bytes

@@ -940,3 +940,20 @@ fn the_byte_count_and_conversation_indexes_survive_a_snapshot() {
     assert_eq!(restored.conversation("c").unwrap().written_ms, None);
     assert_eq!(restored.state_bytes(), 4 + 7);
 }
+
+#[test]
+fn the_edge_check_of_the_budget_lets_a_known_idempotency_key_through() {
+    let mut sim = Sim::with_limits(small_budget());
+    let sixteen = format!("\"{}\"", "x".repeat(14));
+    let keyed = NewTask { payload: sixteen.clone(), idempotency_key: Some("once".into()), ..new_task("q") };
+    for _ in 0..3 {
+        sim.submit(NewTask { payload: sixteen.clone(), ..new_task("q") });
+    }
+    sim.submit(keyed.clone());
+    assert_eq!(sim.state.state_bytes(), 64);
+    let fresh = NewTask { payload: sixteen, ..new_task("q") };
+    assert_eq!(sim.state.check_budget_for(&fresh), Err(Error::StateFull { bytes: 80, max: 64 }));
+    // The same submit again creates nothing, so it is not refused: it answers as before.
+    assert_eq!(sim.state.check_budget_for(&keyed), Ok(()));
+    assert!(sim.submit_result(keyed).unwrap().deduplicated);
+}

@@ -509,8 +509,10 @@ impl SubmitBody {
             parent_fence: self.parent_fence,
             conversation_id: self.conversation_id,
         };
-        let limits = node.shared.data.read().expect("state lock").state.limits().clone();
-        phalanx_core::state::validate_new_task(&task, &limits)?;
+        let data = node.shared.data.read().expect("state lock");
+        phalanx_core::state::validate_new_task(&task, data.state.limits())?;
+        data.state.check_budget_for(&task)?;
+        drop(data);
         Ok(task)
     }
 }
