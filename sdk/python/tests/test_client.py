@@ -93,6 +93,12 @@ def test_conversation_context(server, client):
     assert conflict.value.code == "version_conflict"
     assert client.context_put("conv-9", "plan", {"step": 2}, expected_version=1) == 2
     assert client.context_get("conv-9")["entries"] == {"plan": {"version": 2, "value": {"step": 2}}}
+    client.context_delete("conv-9")
+    with pytest.raises(NotFound):
+        client.context_get("conv-9")
+    with pytest.raises(NotFound):
+        client.context_delete("conv-9")
+    assert client.context_put("conv-9", "plan", {"step": 1}, expected_version=0) == 1
 
 
 def test_cluster_and_failover_past_a_dead_node(server):
