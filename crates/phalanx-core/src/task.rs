@@ -144,3 +144,10 @@ pub struct Agent {
     /// Log time of the latest such revocation.
     pub stuck_ms: Option<u64>,
 }
+
+impl Agent {
+    /// Leases the agent may still take: its capacity less the leases it holds.
+    pub fn room(&self) -> u32 {
+        self.capacity.saturating_sub(self.leased_task_ids.len() as u32)
+    }
+}

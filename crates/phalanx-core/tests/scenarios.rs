@@ -3,7 +3,8 @@
 //! results, fencing, retries and dead letters, deadlines, priorities,
 //! idempotency, limits, delegation, agent sessions, context compare-and-set,
 //! and the validation of new tasks. Every refusal is checked to change
-//! nothing. Random histories are `properties.rs`'s job, not this file's.
+//! nothing, and refused alike by the edge's check before proposing. Random
+//! histories are `properties.rs`'s job, not this file's.
 
 use phalanx_core::command::Submitted;
 use phalanx_core::{Command, Error, Grant, Limits, NewTask, Outcome, Request, State, Task, TaskState};
@@ -101,6 +102,7 @@ impl Sim {
     /// paths (e.g. `counters.superseded`).
     fn check_refused(&mut self, command: Command, expected: Error, changed: &[&str]) {
         self.catch_up();
+        check_at_the_edge(self.state.check(&command), &expected);
         let before = comparable(&self.state, changed);
         match self.one(command) {
             Outcome::Refused { error } => assert_eq!(error, expected),
@@ -112,9 +114,25 @@ impl Sim {
     /// Submits a task that must be refused with `expected`; the state must not change.
     fn check_submit_refused(&mut self, new: NewTask, expected: Error) {
         self.catch_up();
+        // A stale parent fence records nothing: only a loop is left to the log.
+        match &expected {
+            Error::LoopDetected { .. } => assert_eq!(self.state.check_new_task(&new), Ok(())),
+            _ => assert_eq!(self.state.check_new_task(&new).as_ref(), Err(&expected), "refused at the edge"),
+        }
         let before = comparable(&self.state, &[]);
         assert_eq!(self.submit_result(new), Err(expected));
         assert_eq!(before, comparable(&self.state, &[]), "a refused submit changed the state");
+    }
+}
+
+/// What the edge's check (`State::check`) must say
+/// of a command that applying refuses with `expected`: the same refusal, so
+/// that it costs no log entry, unless applying records it (a stale fence is
+/// counted, a delegation loop dead-letters its parent).
+fn check_at_the_edge(checked: Result<(), Error>, expected: &Error) {
+    match expected {
+        Error::Superseded { .. } | Error::LoopDetected { .. } => assert_eq!(checked, Ok(()), "left to the log"),
+        _ => assert_eq!(checked.as_ref(), Err(expected), "refused at the edge as when applied"),
     }
 }
 

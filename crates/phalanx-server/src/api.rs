@@ -90,17 +90,55 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(node.config.request_bytes_max))
         .layer(middleware::from_fn_with_state(node.clone(), require_client_token));
+    let health = Router::new()
+        .route("/health/live", get(|| async { Json(json!({"live": true})) }))
+        .route("/health/ready", get(ready));
     Router::new()
         .merge(raft)
-        .merge(client)
-        .route("/health/live", get(|| async { Json(json!({"live": true})) }))
-        .route("/health/ready", get(ready))
+        .merge(client.merge(health).layer(middleware::from_fn(json_rejections)))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(node.clone(), count_requests))
         .with_state(node)
 }
 
 // ---- middleware ----
+
+/// Bytes of an axum or hyper refusal read to put its text in our format.
+const REJECTION_TEXT_BYTES_MAX: usize = 4096;
+
+/// Refusals that axum answers by itself, outside our handlers (405 with an
+/// empty body, a path parameter that is not valid UTF-8, ...), in the JSON
+/// error format like every other refusal. Ours are JSON already and pass.
+async fn json_rejections(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let is_json = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(response.status().is_client_error() || response.status().is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, REJECTION_TEXT_BYTES_MAX).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => String::new(),
+    };
+    let allow = parts.headers.get("allow").cloned();
+    let text = match &allow {
+        Some(allowed) if parts.status == StatusCode::METHOD_NOT_ALLOWED => {
+            format!("method {method} is not allowed on {path}; allowed: {}", allowed.to_str().unwrap_or(""))
+        }
+        _ => text,
+    };
+    let mut answer = ApiError::from_rejection(parts.status, &text).into_response();
+    if let Some(allowed) = allow {
+        answer.headers_mut().insert("allow", allowed);
+    }
+    answer
+}
 
 async fn count_requests(State(node): State<Node_>, request: Request, next: Next) -> Response {
     node.stats.http_requests.fetch_add(1, Ordering::Relaxed);
@@ -300,7 +338,42 @@ fn parse_id(text: &str) -> Result<u64, ApiError> {
     text.parse().map_err(|_| ApiError::invalid(format!("task id {text:?} is not a number")))
 }
 
+/// Refuses what applying would refuse (`check` runs the state machine's own
+/// checks), so that a refusal costs no log entry. A refusal is trusted only
+/// after a read index: a leader still applying entries committed before it
+/// took over must not refuse what the log already allows (a result for a task
+/// it has not applied yet). When leadership cannot be confirmed the log decides.
+async fn refuse_early(
+    node: &Node,
+    check: impl Fn(&phalanx_core::State) -> Vec<Result<(), phalanx_core::Error>>,
+) -> Vec<Result<(), phalanx_core::Error>> {
+    let judge = || check(&node.shared.data.read().expect("state lock").state);
+    let first = judge();
+    if first.iter().all(Result::is_ok) {
+        return first;
+    }
+    let barrier = Duration::from_millis(node.config.write_timeout_ms);
+    match tokio::time::timeout(barrier, node.raft.ensure_linearizable()).await {
+        Ok(Ok(_)) => judge(),
+        _ => first.iter().map(|_| Ok(())).collect(),
+    }
+}
+
+/// `refuse_early` for one command.
+async fn check_command(node: &Node, command: &Command) -> Result<(), ApiError> {
+    let mut judged = refuse_early(node, |state| vec![state.check(command)]).await;
+    judged.pop().expect("one judgement").map_err(ApiError::from)
+}
+
+/// `refuse_early` for the tasks of a submit, one judgement per task.
+async fn check_new_tasks(node: &Node, tasks: &[NewTask]) -> Vec<Result<(), phalanx_core::Error>> {
+    refuse_early(node, |state| tasks.iter().map(|task| state.check_new_task(task)).collect()).await
+}
+
+/// Proposes a command the applied state does not refuse, and waits for its
+/// outcome.
 async fn propose(node: &Node, command: Command) -> Result<(Outcome, u64), ApiError> {
+    check_command(node, &command).await?;
     let deadline = crate::admission::current_deadline();
     let (outcome, index) = node.proposer.propose_by(command, deadline).await.map_err(|error| match error {
         proposer::Error::NotLeader { leader_addr, .. } => {
@@ -432,6 +505,7 @@ impl SubmitBody {
             conversation_id: self.conversation_id,
         };
         let limits = node.shared.data.read().expect("state lock").state.limits().clone();
+        // Stateless checks first, so a malformed task is refused without a read index.
         phalanx_core::state::validate_new_task(&task, &limits)?;
         Ok(task)
     }
@@ -439,6 +513,7 @@ impl SubmitBody {
 
 async fn submit(State(node): State<Node_>, body: Body) -> ApiResult {
     let task = parse::<SubmitBody>(body)?.into_new_task(&node)?;
+    check_new_tasks(&node, std::slice::from_ref(&task)).await.pop().expect("one judgement")?;
     let (outcome, _) = propose(&node, Command::Submit { tasks: vec![task] }).await?;
     let Outcome::Submitted { mut results } = outcome else { unreachable!("submit answers Submitted") };
     let submitted = results.pop().expect("one result per task")?;
@@ -458,32 +533,46 @@ async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
     if batch.tasks.is_empty() || batch.tasks.len() > batch_max {
         return Err(ApiError::invalid(format!("tasks: a batch holds 1..={batch_max} tasks")));
     }
-    // Each task stands on its own: an invalid one is reported in its slot.
-    let mut slots: Vec<Result<Option<usize>, ApiError>> = Vec::new();
+    // Each task stands on its own: one refused (malformed, or refused by the
+    // state) is answered in its slot, and only the others are proposed.
+    let mut slots: Vec<Result<usize, ApiError>> = Vec::new();
     let mut valid = Vec::new();
     for task in batch.tasks {
         match task.into_new_task(&node) {
             Ok(task) => {
-                slots.push(Ok(Some(valid.len())));
+                slots.push(Ok(valid.len()));
                 valid.push(task);
             }
             Err(error) => slots.push(Err(error)),
         }
     }
+    let judged = check_new_tasks(&node, &valid).await;
+    let mut proposed = Vec::new();
+    // For each valid task: its index among the proposed ones, or its refusal.
+    let mut placed: Vec<Result<usize, phalanx_core::Error>> = Vec::new();
+    for (task, judgement) in valid.into_iter().zip(judged) {
+        placed.push(judgement.map(|()| {
+            proposed.push(task);
+            proposed.len() - 1
+        }));
+    }
     let mut results = Vec::new();
-    if !valid.is_empty() {
-        let (outcome, _) = propose(&node, Command::Submit { tasks: valid }).await?;
+    if !proposed.is_empty() {
+        let (outcome, _) = propose(&node, Command::Submit { tasks: proposed }).await?;
         let Outcome::Submitted { results: submitted } = outcome else { unreachable!("submit answers Submitted") };
         results = submitted;
     }
+    let refusal = |error: &phalanx_core::Error| json!({"error": {"code": error.code(), "message": error.to_string()}});
     let rendered: Vec<Value> = slots
         .into_iter()
         .map(|slot| match slot {
-            Ok(Some(i)) => match &results[i] {
-                Ok(s) => json!({"task_id": s.task_id, "deduplicated": s.deduplicated}),
-                Err(error) => json!({"error": {"code": error.code(), "message": error.to_string()}}),
+            Ok(i) => match &placed[i] {
+                Ok(j) => match &results[*j] {
+                    Ok(s) => json!({"task_id": s.task_id, "deduplicated": s.deduplicated}),
+                    Err(error) => refusal(error),
+                },
+                Err(error) => refusal(error),
             },
-            Ok(None) => unreachable!(),
             Err(error) => json!({"error": {"code": error.code, "message": error.message}}),
         })
         .collect();
@@ -756,9 +845,9 @@ struct PollBody {
     lease_ttl_ms: Option<u64>,
 }
 
-/// Long-poll: proposes a lease only when the applied state shows ready work,
-/// otherwise waits for the next apply (which may have added some) until
-/// `wait_ms` runs out.
+/// Long-poll: proposes a lease only when the applied state shows the agent
+/// has room and work is ready for it, otherwise waits for the next apply
+/// (which may have changed that) until `wait_ms` runs out.
 async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
     let body = parse::<PollBody>(body)?;
     let wait_ms = body.wait_ms.unwrap_or(0);
@@ -789,8 +878,18 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
     let deadline = Instant::now() + Duration::from_millis(wait_ms);
     loop {
         let mut applied = node.shared.applied_tx.subscribe();
-        let ready = node.shared.data.read().expect("state lock").state.has_ready(&queues);
-        if ready {
+        // A lease is proposed only when the applied state shows it would
+        // grant something. An agent at its capacity, or with nothing ready on
+        // its queues, waits for an apply that changes that (a lease ends, a
+        // task arrives) and proposes nothing meanwhile.
+        let grantable = node.shared.data.read().expect("state lock").state.grantable(
+            &agent_id,
+            body.epoch,
+            &queues,
+            tasks_max,
+            lease_ttl_ms,
+        )?;
+        if grantable > 0 {
             let command = Command::Lease {
                 agent_id: agent_id.clone(),
                 epoch: body.epoch,
