@@ -24,6 +24,8 @@ pub enum Error {
     AgentNotFound { agent_id: String },
     #[error("agent {agent_id:?} session epoch {epoch} is stale (current {current})")]
     StaleEpoch { agent_id: String, epoch: u64, current: u64 },
+    #[error("agent {agent_id:?}: the session secret is missing or wrong for epoch {epoch}")]
+    WrongSession { agent_id: String, epoch: u64 },
     #[error("fence {fence} on task {task_id} is superseded (current fence {current})")]
     Superseded { task_id: u64, fence: u64, current: u64 },
     #[error("task {task_id} is already {state:?}")]
@@ -54,6 +56,7 @@ impl Error {
             Error::TaskNotFound { .. } => "task_not_found",
             Error::AgentNotFound { .. } => "agent_not_found",
             Error::StaleEpoch { .. } => "stale_epoch",
+            Error::WrongSession { .. } => "wrong_session",
             Error::Superseded { .. } => "superseded",
             Error::AlreadyTerminal { .. } => "already_terminal",
             Error::LeaseExpired { .. } => "lease_expired",
@@ -395,7 +398,7 @@ impl State {
                 Ok(())
             }
             Command::Cancel { task_id } => self.open_task(*task_id).map(drop),
-            Command::RegisterAgent { agent_id, capabilities, capacity } => {
+            Command::RegisterAgent { agent_id, capabilities, capacity, .. } => {
                 self.check_register(agent_id, capabilities, *capacity)
             }
             Command::DeregisterAgent { agent_id, epoch } | Command::ExpireAgent { agent_id, epoch } => {
@@ -531,8 +534,8 @@ impl State {
             Command::Tick => Ok(Outcome::Ticked),
             Command::Submit { tasks } => Ok(self.submit(tasks)),
             Command::Cancel { task_id } => self.cancel(*task_id),
-            Command::RegisterAgent { agent_id, capabilities, capacity } => {
-                self.register(agent_id, capabilities, *capacity)
+            Command::RegisterAgent { agent_id, capabilities, capacity, session } => {
+                self.register(agent_id, capabilities, *capacity, session)
             }
             Command::DeregisterAgent { agent_id, epoch } => {
                 self.remove_agent(agent_id, *epoch).map(|()| Outcome::Deregistered)
@@ -706,7 +709,13 @@ impl State {
         Ok(())
     }
 
-    fn register(&mut self, agent_id: &str, capabilities: &BTreeSet<String>, capacity: u32) -> Result<Outcome, Error> {
+    fn register(
+        &mut self,
+        agent_id: &str,
+        capabilities: &BTreeSet<String>,
+        capacity: u32,
+        session: &str,
+    ) -> Result<Outcome, Error> {
         if let Some(old) = self.agents.get(agent_id) {
             // A new session of a known agent: its old session's leases are void.
             let epoch = old.epoch;
@@ -722,6 +731,7 @@ impl State {
             capabilities: capabilities.clone(),
             capacity,
             epoch,
+            session: session.to_string(),
             registered_ms: self.now_ms,
             leased_task_ids: BTreeSet::new(),
             stuck_count: 0,
@@ -729,6 +739,18 @@ impl State {
         };
         self.agents.insert(agent_id.to_string(), agent);
         Ok(Outcome::Registered { epoch })
+    }
+
+    /// Whether a request speaks for the agent's current session: the epoch
+    /// must be the current one and `session` its secret. Heartbeats, polls
+    /// and deregistration are checked so at the edge; a command they propose
+    /// carries the epoch, which apply checks again.
+    pub fn check_session(&self, agent_id: &str, epoch: u64, session: Option<&str>) -> Result<&Agent, Error> {
+        let agent = self.current_agent(agent_id, epoch)?;
+        if !agent.session.is_empty() && session != Some(agent.session.as_str()) {
+            return Err(Error::WrongSession { agent_id: agent_id.to_string(), epoch });
+        }
+        Ok(agent)
     }
 
     fn current_agent(&self, agent_id: &str, epoch: u64) -> Result<&Agent, Error> {

@@ -136,6 +136,11 @@ pub struct Agent {
     pub capacity: u32,
     /// Incremented by every registration; leases of older epochs are void.
     pub epoch: u64,
+    /// The session's secret, known to the agent alone: the epoch is public
+    /// (listed, and in every lease), so it cannot prove who speaks. Empty for
+    /// a session registered before sessions had secrets.
+    #[serde(default)]
+    pub session: String,
     pub registered_ms: u64,
     /// Ids of the tasks this agent holds a lease on.
     pub leased_task_ids: BTreeSet<u64>,

@@ -1,7 +1,8 @@
 //! The edge's checks: `State::check` and `State::check_new_task` refuse
 //! before proposing what applying would refuse, with the same error, so a
 //! refusal costs no log entry; and `State::grantable` says when a long-poll
-//! has nothing to propose. One scenario per kind of refusal, each applied
+//! has nothing to propose; `State::check_session` accepts only the agent's
+//! current session, proven by its secret. One scenario per kind of refusal, each applied
 //! too, to show that apply (which runs the same checks) agrees. Random
 //! histories are checked the same way in `properties.rs`.
 
@@ -93,7 +94,12 @@ fn new_task(queue: &str) -> NewTask {
 
 fn register(agent_id: &str, queues: &[&str], capacity: u32) -> Command {
     let capabilities = queues.iter().map(|q| q.to_string()).collect();
-    Command::RegisterAgent { agent_id: agent_id.into(), capabilities, capacity }
+    Command::RegisterAgent { agent_id: agent_id.into(), capabilities, capacity, session: secret(agent_id) }
+}
+
+/// The secret the leader would have drawn for an agent's session.
+fn secret(agent_id: &str) -> String {
+    format!("secret-of-{agent_id}")
 }
 
 fn lease(agent_id: &str, epoch: u64, queues: &[&str], tasks_max: u32, lease_ttl_ms: u64) -> Command {
@@ -110,7 +116,7 @@ fn lease(agent_id: &str, epoch: u64, queues: &[&str], tasks_max: u32, lease_ttl_
 fn a_register_with_too_many_capabilities_is_refused_before_proposing() {
     let mut sim = Sim::new(Limits::default());
     let capabilities: BTreeSet<String> = (0..30_000).map(|i| format!("q{i}")).collect();
-    let command = Command::RegisterAgent { agent_id: "a".into(), capabilities, capacity: 1 };
+    let command = Command::RegisterAgent { agent_id: "a".into(), capabilities, capacity: 1, session: String::new() };
     sim.check(command, Error::LimitReached { limit: "capabilities_per_agent_max".into(), max: 64 });
     sim.check(
         register("a b", &["q"], 1),
@@ -262,4 +268,33 @@ fn grantable_is_zero_at_capacity_or_without_ready_work() {
 
 fn invalid(field: &str, reason: &str) -> Error {
     Error::Invalid { field: field.into(), reason: reason.into() }
+}
+
+#[test]
+fn only_the_current_session_with_its_secret_speaks_for_an_agent() {
+    let mut sim = Sim::new(Limits::default());
+    let old = sim.register("a", &["q"], 1);
+    let epoch = sim.register("a", &["q"], 1);
+    let agent = sim.state.check_session("a", epoch, Some(&secret("a"))).expect("the current session");
+    assert_eq!(agent.epoch, epoch);
+    // The epoch is public: with it alone, or with a guessed secret, nobody speaks for the agent.
+    let wrong = Error::WrongSession { agent_id: "a".into(), epoch };
+    assert_eq!(sim.state.check_session("a", epoch, None).err(), Some(wrong.clone()));
+    assert_eq!(sim.state.check_session("a", epoch, Some("guess")).err(), Some(wrong));
+    assert_eq!(
+        sim.state.check_session("a", old, Some(&secret("a"))).err(),
+        Some(Error::StaleEpoch { agent_id: "a".into(), epoch: old, current: epoch })
+    );
+    assert_eq!(
+        sim.state.check_session("b", 1, Some(&secret("b"))).err(),
+        Some(Error::AgentNotFound { agent_id: "b".into() })
+    );
+    // A session registered before sessions had secrets is checked by its epoch alone.
+    sim.one(Command::RegisterAgent {
+        agent_id: "legacy".into(),
+        capabilities: BTreeSet::from(["q".into()]),
+        capacity: 1,
+        session: String::new(),
+    });
+    assert!(sim.state.check_session("legacy", 1, None).is_ok());
 }

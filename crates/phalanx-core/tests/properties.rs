@@ -266,6 +266,7 @@ fn resolve(state: &State, op: &Op) -> Command {
             agent_id: AGENTS[*agent].to_string(),
             capabilities: queue_set(*queues).into_iter().collect::<BTreeSet<_>>(),
             capacity: *capacity,
+            session: String::new(),
         },
         Op::Deregister { agent, epoch } => {
             Command::DeregisterAgent { agent_id: AGENTS[*agent].to_string(), epoch: agent_epoch(state, *agent, *epoch) }

@@ -63,7 +63,12 @@ impl Sim {
 
     fn register(&mut self, agent_id: &str, queues: &[&str], capacity: u32) -> u64 {
         let capabilities = queues.iter().map(|q| q.to_string()).collect();
-        match self.one(Command::RegisterAgent { agent_id: agent_id.into(), capabilities, capacity }) {
+        match self.one(Command::RegisterAgent {
+            agent_id: agent_id.into(),
+            capabilities,
+            capacity,
+            session: String::new(),
+        }) {
             Outcome::Registered { epoch } => epoch,
             other => panic!("expected Registered, got {other:?}"),
         }
@@ -607,9 +612,12 @@ fn a_task_is_granted_at_most_once_per_entry() {
         let voiding = match void {
             "expire" => Command::ExpireAgent { agent_id: "a".into(), epoch: epoch_a },
             "deregister" => Command::DeregisterAgent { agent_id: "a".into(), epoch: epoch_a },
-            _ => {
-                Command::RegisterAgent { agent_id: "a".into(), capabilities: BTreeSet::from(["q".into()]), capacity: 1 }
-            }
+            _ => Command::RegisterAgent {
+                agent_id: "a".into(),
+                capabilities: BTreeSet::from(["q".into()]),
+                capacity: 1,
+                session: String::new(),
+            },
         };
         let outcomes =
             sim.entry(vec![lease("a", epoch_a, &["q"], 1, 1_000), voiding, lease("b", epoch_b, &["q"], 1, 1_000)]);
@@ -709,12 +717,22 @@ fn every_refused_command_changes_nothing() {
         &[],
     );
     sim.check_refused(
-        Command::RegisterAgent { agent_id: "b".into(), capabilities: BTreeSet::new(), capacity: 1 },
+        Command::RegisterAgent {
+            agent_id: "b".into(),
+            capabilities: BTreeSet::new(),
+            capacity: 1,
+            session: String::new(),
+        },
         invalid("capabilities", "must name at least one queue"),
         &[],
     );
     sim.check_refused(
-        Command::RegisterAgent { agent_id: "a".into(), capabilities: BTreeSet::from(["q".into()]), capacity: 0 },
+        Command::RegisterAgent {
+            agent_id: "a".into(),
+            capabilities: BTreeSet::from(["q".into()]),
+            capacity: 0,
+            session: String::new(),
+        },
         invalid("capacity", "must be 1..=1000"),
         &[],
     );

@@ -781,10 +781,14 @@ struct RegisterBody {
 
 async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
     let body = parse::<RegisterBody>(body)?;
+    // The session's secret: 128 random bits, drawn here because the state
+    // machine draws no random numbers, and answered to the registering agent alone.
+    let session = format!("{:032x}", rand::random::<u128>());
     let command = Command::RegisterAgent {
         agent_id: body.agent_id.clone(),
         capabilities: body.capabilities.into_iter().collect(),
         capacity: body.capacity.unwrap_or(1),
+        session: session.clone(),
     };
     let (outcome, _) = propose(&node, command).await?;
     let Outcome::Registered { epoch } = outcome else { unreachable!() };
@@ -793,6 +797,7 @@ async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
     Ok(Json(json!({
         "agent_id": body.agent_id,
         "epoch": epoch,
+        "session": session,
         "heartbeat_interval_ms": policy.agent_heartbeat_interval_ms,
         "agent_ttl_ms": policy.agent_ttl_ms,
     }))
@@ -801,22 +806,18 @@ async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EpochBody {
+struct SessionBody {
     epoch: u64,
+    /// The secret `register` answered; the epoch alone is public.
+    session: Option<String>,
 }
 
-/// Checks the session against the applied state and records it as alive.
-fn check_session(node: &Node, agent_id: &str, epoch: u64) -> Result<Vec<String>, ApiError> {
+/// Checks that the request speaks for the agent's current session (its epoch
+/// and its secret) and records the session as alive. A forged heartbeat,
+/// poll or deregistration for another agent's id is refused here.
+fn check_session(node: &Node, agent_id: &str, epoch: u64, session: Option<&str>) -> Result<Vec<String>, ApiError> {
     let data = node.shared.data.read().expect("state lock");
-    let agent = data
-        .state
-        .agent(agent_id)
-        .ok_or_else(|| phalanx_core::Error::AgentNotFound { agent_id: agent_id.to_string() })?;
-    if agent.epoch != epoch {
-        return Err(
-            phalanx_core::Error::StaleEpoch { agent_id: agent_id.to_string(), epoch, current: agent.epoch }.into()
-        );
-    }
+    let agent = data.state.check_session(agent_id, epoch, session)?;
     let capabilities = agent.capabilities.iter().cloned().collect();
     drop(data);
     node.liveness.lock().expect("liveness lock").touch(agent_id, epoch);
@@ -824,13 +825,14 @@ fn check_session(node: &Node, agent_id: &str, epoch: u64) -> Result<Vec<String>,
 }
 
 async fn heartbeat(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
-    let body = parse::<EpochBody>(body)?;
-    check_session(&node, &agent_id, body.epoch)?;
+    let body = parse::<SessionBody>(body)?;
+    check_session(&node, &agent_id, body.epoch, body.session.as_deref())?;
     Ok(Json(json!({"ok": true})).into_response())
 }
 
 async fn deregister(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
-    let body = parse::<EpochBody>(body)?;
+    let body = parse::<SessionBody>(body)?;
+    check_session(&node, &agent_id, body.epoch, body.session.as_deref())?;
     propose(&node, Command::DeregisterAgent { agent_id, epoch: body.epoch }).await?;
     Ok(Json(json!({"ok": true})).into_response())
 }
@@ -839,6 +841,7 @@ async fn deregister(State(node): State<Node_>, Path(agent_id): Path<String>, bod
 #[serde(deny_unknown_fields)]
 struct PollBody {
     epoch: u64,
+    session: Option<String>,
     queues: Option<Vec<String>>,
     max_tasks: Option<u32>,
     wait_ms: Option<u64>,
@@ -859,7 +862,7 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
         return Err(ApiError::invalid("max_tasks must be 1..=1000"));
     }
     let lease_ttl_ms = body.lease_ttl_ms.unwrap_or_else(|| default_lease_ttl_ms(&node));
-    let capabilities = check_session(&node, &agent_id, body.epoch)?;
+    let capabilities = check_session(&node, &agent_id, body.epoch, body.session.as_deref())?;
     let queues = body.queues.unwrap_or_else(|| capabilities.clone());
     if queues.is_empty() {
         return Err(ApiError::invalid("queues must name at least one queue"));

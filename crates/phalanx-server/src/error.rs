@@ -47,6 +47,7 @@ impl From<phalanx_core::Error> for ApiError {
         let status = match &error {
             E::Invalid { .. } | E::NotCapable { .. } => StatusCode::BAD_REQUEST,
             E::TaskNotFound { .. } | E::AgentNotFound { .. } => StatusCode::NOT_FOUND,
+            E::WrongSession { .. } => StatusCode::FORBIDDEN,
             E::StaleEpoch { .. }
             | E::Superseded { .. }
             | E::AlreadyTerminal { .. }
