@@ -190,7 +190,7 @@ async fn forged_session_requests_for_another_agent_are_refused_and_harm_nothing(
     let (_, agents) = cluster.get(1, "/v1/agents").await.unwrap();
     assert_eq!(agents["agents"][0]["epoch"], epoch);
     for forged_session in [Value::Null, json!("0123456789abcdef0123456789abcdef")] {
-        let forged = json!({"epoch": epoch, "session": forged_session, "max_tasks": 4});
+        let forged = json!({"epoch": epoch, "session": forged_session});
         for action in ["heartbeat", "poll", "deregister"] {
             let answer = cluster.post(1, &format!("/v1/agents/victim/{action}"), &forged).await.unwrap();
             assert_error(&answer, 403, "wrong_session");
@@ -200,7 +200,7 @@ async fn forged_session_requests_for_another_agent_are_refused_and_harm_nothing(
     let forger = {
         let (http, base) = (cluster.http.clone(), format!("http://{}", cluster.addr(1)));
         tokio::spawn(async move {
-            let forged = json!({"epoch": epoch, "max_tasks": 4});
+            let forged = json!({"epoch": epoch});
             loop {
                 for action in ["heartbeat", "poll", "deregister"] {
                     let _ = http.post(format!("{base}/v1/agents/victim/{action}")).json(&forged).send().await;
@@ -209,11 +209,12 @@ async fn forged_session_requests_for_another_agent_are_refused_and_harm_nothing(
             }
         })
     };
-    let own = json!({"epoch": epoch, "session": session, "max_tasks": 1, "wait_ms": 1000});
+    let own = json!({"epoch": epoch, "session": session});
+    let own_poll = json!({"epoch": epoch, "session": session, "max_tasks": 1, "wait_ms": 1000});
     for round in 0..20 {
         let task_id = submit(&cluster, "v").await;
         assert_eq!(cluster.post(1, "/v1/agents/victim/heartbeat", &own).await.unwrap().0, 200, "round {round}");
-        let (status, polled) = cluster.post(1, "/v1/agents/victim/poll", &own).await.unwrap();
+        let (status, polled) = cluster.post(1, "/v1/agents/victim/poll", &own_poll).await.unwrap();
         assert_eq!(status, 200, "round {round}: {polled}");
         let lease = &polled["leases"][0];
         assert_eq!(lease["task"]["id"].as_u64(), Some(task_id), "round {round}: {polled}");
