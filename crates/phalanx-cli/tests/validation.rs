@@ -256,3 +256,29 @@ async fn refusals_axum_answers_by_itself_are_json() {
     let response = cluster.http.post(url("/v1/tasks")).body(r#"{"queue": "q", "payload": 1}"#).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 201);
 }
+
+#[tokio::test]
+async fn refusals_forwarded_by_a_follower_cost_no_log_entry_either() {
+    let cluster = Cluster::start(3, &[]).await;
+    let leader = cluster.leader().await.expect("a leader");
+    let follower = *cluster.servers.keys().find(|id| **id != leader).unwrap();
+    let index = |cluster: &Cluster| {
+        let url = cluster.url(leader, "/v1/cluster");
+        let http = cluster.http.clone();
+        async move {
+            let body: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            body["last_log_index"].as_u64().unwrap()
+        }
+    };
+    let before = index(&cluster).await;
+    for node in [follower, leader] {
+        for _ in 0..10 {
+            let answer = cluster.post(node, "/v1/tasks/999/cancel", &json!({})).await.unwrap();
+            assert_error(&answer, 404, "task_not_found");
+            let answer = cluster.post(node, "/v1/agents/ghost/deregister", &json!({"epoch": 1})).await.unwrap();
+            assert_error(&answer, 404, "agent_not_found");
+        }
+    }
+    let after = index(&cluster).await;
+    assert_eq!(after, before, "40 refusals added {} log entries", after - before);
+}
