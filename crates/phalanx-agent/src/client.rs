@@ -847,8 +847,10 @@ impl Client {
         self.get("/v1/config").await
     }
 
-    pub async fn config_set(&self, set: serde_json::Map<String, Value>) -> Result<Value, Error> {
-        let body = json!({ "set": set });
+    /// Changes policy keys; `force` is needed for a change that would refuse
+    /// all new work of some kind or delete retained tasks (`409 force_required`).
+    pub async fn config_set(&self, set: serde_json::Map<String, Value>, force: bool) -> Result<Value, Error> {
+        let body = json!({ "set": set, "force": force });
         self.call(reqwest::Method::PUT, "/v1/config", Some(&body), Retry::Safe, self.request_timeout).await
     }
 
@@ -856,8 +858,9 @@ impl Client {
         self.get("/v1/config/history").await
     }
 
-    pub async fn config_rollback(&self, version: Option<u64>) -> Result<Value, Error> {
-        self.post("/v1/config/rollback", json!({ "version": version })).await
+    /// Makes an earlier version current again; `force` as for `config_set`.
+    pub async fn config_rollback(&self, version: Option<u64>, force: bool) -> Result<Value, Error> {
+        self.post("/v1/config/rollback", json!({ "version": version, "force": force })).await
     }
 
     /// Waits until every task is terminal, reading each with backoff;

@@ -198,15 +198,20 @@ fn context_and_policy_refusals_are_decided_before_proposing() {
     sim.check(put("key", "123456", None), Error::TooLarge { field: "conversation context".into(), bytes: 11, max: 8 });
     let policy = Limits::default();
     sim.check(
-        Command::SetPolicy { policy: policy.clone(), expected_version: 7, note: String::new() },
+        Command::SetPolicy { policy: policy.clone(), expected_version: 7, note: String::new(), force: false },
         Error::VersionConflict { key: "policy".into(), expected: 7, current: 1 },
     );
     sim.check(
-        Command::SetPolicy { policy: Limits { tasks_max: 0, ..policy }, expected_version: 1, note: String::new() },
+        Command::SetPolicy {
+            policy: Limits { tasks_max: 0, ..policy },
+            expected_version: 1,
+            note: String::new(),
+            force: false,
+        },
         invalid("tasks_max", "must be positive"),
     );
     sim.check(
-        Command::RollbackPolicy { to_version: 9, note: String::new() },
+        Command::RollbackPolicy { to_version: 9, note: String::new(), by_client: true, force: false },
         invalid("version", "policy version 9 is not in the history"),
     );
     sim.check(Command::Cancel { task_id: 5 }, Error::TaskNotFound { task_id: 5 });
