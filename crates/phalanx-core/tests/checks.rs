@@ -208,7 +208,7 @@ fn context_and_policy_refusals_are_decided_before_proposing() {
             note: String::new(),
             force: false,
         },
-        invalid("tasks_max", "must be positive"),
+        invalid("tasks_max", "0 is below the lower bound 100"),
     );
     sim.check(
         Command::RollbackPolicy { to_version: 9, note: String::new(), by_client: true, force: false },
