@@ -672,14 +672,20 @@ impl State {
                 if self.completed_before(*task_id, *fence, result).is_some() {
                     return Ok(());
                 }
-                self.check_report(*task_id, *fence).map(drop)
+                // A stale fence is left to the log (it is counted there).
+                let Some(task) = self.check_report(*task_id, *fence)? else { return Ok(()) };
+                let old = task.result.as_ref().map_or(0, String::len);
+                self.check_room(result.len() as u64, old as u64)
             }
             Command::Fail { task_id, fence, error, retryable } => {
                 check_size("error", error, self.limits.result_bytes_max)?;
                 if self.failed_before(*task_id, *fence, error, *retryable).is_some() {
                     return Ok(());
                 }
-                self.check_report(*task_id, *fence).map(drop)
+                // A stale fence is left to the log (it is counted there).
+                let Some(task) = self.check_report(*task_id, *fence)? else { return Ok(()) };
+                let old = task.error.as_ref().map_or(0, String::len);
+                self.check_room(error.len() as u64, old as u64)
             }
             Command::Extend { task_id, fence, lease_ttl_ms } => {
                 self.check_lease_ttl(*lease_ttl_ms)?;
@@ -1654,17 +1660,24 @@ impl State {
     /// it fits. Refused only when even that cannot make room; then nothing
     /// is compacted.
     fn make_room(&mut self, added: u64, removed: u64) -> Result<(), Error> {
-        if self.check_budget(added, removed).is_ok() {
-            return Ok(());
-        }
-        let max = self.limits.state_bytes_max as u64;
-        let needed = (self.state_bytes - removed).saturating_add(added) - max;
-        let freeable: u64 = self.finished.iter().map(|(_, id)| task_bytes(&self.tasks[id])).sum();
-        if freeable < needed {
-            return self.check_budget(added, removed);
-        }
+        self.check_room(added, removed)?;
         while self.check_budget(added, removed).is_err() {
             self.compact_finished(1);
+        }
+        Ok(())
+    }
+
+    /// Whether `make_room` would find room, changing nothing. O(finished
+    /// tasks), but only once the budget is reached.
+    fn check_room(&self, added: u64, removed: u64) -> Result<(), Error> {
+        let refused = match self.check_budget(added, removed) {
+            Ok(()) => return Ok(()),
+            Err(refused) => refused,
+        };
+        let needed = (self.state_bytes - removed).saturating_add(added) - self.limits.state_bytes_max as u64;
+        let freeable: u64 = self.finished.iter().map(|(_, id)| task_bytes(&self.tasks[id])).sum();
+        if freeable < needed {
+            return Err(refused);
         }
         Ok(())
     }
