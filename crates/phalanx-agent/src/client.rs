@@ -462,6 +462,11 @@ const BACKOFF_BASE: Duration = Duration::from_millis(50);
 /// nothing, what it cannot propose within it).
 pub const WRITE_TIMEOUT_DEFAULT: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// The jitter's ceiling when moving to another node (failover rather than
+/// overload): an election takes a few hundred milliseconds, and the node's
+/// `Retry-After` already spaces the retries; a wider jitter only stretches
+/// the outage clients see.
+const FAILOVER_BACKOFF_CAP: Duration = Duration::from_millis(250);
 /// A server's `Retry-After` is honoured up to this long per retry.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(10);
 /// The retry budget's floor: retries a fresh or quiet client may make at once.
@@ -684,7 +689,8 @@ impl Client {
                 Error::Api { retry_after_ms: Some(ms), .. } => Duration::from_millis(*ms).min(RETRY_AFTER_MAX),
                 _ => Duration::ZERO,
             };
-            tokio::time::sleep(asked + backoff(attempt - 1, BACKOFF_BASE, BACKOFF_CAP)).await;
+            let cap = if next == Next::RetryOtherNode { FAILOVER_BACKOFF_CAP } else { BACKOFF_CAP };
+            tokio::time::sleep(asked + backoff(attempt - 1, BACKOFF_BASE, cap)).await;
         }
     }
 

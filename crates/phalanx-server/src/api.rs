@@ -232,7 +232,13 @@ async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next
         response.headers_mut().insert(STALE_HEADER, HeaderValue::from_static("true"));
         return response;
     }
-    if request.headers().contains_key(FORWARDED_HEADER) || node.is_leader() {
+    if request.headers().contains_key(FORWARDED_HEADER) {
+        return next.run(request).await;
+    }
+    // During an election the request waits here, briefly, for the new
+    // leader (perhaps this node) instead of sending the client away.
+    await_leader(&node).await;
+    if node.is_leader() {
         return next.run(request).await;
     }
     match forward(&node, request).await {
@@ -255,6 +261,28 @@ fn forward_headers(incoming: &HeaderMap, mut outgoing: reqwest::RequestBuilder) 
         }
     }
     outgoing
+}
+
+/// How long a request may wait on a node that knows no leader (an election
+/// is under way), at most; the client's deadline shortens it.
+const LEADER_WAIT_MS_MAX: u64 = 1_000;
+
+/// Waits until this node knows a leader, for at most `LEADER_WAIT_MS_MAX`
+/// and never past the request's deadline (less a margin to answer in).
+async fn await_leader(node: &Node) -> Option<(u64, String)> {
+    if let Some(leader) = node.leader() {
+        return Some(leader);
+    }
+    let mut budget = Duration::from_millis(LEADER_WAIT_MS_MAX);
+    if let Some(deadline) = crate::admission::current_deadline() {
+        let margin = Duration::from_millis(20);
+        budget = budget.min(deadline.saturating_duration_since(Instant::now()).saturating_sub(margin));
+    }
+    let mut metrics = node.raft.server_metrics();
+    // The guard `wait_for` returns is dropped at once: it must not live across an await.
+    let _ =
+        tokio::time::timeout(budget, async { metrics.wait_for(|m| m.current_leader.is_some()).await.is_ok() }).await;
+    node.leader()
 }
 
 /// Resolves when this node's view of the leadership moves away from
@@ -315,7 +343,9 @@ async fn forward(node: &Node, request: Request) -> ApiResult {
     let result = tokio::select! {
         result = exchange => result,
         () = leadership_moved(node, leader_id, term) => {
-            let hint = node.leader().filter(|(id, _)| *id != node.id()).map(|(_, addr)| addr);
+            // Answered once the new leader is known (or the wait runs out),
+            // so the client goes straight to it.
+            let hint = await_leader(node).await.map(|(_, addr)| addr);
             let message = format!(
                 "leader {leader_id} at {leader_addr} did not answer before the leadership moved; \
                  the request was sent and may still commit"

@@ -322,12 +322,16 @@ class RetryPolicy:
     retries_max: int = 8
     backoff_base_s: float = 0.05
     backoff_cap_s: float = 2.0
+    # The jitter's ceiling when moving to another node (failover, not overload): an election
+    # takes a few hundred milliseconds and the node's Retry-After already spaces the retries.
+    failover_backoff_cap_s: float = 0.25
     # A server's Retry-After is honoured up to this long.
     retry_after_max_s: float = 30.0
 
-    def backoff_s(self, attempt: int, rng: random.Random) -> float:
+    def backoff_s(self, attempt: int, rng: random.Random, failover: bool = False) -> float:
         """Uniform in [0, min(cap, base * 2^attempt)]."""
-        return rng.uniform(0.0, min(self.backoff_cap_s, self.backoff_base_s * (2 ** min(attempt, 30))))
+        cap = self.failover_backoff_cap_s if failover else self.backoff_cap_s
+        return rng.uniform(0.0, min(cap, self.backoff_base_s * (2 ** min(attempt, 30))))
 
 
 class RetryBudget:
@@ -597,6 +601,8 @@ class _Done:
 class _Retry:
     error: PhalanxError
     wait_s: float = 0.0
+    # Retried on another node (failover), not on the same one (overload).
+    failover: bool = True
 
 
 @dataclass
@@ -704,7 +710,7 @@ class _Core:
         error = error_from_answer(status, body, response.text[:500], response.headers.get("retry-after"))
         wait_s = (error.retry_after_ms or 0) / 1000
         if status == 429:
-            return _Retry(error, wait_s)
+            return _Retry(error, wait_s, failover=False)
         if status == 503:
             if request.retry == "if_not_sent" and error.is_outcome_unknown:
                 return _Raise(OutcomeUnknown(status, error.code, error.message, error.leader_hint,
@@ -725,7 +731,8 @@ class _Core:
         """The pause before retry `attempt` (1-based), or None to give up."""
         if attempt > self.policy.retries_max or not self.budget.try_retry():
             return None
-        pause = max(self.policy.backoff_s(attempt, self.rng), min(verdict.wait_s, self.policy.retry_after_max_s))
+        pause = max(self.policy.backoff_s(attempt, self.rng, verdict.failover),
+                    min(verdict.wait_s, self.policy.retry_after_max_s))
         if deadline is not None and time.monotonic() + pause >= deadline:
             return None
         return pause
