@@ -200,3 +200,113 @@ async fn server_logs_are_json_lines_without_colours_on_request() {
     assert_eq!(event["level"], "INFO", "{event}");
     assert_eq!(event["fields"]["message"], "node serving", "{event}");
 }
+
+/// Three nodes with the server's default log filter, stderr kept in files.
+struct LoggedCluster {
+    dir: tempfile::TempDir,
+    addrs: Vec<String>,
+    peers: String,
+    children: Vec<Option<std::process::Child>>,
+}
+
+impl LoggedCluster {
+    fn start() -> LoggedCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let pairs: Vec<(String, String)> = (0..3)
+            .map(|_| (format!("127.0.0.1:{}", common::free_port()), format!("127.0.0.1:{}", common::free_port())))
+            .collect();
+        let peers = pairs.iter().enumerate().map(|(i, (a, r))| format!("{}={a}/{r}", i + 1)).collect::<Vec<_>>();
+        let mut cluster = LoggedCluster {
+            dir,
+            addrs: pairs.iter().map(|(a, _)| a.clone()).collect(),
+            peers: peers.join(","),
+            children: vec![None, None, None],
+        };
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let id = (i + 1).to_string();
+        let (_, raft) = self.peers.split(',').nth(i).unwrap().split_once('/').unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{id}.log")))
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_phalanx"))
+            .args(["server", "--node-id", &id, "--listen", &self.addrs[i], "--raft-listen", raft])
+            .args(["--peers", &self.peers, "--peer-token", "failover-log-test"])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("node-{id}")))
+            .env_remove("PHALANX_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children[i] = Some(child);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node-{}.log", i + 1))).unwrap_or_default()
+    }
+}
+
+impl Drop for LoggedCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.kill(i);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_is_down_costs_the_leader_two_log_lines_not_one_per_retry() {
+    let mut cluster = LoggedCluster::start();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    let started = Instant::now();
+    let leader = loop {
+        let mut found = None;
+        for addr in &cluster.addrs {
+            if let Ok(response) = http.get(format!("http://{addr}/health/ready")).send().await {
+                if let Ok(body) = response.json::<Value>().await {
+                    found = found.or(body["leader_id"].as_u64());
+                }
+            }
+        }
+        if let Some(leader) = found {
+            break leader as usize - 1;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let follower = (leader + 1) % 3;
+    let before = cluster.log(leader).lines().count();
+    cluster.kill(follower);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.spawn(follower);
+    let restarted = Instant::now();
+    while !cluster.log(leader).contains("peer reachable again") {
+        assert!(restarted.elapsed() < Duration::from_secs(20), "the return of the peer was not logged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let log = cluster.log(leader);
+    let lines: Vec<&str> = log.lines().skip(before).collect();
+    let down: Vec<&&str> = lines.iter().filter(|l| l.contains("peer unreachable")).collect();
+    let back: Vec<&&str> = lines.iter().filter(|l| l.contains("peer reachable again")).collect();
+    assert_eq!(down.len(), 1, "{lines:#?}");
+    assert_eq!(back.len(), 1, "{lines:#?}");
+    assert!(back[0].contains("out_ms="), "says how long the peer was out: {}", back[0]);
+    assert!(lines.len() <= 4, "3 s of a peer down, and the leader logged {} lines: {lines:#?}", lines.len());
+    assert!(!log.contains('\u{1b}'), "no ANSI colours when stderr is a file");
+}
