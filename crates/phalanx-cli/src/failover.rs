@@ -57,10 +57,7 @@ pub async fn failover(args: BenchArgs) -> anyhow::Result<()> {
         anyhow::bail!("unknown fault {bad:?}: use kill, pause, isolate or one-way");
     }
     let dir = tempfile::tempdir()?;
-    let mut server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
-    if !server_args.iter().any(|a| a == "--peer-token") {
-        server_args.extend(["--peer-token".to_string(), "bench-failover-peer-token".to_string()]);
-    }
+    let server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
     let mut cluster = LocalCluster::start(3, dir.path(), &server_args).await?;
     let addrs = cluster.addrs();
     let clients = args.clients.max(3);

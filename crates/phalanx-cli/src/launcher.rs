@@ -19,6 +19,8 @@ pub struct LocalNode {
 pub struct LocalCluster {
     pub nodes: BTreeMap<u64, LocalNode>,
     peers: String,
+    /// A fresh secret per cluster: the peer channel is always authenticated.
+    peer_token: String,
     extra: Vec<String>,
     http: reqwest::Client,
 }
@@ -42,7 +44,12 @@ impl LocalCluster {
             nodes.values().map(|n| format!("{}={}/{}", n.id, n.addr, n.raft_addr)).collect::<Vec<_>>().join(",")
         };
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
-        let mut cluster = LocalCluster { nodes, peers, extra: extra.to_vec(), http };
+        let peer_token: String = {
+            use rand::Rng;
+            let mut rng = rand::thread_rng();
+            (0..32).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.gen_range(0..36)])).collect()
+        };
+        let mut cluster = LocalCluster { nodes, peers, peer_token, extra: extra.to_vec(), http };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in ids {
             cluster.spawn(id)?;
@@ -74,6 +81,7 @@ impl LocalCluster {
             .arg("--data-dir")
             .arg(&node.data_dir)
             .args(&self.extra)
+            .env("PHALANX_PEER_TOKEN", &self.peer_token)
             .env("PHALANX_LOG", std::env::var("PHALANX_LOG").unwrap_or_else(|_| "error,openraft=off".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

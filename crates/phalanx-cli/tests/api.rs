@@ -204,22 +204,34 @@ async fn bad_input_is_refused_with_json_errors_and_changes_nothing() {
 
 #[tokio::test]
 async fn tokens_are_required_when_configured() {
-    let cluster = Cluster::start(1, &["--client-token", "secret-c", "--peer-token", "secret-p"]).await;
+    let cluster =
+        Cluster::start(1, &["--client-token", "secret-client-0123456789", "--peer-token", "secret-peer-0123456789"])
+            .await;
     let answer = cluster.post(1, "/v1/tasks", &json!({"queue": "q"})).await.unwrap();
     assert_error(&answer, 401, "unauthorized");
     let response = cluster
         .http
         .post(cluster.url(1, "/v1/tasks"))
-        .bearer_auth("secret-c")
+        .bearer_auth("secret-client-0123456789")
         .json(&json!({"queue": "q"}))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 201);
-    // The client token does not open the Raft routes.
-    let response =
-        cluster.http.post(cluster.url(1, "/raft/vote")).bearer_auth("secret-c").body("{}").send().await.unwrap();
+    // The client token does not open the Raft routes (on the Raft listener),
+    // and the client port serves none.
+    let raft_url = format!("http://{}/raft/vote", cluster.servers[&1].raft_addr);
+    let response = cluster.http.post(raft_url).bearer_auth("secret-client-0123456789").body("{}").send().await.unwrap();
     assert_eq!(response.status().as_u16(), 401);
+    let response = cluster
+        .http
+        .post(cluster.url(1, "/raft/vote"))
+        .bearer_auth("secret-peer-0123456789")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 404);
 }
 
 #[test]

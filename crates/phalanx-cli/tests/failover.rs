@@ -238,7 +238,7 @@ impl LoggedCluster {
             .unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_phalanx"))
             .args(["server", "--node-id", &id, "--listen", &self.addrs[i], "--raft-listen", raft])
-            .args(["--peers", &self.peers, "--peer-token", "failover-log-test"])
+            .args(["--peers", &self.peers, "--peer-token", common::PEER_TOKEN])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("node-{id}")))
             .env_remove("PHALANX_LOG")

@@ -9,7 +9,6 @@
 use crate::error::ApiError;
 use crate::node::Node;
 use crate::proposer;
-use crate::raft_types::TypeConfig;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
@@ -18,13 +17,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use phalanx_core::state::validate_name;
 use phalanx_core::{Command, NewTask, Outcome, Task};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,13 +34,14 @@ type Body = Result<Bytes, BytesRejection>;
 
 /// Marks a request a follower forwarded to the leader.
 const FORWARDED_HEADER: &str = "x-phalanx-forwarded";
+/// Carries the peer token on a forwarded request (its `Authorization` header
+/// is the client's own, relayed).
+const PEER_TOKEN_HEADER: &str = "x-phalanx-peer-token";
 /// Marks a response answered from a node's own, possibly stale, state.
 const STALE_HEADER: &str = "x-phalanx-stale";
 /// Longest long-poll an agent may ask for.
 const POLL_WAIT_MS_MAX: u64 = 30_000;
 const LIST_LIMIT_MAX: usize = 1000;
-/// Raft RPC bodies carry log batches and snapshot chunks.
-const RAFT_REQUEST_BYTES_MAX: usize = 256 * 1024 * 1024;
 
 /// The Raft RPC routes alone, for a node's separate Raft listener.
 pub fn raft_router(node: Arc<Node>) -> Router {
@@ -53,12 +53,17 @@ fn raft_routes(node: Arc<Node>) -> Router<Node_> {
         .route("/raft/append", post(raft_append))
         .route("/raft/vote", post(raft_vote))
         .route("/raft/snapshot", post(raft_snapshot))
-        .layer(DefaultBodyLimit::max(RAFT_REQUEST_BYTES_MAX))
+        .layer(DefaultBodyLimit::max(node.config.raft_request_bytes_max))
         .layer(middleware::from_fn_with_state(node, require_peer_token))
 }
 
 pub fn router(node: Arc<Node>) -> Router {
-    let raft = raft_routes(node.clone());
+    // Raft RPCs are served here only when the node has no Raft listener of its
+    // own and a peer token to check: a one-node server without one serves none.
+    let raft = match (&node.config.raft_listen, &node.config.peer_token) {
+        (None, Some(_)) => raft_routes(node.clone()),
+        _ => Router::new(),
+    };
     let routed = Router::new()
         .route("/v1/tasks", post(submit).get(list_tasks))
         .route("/v1/tasks/batch", post(submit_batch))
@@ -93,7 +98,10 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .merge(raft)
         .merge(client)
-        .route("/health/live", get(|| async { Json(json!({"live": true})) }))
+        .route(
+            "/health/live",
+            get(|node: State<Node_>| async move { Json(json!({"live": true, "node_id": node.id()})) }),
+        )
         .route("/health/ready", get(ready))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(node.clone(), count_requests))
@@ -124,9 +132,32 @@ async fn require_client_token(State(node): State<Node_>, request: Request, next:
 }
 
 async fn require_peer_token(State(node): State<Node_>, request: Request, next: Next) -> Response {
+    if node.config.peer_token.is_none() {
+        let message = "this node has no peer token, so it serves no Raft RPCs: set --peer-token on every node";
+        return ApiError::new(StatusCode::FORBIDDEN, "no_peer_token", message).into_response();
+    }
     match check_token(request.headers(), &node.config.peer_token) {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),
+    }
+}
+
+/// Whether a request was forwarded by a peer: it carries `X-Phalanx-Forwarded`
+/// and the peer token in `X-Phalanx-Peer-Token`. A client that sends the
+/// header without the token is refused (`forwarded_refused`), so it cannot
+/// skip the rate limit or the forwarding rules by claiming to be a peer.
+fn forwarded_by_peer(node: &Node, request: &Request) -> Result<bool, ApiError> {
+    if !request.headers().contains_key(FORWARDED_HEADER) {
+        return Ok(false);
+    }
+    let presented = request.headers().get(PEER_TOKEN_HEADER).and_then(|v| v.to_str().ok());
+    match &node.config.peer_token {
+        Some(token) if presented == Some(token.as_str()) => Ok(true),
+        _ => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("{FORWARDED_HEADER} is for peers: it needs the peer token in {PEER_TOKEN_HEADER}"),
+        )),
     }
 }
 
@@ -175,7 +206,11 @@ async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Respo
             }
         }
     };
-    if !request.headers().contains_key(FORWARDED_HEADER) {
+    let forwarded = match forwarded_by_peer(&node, &request) {
+        Ok(forwarded) => forwarded,
+        Err(error) => return error.into_response(),
+    };
+    if !forwarded {
         let client = match request.headers().get(CLIENT_HEADER).and_then(|v| v.to_str().ok()) {
             Some(name) => name.chars().take(128).collect::<String>(),
             None => request
@@ -225,6 +260,10 @@ async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next
             .with_leader_hint(leader)
             .into_response();
     }
+    let forwarded = match forwarded_by_peer(&node, &request) {
+        Ok(forwarded) => forwarded,
+        Err(error) => return error.into_response(),
+    };
     if wants_stale(&request) {
         // Every answer of a stale read is labelled, a 404 included: a client
         // must be able to tell a lagging node from a missing task.
@@ -232,7 +271,7 @@ async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next
         response.headers_mut().insert(STALE_HEADER, HeaderValue::from_static("true"));
         return response;
     }
-    if request.headers().contains_key(FORWARDED_HEADER) {
+    if forwarded {
         return next.run(request).await;
     }
     // During an election the request waits here, briefly, for the new
@@ -323,6 +362,7 @@ async fn forward(node: &Node, request: Request) -> ApiResult {
         .http
         .request(parts.method.clone(), format!("http://{leader_addr}{path}"))
         .header(FORWARDED_HEADER, node.id().to_string())
+        .header(PEER_TOKEN_HEADER, node.config.peer_token.clone().unwrap_or_default())
         .body(body);
     outgoing = forward_headers(&parts.headers, outgoing);
     if let Some(deadline) = crate::admission::current_deadline() {
@@ -444,7 +484,7 @@ fn mark_stale(mut response: Response, stale: bool) -> Response {
 pub struct TaskView<'a> {
     id: u64,
     queue: &'a str,
-    payload: &'a RawValue,
+    payload: Cow<'a, RawValue>,
     priority: u8,
     state: &'static str,
     created_ms: u64,
@@ -459,14 +499,22 @@ pub struct TaskView<'a> {
     trail: &'a [phalanx_core::TrailStep],
     lease: &'a Option<phalanx_core::Lease>,
     last_fence: u64,
-    result: Option<&'a RawValue>,
+    result: Option<Cow<'a, RawValue>>,
     error: &'a Option<String>,
     dead_reason: &'a Option<String>,
     superseded_count: u32,
 }
 
-fn raw(text: &str) -> &RawValue {
-    serde_json::from_str(text).expect("stored JSON text is valid: it was serialised from a JSON value")
+/// Stored JSON text as JSON. Text that does not parse (it can only come from
+/// a log written before payloads were checked at the Raft edge) is served as
+/// a JSON string instead of taking the node down: a read never panics.
+fn raw(text: &str) -> Cow<'_, RawValue> {
+    match serde_json::from_str::<&RawValue>(text) {
+        Ok(value) => Cow::Borrowed(value),
+        Err(_) => {
+            Cow::Owned(serde_json::value::to_raw_value(text).expect("a string always serialises as a JSON string"))
+        }
+    }
 }
 
 pub fn view(task: &Task) -> TaskView<'_> {
@@ -1095,56 +1143,149 @@ struct AddMemberBody {
 /// How long a node being added may take to catch up before the add is
 /// refused (it stays a learner).
 const LEARNER_CATCH_UP_MS: u64 = 8_000;
+/// How long one membership step (add a learner, change the voters) may take
+/// before the caller hears `timeout` (outcome unknown) instead of waiting on.
+const MEMBERSHIP_STEP_TIMEOUT_MS: u64 = 5_000;
+/// How long a node being added has to answer its liveness probe.
+const MEMBER_PROBE_TIMEOUT_MS: u64 = 1_000;
+/// A voter that has not answered the leader for this long does not count
+/// towards the majority a removal must leave behind.
+const VOTER_CONTACT_MS_MAX: u64 = 1_000;
+/// A voter this many entries behind the leader's log is not caught up.
+const VOTER_LAG_ENTRIES_MAX: u64 = 1_000;
 
 fn membership_error(error: impl std::fmt::Display) -> ApiError {
     ApiError::unavailable("membership_change_failed", format!("membership change failed: {error}"), 1000)
 }
 
+/// Runs one membership step within `MEMBERSHIP_STEP_TIMEOUT_MS`.
+async fn membership_step<T, E: std::fmt::Display>(
+    what: &str,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(Duration::from_millis(MEMBERSHIP_STEP_TIMEOUT_MS), step).await {
+        Ok(result) => result.map_err(membership_error),
+        Err(_) => Err(ApiError::unavailable(
+            "timeout",
+            format!(
+                "{what} did not finish within {MEMBERSHIP_STEP_TIMEOUT_MS} ms: the outcome is unknown, \
+                 check GET /v1/cluster before trying again"
+            ),
+            1000,
+        )),
+    }
+}
+
+fn membership_conflict(code: &'static str, message: String) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, code, message)
+}
+
+/// Asks the node at `addr` who it is: a member is added only if it runs, is
+/// a Phalanx node, and is the node the caller named.
+async fn probe_member(node: &Node, node_id: u64, addr: &str, raft_addr: &str) -> Result<(), ApiError> {
+    let timeout = Duration::from_millis(MEMBER_PROBE_TIMEOUT_MS);
+    let unreachable = |why: String| {
+        membership_conflict(
+            "member_unreachable",
+            format!("node {node_id} at {addr} did not answer its probe ({why}): start it first, then add it"),
+        )
+    };
+    let answer = node
+        .http
+        .get(format!("http://{addr}/health/live"))
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|error| unreachable(error.to_string()))?;
+    let live: Value = answer.json().await.map_err(|error| unreachable(format!("not a Phalanx node: {error}")))?;
+    match live["node_id"].as_u64() {
+        Some(id) if id == node_id => {}
+        Some(id) => {
+            return Err(membership_conflict(
+                "address_in_use",
+                format!("{addr} is node {id}, not node {node_id}: a node keeps its id for life"),
+            ))
+        }
+        None => return Err(unreachable("its answer names no node id".into())),
+    }
+    let connect = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(raft_addr)).await;
+    if !matches!(connect, Ok(Ok(_))) {
+        return Err(membership_conflict(
+            "member_unreachable",
+            format!("node {node_id}'s Raft address {raft_addr} does not accept connections"),
+        ));
+    }
+    Ok(())
+}
+
 /// Adds a node: first as a learner (it catches up by log or snapshot), then
-/// as a voter. Node ids are never reused: an id that was ever a member is refused.
+/// as a voter. Refused before anything changes when the id or an address is
+/// already taken, an address does not parse, the node does not answer, or
+/// the cluster has no peer token. Node ids are never reused: an id that was
+/// ever a member is refused.
 async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
     let body = parse::<AddMemberBody>(body)?;
     if body.node_id == 0 {
         return Err(ApiError::invalid("node_id must be positive"));
     }
-    let voters: std::collections::BTreeSet<u64> = {
+    let raft_addr = body.raft_addr.clone().unwrap_or_else(|| body.addr.clone());
+    for addr in [&body.addr, &raft_addr] {
+        crate::raft_types::check_addr(addr).map_err(ApiError::invalid)?;
+    }
+    if node.config.peer_token.is_none() {
+        return Err(membership_conflict(
+            "no_peer_token",
+            "a cluster of more than one node needs a peer token: restart every node with --peer-token".into(),
+        ));
+    }
+    let (voters, retry) = {
         let metrics = node.raft.metrics();
         let metrics = metrics.borrow();
         let membership = metrics.membership_config.membership();
-        // A learner left behind by an add that timed out may be added again.
         if membership.voter_ids().any(|id| id == body.node_id) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "already_member",
-                format!("node {} is already a voter", body.node_id),
-            ));
+            return Err(membership_conflict("already_member", format!("node {} is already a voter", body.node_id)));
         }
-        membership.voter_ids().collect()
+        let wanted = crate::raft_types::Member::new(body.addr.clone(), raft_addr.clone());
+        // A learner left behind by an add that timed out may be added again,
+        // with the same addresses.
+        let retry = match membership.get_node(&body.node_id) {
+            Some(member) if *member == wanted => true,
+            Some(member) => {
+                return Err(membership_conflict(
+                    "already_member",
+                    format!("node {} is already a learner at {member}", body.node_id),
+                ))
+            }
+            None => false,
+        };
+        for (id, member) in membership.nodes() {
+            let taken = [&member.api, &member.raft];
+            if *id != body.node_id && (taken.contains(&&body.addr) || taken.contains(&&raft_addr)) {
+                return Err(membership_conflict(
+                    "address_in_use",
+                    format!("node {id} already uses {member}: two members cannot share an address"),
+                ));
+            }
+        }
+        (membership.voter_ids().collect::<std::collections::BTreeSet<u64>>(), retry)
     };
     let retired = node.shared.data.read().expect("state lock").state.node_retired(body.node_id);
     if retired {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
+        return Err(membership_conflict(
             "node_id_reused",
             format!("node id {} was removed before; node ids are never reused", body.node_id),
         ));
     }
-    let added = node
-        .raft
-        .add_learner(
-            body.node_id,
-            crate::raft_types::Member::new(
-                body.addr.clone(),
-                body.raft_addr.clone().unwrap_or_else(|| body.addr.clone()),
-            ),
-            false,
-        )
-        .await
-        .map_err(membership_error)?;
+    probe_member(&node, body.node_id, &body.addr, &raft_addr).await?;
+    let member = crate::raft_types::Member::new(body.addr.clone(), raft_addr.clone());
+    let target = if retry {
+        node.raft.metrics().borrow().last_log_index.unwrap_or(0)
+    } else {
+        membership_step("adding the learner", node.raft.add_learner(body.node_id, member, false)).await?.log_id.index
+    };
     // A voter that is not caught up (or not even running) would count
     // towards every quorum without being able to help form one: the node
     // becomes a voter only once it holds the log up to its own addition.
-    let target = added.log_id.index;
     let caught_up = node
         .raft
         .wait(Some(Duration::from_millis(LEARNER_CATCH_UP_MS)))
@@ -1161,7 +1302,7 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
             "learner_lagging",
             format!(
                 "node {} at {} did not catch up within {LEARNER_CATCH_UP_MS} ms; it stays a learner, not a voter: \
-                 check that it runs and is reachable, then add it again",
+                 check that it runs and is reachable, then add it again (or remove it)",
                 body.node_id, body.addr
             ),
             1000,
@@ -1169,27 +1310,74 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
     }
     let mut new_voters = voters;
     new_voters.insert(body.node_id);
-    node.raft.change_membership(new_voters, false).await.map_err(membership_error)?;
+    membership_step("promoting the learner", node.raft.change_membership(new_voters, false)).await?;
     Ok(Json(json!({"ok": true, "node_id": body.node_id})).into_response())
 }
 
+/// The voters among `voters` that answer the leader and hold its log
+/// (the leader itself always does).
+fn healthy_voters(node: &Node, voters: &std::collections::BTreeSet<u64>) -> std::collections::BTreeSet<u64> {
+    let metrics = node.raft.metrics().borrow().clone();
+    let last = metrics.last_log_index.unwrap_or(0);
+    let contacts = node.peer_contacts.lock().expect("contacts lock").clone();
+    voters
+        .iter()
+        .copied()
+        .filter(|id| {
+            if *id == node.id() {
+                return true;
+            }
+            let matched = metrics.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index);
+            let recent = contacts.get(id).is_some_and(|at| at.elapsed() < Duration::from_millis(VOTER_CONTACT_MS_MAX));
+            recent && matched.is_some_and(|m| m + VOTER_LAG_ENTRIES_MAX >= last)
+        })
+        .collect()
+}
+
+/// Removes a voter or a learner. A voter is removed only if the voters left
+/// behind include a majority that answers the leader and holds its log: a
+/// change that cannot commit (a majority of the new voters down) would block
+/// every write until they return, and one that leaves no live majority
+/// would brick the cluster.
 async fn remove_member(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult {
     let node_id = parse_id(&id)?;
-    let voters: std::collections::BTreeSet<u64> = {
+    let (voters, is_learner) = {
         let metrics = node.raft.metrics();
         let metrics = metrics.borrow();
-        metrics.membership_config.membership().voter_ids().collect()
+        let membership = metrics.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let is_learner = membership.learner_ids().any(|l| l == node_id);
+        (voters, is_learner)
     };
+    if is_learner {
+        propose(&node, Command::RetireNode { node_id }).await?;
+        let change = openraft::ChangeMembers::RemoveNodes([node_id].into());
+        membership_step("removing the learner", node.raft.change_membership(change, false)).await?;
+        return Ok(Json(json!({"ok": true, "node_id": node_id})).into_response());
+    }
     if !voters.contains(&node_id) {
-        return Err(ApiError::not_found(format!("node {node_id} is not a voter")));
+        return Err(ApiError::not_found(format!("node {node_id} is not a member")));
     }
     if voters.len() == 1 {
         return Err(ApiError::invalid("cannot remove the last voter"));
     }
+    let remaining: std::collections::BTreeSet<u64> = voters.iter().copied().filter(|v| *v != node_id).collect();
+    let healthy = healthy_voters(&node, &remaining);
+    let majority = remaining.len() / 2 + 1;
+    if healthy.len() < majority {
+        let missing: Vec<u64> = remaining.difference(&healthy).copied().collect();
+        return Err(membership_conflict(
+            "unsafe_membership_change",
+            format!(
+                "removing node {node_id} would leave voters {remaining:?}, of which only {healthy:?} answer the \
+                 leader and hold its log; a majority of {} needs {majority}: bring {missing:?} back first",
+                remaining.len()
+            ),
+        ));
+    }
     // Recorded first, so the id can never come back even if the change below fails half-way.
     propose(&node, Command::RetireNode { node_id }).await?;
-    let remaining: std::collections::BTreeSet<u64> = voters.into_iter().filter(|v| *v != node_id).collect();
-    node.raft.change_membership(remaining, false).await.map_err(membership_error)?;
+    membership_step("removing the voter", node.raft.change_membership(remaining, false)).await?;
     Ok(Json(json!({"ok": true, "node_id": node_id})).into_response())
 }
 
@@ -1213,14 +1401,40 @@ async fn metrics(State(node): State<Node_>) -> ApiResult {
 
 // ---- Raft RPC (server side of network.rs) ----
 
-async fn raft_append(State(node): State<Node_>, Json(request): Json<AppendEntriesRequest<TypeConfig>>) -> Response {
-    Json(node.raft.append_entries(request).await).into_response()
+/// Decodes a Raft RPC body and runs the edge checks (`raft_edge.rs`) on it
+/// before openraft sees it; a refusal is a JSON error, never a panic.
+fn raft_input<T: DeserializeOwned>(
+    node: &Node,
+    body: Body,
+    check: impl FnOnce(&crate::raft_edge::Receiver, &T) -> Result<(), String>,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("Raft request refused: {rejection}"))
+    })?;
+    let request: T = serde_json::from_slice(&bytes).map_err(|error| {
+        node.stats.raft_refused.fetch_add(1, Ordering::Relaxed);
+        ApiError::new(StatusCode::BAD_REQUEST, "malformed_raft_request", format!("Raft request: {error}"))
+    })?;
+    let membership = node.raft.metrics().borrow().membership_config.clone();
+    check(&crate::raft_edge::Receiver { membership: &membership }, &request).map_err(|why| {
+        node.stats.raft_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(why, "refused a Raft request");
+        ApiError::invalid(format!("Raft request refused: {why}"))
+    })?;
+    Ok(request)
 }
 
-async fn raft_vote(State(node): State<Node_>, Json(request): Json<VoteRequest<u64>>) -> Response {
-    Json(node.raft.vote(request).await).into_response()
+async fn raft_append(State(node): State<Node_>, body: Body) -> ApiResult {
+    let request = raft_input(&node, body, crate::raft_edge::check_append_request)?;
+    Ok(Json(node.raft.append_entries(request).await).into_response())
 }
 
-async fn raft_snapshot(State(node): State<Node_>, Json(request): Json<InstallSnapshotRequest<TypeConfig>>) -> Response {
-    Json(node.raft.install_snapshot(request).await).into_response()
+async fn raft_vote(State(node): State<Node_>, body: Body) -> ApiResult {
+    let request = raft_input(&node, body, crate::raft_edge::check_vote_request)?;
+    Ok(Json(node.raft.vote(request).await).into_response())
+}
+
+async fn raft_snapshot(State(node): State<Node_>, body: Body) -> ApiResult {
+    let request = raft_input(&node, body, crate::raft_edge::check_snapshot_request)?;
+    Ok(Json(node.raft.install_snapshot(request).await).into_response())
 }

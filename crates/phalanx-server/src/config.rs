@@ -9,6 +9,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// Shortest token accepted: a guessable token is no authentication.
+pub const TOKEN_BYTES_MIN: usize = 16;
+/// Longest token accepted (it travels in a header on every request).
+pub const TOKEN_BYTES_MAX: usize = 512;
+
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub node_id: u64,
@@ -45,6 +50,8 @@ pub struct NodeConfig {
     pub requests_in_flight_max: usize,
     /// Bytes of one HTTP request body.
     pub request_bytes_max: usize,
+    /// Bytes of one Raft RPC body (a batch of log entries or a snapshot chunk).
+    pub raft_request_bytes_max: usize,
     /// How long a write may wait for commit before the client hears `timeout`.
     pub write_timeout_ms: u64,
     /// Per-client token bucket: sustained requests per second and burst.
@@ -79,6 +86,7 @@ impl NodeConfig {
             pollers_max: 10_000,
             requests_in_flight_max: 1024,
             request_bytes_max: 4 * 1024 * 1024,
+            raft_request_bytes_max: 256 * 1024 * 1024,
             write_timeout_ms: 10_000,
             client_rate_per_second: 20_000.0,
             client_burst: 40_000.0,
@@ -109,15 +117,44 @@ impl NodeConfig {
         if self.node_id == 0 {
             return Err("node_id must be positive (0 is reserved)".into());
         }
-        if !self.listen.ip().is_loopback() && (self.client_token.is_none() || self.peer_token.is_none()) {
-            return Err(format!(
-                "refusing to listen on non-loopback address {} without tokens: set --client-token and --peer-token \
-                 (or PHALANX_CLIENT_TOKEN and PHALANX_PEER_TOKEN)",
-                self.listen
-            ));
+        for (name, token) in [("client token", &self.client_token), ("peer token", &self.peer_token)] {
+            if let Some(token) = token {
+                if token.len() < TOKEN_BYTES_MIN || token.len() > TOKEN_BYTES_MAX {
+                    return Err(format!(
+                        "the {name} must be {TOKEN_BYTES_MIN} to {TOKEN_BYTES_MAX} bytes long (it is {}): \
+                         an empty or short token would let anyone in",
+                        token.len()
+                    ));
+                }
+                if token.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+                    return Err(format!("the {name} must be printable ASCII without spaces"));
+                }
+            }
+        }
+        let exposed = [Some(self.listen), self.raft_listen].into_iter().flatten().find(|a| !a.ip().is_loopback());
+        if let Some(exposed) = exposed {
+            if self.client_token.is_none() || self.peer_token.is_none() {
+                return Err(format!(
+                    "refusing to listen on non-loopback address {exposed} without tokens: set --client-token and \
+                     --peer-token (or PHALANX_CLIENT_TOKEN and PHALANX_PEER_TOKEN)"
+                ));
+            }
         }
         if !self.peers.is_empty() && !self.peers.contains_key(&self.node_id) {
             return Err(format!("--peers must include this node's own id {}", self.node_id));
+        }
+        // The peer channel is always authenticated: any local user can reach a
+        // loopback port, and one forged Raft request must not be able to
+        // rewrite the log.
+        if self.peers.len() > 1 && self.peer_token.is_none() {
+            return Err("a cluster of more than one node needs a peer token: set --peer-token (or \
+                        PHALANX_PEER_TOKEN) to the same secret on every node"
+                .into());
+        }
+        for (id, member) in &self.peers {
+            for addr in [&member.api, &member.raft] {
+                crate::raft_types::check_addr(addr).map_err(|why| format!("peer {id}: {why}"))?;
+            }
         }
         if self.election_timeout_min_ms <= self.raft_keepalive_ms * 2 {
             return Err("election_timeout_min_ms must be more than twice raft_keepalive_ms".into());

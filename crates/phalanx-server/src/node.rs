@@ -43,6 +43,8 @@ pub struct NodeStats {
     pub refused_overload: AtomicU64,
     pub agents_expired: AtomicU64,
     pub leader_changes: AtomicU64,
+    /// Raft RPCs refused at the edge (`raft_edge.rs`): undecodable or implausible.
+    pub raft_refused: AtomicU64,
 }
 
 pub struct Node {
@@ -137,7 +139,9 @@ pub fn raft_config(config: &NodeConfig) -> anyhow::Result<openraft::Config> {
         election_timeout_max: config.election_timeout_max_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs_since_last),
         max_in_snapshot_log_to_keep: config.snapshot_logs_kept,
-        max_payload_entries: 256,
+        // With the proposer's BATCH_BYTES_MAX this bounds one append RPC to
+        // about 32 x (1 MiB + one request) bytes, under raft_request_bytes_max.
+        max_payload_entries: 32,
         ..Default::default()
     };
     Ok(raft_config.validate()?)

@@ -142,6 +142,27 @@ impl Proposer {
     }
 }
 
+/// Bytes of commands joined into one log entry, past which the entry closes
+/// (it may pass this by one command). With openraft's `max_payload_entries`
+/// this bounds one append RPC, which a follower must be able to receive
+/// within its `raft_request_bytes_max`.
+pub const BATCH_BYTES_MAX: usize = 1024 * 1024;
+
+/// The bytes a command carries, roughly: its free-form text. Enough to bound
+/// an entry; the fixed-size fields are noise next to payloads.
+fn command_bytes(command: &Command) -> usize {
+    let fixed = 64;
+    fixed
+        + match command {
+            Command::Submit { tasks } => tasks.iter().map(|t| fixed + t.payload.len() + t.queue.len()).sum(),
+            Command::Complete { result, .. } => result.len(),
+            Command::Fail { error, .. } => error.len(),
+            Command::ContextPut { key, value, .. } => key.len() + value.len(),
+            Command::RegisterAgent { capabilities, .. } => capabilities.iter().map(|c| c.len() + 8).sum(),
+            _ => 0,
+        }
+}
+
 async fn run(
     raft: Raft,
     mut rx: mpsc::Receiver<Proposal>,
@@ -153,15 +174,17 @@ async fn run(
     while let Some(first) = rx.recv().await {
         let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
         let mut batch = Vec::new();
+        let mut batch_bytes = 0;
         let mut next = Some(first);
         let now = Instant::now();
         while let Some(proposal) = next.take() {
             if proposal.deadline.is_some_and(|d| d <= now) {
                 let _ = proposal.reply.send(Err(Error::DeadlineExceeded));
             } else {
+                batch_bytes += command_bytes(&proposal.command);
                 batch.push(proposal);
             }
-            if batch.len() < batch_commands_max {
+            if batch.len() < batch_commands_max && batch_bytes < BATCH_BYTES_MAX {
                 next = rx.try_recv().ok();
             }
         }

@@ -27,6 +27,33 @@ impl std::fmt::Display for Member {
     }
 }
 
+/// Longest member address accepted (`HOST:PORT`).
+pub const ADDR_BYTES_MAX: usize = 255;
+
+/// Checks that `addr` is `HOST:PORT` with a port and a plausible host, so a
+/// membership never holds an address no peer can dial.
+pub fn check_addr(addr: &str) -> Result<(), String> {
+    if addr.is_empty() || addr.len() > ADDR_BYTES_MAX {
+        return Err(format!("address {addr:?} must be 1 to {ADDR_BYTES_MAX} bytes"));
+    }
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("address {addr:?} is not HOST:PORT"))?;
+    match port.parse::<u16>() {
+        Ok(port) if port > 0 => {}
+        _ => return Err(format!("address {addr:?} has no valid port")),
+    }
+    let host_ok = !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty() && label.len() <= 63 && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !host_ok {
+        return Err(format!("address {addr:?} has no valid host name"));
+    }
+    Ok(())
+}
+
 openraft::declare_raft_types!(
     pub TypeConfig:
         D = phalanx_core::Request,

@@ -8,6 +8,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The peer token every test cluster shares (a cluster of more than one
+/// node needs one).
+pub const PEER_TOKEN: &str = "test-peer-token-0123456789";
+
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().unwrap().port()
@@ -41,6 +45,7 @@ impl Server {
             .arg(&self.data_dir)
             .args(["--peers", &self.peers])
             .args(&self.extra)
+            .env("PHALANX_PEER_TOKEN", PEER_TOKEN)
             .env("PHALANX_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(server_log(&self.data_dir));
