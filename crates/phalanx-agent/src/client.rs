@@ -922,8 +922,10 @@ impl Client {
         self.get("/v1/config").await
     }
 
-    pub async fn config_set(&self, set: serde_json::Map<String, Value>) -> Result<Value, Error> {
-        let body = json!({ "set": set });
+    /// Changes policy keys; `force` is needed for a change that would refuse
+    /// all new work of some kind or delete retained tasks (`409 force_required`).
+    pub async fn config_set(&self, set: serde_json::Map<String, Value>, force: bool) -> Result<Value, Error> {
+        let body = json!({ "set": set, "force": force });
         self.call(reqwest::Method::PUT, "/v1/config", Some(&body), Retry::Safe, self.request_timeout).await
     }
 
@@ -931,10 +933,11 @@ impl Client {
         self.get("/v1/config/history").await
     }
 
+    /// Makes an earlier version current again; `force` as for `config_set`.
     /// Not repeated after an unknown outcome: a rollback to "the previous
     /// version" done twice would go back two versions.
-    pub async fn config_rollback(&self, version: Option<u64>) -> Result<Value, Error> {
-        let body = json!({ "version": version });
+    pub async fn config_rollback(&self, version: Option<u64>, force: bool) -> Result<Value, Error> {
+        let body = json!({ "version": version, "force": force });
         self.call(reqwest::Method::POST, "/v1/config/rollback", Some(&body), Retry::IfNotSent, self.request_timeout)
             .await
     }
@@ -1192,7 +1195,7 @@ mod tests {
         let timeout = refused("timeout", None);
         let (node, seen) = fake_node(vec![(503, None, timeout, 0)]).await;
         let client = Client::new(vec![node], None).unwrap();
-        let error = client.config_rollback(None).await.unwrap_err();
+        let error = client.config_rollback(None, false).await.unwrap_err();
         assert!(matches!(error, Error::Unknown(_)) && error.outcome() == Outcome::Unknown, "{error:?}");
         assert_eq!(seen.load(Ordering::SeqCst), 1, "a rollback is not repeated");
     }

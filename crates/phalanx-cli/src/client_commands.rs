@@ -131,28 +131,38 @@ pub enum ConfigCommand {
     Set {
         #[arg(required = true)]
         assignments: Vec<String>,
+        /// Make a change that would refuse all new work of some kind or
+        /// delete retained tasks (it is recorded as forced in the history).
+        #[arg(long)]
+        force: bool,
     },
     /// List earlier versions, with why each was set.
     History,
     /// Make an earlier version current again (default: the previous one).
-    Rollback { version: Option<u64> },
+    Rollback {
+        version: Option<u64>,
+        /// Roll back even to a version that would refuse all new work of
+        /// some kind or delete retained tasks.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub async fn run_config(connect: &Connect, command: ConfigCommand) -> anyhow::Result<()> {
     let client = client(connect)?;
     let answer = match command {
         ConfigCommand::Get => client.config_get().await?,
-        ConfigCommand::Set { assignments } => {
+        ConfigCommand::Set { assignments, force } => {
             let mut set = serde_json::Map::new();
             for assignment in assignments {
                 let (key, value) =
                     assignment.split_once('=').with_context(|| format!("{assignment:?} is not KEY=VALUE"))?;
                 set.insert(key.trim().to_string(), Value::String(value.trim().to_string()));
             }
-            client.config_set(set).await?
+            client.config_set(set, force).await?
         }
         ConfigCommand::History => client.config_history().await?,
-        ConfigCommand::Rollback { version } => client.config_rollback(version).await?,
+        ConfigCommand::Rollback { version, force } => client.config_rollback(version, force).await?,
     };
     print(&answer);
     Ok(())

@@ -9,6 +9,10 @@
 //! higher fence, and the old fence is superseded for good; after healing,
 //! every node holds every acknowledged task and the same applied state.
 //!
+//! And a partial cut (the leader and one follower cannot reach each other,
+//! the third node reaches both): the cut-off follower does not raise its
+//! term (the election guard holds it back), so healing costs no election.
+//!
 //! Needs root, `ip` (iproute2) and `iptables`. Without them the test says so
 //! and passes, unless `PHALANX_REQUIRE_NETNS=1` (set by `scripts/test`, so
 //! CI always runs it).
@@ -42,8 +46,9 @@ struct Net {
 }
 
 impl Net {
-    fn create(nodes: usize) -> Result<Net, String> {
-        let tag = std::process::id() % 10_000;
+    /// `salt` tells apart the networks of tests running at once in one process.
+    fn create(nodes: usize, salt: u32) -> Result<Net, String> {
+        let tag = (std::process::id() * 2 + salt) % 10_000;
         let net = Net {
             bridge: format!("phxbr{tag}"),
             namespaces: (1..=nodes).map(|i| format!("phx{tag}n{i}")).collect(),
@@ -191,7 +196,7 @@ impl Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_leader_acknowledges_nothing_and_the_majority_carries_on() {
-    let net = match Net::create(3) {
+    let net = match Net::create(3, 0) {
         Ok(net) => net,
         Err(why) if std::env::var("PHALANX_REQUIRE_NETNS").as_deref() != Ok("1") => {
             eprintln!("skipped: network namespaces unavailable ({why}); PHALANX_REQUIRE_NETNS=1 makes this a failure");
@@ -331,4 +336,54 @@ async fn a_cut_off_leader_acknowledges_nothing_and_the_majority_carries_on() {
         }
     }
     eprintln!("partition: a new leader was elected {} ms after the cut", elected_after.as_millis());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_leader_alone_does_not_raise_its_term() {
+    let net = match Net::create(3, 1) {
+        Ok(net) => net,
+        Err(why) if std::env::var("PHALANX_REQUIRE_NETNS").as_deref() != Ok("1") => {
+            eprintln!("skipped: network namespaces unavailable ({why}); PHALANX_REQUIRE_NETNS=1 makes this a failure");
+            return;
+        }
+        Err(why) => panic!("network namespaces unavailable: {why}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let _nodes: Vec<Node> = (1..=3).map(|i| start(&net, i, dir.path())).collect();
+    let client = Client { http: reqwest::Client::new(), net_prefix: net.prefix.clone() };
+    let start = Instant::now();
+    for node in 1..=3 {
+        while !client.ready(node).await {
+            assert!(start.elapsed() < Duration::from_secs(30), "node {node} never became ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let info = client.get(1, "/v1/cluster").await.unwrap().1;
+    let leader = info["leader_id"].as_u64().unwrap() as usize;
+    let term = info["term"].as_u64().unwrap();
+    let followers: Vec<usize> = (1..=3).filter(|n| *n != leader).collect();
+    let (cut_off, bridge) = (followers[0], followers[1]);
+
+    net.cut(cut_off, &[leader]);
+    let cut_at = Instant::now();
+    let mut acknowledged = 0;
+    while cut_at.elapsed() < Duration::from_secs(4) {
+        let body = json!({"queue": "q", "payload": "during"});
+        if let Some((201, _)) = client.post(bridge, "/v1/tasks", &body).await {
+            acknowledged += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(acknowledged > 0, "the leader and the bridging node kept committing");
+    let info = client.get(cut_off, "/v1/cluster").await.unwrap().1;
+    assert_eq!(info["term"].as_u64(), Some(term), "the cut-off node raised its term: {info}");
+    assert!(info["election_hold_back"].is_string(), "{info}");
+
+    net.heal(cut_off);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for node in 1..=3 {
+        let info = client.get(node, "/v1/cluster").await.unwrap().1;
+        assert_eq!(info["leader_id"].as_u64(), Some(leader as u64), "healing forced an election: {info}");
+        assert_eq!(info["term"].as_u64(), Some(term), "healing forced an election: {info}");
+    }
 }

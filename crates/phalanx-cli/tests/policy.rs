@@ -1,8 +1,11 @@
 //! The replicated, versioned policy on a real node: an invalid change is
-//! refused naming the field and changes nothing; a change that stalls
-//! dispatch, or after which a majority of the voters loses readiness, is
-//! rolled back automatically and the rollback recorded with its reason; a
-//! bootstrap file that does not parse stops the node at start, naming the line.
+//! refused naming the field and changes nothing, and so is a value outside
+//! its key's bounds; a change that would refuse all new work or delete
+//! retained tasks needs `force` and is recorded as forced; a change that
+//! stalls dispatch, after which a majority of the voters loses readiness, or
+//! after which most submits are refused, is rolled back automatically and
+//! the rollback recorded with its reason; a bootstrap file that does not
+//! parse stops the node at start, naming the line.
 
 mod common;
 
@@ -166,4 +169,167 @@ async fn finished_tasks_and_their_idempotency_keys_leave_after_their_time_to_liv
         cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": 1, "idempotency_key": "once"})).await.unwrap();
     assert_eq!(again["deduplicated"], false);
     assert_ne!(again["task_id"].as_u64().unwrap(), id);
+}
+
+/// A `PUT /v1/config` refused with `status` and `code`, its message naming
+/// every word, and the policy unchanged.
+async fn check_refused(cluster: &Cluster, body: serde_json::Value, status: u16, code: &str, words: &[&str]) {
+    let (_, before) = cluster.get(1, "/v1/config").await.unwrap();
+    let answer = cluster.put(1, "/v1/config", &body).await;
+    assert_error(&answer, status, code);
+    let message = answer.1["error"]["message"].as_str().unwrap();
+    for word in words {
+        assert!(message.contains(word), "{message:?} names {word:?}");
+    }
+    let (_, after) = cluster.get(1, "/v1/config").await.unwrap();
+    assert_eq!(before, after, "{body} changed nothing");
+}
+
+#[tokio::test]
+async fn values_outside_their_bounds_are_refused_naming_field_value_and_bound() {
+    let cluster = Cluster::start(1, &[]).await;
+    // 2^63: doubled, it used to wrap to 0, so with leases long enough for
+    // the other checks an agent time-to-live of 1 ms passed.
+    let huge = 1u64 << 63;
+    let wrapping = json!({"set": {
+        "agent_heartbeat_interval_ms": huge,
+        "agent_ttl_ms": 1,
+        "lease_ttl_ms_max": u64::MAX,
+        "lease_ttl_ms_default": huge + 1,
+    }});
+    check_refused(
+        &cluster,
+        wrapping,
+        400,
+        "invalid",
+        &["agent_heartbeat_interval_ms", "9223372036854775808", "upper bound 3600000"],
+    )
+    .await;
+    for (key, value, bound) in [
+        ("agent_ttl_ms", 1, "lower bound 1000"),
+        ("queue_name_bytes_max", 1, "lower bound 16"),
+        ("tasks_max", 1, "lower bound 100"),
+        ("agents_max", 0, "lower bound 1"),
+    ] {
+        check_refused(&cluster, json!({"set": {key: value}}), 400, "invalid", &[key, bound]).await;
+    }
+    let (_, config) = cluster.get(1, "/v1/config").await.unwrap();
+    for key in config["policy"].as_object().unwrap().keys().filter(|key| key.ends_with("_max")) {
+        check_refused(&cluster, json!({"set": {key: u64::MAX}}), 400, "invalid", &[key, "18446744073709551615"]).await;
+    }
+}
+
+#[tokio::test]
+async fn lowering_agents_max_below_the_registered_agents_needs_force() {
+    let cluster = Cluster::start(1, &[]).await;
+    for agent in ["a", "b", "c"] {
+        let body = json!({"agent_id": agent, "capabilities": ["q"]});
+        assert_eq!(cluster.post(1, "/v1/agents/register", &body).await.unwrap().0, 200);
+    }
+    check_refused(
+        &cluster,
+        json!({"set": {"agents_max": 1}}),
+        409,
+        "force_required",
+        &["agents_max", "3 agents registered", "force"],
+    )
+    .await;
+    // The CLI says the same, and forces the change with `--force`.
+    let config_set = |force: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_phalanx"));
+        command.args(["config", "--nodes", cluster.addr(1), "set", "agents_max=1"]);
+        if force {
+            command.arg("--force");
+        }
+        command.output().unwrap()
+    };
+    let refused = config_set(false);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("force"), "{stderr}");
+    let forced = config_set(true);
+    assert!(forced.status.success(), "{}", String::from_utf8_lossy(&forced.stderr));
+    let (_, history) = cluster.get(1, "/v1/config/history").await.unwrap();
+    let last = &history["history"][1];
+    assert_eq!(last["forced"], true, "{history}");
+    assert!(last["note"].as_str().unwrap().contains("3 agents registered"), "{history}");
+    assert_eq!(history["history"][0]["forced"], false);
+}
+
+#[tokio::test]
+async fn lowering_finished_tasks_max_needs_force_and_is_recorded_as_forced() {
+    let cluster = Cluster::start(1, &[]).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (_, submitted) = cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": i})).await.unwrap();
+        let id = submitted["task_id"].as_u64().unwrap();
+        assert_eq!(cluster.post(1, &format!("/v1/tasks/{id}/cancel"), &json!({})).await.unwrap().0, 200);
+        ids.push(id);
+    }
+    check_refused(
+        &cluster,
+        json!({"set": {"finished_tasks_max": 1}}),
+        409,
+        "force_required",
+        &["finished_tasks_max", "2 of them would be deleted"],
+    )
+    .await;
+    for id in &ids {
+        assert_eq!(cluster.get(1, &format!("/v1/tasks/{id}")).await.unwrap().0, 200, "task {id} is kept");
+    }
+    let (status, answer) =
+        cluster.put(1, "/v1/config", &json!({"set": {"finished_tasks_max": "1"}, "force": true})).await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, history) = cluster.get(1, "/v1/config/history").await.unwrap();
+    assert_eq!(history["history"][1]["forced"], true, "{history}");
+    assert!(history["history"][1]["note"].as_str().unwrap().contains("forced"), "{history}");
+    let kept = statuses_of(&cluster, &ids).await;
+    assert_eq!(kept, vec![404, 404, 200], "the oldest two were deleted, as the refusal said");
+}
+
+async fn statuses_of(cluster: &Cluster, ids: &[u64]) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for id in ids {
+        statuses.push(cluster.get(1, &format!("/v1/tasks/{id}")).await.unwrap().0);
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn a_change_after_which_submits_are_refused_is_rolled_back() {
+    let cluster = Cluster::start(1, &[]).await;
+    let queue = "a-queue-name-of-29-bytes-long";
+    for i in 0..10 {
+        let (status, _) = cluster.post(1, "/v1/tasks", &json!({"queue": queue, "payload": i})).await.unwrap();
+        assert_eq!(status, 201);
+    }
+    check_refused(
+        &cluster,
+        json!({"set": {"queue_name_bytes_max": 16}}),
+        409,
+        "force_required",
+        &["queue_name_bytes_max", "29 bytes"],
+    )
+    .await;
+    let (status, answer) =
+        cluster.put(1, "/v1/config", &json!({"set": {"queue_name_bytes_max": 16}, "force": true})).await;
+    assert_eq!(status, 200, "{answer}");
+    // Every submit to the queue in use is now refused, until the guard rolls the change back.
+    let start = Instant::now();
+    let mut refused = 0;
+    loop {
+        let (status, _) = cluster.post(1, "/v1/tasks", &json!({"queue": queue, "payload": "again"})).await.unwrap();
+        if status == 201 {
+            break;
+        }
+        assert_eq!(status, 413);
+        refused += 1;
+        assert!(start.elapsed() < Duration::from_secs(8), "no rollback within 8 s ({refused} refused)");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, history) = cluster.get(1, "/v1/config/history").await.unwrap();
+    let rollback = &history["history"][2];
+    let note = rollback["note"].as_str().unwrap();
+    assert!(note.starts_with("rollback to 1") && note.contains("refused submits jumped from 0%"), "{note}");
+    assert_eq!(rollback["policy"]["queue_name_bytes_max"], 128);
+    assert_eq!(history["history"][1]["forced"], true);
 }

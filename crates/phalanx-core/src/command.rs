@@ -117,16 +117,27 @@ pub enum Command {
         on: Vec<u64>,
         timeout_ms: u64,
     },
-    /// Replaces the policy if its version is still `expected_version`.
+    /// Replaces the policy if its version is still `expected_version`. A
+    /// change that would refuse all new work of some kind or delete retained
+    /// tasks (`State::force_reasons`) is refused unless `force` is set.
     SetPolicy {
         policy: crate::Limits,
         expected_version: u64,
         note: String,
+        #[serde(default)]
+        force: bool,
     },
     /// Makes an earlier version's policy current again (as a new version).
+    /// A client's rollback (`by_client`) is judged like a change and needs
+    /// `force` in the same cases; the policy guard's is never refused for
+    /// want of it (and entries written before the field existed were not).
     RollbackPolicy {
         to_version: u64,
         note: String,
+        #[serde(default)]
+        by_client: bool,
+        #[serde(default)]
+        force: bool,
     },
     /// Records that a node left the cluster, so its id is never reused.
     RetireNode {

@@ -4,7 +4,10 @@
 //! The policy is part of the replicated state, versioned, so every replica
 //! refuses the same command for the same reason and a bad change can be
 //! rolled back; `validate` runs before a change is proposed and again when
-//! it is applied, and names the offending field.
+//! it is applied, and names the offending field, its value and the bound.
+//! Every key has a lower and an upper bound (`BOUNDS`); what a change would
+//! do to the state as it is now (refuse all new work, delete retained
+//! tasks) is judged by `State::force_reasons`, since it needs the state.
 
 use serde::{Deserialize, Serialize};
 
@@ -64,21 +67,101 @@ pub struct Limits {
     pub stall_timeout_ms: u64,
 }
 
-/// A policy change refused by validation, naming the field.
+/// A policy change refused by validation, naming the field (and, in the
+/// reason, the value and the bound it broke).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invalid {
     pub field: &'static str,
     pub reason: String,
 }
 
+/// The lowest and highest value one policy key may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bound {
+    pub field: &'static str,
+    pub min: u64,
+    pub max: u64,
+}
+
+impl Bound {
+    /// Refuses a value outside the bounds, naming the key, the value and the bound.
+    pub fn check(&self, value: u64) -> Result<(), Invalid> {
+        if value < self.min {
+            return Err(Invalid {
+                field: self.field,
+                reason: format!("{value} is below the lower bound {}", self.min),
+            });
+        }
+        if value > self.max {
+            return Err(Invalid {
+                field: self.field,
+                reason: format!("{value} is above the upper bound {}", self.max),
+            });
+        }
+        Ok(())
+    }
+}
+
+const fn bound(field: &'static str, min: u64, max: u64) -> Bound {
+    Bound { field, min, max }
+}
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const SECOND_MS: u64 = 1000;
+const HOUR_MS: u64 = 3600 * SECOND_MS;
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+/// Every policy key with its bounds, one row per key (docs/api.md has the
+/// same table with the reason for each row). A lower bound is the least
+/// value with which the system still serves: no `*_max` is 0, no name
+/// limit too short for a namespaced name, no time-to-live shorter than the
+/// timers that feed it. An upper bound is the most a replica can hold in
+/// memory or a timer can usefully wait: values past it are typing mistakes,
+/// and keeping every value far below `u64::MAX` is what makes the arithmetic
+/// on them (doublings, sums with log time) safe. A test checks that every
+/// key of `Limits` has a row.
+pub const BOUNDS: &[Bound] = &[
+    bound("payload_bytes_max", 64, 64 * MIB),
+    bound("result_bytes_max", 64, 64 * MIB),
+    bound("queue_tasks_max", 1, 10_000_000),
+    bound("tasks_max", 100, 10_000_000),
+    bound("batch_tasks_max", 1, 10_000),
+    bound("leases_per_agent_max", 1, 100_000),
+    bound("agents_max", 1, 1_000_000),
+    bound("capabilities_per_agent_max", 1, 1_024),
+    bound("queue_name_bytes_max", 16, 1_024),
+    bound("id_bytes_max", 16, 1_024),
+    bound("attempts_max", 1, 1_000),
+    bound("lease_ttl_ms_min", 10, HOUR_MS),
+    bound("lease_ttl_ms_max", 100, 7 * DAY_MS),
+    bound("lease_ttl_ms_default", 100, 7 * DAY_MS),
+    bound("retry_backoff_ms_base", 1, HOUR_MS),
+    bound("retry_backoff_ms_max", 1, DAY_MS),
+    bound("conversations_max", 1, 10_000_000),
+    bound("conversation_bytes_max", KIB, 64 * MIB),
+    bound("idempotency_keys_max", 1, 10_000_000),
+    bound("delegation_hops_max", 1, 1_000),
+    bound("finished_tasks_max", 1, 10_000_000),
+    bound("finished_task_ttl_ms", 100, 365 * DAY_MS),
+    bound("wait_tasks_max", 1, 100_000),
+    bound("wait_ms_max", SECOND_MS, 30 * DAY_MS),
+    bound("agent_ttl_ms", SECOND_MS, DAY_MS),
+    bound("agent_heartbeat_interval_ms", 100, HOUR_MS),
+    bound("unserved_grace_ms", 100, 7 * DAY_MS),
+    bound("policy_guard_ms", 5 * SECOND_MS, HOUR_MS),
+    bound("stall_timeout_ms", SECOND_MS, 7 * DAY_MS),
+];
+
+/// How many heartbeat intervals an agent's time-to-live spans at least: an
+/// agent may miss two heartbeats in a row (a lost packet, a leader
+/// election) and still live.
+pub const AGENT_TTL_HEARTBEATS_MIN: u64 = 3;
+
 impl Limits {
-    /// Range and cross-field checks. Every field must be positive, and:
-    /// lease time-to-live bounds ordered and above the heartbeat interval
-    /// (an agent must be able to extend a lease before it lapses), agent
-    /// time-to-live more than twice the heartbeat interval, backoff ordered.
-    pub fn validate(&self) -> Result<(), Invalid> {
-        let fail = |field: &'static str, reason: String| Err(Invalid { field, reason });
-        let positive: [(&'static str, u64); 29] = [
+    /// Every key with its value, widened to `u64`, in declaration order.
+    pub fn values(&self) -> Vec<(&'static str, u64)> {
+        vec![
             ("payload_bytes_max", self.payload_bytes_max as u64),
             ("result_bytes_max", self.result_bytes_max as u64),
             ("queue_tasks_max", self.queue_tasks_max as u64),
@@ -105,38 +188,85 @@ impl Limits {
             ("wait_ms_max", self.wait_ms_max),
             ("agent_ttl_ms", self.agent_ttl_ms),
             ("agent_heartbeat_interval_ms", self.agent_heartbeat_interval_ms),
-            ("policy_guard_ms", self.policy_guard_ms),
             ("unserved_grace_ms", self.unserved_grace_ms),
+            ("policy_guard_ms", self.policy_guard_ms),
             ("stall_timeout_ms", self.stall_timeout_ms),
-        ];
-        for (field, value) in positive {
-            if value == 0 {
-                return fail(field, "must be positive".into());
-            }
+        ]
+    }
+
+    /// The bounds of one key, if it is a policy key.
+    pub fn bound(field: &str) -> Option<Bound> {
+        BOUNDS.iter().find(|bound| bound.field == field).copied()
+    }
+
+    /// Bounds, then cross-field rules: lease time-to-live bounds ordered and
+    /// the default above the heartbeat interval (an agent must be able to
+    /// extend a lease before it lapses), agent time-to-live at least
+    /// `AGENT_TTL_HEARTBEATS_MIN` heartbeat intervals, backoff ordered, no
+    /// queue or retention larger than the whole task table. All arithmetic
+    /// is checked: an overflow is a refusal, never a wrapped value.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let fail = |field: &'static str, reason: String| Err(Invalid { field, reason });
+        for (field, value) in self.values() {
+            let Some(bound) = Limits::bound(field) else {
+                return fail(field, "has no bounds (a policy key without a row in limits::BOUNDS)".into());
+            };
+            bound.check(value)?;
         }
         if self.lease_ttl_ms_min > self.lease_ttl_ms_max {
-            return fail("lease_ttl_ms_min", format!("must not exceed lease_ttl_ms_max ({})", self.lease_ttl_ms_max));
+            return fail(
+                "lease_ttl_ms_min",
+                format!("{} must not exceed lease_ttl_ms_max ({})", self.lease_ttl_ms_min, self.lease_ttl_ms_max),
+            );
         }
         if !(self.lease_ttl_ms_min..=self.lease_ttl_ms_max).contains(&self.lease_ttl_ms_default) {
-            return fail("lease_ttl_ms_default", "must lie within lease_ttl_ms_min..=lease_ttl_ms_max".into());
+            return fail(
+                "lease_ttl_ms_default",
+                format!(
+                    "{} must lie within lease_ttl_ms_min..=lease_ttl_ms_max ({}..={})",
+                    self.lease_ttl_ms_default, self.lease_ttl_ms_min, self.lease_ttl_ms_max
+                ),
+            );
         }
         if self.lease_ttl_ms_default <= self.agent_heartbeat_interval_ms {
             return fail(
                 "lease_ttl_ms_default",
-                format!("must be greater than agent_heartbeat_interval_ms ({})", self.agent_heartbeat_interval_ms),
+                format!(
+                    "{} must be greater than agent_heartbeat_interval_ms ({})",
+                    self.lease_ttl_ms_default, self.agent_heartbeat_interval_ms
+                ),
             );
         }
-        if self.agent_ttl_ms <= 2 * self.agent_heartbeat_interval_ms {
+        let ttl_min = self.agent_heartbeat_interval_ms.checked_mul(AGENT_TTL_HEARTBEATS_MIN);
+        if ttl_min.is_none_or(|ttl_min| self.agent_ttl_ms < ttl_min) {
             return fail(
                 "agent_ttl_ms",
-                format!("must be more than twice agent_heartbeat_interval_ms ({})", self.agent_heartbeat_interval_ms),
+                format!(
+                    "{} must be at least {AGENT_TTL_HEARTBEATS_MIN} times agent_heartbeat_interval_ms ({})",
+                    self.agent_ttl_ms, self.agent_heartbeat_interval_ms
+                ),
             );
         }
         if self.retry_backoff_ms_base > self.retry_backoff_ms_max {
-            return fail("retry_backoff_ms_base", "must not exceed retry_backoff_ms_max".into());
+            return fail(
+                "retry_backoff_ms_base",
+                format!(
+                    "{} must not exceed retry_backoff_ms_max ({})",
+                    self.retry_backoff_ms_base, self.retry_backoff_ms_max
+                ),
+            );
         }
         if self.finished_tasks_max > self.tasks_max {
-            return fail("finished_tasks_max", "must not exceed tasks_max".into());
+            return fail(
+                "finished_tasks_max",
+                format!("{} must not exceed tasks_max ({})", self.finished_tasks_max, self.tasks_max),
+            );
+        }
+        if self.queue_tasks_max > self.tasks_max {
+            return fail(
+                "queue_tasks_max",
+                format!("{} must not exceed tasks_max ({})", self.queue_tasks_max, self.tasks_max),
+            );
         }
         Ok(())
     }

@@ -44,6 +44,10 @@ pub enum Error {
     LoopDetected { task_id: u64, trail: String },
     #[error("waiting would deadlock: {cycle}")]
     Deadlock { cycle: String },
+    /// A policy change that would refuse all new work of some kind or delete
+    /// retained tasks, sent without `force`.
+    #[error("this change of {field} needs \"force\": true: {reason}")]
+    ForceRequired { field: String, reason: String },
 }
 
 impl Error {
@@ -64,6 +68,7 @@ impl Error {
             Error::VersionConflict { .. } => "version_conflict",
             Error::LoopDetected { .. } => "loop_detected",
             Error::Deadlock { .. } => "deadlock",
+            Error::ForceRequired { .. } => "force_required",
         }
     }
 }
@@ -132,6 +137,10 @@ pub struct PolicyVersion {
     pub set_ms: u64,
     /// Why: "bootstrap", "set by client", "rollback to 3: dispatch stalled", ...
     pub note: String,
+    /// The change needed `force` (it refused some new work or deleted
+    /// retained tasks when it was made) and carried it; the note says why.
+    #[serde(default)]
+    pub forced: bool,
 }
 
 /// One edge set of the wait-for graph.
@@ -207,7 +216,8 @@ pub struct State {
 
 impl State {
     pub fn new(limits: Limits) -> State {
-        let first = PolicyVersion { version: 1, policy: limits.clone(), set_ms: 0, note: "bootstrap".into() };
+        let first =
+            PolicyVersion { version: 1, policy: limits.clone(), set_ms: 0, note: "bootstrap".into(), forced: false };
         State { limits, next_task_id: 1, policy_version: 1, policy_history: vec![first], ..State::default() }
     }
 
@@ -219,10 +229,198 @@ impl State {
         &self.policy_history
     }
 
-    fn set_policy(&mut self, policy: &Limits, note: String) -> Result<Outcome, Error> {
+    /// What a change to `policy` would do to the state as it is now that
+    /// needs `force`: a `*_max` lowered below what is in use (so some kind of
+    /// new work, or a re-registration, would be refused), or retention
+    /// lowered so that finished tasks kept for reads would be deleted. Only
+    /// keys the change lowers are judged, so a value forced earlier does not
+    /// make every later change need force. Each reason names its key.
+    pub fn force_reasons(&self, policy: &Limits) -> Vec<(&'static str, String)> {
+        let old = &self.limits;
+        let mut reasons = Vec::new();
+        let task_count = self.tasks.len();
+        let open = task_count - self.finished.len();
+        if policy.tasks_max < old.tasks_max {
+            if policy.tasks_max <= open {
+                reasons.push((
+                    "tasks_max",
+                    format!("{} is not above the {open} open tasks: every submit would be refused", policy.tasks_max),
+                ));
+            } else if policy.tasks_max <= task_count {
+                let deleted = task_count + 1 - policy.tasks_max;
+                reasons.push((
+                    "tasks_max",
+                    format!(
+                        "{} is not above the {task_count} tasks kept: the next submit would delete {deleted} finished tasks",
+                        policy.tasks_max
+                    ),
+                ));
+            }
+        }
+        if policy.queue_tasks_max < old.queue_tasks_max {
+            if let Some((queue, count)) = self.open_per_queue.iter().max_by_key(|(queue, count)| (**count, queue.len()))
+            {
+                if (*count as usize) > policy.queue_tasks_max {
+                    reasons.push((
+                        "queue_tasks_max",
+                        format!(
+                            "{} is below the {count} open tasks of queue {queue:?}: every submit to it would be refused",
+                            policy.queue_tasks_max
+                        ),
+                    ));
+                }
+            }
+        }
+        if policy.agents_max < old.agents_max && self.agents.len() > policy.agents_max {
+            reasons.push((
+                "agents_max",
+                format!(
+                    "{} is below the {} agents registered: every new registration would be refused",
+                    policy.agents_max,
+                    self.agents.len()
+                ),
+            ));
+        }
+        if policy.queue_name_bytes_max < old.queue_name_bytes_max {
+            let in_use = self.open_per_queue.keys().chain(self.servers_per_queue.keys());
+            if let Some(queue) =
+                in_use.filter(|queue| queue.len() > policy.queue_name_bytes_max).max_by_key(|queue| queue.len())
+            {
+                reasons.push((
+                    "queue_name_bytes_max",
+                    format!(
+                        "{} is below the {} bytes of queue {queue:?}, in use: submits to it and registrations serving it would be refused",
+                        policy.queue_name_bytes_max,
+                        queue.len()
+                    ),
+                ));
+            }
+        }
+        if policy.id_bytes_max < old.id_bytes_max {
+            let in_use = self.agents.keys().chain(self.conversations.keys()).chain(self.idempotency_keys.keys());
+            if let Some(id) = in_use.filter(|id| id.len() > policy.id_bytes_max).max_by_key(|id| id.len()) {
+                reasons.push((
+                    "id_bytes_max",
+                    format!(
+                        "{} is below the {} bytes of {id:?}, in use: requests naming it would be refused",
+                        policy.id_bytes_max,
+                        id.len()
+                    ),
+                ));
+            }
+        }
+        let widest = self.agents.values().map(|agent| agent.capabilities.len()).max().unwrap_or(0);
+        if policy.capabilities_per_agent_max < old.capabilities_per_agent_max
+            && widest > policy.capabilities_per_agent_max
+        {
+            reasons.push((
+                "capabilities_per_agent_max",
+                format!(
+                    "{} is below the {widest} capabilities of a registered agent: it could not register again",
+                    policy.capabilities_per_agent_max
+                ),
+            ));
+        }
+        let largest = self.agents.values().map(|agent| agent.capacity).max().unwrap_or(0);
+        if policy.leases_per_agent_max < old.leases_per_agent_max && largest > policy.leases_per_agent_max {
+            reasons.push((
+                "leases_per_agent_max",
+                format!(
+                    "{} is below the capacity {largest} of a registered agent: it could not register again",
+                    policy.leases_per_agent_max
+                ),
+            ));
+        }
+        if policy.conversations_max < old.conversations_max && self.conversations.len() > policy.conversations_max {
+            reasons.push((
+                "conversations_max",
+                format!(
+                    "{} is below the {} conversations kept: every new conversation would be refused",
+                    policy.conversations_max,
+                    self.conversations.len()
+                ),
+            ));
+        }
+        let fullest = self.conversations.values().map(|conversation| conversation.bytes).max().unwrap_or(0);
+        if policy.conversation_bytes_max < old.conversation_bytes_max && fullest > policy.conversation_bytes_max {
+            reasons.push((
+                "conversation_bytes_max",
+                format!(
+                    "{} is below the {fullest} bytes of a conversation: every write to it would be refused",
+                    policy.conversation_bytes_max
+                ),
+            ));
+        }
+        if policy.idempotency_keys_max < old.idempotency_keys_max
+            && self.idempotency_keys.len() > policy.idempotency_keys_max
+        {
+            reasons.push((
+                "idempotency_keys_max",
+                format!(
+                    "{} is below the {} idempotency keys kept: every submit with a new key would be refused",
+                    policy.idempotency_keys_max,
+                    self.idempotency_keys.len()
+                ),
+            ));
+        }
+        if policy.finished_tasks_max < old.finished_tasks_max && self.finished.len() > policy.finished_tasks_max {
+            reasons.push((
+                "finished_tasks_max",
+                format!(
+                    "{} is below the {} finished tasks kept: {} of them would be deleted at once",
+                    policy.finished_tasks_max,
+                    self.finished.len(),
+                    self.finished.len() - policy.finished_tasks_max
+                ),
+            ));
+        }
+        if policy.finished_task_ttl_ms < old.finished_task_ttl_ms {
+            let now = self.now_ms;
+            let expired =
+                self.finished.iter().take_while(|(at, _)| at.saturating_add(policy.finished_task_ttl_ms) < now).count();
+            if expired > 0 {
+                reasons.push((
+                    "finished_task_ttl_ms",
+                    format!(
+                        "{} ms would delete {expired} finished tasks at once (finished longer ago than that)",
+                        policy.finished_task_ttl_ms
+                    ),
+                ));
+            }
+        }
+        reasons
+    }
+
+    /// Whether a change to `policy` may be made with or without `force`:
+    /// `Ok(None)` when it needs none, `Ok(Some(why))` when it needs force and
+    /// carries it, `ForceRequired` naming the first key and every reason
+    /// when it needs force and lacks it. Run at the edge and again on apply.
+    pub fn judge_policy(&self, policy: &Limits, force: bool) -> Result<Option<String>, Error> {
+        let reasons = self.force_reasons(policy);
+        let Some((field, _)) = reasons.first() else { return Ok(None) };
+        let why = reasons.iter().map(|(field, why)| format!("{field} {why}")).collect::<Vec<_>>().join("; ");
+        if !force {
+            return Err(Error::ForceRequired { field: field.to_string(), reason: why });
+        }
+        Ok(Some(why))
+    }
+
+    /// Validates and installs a policy. A change or rollback by a client
+    /// (`judged`) must also pass `force_reasons` unless it carries `force`;
+    /// the policy guard's rollback is not judged, so that it can always
+    /// restore a version that served.
+    fn set_policy(&mut self, policy: &Limits, note: String, judged: bool, force: bool) -> Result<Outcome, Error> {
         policy
             .validate()
             .map_err(|invalid| Error::Invalid { field: invalid.field.to_string(), reason: invalid.reason })?;
+        let mut note = note;
+        let mut forced = false;
+        if judged {
+            if let Some(why) = self.judge_policy(policy, force)? {
+                forced = true;
+                note = format!("{note} (forced: {why})");
+            }
+        }
         self.policy_version += 1;
         self.limits = policy.clone();
         self.policy_history.push(PolicyVersion {
@@ -230,6 +428,7 @@ impl State {
             policy: policy.clone(),
             set_ms: self.now_ms,
             note,
+            forced,
         });
         if self.policy_history.len() > POLICY_HISTORY_MAX {
             self.policy_history.remove(0);
@@ -474,7 +673,7 @@ impl State {
                 self.context_put(conversation_id, key, value, *expected_version)
             }
             Command::Wait { task_id, fence, on, timeout_ms } => self.wait(*task_id, *fence, on, *timeout_ms),
-            Command::SetPolicy { policy, expected_version, note } => {
+            Command::SetPolicy { policy, expected_version, note, force } => {
                 if *expected_version != self.policy_version {
                     Err(Error::VersionConflict {
                         key: "policy".into(),
@@ -482,15 +681,15 @@ impl State {
                         current: self.policy_version,
                     })
                 } else {
-                    self.set_policy(policy, note.clone())
+                    self.set_policy(policy, note.clone(), true, *force)
                 }
             }
-            Command::RollbackPolicy { to_version, note } => {
+            Command::RollbackPolicy { to_version, note, by_client, force } => {
                 match self.policy_history.iter().find(|v| v.version == *to_version) {
                     None => Err(invalid("version", format!("policy version {to_version} is not in the history"))),
                     Some(old) => {
                         let policy = old.policy.clone();
-                        self.set_policy(&policy, format!("rollback to {to_version}: {note}"))
+                        self.set_policy(&policy, format!("rollback to {to_version}: {note}"), *by_client, *force)
                     }
                 }
             }

@@ -53,6 +53,7 @@ fn raft_routes(node: Arc<Node>) -> Router<Node_> {
         .route("/raft/append", post(raft_append))
         .route("/raft/vote", post(raft_vote))
         .route("/raft/snapshot", post(raft_snapshot))
+        .route("/raft/probe", get(raft_probe))
         .layer(DefaultBodyLimit::max(node.config.raft_request_bytes_max))
         .layer(middleware::from_fn_with_state(node, require_peer_token))
 }
@@ -583,9 +584,29 @@ impl SubmitBody {
     }
 }
 
+/// Counts one submitted task's outcome for the policy guard: accepted, or
+/// refused by what the policy allows. A `429 overloaded` or `rate_limited`
+/// says the node is busy, not that the policy refuses, and a 5xx says the
+/// outcome is unknown: neither counts.
+fn count_submit(node: &Node, refusal: Option<(StatusCode, &str)>) {
+    match refusal {
+        None => node.stats.submits_accepted.fetch_add(1, Ordering::Relaxed),
+        Some((status, code)) if status.is_client_error() && !matches!(code, "overloaded" | "rate_limited") => {
+            node.stats.submits_refused.fetch_add(1, Ordering::Relaxed)
+        }
+        Some(_) => 0,
+    };
+}
+
 async fn submit(State(node): State<Node_>, body: Body) -> ApiResult {
-    let task = parse::<SubmitBody>(body)?.into_new_task(&node)?;
-    let (outcome, _) = propose(&node, Command::Submit { tasks: vec![task] }).await?;
+    let answer = submit_task(&node, body).await;
+    count_submit(&node, answer.as_ref().err().map(|error| (error.status, error.code)));
+    answer
+}
+
+async fn submit_task(node: &Node_, body: Body) -> ApiResult {
+    let task = parse::<SubmitBody>(body)?.into_new_task(node)?;
+    let (outcome, _) = propose(node, Command::Submit { tasks: vec![task] }).await?;
     let Outcome::Submitted { mut results } = outcome else { unreachable!("submit answers Submitted") };
     let submitted = results.pop().expect("one result per task")?;
     let body = json!({"task_id": submitted.task_id, "deduplicated": submitted.deduplicated});
@@ -599,6 +620,15 @@ struct BatchBody {
 }
 
 async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
+    let answer = submit_tasks(&node, body).await;
+    if let Err(error) = &answer {
+        count_submit(&node, Some((error.status, error.code)));
+    }
+    answer
+}
+
+/// A batch; each task's outcome is counted for the policy guard on its own.
+async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
     let batch = parse::<BatchBody>(body)?;
     let batch_max = node.shared.data.read().expect("state lock").state.limits().batch_tasks_max;
     if batch.tasks.is_empty() || batch.tasks.len() > batch_max {
@@ -608,7 +638,7 @@ async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
     let mut slots: Vec<Result<Option<usize>, ApiError>> = Vec::new();
     let mut valid = Vec::new();
     for task in batch.tasks {
-        match task.into_new_task(&node) {
+        match task.into_new_task(node) {
             Ok(task) => {
                 slots.push(Ok(Some(valid.len())));
                 valid.push(task);
@@ -618,7 +648,7 @@ async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
     }
     let mut results = Vec::new();
     if !valid.is_empty() {
-        let (outcome, _) = propose(&node, Command::Submit { tasks: valid }).await?;
+        let (outcome, _) = propose(node, Command::Submit { tasks: valid }).await?;
         let Outcome::Submitted { results: submitted } = outcome else { unreachable!("submit answers Submitted") };
         results = submitted;
     }
@@ -626,11 +656,20 @@ async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
         .into_iter()
         .map(|slot| match slot {
             Ok(Some(i)) => match &results[i] {
-                Ok(s) => json!({"task_id": s.task_id, "deduplicated": s.deduplicated}),
-                Err(error) => json!({"error": {"code": error.code(), "message": error.to_string()}}),
+                Ok(s) => {
+                    count_submit(node, None);
+                    json!({"task_id": s.task_id, "deduplicated": s.deduplicated})
+                }
+                Err(error) => {
+                    count_submit(node, Some((ApiError::from(error.clone()).status, error.code())));
+                    json!({"error": {"code": error.code(), "message": error.to_string()}})
+                }
             },
             Ok(None) => unreachable!(),
-            Err(error) => json!({"error": {"code": error.code, "message": error.message}}),
+            Err(error) => {
+                count_submit(node, Some((error.status, error.code)));
+                json!({"error": {"code": error.code, "message": error.message}})
+            }
         })
         .collect();
     Ok(Json(json!({ "results": rendered })).into_response())
@@ -1033,11 +1072,16 @@ struct ConfigSetBody {
     /// KEY -> VALUE (a JSON value or its text).
     set: serde_json::Map<String, Value>,
     expected_version: Option<u64>,
+    /// Needed for a change that would refuse all new work of some kind or
+    /// delete retained tasks (`State::force_reasons`).
+    #[serde(default)]
+    force: bool,
 }
 
 /// Builds the new policy from the current one and the changes, validates it
-/// (types, ranges, cross-field rules) before proposing; the state machine
-/// validates it again when applying.
+/// (types, bounds, cross-field rules, and what it would do to the state as
+/// it is now) before proposing; the state machine does all of it again when
+/// applying, so a change that cannot pass costs no log entry.
 async fn config_set(State(node): State<Node_>, body: Body) -> ApiResult {
     let body = parse::<ConfigSetBody>(body)?;
     if body.set.is_empty() {
@@ -1056,14 +1100,34 @@ async fn config_set(State(node): State<Node_>, body: Body) -> ApiResult {
             Value::String(text) => serde_json::from_str(text).unwrap_or_else(|_| value.clone()),
             other => other.clone(),
         };
+        // Every policy value is a whole number within its key's bounds; saying
+        // so here names the key, where the policy's deserialiser would not
+        // (a value too large for the key's type).
+        let Some(number) = value.as_u64() else {
+            return Err(ApiError::invalid(format!(
+                "policy key {key}: {value} is not a whole number in 0..={}",
+                u64::MAX
+            )));
+        };
+        if let Some(bound) = phalanx_core::Limits::bound(key) {
+            bound
+                .check(number)
+                .map_err(|invalid| ApiError::invalid(format!("{}: {}", invalid.field, invalid.reason)))?;
+        }
         *slot = value;
     }
     let policy: phalanx_core::Limits =
         serde_json::from_value(policy).map_err(|error| ApiError::invalid(format!("policy: {error}")))?;
     policy.validate().map_err(|invalid| ApiError::invalid(format!("{}: {}", invalid.field, invalid.reason)))?;
+    node.shared.data.read().expect("state lock").state.judge_policy(&policy, body.force)?;
     let keys: Vec<&String> = body.set.keys().collect();
     let note = format!("set {}", keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "));
-    let command = Command::SetPolicy { policy, expected_version: body.expected_version.unwrap_or(version), note };
+    let command = Command::SetPolicy {
+        policy,
+        expected_version: body.expected_version.unwrap_or(version),
+        note,
+        force: body.force,
+    };
     let (outcome, _) = propose(&node, command).await?;
     let Outcome::PolicySet { version } = outcome else { unreachable!() };
     Ok(Json(json!({ "version": version })).into_response())
@@ -1073,22 +1137,33 @@ async fn config_set(State(node): State<Node_>, body: Body) -> ApiResult {
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
     version: Option<u64>,
+    /// Needed, as for a change, when the version rolled back to would refuse
+    /// all new work of some kind or delete retained tasks.
+    #[serde(default)]
+    force: bool,
 }
 
 async fn config_rollback(State(node): State<Node_>, body: Body) -> ApiResult {
     let body = parse::<RollbackBody>(body)?;
-    let to_version = match body.version {
-        Some(version) => version,
-        None => {
-            let data = node.shared.data.read().expect("state lock");
-            let history = data.state.policy_history();
-            if history.len() < 2 {
+    let to_version = {
+        let data = node.shared.data.read().expect("state lock");
+        let history = data.state.policy_history();
+        let to_version = match body.version {
+            Some(version) => version,
+            None if history.len() < 2 => {
                 return Err(ApiError::invalid("there is no earlier policy version to roll back to"));
             }
-            history[history.len() - 2].version
+            None => history[history.len() - 2].version,
+        };
+        // Judged before proposing, so a refusal costs no log entry; the
+        // state machine judges it again when applying.
+        if let Some(old) = history.iter().find(|v| v.version == to_version) {
+            data.state.judge_policy(&old.policy, body.force)?;
         }
+        to_version
     };
-    let command = Command::RollbackPolicy { to_version, note: "asked by a client".into() };
+    let command =
+        Command::RollbackPolicy { to_version, note: "asked by a client".into(), by_client: true, force: body.force };
     let (outcome, _) = propose(&node, command).await?;
     let Outcome::PolicySet { version } = outcome else { unreachable!() };
     Ok(Json(json!({ "version": version, "rolled_back_to": to_version })).into_response())
@@ -1126,6 +1201,7 @@ async fn cluster(State(node): State<Node_>) -> ApiResult {
         "last_applied": metrics.last_applied.map(|l| l.index),
         "snapshot_index": metrics.snapshot.map(|l| l.index),
         "millis_since_quorum_ack": metrics.millis_since_quorum_ack,
+        "election_hold_back": node.elections.lock().expect("elections lock").hold_back.clone(),
         "nodes": nodes,
     }))
     .into_response())
@@ -1426,7 +1502,24 @@ fn raft_input<T: DeserializeOwned>(
 
 async fn raft_append(State(node): State<Node_>, body: Body) -> ApiResult {
     let request = raft_input(&node, body, crate::raft_edge::check_append_request)?;
-    Ok(Json(node.raft.append_entries(request).await).into_response())
+    let answer = node.raft.append_entries(request).await;
+    // Any answer but "your vote is old" means a current leader reached us.
+    if answer.as_ref().is_ok_and(|a| !matches!(a, openraft::raft::AppendEntriesResponse::HigherVote(_))) {
+        node.heard_from_leader();
+    }
+    Ok(Json(answer).into_response())
+}
+
+/// The election guard's probe (`election_guard.rs`): who this node is and
+/// how long ago it last heard from its leader.
+async fn raft_probe(State(node): State<Node_>) -> ApiResult {
+    let term = node.raft.server_metrics().borrow().vote.leader_id().term;
+    Ok(Json(json!({
+        "node_id": node.id(),
+        "term": term,
+        "leader_contact_age_ms": node.leader_contact_age_ms(),
+    }))
+    .into_response())
 }
 
 async fn raft_vote(State(node): State<Node_>, body: Body) -> ApiResult {
@@ -1436,5 +1529,9 @@ async fn raft_vote(State(node): State<Node_>, body: Body) -> ApiResult {
 
 async fn raft_snapshot(State(node): State<Node_>, body: Body) -> ApiResult {
     let request = raft_input(&node, body, crate::raft_edge::check_snapshot_request)?;
-    Ok(Json(node.raft.install_snapshot(request).await).into_response())
+    let answer = node.raft.install_snapshot(request).await;
+    if answer.is_ok() {
+        node.heard_from_leader();
+    }
+    Ok(Json(answer).into_response())
 }

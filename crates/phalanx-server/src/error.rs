@@ -68,7 +68,8 @@ impl From<phalanx_core::Error> for ApiError {
             | E::Superseded { .. }
             | E::AlreadyTerminal { .. }
             | E::LeaseExpired { .. }
-            | E::VersionConflict { .. } => StatusCode::CONFLICT,
+            | E::VersionConflict { .. }
+            | E::ForceRequired { .. } => StatusCode::CONFLICT,
             E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             E::LoopDetected { .. } | E::Deadlock { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             E::QueueFull { .. } | E::LimitReached { .. } => StatusCode::TOO_MANY_REQUESTS,

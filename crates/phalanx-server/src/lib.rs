@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod api;
 pub mod config;
+pub mod election_guard;
 pub mod error;
 pub mod listener;
 pub mod metrics;

@@ -51,6 +51,16 @@ pub fn render(node: &Node) -> String {
         stats.agents_expired.load(Ordering::Relaxed),
     );
     gauge(
+        "phalanx_submits_accepted_total",
+        "Submitted tasks this node accepted as leader.",
+        stats.submits_accepted.load(Ordering::Relaxed),
+    );
+    gauge(
+        "phalanx_submits_refused_total",
+        "Submitted tasks this node refused as leader for what the policy allows (watched by the policy guard).",
+        stats.submits_refused.load(Ordering::Relaxed),
+    );
+    gauge(
         "phalanx_leaderships_total",
         "Terms in which this node became leader.",
         stats.leader_changes.load(Ordering::Relaxed),

@@ -35,6 +35,24 @@ impl Liveness {
     }
 }
 
+/// What the election guard (`election_guard.rs`) knows: the peers' latest
+/// probe answers and when this node last heard from a leader.
+pub struct Elections {
+    /// The origin of the guard's monotonic milliseconds.
+    pub origin: Instant,
+    pub answers: BTreeMap<u64, crate::election_guard::PeerAnswer>,
+    /// When an append or snapshot from a leader was last accepted here.
+    pub leader_contact: Option<Instant>,
+    /// Why this node holds back from campaigning, if it does.
+    pub hold_back: Option<String>,
+}
+
+impl Default for Elections {
+    fn default() -> Elections {
+        Elections { origin: Instant::now(), answers: BTreeMap::new(), leader_contact: None, hold_back: None }
+    }
+}
+
 /// Counters kept by this node only (not replicated).
 #[derive(Default)]
 pub struct NodeStats {
@@ -43,6 +61,11 @@ pub struct NodeStats {
     pub refused_overload: AtomicU64,
     pub agents_expired: AtomicU64,
     pub leader_changes: AtomicU64,
+    /// Submitted tasks this node (as leader) accepted, and refused for what
+    /// the policy allows; the policy guard compares the refused share before
+    /// and after a change.
+    pub submits_accepted: AtomicU64,
+    pub submits_refused: AtomicU64,
     /// Raft RPCs refused at the edge (`raft_edge.rs`): undecodable or implausible.
     pub raft_refused: AtomicU64,
 }
@@ -71,9 +94,26 @@ pub struct Node {
     pub rate_limiter: crate::admission::RateLimiter,
     pub listener_stats: Arc<crate::listener::ListenerStats>,
     pub stats: NodeStats,
+    pub elections: Mutex<Elections>,
 }
 
 impl Node {
+    /// Notes that a leader's append or snapshot was accepted here.
+    pub fn heard_from_leader(&self) {
+        self.elections.lock().expect("elections lock").leader_contact = Some(Instant::now());
+    }
+
+    /// How long ago this node last heard from its leader: 0 on the leader,
+    /// `None` when it knows no leader.
+    pub fn leader_contact_age_ms(&self) -> Option<u64> {
+        let leader = self.raft.server_metrics().borrow().current_leader?;
+        if leader == self.id() {
+            return Some(0);
+        }
+        let contact = self.elections.lock().expect("elections lock").leader_contact?;
+        Some(contact.elapsed().as_millis() as u64)
+    }
+
     pub fn id(&self) -> u64 {
         self.config.node_id
     }
@@ -238,10 +278,12 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         listener_stats: Arc::default(),
         cluster_readiness: Mutex::new(None),
         stats: NodeStats::default(),
+        elections: Mutex::default(),
     });
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     consensus.spawn(timer_loop(node.clone(), shutdown_rx.clone()));
+    consensus.spawn(election_loop(node.clone(), shutdown_rx.clone()));
     tokio::spawn(watchdog(node.clone(), 0, shutdown_rx.clone()));
     consensus.spawn(watchdog(node.clone(), 1, shutdown_rx.clone()));
     if let Some(raft_listener) = raft_listener {
@@ -414,7 +456,6 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
     let mut leading_term: Option<u64> = None;
     let mut guard = PolicyGuard::default();
     let mut stepped_down: Option<Instant> = None;
-    let mut campaigning = true;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -430,12 +471,7 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             if stepped_down.take().is_some() {
                 node.raft.runtime_config().heartbeat(true);
             }
-            // A node that cannot make progress does not campaign: it would
-            // only win leadership it cannot use. Healthy again, it does.
-            if campaigning != stall.is_none() {
-                campaigning = stall.is_none();
-                node.raft.runtime_config().elect(campaigning);
-            }
+            // Whether a follower campaigns is `election_loop`'s to decide.
             leading_term = None;
             continue;
         }
@@ -445,7 +481,6 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             tracing::error!(%why, "stalled on the leader: stepping down");
             node.raft.runtime_config().heartbeat(false);
             node.raft.runtime_config().elect(false);
-            campaigning = false;
             stepped_down = Some(Instant::now());
             continue;
         }
@@ -456,7 +491,6 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             // No one took over (a one-node cluster, or no healthy peer): lead again.
             node.raft.runtime_config().heartbeat(true);
             node.raft.runtime_config().elect(true);
-            campaigning = true;
             stepped_down = None;
         }
         if leading_term != Some(term) {
@@ -498,8 +532,95 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
             let _ = node.proposer.propose(Command::Tick).await;
         }
         if let Some(command) = guard.check(&node) {
-            tracing::error!(?command, "policy change stalled dispatch: rolling it back");
+            tracing::error!(?command, "the policy guard rolls a change back");
             let _ = node.proposer.propose(command).await;
+        }
+    }
+}
+
+/// How often a node probes the other voters for the election guard.
+const ELECTION_PROBE_MS: u64 = 50;
+
+/// Probes every other voter's Raft listener every `ELECTION_PROBE_MS` and
+/// decides whether this node may campaign (`election_guard.rs`): a node
+/// that cannot make progress (a stall), cannot reach a majority, or reaches
+/// a voter that still hears from a leader does not campaign, so it cannot
+/// raise its term and disrupt a working leader (pre-vote's aim).
+async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(ELECTION_PROBE_MS));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let probe_timeout = Duration::from_millis(node.config.election_timeout_min_ms);
+    let mut campaigning = true;
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let (voters, peers): (Vec<u64>, Vec<(u64, String)>) = {
+            let metrics = node.raft.server_metrics();
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            let voters = membership.voter_ids().collect();
+            let peers = membership
+                .nodes()
+                .filter(|(id, _)| **id != node.id())
+                .map(|(id, member)| (*id, member.raft.clone()))
+                .collect();
+            (voters, peers)
+        };
+        for (peer, raft_addr) in peers {
+            let node = node.clone();
+            tokio::spawn(async move {
+                let mut request = node.http.get(format!("http://{raft_addr}/raft/probe")).timeout(probe_timeout);
+                if let Some(token) = &node.config.peer_token {
+                    request = request.bearer_auth(token);
+                }
+                let Ok(response) = request.send().await else { return };
+                let Ok(answer) = response.json::<serde_json::Value>().await else { return };
+                if answer["node_id"].as_u64() != Some(peer) {
+                    return;
+                }
+                let mut elections = node.elections.lock().expect("elections lock");
+                let at_ms = elections.origin.elapsed().as_millis() as u64;
+                let leader_contact_age_ms = answer["leader_contact_age_ms"].as_u64();
+                elections.answers.insert(peer, crate::election_guard::PeerAnswer { at_ms, leader_contact_age_ms });
+            });
+        }
+        let decision = {
+            let mut elections = node.elections.lock().expect("elections lock");
+            elections.answers.retain(|id, _| voters.contains(id));
+            let input = crate::election_guard::Input {
+                now_ms: elections.origin.elapsed().as_millis() as u64,
+                me: node.id(),
+                voters: &voters,
+                answers: &elections.answers,
+                answer_fresh_ms: ELECTION_PROBE_MS * 5,
+                leader_alive_ms: node.config.election_timeout_min_ms,
+            };
+            // A node that cannot make progress does not campaign either: it
+            // would only win leadership it cannot use.
+            let decision = match node.stall() {
+                Some(why) => crate::election_guard::Decision::HoldBack(why),
+                None => crate::election_guard::decide(&input),
+            };
+            let why = match &decision {
+                crate::election_guard::Decision::Campaign => None,
+                crate::election_guard::Decision::HoldBack(why) => Some(why.clone()),
+            };
+            if why.is_some() != elections.hold_back.is_some() {
+                match &why {
+                    Some(why) => tracing::info!(%why, "holding back from elections"),
+                    None => tracing::info!("may campaign again"),
+                }
+            }
+            elections.hold_back = why;
+            decision
+        };
+        let allowed = decision == crate::election_guard::Decision::Campaign;
+        let leading = node.is_leader();
+        if allowed != campaigning && !leading {
+            campaigning = allowed;
+            node.raft.runtime_config().elect(allowed);
         }
     }
 }
@@ -559,56 +680,122 @@ async fn probe_readiness(node: Arc<Node>) {
 /// log time, so a new leader takes over the watch where the old one left
 /// it). If dispatch stalls (work is ready, an agent has room, and no lease
 /// is granted), or a majority of the voters is not ready, for
-/// `POLICY_STALL_MS`, the change is rolled back to the previous version and
-/// the rollback recorded with the reason.
+/// `POLICY_STALL_MS`, or the share of refused submits jumps (see
+/// `REFUSED_SHARE_JUMP`), the change is rolled back to the previous version
+/// and the rollback recorded with the reason.
+///
+/// Clocks: the window's remaining length is read once, when this node first
+/// sees the version, as log time against log time (`set_ms` and the
+/// state's `now_ms`); from then on every duration is measured on this
+/// node's monotonic clock. No wall-clock reading is compared with log time.
 #[derive(Default)]
 struct PolicyGuard {
+    watch: Watch,
+    /// Samples of this node's submit counters, `(when, accepted, refused)`,
+    /// oldest first, spanning at most `REFUSAL_WINDOW_MS`.
+    submits: std::collections::VecDeque<(Instant, u64, u64)>,
+    probe: Option<(Instant, tokio::task::JoinHandle<()>)>,
+}
+
+/// What the guard knows of the version it watches.
+#[derive(Default)]
+struct Watch {
     version: u64,
+    /// When this node first saw the version, and when its watch ends
+    /// (`None`: never).
+    seen_at: Option<Instant>,
+    until: Option<Instant>,
     leases_granted: u64,
     stalled_since: Option<Instant>,
     unready_since: Option<Instant>,
-    probe: Option<(Instant, tokio::task::JoinHandle<()>)>,
+    /// Submits accepted and refused in the `REFUSAL_WINDOW_MS` before the
+    /// version was seen, and the counters when it was seen.
+    submits_before: (u64, u64),
+    submits_at_change: (u64, u64),
 }
 
 /// How long dispatch may stall, or a majority stay unready, inside the guard
 /// window before a rollback.
 const POLICY_STALL_MS: u64 = 2_000;
 
+/// The window before a change whose refused share of submits is the
+/// baseline: long enough to hold a sample of ordinary traffic, short enough
+/// to describe the traffic just before the change.
+const REFUSAL_WINDOW_MS: u64 = 10_000;
+
+/// Submits judged after a change before a jump counts. With fewer, one
+/// client's handful of bad requests would be a large share; at 20, a jump of
+/// `REFUSED_SHARE_JUMP` is at least 10 submits refused beyond the baseline.
+const REFUSED_SUBMITS_MIN: u64 = 20;
+
+/// How far the refused share of submits must rise over its baseline for a
+/// rollback. Half of all submits newly refused is a service broken by its
+/// own policy, not a tightened limit that turns some clients away; measured
+/// against the baseline, so a client that sent only bad requests before the
+/// change cannot trigger it, and a busy node (`overloaded`, `rate_limited`)
+/// is not counted as refusing at all.
+const REFUSED_SHARE_JUMP: f64 = 0.5;
+
 impl PolicyGuard {
     fn check(&mut self, node: &Arc<Node>) -> Option<Command> {
         let now = Instant::now();
+        let submits =
+            (node.stats.submits_accepted.load(Ordering::Relaxed), node.stats.submits_refused.load(Ordering::Relaxed));
+        let window = Duration::from_millis(REFUSAL_WINDOW_MS);
+        while self.submits.front().is_some_and(|(at, _, _)| now.duration_since(*at) > window) {
+            self.submits.pop_front();
+        }
+        let oldest = self.submits.front().map_or(submits, |(_, accepted, refused)| (*accepted, *refused));
+        self.submits.push_back((now, submits.0, submits.1));
+
         let data = node.shared.data.read().expect("state lock");
         let state = &data.state;
         let version = state.policy_version();
         let granted = state.counters().leases_granted;
         let history = state.policy_history();
-        if version != self.version {
-            *self = PolicyGuard { version, leases_granted: granted, ..PolicyGuard::default() };
+        let set_ms = history.last().map_or(0, |v| v.set_ms);
+        if version != self.watch.version {
+            let remaining_ms = set_ms.saturating_add(state.limits().policy_guard_ms).saturating_sub(state.now_ms());
+            self.watch = Watch {
+                version,
+                seen_at: Some(now),
+                // `None` (a window past what `Instant` can count) never ends.
+                until: now.checked_add(Duration::from_millis(remaining_ms)),
+                leases_granted: granted,
+                submits_before: (submits.0.saturating_sub(oldest.0), submits.1.saturating_sub(oldest.1)),
+                submits_at_change: submits,
+                ..Watch::default()
+            };
         }
         // Only a change made by a client is watched: a rollback is not rolled back.
         let watched = history.len() >= 2 && history.last().is_some_and(|v| !v.note.starts_with("rollback"));
-        let set_ms = history.last().map_or(0, |v| v.set_ms);
-        if !watched || wall_clock_ms() > set_ms.saturating_add(state.limits().policy_guard_ms) {
+        if !watched || self.watch.until.is_some_and(|until| now > until) {
             return None;
         }
         let previous = history[history.len() - 2].version;
         let rollback = |note: String| {
             tracing::error!(%note, "rolling the policy back to version {previous}");
-            Some(Command::RollbackPolicy { to_version: previous, note })
+            Some(Command::RollbackPolicy { to_version: previous, note, by_client: false, force: false })
         };
 
         // Dispatch.
-        if granted != self.leases_granted || !state.dispatch_possible() {
-            self.leases_granted = granted;
-            self.stalled_since = None;
+        if granted != self.watch.leases_granted || !state.dispatch_possible() {
+            self.watch.leases_granted = granted;
+            self.watch.stalled_since = None;
         } else {
-            let stalled = now.duration_since(*self.stalled_since.get_or_insert(now));
+            let stalled = now.duration_since(*self.watch.stalled_since.get_or_insert(now));
             if stalled >= Duration::from_millis(POLICY_STALL_MS) {
-                self.version = 0;
+                self.watch.version = 0;
                 return rollback(format!("dispatch stalled for {} ms after version {version}", stalled.as_millis()));
             }
         }
         drop(data);
+
+        // Refused submits. A failed rollback proposal is retried at the next
+        // check, from the same counts.
+        if let Some(why) = self.refusal_jump(submits) {
+            return rollback(format!("{why} after version {version}"));
+        }
 
         // Readiness of the voters, probed in the background.
         if self
@@ -619,19 +806,18 @@ impl PolicyGuard {
             self.probe = Some((now, tokio::spawn(probe_readiness(node.clone()))));
         }
         let readiness = node.cluster_readiness.lock().expect("readiness lock").clone()?;
-        let since_change = Duration::from_millis(wall_clock_ms().saturating_sub(set_ms));
-        if now.checked_sub(since_change).is_some_and(|window_start| readiness.at < window_start) {
+        if self.watch.seen_at.is_some_and(|seen_at| readiness.at < seen_at) {
             return None; // learnt before the change
         }
         if readiness.not_ready.len() * 2 <= readiness.voters {
-            self.unready_since = None;
+            self.watch.unready_since = None;
             return None;
         }
-        let unready = now.duration_since(*self.unready_since.get_or_insert(readiness.at));
+        let unready = now.duration_since(*self.watch.unready_since.get_or_insert(readiness.at));
         if unready < Duration::from_millis(POLICY_STALL_MS) {
             return None;
         }
-        self.version = 0;
+        self.watch.version = 0;
         let who: Vec<String> = readiness.not_ready.iter().map(|(id, why)| format!("node {id}: {why}")).collect();
         rollback(format!(
             "readiness lost on {} of {} voters for {} ms after version {version} ({})",
@@ -639,6 +825,30 @@ impl PolicyGuard {
             readiness.voters,
             unready.as_millis(),
             who.join("; ")
+        ))
+    }
+
+    /// The refused share of submits since the change, if it rose by
+    /// `REFUSED_SHARE_JUMP` or more over the share in the window before it
+    /// (over at least `REFUSED_SUBMITS_MIN` submits), said in a sentence.
+    fn refusal_jump(&self, submits: (u64, u64)) -> Option<String> {
+        let (at_accepted, at_refused) = self.watch.submits_at_change;
+        let refused = submits.1.saturating_sub(at_refused);
+        let total = submits.0.saturating_sub(at_accepted).saturating_add(refused);
+        if total < REFUSED_SUBMITS_MIN {
+            return None;
+        }
+        let (before_accepted, before_refused) = self.watch.submits_before;
+        let before_total = before_accepted.saturating_add(before_refused);
+        let share_before = if before_total == 0 { 0.0 } else { before_refused as f64 / before_total as f64 };
+        let share_after = refused as f64 / total as f64;
+        if share_after - share_before < REFUSED_SHARE_JUMP {
+            return None;
+        }
+        Some(format!(
+            "refused submits jumped from {:.0}% ({before_refused} of {before_total} in the {REFUSAL_WINDOW_MS} ms before) to {:.0}% ({refused} of {total})",
+            share_before * 100.0,
+            share_after * 100.0
         ))
     }
 }

@@ -572,8 +572,10 @@ class _Endpoints:
         return _Request("GET", "/v1/config")
 
     @staticmethod
-    def config_set(changes: dict[str, Any], expected_version: Optional[int]) -> _Request[dict[str, Any]]:
-        body = _drop_none({"set": dict(changes), "expected_version": expected_version})
+    def config_set(
+        changes: dict[str, Any], expected_version: Optional[int], force: bool = False
+    ) -> _Request[dict[str, Any]]:
+        body = _drop_none({"set": dict(changes), "expected_version": expected_version, "force": force or None})
         return _Request("PUT", "/v1/config", body, retry="safe" if expected_version is None else "if_not_sent")
 
     @staticmethod
@@ -581,8 +583,9 @@ class _Endpoints:
         return _Request("GET", "/v1/config/history")
 
     @staticmethod
-    def config_rollback(version: Optional[int]) -> _Request[dict[str, Any]]:
-        return _Request("POST", "/v1/config/rollback", _drop_none({"version": version}), retry="if_not_sent")
+    def config_rollback(version: Optional[int], force: bool = False) -> _Request[dict[str, Any]]:
+        body = _drop_none({"version": version, "force": force or None})
+        return _Request("POST", "/v1/config/rollback", body, retry="if_not_sent")
 
     @staticmethod
     def metrics() -> _Request[str]:
@@ -926,14 +929,16 @@ class Client(_ClientBase):
     def config_get(self) -> dict[str, Any]:
         return self._call(_Endpoints.config_get())
 
-    def config_set(self, changes: dict[str, Any], expected_version: Optional[int] = None) -> dict[str, Any]:
-        return self._call(_Endpoints.config_set(changes, expected_version))
+    def config_set(
+        self, changes: dict[str, Any], expected_version: Optional[int] = None, force: bool = False
+    ) -> dict[str, Any]:
+        return self._call(_Endpoints.config_set(changes, expected_version, force))
 
     def config_history(self) -> dict[str, Any]:
         return self._call(_Endpoints.config_history())
 
-    def config_rollback(self, version: Optional[int] = None) -> dict[str, Any]:
-        return self._call(_Endpoints.config_rollback(version))
+    def config_rollback(self, version: Optional[int] = None, force: bool = False) -> dict[str, Any]:
+        return self._call(_Endpoints.config_rollback(version, force))
 
     def metrics(self) -> str:
         return self._call(_Endpoints.metrics())
@@ -1095,14 +1100,16 @@ class AsyncClient(_ClientBase):
     async def config_get(self) -> dict[str, Any]:
         return await self._call(_Endpoints.config_get())
 
-    async def config_set(self, changes: dict[str, Any], expected_version: Optional[int] = None) -> dict[str, Any]:
-        return await self._call(_Endpoints.config_set(changes, expected_version))
+    async def config_set(
+        self, changes: dict[str, Any], expected_version: Optional[int] = None, force: bool = False
+    ) -> dict[str, Any]:
+        return await self._call(_Endpoints.config_set(changes, expected_version, force))
 
     async def config_history(self) -> dict[str, Any]:
         return await self._call(_Endpoints.config_history())
 
-    async def config_rollback(self, version: Optional[int] = None) -> dict[str, Any]:
-        return await self._call(_Endpoints.config_rollback(version))
+    async def config_rollback(self, version: Optional[int] = None, force: bool = False) -> dict[str, Any]:
+        return await self._call(_Endpoints.config_rollback(version, force))
 
     async def metrics(self) -> str:
         return await self._call(_Endpoints.metrics())
