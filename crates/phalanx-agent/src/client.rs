@@ -403,6 +403,10 @@ enum BatchItem {
 pub struct Registered {
     pub agent_id: String,
     pub epoch: u64,
+    /// The session's secret; this client presents it on the session's
+    /// heartbeats, polls and deregistration by itself.
+    #[serde(default)]
+    pub session: Option<String>,
     pub heartbeat_interval_ms: u64,
     pub agent_ttl_ms: u64,
 }
@@ -500,6 +504,9 @@ pub struct Client {
     /// Per attempt of task and agent writes (`WRITE_TIMEOUT_DEFAULT`).
     pub write_timeout: Duration,
     budget: Mutex<RetryBudget>,
+    /// The secret of each agent session registered through this client:
+    /// agent id -> (epoch, secret).
+    sessions: Mutex<BTreeMap<String, (u64, String)>>,
 }
 
 impl Client {
@@ -527,6 +534,7 @@ impl Client {
             request_timeout: Duration::from_secs(15),
             write_timeout: WRITE_TIMEOUT_DEFAULT,
             budget: Mutex::new(RetryBudget::new(RETRY_TOKENS_MAX)),
+            sessions: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -772,19 +780,35 @@ impl Client {
     /// Starts a new session (a new epoch); the old session's leases are released.
     pub async fn register(&self, agent_id: &str, capabilities: &[String], capacity: u32) -> Result<Registered, Error> {
         let body = json!({"agent_id": agent_id, "capabilities": capabilities, "capacity": capacity});
-        self.post("/v1/agents/register", body).await
+        let registered: Registered = self.post("/v1/agents/register", body).await?;
+        if let Some(session) = &registered.session {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            // One entry per agent id, so a long-lived client stays bounded by its agents.
+            sessions.insert(agent_id.to_string(), (registered.epoch, session.clone()));
+        }
+        Ok(registered)
+    }
+
+    /// The body of a session's request: its epoch and, when this client
+    /// registered that session, its secret.
+    fn session_body(&self, agent_id: &str, epoch: u64) -> Value {
+        let sessions = self.sessions.lock().expect("sessions lock");
+        match sessions.get(agent_id).filter(|(known, _)| *known == epoch) {
+            Some((_, session)) => json!({"epoch": epoch, "session": session}),
+            None => json!({"epoch": epoch}),
+        }
     }
 
     /// 404 or 409 means: register again.
     pub async fn heartbeat(&self, agent_id: &str, epoch: u64) -> Result<(), Error> {
-        let _: Value =
-            self.post(&format!("/v1/agents/{}/heartbeat", encode(agent_id)), json!({"epoch": epoch})).await?;
+        let body = self.session_body(agent_id, epoch);
+        let _: Value = self.post(&format!("/v1/agents/{}/heartbeat", encode(agent_id)), body).await?;
         Ok(())
     }
 
     pub async fn deregister(&self, agent_id: &str, epoch: u64) -> Result<(), Error> {
-        let _: Value =
-            self.post(&format!("/v1/agents/{}/deregister", encode(agent_id)), json!({"epoch": epoch})).await?;
+        let body = self.session_body(agent_id, epoch);
+        let _: Value = self.post(&format!("/v1/agents/{}/deregister", encode(agent_id)), body).await?;
         Ok(())
     }
 
@@ -804,7 +828,10 @@ impl Client {
         struct Answer {
             leases: Vec<LeaseGrant>,
         }
-        let body = json!({"epoch": epoch, "max_tasks": max_tasks, "wait_ms": wait_ms, "lease_ttl_ms": lease_ttl_ms});
+        let mut body = self.session_body(agent_id, epoch);
+        body["max_tasks"] = json!(max_tasks);
+        body["wait_ms"] = json!(wait_ms);
+        body["lease_ttl_ms"] = json!(lease_ttl_ms);
         let timeout = self.write_timeout + Duration::from_millis(wait_ms);
         let path = format!("/v1/agents/{}/poll", encode(agent_id));
         let answer: Answer = self.call(reqwest::Method::POST, &path, Some(&body), Retry::Safe, timeout).await?;
@@ -875,7 +902,7 @@ impl Client {
         // A blind put repeats harmlessly; a CAS repeated after it committed
         // answers `version_conflict`, which the caller resolves by reading.
         let answer: Answer =
-            self.call(reqwest::Method::PUT, &path, Some(&body), Retry::Safe, self.request_timeout).await?;
+            self.call(reqwest::Method::PUT, &path, Some(&body), Retry::Safe, self.write_timeout).await?;
         Ok(answer.version)
     }
 

@@ -350,16 +350,16 @@ async fn client_loop(http: reqwest::Client, addr: String, args: BenchArgs, share
 async fn agent_loop(http: reqwest::Client, addr: String, agent_id: String, args: BenchArgs, shared: Arc<Shared>) {
     let base = format!("http://{addr}");
     let register = json!({"agent_id": agent_id, "capabilities": ["bench"], "capacity": args.lease_batch});
-    let epoch = loop {
+    let (epoch, session) = loop {
         match http.post(format!("{base}/v1/agents/register")).json(&register).send().await {
             Ok(r) if r.status().is_success() => {
                 let body: Value = r.json().await.unwrap_or_default();
-                break body["epoch"].as_u64().unwrap_or(0);
+                break (body["epoch"].as_u64().unwrap_or(0), body["session"].clone());
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    let poll = json!({"epoch": epoch, "max_tasks": args.lease_batch, "wait_ms": 500});
+    let poll = json!({"epoch": epoch, "session": session, "max_tasks": args.lease_batch, "wait_ms": 500});
     while !shared.stop.load(Ordering::Relaxed) {
         let answer = http.post(format!("{base}/v1/agents/{agent_id}/poll")).json(&poll).send().await;
         let Ok(response) = answer else {

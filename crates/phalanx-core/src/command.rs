@@ -60,6 +60,10 @@ pub enum Command {
         agent_id: String,
         capabilities: BTreeSet<String>,
         capacity: u32,
+        /// The new session's secret, drawn by the leader: heartbeats, polls
+        /// and deregistration must present it (the epoch is public).
+        #[serde(default)]
+        session: String,
     },
     DeregisterAgent {
         agent_id: String,

@@ -24,6 +24,8 @@ pub enum Error {
     AgentNotFound { agent_id: String },
     #[error("agent {agent_id:?} session epoch {epoch} is stale (current {current})")]
     StaleEpoch { agent_id: String, epoch: u64, current: u64 },
+    #[error("agent {agent_id:?}: the session secret is missing or wrong for epoch {epoch}")]
+    WrongSession { agent_id: String, epoch: u64 },
     #[error("fence {fence} on task {task_id} is superseded (current fence {current})")]
     Superseded { task_id: u64, fence: u64, current: u64 },
     #[error("task {task_id} is already {state:?}")]
@@ -58,6 +60,7 @@ impl Error {
             Error::TaskNotFound { .. } => "task_not_found",
             Error::AgentNotFound { .. } => "agent_not_found",
             Error::StaleEpoch { .. } => "stale_epoch",
+            Error::WrongSession { .. } => "wrong_session",
             Error::Superseded { .. } => "superseded",
             Error::AlreadyTerminal { .. } => "already_terminal",
             Error::LeaseExpired { .. } => "lease_expired",
@@ -118,6 +121,11 @@ pub fn validate_new_task(task: &NewTask, limits: &Limits) -> Result<(), Error> {
         return Err(invalid("deadline_ms", "must be positive"));
     }
     Ok(())
+}
+
+/// `Limits::validate` as a refusal.
+fn validate_policy(policy: &Limits) -> Result<(), Error> {
+    policy.validate().map_err(|invalid| Error::Invalid { field: invalid.field.to_string(), reason: invalid.reason })
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -410,9 +418,7 @@ impl State {
     /// the policy guard's rollback is not judged, so that it can always
     /// restore a version that served.
     fn set_policy(&mut self, policy: &Limits, note: String, judged: bool, force: bool) -> Result<Outcome, Error> {
-        policy
-            .validate()
-            .map_err(|invalid| Error::Invalid { field: invalid.field.to_string(), reason: invalid.reason })?;
+        validate_policy(policy)?;
         let mut note = note;
         let mut forced = false;
         if judged {
@@ -523,11 +529,6 @@ impl State {
         }
     }
 
-    /// Whether any of these queues has a task that could be leased now.
-    pub fn has_ready(&self, queues: &[String]) -> bool {
-        queues.iter().any(|q| self.ready.get(q).is_some_and(|set| !set.is_empty()))
-    }
-
     /// Counts of tasks per (queue, state), for metrics and status.
     pub fn queue_stats(&self) -> BTreeMap<String, [u64; 6]> {
         let mut stats: BTreeMap<String, [u64; 6]> = BTreeMap::new();
@@ -572,6 +573,89 @@ impl State {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    // ---- checks: what applying would refuse, decided without changing anything ----
+
+    /// Whether applying `command` now would refuse it, and why, changing
+    /// nothing. The HTTP edge runs it before proposing, so a refusal costs
+    /// no log entry; `apply` runs the same checks again first, since the
+    /// state may move in between. Two refusals are left to the log because
+    /// applying them records something: a report under a stale fence (counted
+    /// as superseded) and a delegation loop (dead-letters its parent). The
+    /// tasks of a submit are judged one by one by `check_new_task`.
+    pub fn check(&self, command: &Command) -> Result<(), Error> {
+        match command {
+            Command::Tick | Command::RetireNode { .. } => Ok(()),
+            Command::Submit { tasks } => {
+                if tasks.len() > self.limits.batch_tasks_max {
+                    return Err(Error::LimitReached {
+                        limit: "batch_tasks_max".into(),
+                        max: self.limits.batch_tasks_max as u64,
+                    });
+                }
+                Ok(())
+            }
+            Command::Cancel { task_id } => self.open_task(*task_id).map(drop),
+            Command::RegisterAgent { agent_id, capabilities, capacity, .. } => {
+                self.check_register(agent_id, capabilities, *capacity)
+            }
+            Command::DeregisterAgent { agent_id, epoch } | Command::ExpireAgent { agent_id, epoch } => {
+                self.current_agent(agent_id, *epoch).map(drop)
+            }
+            Command::Lease { agent_id, epoch, queues, lease_ttl_ms, .. } => {
+                self.check_lease(agent_id, *epoch, queues, *lease_ttl_ms).map(drop)
+            }
+            Command::Complete { task_id, fence, result } => {
+                check_size("result", result, self.limits.result_bytes_max)?;
+                if self.completed_before(*task_id, *fence, result).is_some() {
+                    return Ok(());
+                }
+                self.check_report(*task_id, *fence).map(drop)
+            }
+            Command::Fail { task_id, fence, error, retryable } => {
+                check_size("error", error, self.limits.result_bytes_max)?;
+                if self.failed_before(*task_id, *fence, error, *retryable).is_some() {
+                    return Ok(());
+                }
+                self.check_report(*task_id, *fence).map(drop)
+            }
+            Command::Extend { task_id, fence, lease_ttl_ms } => {
+                self.check_lease_ttl(*lease_ttl_ms)?;
+                self.check_report_on_lease(*task_id, *fence)
+            }
+            Command::Progress { task_id, fence } => self.check_report_on_lease(*task_id, *fence),
+            Command::ContextPut { conversation_id, key, value, expected_version } => {
+                self.check_context_put(conversation_id, key, value, *expected_version).map(drop)
+            }
+            Command::Wait { task_id, fence, on, timeout_ms } => self.check_wait(*task_id, *fence, on, *timeout_ms),
+            Command::SetPolicy { policy, expected_version, force, .. } => {
+                if *expected_version != self.policy_version {
+                    return Err(Error::VersionConflict {
+                        key: "policy".into(),
+                        expected: *expected_version,
+                        current: self.policy_version,
+                    });
+                }
+                validate_policy(policy)?;
+                self.judge_policy(policy, *force).map(drop)
+            }
+            Command::RollbackPolicy { to_version, by_client, force, .. } => {
+                let policy = &self.rollback_target(*to_version)?.policy;
+                validate_policy(policy)?;
+                if *by_client {
+                    self.judge_policy(policy, *force)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn rollback_target(&self, to_version: u64) -> Result<&PolicyVersion, Error> {
+        self.policy_history
+            .iter()
+            .find(|v| v.version == to_version)
+            .ok_or_else(|| invalid("version", format!("policy version {to_version} is not in the history")))
     }
 
     // ---- the state transition ----
@@ -651,12 +735,14 @@ impl State {
     }
 
     fn apply_command(&mut self, index: u64, command: &Command) -> Outcome {
-        let result = match command {
+        // The checks the edge ran before proposing, again: the state may have
+        // moved in between. What follows them only carries the command out.
+        let result = self.check(command).and_then(|()| match command {
             Command::Tick => Ok(Outcome::Ticked),
             Command::Submit { tasks } => Ok(self.submit(tasks)),
             Command::Cancel { task_id } => self.cancel(*task_id),
-            Command::RegisterAgent { agent_id, capabilities, capacity } => {
-                self.register(agent_id, capabilities, *capacity)
+            Command::RegisterAgent { agent_id, capabilities, capacity, session } => {
+                self.register(agent_id, capabilities, *capacity, session)
             }
             Command::DeregisterAgent { agent_id, epoch } => {
                 self.remove_agent(agent_id, *epoch).map(|()| Outcome::Deregistered)
@@ -673,51 +759,35 @@ impl State {
                 self.context_put(conversation_id, key, value, *expected_version)
             }
             Command::Wait { task_id, fence, on, timeout_ms } => self.wait(*task_id, *fence, on, *timeout_ms),
-            Command::SetPolicy { policy, expected_version, note, force } => {
-                if *expected_version != self.policy_version {
-                    Err(Error::VersionConflict {
-                        key: "policy".into(),
-                        expected: *expected_version,
-                        current: self.policy_version,
-                    })
-                } else {
-                    self.set_policy(policy, note.clone(), true, *force)
-                }
-            }
+            Command::SetPolicy { policy, note, force, .. } => self.set_policy(policy, note.clone(), true, *force),
             Command::RollbackPolicy { to_version, note, by_client, force } => {
-                match self.policy_history.iter().find(|v| v.version == *to_version) {
-                    None => Err(invalid("version", format!("policy version {to_version} is not in the history"))),
-                    Some(old) => {
-                        let policy = old.policy.clone();
-                        self.set_policy(&policy, format!("rollback to {to_version}: {note}"), *by_client, *force)
-                    }
-                }
+                let policy = self.rollback_target(*to_version)?.policy.clone();
+                self.set_policy(&policy, format!("rollback to {to_version}: {note}"), *by_client, *force)
             }
             Command::RetireNode { node_id } => {
                 self.retired_nodes.insert(*node_id);
                 Ok(Outcome::NodeRetired)
             }
-        };
+        });
         self.enforce_retention();
         result.unwrap_or_else(|error| Outcome::Refused { error })
     }
 
     fn submit(&mut self, tasks: &[NewTask]) -> Outcome {
-        if tasks.len() > self.limits.batch_tasks_max {
-            let error =
-                Error::LimitReached { limit: "batch_tasks_max".into(), max: self.limits.batch_tasks_max as u64 };
-            return Outcome::Refused { error };
-        }
         let results = tasks.iter().map(|task| self.submit_one(task)).collect();
         Outcome::Submitted { results }
     }
 
-    fn submit_one(&mut self, new: &NewTask) -> Result<Submitted, Error> {
+    /// Whether a new task would be refused now, and why, changing nothing:
+    /// the edge runs it on every task before proposing, `submit_one` again
+    /// when applying. A known idempotency key is answered with its task
+    /// whatever else the request says. A delegation loop is let through: when
+    /// applied it dead-letters the parent, so it must reach the log.
+    pub fn check_new_task(&self, new: &NewTask) -> Result<(), Error> {
         validate_new_task(new, &self.limits)?;
         if let Some(key) = &new.idempotency_key {
-            if let Some(&task_id) = self.idempotency_keys.get(key) {
-                self.counters.deduplicated += 1;
-                return Ok(Submitted { task_id, deduplicated: true });
+            if self.idempotency_keys.contains_key(key) {
+                return Ok(());
             }
             if self.idempotency_keys.len() >= self.limits.idempotency_keys_max {
                 return Err(Error::LimitReached {
@@ -726,20 +796,48 @@ impl State {
                 });
             }
         }
-        let hash = payload_hash(&new.payload);
-        let (hop_count, parent_conversation, trail) = match new.parent_id {
-            None => (0, None, vec![TrailStep { queue: new.queue.clone(), agent_id: None, payload_hash: hash }]),
-            Some(parent_id) => self.check_delegation(parent_id, new, hash)?,
-        };
+        if let Some(parent_id) = new.parent_id {
+            let parent = self.tasks.get(&parent_id).ok_or(Error::TaskNotFound { task_id: parent_id })?;
+            // A delegation must come from the parent's current lease.
+            if let Some(fence) = new.parent_fence {
+                if fence != parent.last_fence {
+                    return Err(Error::Superseded { task_id: parent_id, fence, current: parent.last_fence });
+                }
+                if parent.state.is_terminal() {
+                    return Err(Error::AlreadyTerminal { task_id: parent_id, state: parent.state });
+                }
+            }
+            if self.delegation_loop(parent, &new.queue, payload_hash(&new.payload)).is_some() {
+                return Ok(());
+            }
+        }
         let open = self.open_per_queue.get(&new.queue).copied().unwrap_or(0);
         if open >= self.limits.queue_tasks_max as u64 {
             return Err(Error::QueueFull { queue: new.queue.clone(), max: self.limits.queue_tasks_max as u64 });
         }
+        // Retention makes room by compacting finished tasks, never open ones.
+        if self.tasks.len() - self.finished.len() >= self.limits.tasks_max {
+            return Err(Error::LimitReached { limit: "tasks_max".into(), max: self.limits.tasks_max as u64 });
+        }
+        Ok(())
+    }
+
+    fn submit_one(&mut self, new: &NewTask) -> Result<Submitted, Error> {
+        self.check_new_task(new)?;
+        if let Some(key) = &new.idempotency_key {
+            if let Some(&task_id) = self.idempotency_keys.get(key) {
+                self.counters.deduplicated += 1;
+                return Ok(Submitted { task_id, deduplicated: true });
+            }
+        }
+        let hash = payload_hash(&new.payload);
+        let (hop_count, parent_conversation, trail) = match new.parent_id {
+            None => (0, None, vec![TrailStep { queue: new.queue.clone(), agent_id: None, payload_hash: hash }]),
+            Some(parent_id) => self.delegate(parent_id, new, hash)?,
+        };
         if self.tasks.len() >= self.limits.tasks_max {
             self.compact_finished(self.tasks.len() + 1 - self.limits.tasks_max);
-            if self.tasks.len() >= self.limits.tasks_max {
-                return Err(Error::LimitReached { limit: "tasks_max".into(), max: self.limits.tasks_max as u64 });
-            }
+            assert!(self.tasks.len() < self.limits.tasks_max, "check_new_task saw room among the finished tasks");
         }
         let id = self.next_task_id;
         self.next_task_id += 1;
@@ -781,16 +879,21 @@ impl State {
         Ok(Submitted { task_id: id, deduplicated: false })
     }
 
-    fn cancel(&mut self, task_id: u64) -> Result<Outcome, Error> {
+    /// A task that exists and has not finished.
+    fn open_task(&self, task_id: u64) -> Result<&Task, Error> {
         let task = self.tasks.get(&task_id).ok_or(Error::TaskNotFound { task_id })?;
         if task.state.is_terminal() {
             return Err(Error::AlreadyTerminal { task_id, state: task.state });
         }
+        Ok(task)
+    }
+
+    fn cancel(&mut self, task_id: u64) -> Result<Outcome, Error> {
         self.finish(task_id, TaskState::Cancelled, |_| {});
         Ok(Outcome::Cancelled { task: self.tasks[&task_id].clone() })
     }
 
-    fn register(&mut self, agent_id: &str, capabilities: &BTreeSet<String>, capacity: u32) -> Result<Outcome, Error> {
+    fn check_register(&self, agent_id: &str, capabilities: &BTreeSet<String>, capacity: u32) -> Result<(), Error> {
         validate_name("agent_id", agent_id, self.limits.id_bytes_max)?;
         if capabilities.is_empty() {
             return Err(invalid("capabilities", "must name at least one queue"));
@@ -807,12 +910,23 @@ impl State {
         if capacity == 0 || capacity > self.limits.leases_per_agent_max {
             return Err(invalid("capacity", format!("must be 1..={}", self.limits.leases_per_agent_max)));
         }
+        if !self.agents.contains_key(agent_id) && self.agents.len() >= self.limits.agents_max {
+            return Err(Error::LimitReached { limit: "agents_max".into(), max: self.limits.agents_max as u64 });
+        }
+        Ok(())
+    }
+
+    fn register(
+        &mut self,
+        agent_id: &str,
+        capabilities: &BTreeSet<String>,
+        capacity: u32,
+        session: &str,
+    ) -> Result<Outcome, Error> {
         if let Some(old) = self.agents.get(agent_id) {
             // A new session of a known agent: its old session's leases are void.
             let epoch = old.epoch;
             self.remove_agent(agent_id, epoch).expect("current epoch");
-        } else if self.agents.len() >= self.limits.agents_max {
-            return Err(Error::LimitReached { limit: "agents_max".into(), max: self.limits.agents_max as u64 });
         }
         let epoch = self.agent_epochs.get(agent_id).copied().unwrap_or(0) + 1;
         self.agent_epochs.insert(agent_id.to_string(), epoch);
@@ -824,6 +938,7 @@ impl State {
             capabilities: capabilities.clone(),
             capacity,
             epoch,
+            session: session.to_string(),
             registered_ms: self.now_ms,
             leased_task_ids: BTreeSet::new(),
             stuck_count: 0,
@@ -831,6 +946,18 @@ impl State {
         };
         self.agents.insert(agent_id.to_string(), agent);
         Ok(Outcome::Registered { epoch })
+    }
+
+    /// Whether a request speaks for the agent's current session: the epoch
+    /// must be the current one and `session` its secret. Heartbeats, polls
+    /// and deregistration are checked so at the edge; a command they propose
+    /// carries the epoch, which apply checks again.
+    pub fn check_session(&self, agent_id: &str, epoch: u64, session: Option<&str>) -> Result<&Agent, Error> {
+        let agent = self.current_agent(agent_id, epoch)?;
+        if !agent.session.is_empty() && session != Some(agent.session.as_str()) {
+            return Err(Error::WrongSession { agent_id: agent_id.to_string(), epoch });
+        }
+        Ok(agent)
     }
 
     fn current_agent(&self, agent_id: &str, epoch: u64) -> Result<&Agent, Error> {
@@ -862,6 +989,47 @@ impl State {
         Ok(())
     }
 
+    fn check_lease_ttl(&self, lease_ttl_ms: u64) -> Result<(), Error> {
+        if !(self.limits.lease_ttl_ms_min..=self.limits.lease_ttl_ms_max).contains(&lease_ttl_ms) {
+            return Err(invalid(
+                "lease_ttl_ms",
+                format!("must be {}..={}", self.limits.lease_ttl_ms_min, self.limits.lease_ttl_ms_max),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_lease(&self, agent_id: &str, epoch: u64, queues: &[String], lease_ttl_ms: u64) -> Result<&Agent, Error> {
+        let agent = self.current_agent(agent_id, epoch)?;
+        self.check_lease_ttl(lease_ttl_ms)?;
+        if queues.is_empty() {
+            return Err(invalid("queues", "must name at least one queue"));
+        }
+        if let Some(queue) = queues.iter().find(|q| !agent.capabilities.contains(*q)) {
+            return Err(Error::NotCapable { agent_id: agent_id.to_string(), queue: queue.clone() });
+        }
+        Ok(agent)
+    }
+
+    /// How many leases a `Lease` command would grant now: none when the
+    /// agent is at its capacity or no task is ready on the queues. A
+    /// long-poll proposes a lease only when this is positive, so that an
+    /// agent waiting for work costs no log entry. (Applying may still grant
+    /// fewer: another agent may take the tasks first.)
+    pub fn grantable(
+        &self,
+        agent_id: &str,
+        epoch: u64,
+        queues: &[String],
+        tasks_max: u32,
+        lease_ttl_ms: u64,
+    ) -> Result<u32, Error> {
+        let agent = self.check_lease(agent_id, epoch, queues, lease_ttl_ms)?;
+        let distinct: BTreeSet<&String> = queues.iter().collect();
+        let ready: usize = distinct.into_iter().map(|q| self.ready.get(q).map_or(0, |set| set.len())).sum();
+        Ok(tasks_max.min(agent.room()).min(ready.min(u32::MAX as usize) as u32))
+    }
+
     fn lease(
         &mut self,
         index: u64,
@@ -871,21 +1039,8 @@ impl State {
         tasks_max: u32,
         lease_ttl_ms: u64,
     ) -> Result<Outcome, Error> {
-        let agent = self.current_agent(agent_id, epoch)?;
-        if !(self.limits.lease_ttl_ms_min..=self.limits.lease_ttl_ms_max).contains(&lease_ttl_ms) {
-            return Err(invalid(
-                "lease_ttl_ms",
-                format!("must be {}..={}", self.limits.lease_ttl_ms_min, self.limits.lease_ttl_ms_max),
-            ));
-        }
-        if queues.is_empty() {
-            return Err(invalid("queues", "must name at least one queue"));
-        }
-        if let Some(queue) = queues.iter().find(|q| !agent.capabilities.contains(*q)) {
-            return Err(Error::NotCapable { agent_id: agent_id.to_string(), queue: queue.clone() });
-        }
-        let room = agent.capacity.saturating_sub(agent.leased_task_ids.len() as u32);
-        let count = tasks_max.min(room);
+        let agent = self.agents.get(agent_id).expect("checked: the agent's current session");
+        let count = tasks_max.min(agent.room());
         let valid_until_ms = self.now_ms.saturating_add(lease_ttl_ms);
         let mut grants = Vec::new();
         for _ in 0..count {
@@ -933,28 +1088,69 @@ impl State {
 
     /// Whether `fence` may report on this task: it must be the newest fence
     /// ever granted, and the task must not have finished.
-    fn check_fence(&mut self, task_id: u64, fence: u64) -> Result<(), Error> {
-        let task = self.tasks.get_mut(&task_id).ok_or(Error::TaskNotFound { task_id })?;
+    fn current_fence(&self, task_id: u64, fence: u64) -> Result<&Task, Error> {
+        let task = self.tasks.get(&task_id).ok_or(Error::TaskNotFound { task_id })?;
         if fence != task.last_fence || task.last_fence == 0 {
-            task.superseded_count += 1;
-            self.counters.superseded += 1;
             return Err(Error::Superseded { task_id, fence, current: task.last_fence });
         }
         if task.state.is_terminal() {
             return Err(Error::AlreadyTerminal { task_id, state: task.state });
         }
-        Ok(())
+        Ok(task)
+    }
+
+    /// `current_fence` as the edge sees it: a stale fence is let through (no
+    /// task: `None`), because applying it records it as superseded.
+    fn check_report(&self, task_id: u64, fence: u64) -> Result<Option<&Task>, Error> {
+        match self.current_fence(task_id, fence) {
+            Ok(task) => Ok(Some(task)),
+            Err(Error::Superseded { .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// A report that needs the lease itself (extend, progress, wait): the
+    /// fence may be current on a task whose lease lapsed and is not re-granted yet.
+    fn check_report_on_lease(&self, task_id: u64, fence: u64) -> Result<(), Error> {
+        match self.check_report(task_id, fence)? {
+            Some(task) if task.lease.is_none() => Err(Error::LeaseExpired { task_id }),
+            _ => Ok(()),
+        }
+    }
+
+    /// `current_fence` when applying: a superseded report is counted.
+    fn check_fence(&mut self, task_id: u64, fence: u64) -> Result<(), Error> {
+        let result = self.current_fence(task_id, fence).map(drop);
+        if let Err(Error::Superseded { .. }) = result {
+            self.tasks.get_mut(&task_id).expect("found").superseded_count += 1;
+            self.counters.superseded += 1;
+        }
+        result
+    }
+
+    /// The same result delivered twice under the same fence (a retried
+    /// request whose answer was lost) is answered as before.
+    fn completed_before(&self, task_id: u64, fence: u64, result: &str) -> Option<&Task> {
+        let task = self.tasks.get(&task_id)?;
+        let same =
+            task.state == TaskState::Succeeded && task.last_fence == fence && task.result.as_deref() == Some(result);
+        same.then_some(task)
+    }
+
+    /// A failure delivered twice under the same fence (a retried request
+    /// whose answer was lost) is answered as before and changes nothing: no
+    /// second backoff, no second entry in the delay queue.
+    fn failed_before(&self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Option<&Task> {
+        let task = self.tasks.get(&task_id)?;
+        let same_error = task.error.as_deref() == Some(error) && task.last_fence == fence;
+        let already_retrying = retryable && task.state == TaskState::Pending;
+        let already_failed = !retryable && matches!(task.state, TaskState::Failed);
+        (same_error && (already_retrying || already_failed)).then_some(task)
     }
 
     fn complete(&mut self, task_id: u64, fence: u64, result: &str) -> Result<Outcome, Error> {
-        check_size("result", result, self.limits.result_bytes_max)?;
-        if let Some(task) = self.tasks.get(&task_id) {
-            // The same result delivered twice under the same fence (a retried
-            // request whose answer was lost) is answered as before.
-            if task.state == TaskState::Succeeded && task.last_fence == fence && task.result.as_deref() == Some(result)
-            {
-                return Ok(Outcome::Completed { task: task.clone() });
-            }
+        if let Some(task) = self.completed_before(task_id, fence, result) {
+            return Ok(Outcome::Completed { task: task.clone() });
         }
         self.check_fence(task_id, fence)?;
         self.finish(task_id, TaskState::Succeeded, |task| task.result = Some(result.to_string()));
@@ -962,17 +1158,8 @@ impl State {
     }
 
     fn fail(&mut self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Result<Outcome, Error> {
-        check_size("error", error, self.limits.result_bytes_max)?;
-        if let Some(task) = self.tasks.get(&task_id) {
-            // A failure delivered twice under the same fence (a retried request
-            // whose answer was lost) is answered as before and changes nothing:
-            // no second backoff, no second entry in the delay queue.
-            let same_error = task.error.as_deref() == Some(error) && task.last_fence == fence;
-            let already_retrying = retryable && task.state == TaskState::Pending;
-            let already_failed = !retryable && matches!(task.state, TaskState::Failed);
-            if same_error && (already_retrying || already_failed) {
-                return Ok(Outcome::Failed { task: task.clone() });
-            }
+        if let Some(task) = self.failed_before(task_id, fence, error, retryable) {
+            return Ok(Outcome::Failed { task: task.clone() });
         }
         self.check_fence(task_id, fence)?;
         let task = &self.tasks[&task_id];
@@ -999,18 +1186,10 @@ impl State {
     }
 
     fn extend(&mut self, task_id: u64, fence: u64, lease_ttl_ms: u64) -> Result<Outcome, Error> {
-        if !(self.limits.lease_ttl_ms_min..=self.limits.lease_ttl_ms_max).contains(&lease_ttl_ms) {
-            return Err(invalid(
-                "lease_ttl_ms",
-                format!("must be {}..={}", self.limits.lease_ttl_ms_min, self.limits.lease_ttl_ms_max),
-            ));
-        }
         self.check_fence(task_id, fence)?;
         let now = self.now_ms;
         let task = self.tasks.get_mut(&task_id).expect("checked");
-        let Some(lease) = task.lease.as_mut() else {
-            return Err(Error::LeaseExpired { task_id });
-        };
+        let lease = task.lease.as_mut().expect("checked: a current fence on a leased task");
         let old = lease.valid_until_ms;
         let valid_until_ms = now.saturating_add(lease_ttl_ms).max(old);
         lease.valid_until_ms = valid_until_ms;
@@ -1024,22 +1203,22 @@ impl State {
         self.check_fence(task_id, fence)?;
         let now = self.now_ms;
         let task = self.tasks.get_mut(&task_id).expect("checked");
-        let Some(lease) = task.lease.as_mut() else {
-            return Err(Error::LeaseExpired { task_id });
-        };
+        let lease = task.lease.as_mut().expect("checked: a current fence on a leased task");
         self.lease_progress.remove(&(lease.progress_ms, task_id));
         lease.progress_ms = now;
         self.lease_progress.insert((now, task_id));
         Ok(Outcome::Progressed)
     }
 
-    fn context_put(
-        &mut self,
+    /// The version a context write would create and the conversation's
+    /// bytes after it, or why it is refused.
+    fn check_context_put(
+        &self,
         conversation_id: &str,
         key: &str,
         value: &str,
         expected_version: Option<u64>,
-    ) -> Result<Outcome, Error> {
+    ) -> Result<(u64, usize), Error> {
         validate_name("conversation_id", conversation_id, self.limits.id_bytes_max)?;
         validate_name("key", key, self.limits.id_bytes_max)?;
         check_size("value", value, self.limits.conversation_bytes_max)?;
@@ -1068,62 +1247,71 @@ impl State {
                 max: self.limits.conversation_bytes_max as u64,
             });
         }
-        let version = current_version + 1;
+        Ok((current_version + 1, bytes))
+    }
+
+    fn context_put(
+        &mut self,
+        conversation_id: &str,
+        key: &str,
+        value: &str,
+        expected_version: Option<u64>,
+    ) -> Result<Outcome, Error> {
+        let (version, bytes) = self.check_context_put(conversation_id, key, value, expected_version)?;
         let conversation = self.conversations.entry(conversation_id.to_string()).or_default();
         conversation.entries.insert(key.to_string(), (version, value.to_string()));
         conversation.bytes = bytes;
         Ok(Outcome::ContextWritten { version })
     }
 
-    /// A delegation must come from the parent's current lease, must not repeat
-    /// a step already on the parent's trail (same capability, same payload),
-    /// and must stay within `delegation_hops_max`. A loop dead-letters the
-    /// parent with the trail in its reason: it would only go round again.
-    fn check_delegation(
+    /// Why a delegation from `parent` to `queue` would be a loop, if it is:
+    /// it repeats a step already on the parent's trail (same capability, same
+    /// payload), or it passes `delegation_hops_max`. Names the trail.
+    fn delegation_loop(&self, parent: &Task, queue: &str, hash: u64) -> Option<String> {
+        let repeats = parent.trail.iter().any(|s| s.queue == queue && s.payload_hash == hash);
+        if !repeats && parent.hop_count < self.limits.delegation_hops_max {
+            return None;
+        }
+        let mut path: Vec<String> = parent.trail.iter().map(|s| s.queue.clone()).collect();
+        path.push(queue.to_string());
+        let why = if repeats {
+            "repeats a step already on its trail".to_string()
+        } else {
+            format!("passes delegation_hops_max {}", self.limits.delegation_hops_max)
+        };
+        Some(format!("{} {why}", path.join(" -> ")))
+    }
+
+    /// A checked delegation's hop count, conversation and trail. A loop
+    /// dead-letters the parent with the trail in its reason: it would only go
+    /// round again.
+    fn delegate(
         &mut self,
         parent_id: u64,
         new: &NewTask,
         hash: u64,
     ) -> Result<(u32, Option<String>, Vec<TrailStep>), Error> {
-        let parent = self.tasks.get(&parent_id).ok_or(Error::TaskNotFound { task_id: parent_id })?;
-        if let Some(fence) = new.parent_fence {
-            if fence != parent.last_fence {
-                return Err(Error::Superseded { task_id: parent_id, fence, current: parent.last_fence });
-            }
-            if parent.state.is_terminal() {
-                return Err(Error::AlreadyTerminal { task_id: parent_id, state: parent.state });
-            }
-        }
-        let step = TrailStep {
-            queue: new.queue.clone(),
-            agent_id: parent.lease.as_ref().map(|lease| lease.agent_id.clone()),
-            payload_hash: hash,
-        };
-        let hop_count = parent.hop_count + 1;
-        let repeats = parent.trail.iter().any(|s| s.queue == step.queue && s.payload_hash == step.payload_hash);
-        if repeats || hop_count > self.limits.delegation_hops_max {
-            let mut path: Vec<String> = parent.trail.iter().map(|s| s.queue.clone()).collect();
-            path.push(step.queue.clone());
-            let why = if repeats {
-                "repeats a step already on its trail".to_string()
-            } else {
-                format!("passes delegation_hops_max {}", self.limits.delegation_hops_max)
-            };
-            let trail = format!("{} {why}", path.join(" -> "));
+        let parent = self.tasks.get(&parent_id).expect("checked: the parent exists");
+        if let Some(trail) = self.delegation_loop(parent, &new.queue, hash) {
             if !parent.state.is_terminal() {
                 let reason = format!("loop_detected: {trail}");
                 self.finish(parent_id, TaskState::Dead, |task| task.dead_reason = Some(reason));
             }
             return Err(Error::LoopDetected { task_id: parent_id, trail });
         }
+        let step = TrailStep {
+            queue: new.queue.clone(),
+            agent_id: parent.lease.as_ref().map(|lease| lease.agent_id.clone()),
+            payload_hash: hash,
+        };
         let mut trail = parent.trail.clone();
         trail.push(step);
-        Ok((hop_count, parent.conversation_id.clone(), trail))
+        Ok((parent.hop_count + 1, parent.conversation_id.clone(), trail))
     }
 
-    /// Records that a task waits on others, unless that closes a cycle in
-    /// the wait-for graph (then nothing changes and the cycle is named).
-    fn wait(&mut self, task_id: u64, fence: u64, on: &[u64], timeout_ms: u64) -> Result<Outcome, Error> {
+    /// Whether a task may wait on others: not if that closes a cycle in the
+    /// wait-for graph (the cycle is named).
+    fn check_wait(&self, task_id: u64, fence: u64, on: &[u64], timeout_ms: u64) -> Result<(), Error> {
         if on.is_empty() || on.len() > self.limits.wait_tasks_max {
             return Err(invalid("on", format!("must name 1..={} tasks", self.limits.wait_tasks_max)));
         }
@@ -1136,8 +1324,8 @@ impl State {
         if let Some(missing) = on.iter().find(|id| !self.tasks.contains_key(id)) {
             return Err(Error::TaskNotFound { task_id: *missing });
         }
-        self.check_fence(task_id, fence)?;
-        if self.tasks[&task_id].lease.is_none() {
+        let Some(task) = self.check_report(task_id, fence)? else { return Ok(()) };
+        if task.lease.is_none() {
             return Err(Error::LeaseExpired { task_id });
         }
         for &target in on {
@@ -1147,6 +1335,12 @@ impl State {
                 return Err(Error::Deadlock { cycle: cycle.join(" -> ") });
             }
         }
+        Ok(())
+    }
+
+    /// Records that a checked task waits on others.
+    fn wait(&mut self, task_id: u64, fence: u64, on: &[u64], timeout_ms: u64) -> Result<Outcome, Error> {
+        self.check_fence(task_id, fence)?;
         self.remove_wait(task_id);
         let pending: BTreeSet<u64> = on.iter().copied().filter(|id| !self.tasks[id].state.is_terminal()).collect();
         if pending.is_empty() {

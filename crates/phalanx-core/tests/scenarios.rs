@@ -3,7 +3,8 @@
 //! results, fencing, retries and dead letters, deadlines, priorities,
 //! idempotency, limits, delegation, agent sessions, context compare-and-set,
 //! and the validation of new tasks. Every refusal is checked to change
-//! nothing. Random histories are `properties.rs`'s job, not this file's.
+//! nothing, and refused alike by the edge's check before proposing. Random
+//! histories are `properties.rs`'s job, not this file's.
 
 use phalanx_core::command::Submitted;
 use phalanx_core::{Command, Error, Grant, Limits, NewTask, Outcome, Request, State, Task, TaskState};
@@ -62,7 +63,12 @@ impl Sim {
 
     fn register(&mut self, agent_id: &str, queues: &[&str], capacity: u32) -> u64 {
         let capabilities = queues.iter().map(|q| q.to_string()).collect();
-        match self.one(Command::RegisterAgent { agent_id: agent_id.into(), capabilities, capacity }) {
+        match self.one(Command::RegisterAgent {
+            agent_id: agent_id.into(),
+            capabilities,
+            capacity,
+            session: String::new(),
+        }) {
             Outcome::Registered { epoch } => epoch,
             other => panic!("expected Registered, got {other:?}"),
         }
@@ -101,6 +107,7 @@ impl Sim {
     /// paths (e.g. `counters.superseded`).
     fn check_refused(&mut self, command: Command, expected: Error, changed: &[&str]) {
         self.catch_up();
+        check_at_the_edge(self.state.check(&command), &expected);
         let before = comparable(&self.state, changed);
         match self.one(command) {
             Outcome::Refused { error } => assert_eq!(error, expected),
@@ -112,9 +119,25 @@ impl Sim {
     /// Submits a task that must be refused with `expected`; the state must not change.
     fn check_submit_refused(&mut self, new: NewTask, expected: Error) {
         self.catch_up();
+        // A stale parent fence records nothing: only a loop is left to the log.
+        match &expected {
+            Error::LoopDetected { .. } => assert_eq!(self.state.check_new_task(&new), Ok(())),
+            _ => assert_eq!(self.state.check_new_task(&new).as_ref(), Err(&expected), "refused at the edge"),
+        }
         let before = comparable(&self.state, &[]);
         assert_eq!(self.submit_result(new), Err(expected));
         assert_eq!(before, comparable(&self.state, &[]), "a refused submit changed the state");
+    }
+}
+
+/// What the edge's check (`State::check`) must say
+/// of a command that applying refuses with `expected`: the same refusal, so
+/// that it costs no log entry, unless applying records it (a stale fence is
+/// counted, a delegation loop dead-letters its parent).
+fn check_at_the_edge(checked: Result<(), Error>, expected: &Error) {
+    match expected {
+        Error::Superseded { .. } | Error::LoopDetected { .. } => assert_eq!(checked, Ok(()), "left to the log"),
+        _ => assert_eq!(checked.as_ref(), Err(expected), "refused at the edge as when applied"),
     }
 }
 
@@ -589,9 +612,12 @@ fn a_task_is_granted_at_most_once_per_entry() {
         let voiding = match void {
             "expire" => Command::ExpireAgent { agent_id: "a".into(), epoch: epoch_a },
             "deregister" => Command::DeregisterAgent { agent_id: "a".into(), epoch: epoch_a },
-            _ => {
-                Command::RegisterAgent { agent_id: "a".into(), capabilities: BTreeSet::from(["q".into()]), capacity: 1 }
-            }
+            _ => Command::RegisterAgent {
+                agent_id: "a".into(),
+                capabilities: BTreeSet::from(["q".into()]),
+                capacity: 1,
+                session: String::new(),
+            },
         };
         let outcomes =
             sim.entry(vec![lease("a", epoch_a, &["q"], 1, 1_000), voiding, lease("b", epoch_b, &["q"], 1, 1_000)]);
@@ -691,12 +717,22 @@ fn every_refused_command_changes_nothing() {
         &[],
     );
     sim.check_refused(
-        Command::RegisterAgent { agent_id: "b".into(), capabilities: BTreeSet::new(), capacity: 1 },
+        Command::RegisterAgent {
+            agent_id: "b".into(),
+            capabilities: BTreeSet::new(),
+            capacity: 1,
+            session: String::new(),
+        },
         invalid("capabilities", "must name at least one queue"),
         &[],
     );
     sim.check_refused(
-        Command::RegisterAgent { agent_id: "a".into(), capabilities: BTreeSet::from(["q".into()]), capacity: 0 },
+        Command::RegisterAgent {
+            agent_id: "a".into(),
+            capabilities: BTreeSet::from(["q".into()]),
+            capacity: 0,
+            session: String::new(),
+        },
         invalid("capacity", "must be 1..=1000"),
         &[],
     );

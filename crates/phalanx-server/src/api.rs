@@ -96,20 +96,58 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(node.config.request_bytes_max))
         .layer(middleware::from_fn_with_state(node.clone(), require_client_token));
-    Router::new()
-        .merge(raft)
-        .merge(client)
+    let health = Router::new()
         .route(
             "/health/live",
             get(|node: State<Node_>| async move { Json(json!({"live": true, "node_id": node.id()})) }),
         )
-        .route("/health/ready", get(ready))
+        .route("/health/ready", get(ready));
+    Router::new()
+        .merge(raft)
+        .merge(client.merge(health).layer(middleware::from_fn(json_rejections)))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(node.clone(), count_requests))
         .with_state(node)
 }
 
 // ---- middleware ----
+
+/// Bytes of an axum or hyper refusal read to put its text in our format.
+const REJECTION_TEXT_BYTES_MAX: usize = 4096;
+
+/// Refusals that axum answers by itself, outside our handlers (405 with an
+/// empty body, a path parameter that is not valid UTF-8, ...), in the JSON
+/// error format like every other refusal. Ours are JSON already and pass.
+async fn json_rejections(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let is_json = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(response.status().is_client_error() || response.status().is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, REJECTION_TEXT_BYTES_MAX).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => String::new(),
+    };
+    let allow = parts.headers.get("allow").cloned();
+    let text = match &allow {
+        Some(allowed) if parts.status == StatusCode::METHOD_NOT_ALLOWED => {
+            format!("method {method} is not allowed on {path}; allowed: {}", allowed.to_str().unwrap_or(""))
+        }
+        _ => text,
+    };
+    let mut answer = ApiError::from_rejection(parts.status, &text).into_response();
+    if let Some(allowed) = allow {
+        answer.headers_mut().insert("allow", allowed);
+    }
+    answer
+}
 
 async fn count_requests(State(node): State<Node_>, request: Request, next: Next) -> Response {
     node.stats.http_requests.fetch_add(1, Ordering::Relaxed);
@@ -439,7 +477,42 @@ fn parse_id(text: &str) -> Result<u64, ApiError> {
     text.parse().map_err(|_| ApiError::invalid(format!("task id {text:?} is not a number")))
 }
 
+/// Refuses what applying would refuse (`check` runs the state machine's own
+/// checks), so that a refusal costs no log entry. A refusal is trusted only
+/// after a read index: a leader still applying entries committed before it
+/// took over must not refuse what the log already allows (a result for a task
+/// it has not applied yet). When leadership cannot be confirmed the log decides.
+async fn refuse_early(
+    node: &Node,
+    check: impl Fn(&phalanx_core::State) -> Vec<Result<(), phalanx_core::Error>>,
+) -> Vec<Result<(), phalanx_core::Error>> {
+    let judge = || check(&node.shared.data.read().expect("state lock").state);
+    let first = judge();
+    if first.iter().all(Result::is_ok) {
+        return first;
+    }
+    let barrier = Duration::from_millis(node.config.write_timeout_ms);
+    match tokio::time::timeout(barrier, node.raft.ensure_linearizable()).await {
+        Ok(Ok(_)) => judge(),
+        _ => first.iter().map(|_| Ok(())).collect(),
+    }
+}
+
+/// `refuse_early` for one command.
+async fn check_command(node: &Node, command: &Command) -> Result<(), ApiError> {
+    let mut judged = refuse_early(node, |state| vec![state.check(command)]).await;
+    judged.pop().expect("one judgement").map_err(ApiError::from)
+}
+
+/// `refuse_early` for the tasks of a submit, one judgement per task.
+async fn check_new_tasks(node: &Node, tasks: &[NewTask]) -> Vec<Result<(), phalanx_core::Error>> {
+    refuse_early(node, |state| tasks.iter().map(|task| state.check_new_task(task)).collect()).await
+}
+
+/// Proposes a command the applied state does not refuse, and waits for its
+/// outcome.
 async fn propose(node: &Node, command: Command) -> Result<(Outcome, u64), ApiError> {
+    check_command(node, &command).await?;
     let deadline = crate::admission::current_deadline();
     let (outcome, index) = node.proposer.propose_by(command, deadline).await.map_err(|error| match error {
         proposer::Error::NotLeader { leader_addr, .. } => {
@@ -579,6 +652,7 @@ impl SubmitBody {
             conversation_id: self.conversation_id,
         };
         let limits = node.shared.data.read().expect("state lock").state.limits().clone();
+        // Stateless checks first, so a malformed task is refused without a read index.
         phalanx_core::state::validate_new_task(&task, &limits)?;
         Ok(task)
     }
@@ -606,6 +680,7 @@ async fn submit(State(node): State<Node_>, body: Body) -> ApiResult {
 
 async fn submit_task(node: &Node_, body: Body) -> ApiResult {
     let task = parse::<SubmitBody>(body)?.into_new_task(node)?;
+    check_new_tasks(node, std::slice::from_ref(&task)).await.pop().expect("one judgement")?;
     let (outcome, _) = propose(node, Command::Submit { tasks: vec![task] }).await?;
     let Outcome::Submitted { mut results } = outcome else { unreachable!("submit answers Submitted") };
     let submitted = results.pop().expect("one result per task")?;
@@ -634,38 +709,53 @@ async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
     if batch.tasks.is_empty() || batch.tasks.len() > batch_max {
         return Err(ApiError::invalid(format!("tasks: a batch holds 1..={batch_max} tasks")));
     }
-    // Each task stands on its own: an invalid one is reported in its slot.
-    let mut slots: Vec<Result<Option<usize>, ApiError>> = Vec::new();
+    // Each task stands on its own: one refused (malformed, or refused by the
+    // state) is answered in its slot, and only the others are proposed.
+    let mut slots: Vec<Result<usize, ApiError>> = Vec::new();
     let mut valid = Vec::new();
     for task in batch.tasks {
         match task.into_new_task(node) {
             Ok(task) => {
-                slots.push(Ok(Some(valid.len())));
+                slots.push(Ok(valid.len()));
                 valid.push(task);
             }
             Err(error) => slots.push(Err(error)),
         }
     }
+    let judged = check_new_tasks(node, &valid).await;
+    let mut proposed = Vec::new();
+    // For each valid task: its index among the proposed ones, or its refusal.
+    let mut placed: Vec<Result<usize, phalanx_core::Error>> = Vec::new();
+    for (task, judgement) in valid.into_iter().zip(judged) {
+        placed.push(judgement.map(|()| {
+            proposed.push(task);
+            proposed.len() - 1
+        }));
+    }
     let mut results = Vec::new();
-    if !valid.is_empty() {
-        let (outcome, _) = propose(node, Command::Submit { tasks: valid }).await?;
+    if !proposed.is_empty() {
+        let (outcome, _) = propose(node, Command::Submit { tasks: proposed }).await?;
         let Outcome::Submitted { results: submitted } = outcome else { unreachable!("submit answers Submitted") };
         results = submitted;
     }
+    let refusal = |error: &phalanx_core::Error| json!({"error": {"code": error.code(), "message": error.to_string()}});
     let rendered: Vec<Value> = slots
         .into_iter()
         .map(|slot| match slot {
-            Ok(Some(i)) => match &results[i] {
-                Ok(s) => {
-                    count_submit(node, None);
-                    json!({"task_id": s.task_id, "deduplicated": s.deduplicated})
-                }
-                Err(error) => {
-                    count_submit(node, Some((ApiError::from(error.clone()).status, error.code())));
-                    json!({"error": {"code": error.code(), "message": error.to_string()}})
-                }
-            },
-            Ok(None) => unreachable!(),
+            Ok(i) => {
+                let refused = match &placed[i] {
+                    Ok(j) => match &results[*j] {
+                        Ok(s) => {
+                            count_submit(node, None);
+                            return json!({"task_id": s.task_id, "deduplicated": s.deduplicated});
+                        }
+                        Err(error) => error,
+                    },
+                    Err(error) => error,
+                };
+                count_submit(node, Some((ApiError::from(refused.clone()).status, refused.code())));
+                refusal(refused)
+            }
             Err(error) => {
                 count_submit(node, Some((error.status, error.code)));
                 json!({"error": {"code": error.code, "message": error.message}})
@@ -877,10 +967,14 @@ struct RegisterBody {
 
 async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
     let body = parse::<RegisterBody>(body)?;
+    // The session's secret: 128 random bits, drawn here because the state
+    // machine draws no random numbers, and answered to the registering agent alone.
+    let session = format!("{:032x}", rand::random::<u128>());
     let command = Command::RegisterAgent {
         agent_id: body.agent_id.clone(),
         capabilities: body.capabilities.into_iter().collect(),
         capacity: body.capacity.unwrap_or(1),
+        session: session.clone(),
     };
     let (outcome, _) = propose(&node, command).await?;
     let Outcome::Registered { epoch } = outcome else { unreachable!() };
@@ -889,6 +983,7 @@ async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
     Ok(Json(json!({
         "agent_id": body.agent_id,
         "epoch": epoch,
+        "session": session,
         "heartbeat_interval_ms": policy.agent_heartbeat_interval_ms,
         "agent_ttl_ms": policy.agent_ttl_ms,
     }))
@@ -897,22 +992,18 @@ async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EpochBody {
+struct SessionBody {
     epoch: u64,
+    /// The secret `register` answered; the epoch alone is public.
+    session: Option<String>,
 }
 
-/// Checks the session against the applied state and records it as alive.
-fn check_session(node: &Node, agent_id: &str, epoch: u64) -> Result<Vec<String>, ApiError> {
+/// Checks that the request speaks for the agent's current session (its epoch
+/// and its secret) and records the session as alive. A forged heartbeat,
+/// poll or deregistration for another agent's id is refused here.
+fn check_session(node: &Node, agent_id: &str, epoch: u64, session: Option<&str>) -> Result<Vec<String>, ApiError> {
     let data = node.shared.data.read().expect("state lock");
-    let agent = data
-        .state
-        .agent(agent_id)
-        .ok_or_else(|| phalanx_core::Error::AgentNotFound { agent_id: agent_id.to_string() })?;
-    if agent.epoch != epoch {
-        return Err(
-            phalanx_core::Error::StaleEpoch { agent_id: agent_id.to_string(), epoch, current: agent.epoch }.into()
-        );
-    }
+    let agent = data.state.check_session(agent_id, epoch, session)?;
     let capabilities = agent.capabilities.iter().cloned().collect();
     drop(data);
     node.liveness.lock().expect("liveness lock").touch(agent_id, epoch);
@@ -920,13 +1011,14 @@ fn check_session(node: &Node, agent_id: &str, epoch: u64) -> Result<Vec<String>,
 }
 
 async fn heartbeat(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
-    let body = parse::<EpochBody>(body)?;
-    check_session(&node, &agent_id, body.epoch)?;
+    let body = parse::<SessionBody>(body)?;
+    check_session(&node, &agent_id, body.epoch, body.session.as_deref())?;
     Ok(Json(json!({"ok": true})).into_response())
 }
 
 async fn deregister(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
-    let body = parse::<EpochBody>(body)?;
+    let body = parse::<SessionBody>(body)?;
+    check_session(&node, &agent_id, body.epoch, body.session.as_deref())?;
     propose(&node, Command::DeregisterAgent { agent_id, epoch: body.epoch }).await?;
     Ok(Json(json!({"ok": true})).into_response())
 }
@@ -935,15 +1027,16 @@ async fn deregister(State(node): State<Node_>, Path(agent_id): Path<String>, bod
 #[serde(deny_unknown_fields)]
 struct PollBody {
     epoch: u64,
+    session: Option<String>,
     queues: Option<Vec<String>>,
     max_tasks: Option<u32>,
     wait_ms: Option<u64>,
     lease_ttl_ms: Option<u64>,
 }
 
-/// Long-poll: proposes a lease only when the applied state shows ready work,
-/// otherwise waits for the next apply (which may have added some) until
-/// `wait_ms` runs out.
+/// Long-poll: proposes a lease only when the applied state shows the agent
+/// has room and work is ready for it, otherwise waits for the next apply
+/// (which may have changed that) until `wait_ms` runs out.
 async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
     let body = parse::<PollBody>(body)?;
     let wait_ms = body.wait_ms.unwrap_or(0);
@@ -955,7 +1048,7 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
         return Err(ApiError::invalid("max_tasks must be 1..=1000"));
     }
     let lease_ttl_ms = body.lease_ttl_ms.unwrap_or_else(|| default_lease_ttl_ms(&node));
-    let capabilities = check_session(&node, &agent_id, body.epoch)?;
+    let capabilities = check_session(&node, &agent_id, body.epoch, body.session.as_deref())?;
     let queues = body.queues.unwrap_or_else(|| capabilities.clone());
     if queues.is_empty() {
         return Err(ApiError::invalid("queues must name at least one queue"));
@@ -974,8 +1067,18 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
     let deadline = Instant::now() + Duration::from_millis(wait_ms);
     loop {
         let mut applied = node.shared.applied_tx.subscribe();
-        let ready = node.shared.data.read().expect("state lock").state.has_ready(&queues);
-        if ready {
+        // A lease is proposed only when the applied state shows it would
+        // grant something. An agent at its capacity, or with nothing ready on
+        // its queues, waits for an apply that changes that (a lease ends, a
+        // task arrives) and proposes nothing meanwhile.
+        let grantable = node.shared.data.read().expect("state lock").state.grantable(
+            &agent_id,
+            body.epoch,
+            &queues,
+            tasks_max,
+            lease_ttl_ms,
+        )?;
+        if grantable > 0 {
             let command = Command::Lease {
                 agent_id: agent_id.clone(),
                 epoch: body.epoch,

@@ -64,6 +64,7 @@ impl From<phalanx_core::Error> for ApiError {
         let status = match &error {
             E::Invalid { .. } | E::NotCapable { .. } => StatusCode::BAD_REQUEST,
             E::TaskNotFound { .. } | E::AgentNotFound { .. } => StatusCode::NOT_FOUND,
+            E::WrongSession { .. } => StatusCode::FORBIDDEN,
             E::StaleEpoch { .. }
             | E::Superseded { .. }
             | E::AlreadyTerminal { .. }
@@ -79,6 +80,31 @@ impl From<phalanx_core::Error> for ApiError {
             api.retry_after_ms = Some(1000);
         }
         api
+    }
+}
+
+impl ApiError {
+    /// A refusal that axum or hyper answered on their own (405 with an empty
+    /// body, a path parameter that does not decode, ...), in our format, with
+    /// their text as the message.
+    pub fn from_rejection(status: StatusCode, text: &str) -> ApiError {
+        let code = match status {
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            StatusCode::LENGTH_REQUIRED => "length_required",
+            StatusCode::REQUEST_TIMEOUT => "timeout",
+            status if status.is_client_error() => "invalid",
+            _ => "internal",
+        };
+        let text = text.trim();
+        let message = if text.is_empty() {
+            status.canonical_reason().unwrap_or("refused").to_lowercase()
+        } else {
+            text.to_string()
+        };
+        ApiError::new(status, code, message)
     }
 }
 

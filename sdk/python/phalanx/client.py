@@ -131,6 +131,9 @@ class TaskPage(TypedDict):
 class Registration(TypedDict):
     agent_id: str
     epoch: int
+    # The session's secret: the client presents it on the session's
+    # heartbeats, polls and deregistration by itself (the epoch is public).
+    session: str
     heartbeat_interval_ms: int
     agent_ttl_ms: int
 
@@ -491,19 +494,20 @@ class _Endpoints:
         return _Request("POST", "/v1/agents/register", body, fast=True)
 
     @staticmethod
-    def heartbeat(agent_id: str, epoch: int) -> _Request[None]:
-        return _Request("POST", f"/v1/agents/{_segment(agent_id)}/heartbeat", {"epoch": epoch},
-                        decode=lambda _: None, fast=True)
+    def heartbeat(agent_id: str, epoch: int, session: Optional[str]) -> _Request[None]:
+        return _Request("POST", f"/v1/agents/{_segment(agent_id)}/heartbeat",
+                        _drop_none({"epoch": epoch, "session": session}), decode=lambda _: None, fast=True)
 
     @staticmethod
-    def deregister(agent_id: str, epoch: int) -> _Request[None]:
-        return _Request("POST", f"/v1/agents/{_segment(agent_id)}/deregister", {"epoch": epoch},
-                        decode=lambda _: None, fast=True)
+    def deregister(agent_id: str, epoch: int, session: Optional[str]) -> _Request[None]:
+        return _Request("POST", f"/v1/agents/{_segment(agent_id)}/deregister",
+                        _drop_none({"epoch": epoch, "session": session}), decode=lambda _: None, fast=True)
 
     @staticmethod
-    def poll(agent_id: str, epoch: int, max_tasks: int, wait_ms: int, lease_ttl_ms: Optional[int],
-             queues: Optional[Sequence[str]]) -> _Request[list[Lease]]:
-        body = _drop_none({"epoch": epoch, "queues": list(queues) if queues is not None else None,
+    def poll(agent_id: str, epoch: int, session: Optional[str], max_tasks: int, wait_ms: int,
+             lease_ttl_ms: Optional[int], queues: Optional[Sequence[str]]) -> _Request[list[Lease]]:
+        body = _drop_none({"epoch": epoch, "session": session,
+                           "queues": list(queues) if queues is not None else None,
                            "max_tasks": max_tasks, "wait_ms": wait_ms, "lease_ttl_ms": lease_ttl_ms})
         return _Request("POST", f"/v1/agents/{_segment(agent_id)}/poll", body, wait_s=wait_ms / 1000,
                         decode=lambda answer: answer["leases"], fast=True)
@@ -757,6 +761,20 @@ class _ClientBase:
             budget=retry_budget if retry_budget is not None else RetryBudget(),
             rng=rng if rng is not None else random.Random(),
         )
+        # agent id -> (epoch, secret) of each session registered through this client.
+        self._sessions: dict[str, tuple[int, str]] = {}
+        self._sessions_lock = threading.Lock()
+
+    def _remember(self, registration: Registration) -> Registration:
+        if registration.get("session"):
+            with self._sessions_lock:
+                self._sessions[registration["agent_id"]] = (registration["epoch"], registration["session"])
+        return registration
+
+    def _session(self, agent_id: str, epoch: int) -> Optional[str]:
+        with self._sessions_lock:
+            known = self._sessions.get(agent_id)
+        return known[1] if known is not None and known[0] == epoch else None
 
     @property
     def nodes(self) -> list[str]:
@@ -871,17 +889,18 @@ class Client(_ClientBase):
     # ---- agents ----
 
     def register(self, agent_id: str, capabilities: Sequence[str], capacity: int = 1) -> Registration:
-        return self._call(_Endpoints.register(agent_id, capabilities, capacity))
+        return self._remember(self._call(_Endpoints.register(agent_id, capabilities, capacity)))
 
     def heartbeat(self, agent_id: str, epoch: int) -> None:
-        self._call(_Endpoints.heartbeat(agent_id, epoch))
+        self._call(_Endpoints.heartbeat(agent_id, epoch, self._session(agent_id, epoch)))
 
     def deregister(self, agent_id: str, epoch: int) -> None:
-        self._call(_Endpoints.deregister(agent_id, epoch))
+        self._call(_Endpoints.deregister(agent_id, epoch, self._session(agent_id, epoch)))
 
     def poll(self, agent_id: str, epoch: int, max_tasks: int = 1, wait_ms: int = 0,
              lease_ttl_ms: Optional[int] = None, queues: Optional[Sequence[str]] = None) -> list[Lease]:
-        return self._call(_Endpoints.poll(agent_id, epoch, max_tasks, wait_ms, lease_ttl_ms, queues))
+        session = self._session(agent_id, epoch)
+        return self._call(_Endpoints.poll(agent_id, epoch, session, max_tasks, wait_ms, lease_ttl_ms, queues))
 
     def complete(self, task_id: int, fence: int, result: Any = None) -> Task:
         return self._call(_Endpoints.complete(task_id, fence, result))
@@ -1044,17 +1063,18 @@ class AsyncClient(_ClientBase):
     # ---- agents ----
 
     async def register(self, agent_id: str, capabilities: Sequence[str], capacity: int = 1) -> Registration:
-        return await self._call(_Endpoints.register(agent_id, capabilities, capacity))
+        return self._remember(await self._call(_Endpoints.register(agent_id, capabilities, capacity)))
 
     async def heartbeat(self, agent_id: str, epoch: int) -> None:
-        await self._call(_Endpoints.heartbeat(agent_id, epoch))
+        await self._call(_Endpoints.heartbeat(agent_id, epoch, self._session(agent_id, epoch)))
 
     async def deregister(self, agent_id: str, epoch: int) -> None:
-        await self._call(_Endpoints.deregister(agent_id, epoch))
+        await self._call(_Endpoints.deregister(agent_id, epoch, self._session(agent_id, epoch)))
 
     async def poll(self, agent_id: str, epoch: int, max_tasks: int = 1, wait_ms: int = 0,
                    lease_ttl_ms: Optional[int] = None, queues: Optional[Sequence[str]] = None) -> list[Lease]:
-        return await self._call(_Endpoints.poll(agent_id, epoch, max_tasks, wait_ms, lease_ttl_ms, queues))
+        session = self._session(agent_id, epoch)
+        return await self._call(_Endpoints.poll(agent_id, epoch, session, max_tasks, wait_ms, lease_ttl_ms, queues))
 
     async def complete(self, task_id: int, fence: int, result: Any = None) -> Task:
         return await self._call(_Endpoints.complete(task_id, fence, result))
