@@ -44,6 +44,24 @@ pub struct NewTask {
     pub conversation_id: Option<String>,
 }
 
+impl NewTask {
+    /// A task with the API's defaults (priority 5, three attempts, no
+    /// deadline, no key, no parent, no conversation).
+    pub fn new(queue: impl Into<String>, payload: impl Into<String>) -> NewTask {
+        NewTask {
+            queue: queue.into(),
+            payload: payload.into(),
+            priority: 5,
+            deadline_ms: None,
+            max_attempts: 3,
+            idempotency_key: None,
+            parent_id: None,
+            parent_fence: None,
+            conversation_id: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {

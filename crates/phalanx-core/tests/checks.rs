@@ -79,17 +79,7 @@ fn without_last_index(state: &State) -> serde_json::Value {
 }
 
 fn new_task(queue: &str) -> NewTask {
-    NewTask {
-        queue: queue.into(),
-        payload: "{}".into(),
-        priority: 5,
-        deadline_ms: None,
-        max_attempts: 3,
-        idempotency_key: None,
-        parent_id: None,
-        parent_fence: None,
-        conversation_id: None,
-    }
+    NewTask::new(queue, "{}")
 }
 
 fn register(agent_id: &str, queues: &[&str], capacity: u32) -> Command {

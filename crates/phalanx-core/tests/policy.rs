@@ -144,17 +144,7 @@ impl Sim {
     }
 
     fn submit(&mut self, queue: &str) -> u64 {
-        let task = NewTask {
-            queue: queue.into(),
-            payload: "1".into(),
-            priority: 5,
-            deadline_ms: None,
-            max_attempts: 3,
-            idempotency_key: None,
-            parent_id: None,
-            parent_fence: None,
-            conversation_id: None,
-        };
+        let task = NewTask::new(queue, "1");
         match self.one(Command::Submit { tasks: vec![task] }) {
             Outcome::Submitted { mut results } => results.pop().unwrap().unwrap().task_id,
             other => panic!("{other:?}"),

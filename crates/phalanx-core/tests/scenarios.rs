@@ -159,17 +159,7 @@ fn comparable(state: &State, ignored: &[&str]) -> Value {
 }
 
 fn new_task(queue: &str) -> NewTask {
-    NewTask {
-        queue: queue.into(),
-        payload: "{}".into(),
-        priority: 5,
-        deadline_ms: None,
-        max_attempts: 3,
-        idempotency_key: None,
-        parent_id: None,
-        parent_fence: None,
-        conversation_id: None,
-    }
+    NewTask::new(queue, "{}")
 }
 
 fn lease(agent_id: &str, epoch: u64, queues: &[&str], tasks_max: u32, lease_ttl_ms: u64) -> Command {
