@@ -12,6 +12,7 @@ mod bench;
 mod client_commands;
 mod demo;
 mod exec_agent;
+mod failover;
 mod launcher;
 mod overload;
 mod rawhttp;
@@ -159,6 +160,9 @@ pub struct ServerArgs {
     /// Bytes of one list answer; a longer list is cut and says where to continue.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub list_bytes_max: usize,
+    /// `text` (one line per event; colours only on a terminal) or `json` (one object per line).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 impl ServerArgs {
@@ -198,10 +202,28 @@ impl ServerArgs {
     }
 }
 
+/// The default filter of `phalanx server`. openraft logs every failed RPC
+/// (thousands of lines a minute while a peer is down); the transport logs a
+/// peer's loss and return once each instead (`network.rs`), and a stopped
+/// Raft shows in `/health/ready`. `PHALANX_LOG` overrides it.
+const SERVER_LOG_FILTER: &str = "info,openraft=off";
+
 fn init_tracing(default: &str) {
+    init_tracing_as(default, "text");
+}
+
+/// Logs to stderr, as text (with ANSI colours only when stderr is a
+/// terminal) or as JSON lines.
+fn init_tracing_as(default: &str, format: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PHALANX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().with_ansi(false).try_init()
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).try_init()
+    };
 }
 
 /// A panic anywhere in a server is a broken invariant: the process stops at
@@ -222,7 +244,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Commands::Server(args) => {
-                init_tracing("info,openraft=warn");
+                init_tracing_as(SERVER_LOG_FILTER, &args.log_format);
                 abort_on_panic();
                 let config = args.config()?;
                 let running = phalanx_server::start(config).await?;

@@ -333,7 +333,20 @@ async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next
         Ok(forwarded) => forwarded,
         Err(error) => return error.into_response(),
     };
-    if wants_stale(&request) || forwarded || node.is_leader() {
+    if wants_stale(&request) {
+        // Every answer of a stale read is labelled, a 404 included: a client
+        // must be able to tell a lagging node from a missing task.
+        let mut response = next.run(request).await;
+        response.headers_mut().insert(STALE_HEADER, HeaderValue::from_static("true"));
+        return response;
+    }
+    if forwarded {
+        return next.run(request).await;
+    }
+    // During an election the request waits here, briefly, for the new
+    // leader (perhaps this node) instead of sending the client away.
+    await_leader(&node).await;
+    if node.is_leader() {
         return next.run(request).await;
     }
     match forward(&node, request).await {
@@ -342,11 +355,70 @@ async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next
     }
 }
 
-/// Sends the request to the leader and relays its answer.
+/// How long a follower tries to connect to the leader. Past it (or on a
+/// refused connection) nothing was sent, and the client hears
+/// `leader_unreachable`, which promises that nothing was done.
+pub const FORWARD_CONNECT_TIMEOUT_MS: u64 = 250;
+
+/// Copies onto a forwarded request the client's headers that the leader
+/// needs. The one place that decides what a forward carries.
+fn forward_headers(incoming: &HeaderMap, mut outgoing: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    for name in ["authorization", "content-type", PRIORITY_HEADER] {
+        if let Some(value) = incoming.get(name) {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    outgoing
+}
+
+/// How long a request may wait on a node that knows no leader (an election
+/// is under way), at most; the client's deadline shortens it.
+const LEADER_WAIT_MS_MAX: u64 = 1_000;
+
+/// Waits until this node knows a leader, for at most `LEADER_WAIT_MS_MAX`
+/// and never past the request's deadline (less a margin to answer in).
+async fn await_leader(node: &Node) -> Option<(u64, String)> {
+    if let Some(leader) = node.leader() {
+        return Some(leader);
+    }
+    let mut budget = Duration::from_millis(LEADER_WAIT_MS_MAX);
+    if let Some(deadline) = crate::admission::current_deadline() {
+        let margin = Duration::from_millis(20);
+        budget = budget.min(deadline.saturating_duration_since(Instant::now()).saturating_sub(margin));
+    }
+    let mut metrics = node.raft.server_metrics();
+    // The guard `wait_for` returns is dropped at once: it must not live across an await.
+    let _ =
+        tokio::time::timeout(budget, async { metrics.wait_for(|m| m.current_leader.is_some()).await.is_ok() }).await;
+    node.leader()
+}
+
+/// Resolves when this node's view of the leadership moves away from
+/// `leader_id` at `term`: another leader, or an election under way (a
+/// follower that stops hearing the leader's keep-alives campaigns, or votes
+/// for another node that does).
+async fn leadership_moved(node: &Node, leader_id: u64, term: u64) {
+    let mut metrics = node.raft.server_metrics();
+    // The guard `wait_for` returns is dropped at once: it must not live across an await.
+    let stopped = metrics
+        .wait_for(|metrics| metrics.current_leader != Some(leader_id) || metrics.vote.leader_id().term != term)
+        .await
+        .is_err();
+    if stopped {
+        // Raft has shut down: the node is stopping and the forward ends with it.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Sends the request to the leader and relays its answer. The forward is
+/// bounded by a short connect timeout and by leadership: if the node learns
+/// of another leader (or an election) while the leader has not answered, the
+/// forward is abandoned and the client told at once, with the new leader.
 async fn forward(node: &Node, request: Request) -> ApiResult {
     let Some((leader_id, leader_addr)) = node.leader() else {
         return Err(ApiError::unavailable("no_leader", "no leader is known: an election may be under way", 200));
     };
+    let term = node.raft.server_metrics().borrow().vote.leader_id().term;
     node.stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, node.config.request_bytes_max)
@@ -354,35 +426,61 @@ async fn forward(node: &Node, request: Request) -> ApiResult {
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body too large"))?;
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let wait = if path.ends_with("/poll") { POLL_WAIT_MS_MAX } else { 0 };
-    let timeout = Duration::from_millis(node.config.write_timeout_ms + wait + 2_000);
+    let mut timeout = Duration::from_millis(node.config.write_timeout_ms + wait + 2_000);
     let mut outgoing = node
         .http
         .request(parts.method.clone(), format!("http://{leader_addr}{path}"))
         .header(FORWARDED_HEADER, node.id().to_string())
         .header(PEER_TOKEN_HEADER, node.config.peer_token.clone().unwrap_or_default())
-        .timeout(timeout)
         .body(body);
-    for name in ["authorization", "content-type", PRIORITY_HEADER] {
-        if let Some(value) = parts.headers.get(name) {
-            outgoing = outgoing.header(name, value);
-        }
-    }
+    outgoing = forward_headers(&parts.headers, outgoing);
     if let Some(deadline) = crate::admission::current_deadline() {
-        let remaining = deadline.saturating_duration_since(Instant::now()).as_millis().max(1);
-        outgoing = outgoing.header(DEADLINE_HEADER, remaining.to_string());
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        outgoing = outgoing.header(DEADLINE_HEADER, remaining.as_millis().to_string());
+        // The leader refuses what it cannot propose in time; past the
+        // client's own budget an answer would find nobody waiting anyway.
+        timeout = timeout.min(remaining + Duration::from_millis(500));
     }
-    let unreachable = |error: reqwest::Error| {
-        ApiError::unavailable(
-            "unavailable",
-            format!("leader {leader_id} at {leader_addr} did not answer: {error}"),
-            200,
-        )
-        .with_leader_hint(Some(leader_addr.clone()))
+    let outgoing = outgoing.timeout(timeout);
+    let exchange = async {
+        let answer = outgoing.send().await?;
+        let status = answer.status();
+        let headers = answer.headers().clone();
+        let bytes = answer.bytes().await?;
+        Ok::<_, reqwest::Error>((status, headers, bytes))
     };
-    let answer = outgoing.send().await.map_err(unreachable)?;
-    let status = answer.status();
-    let headers = answer.headers().clone();
-    let bytes = answer.bytes().await.map_err(unreachable)?;
+    let result = tokio::select! {
+        result = exchange => result,
+        () = leadership_moved(node, leader_id, term) => {
+            // Answered once the new leader is known (or the wait runs out),
+            // so the client goes straight to it.
+            let hint = await_leader(node).await.map(|(_, addr)| addr);
+            let message = format!(
+                "leader {leader_id} at {leader_addr} did not answer before the leadership moved; \
+                 the request was sent and may still commit"
+            );
+            let retry_after_ms = if hint.is_some() { 0 } else { 100 };
+            return Err(ApiError::unavailable("leader_changed", message, retry_after_ms).with_leader_hint(hint));
+        }
+    };
+    let (status, headers, bytes) = result.map_err(|error| {
+        if error.is_connect() {
+            // Refused, or no connection within FORWARD_CONNECT_TIMEOUT_MS: the
+            // request never left this node.
+            ApiError::unavailable(
+                "leader_unreachable",
+                format!("leader {leader_id} at {leader_addr} could not be reached; nothing was sent: {error}"),
+                50,
+            )
+        } else {
+            ApiError::unavailable(
+                "unavailable",
+                format!("leader {leader_id} at {leader_addr} did not answer; the request may still commit: {error}"),
+                200,
+            )
+            .with_leader_hint(Some(leader_addr.clone()))
+        }
+    })?;
     let mut response = (status, bytes).into_response();
     for name in ["content-type", "retry-after", STALE_HEADER] {
         if let Some(value) = headers.get(name) {

@@ -1,11 +1,28 @@
 //! The one place where errors become HTTP responses.
 //!
-//! Every refusal is `{"error": {"code", "message", "leader_hint"?, "retry_after_ms"?}}`
+//! Every refusal is `{"error": {"code", "message", "outcome", "leader_hint"?, "retry_after_ms"?}}`
 //! with the status given in docs/api.md; 429 and 503 carry `Retry-After`.
+//! `outcome` says whether the request may still take effect: `not_done` (it
+//! changed nothing, repeating it is safe) or `unknown` (it may commit yet).
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+
+/// Codes whose refusal leaves the outcome open: the request reached the
+/// leader (or was proposed) and may still commit. Every other code means
+/// that nothing was done. docs/api.md lists both.
+pub const OUTCOME_UNKNOWN_CODES: &[&str] =
+    &["timeout", "unavailable", "leader_changed", "membership_change_failed", "learner_lagging"];
+
+/// The `outcome` field of an error body.
+pub fn outcome(code: &str) -> &'static str {
+    if OUTCOME_UNKNOWN_CODES.contains(&code) {
+        "unknown"
+    } else {
+        "not_done"
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -93,7 +110,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({"code": self.code, "message": self.message});
+        let mut body = json!({"code": self.code, "message": self.message, "outcome": outcome(self.code)});
         if let Some(hint) = &self.leader_hint {
             body["leader_hint"] = json!(hint);
         }

@@ -252,7 +252,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
             config.write_timeout_ms,
         )
     };
-    let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(64).build()?;
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(64)
+        .connect_timeout(Duration::from_millis(crate::api::FORWARD_CONNECT_TIMEOUT_MS))
+        .build()?;
     let node = Arc::new(Node {
         pollers: Arc::new(Semaphore::new(config.pollers_max)),
         requests_in_flight: Arc::new(Semaphore::new(config.requests_in_flight_max)),
