@@ -2,9 +2,16 @@
 //! failover on error, backoff with full jitter, `Retry-After` honoured, and
 //! a retry budget so that a struggling cluster is not buried under retries.
 //!
+//! Writes move fast: each attempt has a short timeout (`write_timeout`,
+//! 500 ms), a node that does not answer in time is left for the next one,
+//! and a `leader_hint` is followed. Every submit carries an idempotency key
+//! (one is generated when the caller gave none), so a retry after an unknown
+//! outcome is always safe.
+//!
 //! A request whose outcome is unknown (timed out, or the node failed while
 //! forwarding it) is retried only when retrying is harmless (reads, fenced
 //! or keyed writes); otherwise the caller hears `Error::Unknown` and decides.
+//! Every error says whether anything may have been done (`Error::outcome`).
 //! What to do with a result or a lease is the agent's business (`agent.rs`).
 
 use rand::Rng;
@@ -16,12 +23,45 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Whether a failed request may have taken effect (docs/api.md, "Errors").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing was done: repeating the request is safe.
+    NotDone,
+    /// The request may have taken effect, or may still.
+    Unknown,
+}
+
+impl Outcome {
+    /// The `outcome` field of an error body; codes without one are judged by
+    /// the list of docs/api.md.
+    fn of_refusal(field: Option<&str>, code: &str) -> Outcome {
+        match field {
+            Some("not_done") => Outcome::NotDone,
+            Some(_) => Outcome::Unknown,
+            None if OUTCOME_UNKNOWN_CODES.contains(&code) => Outcome::Unknown,
+            None => Outcome::NotDone,
+        }
+    }
+}
+
+/// Codes whose refusal leaves the outcome open (docs/api.md).
+pub const OUTCOME_UNKNOWN_CODES: &[&str] =
+    &["timeout", "unavailable", "leader_changed", "membership_change_failed", "learner_lagging"];
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    /// The cluster refused the request; nothing changed (except for 503 `timeout`, see `Unknown`).
+    /// The cluster refused the request; `outcome` says whether it may still take effect.
     #[error("{status} {code}: {message}")]
-    Api { status: u16, code: String, message: String, leader_hint: Option<String>, retry_after_ms: Option<u64> },
-    /// No node could be reached: every attempt failed to connect.
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        leader_hint: Option<String>,
+        retry_after_ms: Option<u64>,
+        outcome: Outcome,
+    },
+    /// No node could be reached: every attempt failed to connect, so nothing was done.
     #[error("no node answered: {0}")]
     Unavailable(String),
     /// A node was reached but the exchange broke (reset, timeout) and retries ran out.
@@ -56,6 +96,14 @@ impl Error {
     /// True when no node could be reached, or none answered in time.
     pub fn is_unreachable(&self) -> bool {
         matches!(self, Error::Unavailable(_) | Error::Transport(_))
+    }
+    /// Whether the request may have taken effect: `NotDone` promises it did not.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Error::Api { outcome, .. } => *outcome,
+            Error::Unavailable(_) | Error::TimedOut(_) => Outcome::NotDone,
+            Error::Transport(_) | Error::Unknown(_) | Error::Decode(_) => Outcome::Unknown,
+        }
     }
 }
 
@@ -123,19 +171,33 @@ enum Next {
     RetryOtherNode,
 }
 
-/// 503 codes that promise the request changed nothing (docs/api.md); the
-/// others (`timeout`, `unavailable` while forwarding) leave the outcome open.
-fn unchanged_503(code: &str) -> bool {
-    matches!(code, "no_leader" | "not_leader" | "not_ready" | "deadline_exceeded")
-}
-
-fn after_refusal(status: u16, code: &str, retry: Retry) -> Next {
+/// A 503 that promises nothing was done (`no_leader`, `not_leader`,
+/// `leader_unreachable`, ...) is retried elsewhere whatever the request; one
+/// that leaves the outcome open (`timeout`, `leader_changed`, ...) only when
+/// repeating is harmless.
+fn after_refusal(status: u16, outcome: Outcome, retry: Retry) -> Next {
     match status {
         429 => Next::RetrySameNode,
-        503 if retry == Retry::Safe || unchanged_503(code) => Next::RetryOtherNode,
+        503 if retry == Retry::Safe || outcome == Outcome::NotDone => Next::RetryOtherNode,
         503 => Next::FailUnknown,
         _ => Next::Fail,
     }
+}
+
+/// The error a call ends with once it stops retrying: unknown when an
+/// earlier attempt may have taken effect, even if the last did nothing.
+fn give_up(error: Error, maybe_done: bool) -> Error {
+    match error.outcome() {
+        Outcome::NotDone if maybe_done => {
+            Error::Unknown(format!("an earlier attempt may have taken effect; the last: {error}"))
+        }
+        _ => error,
+    }
+}
+
+/// A fresh idempotency key for a submit that carries none: 128 random bits.
+pub fn generated_idempotency_key() -> String {
+    format!("auto-{:032x}", rand::random::<u128>())
 }
 
 fn after_transport(connect_failed: bool, retry: Retry) -> Next {
@@ -290,7 +352,8 @@ impl SubmitRequest {
         self.priority = Some(priority);
         self
     }
-    /// A keyed submit is deduplicated by the cluster, so the client may retry it freely.
+    /// A keyed submit is deduplicated by the cluster, so the client may retry
+    /// it freely. Without one, `Client::submit` generates a key per call.
     pub fn with_idempotency_key(mut self, key: impl Into<String>) -> SubmitRequest {
         self.idempotency_key = Some(key.into());
         self
@@ -340,6 +403,10 @@ enum BatchItem {
 pub struct Registered {
     pub agent_id: String,
     pub epoch: u64,
+    /// The session's secret; this client presents it on the session's
+    /// heartbeats, polls and deregistration by itself.
+    #[serde(default)]
+    pub session: Option<String>,
     pub heartbeat_interval_ms: u64,
     pub agent_ttl_ms: u64,
 }
@@ -393,7 +460,17 @@ pub struct ClusterInfo {
 /// (`payload_bytes_max`, a page ≤ 1000 tasks); this bounds what a client believes.
 pub const RESPONSE_BYTES_MAX: usize = 256 * 1024 * 1024;
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
+/// Per attempt of a write (long-polls aside): a commit takes milliseconds,
+/// so a node silent for this long is paused, cut off or overloaded, and the
+/// next node is tried (the deadline header lets the node refuse, changing
+/// nothing, what it cannot propose within it).
+pub const WRITE_TIMEOUT_DEFAULT: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// The jitter's ceiling when moving to another node (failover rather than
+/// overload): an election takes a few hundred milliseconds, and the node's
+/// `Retry-After` already spaces the retries; a wider jitter only stretches
+/// the outage clients see.
+const FAILOVER_BACKOFF_CAP: Duration = Duration::from_millis(250);
 /// A server's `Retry-After` is honoured up to this long per retry.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(10);
 /// The retry budget's floor: retries a fresh or quiet client may make at once.
@@ -422,9 +499,14 @@ pub struct Client {
     http: reqwest::Client,
     /// Attempts after the first, at most, for one call.
     pub retries_max: u32,
-    /// Per attempt; a long-poll adds its `wait_ms`.
+    /// Per attempt of reads and administrative calls; a long-poll adds its `wait_ms`.
     pub request_timeout: Duration,
+    /// Per attempt of task and agent writes (`WRITE_TIMEOUT_DEFAULT`).
+    pub write_timeout: Duration,
     budget: Mutex<RetryBudget>,
+    /// The secret of each agent session registered through this client:
+    /// agent id -> (epoch, secret).
+    sessions: Mutex<BTreeMap<String, (u64, String)>>,
 }
 
 impl Client {
@@ -450,7 +532,9 @@ impl Client {
             http,
             retries_max: 8,
             request_timeout: Duration::from_secs(15),
+            write_timeout: WRITE_TIMEOUT_DEFAULT,
             budget: Mutex::new(RetryBudget::new(RETRY_TOKENS_MAX)),
+            sessions: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -473,6 +557,17 @@ impl Client {
 
     pub fn with_request_timeout(mut self, timeout: Duration) -> Client {
         self.request_timeout = timeout;
+        self
+    }
+
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Client {
+        self.write_timeout = timeout;
+        self
+    }
+
+    /// Starts on the `index`-th node of the list (modulo its length) instead of a random one.
+    pub fn starting_at(self, index: usize) -> Client {
+        self.current.store(index % self.nodes.len(), Ordering::Relaxed);
         self
     }
 
@@ -559,14 +654,17 @@ impl Client {
     ) -> Result<T, Error> {
         self.budget.lock().expect("budget lock").on_request();
         let mut attempt = 0;
+        // Whether an earlier attempt may have taken effect: then giving up
+        // after a later "nothing done" still leaves the outcome unknown.
+        let mut maybe_done = false;
         loop {
             let node = self.node();
             let (error, next) = match self.exchange(&node, method.clone(), path, body, timeout).await {
                 Ok(answer) if (200..300).contains(&answer.status) => return decode(&answer.body),
                 Ok(answer) => {
                     let error = refusal(&answer);
-                    let Error::Api { code, leader_hint, .. } = &error else { unreachable!("refusal is Api") };
-                    let next = after_refusal(answer.status, code, retry);
+                    let Error::Api { leader_hint, outcome, .. } = &error else { unreachable!("refusal is Api") };
+                    let next = after_refusal(answer.status, *outcome, retry);
                     if next == Next::RetryOtherNode {
                         self.move_on(leader_hint.as_deref());
                     }
@@ -583,13 +681,15 @@ impl Client {
                 }
             };
             match next {
+                // A definite answer describes the state as it is, earlier attempts included.
                 Next::Fail => return Err(error),
                 Next::FailUnknown => return Err(Error::Unknown(error.to_string())),
                 Next::RetrySameNode | Next::RetryOtherNode => {}
             }
+            maybe_done |= error.outcome() == Outcome::Unknown;
             attempt += 1;
             if attempt > self.retries_max || !self.budget.lock().expect("budget lock").try_retry() {
-                return Err(error);
+                return Err(give_up(error, maybe_done));
             }
             // At least what the server asked for, plus jitter so that the
             // clients it refused together do not all come back together.
@@ -597,36 +697,44 @@ impl Client {
                 Error::Api { retry_after_ms: Some(ms), .. } => Duration::from_millis(*ms).min(RETRY_AFTER_MAX),
                 _ => Duration::ZERO,
             };
-            tokio::time::sleep(asked + backoff(attempt - 1, BACKOFF_BASE, BACKOFF_CAP)).await;
+            let cap = if next == Next::RetryOtherNode { FAILOVER_BACKOFF_CAP } else { BACKOFF_CAP };
+            tokio::time::sleep(asked + backoff(attempt - 1, BACKOFF_BASE, cap)).await;
         }
     }
 
+    /// A task or agent write, repeated harmlessly (fenced, keyed or a session call).
     async fn post<T: DeserializeOwned>(&self, path: &str, body: Value) -> Result<T, Error> {
-        self.call(reqwest::Method::POST, path, Some(&body), Retry::Safe, self.request_timeout).await
+        self.call(reqwest::Method::POST, path, Some(&body), Retry::Safe, self.write_timeout).await
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
         self.call(reqwest::Method::GET, path, None, Retry::Safe, self.request_timeout).await
     }
 
-    /// Without an idempotency key a submit is retried only when it surely
-    /// never took effect; a timeout surfaces as `Error::Unknown`.
+    /// A submit without an idempotency key gets a generated one, the same for
+    /// every attempt, so it is retried freely (after a timeout too) and
+    /// creates at most one task.
     pub async fn submit(&self, request: &SubmitRequest) -> Result<Submitted, Error> {
-        let body = serde_json::to_value(request).expect("a SubmitRequest serialises");
-        let retry = if request.idempotency_key.is_some() { Retry::Safe } else { Retry::IfNotSent };
-        self.call(reqwest::Method::POST, "/v1/tasks", Some(&body), retry, self.request_timeout).await
+        let mut request = request.clone();
+        request.idempotency_key.get_or_insert_with(generated_idempotency_key);
+        let body = serde_json::to_value(&request).expect("a SubmitRequest serialises");
+        self.call(reqwest::Method::POST, "/v1/tasks", Some(&body), Retry::Safe, self.write_timeout).await
     }
 
-    /// Submits many tasks, each on its own; retried freely only when every task is keyed.
+    /// Submits many tasks, each on its own; a task without a key gets a
+    /// generated one, so the batch is retried freely.
     pub async fn submit_batch(&self, requests: &[SubmitRequest]) -> Result<Vec<Result<Submitted, Refusal>>, Error> {
         #[derive(Deserialize)]
         struct Answer {
             results: Vec<BatchItem>,
         }
+        let mut requests = requests.to_vec();
+        for request in &mut requests {
+            request.idempotency_key.get_or_insert_with(generated_idempotency_key);
+        }
         let body = json!({ "tasks": requests });
-        let retry = if requests.iter().all(|r| r.idempotency_key.is_some()) { Retry::Safe } else { Retry::IfNotSent };
         let answer: Answer =
-            self.call(reqwest::Method::POST, "/v1/tasks/batch", Some(&body), retry, self.request_timeout).await?;
+            self.call(reqwest::Method::POST, "/v1/tasks/batch", Some(&body), Retry::Safe, self.write_timeout).await?;
         Ok(answer
             .results
             .into_iter()
@@ -672,19 +780,35 @@ impl Client {
     /// Starts a new session (a new epoch); the old session's leases are released.
     pub async fn register(&self, agent_id: &str, capabilities: &[String], capacity: u32) -> Result<Registered, Error> {
         let body = json!({"agent_id": agent_id, "capabilities": capabilities, "capacity": capacity});
-        self.post("/v1/agents/register", body).await
+        let registered: Registered = self.post("/v1/agents/register", body).await?;
+        if let Some(session) = &registered.session {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            // One entry per agent id, so a long-lived client stays bounded by its agents.
+            sessions.insert(agent_id.to_string(), (registered.epoch, session.clone()));
+        }
+        Ok(registered)
+    }
+
+    /// The body of a session's request: its epoch and, when this client
+    /// registered that session, its secret.
+    fn session_body(&self, agent_id: &str, epoch: u64) -> Value {
+        let sessions = self.sessions.lock().expect("sessions lock");
+        match sessions.get(agent_id).filter(|(known, _)| *known == epoch) {
+            Some((_, session)) => json!({"epoch": epoch, "session": session}),
+            None => json!({"epoch": epoch}),
+        }
     }
 
     /// 404 or 409 means: register again.
     pub async fn heartbeat(&self, agent_id: &str, epoch: u64) -> Result<(), Error> {
-        let _: Value =
-            self.post(&format!("/v1/agents/{}/heartbeat", encode(agent_id)), json!({"epoch": epoch})).await?;
+        let body = self.session_body(agent_id, epoch);
+        let _: Value = self.post(&format!("/v1/agents/{}/heartbeat", encode(agent_id)), body).await?;
         Ok(())
     }
 
     pub async fn deregister(&self, agent_id: &str, epoch: u64) -> Result<(), Error> {
-        let _: Value =
-            self.post(&format!("/v1/agents/{}/deregister", encode(agent_id)), json!({"epoch": epoch})).await?;
+        let body = self.session_body(agent_id, epoch);
+        let _: Value = self.post(&format!("/v1/agents/{}/deregister", encode(agent_id)), body).await?;
         Ok(())
     }
 
@@ -704,8 +828,11 @@ impl Client {
         struct Answer {
             leases: Vec<LeaseGrant>,
         }
-        let body = json!({"epoch": epoch, "max_tasks": max_tasks, "wait_ms": wait_ms, "lease_ttl_ms": lease_ttl_ms});
-        let timeout = self.request_timeout + Duration::from_millis(wait_ms);
+        let mut body = self.session_body(agent_id, epoch);
+        body["max_tasks"] = json!(max_tasks);
+        body["wait_ms"] = json!(wait_ms);
+        body["lease_ttl_ms"] = json!(lease_ttl_ms);
+        let timeout = self.write_timeout + Duration::from_millis(wait_ms);
         let path = format!("/v1/agents/{}/poll", encode(agent_id));
         let answer: Answer = self.call(reqwest::Method::POST, &path, Some(&body), Retry::Safe, timeout).await?;
         Ok(answer.leases)
@@ -775,8 +902,16 @@ impl Client {
         // A blind put repeats harmlessly; a CAS repeated after it committed
         // answers `version_conflict`, which the caller resolves by reading.
         let answer: Answer =
-            self.call(reqwest::Method::PUT, &path, Some(&body), Retry::Safe, self.request_timeout).await?;
+            self.call(reqwest::Method::PUT, &path, Some(&body), Retry::Safe, self.write_timeout).await?;
         Ok(answer.version)
+    }
+
+    /// Deletes a conversation and its whole context. 404 `not_found` when
+    /// there is none (also when a retried delete had already committed).
+    pub async fn context_delete(&self, conversation_id: &str) -> Result<(), Error> {
+        let path = format!("/v1/conversations/{}", encode(conversation_id));
+        let _: Value = self.call(reqwest::Method::DELETE, &path, None, Retry::IfNotSent, self.request_timeout).await?;
+        Ok(())
     }
 
     pub async fn cluster(&self) -> Result<ClusterInfo, Error> {
@@ -807,8 +942,10 @@ impl Client {
         self.get("/v1/status").await
     }
 
+    /// Waits up to 8 s for the node to catch up, so it has the long timeout.
     pub async fn add_member(&self, node_id: u64, addr: &str, raft_addr: Option<&str>) -> Result<Value, Error> {
-        self.post("/v1/cluster/members", json!({"node_id": node_id, "addr": addr, "raft_addr": raft_addr})).await
+        let body = json!({"node_id": node_id, "addr": addr, "raft_addr": raft_addr});
+        self.call(reqwest::Method::POST, "/v1/cluster/members", Some(&body), Retry::Safe, self.request_timeout).await
     }
 
     pub async fn remove_member(&self, node_id: u64) -> Result<Value, Error> {
@@ -832,8 +969,12 @@ impl Client {
     }
 
     /// Makes an earlier version current again; `force` as for `config_set`.
+    /// Not repeated after an unknown outcome: a rollback to "the previous
+    /// version" done twice would go back two versions.
     pub async fn config_rollback(&self, version: Option<u64>, force: bool) -> Result<Value, Error> {
-        self.post("/v1/config/rollback", json!({ "version": version, "force": force })).await
+        let body = json!({ "version": version, "force": force });
+        self.call(reqwest::Method::POST, "/v1/config/rollback", Some(&body), Retry::IfNotSent, self.request_timeout)
+            .await
     }
 
     /// Waits until every task is terminal, reading each with backoff;
@@ -878,9 +1019,11 @@ fn refusal(answer: &Answer) -> Error {
     let value: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
     let error = &value["error"];
     let text = || String::from_utf8_lossy(&answer.body[..answer.body.len().min(512)]).into_owned();
+    let code = error["code"].as_str().unwrap_or("unknown").to_string();
     Error::Api {
         status: answer.status,
-        code: error["code"].as_str().unwrap_or("unknown").to_string(),
+        outcome: Outcome::of_refusal(error["outcome"].as_str(), &code),
+        code,
         message: error["message"].as_str().map(str::to_string).unwrap_or_else(text),
         leader_hint: error["leader_hint"].as_str().map(str::to_string),
         retry_after_ms: error["retry_after_ms"].as_u64().or(answer.retry_after_ms),
@@ -946,13 +1089,20 @@ mod tests {
     #[test]
     fn what_to_do_after_a_failure() {
         fn check(status: u16, code: &str, retry: Retry, expected: Next) {
-            assert_eq!(after_refusal(status, code, retry), expected, "{status} {code} {retry:?}");
+            let outcome = Outcome::of_refusal(None, code);
+            assert_eq!(after_refusal(status, outcome, retry), expected, "{status} {code} {retry:?}");
         }
         check(429, "queue_full", Retry::IfNotSent, Next::RetrySameNode);
         check(503, "not_leader", Retry::IfNotSent, Next::RetryOtherNode);
         check(503, "deadline_exceeded", Retry::IfNotSent, Next::RetryOtherNode);
         check(503, "timeout", Retry::IfNotSent, Next::FailUnknown);
         check(503, "unavailable", Retry::IfNotSent, Next::FailUnknown);
+        check(503, "leader_changed", Retry::IfNotSent, Next::FailUnknown);
+        check(503, "leader_unreachable", Retry::IfNotSent, Next::RetryOtherNode);
+        check(503, "leader_changed", Retry::Safe, Next::RetryOtherNode);
+        // The body's own `outcome` field decides over the list of known codes.
+        assert_eq!(Outcome::of_refusal(Some("unknown"), "not_leader"), Outcome::Unknown);
+        assert_eq!(Outcome::of_refusal(Some("not_done"), "timeout"), Outcome::NotDone);
         check(503, "timeout", Retry::Safe, Next::RetryOtherNode);
         check(409, "superseded", Retry::Safe, Next::Fail);
         check(400, "invalid", Retry::Safe, Next::Fail);
@@ -991,6 +1141,9 @@ mod tests {
         );
     }
 
+    /// The idempotency keys the fake nodes received, by node address.
+    static KEYS: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
     /// One scripted answer of the fake node: status, `Retry-After`, body, delay.
     type Script = (u16, Option<u64>, Value, u64);
 
@@ -1001,6 +1154,7 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let received = Arc::new(AtomicUsize::new(0));
         let count = received.clone();
+        let addr_seen = addr.clone();
         tokio::spawn(async move {
             let mut script = script.into_iter();
             while let Ok((mut stream, _)) = listener.accept().await {
@@ -1025,6 +1179,15 @@ mod tests {
                     }
                 }
                 count.fetch_add(1, Ordering::SeqCst);
+                let text = String::from_utf8_lossy(&request).into_owned();
+                if let Some(body) = text.split("\r\n\r\n").nth(1) {
+                    if let Some(key) = serde_json::from_str::<Value>(body)
+                        .ok()
+                        .and_then(|b| b["idempotency_key"].as_str().map(String::from))
+                    {
+                        KEYS.lock().unwrap().push((addr_seen.clone(), key));
+                    }
+                }
                 let Some((status, retry_after, body, delay_ms)) = script.next() else { return };
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                 let body = body.to_string();
@@ -1063,18 +1226,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unkeyed_submit_that_timed_out_is_not_repeated() {
+    async fn an_unknown_outcome_is_repeated_only_when_harmless() {
         let timeout = refused("timeout", None);
-        let created = json!({"task_id": 2, "deduplicated": false});
+        let (node, seen) = fake_node(vec![(503, None, timeout, 0)]).await;
+        let client = Client::new(vec![node], None).unwrap();
+        let error = client.config_rollback(None, false).await.unwrap_err();
+        assert!(matches!(error, Error::Unknown(_)) && error.outcome() == Outcome::Unknown, "{error:?}");
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "a rollback is not repeated");
+    }
+
+    #[tokio::test]
+    async fn an_unkeyed_submit_gets_one_key_for_all_its_attempts() {
+        let timeout = refused("timeout", None);
+        let created = json!({"task_id": 2, "deduplicated": true});
         let (node, seen) =
             fake_node(vec![(503, None, timeout.clone(), 0), (503, None, timeout, 0), (201, None, created, 0)]).await;
         let client = Client::new(vec![node], None).unwrap();
-        let error = client.submit(&SubmitRequest::new("q", json!(null))).await.unwrap_err();
-        assert!(matches!(error, Error::Unknown(_)), "{error:?}");
-        assert_eq!(seen.load(Ordering::SeqCst), 1);
-        // With a key the cluster deduplicates, so the client retries.
-        let keyed = SubmitRequest::new("q", json!(null)).with_idempotency_key("k");
-        assert_eq!(client.submit(&keyed).await.unwrap().task_id, 2);
+        assert_eq!(client.submit(&SubmitRequest::new("q", json!(null))).await.unwrap().task_id, 2);
+        assert_eq!(seen.load(Ordering::SeqCst), 3, "retried after each unknown outcome");
+        let keys = KEYS.lock().unwrap().clone();
+        let keys: Vec<&String> = keys.iter().filter(|(addr, _)| *addr == client.nodes()[0]).map(|(_, k)| k).collect();
+        assert_eq!(keys.len(), 3);
+        assert!(keys[0].starts_with("auto-") && keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+    }
+
+    #[tokio::test]
+    async fn a_node_that_does_not_answer_a_write_is_left_for_the_next_within_a_second() {
+        let created = json!({"task_id": 4, "deduplicated": false});
+        // The first node accepts the connection and never answers (a paused process).
+        let (silent, _) = fake_node(vec![(201, None, created.clone(), 60_000)]).await;
+        let (healthy, _) = fake_node(vec![(201, None, created, 0)]).await;
+        let client = Client::new(vec![silent, healthy], None).unwrap().starting_at(0);
+        let started = Instant::now();
+        assert_eq!(client.submit(&SubmitRequest::new("q", json!(null))).await.unwrap().task_id, 4);
+        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn giving_up_after_an_unknown_attempt_says_unknown() {
+        let timeout = refused("timeout", None);
+        let (node, _) = fake_node(vec![(503, None, timeout, 0)]).await;
+        let client = Client::new(vec![node, refused_addr().await], None).unwrap().starting_at(0).with_retries_max(2);
+        let error = client.cancel(1).await.unwrap_err();
+        assert_eq!(error.outcome(), Outcome::Unknown, "{error:?}");
+        let client = Client::new(vec![refused_addr().await], None).unwrap().with_retries_max(1);
+        assert_eq!(client.cancel(1).await.unwrap_err().outcome(), Outcome::NotDone);
     }
 
     #[tokio::test]

@@ -11,6 +11,6 @@ pub mod outbox;
 
 pub use agent::{handler, Agent, AgentConfig, AgentStats, AutonomousHandler, Handler, HandlerError, Mode, TaskContext};
 pub use client::{
-    parse_nodes, Client, ClusterInfo, ClusterNode, ContextEntry, Conversation, Error, LeaseGrant, Refusal, Registered,
-    SubmitRequest, Submitted, Task, TaskLease, TaskPage, TaskState,
+    parse_nodes, Client, ClusterInfo, ClusterNode, ContextEntry, Conversation, Error, LeaseGrant, Outcome, Refusal,
+    Registered, SubmitRequest, Submitted, Task, TaskLease, TaskPage, TaskState,
 };

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 #[derive(Args, Clone)]
 pub struct BenchArgs {
     /// `throughput` (default), `overload` (open-loop load at multiples of
-    /// capacity) or `backlog` (an outage under load, then the drain).
+    /// capacity), `backlog` (an outage under load, then the drain) or
+    /// `failover` (faults to the leader, as SDK clients see them).
     #[arg(default_value = "throughput")]
     pub scenario: String,
     /// Where `overload` writes its CSV and SVG.
@@ -51,6 +52,13 @@ pub struct BenchArgs {
     /// Leader SIGKILLs to measure the write outage (cluster mode only).
     #[arg(long, default_value_t = 0)]
     pub kills: u32,
+    /// `failover`: the faults done to the leader, comma-separated: `kill`
+    /// (SIGKILL), `pause` (SIGSTOP), `isolate`, `one-way`.
+    #[arg(long, default_value = "kill,pause")]
+    pub fault: String,
+    /// `failover`: rounds per fault.
+    #[arg(long, default_value_t = 5)]
+    pub repeat: u32,
     /// Extra arguments for every `phalanx server` (e.g. Raft timings), space-separated.
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub server_args: String,
@@ -76,7 +84,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "overload" => crate::overload::overload(args).await,
         "backlog" => crate::overload::backlog(args).await,
         "soak" => soak(args).await,
-        other => anyhow::bail!("unknown scenario {other:?}: use throughput, overload or backlog"),
+        "failover" => crate::failover::failover(args).await,
+        other => anyhow::bail!("unknown scenario {other:?}: use throughput, overload, backlog, soak or failover"),
     }
 }
 
@@ -341,16 +350,16 @@ async fn client_loop(http: reqwest::Client, addr: String, args: BenchArgs, share
 async fn agent_loop(http: reqwest::Client, addr: String, agent_id: String, args: BenchArgs, shared: Arc<Shared>) {
     let base = format!("http://{addr}");
     let register = json!({"agent_id": agent_id, "capabilities": ["bench"], "capacity": args.lease_batch});
-    let epoch = loop {
+    let (epoch, session) = loop {
         match http.post(format!("{base}/v1/agents/register")).json(&register).send().await {
             Ok(r) if r.status().is_success() => {
                 let body: Value = r.json().await.unwrap_or_default();
-                break body["epoch"].as_u64().unwrap_or(0);
+                break (body["epoch"].as_u64().unwrap_or(0), body["session"].clone());
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    let poll = json!({"epoch": epoch, "max_tasks": args.lease_batch, "wait_ms": 500});
+    let poll = json!({"epoch": epoch, "session": session, "max_tasks": args.lease_batch, "wait_ms": 500});
     while !shared.stop.load(Ordering::Relaxed) {
         let answer = http.post(format!("{base}/v1/agents/{agent_id}/poll")).json(&poll).send().await;
         let Ok(response) = answer else {

@@ -4,12 +4,13 @@
 use crate::Connect;
 use anyhow::Context;
 use clap::Subcommand;
-use phalanx_agent::client::{Client, SubmitRequest};
+use phalanx_agent::client::{Client, Outcome, SubmitRequest};
 use serde_json::Value;
 
 #[derive(Subcommand)]
 pub enum TaskCommand {
-    /// Submit one task; prints its id.
+    /// Submit one task; prints its id. Without `--idempotency-key` a key is
+    /// generated, so the retries after an unknown outcome create one task.
     Submit {
         #[arg(long)]
         queue: String,
@@ -76,10 +77,18 @@ pub async fn run_task(connect: &Connect, command: TaskCommand) -> anyhow::Result
             let payload: Value = serde_json::from_str(&payload).unwrap_or(Value::String(payload));
             let mut request = SubmitRequest::new(queue, payload);
             request.priority = priority.or(request.priority);
-            request.idempotency_key = idempotency_key;
+            // A key of our own, so that a retry after an unknown outcome
+            // (ours, or the user's with the key we print) creates one task.
+            let key = idempotency_key.unwrap_or_else(phalanx_agent::client::generated_idempotency_key);
+            request.idempotency_key = Some(key.clone());
             request.deadline_ms = deadline_ms;
             request.max_attempts = max_attempts.or(request.max_attempts);
-            let submitted = client.submit(&request).await?;
+            let submitted = client.submit(&request).await.map_err(|error| match error.outcome() {
+                Outcome::Unknown => anyhow::anyhow!(
+                    "{error}; the task may exist: repeat with --idempotency-key {key} to submit it at most once"
+                ),
+                Outcome::NotDone => anyhow::anyhow!("{error}; nothing was done"),
+            })?;
             print(&serde_json::to_value(submitted)?);
         }
         TaskCommand::Get { id } => print(&serde_json::to_value(client.get_task(id, false).await?)?),

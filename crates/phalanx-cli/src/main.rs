@@ -12,6 +12,7 @@ mod bench;
 mod client_commands;
 mod demo;
 mod exec_agent;
+mod failover;
 mod launcher;
 mod overload;
 mod rawhttp;
@@ -150,6 +151,30 @@ pub struct ServerArgs {
     /// ...or than this share of the file system, in percent.
     #[arg(long, default_value_t = 1)]
     pub disk_free_min_percent: u64,
+    /// Client connections from one IP address at once.
+    #[arg(long, default_value_t = 8_192)]
+    pub connections_per_address_max: usize,
+    /// Time to send a whole request head; the connection is closed past it.
+    #[arg(long, default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// Time to send a request body once its head is read; past it, 408.
+    #[arg(long, default_value_t = 30_000)]
+    pub body_read_timeout_ms: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    #[arg(long, default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+    /// Bytes of a request head; past it, 431.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub header_bytes_max: usize,
+    /// Bytes of a request target (path and query); past it, 414.
+    #[arg(long, default_value_t = 8 * 1024)]
+    pub uri_bytes_max: usize,
+    /// Bytes of one list answer; a longer list is cut and says where to continue.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub list_bytes_max: usize,
+    /// `text` (one line per event; colours only on a terminal) or `json` (one object per line).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 impl ServerArgs {
@@ -172,6 +197,13 @@ impl ServerArgs {
         config.clock_skew_max_ms = self.clock_skew_max_ms;
         config.disk_free_min_bytes = self.disk_free_min_bytes;
         config.disk_free_min_percent = self.disk_free_min_percent;
+        config.connections_per_address_max = self.connections_per_address_max;
+        config.header_read_timeout_ms = self.header_read_timeout_ms;
+        config.body_read_timeout_ms = self.body_read_timeout_ms;
+        config.idle_timeout_ms = self.idle_timeout_ms;
+        config.header_bytes_max = self.header_bytes_max;
+        config.uri_bytes_max = self.uri_bytes_max;
+        config.list_bytes_max = self.list_bytes_max;
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             config.apply_file(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;
@@ -185,10 +217,28 @@ impl ServerArgs {
     }
 }
 
+/// The default filter of `phalanx server`. openraft logs every failed RPC
+/// (thousands of lines a minute while a peer is down); the transport logs a
+/// peer's loss and return once each instead (`network.rs`), and a stopped
+/// Raft shows in `/health/ready`. `PHALANX_LOG` overrides it.
+const SERVER_LOG_FILTER: &str = "info,openraft=off";
+
 fn init_tracing(default: &str) {
+    init_tracing_as(default, "text");
+}
+
+/// Logs to stderr, as text (with ANSI colours only when stderr is a
+/// terminal) or as JSON lines.
+fn init_tracing_as(default: &str, format: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("PHALANX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().with_ansi(false).try_init()
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).try_init()
+    };
 }
 
 /// A panic anywhere in a server is a broken invariant: the process stops at
@@ -209,7 +259,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Commands::Server(args) => {
-                init_tracing("info,openraft=warn");
+                init_tracing_as(SERVER_LOG_FILTER, &args.log_format);
                 abort_on_panic();
                 let config = args.config()?;
                 let running = phalanx_server::start(config).await?;

@@ -14,20 +14,19 @@ async fn snapshot(cluster: &Cluster) -> Value {
     tasks
 }
 
-async fn register(cluster: &Cluster, agent: &str, queues: &[&str]) -> u64 {
+/// The new session's epoch and secret.
+async fn register(cluster: &Cluster, agent: &str, queues: &[&str]) -> (u64, Value) {
     let (status, body) = cluster
         .post(1, "/v1/agents/register", &json!({"agent_id": agent, "capabilities": queues, "capacity": 4}))
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    body["epoch"].as_u64().unwrap()
+    (body["epoch"].as_u64().unwrap(), body["session"].clone())
 }
 
-async fn poll(cluster: &Cluster, agent: &str, epoch: u64) -> Vec<Value> {
-    let (status, body) = cluster
-        .post(1, &format!("/v1/agents/{agent}/poll"), &json!({"epoch": epoch, "max_tasks": 4, "wait_ms": 1000}))
-        .await
-        .unwrap();
+async fn poll(cluster: &Cluster, agent: &str, (epoch, session): &(u64, Value)) -> Vec<Value> {
+    let body = json!({"epoch": epoch, "session": session, "max_tasks": 4, "wait_ms": 1000});
+    let (status, body) = cluster.post(1, &format!("/v1/agents/{agent}/poll"), &body).await.unwrap();
     assert_eq!(status, 200, "{body}");
     body["leases"].as_array().unwrap().clone()
 }
@@ -40,8 +39,8 @@ async fn task_life_cycle_and_fencing() {
     assert_eq!(status, 201, "{body}");
     let id = body["task_id"].as_u64().unwrap();
 
-    let epoch = register(&cluster, "agent-a", &["summarise"]).await;
-    let leases = poll(&cluster, "agent-a", epoch).await;
+    let session = register(&cluster, "agent-a", &["summarise"]).await;
+    let leases = poll(&cluster, "agent-a", &session).await;
     assert_eq!(leases.len(), 1);
     let fence = leases[0]["fence"].as_u64().unwrap();
     assert_eq!(leases[0]["task"]["payload"], json!({"text": "hello"}));
@@ -111,7 +110,7 @@ async fn batch_submit_idempotency_and_cancel() {
 async fn bad_input_is_refused_with_json_errors_and_changes_nothing() {
     let cluster = Cluster::start(1, &[]).await;
     cluster.post(1, "/v1/tasks", &json!({"queue": "q", "payload": 0})).await.unwrap();
-    let epoch = register(&cluster, "agent-a", &["q"]).await;
+    let (epoch, session) = register(&cluster, "agent-a", &["q"]).await;
     let before = snapshot(&cluster).await;
 
     let cases: Vec<((u16, Value), u16, &str)> = vec![
@@ -175,7 +174,10 @@ async fn bad_input_is_refused_with_json_errors_and_changes_nothing() {
             "invalid",
         ),
         (
-            cluster.post(1, "/v1/agents/agent-a/poll", &json!({"epoch": epoch, "queues": ["other"]})).await.unwrap(),
+            cluster
+                .post(1, "/v1/agents/agent-a/poll", &json!({"epoch": epoch, "session": session, "queues": ["other"]}))
+                .await
+                .unwrap(),
             400,
             "not_capable",
         ),

@@ -123,9 +123,12 @@ async fn a_late_result_is_superseded_and_a_restarted_agent_still_delivers_its_ou
         .await
         .unwrap();
     let epoch = registered["epoch"].as_u64().unwrap();
+    let session = registered["session"].clone();
     let rescue_fence = loop {
-        let (_, polled) =
-            cluster.post(1, "/v1/agents/rescuer/poll", &json!({"epoch": epoch, "wait_ms": 500})).await.unwrap();
+        let (_, polled) = cluster
+            .post(1, "/v1/agents/rescuer/poll", &json!({"epoch": epoch, "session": session, "wait_ms": 500}))
+            .await
+            .unwrap();
         if let Some(lease) = polled["leases"].as_array().and_then(|l| l.first()) {
             break lease["fence"].as_u64().unwrap();
         }

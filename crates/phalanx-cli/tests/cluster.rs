@@ -74,6 +74,7 @@ async fn writer(ctx: Arc<Ctx>, writer_id: usize) {
 async fn agent(ctx: Arc<Ctx>, agent_id: String) {
     let mut node = 0usize;
     let mut epoch = None;
+    let mut session = Value::Null;
     loop {
         if ctx.stop.load(Ordering::Relaxed) && agent_done(&ctx).await {
             return;
@@ -81,7 +82,10 @@ async fn agent(ctx: Arc<Ctx>, agent_id: String) {
         let Some(current) = epoch else {
             let body = json!({"agent_id": agent_id, "capabilities": ["work"], "capacity": 8});
             match post(&ctx, node, "/v1/agents/register", &body).await {
-                Ok((200, answer)) => epoch = answer["epoch"].as_u64(),
+                Ok((200, answer)) => {
+                    epoch = answer["epoch"].as_u64();
+                    session = answer["session"].clone();
+                }
                 _ => {
                     node += 1;
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -89,7 +93,7 @@ async fn agent(ctx: Arc<Ctx>, agent_id: String) {
             }
             continue;
         };
-        let poll = json!({"epoch": current, "max_tasks": 8, "wait_ms": 500, "lease_ttl_ms": 3000});
+        let poll = json!({"epoch": current, "session": session, "max_tasks": 8, "wait_ms": 500, "lease_ttl_ms": 3000});
         let leases = match post(&ctx, node, &format!("/v1/agents/{agent_id}/poll"), &poll).await {
             Ok((200, answer)) => answer["leases"].as_array().cloned().unwrap_or_default(),
             Ok((404 | 409, _)) => {

@@ -25,8 +25,9 @@ async fn acknowledged_tasks_survive_sigkill_and_restart() {
         .await
         .unwrap();
     let epoch = registered["epoch"].as_u64().unwrap();
+    let session = registered["session"].clone();
     let (_, polled) = cluster
-        .post(1, "/v1/agents/w1/poll", &json!({"epoch": epoch, "max_tasks": 10, "wait_ms": 1000}))
+        .post(1, "/v1/agents/w1/poll", &json!({"epoch": epoch, "session": session, "max_tasks": 10, "wait_ms": 1000}))
         .await
         .unwrap();
     let leases = polled["leases"].as_array().unwrap().clone();

@@ -11,6 +11,7 @@ struct Agent<'a> {
     cluster: &'a Cluster,
     id: String,
     epoch: u64,
+    session: Value,
 }
 
 impl<'a> Agent<'a> {
@@ -18,12 +19,17 @@ impl<'a> Agent<'a> {
         let body = json!({"agent_id": id, "capabilities": queues, "capacity": 10});
         let (status, answer) = cluster.post(1, "/v1/agents/register", &body).await.unwrap();
         assert_eq!(status, 200, "{answer}");
-        Agent { cluster, id: id.to_string(), epoch: answer["epoch"].as_u64().unwrap() }
+        Agent {
+            cluster,
+            id: id.to_string(),
+            epoch: answer["epoch"].as_u64().unwrap(),
+            session: answer["session"].clone(),
+        }
     }
 
     /// Leases one task of `queue`; returns (task id, fence).
     async fn lease(&self, queue: &str) -> (u64, u64) {
-        let body = json!({"epoch": self.epoch, "queues": [queue], "wait_ms": 1000});
+        let body = json!({"epoch": self.epoch, "session": self.session, "queues": [queue], "wait_ms": 1000});
         let (status, answer) = self.cluster.post(1, &format!("/v1/agents/{}/poll", self.id), &body).await.unwrap();
         assert_eq!(status, 200, "{answer}");
         let lease = &answer["leases"][0];
@@ -137,9 +143,9 @@ async fn a_stalled_but_alive_agent_is_detected_and_its_task_completed_by_another
     let healthy = Agent::register(&cluster, "healthy-agent", &["slow"]).await;
     let mut taken = None;
     for _ in 0..40 {
-        let beat = json!({"epoch": stuck.epoch});
+        let beat = json!({"epoch": stuck.epoch, "session": stuck.session});
         assert_eq!(cluster.post(1, "/v1/agents/stuck-agent/heartbeat", &beat).await.unwrap().0, 200);
-        let body = json!({"epoch": healthy.epoch, "queues": ["slow"], "wait_ms": 100});
+        let body = json!({"epoch": healthy.epoch, "session": healthy.session, "queues": ["slow"], "wait_ms": 100});
         let (_, answer) = cluster.post(1, "/v1/agents/healthy-agent/poll", &body).await.unwrap();
         if let Some(lease) = answer["leases"].as_array().and_then(|l| l.first()) {
             taken = Some(lease["fence"].as_u64().unwrap());

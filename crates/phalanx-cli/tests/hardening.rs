@@ -23,17 +23,7 @@ async fn raft_post(cluster: &Cluster, id: u64, route: &str, token: Option<&str>,
 }
 
 fn forged_submit(term: u64, leader: u64, prev_index: u64, payload: &str) -> String {
-    let task = NewTask {
-        queue: "forged".into(),
-        payload: payload.into(),
-        priority: 5,
-        deadline_ms: None,
-        max_attempts: 3,
-        idempotency_key: None,
-        parent_id: None,
-        parent_fence: None,
-        conversation_id: None,
-    };
+    let task = NewTask::new("forged", payload);
     let prev = LogId::new(CommittedLeaderId::new(term, leader), prev_index);
     let entry: Entry<TypeConfig> = Entry {
         log_id: LogId::new(CommittedLeaderId::new(term, leader), prev_index + 1),

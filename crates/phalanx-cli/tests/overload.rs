@@ -217,8 +217,13 @@ async fn expired_backlog_is_dead_lettered_not_run_late() {
         .await
         .unwrap();
     let epoch = registered["epoch"].as_u64().unwrap();
+    let session = registered["session"].clone();
     let (_, polled) = cluster
-        .post(1, "/v1/agents/late-agent/poll", &json!({"epoch": epoch, "max_tasks": 10, "wait_ms": 500}))
+        .post(
+            1,
+            "/v1/agents/late-agent/poll",
+            &json!({"epoch": epoch, "session": session, "max_tasks": 10, "wait_ms": 500}),
+        )
         .await
         .unwrap();
     let leased: Vec<u64> =

@@ -226,9 +226,9 @@ async fn a_cut_off_leader_acknowledges_nothing_and_the_majority_carries_on() {
     let held = task["task_id"].as_u64().unwrap();
     acknowledged.push(held);
     let register = json!({"agent_id": "before", "capabilities": ["p"], "capacity": 1});
-    let epoch =
-        client.until(&[leader], "/v1/agents/register", &register, 200, Duration::from_secs(10)).await["epoch"].clone();
-    let poll = json!({"epoch": epoch, "max_tasks": 1, "lease_ttl_ms": 1500});
+    let registered = client.until(&[leader], "/v1/agents/register", &register, 200, Duration::from_secs(10)).await;
+    let poll =
+        json!({"epoch": registered["epoch"], "session": registered["session"], "max_tasks": 1, "lease_ttl_ms": 1500});
     let leases = client.until(&[leader], "/v1/agents/before/poll", &poll, 200, Duration::from_secs(10)).await;
     assert_eq!(leases["leases"][0]["task"]["id"].as_u64(), Some(held), "{leases}");
     let old_fence = leases["leases"][0]["fence"].as_u64().unwrap();
@@ -287,11 +287,16 @@ async fn a_cut_off_leader_acknowledges_nothing_and_the_majority_carries_on() {
         acknowledged.push(answer["task_id"].as_u64().unwrap());
     }
     let register = json!({"agent_id": "after", "capabilities": ["p"], "capacity": 1});
-    let epoch =
-        client.until(&majority, "/v1/agents/register", &register, 200, Duration::from_secs(10)).await["epoch"].clone();
+    let registered = client.until(&majority, "/v1/agents/register", &register, 200, Duration::from_secs(10)).await;
     let start = Instant::now();
     let new_fence = loop {
-        let poll = json!({"epoch": epoch, "max_tasks": 1, "wait_ms": 500, "lease_ttl_ms": 5000});
+        let poll = json!({
+            "epoch": registered["epoch"],
+            "session": registered["session"],
+            "max_tasks": 1,
+            "wait_ms": 500,
+            "lease_ttl_ms": 5000,
+        });
         if let Some((200, leases)) = client.post(new_leader, "/v1/agents/after/poll", &poll).await {
             if let Some(fence) = leases["leases"][0]["fence"].as_u64() {
                 assert_eq!(leases["leases"][0]["task"]["id"].as_u64(), Some(held));

@@ -59,6 +59,7 @@ async fn a_change_that_stalls_dispatch_is_rolled_back_automatically() {
         .await
         .unwrap();
     let epoch = registered["epoch"].as_u64().unwrap();
+    let session = registered["session"].clone();
     // Valid on its own, but every running agent asks for 30 s leases: nothing can be dispatched.
     let change = json!({"set": {"lease_ttl_ms_max": 5000, "lease_ttl_ms_default": 4000}});
     let (status, answer) = cluster.put(1, "/v1/config", &change).await;
@@ -67,7 +68,7 @@ async fn a_change_that_stalls_dispatch_is_rolled_back_automatically() {
     let start = Instant::now();
     let leased = loop {
         assert!(start.elapsed() < Duration::from_secs(15), "no automatic rollback within 15 s");
-        let poll = json!({"epoch": epoch, "wait_ms": 200, "lease_ttl_ms": 30_000});
+        let poll = json!({"epoch": epoch, "session": session, "wait_ms": 200, "lease_ttl_ms": 30_000});
         let (status, answer) = cluster.post(1, "/v1/agents/worker/poll", &poll).await.unwrap();
         if status == 200 && !answer["leases"].as_array().unwrap().is_empty() {
             break answer["leases"][0]["task"]["id"].clone();

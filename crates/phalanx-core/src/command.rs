@@ -44,6 +44,24 @@ pub struct NewTask {
     pub conversation_id: Option<String>,
 }
 
+impl NewTask {
+    /// A task with the API's defaults (priority 5, three attempts, no
+    /// deadline, no key, no parent, no conversation).
+    pub fn new(queue: impl Into<String>, payload: impl Into<String>) -> NewTask {
+        NewTask {
+            queue: queue.into(),
+            payload: payload.into(),
+            priority: 5,
+            deadline_ms: None,
+            max_attempts: 3,
+            idempotency_key: None,
+            parent_id: None,
+            parent_fence: None,
+            conversation_id: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
@@ -60,6 +78,10 @@ pub enum Command {
         agent_id: String,
         capabilities: BTreeSet<String>,
         capacity: u32,
+        /// The new session's secret, drawn by the leader: heartbeats, polls
+        /// and deregistration must present it (the epoch is public).
+        #[serde(default)]
+        session: String,
     },
     DeregisterAgent {
         agent_id: String,
@@ -108,6 +130,10 @@ pub enum Command {
         key: String,
         value: String,
         expected_version: Option<u64>,
+    },
+    /// Delete a conversation and its whole context.
+    ContextDelete {
+        conversation_id: String,
     },
     /// The task holding lease `fence` waits for the tasks `on` to finish,
     /// for at most `timeout_ms`. Refused if the wait would close a cycle.
@@ -176,6 +202,7 @@ pub enum Outcome {
     ContextWritten {
         version: u64,
     },
+    ContextDeleted,
     NodeRetired,
     PolicySet {
         version: u64,

@@ -65,6 +65,24 @@ pub struct Limits {
     /// A lease whose holder reports no progress for this long is revoked and
     /// the task granted elsewhere (the agent is marked stuck).
     pub stall_timeout_ms: u64,
+    /// Bytes of the replicated state as a whole: task payloads, results and
+    /// errors, and conversation contexts. A write that would pass it is
+    /// refused (`state_full`); counts alone let 100,000 conversations of
+    /// 1 MiB each through. Policies written before it existed read the default.
+    #[serde(default = "default_state_bytes_max")]
+    pub state_bytes_max: usize,
+    /// A conversation not written for this long is deleted (it also leaves
+    /// with the last task that carries its id).
+    #[serde(default = "default_conversation_ttl_ms")]
+    pub conversation_ttl_ms: u64,
+}
+
+fn default_state_bytes_max() -> usize {
+    Limits::default().state_bytes_max
+}
+
+fn default_conversation_ttl_ms() -> u64 {
+    Limits::default().conversation_ttl_ms
 }
 
 /// A policy change refused by validation, naming the field (and, in the
@@ -151,6 +169,8 @@ pub const BOUNDS: &[Bound] = &[
     bound("unserved_grace_ms", 100, 7 * DAY_MS),
     bound("policy_guard_ms", 5 * SECOND_MS, HOUR_MS),
     bound("stall_timeout_ms", SECOND_MS, 7 * DAY_MS),
+    bound("state_bytes_max", MIB, 256 * 1024 * MIB),
+    bound("conversation_ttl_ms", SECOND_MS, 365 * DAY_MS),
 ];
 
 /// How many heartbeat intervals an agent's time-to-live spans at least: an
@@ -191,6 +211,8 @@ impl Limits {
             ("unserved_grace_ms", self.unserved_grace_ms),
             ("policy_guard_ms", self.policy_guard_ms),
             ("stall_timeout_ms", self.stall_timeout_ms),
+            ("state_bytes_max", self.state_bytes_max as u64),
+            ("conversation_ttl_ms", self.conversation_ttl_ms),
         ]
     }
 
@@ -256,6 +278,19 @@ impl Limits {
                 ),
             );
         }
+        // The budget must hold at least one task of the largest payload and
+        // result, and one full conversation: below that, a write every other
+        // limit allows could never be stored.
+        let one_task = self.payload_bytes_max as u64 + self.result_bytes_max as u64;
+        if (self.state_bytes_max as u64) < one_task.max(self.conversation_bytes_max as u64) {
+            return fail(
+                "state_bytes_max",
+                format!(
+                    "{} must be at least payload_bytes_max + result_bytes_max ({one_task}) and conversation_bytes_max ({})",
+                    self.state_bytes_max, self.conversation_bytes_max
+                ),
+            );
+        }
         if self.finished_tasks_max > self.tasks_max {
             return fail(
                 "finished_tasks_max",
@@ -304,6 +339,8 @@ impl Default for Limits {
             policy_guard_ms: 10_000,
             unserved_grace_ms: 60_000,
             stall_timeout_ms: 10 * 60 * 1000,
+            state_bytes_max: 256 * 1024 * 1024,
+            conversation_ttl_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }

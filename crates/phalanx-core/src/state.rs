@@ -24,6 +24,8 @@ pub enum Error {
     AgentNotFound { agent_id: String },
     #[error("agent {agent_id:?} session epoch {epoch} is stale (current {current})")]
     StaleEpoch { agent_id: String, epoch: u64, current: u64 },
+    #[error("agent {agent_id:?}: the session secret is missing or wrong for epoch {epoch}")]
+    WrongSession { agent_id: String, epoch: u64 },
     #[error("fence {fence} on task {task_id} is superseded (current fence {current})")]
     Superseded { task_id: u64, fence: u64, current: u64 },
     #[error("task {task_id} is already {state:?}")]
@@ -44,6 +46,10 @@ pub enum Error {
     LoopDetected { task_id: u64, trail: String },
     #[error("waiting would deadlock: {cycle}")]
     Deadlock { cycle: String },
+    #[error("the replicated state would hold {bytes} bytes, over state_bytes_max ({max}); finished tasks leave with retention, conversations can be deleted")]
+    StateFull { bytes: u64, max: u64 },
+    #[error("conversation {conversation_id:?} not found")]
+    ConversationNotFound { conversation_id: String },
     /// A policy change that would refuse all new work of some kind or delete
     /// retained tasks, sent without `force`.
     #[error("this change of {field} needs \"force\": true: {reason}")]
@@ -58,6 +64,7 @@ impl Error {
             Error::TaskNotFound { .. } => "task_not_found",
             Error::AgentNotFound { .. } => "agent_not_found",
             Error::StaleEpoch { .. } => "stale_epoch",
+            Error::WrongSession { .. } => "wrong_session",
             Error::Superseded { .. } => "superseded",
             Error::AlreadyTerminal { .. } => "already_terminal",
             Error::LeaseExpired { .. } => "lease_expired",
@@ -68,6 +75,8 @@ impl Error {
             Error::VersionConflict { .. } => "version_conflict",
             Error::LoopDetected { .. } => "loop_detected",
             Error::Deadlock { .. } => "deadlock",
+            Error::StateFull { .. } => "state_full",
+            Error::ConversationNotFound { .. } => "not_found",
             Error::ForceRequired { .. } => "force_required",
         }
     }
@@ -120,11 +129,28 @@ pub fn validate_new_task(task: &NewTask, limits: &Limits) -> Result<(), Error> {
     Ok(())
 }
 
+/// `Limits::validate` as a refusal.
+fn validate_policy(policy: &Limits) -> Result<(), Error> {
+    policy.validate().map_err(|invalid| Error::Invalid { field: invalid.field.to_string(), reason: invalid.reason })
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conversation {
     /// key -> (version, value)
     pub entries: BTreeMap<String, (u64, String)>,
     pub bytes: usize,
+    /// Log time of the last write, from which `conversation_ttl_ms` counts.
+    /// `None` for a conversation written by an earlier version, which then
+    /// leaves only with its tasks or when deleted (never by a guessed age).
+    #[serde(default)]
+    pub written_ms: Option<u64>,
+}
+
+/// The bytes of a task counted against `state_bytes_max`: what a client or
+/// an agent chose the size of (payload, result, error).
+fn task_bytes(task: &Task) -> u64 {
+    (task.payload.len() + task.result.as_ref().map_or(0, String::len) + task.error.as_ref().map_or(0, String::len))
+        as u64
 }
 
 /// Policy versions kept for `config history` and rollback.
@@ -212,6 +238,17 @@ pub struct State {
     /// Ids of nodes removed from the cluster; never to be reused.
     retired_nodes: BTreeSet<u64>,
     counters: Counters,
+    // Derived from the fields above, so not stored in snapshots: `restore`
+    // recounts them when a snapshot is loaded, and `check_invariants` checks them.
+    /// Bytes counted against `state_bytes_max` (see `task_bytes`, `Conversation::bytes`).
+    #[serde(skip)]
+    state_bytes: u64,
+    /// Conversations by last write: (written_ms, id), for `conversation_ttl_ms`.
+    #[serde(skip)]
+    conversation_expiry: BTreeSet<(u64, String)>,
+    /// Tasks in the state per conversation id: a conversation leaves with its last task.
+    #[serde(skip)]
+    conversation_tasks: BTreeMap<String, u64>,
 }
 
 impl State {
@@ -219,6 +256,35 @@ impl State {
         let first =
             PolicyVersion { version: 1, policy: limits.clone(), set_ms: 0, note: "bootstrap".into(), forced: false };
         State { limits, next_task_id: 1, policy_version: 1, policy_history: vec![first], ..State::default() }
+    }
+
+    /// Recounts what is derived from the stored fields (the byte count and
+    /// the conversation indexes). Call it on a state read from a snapshot.
+    pub fn restore(&mut self) {
+        (self.state_bytes, self.conversation_expiry, self.conversation_tasks) = self.derived();
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn derived(&self) -> (u64, BTreeSet<(u64, String)>, BTreeMap<String, u64>) {
+        let bytes = self.tasks.values().map(task_bytes).sum::<u64>()
+            + self.conversations.values().map(|c| c.bytes as u64).sum::<u64>();
+        let expiry = self.conversations.iter().filter_map(|(id, c)| c.written_ms.map(|at| (at, id.clone()))).collect();
+        let mut per_conversation: BTreeMap<String, u64> = BTreeMap::new();
+        for task in self.tasks.values() {
+            if let Some(id) = &task.conversation_id {
+                *per_conversation.entry(id.clone()).or_default() += 1;
+            }
+        }
+        (bytes, expiry, per_conversation)
+    }
+
+    /// Bytes of the replicated state counted against `state_bytes_max`.
+    pub fn state_bytes(&self) -> u64 {
+        self.state_bytes
+    }
+
+    pub fn conversation_count(&self) -> usize {
+        self.conversations.len()
     }
 
     pub fn policy_version(&self) -> u64 {
@@ -410,9 +476,7 @@ impl State {
     /// the policy guard's rollback is not judged, so that it can always
     /// restore a version that served.
     fn set_policy(&mut self, policy: &Limits, note: String, judged: bool, force: bool) -> Result<Outcome, Error> {
-        policy
-            .validate()
-            .map_err(|invalid| Error::Invalid { field: invalid.field.to_string(), reason: invalid.reason })?;
+        validate_policy(policy)?;
         let mut note = note;
         let mut forced = false;
         if judged {
@@ -513,19 +577,14 @@ impl State {
             let waiting: Vec<u64> =
                 self.ready.get(&queue).map(|set| set.iter().map(|(_, id)| *id).collect()).unwrap_or_default();
             for id in waiting {
-                let task = self.tasks.get_mut(&id).expect("ready task exists");
-                task.error = Some(format!(
+                let error = format!(
                     "unserved: no registered agent serves queue {queue:?} (for {} ms)",
                     now.saturating_sub(since)
-                ));
+                );
+                self.set_error(id, error);
             }
             self.unserved_since.insert(queue, (since, true));
         }
-    }
-
-    /// Whether any of these queues has a task that could be leased now.
-    pub fn has_ready(&self, queues: &[String]) -> bool {
-        queues.iter().any(|q| self.ready.get(q).is_some_and(|set| !set.is_empty()))
     }
 
     /// Counts of tasks per (queue, state), for metrics and status.
@@ -563,6 +622,9 @@ impl State {
             self.deadlines.first().map(|(at, _)| at.saturating_add(1)),
             self.wait_deadlines.first().map(|(at, _)| at.saturating_add(1)),
             self.finished.first().map(|(at, _)| at.saturating_add(self.limits.finished_task_ttl_ms).saturating_add(1)),
+            self.conversation_expiry
+                .first()
+                .map(|(at, _)| at.saturating_add(self.limits.conversation_ttl_ms).saturating_add(1)),
             self.unserved_since
                 .values()
                 .filter(|(_, marked)| !marked)
@@ -572,6 +634,102 @@ impl State {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    // ---- checks: what applying would refuse, decided without changing anything ----
+
+    /// Whether applying `command` now would refuse it, and why, changing
+    /// nothing. The HTTP edge runs it before proposing, so a refusal costs
+    /// no log entry; `apply` runs the same checks again first, since the
+    /// state may move in between. Two refusals are left to the log because
+    /// applying them records something: a report under a stale fence (counted
+    /// as superseded) and a delegation loop (dead-letters its parent). The
+    /// tasks of a submit are judged one by one by `check_new_task`.
+    pub fn check(&self, command: &Command) -> Result<(), Error> {
+        match command {
+            Command::Tick | Command::RetireNode { .. } => Ok(()),
+            Command::Submit { tasks } => {
+                if tasks.len() > self.limits.batch_tasks_max {
+                    return Err(Error::LimitReached {
+                        limit: "batch_tasks_max".into(),
+                        max: self.limits.batch_tasks_max as u64,
+                    });
+                }
+                Ok(())
+            }
+            Command::Cancel { task_id } => self.open_task(*task_id).map(drop),
+            Command::RegisterAgent { agent_id, capabilities, capacity, .. } => {
+                self.check_register(agent_id, capabilities, *capacity)
+            }
+            Command::DeregisterAgent { agent_id, epoch } | Command::ExpireAgent { agent_id, epoch } => {
+                self.current_agent(agent_id, *epoch).map(drop)
+            }
+            Command::Lease { agent_id, epoch, queues, lease_ttl_ms, .. } => {
+                self.check_lease(agent_id, *epoch, queues, *lease_ttl_ms).map(drop)
+            }
+            Command::Complete { task_id, fence, result } => {
+                check_size("result", result, self.limits.result_bytes_max)?;
+                if self.completed_before(*task_id, *fence, result).is_some() {
+                    return Ok(());
+                }
+                // A stale fence is left to the log (it is counted there).
+                let Some(task) = self.check_report(*task_id, *fence)? else { return Ok(()) };
+                let old = task.result.as_ref().map_or(0, String::len);
+                self.check_room(result.len() as u64, old as u64)
+            }
+            Command::Fail { task_id, fence, error, retryable } => {
+                check_size("error", error, self.limits.result_bytes_max)?;
+                if self.failed_before(*task_id, *fence, error, *retryable).is_some() {
+                    return Ok(());
+                }
+                // A stale fence is left to the log (it is counted there).
+                let Some(task) = self.check_report(*task_id, *fence)? else { return Ok(()) };
+                let old = task.error.as_ref().map_or(0, String::len);
+                self.check_room(error.len() as u64, old as u64)
+            }
+            Command::Extend { task_id, fence, lease_ttl_ms } => {
+                self.check_lease_ttl(*lease_ttl_ms)?;
+                self.check_report_on_lease(*task_id, *fence)
+            }
+            Command::Progress { task_id, fence } => self.check_report_on_lease(*task_id, *fence),
+            Command::ContextPut { conversation_id, key, value, expected_version } => {
+                self.check_context_put(conversation_id, key, value, *expected_version).map(drop)
+            }
+            Command::ContextDelete { conversation_id } => {
+                if self.conversations.contains_key(conversation_id) {
+                    Ok(())
+                } else {
+                    Err(Error::ConversationNotFound { conversation_id: conversation_id.clone() })
+                }
+            }
+            Command::Wait { task_id, fence, on, timeout_ms } => self.check_wait(*task_id, *fence, on, *timeout_ms),
+            Command::SetPolicy { policy, expected_version, force, .. } => {
+                if *expected_version != self.policy_version {
+                    return Err(Error::VersionConflict {
+                        key: "policy".into(),
+                        expected: *expected_version,
+                        current: self.policy_version,
+                    });
+                }
+                validate_policy(policy)?;
+                self.judge_policy(policy, *force).map(drop)
+            }
+            Command::RollbackPolicy { to_version, by_client, force, .. } => {
+                let policy = &self.rollback_target(*to_version)?.policy;
+                validate_policy(policy)?;
+                if *by_client {
+                    self.judge_policy(policy, *force)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn rollback_target(&self, to_version: u64) -> Result<&PolicyVersion, Error> {
+        self.policy_history
+            .iter()
+            .find(|v| v.version == to_version)
+            .ok_or_else(|| invalid("version", format!("policy version {to_version} is not in the history")))
     }
 
     // ---- the state transition ----
@@ -620,8 +778,7 @@ impl State {
                 agent.stuck_count += 1;
                 agent.stuck_ms = Some(now);
             }
-            let task = self.tasks.get_mut(&id).expect("leased task exists");
-            task.error = Some(format!("stuck: no progress for {} ms; lease revoked", self.limits.stall_timeout_ms));
+            self.set_error(id, format!("stuck: no progress for {} ms; lease revoked", self.limits.stall_timeout_ms));
             self.retry_or_bury(id, "stuck");
         }
         // Retention by age: finished tasks (and their idempotency keys) leave
@@ -632,13 +789,20 @@ impl State {
             }
             self.compact_finished(1);
         }
+        while let Some((written_ms, id)) = self.conversation_expiry.first() {
+            if written_ms.saturating_add(self.limits.conversation_ttl_ms) >= now {
+                break;
+            }
+            let id = id.clone();
+            self.remove_conversation(&id);
+        }
         while let Some(&(until, id)) = self.wait_deadlines.first() {
             if until >= now {
                 break;
             }
             self.remove_wait(id);
-            if let Some(task) = self.tasks.get_mut(&id) {
-                task.error = Some("wait_timeout: the awaited tasks did not finish in time".to_string());
+            if self.tasks.contains_key(&id) {
+                self.set_error(id, "wait_timeout: the awaited tasks did not finish in time".to_string());
             }
         }
         while let Some(&(deadline, id)) = self.deadlines.first() {
@@ -651,12 +815,14 @@ impl State {
     }
 
     fn apply_command(&mut self, index: u64, command: &Command) -> Outcome {
-        let result = match command {
+        // The checks the edge ran before proposing, again: the state may have
+        // moved in between. What follows them only carries the command out.
+        let result = self.check(command).and_then(|()| match command {
             Command::Tick => Ok(Outcome::Ticked),
             Command::Submit { tasks } => Ok(self.submit(tasks)),
             Command::Cancel { task_id } => self.cancel(*task_id),
-            Command::RegisterAgent { agent_id, capabilities, capacity } => {
-                self.register(agent_id, capabilities, *capacity)
+            Command::RegisterAgent { agent_id, capabilities, capacity, session } => {
+                self.register(agent_id, capabilities, *capacity, session)
             }
             Command::DeregisterAgent { agent_id, epoch } => {
                 self.remove_agent(agent_id, *epoch).map(|()| Outcome::Deregistered)
@@ -672,52 +838,43 @@ impl State {
             Command::ContextPut { conversation_id, key, value, expected_version } => {
                 self.context_put(conversation_id, key, value, *expected_version)
             }
-            Command::Wait { task_id, fence, on, timeout_ms } => self.wait(*task_id, *fence, on, *timeout_ms),
-            Command::SetPolicy { policy, expected_version, note, force } => {
-                if *expected_version != self.policy_version {
-                    Err(Error::VersionConflict {
-                        key: "policy".into(),
-                        expected: *expected_version,
-                        current: self.policy_version,
-                    })
+            Command::ContextDelete { conversation_id } => {
+                if self.remove_conversation(conversation_id) {
+                    Ok(Outcome::ContextDeleted)
                 } else {
-                    self.set_policy(policy, note.clone(), true, *force)
+                    Err(Error::ConversationNotFound { conversation_id: conversation_id.clone() })
                 }
             }
+            Command::Wait { task_id, fence, on, timeout_ms } => self.wait(*task_id, *fence, on, *timeout_ms),
+            Command::SetPolicy { policy, note, force, .. } => self.set_policy(policy, note.clone(), true, *force),
             Command::RollbackPolicy { to_version, note, by_client, force } => {
-                match self.policy_history.iter().find(|v| v.version == *to_version) {
-                    None => Err(invalid("version", format!("policy version {to_version} is not in the history"))),
-                    Some(old) => {
-                        let policy = old.policy.clone();
-                        self.set_policy(&policy, format!("rollback to {to_version}: {note}"), *by_client, *force)
-                    }
-                }
+                let policy = self.rollback_target(*to_version)?.policy.clone();
+                self.set_policy(&policy, format!("rollback to {to_version}: {note}"), *by_client, *force)
             }
             Command::RetireNode { node_id } => {
                 self.retired_nodes.insert(*node_id);
                 Ok(Outcome::NodeRetired)
             }
-        };
+        });
         self.enforce_retention();
         result.unwrap_or_else(|error| Outcome::Refused { error })
     }
 
     fn submit(&mut self, tasks: &[NewTask]) -> Outcome {
-        if tasks.len() > self.limits.batch_tasks_max {
-            let error =
-                Error::LimitReached { limit: "batch_tasks_max".into(), max: self.limits.batch_tasks_max as u64 };
-            return Outcome::Refused { error };
-        }
         let results = tasks.iter().map(|task| self.submit_one(task)).collect();
         Outcome::Submitted { results }
     }
 
-    fn submit_one(&mut self, new: &NewTask) -> Result<Submitted, Error> {
+    /// Whether a new task would be refused now, and why, changing nothing:
+    /// the edge runs it on every task before proposing, `submit_one` again
+    /// when applying. A known idempotency key is answered with its task
+    /// whatever else the request says. A delegation loop is let through: when
+    /// applied it dead-letters the parent, so it must reach the log.
+    pub fn check_new_task(&self, new: &NewTask) -> Result<(), Error> {
         validate_new_task(new, &self.limits)?;
         if let Some(key) = &new.idempotency_key {
-            if let Some(&task_id) = self.idempotency_keys.get(key) {
-                self.counters.deduplicated += 1;
-                return Ok(Submitted { task_id, deduplicated: true });
+            if self.idempotency_keys.contains_key(key) {
+                return Ok(());
             }
             if self.idempotency_keys.len() >= self.limits.idempotency_keys_max {
                 return Err(Error::LimitReached {
@@ -726,20 +883,49 @@ impl State {
                 });
             }
         }
-        let hash = payload_hash(&new.payload);
-        let (hop_count, parent_conversation, trail) = match new.parent_id {
-            None => (0, None, vec![TrailStep { queue: new.queue.clone(), agent_id: None, payload_hash: hash }]),
-            Some(parent_id) => self.check_delegation(parent_id, new, hash)?,
-        };
+        if let Some(parent_id) = new.parent_id {
+            let parent = self.tasks.get(&parent_id).ok_or(Error::TaskNotFound { task_id: parent_id })?;
+            // A delegation must come from the parent's current lease.
+            if let Some(fence) = new.parent_fence {
+                if fence != parent.last_fence {
+                    return Err(Error::Superseded { task_id: parent_id, fence, current: parent.last_fence });
+                }
+                if parent.state.is_terminal() {
+                    return Err(Error::AlreadyTerminal { task_id: parent_id, state: parent.state });
+                }
+            }
+            if self.delegation_loop(parent, &new.queue, payload_hash(&new.payload)).is_some() {
+                return Ok(());
+            }
+        }
         let open = self.open_per_queue.get(&new.queue).copied().unwrap_or(0);
         if open >= self.limits.queue_tasks_max as u64 {
             return Err(Error::QueueFull { queue: new.queue.clone(), max: self.limits.queue_tasks_max as u64 });
         }
+        self.check_budget(new.payload.len() as u64, 0)?;
+        // Retention makes room by compacting finished tasks, never open ones.
+        if self.tasks.len() - self.finished.len() >= self.limits.tasks_max {
+            return Err(Error::LimitReached { limit: "tasks_max".into(), max: self.limits.tasks_max as u64 });
+        }
+        Ok(())
+    }
+
+    fn submit_one(&mut self, new: &NewTask) -> Result<Submitted, Error> {
+        self.check_new_task(new)?;
+        if let Some(key) = &new.idempotency_key {
+            if let Some(&task_id) = self.idempotency_keys.get(key) {
+                self.counters.deduplicated += 1;
+                return Ok(Submitted { task_id, deduplicated: true });
+            }
+        }
+        let hash = payload_hash(&new.payload);
+        let (hop_count, parent_conversation, trail) = match new.parent_id {
+            None => (0, None, vec![TrailStep { queue: new.queue.clone(), agent_id: None, payload_hash: hash }]),
+            Some(parent_id) => self.delegate(parent_id, new, hash)?,
+        };
         if self.tasks.len() >= self.limits.tasks_max {
             self.compact_finished(self.tasks.len() + 1 - self.limits.tasks_max);
-            if self.tasks.len() >= self.limits.tasks_max {
-                return Err(Error::LimitReached { limit: "tasks_max".into(), max: self.limits.tasks_max as u64 });
-            }
+            assert!(self.tasks.len() < self.limits.tasks_max, "check_new_task saw room among the finished tasks");
         }
         let id = self.next_task_id;
         self.next_task_id += 1;
@@ -775,22 +961,31 @@ impl State {
             self.deadlines.insert((deadline, id));
         }
         *self.open_per_queue.entry(new.queue.clone()).or_default() += 1;
+        self.state_bytes += task_bytes(&task);
+        if let Some(conversation_id) = &task.conversation_id {
+            *self.conversation_tasks.entry(conversation_id.clone()).or_default() += 1;
+        }
         self.tasks.insert(id, task);
         self.make_ready(id);
         self.counters.submitted += 1;
         Ok(Submitted { task_id: id, deduplicated: false })
     }
 
-    fn cancel(&mut self, task_id: u64) -> Result<Outcome, Error> {
+    /// A task that exists and has not finished.
+    fn open_task(&self, task_id: u64) -> Result<&Task, Error> {
         let task = self.tasks.get(&task_id).ok_or(Error::TaskNotFound { task_id })?;
         if task.state.is_terminal() {
             return Err(Error::AlreadyTerminal { task_id, state: task.state });
         }
+        Ok(task)
+    }
+
+    fn cancel(&mut self, task_id: u64) -> Result<Outcome, Error> {
         self.finish(task_id, TaskState::Cancelled, |_| {});
         Ok(Outcome::Cancelled { task: self.tasks[&task_id].clone() })
     }
 
-    fn register(&mut self, agent_id: &str, capabilities: &BTreeSet<String>, capacity: u32) -> Result<Outcome, Error> {
+    fn check_register(&self, agent_id: &str, capabilities: &BTreeSet<String>, capacity: u32) -> Result<(), Error> {
         validate_name("agent_id", agent_id, self.limits.id_bytes_max)?;
         if capabilities.is_empty() {
             return Err(invalid("capabilities", "must name at least one queue"));
@@ -807,12 +1002,23 @@ impl State {
         if capacity == 0 || capacity > self.limits.leases_per_agent_max {
             return Err(invalid("capacity", format!("must be 1..={}", self.limits.leases_per_agent_max)));
         }
+        if !self.agents.contains_key(agent_id) && self.agents.len() >= self.limits.agents_max {
+            return Err(Error::LimitReached { limit: "agents_max".into(), max: self.limits.agents_max as u64 });
+        }
+        Ok(())
+    }
+
+    fn register(
+        &mut self,
+        agent_id: &str,
+        capabilities: &BTreeSet<String>,
+        capacity: u32,
+        session: &str,
+    ) -> Result<Outcome, Error> {
         if let Some(old) = self.agents.get(agent_id) {
             // A new session of a known agent: its old session's leases are void.
             let epoch = old.epoch;
             self.remove_agent(agent_id, epoch).expect("current epoch");
-        } else if self.agents.len() >= self.limits.agents_max {
-            return Err(Error::LimitReached { limit: "agents_max".into(), max: self.limits.agents_max as u64 });
         }
         let epoch = self.agent_epochs.get(agent_id).copied().unwrap_or(0) + 1;
         self.agent_epochs.insert(agent_id.to_string(), epoch);
@@ -824,6 +1030,7 @@ impl State {
             capabilities: capabilities.clone(),
             capacity,
             epoch,
+            session: session.to_string(),
             registered_ms: self.now_ms,
             leased_task_ids: BTreeSet::new(),
             stuck_count: 0,
@@ -831,6 +1038,18 @@ impl State {
         };
         self.agents.insert(agent_id.to_string(), agent);
         Ok(Outcome::Registered { epoch })
+    }
+
+    /// Whether a request speaks for the agent's current session: the epoch
+    /// must be the current one and `session` its secret. Heartbeats, polls
+    /// and deregistration are checked so at the edge; a command they propose
+    /// carries the epoch, which apply checks again.
+    pub fn check_session(&self, agent_id: &str, epoch: u64, session: Option<&str>) -> Result<&Agent, Error> {
+        let agent = self.current_agent(agent_id, epoch)?;
+        if !agent.session.is_empty() && session != Some(agent.session.as_str()) {
+            return Err(Error::WrongSession { agent_id: agent_id.to_string(), epoch });
+        }
+        Ok(agent)
     }
 
     fn current_agent(&self, agent_id: &str, epoch: u64) -> Result<&Agent, Error> {
@@ -862,6 +1081,47 @@ impl State {
         Ok(())
     }
 
+    fn check_lease_ttl(&self, lease_ttl_ms: u64) -> Result<(), Error> {
+        if !(self.limits.lease_ttl_ms_min..=self.limits.lease_ttl_ms_max).contains(&lease_ttl_ms) {
+            return Err(invalid(
+                "lease_ttl_ms",
+                format!("must be {}..={}", self.limits.lease_ttl_ms_min, self.limits.lease_ttl_ms_max),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_lease(&self, agent_id: &str, epoch: u64, queues: &[String], lease_ttl_ms: u64) -> Result<&Agent, Error> {
+        let agent = self.current_agent(agent_id, epoch)?;
+        self.check_lease_ttl(lease_ttl_ms)?;
+        if queues.is_empty() {
+            return Err(invalid("queues", "must name at least one queue"));
+        }
+        if let Some(queue) = queues.iter().find(|q| !agent.capabilities.contains(*q)) {
+            return Err(Error::NotCapable { agent_id: agent_id.to_string(), queue: queue.clone() });
+        }
+        Ok(agent)
+    }
+
+    /// How many leases a `Lease` command would grant now: none when the
+    /// agent is at its capacity or no task is ready on the queues. A
+    /// long-poll proposes a lease only when this is positive, so that an
+    /// agent waiting for work costs no log entry. (Applying may still grant
+    /// fewer: another agent may take the tasks first.)
+    pub fn grantable(
+        &self,
+        agent_id: &str,
+        epoch: u64,
+        queues: &[String],
+        tasks_max: u32,
+        lease_ttl_ms: u64,
+    ) -> Result<u32, Error> {
+        let agent = self.check_lease(agent_id, epoch, queues, lease_ttl_ms)?;
+        let distinct: BTreeSet<&String> = queues.iter().collect();
+        let ready: usize = distinct.into_iter().map(|q| self.ready.get(q).map_or(0, |set| set.len())).sum();
+        Ok(tasks_max.min(agent.room()).min(ready.min(u32::MAX as usize) as u32))
+    }
+
     fn lease(
         &mut self,
         index: u64,
@@ -871,21 +1131,8 @@ impl State {
         tasks_max: u32,
         lease_ttl_ms: u64,
     ) -> Result<Outcome, Error> {
-        let agent = self.current_agent(agent_id, epoch)?;
-        if !(self.limits.lease_ttl_ms_min..=self.limits.lease_ttl_ms_max).contains(&lease_ttl_ms) {
-            return Err(invalid(
-                "lease_ttl_ms",
-                format!("must be {}..={}", self.limits.lease_ttl_ms_min, self.limits.lease_ttl_ms_max),
-            ));
-        }
-        if queues.is_empty() {
-            return Err(invalid("queues", "must name at least one queue"));
-        }
-        if let Some(queue) = queues.iter().find(|q| !agent.capabilities.contains(*q)) {
-            return Err(Error::NotCapable { agent_id: agent_id.to_string(), queue: queue.clone() });
-        }
-        let room = agent.capacity.saturating_sub(agent.leased_task_ids.len() as u32);
-        let count = tasks_max.min(room);
+        let agent = self.agents.get(agent_id).expect("checked: the agent's current session");
+        let count = tasks_max.min(agent.room());
         let valid_until_ms = self.now_ms.saturating_add(lease_ttl_ms);
         let mut grants = Vec::new();
         for _ in 0..count {
@@ -933,48 +1180,82 @@ impl State {
 
     /// Whether `fence` may report on this task: it must be the newest fence
     /// ever granted, and the task must not have finished.
-    fn check_fence(&mut self, task_id: u64, fence: u64) -> Result<(), Error> {
-        let task = self.tasks.get_mut(&task_id).ok_or(Error::TaskNotFound { task_id })?;
+    fn current_fence(&self, task_id: u64, fence: u64) -> Result<&Task, Error> {
+        let task = self.tasks.get(&task_id).ok_or(Error::TaskNotFound { task_id })?;
         if fence != task.last_fence || task.last_fence == 0 {
-            task.superseded_count += 1;
-            self.counters.superseded += 1;
             return Err(Error::Superseded { task_id, fence, current: task.last_fence });
         }
         if task.state.is_terminal() {
             return Err(Error::AlreadyTerminal { task_id, state: task.state });
         }
-        Ok(())
+        Ok(task)
+    }
+
+    /// `current_fence` as the edge sees it: a stale fence is let through (no
+    /// task: `None`), because applying it records it as superseded.
+    fn check_report(&self, task_id: u64, fence: u64) -> Result<Option<&Task>, Error> {
+        match self.current_fence(task_id, fence) {
+            Ok(task) => Ok(Some(task)),
+            Err(Error::Superseded { .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// A report that needs the lease itself (extend, progress, wait): the
+    /// fence may be current on a task whose lease lapsed and is not re-granted yet.
+    fn check_report_on_lease(&self, task_id: u64, fence: u64) -> Result<(), Error> {
+        match self.check_report(task_id, fence)? {
+            Some(task) if task.lease.is_none() => Err(Error::LeaseExpired { task_id }),
+            _ => Ok(()),
+        }
+    }
+
+    /// `current_fence` when applying: a superseded report is counted.
+    fn check_fence(&mut self, task_id: u64, fence: u64) -> Result<(), Error> {
+        let result = self.current_fence(task_id, fence).map(drop);
+        if let Err(Error::Superseded { .. }) = result {
+            self.tasks.get_mut(&task_id).expect("found").superseded_count += 1;
+            self.counters.superseded += 1;
+        }
+        result
+    }
+
+    /// The same result delivered twice under the same fence (a retried
+    /// request whose answer was lost) is answered as before.
+    fn completed_before(&self, task_id: u64, fence: u64, result: &str) -> Option<&Task> {
+        let task = self.tasks.get(&task_id)?;
+        let same =
+            task.state == TaskState::Succeeded && task.last_fence == fence && task.result.as_deref() == Some(result);
+        same.then_some(task)
+    }
+
+    /// A failure delivered twice under the same fence (a retried request
+    /// whose answer was lost) is answered as before and changes nothing: no
+    /// second backoff, no second entry in the delay queue.
+    fn failed_before(&self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Option<&Task> {
+        let task = self.tasks.get(&task_id)?;
+        let same_error = task.error.as_deref() == Some(error) && task.last_fence == fence;
+        let already_retrying = retryable && task.state == TaskState::Pending;
+        let already_failed = !retryable && matches!(task.state, TaskState::Failed);
+        (same_error && (already_retrying || already_failed)).then_some(task)
     }
 
     fn complete(&mut self, task_id: u64, fence: u64, result: &str) -> Result<Outcome, Error> {
-        check_size("result", result, self.limits.result_bytes_max)?;
-        if let Some(task) = self.tasks.get(&task_id) {
-            // The same result delivered twice under the same fence (a retried
-            // request whose answer was lost) is answered as before.
-            if task.state == TaskState::Succeeded && task.last_fence == fence && task.result.as_deref() == Some(result)
-            {
-                return Ok(Outcome::Completed { task: task.clone() });
-            }
+        if let Some(task) = self.completed_before(task_id, fence, result) {
+            return Ok(Outcome::Completed { task: task.clone() });
         }
         self.check_fence(task_id, fence)?;
+        self.make_room(result.len() as u64, self.tasks[&task_id].result.as_ref().map_or(0, String::len) as u64)?;
         self.finish(task_id, TaskState::Succeeded, |task| task.result = Some(result.to_string()));
         Ok(Outcome::Completed { task: self.tasks[&task_id].clone() })
     }
 
     fn fail(&mut self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Result<Outcome, Error> {
-        check_size("error", error, self.limits.result_bytes_max)?;
-        if let Some(task) = self.tasks.get(&task_id) {
-            // A failure delivered twice under the same fence (a retried request
-            // whose answer was lost) is answered as before and changes nothing:
-            // no second backoff, no second entry in the delay queue.
-            let same_error = task.error.as_deref() == Some(error) && task.last_fence == fence;
-            let already_retrying = retryable && task.state == TaskState::Pending;
-            let already_failed = !retryable && matches!(task.state, TaskState::Failed);
-            if same_error && (already_retrying || already_failed) {
-                return Ok(Outcome::Failed { task: task.clone() });
-            }
+        if let Some(task) = self.failed_before(task_id, fence, error, retryable) {
+            return Ok(Outcome::Failed { task: task.clone() });
         }
         self.check_fence(task_id, fence)?;
+        self.make_room(error.len() as u64, self.tasks[&task_id].error.as_ref().map_or(0, String::len) as u64)?;
         let task = &self.tasks[&task_id];
         if !retryable {
             self.finish(task_id, TaskState::Failed, |task| task.error = Some(error.to_string()));
@@ -990,8 +1271,8 @@ impl State {
             let not_before = self.now_ms.saturating_add(backoff);
             self.release_lease(task_id);
             self.remove_ready(task_id);
+            self.set_error(task_id, error.to_string());
             let task = self.tasks.get_mut(&task_id).expect("checked");
-            task.error = Some(error.to_string());
             task.not_before_ms = not_before;
             self.delayed.insert((not_before, task_id));
         }
@@ -999,18 +1280,10 @@ impl State {
     }
 
     fn extend(&mut self, task_id: u64, fence: u64, lease_ttl_ms: u64) -> Result<Outcome, Error> {
-        if !(self.limits.lease_ttl_ms_min..=self.limits.lease_ttl_ms_max).contains(&lease_ttl_ms) {
-            return Err(invalid(
-                "lease_ttl_ms",
-                format!("must be {}..={}", self.limits.lease_ttl_ms_min, self.limits.lease_ttl_ms_max),
-            ));
-        }
         self.check_fence(task_id, fence)?;
         let now = self.now_ms;
         let task = self.tasks.get_mut(&task_id).expect("checked");
-        let Some(lease) = task.lease.as_mut() else {
-            return Err(Error::LeaseExpired { task_id });
-        };
+        let lease = task.lease.as_mut().expect("checked: a current fence on a leased task");
         let old = lease.valid_until_ms;
         let valid_until_ms = now.saturating_add(lease_ttl_ms).max(old);
         lease.valid_until_ms = valid_until_ms;
@@ -1024,22 +1297,22 @@ impl State {
         self.check_fence(task_id, fence)?;
         let now = self.now_ms;
         let task = self.tasks.get_mut(&task_id).expect("checked");
-        let Some(lease) = task.lease.as_mut() else {
-            return Err(Error::LeaseExpired { task_id });
-        };
+        let lease = task.lease.as_mut().expect("checked: a current fence on a leased task");
         self.lease_progress.remove(&(lease.progress_ms, task_id));
         lease.progress_ms = now;
         self.lease_progress.insert((now, task_id));
         Ok(Outcome::Progressed)
     }
 
-    fn context_put(
-        &mut self,
+    /// The version a context write would create and the conversation's
+    /// bytes after it, or why it is refused.
+    fn check_context_put(
+        &self,
         conversation_id: &str,
         key: &str,
         value: &str,
         expected_version: Option<u64>,
-    ) -> Result<Outcome, Error> {
+    ) -> Result<(u64, usize), Error> {
         validate_name("conversation_id", conversation_id, self.limits.id_bytes_max)?;
         validate_name("key", key, self.limits.id_bytes_max)?;
         check_size("value", value, self.limits.conversation_bytes_max)?;
@@ -1068,62 +1341,80 @@ impl State {
                 max: self.limits.conversation_bytes_max as u64,
             });
         }
-        let version = current_version + 1;
+        let old_total = conversation.map(|c| c.bytes).unwrap_or(0);
+        self.check_budget(bytes as u64, old_total as u64)?;
+        Ok((current_version + 1, bytes))
+    }
+
+    fn context_put(
+        &mut self,
+        conversation_id: &str,
+        key: &str,
+        value: &str,
+        expected_version: Option<u64>,
+    ) -> Result<Outcome, Error> {
+        let (version, bytes) = self.check_context_put(conversation_id, key, value, expected_version)?;
+        let old_total = self.conversations.get(conversation_id).map_or(0, |c| c.bytes);
+        let now = self.now_ms;
         let conversation = self.conversations.entry(conversation_id.to_string()).or_default();
         conversation.entries.insert(key.to_string(), (version, value.to_string()));
         conversation.bytes = bytes;
+        if let Some(old) = conversation.written_ms.replace(now) {
+            self.conversation_expiry.remove(&(old, conversation_id.to_string()));
+        }
+        self.conversation_expiry.insert((now, conversation_id.to_string()));
+        self.state_bytes = self.state_bytes - old_total as u64 + bytes as u64;
         Ok(Outcome::ContextWritten { version })
     }
 
-    /// A delegation must come from the parent's current lease, must not repeat
-    /// a step already on the parent's trail (same capability, same payload),
-    /// and must stay within `delegation_hops_max`. A loop dead-letters the
-    /// parent with the trail in its reason: it would only go round again.
-    fn check_delegation(
+    /// Why a delegation from `parent` to `queue` would be a loop, if it is:
+    /// it repeats a step already on the parent's trail (same capability, same
+    /// payload), or it passes `delegation_hops_max`. Names the trail.
+    fn delegation_loop(&self, parent: &Task, queue: &str, hash: u64) -> Option<String> {
+        let repeats = parent.trail.iter().any(|s| s.queue == queue && s.payload_hash == hash);
+        if !repeats && parent.hop_count < self.limits.delegation_hops_max {
+            return None;
+        }
+        let mut path: Vec<String> = parent.trail.iter().map(|s| s.queue.clone()).collect();
+        path.push(queue.to_string());
+        let why = if repeats {
+            "repeats a step already on its trail".to_string()
+        } else {
+            format!("passes delegation_hops_max {}", self.limits.delegation_hops_max)
+        };
+        Some(format!("{} {why}", path.join(" -> ")))
+    }
+
+    /// A checked delegation's hop count, conversation and trail. A loop
+    /// dead-letters the parent with the trail in its reason: it would only go
+    /// round again.
+    fn delegate(
         &mut self,
         parent_id: u64,
         new: &NewTask,
         hash: u64,
     ) -> Result<(u32, Option<String>, Vec<TrailStep>), Error> {
-        let parent = self.tasks.get(&parent_id).ok_or(Error::TaskNotFound { task_id: parent_id })?;
-        if let Some(fence) = new.parent_fence {
-            if fence != parent.last_fence {
-                return Err(Error::Superseded { task_id: parent_id, fence, current: parent.last_fence });
-            }
-            if parent.state.is_terminal() {
-                return Err(Error::AlreadyTerminal { task_id: parent_id, state: parent.state });
-            }
-        }
-        let step = TrailStep {
-            queue: new.queue.clone(),
-            agent_id: parent.lease.as_ref().map(|lease| lease.agent_id.clone()),
-            payload_hash: hash,
-        };
-        let hop_count = parent.hop_count + 1;
-        let repeats = parent.trail.iter().any(|s| s.queue == step.queue && s.payload_hash == step.payload_hash);
-        if repeats || hop_count > self.limits.delegation_hops_max {
-            let mut path: Vec<String> = parent.trail.iter().map(|s| s.queue.clone()).collect();
-            path.push(step.queue.clone());
-            let why = if repeats {
-                "repeats a step already on its trail".to_string()
-            } else {
-                format!("passes delegation_hops_max {}", self.limits.delegation_hops_max)
-            };
-            let trail = format!("{} {why}", path.join(" -> "));
+        let parent = self.tasks.get(&parent_id).expect("checked: the parent exists");
+        if let Some(trail) = self.delegation_loop(parent, &new.queue, hash) {
             if !parent.state.is_terminal() {
                 let reason = format!("loop_detected: {trail}");
                 self.finish(parent_id, TaskState::Dead, |task| task.dead_reason = Some(reason));
             }
             return Err(Error::LoopDetected { task_id: parent_id, trail });
         }
+        let step = TrailStep {
+            queue: new.queue.clone(),
+            agent_id: parent.lease.as_ref().map(|lease| lease.agent_id.clone()),
+            payload_hash: hash,
+        };
         let mut trail = parent.trail.clone();
         trail.push(step);
-        Ok((hop_count, parent.conversation_id.clone(), trail))
+        Ok((parent.hop_count + 1, parent.conversation_id.clone(), trail))
     }
 
-    /// Records that a task waits on others, unless that closes a cycle in
-    /// the wait-for graph (then nothing changes and the cycle is named).
-    fn wait(&mut self, task_id: u64, fence: u64, on: &[u64], timeout_ms: u64) -> Result<Outcome, Error> {
+    /// Whether a task may wait on others: not if that closes a cycle in the
+    /// wait-for graph (the cycle is named).
+    fn check_wait(&self, task_id: u64, fence: u64, on: &[u64], timeout_ms: u64) -> Result<(), Error> {
         if on.is_empty() || on.len() > self.limits.wait_tasks_max {
             return Err(invalid("on", format!("must name 1..={} tasks", self.limits.wait_tasks_max)));
         }
@@ -1136,8 +1427,8 @@ impl State {
         if let Some(missing) = on.iter().find(|id| !self.tasks.contains_key(id)) {
             return Err(Error::TaskNotFound { task_id: *missing });
         }
-        self.check_fence(task_id, fence)?;
-        if self.tasks[&task_id].lease.is_none() {
+        let Some(task) = self.check_report(task_id, fence)? else { return Ok(()) };
+        if task.lease.is_none() {
             return Err(Error::LeaseExpired { task_id });
         }
         for &target in on {
@@ -1147,6 +1438,12 @@ impl State {
                 return Err(Error::Deadlock { cycle: cycle.join(" -> ") });
             }
         }
+        Ok(())
+    }
+
+    /// Records that a checked task waits on others.
+    fn wait(&mut self, task_id: u64, fence: u64, on: &[u64], timeout_ms: u64) -> Result<Outcome, Error> {
+        self.check_fence(task_id, fence)?;
         self.remove_wait(task_id);
         let pending: BTreeSet<u64> = on.iter().copied().filter(|id| !self.tasks[id].state.is_terminal()).collect();
         if pending.is_empty() {
@@ -1290,7 +1587,9 @@ impl State {
         assert!(!task.state.is_terminal(), "task {task_id} finished twice");
         task.state = state;
         task.updated_ms = now;
+        let before = task_bytes(task);
         update(task);
+        self.state_bytes = self.state_bytes - before + task_bytes(task);
         if let Some(deadline) = task.deadline_ms {
             self.deadlines.remove(&(deadline, task_id));
         }
@@ -1327,6 +1626,16 @@ impl State {
             let Some((_, task_id)) = self.finished.pop_first() else { return };
             let task = self.tasks.remove(&task_id).expect("finished task exists");
             assert!(task.state.is_terminal());
+            self.state_bytes -= task_bytes(&task);
+            if let Some(conversation_id) = &task.conversation_id {
+                let count = self.conversation_tasks.get_mut(conversation_id).expect("counted at submit");
+                *count -= 1;
+                if *count == 0 {
+                    // The conversation's last task is gone: its context goes with it.
+                    self.conversation_tasks.remove(conversation_id);
+                    self.remove_conversation(conversation_id);
+                }
+            }
             if let Some(key) = &task.idempotency_key {
                 if self.idempotency_keys.get(key) == Some(&task_id) {
                     self.idempotency_keys.remove(key);
@@ -1334,6 +1643,62 @@ impl State {
             }
             self.counters.compacted += 1;
         }
+    }
+
+    /// Refuses a write that would take the state past `state_bytes_max`:
+    /// `added` bytes replace `removed` ones.
+    fn check_budget(&self, added: u64, removed: u64) -> Result<(), Error> {
+        let bytes = (self.state_bytes - removed).saturating_add(added);
+        if added > removed && bytes > self.limits.state_bytes_max as u64 {
+            return Err(Error::StateFull { bytes, max: self.limits.state_bytes_max as u64 });
+        }
+        Ok(())
+    }
+
+    /// A result or error finishes work already admitted: rather than refuse
+    /// it, the oldest finished tasks are compacted (as retention would) until
+    /// it fits. Refused only when even that cannot make room; then nothing
+    /// is compacted.
+    fn make_room(&mut self, added: u64, removed: u64) -> Result<(), Error> {
+        self.check_room(added, removed)?;
+        while self.check_budget(added, removed).is_err() {
+            self.compact_finished(1);
+        }
+        Ok(())
+    }
+
+    /// Whether `make_room` would find room, changing nothing. O(finished
+    /// tasks), but only once the budget is reached.
+    fn check_room(&self, added: u64, removed: u64) -> Result<(), Error> {
+        let refused = match self.check_budget(added, removed) {
+            Ok(()) => return Ok(()),
+            Err(refused) => refused,
+        };
+        let needed = (self.state_bytes - removed).saturating_add(added) - self.limits.state_bytes_max as u64;
+        let freeable: u64 = self.finished.iter().map(|(_, id)| task_bytes(&self.tasks[id])).sum();
+        if freeable < needed {
+            return Err(refused);
+        }
+        Ok(())
+    }
+
+    /// Replaces a task's error text, keeping the byte count. Errors the state
+    /// machine writes itself are short and never refused.
+    fn set_error(&mut self, task_id: u64, error: String) {
+        let task = self.tasks.get_mut(&task_id).expect("task exists");
+        let before = task_bytes(task);
+        task.error = Some(error);
+        self.state_bytes = self.state_bytes - before + task_bytes(task);
+    }
+
+    /// Deletes a conversation and its context; false if there was none.
+    fn remove_conversation(&mut self, conversation_id: &str) -> bool {
+        let Some(conversation) = self.conversations.remove(conversation_id) else { return false };
+        self.state_bytes -= conversation.bytes as u64;
+        if let Some(at) = conversation.written_ms {
+            self.conversation_expiry.remove(&(at, conversation_id.to_string()));
+        }
+        true
     }
 
     /// Full consistency check of every index against the task map. O(n):
@@ -1383,5 +1748,13 @@ impl State {
         assert_eq!(servers, self.servers_per_queue, "agents per capability");
         let open: u64 = self.open_per_queue.values().sum();
         assert_eq!(open as usize, self.tasks.values().filter(|t| !t.state.is_terminal()).count());
+        let (bytes, expiry, per_conversation) = self.derived();
+        assert_eq!(bytes, self.state_bytes, "state bytes");
+        assert_eq!(expiry, self.conversation_expiry, "conversation expiry index");
+        assert_eq!(per_conversation, self.conversation_tasks, "tasks per conversation");
+        for conversation in self.conversations.values() {
+            let bytes: usize = conversation.entries.iter().map(|(key, (_, value))| key.len() + value.len()).sum();
+            assert_eq!(bytes, conversation.bytes, "conversation bytes");
+        }
     }
 }

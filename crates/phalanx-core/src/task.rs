@@ -136,6 +136,11 @@ pub struct Agent {
     pub capacity: u32,
     /// Incremented by every registration; leases of older epochs are void.
     pub epoch: u64,
+    /// The session's secret, known to the agent alone: the epoch is public
+    /// (listed, and in every lease), so it cannot prove who speaks. Empty for
+    /// a session registered before sessions had secrets.
+    #[serde(default)]
+    pub session: String,
     pub registered_ms: u64,
     /// Ids of the tasks this agent holds a lease on.
     pub leased_task_ids: BTreeSet<u64>,
@@ -143,4 +148,11 @@ pub struct Agent {
     pub stuck_count: u32,
     /// Log time of the latest such revocation.
     pub stuck_ms: Option<u64>,
+}
+
+impl Agent {
+    /// Leases the agent may still take: its capacity less the leases it holds.
+    pub fn room(&self) -> u32 {
+        self.capacity.saturating_sub(self.leased_task_ids.len() as u32)
+    }
 }

@@ -144,17 +144,7 @@ impl Sim {
     }
 
     fn submit(&mut self, queue: &str) -> u64 {
-        let task = NewTask {
-            queue: queue.into(),
-            payload: "1".into(),
-            priority: 5,
-            deadline_ms: None,
-            max_attempts: 3,
-            idempotency_key: None,
-            parent_id: None,
-            parent_fence: None,
-            conversation_id: None,
-        };
+        let task = NewTask::new(queue, "1");
         match self.one(Command::Submit { tasks: vec![task] }) {
             Outcome::Submitted { mut results } => results.pop().unwrap().unwrap().task_id,
             other => panic!("{other:?}"),
@@ -163,7 +153,12 @@ impl Sim {
 
     fn register(&mut self, agent_id: &str) {
         let capabilities = BTreeSet::from(["q".to_string()]);
-        let outcome = self.one(Command::RegisterAgent { agent_id: agent_id.into(), capabilities, capacity: 1 });
+        let outcome = self.one(Command::RegisterAgent {
+            agent_id: agent_id.into(),
+            capabilities,
+            capacity: 1,
+            session: String::new(),
+        });
         assert!(matches!(outcome, Outcome::Registered { .. }), "{outcome:?}");
     }
 }
@@ -204,7 +199,8 @@ fn lowering_agents_max_below_the_registered_agents_needs_force() {
     check_force(&mut sim, Limits { agents_max: 1, ..Limits::default() }, "agents_max", &["3 agents registered"]);
     // Registered agents keep working; a fourth is refused.
     let capabilities = BTreeSet::from(["q".to_string()]);
-    let outcome = sim.one(Command::RegisterAgent { agent_id: "d".into(), capabilities, capacity: 1 });
+    let outcome =
+        sim.one(Command::RegisterAgent { agent_id: "d".into(), capabilities, capacity: 1, session: String::new() });
     assert!(matches!(outcome, Outcome::Refused { error: Error::LimitReached { .. } }), "{outcome:?}");
     // A change of another key does not need force again.
     let policy = Limits { agents_max: 1, attempts_max: 50, ..Limits::default() };

@@ -3,7 +3,8 @@
 //! results, fencing, retries and dead letters, deadlines, priorities,
 //! idempotency, limits, delegation, agent sessions, context compare-and-set,
 //! and the validation of new tasks. Every refusal is checked to change
-//! nothing. Random histories are `properties.rs`'s job, not this file's.
+//! nothing, and refused alike by the edge's check before proposing. Random
+//! histories are `properties.rs`'s job, not this file's.
 
 use phalanx_core::command::Submitted;
 use phalanx_core::{Command, Error, Grant, Limits, NewTask, Outcome, Request, State, Task, TaskState};
@@ -62,7 +63,12 @@ impl Sim {
 
     fn register(&mut self, agent_id: &str, queues: &[&str], capacity: u32) -> u64 {
         let capabilities = queues.iter().map(|q| q.to_string()).collect();
-        match self.one(Command::RegisterAgent { agent_id: agent_id.into(), capabilities, capacity }) {
+        match self.one(Command::RegisterAgent {
+            agent_id: agent_id.into(),
+            capabilities,
+            capacity,
+            session: String::new(),
+        }) {
             Outcome::Registered { epoch } => epoch,
             other => panic!("expected Registered, got {other:?}"),
         }
@@ -101,6 +107,7 @@ impl Sim {
     /// paths (e.g. `counters.superseded`).
     fn check_refused(&mut self, command: Command, expected: Error, changed: &[&str]) {
         self.catch_up();
+        check_at_the_edge(self.state.check(&command), &expected);
         let before = comparable(&self.state, changed);
         match self.one(command) {
             Outcome::Refused { error } => assert_eq!(error, expected),
@@ -112,9 +119,25 @@ impl Sim {
     /// Submits a task that must be refused with `expected`; the state must not change.
     fn check_submit_refused(&mut self, new: NewTask, expected: Error) {
         self.catch_up();
+        // A stale parent fence records nothing: only a loop is left to the log.
+        match &expected {
+            Error::LoopDetected { .. } => assert_eq!(self.state.check_new_task(&new), Ok(())),
+            _ => assert_eq!(self.state.check_new_task(&new).as_ref(), Err(&expected), "refused at the edge"),
+        }
         let before = comparable(&self.state, &[]);
         assert_eq!(self.submit_result(new), Err(expected));
         assert_eq!(before, comparable(&self.state, &[]), "a refused submit changed the state");
+    }
+}
+
+/// What the edge's check (`State::check`) must say
+/// of a command that applying refuses with `expected`: the same refusal, so
+/// that it costs no log entry, unless applying records it (a stale fence is
+/// counted, a delegation loop dead-letters its parent).
+fn check_at_the_edge(checked: Result<(), Error>, expected: &Error) {
+    match expected {
+        Error::Superseded { .. } | Error::LoopDetected { .. } => assert_eq!(checked, Ok(()), "left to the log"),
+        _ => assert_eq!(checked.as_ref(), Err(expected), "refused at the edge as when applied"),
     }
 }
 
@@ -136,17 +159,7 @@ fn comparable(state: &State, ignored: &[&str]) -> Value {
 }
 
 fn new_task(queue: &str) -> NewTask {
-    NewTask {
-        queue: queue.into(),
-        payload: "{}".into(),
-        priority: 5,
-        deadline_ms: None,
-        max_attempts: 3,
-        idempotency_key: None,
-        parent_id: None,
-        parent_fence: None,
-        conversation_id: None,
-    }
+    NewTask::new(queue, "{}")
 }
 
 fn lease(agent_id: &str, epoch: u64, queues: &[&str], tasks_max: u32, lease_ttl_ms: u64) -> Command {
@@ -589,9 +602,12 @@ fn a_task_is_granted_at_most_once_per_entry() {
         let voiding = match void {
             "expire" => Command::ExpireAgent { agent_id: "a".into(), epoch: epoch_a },
             "deregister" => Command::DeregisterAgent { agent_id: "a".into(), epoch: epoch_a },
-            _ => {
-                Command::RegisterAgent { agent_id: "a".into(), capabilities: BTreeSet::from(["q".into()]), capacity: 1 }
-            }
+            _ => Command::RegisterAgent {
+                agent_id: "a".into(),
+                capabilities: BTreeSet::from(["q".into()]),
+                capacity: 1,
+                session: String::new(),
+            },
         };
         let outcomes =
             sim.entry(vec![lease("a", epoch_a, &["q"], 1, 1_000), voiding, lease("b", epoch_b, &["q"], 1, 1_000)]);
@@ -691,12 +707,22 @@ fn every_refused_command_changes_nothing() {
         &[],
     );
     sim.check_refused(
-        Command::RegisterAgent { agent_id: "b".into(), capabilities: BTreeSet::new(), capacity: 1 },
+        Command::RegisterAgent {
+            agent_id: "b".into(),
+            capabilities: BTreeSet::new(),
+            capacity: 1,
+            session: String::new(),
+        },
         invalid("capabilities", "must name at least one queue"),
         &[],
     );
     sim.check_refused(
-        Command::RegisterAgent { agent_id: "a".into(), capabilities: BTreeSet::from(["q".into()]), capacity: 0 },
+        Command::RegisterAgent {
+            agent_id: "a".into(),
+            capabilities: BTreeSet::from(["q".into()]),
+            capacity: 0,
+            session: String::new(),
+        },
         invalid("capacity", "must be 1..=1000"),
         &[],
     );
@@ -800,4 +826,160 @@ fn an_agent_leaving_on_the_last_attempt_dead_letters_its_task() {
     assert_eq!(sim.one(Command::DeregisterAgent { agent_id: "a".into(), epoch }), Outcome::Deregistered);
     assert_eq!(sim.task(id).state, TaskState::Dead);
     assert_eq!(sim.task(id).dead_reason.as_deref(), Some("attempts_exhausted: agent left on attempt 1"));
+}
+
+// ---- the byte budget of the state, and conversations that leave ----
+
+/// Limits where the whole state may hold 64 bytes: a payload of up to 16,
+/// a result of up to 16, a context of up to 32.
+fn small_budget() -> Limits {
+    Limits {
+        payload_bytes_max: 16,
+        result_bytes_max: 16,
+        conversation_bytes_max: 32,
+        state_bytes_max: 64,
+        ..Limits::default()
+    }
+}
+
+#[test]
+fn a_write_past_state_bytes_max_is_refused_and_changes_nothing() {
+    let mut sim = Sim::with_limits(small_budget());
+    let payload = format!("\"{}\"", "x".repeat(14)); // 16 bytes
+    for _ in 0..3 {
+        sim.submit(NewTask { payload: payload.clone(), ..new_task("q") });
+    }
+    assert_eq!(sim.state.state_bytes(), 48);
+    // What still fits is taken: 16 bytes of context reach exactly 64.
+    let value = format!("\"{}\"", "v".repeat(13)); // 15 bytes, with key "k": 16
+    assert_eq!(sim.one(put("k", &value, None)), Outcome::ContextWritten { version: 1 });
+    assert_eq!(sim.state.state_bytes(), 64);
+    sim.check_submit_refused(NewTask { payload, ..new_task("q") }, Error::StateFull { bytes: 80, max: 64 });
+    sim.check_refused(put("j", "1", None), Error::StateFull { bytes: 66, max: 64 }, &[]);
+    // A smaller value in place of a larger one always fits.
+    assert_eq!(sim.one(put("k", "1", None)), Outcome::ContextWritten { version: 2 });
+    assert_eq!(sim.state.state_bytes(), 48 + 2);
+}
+
+#[test]
+fn a_result_makes_room_by_compacting_finished_tasks_and_is_refused_only_without_any() {
+    let mut sim = Sim::with_limits(small_budget());
+    let epoch = sim.register("a", &["q"], 2);
+    let sixteen = format!("\"{}\"", "x".repeat(14));
+    let first = sim.submit(NewTask { payload: sixteen.clone(), ..new_task("q") });
+    let second = sim.submit(NewTask { payload: sixteen.clone(), ..new_task("q") });
+    let grants = sim.lease("a", epoch, &["q"], 2, 10_000);
+    let fence = grants[0].fence;
+    // 32 of payloads + 16 of result: fits.
+    sim.one(complete(first, fence, &sixteen));
+    assert_eq!(sim.state.state_bytes(), 48);
+    // Another 16 of result would reach 64: still fits.
+    sim.submit(NewTask { payload: "{}".into(), ..new_task("q") });
+    assert_eq!(sim.state.state_bytes(), 50);
+    // 50 + 16 = 66 > 64: the finished first task (32 bytes) is compacted to make room.
+    let Outcome::Completed { task } = sim.one(complete(second, fence, &sixteen)) else { panic!() };
+    assert_eq!(task.state, TaskState::Succeeded);
+    assert!(sim.state.task(first).is_none(), "the oldest finished task made room");
+    assert_eq!(sim.state.state_bytes(), 50 - 32 + 16);
+    // With nothing finished to compact, a result that cannot fit is refused.
+    let mut sim = Sim::with_limits(small_budget());
+    let epoch = sim.register("a", &["q"], 4);
+    let ids: Vec<u64> = (0..4).map(|_| sim.submit(NewTask { payload: sixteen.clone(), ..new_task("q") })).collect();
+    let fence = sim.lease("a", epoch, &["q"], 4, 10_000)[0].fence;
+    sim.check_refused(complete(ids[0], fence, "1"), Error::StateFull { bytes: 65, max: 64 }, &[]);
+}
+
+#[test]
+fn a_conversation_can_be_deleted() {
+    let mut sim = Sim::new();
+    sim.one(put("k", "\"hello\"", None));
+    assert_eq!(sim.state.state_bytes(), 8);
+    assert_eq!(sim.one(Command::ContextDelete { conversation_id: "c".into() }), Outcome::ContextDeleted);
+    assert!(sim.state.conversation("c").is_none());
+    assert_eq!(sim.state.state_bytes(), 0);
+    sim.check_refused(
+        Command::ContextDelete { conversation_id: "c".into() },
+        Error::ConversationNotFound { conversation_id: "c".into() },
+        &[],
+    );
+    // Written again, it starts over at version 1.
+    assert_eq!(sim.one(put("k", "1", None)), Outcome::ContextWritten { version: 1 });
+}
+
+#[test]
+fn a_conversation_expires_after_its_ttl_counted_from_its_last_write() {
+    let mut sim = Sim::with_limits(Limits { conversation_ttl_ms: 1_000, ..Limits::default() });
+    sim.at(1_000).one(put("k", "1", None));
+    assert_eq!(sim.state.next_due_ms(), Some(2_001));
+    sim.at(1_800).one(put("k", "2", None));
+    sim.at(2_500).one(Command::Tick);
+    assert!(sim.state.conversation("c").is_some(), "the second write restarted the clock");
+    assert_eq!(sim.state.next_due_ms(), Some(2_801));
+    sim.at(2_801).one(Command::Tick);
+    assert!(sim.state.conversation("c").is_none());
+    assert_eq!(sim.state.state_bytes(), 0);
+}
+
+#[test]
+fn a_conversation_leaves_with_the_last_task_that_carries_it() {
+    let mut sim = Sim::with_limits(Limits { finished_tasks_max: 1, ..Limits::default() });
+    let with = |conversation: &str| NewTask { conversation_id: Some(conversation.into()), ..new_task("q") };
+    sim.one(put("k", "1", None));
+    let root = sim.submit(with("c"));
+    let other = sim.submit(with("c"));
+    sim.one(Command::Cancel { task_id: root });
+    sim.submit(new_task("q"));
+    let unrelated = sim.submit(new_task("q"));
+    // Retention keeps one finished task: cancelling another compacts the root.
+    sim.one(Command::Cancel { task_id: unrelated });
+    assert!(sim.state.task(root).is_none());
+    assert!(sim.state.conversation("c").is_some(), "a task of the conversation is still there");
+    sim.one(Command::Cancel { task_id: other });
+    sim.submit(new_task("q"));
+    let last = sim.submit(new_task("q"));
+    sim.one(Command::Cancel { task_id: last });
+    assert!(sim.state.task(other).is_none());
+    assert!(sim.state.conversation("c").is_none(), "gone with its last task");
+}
+
+#[test]
+fn the_byte_count_and_conversation_indexes_survive_a_snapshot() {
+    let mut sim = Sim::new();
+    sim.one(put("k", "\"v\"", None));
+    sim.submit(NewTask { payload: "[1,2,3]".into(), conversation_id: Some("c".into()), ..new_task("q") });
+    let text = serde_json::to_string(&sim.state).unwrap();
+    let mut restored: State = serde_json::from_str(&text).unwrap();
+    restored.restore();
+    restored.check_invariants();
+    assert_eq!(restored, sim.state);
+    assert_eq!(restored.state_bytes(), 4 + 7);
+    // A snapshot written before budgets existed: no `written_ms`, no new policy keys.
+    let mut old: Value = serde_json::from_str(&text).unwrap();
+    old["conversations"]["c"].as_object_mut().unwrap().remove("written_ms");
+    let limits = old["limits"].as_object_mut().unwrap();
+    limits.remove("state_bytes_max");
+    limits.remove("conversation_ttl_ms");
+    let mut restored: State = serde_json::from_value(old).unwrap();
+    restored.restore();
+    restored.check_invariants();
+    assert_eq!(restored.limits(), &Limits::default());
+    assert_eq!(restored.conversation("c").unwrap().written_ms, None);
+    assert_eq!(restored.state_bytes(), 4 + 7);
+}
+
+#[test]
+fn the_edge_check_of_the_budget_lets_a_known_idempotency_key_through() {
+    let mut sim = Sim::with_limits(small_budget());
+    let sixteen = format!("\"{}\"", "x".repeat(14));
+    let keyed = NewTask { payload: sixteen.clone(), idempotency_key: Some("once".into()), ..new_task("q") };
+    for _ in 0..3 {
+        sim.submit(NewTask { payload: sixteen.clone(), ..new_task("q") });
+    }
+    sim.submit(keyed.clone());
+    assert_eq!(sim.state.state_bytes(), 64);
+    let fresh = NewTask { payload: sixteen, ..new_task("q") };
+    assert_eq!(sim.state.check_new_task(&fresh), Err(Error::StateFull { bytes: 80, max: 64 }));
+    // The same submit again creates nothing, so it is not refused: it answers as before.
+    assert_eq!(sim.state.check_new_task(&keyed), Ok(()));
+    assert!(sim.submit_result(keyed).unwrap().deduplicated);
 }

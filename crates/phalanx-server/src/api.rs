@@ -81,7 +81,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/agents/{agent_id}/heartbeat", post(heartbeat))
         .route("/v1/agents/{agent_id}/deregister", post(deregister))
         .route("/v1/agents/{agent_id}/poll", post(poll))
-        .route("/v1/conversations/{id}", get(context_get))
+        .route("/v1/conversations/{id}", get(context_get).delete(context_delete))
         .route("/v1/conversations/{id}/{key}", put(context_put))
         .route("/v1/config", get(config_get).put(config_set))
         .route("/v1/config/history", get(config_history))
@@ -89,6 +89,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/cluster/members", post(add_member))
         .route("/v1/cluster/members/{id}", axum::routing::delete(remove_member))
         .layer(middleware::from_fn_with_state(node.clone(), route_to_leader))
+        .layer(middleware::from_fn_with_state(node.clone(), read_body))
         .layer(middleware::from_fn_with_state(node.clone(), admit));
     let client = Router::new()
         .merge(routed)
@@ -96,14 +97,15 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(node.config.request_bytes_max))
         .layer(middleware::from_fn_with_state(node.clone(), require_client_token));
-    Router::new()
-        .merge(raft)
-        .merge(client)
+    let health = Router::new()
         .route(
             "/health/live",
             get(|node: State<Node_>| async move { Json(json!({"live": true, "node_id": node.id()})) }),
         )
-        .route("/health/ready", get(ready))
+        .route("/health/ready", get(ready));
+    Router::new()
+        .merge(raft)
+        .merge(client.merge(health).layer(middleware::from_fn(json_rejections)))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(node.clone(), count_requests))
         .with_state(node)
@@ -111,9 +113,75 @@ pub fn router(node: Arc<Node>) -> Router {
 
 // ---- middleware ----
 
+/// Bytes of an axum or hyper refusal read to put its text in our format.
+const REJECTION_TEXT_BYTES_MAX: usize = 4096;
+
+/// Refusals that axum answers by itself, outside our handlers (405 with an
+/// empty body, a path parameter that is not valid UTF-8, ...), in the JSON
+/// error format like every other refusal. Ours are JSON already and pass.
+async fn json_rejections(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let is_json = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(response.status().is_client_error() || response.status().is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, REJECTION_TEXT_BYTES_MAX).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => String::new(),
+    };
+    let allow = parts.headers.get("allow").cloned();
+    let text = match &allow {
+        Some(allowed) if parts.status == StatusCode::METHOD_NOT_ALLOWED => {
+            format!("method {method} is not allowed on {path}; allowed: {}", allowed.to_str().unwrap_or(""))
+        }
+        _ => text,
+    };
+    let mut answer = ApiError::from_rejection(parts.status, &text).into_response();
+    if let Some(allowed) = allow {
+        answer.headers_mut().insert("allow", allowed);
+    }
+    answer
+}
+
 async fn count_requests(State(node): State<Node_>, request: Request, next: Next) -> Response {
     node.stats.http_requests.fetch_add(1, Ordering::Relaxed);
+    let target = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > node.config.uri_bytes_max {
+        let message =
+            format!("the request target is {target} bytes, over uri_bytes_max ({})", node.config.uri_bytes_max);
+        return ApiError::new(StatusCode::URI_TOO_LONG, "uri_too_long", message).into_response();
+    }
     next.run(request).await
+}
+
+/// Reads the whole body, within `body_read_timeout_ms` and
+/// `request_bytes_max`, after the door admitted the request and before
+/// anything else waits on it: a client that sends its body slowly (or never)
+/// is answered `408` instead of holding its slot and its buffers for good.
+async fn read_body(State(node): State<Node_>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let timeout = Duration::from_millis(node.config.body_read_timeout_ms);
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, node.config.request_bytes_max)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(error)) => {
+            let message =
+                format!("request body refused (request_bytes_max is {}): {error}", node.config.request_bytes_max);
+            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message).into_response();
+        }
+        Err(_) => {
+            let message =
+                format!("the request body did not arrive within body_read_timeout_ms ({})", timeout.as_millis());
+            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", message).into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 fn check_token(headers: &HeaderMap, expected: &Option<String>) -> Result<(), ApiError> {
@@ -270,7 +338,20 @@ async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next
         Ok(forwarded) => forwarded,
         Err(error) => return error.into_response(),
     };
-    if wants_stale(&request) || forwarded || node.is_leader() {
+    if wants_stale(&request) {
+        // Every answer of a stale read is labelled, a 404 included: a client
+        // must be able to tell a lagging node from a missing task.
+        let mut response = next.run(request).await;
+        response.headers_mut().insert(STALE_HEADER, HeaderValue::from_static("true"));
+        return response;
+    }
+    if forwarded {
+        return next.run(request).await;
+    }
+    // During an election the request waits here, briefly, for the new
+    // leader (perhaps this node) instead of sending the client away.
+    await_leader(&node).await;
+    if node.is_leader() {
         return next.run(request).await;
     }
     match forward(&node, request).await {
@@ -279,11 +360,70 @@ async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next
     }
 }
 
-/// Sends the request to the leader and relays its answer.
+/// How long a follower tries to connect to the leader. Past it (or on a
+/// refused connection) nothing was sent, and the client hears
+/// `leader_unreachable`, which promises that nothing was done.
+pub const FORWARD_CONNECT_TIMEOUT_MS: u64 = 250;
+
+/// Copies onto a forwarded request the client's headers that the leader
+/// needs. The one place that decides what a forward carries.
+fn forward_headers(incoming: &HeaderMap, mut outgoing: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    for name in ["authorization", "content-type", PRIORITY_HEADER] {
+        if let Some(value) = incoming.get(name) {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    outgoing
+}
+
+/// How long a request may wait on a node that knows no leader (an election
+/// is under way), at most; the client's deadline shortens it.
+const LEADER_WAIT_MS_MAX: u64 = 1_000;
+
+/// Waits until this node knows a leader, for at most `LEADER_WAIT_MS_MAX`
+/// and never past the request's deadline (less a margin to answer in).
+async fn await_leader(node: &Node) -> Option<(u64, String)> {
+    if let Some(leader) = node.leader() {
+        return Some(leader);
+    }
+    let mut budget = Duration::from_millis(LEADER_WAIT_MS_MAX);
+    if let Some(deadline) = crate::admission::current_deadline() {
+        let margin = Duration::from_millis(20);
+        budget = budget.min(deadline.saturating_duration_since(Instant::now()).saturating_sub(margin));
+    }
+    let mut metrics = node.raft.server_metrics();
+    // The guard `wait_for` returns is dropped at once: it must not live across an await.
+    let _ =
+        tokio::time::timeout(budget, async { metrics.wait_for(|m| m.current_leader.is_some()).await.is_ok() }).await;
+    node.leader()
+}
+
+/// Resolves when this node's view of the leadership moves away from
+/// `leader_id` at `term`: another leader, or an election under way (a
+/// follower that stops hearing the leader's keep-alives campaigns, or votes
+/// for another node that does).
+async fn leadership_moved(node: &Node, leader_id: u64, term: u64) {
+    let mut metrics = node.raft.server_metrics();
+    // The guard `wait_for` returns is dropped at once: it must not live across an await.
+    let stopped = metrics
+        .wait_for(|metrics| metrics.current_leader != Some(leader_id) || metrics.vote.leader_id().term != term)
+        .await
+        .is_err();
+    if stopped {
+        // Raft has shut down: the node is stopping and the forward ends with it.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Sends the request to the leader and relays its answer. The forward is
+/// bounded by a short connect timeout and by leadership: if the node learns
+/// of another leader (or an election) while the leader has not answered, the
+/// forward is abandoned and the client told at once, with the new leader.
 async fn forward(node: &Node, request: Request) -> ApiResult {
     let Some((leader_id, leader_addr)) = node.leader() else {
         return Err(ApiError::unavailable("no_leader", "no leader is known: an election may be under way", 200));
     };
+    let term = node.raft.server_metrics().borrow().vote.leader_id().term;
     node.stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, node.config.request_bytes_max)
@@ -291,35 +431,61 @@ async fn forward(node: &Node, request: Request) -> ApiResult {
         .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body too large"))?;
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let wait = if path.ends_with("/poll") { POLL_WAIT_MS_MAX } else { 0 };
-    let timeout = Duration::from_millis(node.config.write_timeout_ms + wait + 2_000);
+    let mut timeout = Duration::from_millis(node.config.write_timeout_ms + wait + 2_000);
     let mut outgoing = node
         .http
         .request(parts.method.clone(), format!("http://{leader_addr}{path}"))
         .header(FORWARDED_HEADER, node.id().to_string())
         .header(PEER_TOKEN_HEADER, node.config.peer_token.clone().unwrap_or_default())
-        .timeout(timeout)
         .body(body);
-    for name in ["authorization", "content-type", PRIORITY_HEADER] {
-        if let Some(value) = parts.headers.get(name) {
-            outgoing = outgoing.header(name, value);
-        }
-    }
+    outgoing = forward_headers(&parts.headers, outgoing);
     if let Some(deadline) = crate::admission::current_deadline() {
-        let remaining = deadline.saturating_duration_since(Instant::now()).as_millis().max(1);
-        outgoing = outgoing.header(DEADLINE_HEADER, remaining.to_string());
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        outgoing = outgoing.header(DEADLINE_HEADER, remaining.as_millis().to_string());
+        // The leader refuses what it cannot propose in time; past the
+        // client's own budget an answer would find nobody waiting anyway.
+        timeout = timeout.min(remaining + Duration::from_millis(500));
     }
-    let unreachable = |error: reqwest::Error| {
-        ApiError::unavailable(
-            "unavailable",
-            format!("leader {leader_id} at {leader_addr} did not answer: {error}"),
-            200,
-        )
-        .with_leader_hint(Some(leader_addr.clone()))
+    let outgoing = outgoing.timeout(timeout);
+    let exchange = async {
+        let answer = outgoing.send().await?;
+        let status = answer.status();
+        let headers = answer.headers().clone();
+        let bytes = answer.bytes().await?;
+        Ok::<_, reqwest::Error>((status, headers, bytes))
     };
-    let answer = outgoing.send().await.map_err(unreachable)?;
-    let status = answer.status();
-    let headers = answer.headers().clone();
-    let bytes = answer.bytes().await.map_err(unreachable)?;
+    let result = tokio::select! {
+        result = exchange => result,
+        () = leadership_moved(node, leader_id, term) => {
+            // Answered once the new leader is known (or the wait runs out),
+            // so the client goes straight to it.
+            let hint = await_leader(node).await.map(|(_, addr)| addr);
+            let message = format!(
+                "leader {leader_id} at {leader_addr} did not answer before the leadership moved; \
+                 the request was sent and may still commit"
+            );
+            let retry_after_ms = if hint.is_some() { 0 } else { 100 };
+            return Err(ApiError::unavailable("leader_changed", message, retry_after_ms).with_leader_hint(hint));
+        }
+    };
+    let (status, headers, bytes) = result.map_err(|error| {
+        if error.is_connect() {
+            // Refused, or no connection within FORWARD_CONNECT_TIMEOUT_MS: the
+            // request never left this node.
+            ApiError::unavailable(
+                "leader_unreachable",
+                format!("leader {leader_id} at {leader_addr} could not be reached; nothing was sent: {error}"),
+                50,
+            )
+        } else {
+            ApiError::unavailable(
+                "unavailable",
+                format!("leader {leader_id} at {leader_addr} did not answer; the request may still commit: {error}"),
+                200,
+            )
+            .with_leader_hint(Some(leader_addr.clone()))
+        }
+    })?;
     let mut response = (status, bytes).into_response();
     for name in ["content-type", "retry-after", STALE_HEADER] {
         if let Some(value) = headers.get(name) {
@@ -346,7 +512,42 @@ fn parse_id(text: &str) -> Result<u64, ApiError> {
     text.parse().map_err(|_| ApiError::invalid(format!("task id {text:?} is not a number")))
 }
 
+/// Refuses what applying would refuse (`check` runs the state machine's own
+/// checks), so that a refusal costs no log entry. A refusal is trusted only
+/// after a read index: a leader still applying entries committed before it
+/// took over must not refuse what the log already allows (a result for a task
+/// it has not applied yet). When leadership cannot be confirmed the log decides.
+async fn refuse_early(
+    node: &Node,
+    check: impl Fn(&phalanx_core::State) -> Vec<Result<(), phalanx_core::Error>>,
+) -> Vec<Result<(), phalanx_core::Error>> {
+    let judge = || check(&node.shared.data.read().expect("state lock").state);
+    let first = judge();
+    if first.iter().all(Result::is_ok) {
+        return first;
+    }
+    let barrier = Duration::from_millis(node.config.write_timeout_ms);
+    match tokio::time::timeout(barrier, node.raft.ensure_linearizable()).await {
+        Ok(Ok(_)) => judge(),
+        _ => first.iter().map(|_| Ok(())).collect(),
+    }
+}
+
+/// `refuse_early` for one command.
+async fn check_command(node: &Node, command: &Command) -> Result<(), ApiError> {
+    let mut judged = refuse_early(node, |state| vec![state.check(command)]).await;
+    judged.pop().expect("one judgement").map_err(ApiError::from)
+}
+
+/// `refuse_early` for the tasks of a submit, one judgement per task.
+async fn check_new_tasks(node: &Node, tasks: &[NewTask]) -> Vec<Result<(), phalanx_core::Error>> {
+    refuse_early(node, |state| tasks.iter().map(|task| state.check_new_task(task)).collect()).await
+}
+
+/// Proposes a command the applied state does not refuse, and waits for its
+/// outcome.
 async fn propose(node: &Node, command: Command) -> Result<(Outcome, u64), ApiError> {
+    check_command(node, &command).await?;
     let deadline = crate::admission::current_deadline();
     let (outcome, index) = node.proposer.propose_by(command, deadline).await.map_err(|error| match error {
         proposer::Error::NotLeader { leader_addr, .. } => {
@@ -486,6 +687,7 @@ impl SubmitBody {
             conversation_id: self.conversation_id,
         };
         let limits = node.shared.data.read().expect("state lock").state.limits().clone();
+        // Stateless checks first, so a malformed task is refused without a read index.
         phalanx_core::state::validate_new_task(&task, &limits)?;
         Ok(task)
     }
@@ -527,6 +729,7 @@ fn check_disk(node: &Node, body: &Body) -> Result<(), ApiError> {
 async fn submit_task(node: &Node_, body: Body) -> ApiResult {
     check_disk(node, &body)?;
     let task = parse::<SubmitBody>(body)?.into_new_task(node)?;
+    check_new_tasks(node, std::slice::from_ref(&task)).await.pop().expect("one judgement")?;
     let (outcome, _) = propose(node, Command::Submit { tasks: vec![task] }).await?;
     let Outcome::Submitted { mut results } = outcome else { unreachable!("submit answers Submitted") };
     let submitted = results.pop().expect("one result per task")?;
@@ -556,38 +759,53 @@ async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
     if batch.tasks.is_empty() || batch.tasks.len() > batch_max {
         return Err(ApiError::invalid(format!("tasks: a batch holds 1..={batch_max} tasks")));
     }
-    // Each task stands on its own: an invalid one is reported in its slot.
-    let mut slots: Vec<Result<Option<usize>, ApiError>> = Vec::new();
+    // Each task stands on its own: one refused (malformed, or refused by the
+    // state) is answered in its slot, and only the others are proposed.
+    let mut slots: Vec<Result<usize, ApiError>> = Vec::new();
     let mut valid = Vec::new();
     for task in batch.tasks {
         match task.into_new_task(node) {
             Ok(task) => {
-                slots.push(Ok(Some(valid.len())));
+                slots.push(Ok(valid.len()));
                 valid.push(task);
             }
             Err(error) => slots.push(Err(error)),
         }
     }
+    let judged = check_new_tasks(node, &valid).await;
+    let mut proposed = Vec::new();
+    // For each valid task: its index among the proposed ones, or its refusal.
+    let mut placed: Vec<Result<usize, phalanx_core::Error>> = Vec::new();
+    for (task, judgement) in valid.into_iter().zip(judged) {
+        placed.push(judgement.map(|()| {
+            proposed.push(task);
+            proposed.len() - 1
+        }));
+    }
     let mut results = Vec::new();
-    if !valid.is_empty() {
-        let (outcome, _) = propose(node, Command::Submit { tasks: valid }).await?;
+    if !proposed.is_empty() {
+        let (outcome, _) = propose(node, Command::Submit { tasks: proposed }).await?;
         let Outcome::Submitted { results: submitted } = outcome else { unreachable!("submit answers Submitted") };
         results = submitted;
     }
+    let refusal = |error: &phalanx_core::Error| json!({"error": {"code": error.code(), "message": error.to_string()}});
     let rendered: Vec<Value> = slots
         .into_iter()
         .map(|slot| match slot {
-            Ok(Some(i)) => match &results[i] {
-                Ok(s) => {
-                    count_submit(node, None);
-                    json!({"task_id": s.task_id, "deduplicated": s.deduplicated})
-                }
-                Err(error) => {
-                    count_submit(node, Some((ApiError::from(error.clone()).status, error.code())));
-                    json!({"error": {"code": error.code(), "message": error.to_string()}})
-                }
-            },
-            Ok(None) => unreachable!(),
+            Ok(i) => {
+                let refused = match &placed[i] {
+                    Ok(j) => match &results[*j] {
+                        Ok(s) => {
+                            count_submit(node, None);
+                            return json!({"task_id": s.task_id, "deduplicated": s.deduplicated});
+                        }
+                        Err(error) => error,
+                    },
+                    Err(error) => error,
+                };
+                count_submit(node, Some((ApiError::from(refused.clone()).status, refused.code())));
+                refusal(refused)
+            }
             Err(error) => {
                 count_submit(node, Some((error.status, error.code)));
                 json!({"error": {"code": error.code, "message": error.message}})
@@ -633,12 +851,68 @@ async fn list_tasks(State(node): State<Node_>, RawQuery(query): RawQuery) -> Api
         validate_name("queue", queue, 1024)?;
     }
     let stale = read_barrier(&node, &query).await?;
-    let data = node.shared.data.read().expect("state lock");
-    let tasks = data.state.tasks(queue.as_deref(), state, after, limit);
-    let next_after = if tasks.len() == limit { tasks.last().map(|t| t.id) } else { None };
-    let views: Vec<TaskView> = tasks.into_iter().map(view).collect();
-    let body = serde_json::to_vec(&json!({"tasks": views, "next_after": next_after})).expect("serialisable");
+    let bytes_max = node.config.list_bytes_max;
+    // Copy what the answer needs under the lock (a memory copy, bounded by
+    // `list_bytes_max`), then let the lock go: serialising is slower, and
+    // applying the log waits for the lock.
+    let tasks = {
+        let data = node.shared.data.read().expect("state lock");
+        let found = data.state.tasks(queue.as_deref(), state, after, limit);
+        let mut copied = Vec::new();
+        let mut bytes = 0;
+        for task in &found {
+            if !copied.is_empty() && bytes + task_bytes_estimate(task) > bytes_max {
+                break;
+            }
+            bytes += task_bytes_estimate(task);
+            copied.push((*task).clone());
+        }
+        let cut = copied.len() < found.len();
+        (copied, cut, found.len() == limit)
+    };
+    let (tasks, cut, full) = tasks;
+    let body = tokio::task::spawn_blocking(move || list_answer(&tasks, cut, full, bytes_max))
+        .await
+        .map_err(|error| ApiError::unavailable("unavailable", format!("serialising the list failed: {error}"), 100))?;
     Ok(mark_stale(([("content-type", "application/json")], body).into_response(), stale))
+}
+
+/// At least the bytes a task takes in a list answer, short of JSON escapes.
+fn task_bytes_estimate(task: &Task) -> usize {
+    let texts = task.payload.len()
+        + task.result.as_ref().map_or(0, String::len)
+        + task.error.as_ref().map_or(0, String::len)
+        + task.dead_reason.as_ref().map_or(0, String::len);
+    texts + task.queue.len() + task.trail.len() * 64 + 400
+}
+
+/// `{tasks, next_after, truncated}` of at most `bytes_max` bytes (or the
+/// first task alone, when it is larger): the tasks are serialised one by one
+/// and the list is cut before the one that would pass the bound. `cut`: the
+/// copy under the lock was already cut by bytes; `full`: the query found
+/// `limit` tasks, so more may follow.
+fn list_answer(tasks: &[Task], mut cut: bool, full: bool, bytes_max: usize) -> Vec<u8> {
+    // Room for the tail: `],"next_after":ID,"truncated":false}`.
+    const TAIL_BYTES_MAX: usize = 64;
+    let mut body = b"{\"tasks\":[".to_vec();
+    let mut last = None;
+    for task in tasks {
+        let text = serde_json::to_vec(&view(task)).expect("a task view serialises");
+        if last.is_some() && body.len() + 1 + text.len() + TAIL_BYTES_MAX > bytes_max {
+            cut = true;
+            break;
+        }
+        if last.is_some() {
+            body.push(b',');
+        }
+        body.extend_from_slice(&text);
+        last = Some(task.id);
+    }
+    let next_after = if cut || full { last } else { None };
+    let tail = json!({"next_after": next_after, "truncated": cut}).to_string();
+    body.extend_from_slice(b"],");
+    body.extend_from_slice(&tail.as_bytes()[1..]);
+    body
 }
 
 async fn cancel(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult {
@@ -716,10 +990,11 @@ async fn progress(State(node): State<Node_>, Path(id): Path<String>, body: Body)
 
 async fn list_agents(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResult {
     let stale = read_barrier(&node, &query).await?;
-    let data = node.shared.data.read().expect("state lock");
-    let agents: Vec<Value> = data
-        .state
-        .agents()
+    // Copied under the lock, turned into JSON after it is let go.
+    let agents: Vec<phalanx_core::Agent> =
+        node.shared.data.read().expect("state lock").state.agents().cloned().collect();
+    let agents: Vec<Value> = agents
+        .iter()
         .map(|agent| {
             json!({
                 "agent_id": agent.id,
@@ -754,6 +1029,9 @@ async fn status(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResu
     let body = json!({
         "policy_version": state.policy_version(),
         "tasks": state.task_count(),
+        "conversations": state.conversation_count(),
+        "state_bytes": state.state_bytes(),
+        "state_bytes_max": state.limits().state_bytes_max,
         "agents": state.agents().count(),
         "stuck_agents": stuck,
         "unserved_queues": state.unserved_queues(),
@@ -800,10 +1078,14 @@ struct RegisterBody {
 async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
     check_disk(&node, &body)?;
     let body = parse::<RegisterBody>(body)?;
+    // The session's secret: 128 random bits, drawn here because the state
+    // machine draws no random numbers, and answered to the registering agent alone.
+    let session = format!("{:032x}", rand::random::<u128>());
     let command = Command::RegisterAgent {
         agent_id: body.agent_id.clone(),
         capabilities: body.capabilities.into_iter().collect(),
         capacity: body.capacity.unwrap_or(1),
+        session: session.clone(),
     };
     let (outcome, _) = propose(&node, command).await?;
     let Outcome::Registered { epoch } = outcome else { unreachable!() };
@@ -812,6 +1094,7 @@ async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
     Ok(Json(json!({
         "agent_id": body.agent_id,
         "epoch": epoch,
+        "session": session,
         "heartbeat_interval_ms": policy.agent_heartbeat_interval_ms,
         "agent_ttl_ms": policy.agent_ttl_ms,
     }))
@@ -820,22 +1103,18 @@ async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EpochBody {
+struct SessionBody {
     epoch: u64,
+    /// The secret `register` answered; the epoch alone is public.
+    session: Option<String>,
 }
 
-/// Checks the session against the applied state and records it as alive.
-fn check_session(node: &Node, agent_id: &str, epoch: u64) -> Result<Vec<String>, ApiError> {
+/// Checks that the request speaks for the agent's current session (its epoch
+/// and its secret) and records the session as alive. A forged heartbeat,
+/// poll or deregistration for another agent's id is refused here.
+fn check_session(node: &Node, agent_id: &str, epoch: u64, session: Option<&str>) -> Result<Vec<String>, ApiError> {
     let data = node.shared.data.read().expect("state lock");
-    let agent = data
-        .state
-        .agent(agent_id)
-        .ok_or_else(|| phalanx_core::Error::AgentNotFound { agent_id: agent_id.to_string() })?;
-    if agent.epoch != epoch {
-        return Err(
-            phalanx_core::Error::StaleEpoch { agent_id: agent_id.to_string(), epoch, current: agent.epoch }.into()
-        );
-    }
+    let agent = data.state.check_session(agent_id, epoch, session)?;
     let capabilities = agent.capabilities.iter().cloned().collect();
     drop(data);
     node.liveness.lock().expect("liveness lock").touch(agent_id, epoch);
@@ -843,13 +1122,14 @@ fn check_session(node: &Node, agent_id: &str, epoch: u64) -> Result<Vec<String>,
 }
 
 async fn heartbeat(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
-    let body = parse::<EpochBody>(body)?;
-    check_session(&node, &agent_id, body.epoch)?;
+    let body = parse::<SessionBody>(body)?;
+    check_session(&node, &agent_id, body.epoch, body.session.as_deref())?;
     Ok(Json(json!({"ok": true})).into_response())
 }
 
 async fn deregister(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
-    let body = parse::<EpochBody>(body)?;
+    let body = parse::<SessionBody>(body)?;
+    check_session(&node, &agent_id, body.epoch, body.session.as_deref())?;
     propose(&node, Command::DeregisterAgent { agent_id, epoch: body.epoch }).await?;
     Ok(Json(json!({"ok": true})).into_response())
 }
@@ -858,15 +1138,16 @@ async fn deregister(State(node): State<Node_>, Path(agent_id): Path<String>, bod
 #[serde(deny_unknown_fields)]
 struct PollBody {
     epoch: u64,
+    session: Option<String>,
     queues: Option<Vec<String>>,
     max_tasks: Option<u32>,
     wait_ms: Option<u64>,
     lease_ttl_ms: Option<u64>,
 }
 
-/// Long-poll: proposes a lease only when the applied state shows ready work,
-/// otherwise waits for the next apply (which may have added some) until
-/// `wait_ms` runs out.
+/// Long-poll: proposes a lease only when the applied state shows the agent
+/// has room and work is ready for it, otherwise waits for the next apply
+/// (which may have changed that) until `wait_ms` runs out.
 async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
     let body = parse::<PollBody>(body)?;
     let wait_ms = body.wait_ms.unwrap_or(0);
@@ -878,7 +1159,7 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
         return Err(ApiError::invalid("max_tasks must be 1..=1000"));
     }
     let lease_ttl_ms = body.lease_ttl_ms.unwrap_or_else(|| default_lease_ttl_ms(&node));
-    let capabilities = check_session(&node, &agent_id, body.epoch)?;
+    let capabilities = check_session(&node, &agent_id, body.epoch, body.session.as_deref())?;
     let queues = body.queues.unwrap_or_else(|| capabilities.clone());
     if queues.is_empty() {
         return Err(ApiError::invalid("queues must name at least one queue"));
@@ -897,8 +1178,18 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
     let deadline = Instant::now() + Duration::from_millis(wait_ms);
     loop {
         let mut applied = node.shared.applied_tx.subscribe();
-        let ready = node.shared.data.read().expect("state lock").state.has_ready(&queues);
-        if ready {
+        // A lease is proposed only when the applied state shows it would
+        // grant something. An agent at its capacity, or with nothing ready on
+        // its queues, waits for an apply that changes that (a lease ends, a
+        // task arrives) and proposes nothing meanwhile.
+        let grantable = node.shared.data.read().expect("state lock").state.grantable(
+            &agent_id,
+            body.epoch,
+            &queues,
+            tasks_max,
+            lease_ttl_ms,
+        )?;
+        if grantable > 0 {
             let command = Command::Lease {
                 agent_id: agent_id.clone(),
                 epoch: body.epoch,
@@ -939,18 +1230,26 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
 
 async fn context_get(State(node): State<Node_>, Path(id): Path<String>, RawQuery(query): RawQuery) -> ApiResult {
     let stale = read_barrier(&node, &query).await?;
-    let data = node.shared.data.read().expect("state lock");
-    let conversation =
-        data.state.conversation(&id).ok_or_else(|| ApiError::not_found(format!("conversation {id:?} not found")))?;
+    // A copy (at most `conversation_bytes_max`) under the lock; parsed and
+    // serialised after it is let go.
+    let conversation = node.shared.data.read().expect("state lock").state.conversation(&id).cloned();
+    let conversation = conversation.ok_or(phalanx_core::Error::ConversationNotFound { conversation_id: id.clone() })?;
     let entries: serde_json::Map<String, Value> = conversation
         .entries
-        .iter()
+        .into_iter()
         .map(|(key, (version, value))| {
-            let value: Value = serde_json::from_str(value).expect("stored JSON text is valid");
-            (key.clone(), json!({"version": version, "value": value}))
+            let value: Value = serde_json::from_str(&value).expect("stored JSON text is valid");
+            (key, json!({"version": version, "value": value}))
         })
         .collect();
     Ok(mark_stale(Json(json!({"conversation_id": id, "entries": entries})).into_response(), stale))
+}
+
+/// Deletes a conversation and its whole context (authorised as its writes are).
+async fn context_delete(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult {
+    validate_name("conversation_id", &id, 1024)?;
+    propose(&node, Command::ContextDelete { conversation_id: id.clone() }).await?;
+    Ok(Json(json!({"conversation_id": id, "deleted": true})).into_response())
 }
 
 #[derive(Deserialize)]

@@ -70,6 +70,23 @@ pub struct NodeConfig {
     /// of this many bytes and `disk_free_min_percent` of the file system.
     pub disk_free_min_bytes: u64,
     pub disk_free_min_percent: u64,
+    /// Client connections from one IP address at once, so that one host
+    /// cannot take every slot; past it, `503 overloaded` before it is read.
+    pub connections_per_address_max: usize,
+    /// Time a client has to send a whole request head, from the moment the
+    /// connection is opened or its previous request's first byte arrives.
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send a request's body once the head is read.
+    pub body_read_timeout_ms: u64,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Bytes of one request head (request line and headers); past it, `431`.
+    pub header_bytes_max: usize,
+    /// Bytes of one request target (path and query); past it, `414`.
+    pub uri_bytes_max: usize,
+    /// Bytes of one list answer (`GET /v1/tasks`); a longer list is cut and
+    /// says where to continue.
+    pub list_bytes_max: usize,
 }
 
 impl NodeConfig {
@@ -103,6 +120,13 @@ impl NodeConfig {
             clock_skew_max_ms: 500,
             disk_free_min_bytes: 64 * 1024 * 1024,
             disk_free_min_percent: 1,
+            connections_per_address_max: 8_192,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            idle_timeout_ms: 60_000,
+            header_bytes_max: 16 * 1024,
+            uri_bytes_max: 8 * 1024,
+            list_bytes_max: 4 * 1024 * 1024,
         }
     }
 
@@ -124,6 +148,29 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.connections_max == 0 || self.requests_in_flight_max == 0 || self.pollers_max == 0 {
             return Err("connections_max, requests_in_flight_max and pollers_max must be positive".into());
+        }
+        if self.connections_per_address_max == 0 {
+            return Err("connections_per_address_max must be positive".into());
+        }
+        for (name, value) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+        ] {
+            if !(100..=3_600_000).contains(&value) {
+                return Err(format!("{name} must be 100..=3600000 (one hour)"));
+            }
+        }
+        // hyper reads a head in buffers of at least 8 KiB; a bound below one
+        // line of ordinary headers would refuse every client.
+        if !(1024..=1024 * 1024).contains(&self.header_bytes_max) {
+            return Err("header_bytes_max must be 1024..=1048576".into());
+        }
+        if !(256..=self.header_bytes_max).contains(&self.uri_bytes_max) {
+            return Err("uri_bytes_max must be 256..=header_bytes_max".into());
+        }
+        if self.list_bytes_max < 64 * 1024 {
+            return Err("list_bytes_max must be at least 65536".into());
         }
         if self.node_id == 0 {
             return Err("node_id must be positive (0 is reserved)".into());
@@ -225,6 +272,13 @@ impl NodeConfig {
                 "clock_skew_max_ms" => self.clock_skew_max_ms = number_of(value)?,
                 "disk_free_min_bytes" => self.disk_free_min_bytes = number_of(value)?,
                 "disk_free_min_percent" => self.disk_free_min_percent = number_of(value)?,
+                "connections_per_address_max" => self.connections_per_address_max = number_of(value)? as usize,
+                "header_read_timeout_ms" => self.header_read_timeout_ms = number_of(value)?,
+                "body_read_timeout_ms" => self.body_read_timeout_ms = number_of(value)?,
+                "idle_timeout_ms" => self.idle_timeout_ms = number_of(value)?,
+                "header_bytes_max" => self.header_bytes_max = number_of(value)? as usize,
+                "uri_bytes_max" => self.uri_bytes_max = number_of(value)? as usize,
+                "list_bytes_max" => self.list_bytes_max = number_of(value)? as usize,
                 other => return Err(at(format!("unknown key {other:?}"))),
             }
         }

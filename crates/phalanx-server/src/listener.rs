@@ -1,88 +1,166 @@
-//! The client listener, with a bound on the connections served at once
-//! (`connections_max`). Past it, a new connection is answered with a
-//! prepared `503 overloaded` (with `Retry-After`) and closed, before a byte
-//! of it is read or parsed. A node whose core is saturated then serves a
-//! bounded set of connections promptly instead of queueing every request of
-//! every connection behind every other (BENCHMARKS.md, "Overload").
+//! The client listener and the HTTP/1.1 connections it serves, with every
+//! bound a client could otherwise hold open:
 //!
-//! A connection holds its slot until it closes, idle keep-alive time
-//! included: size `connections_max` for the clients' pools and the agents'
-//! long-polls together.
+//! - connections served at once (`connections_max`) and from one IP address
+//!   (`connections_per_address_max`). Past either, a new connection is
+//!   answered with a prepared `503 overloaded` (with `Retry-After`) and
+//!   closed, before a byte of it is read or parsed. A node whose core is
+//!   saturated then serves a bounded set of connections promptly instead of
+//!   queueing every request of every connection behind every other
+//!   (BENCHMARKS.md, "Overload"), and one host cannot take every slot;
+//! - bytes of a request head (`header_bytes_max`): hyper refuses a longer
+//!   head, and this connection rewrites hyper's empty `431` (and `414`,
+//!   `400`) into our JSON error body;
+//! - time: a connection must deliver each request head within
+//!   `header_read_timeout_ms` of its first byte (a new connection: of being
+//!   opened), and a keep-alive connection with no request for
+//!   `idle_timeout_ms` is closed. While a request is being served there is no
+//!   timeout here: the body has its own (`api.rs`, `body_read_timeout_ms`),
+//!   and a long-poll waits on purpose.
+//!
+//! What a request means is left to the router (`api.rs`).
 
-use axum::serve::{IncomingStream, Listener};
+use axum::extract::ConnectInfo;
+use axum::Router;
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 
 /// Refused connections being answered at once; past it, one is just closed.
 const REFUSALS_IN_FLIGHT_MAX: usize = 1024;
 /// How long a refused connection may take to close after its answer.
 const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
-const REFUSAL_BODY: &str = r#"{"error":{"code":"overloaded","message":"connections_max connections are being served; try again later","retry_after_ms":1000}}"#;
-
-fn refusal() -> Vec<u8> {
+fn json_answer(status: &str, code: &str, message: &str, retry_after_s: Option<u64>) -> Vec<u8> {
+    let mut error = serde_json::json!({"code": code, "message": message});
+    if let Some(seconds) = retry_after_s {
+        error["retry_after_ms"] = serde_json::json!(seconds * 1000);
+    }
+    let body = serde_json::json!({ "error": error }).to_string();
+    let retry = retry_after_s.map(|s| format!("retry-after: {s}\r\n")).unwrap_or_default();
     format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{REFUSAL_BODY}",
-        REFUSAL_BODY.len()
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{retry}connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
     )
     .into_bytes()
+}
+
+fn refusal() -> Vec<u8> {
+    json_answer(
+        "503 Service Unavailable",
+        "overloaded",
+        "connections_max connections are being served; try again later",
+        Some(1),
+    )
+}
+
+fn refusal_per_address() -> Vec<u8> {
+    json_answer(
+        "503 Service Unavailable",
+        "overloaded",
+        "connections_per_address_max connections from this address are open; close some or try again later",
+        Some(1),
+    )
+}
+
+/// The JSON answer replacing hyper's own empty answer to a head it could not
+/// parse, recognised by its status and by having no `content-type` (every
+/// answer of the router has one).
+fn rewrite_of_hyper_answer(head: &[u8]) -> Option<Vec<u8>> {
+    let status = head.strip_prefix(b"HTTP/1.1 ")?.get(..3)?;
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
+    if head.contains("\r\ncontent-type:") {
+        return None;
+    }
+    Some(match status {
+        b"431" => json_answer(
+            "431 Request Header Fields Too Large",
+            "header_too_large",
+            "the request head is over header_bytes_max",
+            None,
+        ),
+        b"414" => json_answer("414 URI Too Long", "uri_too_long", "the request target is too long", None),
+        b"400" => json_answer("400 Bad Request", "invalid", "the request head is not valid HTTP/1.1", None),
+        _ => return None,
+    })
 }
 
 /// Counts kept by the listener, for `/metrics`.
 #[derive(Default)]
 pub struct ListenerStats {
     pub connections_refused: AtomicU64,
+    /// Connections closed because a head was too slow or they stayed idle.
+    pub connections_timed_out: AtomicU64,
 }
 
-pub struct BoundedListener {
-    inner: TcpListener,
-    slots: Arc<Semaphore>,
-    refusals: Arc<Semaphore>,
-    answer: Arc<[u8]>,
-    stats: Arc<ListenerStats>,
+/// The listener's bounds and timeouts (from `NodeConfig`).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub connections_max: usize,
+    pub connections_per_address_max: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub header_bytes_max: usize,
 }
 
-impl BoundedListener {
-    pub fn new(inner: TcpListener, connections_max: usize, stats: Arc<ListenerStats>) -> BoundedListener {
-        BoundedListener {
-            inner,
-            slots: Arc::new(Semaphore::new(connections_max)),
-            refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT_MAX)),
-            answer: refusal().into(),
-            stats,
+impl Settings {
+    pub fn of(config: &crate::config::NodeConfig) -> Settings {
+        Settings {
+            connections_max: config.connections_max,
+            connections_per_address_max: config.connections_per_address_max,
+            header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+            header_bytes_max: config.header_bytes_max,
         }
     }
 }
 
-/// An accepted connection; its slot is given back when it is dropped.
-pub struct Connection {
-    stream: TcpStream,
-    _slot: OwnedSemaphorePermit,
+pub struct BoundedListener {
+    inner: TcpListener,
+    settings: Settings,
+    slots: Arc<Semaphore>,
+    /// Open connections per address; an address leaves the map with its last.
+    per_address: Arc<Mutex<BTreeMap<IpAddr, usize>>>,
+    refusals: Arc<Semaphore>,
+    answer: Arc<[u8]>,
+    answer_per_address: Arc<[u8]>,
+    stats: Arc<ListenerStats>,
 }
 
-/// The peer of a connection, for handlers (`ConnectInfo<PeerAddr>`).
-#[derive(Clone, Copy, Debug)]
-pub struct PeerAddr(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<IncomingStream<'_, BoundedListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, BoundedListener>) -> PeerAddr {
-        PeerAddr(*stream.remote_addr())
+impl BoundedListener {
+    pub fn new(inner: TcpListener, settings: Settings, stats: Arc<ListenerStats>) -> BoundedListener {
+        BoundedListener {
+            inner,
+            slots: Arc::new(Semaphore::new(settings.connections_max)),
+            settings,
+            per_address: Arc::default(),
+            refusals: Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT_MAX)),
+            answer: refusal().into(),
+            answer_per_address: refusal_per_address().into(),
+            stats,
+        }
     }
-}
 
-impl Listener for BoundedListener {
-    type Io = Connection;
-    type Addr = SocketAddr;
+    fn refuse(&self, stream: TcpStream, answer: &Arc<[u8]>) {
+        self.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+        if let Ok(permit) = self.refusals.clone().try_acquire_owned() {
+            tokio::spawn(refuse(stream, answer.clone(), permit));
+        }
+        // else: dropped, which closes it.
+    }
 
-    async fn accept(&mut self) -> (Connection, SocketAddr) {
+    pub async fn accept(&mut self) -> (Connection, SocketAddr) {
         loop {
             let (stream, addr) = match self.inner.accept().await {
                 Ok(accepted) => accepted,
@@ -94,22 +172,208 @@ impl Listener for BoundedListener {
                 }
             };
             let _ = stream.set_nodelay(true);
-            match self.slots.clone().try_acquire_owned() {
-                Ok(slot) => return (Connection { stream, _slot: slot }, addr),
-                Err(_) => {
-                    self.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(permit) = self.refusals.clone().try_acquire_owned() {
-                        tokio::spawn(refuse(stream, self.answer.clone(), permit));
-                    }
-                    // else: dropped, which closes it.
-                }
-            }
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                self.refuse(stream, &self.answer.clone());
+                continue;
+            };
+            let Some(address) =
+                AddressSlot::take(&self.per_address, addr.ip(), self.settings.connections_per_address_max)
+            else {
+                self.refuse(stream, &self.answer_per_address.clone());
+                continue;
+            };
+            let connection = Connection {
+                stream,
+                activity: Arc::new(Mutex::new(Activity::new())),
+                settings: self.settings.clone(),
+                timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                stats: self.stats.clone(),
+                rewrite: None,
+                _slot: slot,
+                _address: address,
+            };
+            return (connection, addr);
         }
     }
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()
     }
+}
+
+/// One connection counted against its address's bound until dropped.
+struct AddressSlot {
+    map: Arc<Mutex<BTreeMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    fn take(map: &Arc<Mutex<BTreeMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut counts = map.lock().expect("address map lock");
+        let count = counts.entry(ip).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot { map: map.clone(), ip })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.map.lock().expect("address map lock");
+        let count = counts.get_mut(&self.ip).expect("counted when taken");
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(&self.ip);
+        }
+    }
+}
+
+/// Where a connection is between requests, shared by its I/O (which sees
+/// bytes) and its service (which sees requests begin and end).
+struct Activity {
+    opened: Instant,
+    /// Requests being served; no timeout of this file applies meanwhile.
+    in_flight: u32,
+    requests_served: u64,
+    /// When the first byte of the next request head arrived.
+    head_started: Option<Instant>,
+    /// The last byte read or written, or the end of the last request.
+    last_activity: Instant,
+    /// The task waiting to read. hyper may have parked its read while the
+    /// request was served, with no deadline armed; the end of the request
+    /// wakes it to arm the idle one.
+    read_waker: Option<std::task::Waker>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        let now = Instant::now();
+        Activity {
+            opened: now,
+            in_flight: 0,
+            requests_served: 0,
+            head_started: None,
+            last_activity: now,
+            read_waker: None,
+        }
+    }
+
+    /// When the connection is to be closed if nothing happens, and why.
+    fn deadline(&self, settings: &Settings) -> Option<(Instant, &'static str)> {
+        if self.in_flight > 0 {
+            return None;
+        }
+        Some(match (self.head_started, self.requests_served) {
+            (Some(started), _) => (started + settings.header_read_timeout, "request head not received in time"),
+            (None, 0) => (self.opened + settings.header_read_timeout, "no request head received in time"),
+            (None, _) => (self.last_activity + settings.idle_timeout, "idle"),
+        })
+    }
+
+    fn bytes_read(&mut self) {
+        let now = Instant::now();
+        self.last_activity = now;
+        if self.in_flight == 0 && self.head_started.is_none() {
+            self.head_started = Some(now);
+        }
+    }
+}
+
+/// Marks a request as being served while alive.
+struct Serving(Arc<Mutex<Activity>>);
+
+impl Serving {
+    fn begin(activity: &Arc<Mutex<Activity>>) -> Serving {
+        let mut state = activity.lock().expect("activity lock");
+        state.in_flight += 1;
+        state.head_started = None;
+        Serving(activity.clone())
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let mut state = self.0.lock().expect("activity lock");
+        state.in_flight -= 1;
+        state.requests_served += 1;
+        state.last_activity = Instant::now();
+        if let Some(waker) = state.read_waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// An accepted connection; its slots are given back when it is dropped.
+pub struct Connection {
+    stream: TcpStream,
+    activity: Arc<Mutex<Activity>>,
+    settings: Settings,
+    timer: Pin<Box<Sleep>>,
+    stats: Arc<ListenerStats>,
+    /// Our JSON answer in place of hyper's, and how much of it is written.
+    rewrite: Option<(Vec<u8>, usize)>,
+    _slot: OwnedSemaphorePermit,
+    _address: AddressSlot,
+}
+
+/// The peer of a connection, for handlers (`ConnectInfo<PeerAddr>`).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Serves the router on the listener until `shutdown` turns true, then stops
+/// accepting, lets each connection finish the request it is serving, and
+/// returns once all are closed.
+pub async fn serve(
+    mut listener: BoundedListener,
+    router: Router,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> io::Result<()> {
+    // Every connection task holds a sender; `recv` ends once all are dropped.
+    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let header_bytes_max = listener.settings.header_bytes_max;
+    loop {
+        let (connection, addr) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let activity = connection.activity.clone();
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(PeerAddr(addr)));
+            let serving = Serving::begin(&activity);
+            let router = router.clone();
+            async move {
+                let response = tower::ServiceExt::oneshot(router, request.map(axum::body::Body::new)).await;
+                drop(serving);
+                response
+            }
+        });
+        let mut stop = shutdown.clone();
+        let open = open_tx.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.max_header_size(header_bytes_max).header_read_timeout(None).keep_alive(true);
+            let serving = builder.serve_connection(hyper_util::rt::TokioIo::new(connection), service);
+            let mut serving = std::pin::pin!(serving);
+            let result = tokio::select! {
+                result = serving.as_mut() => result,
+                // The watch's guard is dropped before the connection is awaited.
+                _ = async { let _ = stop.wait_for(|stop| *stop).await; } => {
+                    serving.as_mut().graceful_shutdown();
+                    serving.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, %addr, "connection ended");
+            }
+            drop(open);
+        });
+    }
+    drop(open_tx);
+    let _ = open_rx.recv().await;
+    Ok(())
 }
 
 /// Writes the prepared answer and closes. What the client sent is read and
@@ -131,15 +395,84 @@ async fn refuse(mut stream: TcpStream, answer: Arc<[u8]>, _permit: OwnedSemaphor
     .await;
 }
 
+impl Connection {
+    /// Writes what remains of the rewritten answer; `Ready` once all is out.
+    fn poll_rewrite(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some((answer, written)) = &mut self.rewrite else { return Poll::Ready(Ok(())) };
+        while *written < answer.len() {
+            match Pin::new(&mut self.stream).poll_write(cx, &answer[*written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(count)) => *written += count,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether hyper is about to write its own answer to a head it could not
+    /// parse: then ours goes out instead.
+    fn intercept(&mut self, first: &[u8]) {
+        if self.rewrite.is_none() {
+            if let Some(answer) = rewrite_of_hyper_answer(first) {
+                self.rewrite = Some((answer, 0));
+            }
+        }
+    }
+
+    fn touch(&self) {
+        self.activity.lock().expect("activity lock").last_activity = Instant::now();
+    }
+}
+
 impl AsyncRead for Connection {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.activity.lock().expect("activity lock").bytes_read();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            Poll::Pending => {}
+        }
+        // Nothing to read. hyper polls the read side whenever it waits for a
+        // request head (and while it writes an answer), so this is where the
+        // connection's deadline is armed and enforced.
+        let deadline = {
+            let mut activity = this.activity.lock().expect("activity lock");
+            if !activity.read_waker.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+                activity.read_waker = Some(cx.waker().clone());
+            }
+            activity.deadline(&this.settings)
+        };
+        let Some((deadline, why)) = deadline else { return Poll::Pending };
+        if this.timer.deadline() != deadline {
+            this.timer.as_mut().reset(deadline);
+        }
+        if this.timer.as_mut().poll(cx).is_ready() {
+            this.stats.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)));
+        }
+        Poll::Pending
     }
 }
 
 impl AsyncWrite for Connection {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.intercept(buf);
+        if this.rewrite.is_some() {
+            return this.poll_rewrite(cx).map_ok(|()| buf.len());
+        }
+        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(count)) if count > 0) {
+            this.touch();
+        }
+        result
     }
 
     fn poll_write_vectored(
@@ -147,7 +480,19 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            this.intercept(first);
+        }
+        if this.rewrite.is_some() {
+            let total = bufs.iter().map(|b| b.len()).sum();
+            return this.poll_rewrite(cx).map_ok(|()| total);
+        }
+        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(count)) if count > 0) {
+            this.touch();
+        }
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -155,11 +500,19 @@ impl AsyncWrite for Connection {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        if this.rewrite.is_some() {
+            std::task::ready!(this.poll_rewrite(cx))?;
+        }
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.rewrite.is_some() {
+            std::task::ready!(this.poll_rewrite(cx))?;
+        }
+        Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
 
@@ -167,14 +520,31 @@ impl AsyncWrite for Connection {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_prepared_refusal_is_a_complete_http_answer() {
-        let text = String::from_utf8(refusal()).unwrap();
+    fn check_answer(answer: Vec<u8>, status: &str, code: &str) {
+        let text = String::from_utf8(answer).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 503 "));
-        assert!(head.contains("\r\nretry-after: 1"));
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
         assert!(head.contains(&format!("\r\ncontent-length: {}", body.len())));
         let json: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(json["error"]["code"], "overloaded");
+        assert_eq!(json["error"]["code"], code);
+    }
+
+    #[test]
+    fn the_prepared_refusals_are_complete_http_answers() {
+        check_answer(refusal(), "503", "overloaded");
+        check_answer(refusal_per_address(), "503", "overloaded");
+        assert!(String::from_utf8(refusal()).unwrap().contains("\r\nretry-after: 1"));
+    }
+
+    #[test]
+    fn hyper_answers_without_a_body_are_rewritten_and_ours_are_not() {
+        let hyper_431 = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        check_answer(rewrite_of_hyper_answer(hyper_431).unwrap(), "431", "header_too_large");
+        let hyper_414 = b"HTTP/1.1 414 URI Too Long\r\ncontent-length: 0\r\n\r\n";
+        check_answer(rewrite_of_hyper_answer(hyper_414).unwrap(), "414", "uri_too_long");
+        let ours = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        assert!(rewrite_of_hyper_answer(ours).is_none());
+        assert!(rewrite_of_hyper_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none());
+        assert!(rewrite_of_hyper_answer(b"{\"tasks\": []}").is_none());
     }
 }

@@ -42,8 +42,13 @@ pub fn render(node: &Node) -> String {
     );
     gauge(
         "phalanx_connections_refused_total",
-        "Connections answered 503 at once because connections_max were being served.",
+        "Connections answered 503 at once because connections_max (or connections_per_address_max) were open.",
         node.listener_stats.connections_refused.load(Ordering::Relaxed),
+    );
+    gauge(
+        "phalanx_connections_timed_out_total",
+        "Connections closed because a request head was too slow or they stayed idle.",
+        node.listener_stats.connections_timed_out.load(Ordering::Relaxed),
     );
     gauge(
         "phalanx_agents_expired_total",

@@ -1,8 +1,10 @@
 //! The Raft transport, client side: openraft's RPCs as HTTP/JSON POSTs to a
 //! peer's `/raft/*` routes (served in `api.rs`).
 //!
-//! Leaves retries to openraft (it resends on the next heartbeat or after
+//! Leaves retries to openraft (it resends on the next keep-alive or after
 //! `backoff`) and leaves authentication of the receiving side to `api.rs`.
+//! Logs a peer's reachability once per change (lost, and back with how long
+//! it was out), not once per failed RPC: openraft retries every 100 ms.
 
 use crate::raft_types::Member;
 use crate::raft_types::{NodeId, TypeConfig};
@@ -25,6 +27,33 @@ pub struct Network {
     peer_token: Option<String>,
     /// When each peer last answered a Raft RPC (shown by `/v1/cluster`).
     pub contacts: Arc<Mutex<BTreeMap<NodeId, Instant>>>,
+    /// Peers whose last Raft RPC failed: since when, and how many failed.
+    unreachable: Arc<Mutex<BTreeMap<NodeId, (Instant, u64)>>>,
+}
+
+impl Network {
+    /// Notes a failed RPC; only the first failure after a success is logged.
+    fn peer_failed(&self, target: NodeId, addr: &str, error: &dyn std::fmt::Display) {
+        let mut unreachable = self.unreachable.lock().expect("unreachable lock");
+        match unreachable.get_mut(&target) {
+            Some((_, failures)) => *failures += 1,
+            None => {
+                unreachable.insert(target, (Instant::now(), 1));
+                tracing::warn!(peer = target, %addr, %error, "peer unreachable");
+            }
+        }
+    }
+
+    /// Notes an answered RPC; logs the peer's return if it was out.
+    fn peer_answered(&self, target: NodeId, addr: &str) {
+        let now = Instant::now();
+        self.contacts.lock().expect("contacts lock").insert(target, now);
+        let back = self.unreachable.lock().expect("unreachable lock").remove(&target);
+        if let Some((since, failures)) = back {
+            let out_ms = now.duration_since(since).as_millis() as u64;
+            tracing::info!(peer = target, %addr, out_ms, failed_rpcs = failures, "peer reachable again");
+        }
+    }
 }
 
 impl Network {
@@ -35,7 +64,7 @@ impl Network {
             .connect_timeout(Duration::from_millis(500))
             .build()
             .expect("HTTP client builds");
-        Network { http, peer_token, contacts: Arc::default() }
+        Network { http, peer_token, contacts: Arc::default(), unreachable: Arc::default() }
     }
 }
 
@@ -71,6 +100,7 @@ impl Connection {
             request = request.bearer_auth(token);
         }
         let response = request.send().await.map_err(|error| {
+            self.network.peer_failed(self.target, &self.addr, &error);
             if error.is_connect() {
                 RPCError::Unreachable(Unreachable::new(&error))
             } else {
@@ -81,11 +111,14 @@ impl Connection {
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
             let error = std::io::Error::other(format!("peer {} answered {status}: {text}", self.target));
+            self.network.peer_failed(self.target, &self.addr, &error);
             return Err(RPCError::Network(NetworkError::new(&error)));
         }
-        self.network.contacts.lock().expect("contacts lock").insert(self.target, Instant::now());
-        let result: Result<Resp, RaftError<NodeId, Err>> =
-            response.json().await.map_err(|error| RPCError::Network(NetworkError::new(&error)))?;
+        let result: Result<Resp, RaftError<NodeId, Err>> = response.json().await.map_err(|error| {
+            self.network.peer_failed(self.target, &self.addr, &error);
+            RPCError::Network(NetworkError::new(&error))
+        })?;
+        self.network.peer_answered(self.target, &self.addr);
         result.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
     }
 }

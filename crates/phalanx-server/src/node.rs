@@ -316,7 +316,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
             config.write_timeout_ms,
         )
     };
-    let http = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(64).build()?;
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(64)
+        .connect_timeout(Duration::from_millis(crate::api::FORWARD_CONNECT_TIMEOUT_MS))
+        .build()?;
     let node = Arc::new(Node {
         pollers: Arc::new(Semaphore::new(config.pollers_max)),
         requests_in_flight: Arc::new(Semaphore::new(config.requests_in_flight_max)),
@@ -365,16 +369,9 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         });
     }
     let router = crate::api::router(node.clone());
-    let listener =
-        crate::listener::BoundedListener::new(listener, node.config.connections_max, node.listener_stats.clone());
-    let mut server_shutdown = shutdown_rx;
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<crate::listener::PeerAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = server_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let settings = crate::listener::Settings::of(&node.config);
+    let listener = crate::listener::BoundedListener::new(listener, settings, node.listener_stats.clone());
+    let server = tokio::spawn(crate::listener::serve(listener, router, shutdown_rx));
     tracing::info!(node_id = node.id(), %addr, ?raft_addr, "node serving");
     Ok(Running { node, addr, raft_addr, shutdown_tx, server, raft_runtime })
 }

@@ -191,17 +191,7 @@ mod tests {
     }
 
     fn submit(payload: &str) -> Entry<TypeConfig> {
-        let task = NewTask {
-            queue: "q".into(),
-            payload: payload.into(),
-            priority: 5,
-            deadline_ms: None,
-            max_attempts: 3,
-            idempotency_key: None,
-            parent_id: None,
-            parent_fence: None,
-            conversation_id: None,
-        };
+        let task = NewTask::new("q", payload);
         Entry {
             log_id: log_id(2, 5),
             payload: EntryPayload::Normal(Request { now_ms: 0, commands: vec![Command::Submit { tasks: vec![task] }] }),

@@ -234,7 +234,8 @@ fn read_snapshot(db: &Database) -> Result<Option<(StoredSnapshotMeta, Vec<u8>)>,
 /// machine's own invariants (a full O(n) check, affordable once per load).
 fn decode_snapshot(meta: &StoredSnapshotMeta, bytes: &[u8]) -> Result<SnapshotBody, Error> {
     check_snapshot_size(bytes.len())?;
-    let body: SnapshotBody = decode(bytes)?;
+    let mut body: SnapshotBody = decode(bytes)?;
+    body.state.restore();
     if body.last_applied != meta.last_log_id {
         return Err(Error::SnapshotMismatch { body: body.last_applied, meta: meta.last_log_id });
     }

@@ -7,11 +7,19 @@ jitter, `Retry-After` honoured, a retry budget (retries at most about a tenth
 of requests plus a small floor) so that a struggling cluster is not buried
 under retries, and the typed shapes of requests and answers.
 
+Writes move fast: each attempt of a task or agent write has a short timeout
+(`write_timeout_s`, 0.5 s; long-polls add their wait), a node that does not
+answer in time is left for the next one, and `leader_hint` is followed.
+Every submit carries an idempotency key (one is generated when the caller
+gives none, the same for every attempt), so repeating it is always safe.
+
 A write whose outcome is unknown (it may have arrived: a read timeout, a
-dropped connection, a 503 `timeout`) is retried only when repeating it is
-harmless (reads, fenced results, keyed submits); otherwise `OutcomeUnknown`
-is raised and the caller decides. A request that surely never arrived (the
-connection was refused) is always retried.
+dropped connection, a 503 `timeout` or `leader_changed`) is retried only
+when repeating it is harmless (reads, fenced results, keyed submits);
+otherwise `OutcomeUnknown` is raised and the caller decides. A request that
+surely never arrived (the connection was refused, or a 503 whose `outcome`
+is `not_done`) is always retried. Every error says which: `outcome` is
+`"not_done"` or `"unknown"`.
 
 Leaves to others: what to do with the answers (the agent runtime in
 `agent.py`).
@@ -26,6 +34,7 @@ import random
 import threading
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Literal, Optional, Sequence, TypedDict, TypeVar, Union
 
@@ -122,6 +131,9 @@ class TaskPage(TypedDict):
 class Registration(TypedDict):
     agent_id: str
     epoch: int
+    # The session's secret: the client presents it on the session's
+    # heartbeats, polls and deregistration by itself (the epoch is public).
+    session: str
     heartbeat_interval_ms: int
     agent_ttl_ms: int
 
@@ -175,21 +187,37 @@ class ClusterInfo(_ClusterInfoRequired, total=False):
 # ---- errors ----
 
 
+# Codes whose refusal leaves the outcome open: the request may still take effect (docs/api.md).
+OUTCOME_UNKNOWN_CODES: frozenset[str] = frozenset(
+    {"timeout", "unavailable", "leader_changed", "membership_change_failed", "learner_lagging", "outcome_unknown"})
+
+Outcome = Literal["not_done", "unknown"]
+
+
 class PhalanxError(Exception):
     """A refusal from the cluster, or no usable answer at all.
 
     `status` is the HTTP status (0 when no node answered); `code` is the
-    machine-readable code of docs/api.md.
+    machine-readable code of docs/api.md; `outcome` is `"not_done"` (nothing
+    was done: repeating is safe) or `"unknown"` (it may have taken effect).
     """
 
     def __init__(self, status: int, code: str, message: str, leader_hint: Optional[str] = None,
-                 retry_after_ms: Optional[int] = None) -> None:
+                 retry_after_ms: Optional[int] = None, outcome: Optional[str] = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.leader_hint = leader_hint
         self.retry_after_ms = retry_after_ms
+        if outcome not in ("not_done", "unknown"):
+            outcome = "unknown" if code in OUTCOME_UNKNOWN_CODES else "not_done"
+        self.outcome: Outcome = outcome  # type: ignore[assignment]
+
+    @property
+    def is_outcome_unknown(self) -> bool:
+        """The request may have taken effect (or may still); `False` promises it did not."""
+        return self.outcome == "unknown"
 
     @property
     def is_superseded(self) -> bool:
@@ -239,7 +267,12 @@ class Unavailable(PhalanxError):
 
 
 class OutcomeUnknown(PhalanxError):
-    """The request may or may not have taken effect (a write that timed out after it was sent)."""
+    """The request may or may not have taken effect (a write that timed out after it was sent).
+    Its `outcome` is always `"unknown"`; every other error's `outcome` says which."""
+
+    def __init__(self, status: int, code: str, message: str, leader_hint: Optional[str] = None,
+                 retry_after_ms: Optional[int] = None, outcome: Optional[str] = None) -> None:
+        super().__init__(status, code, message, leader_hint, retry_after_ms, "unknown")
 
 
 _ERROR_BY_STATUS: dict[int, type[PhalanxError]] = {
@@ -264,7 +297,8 @@ def error_from_answer(status: int, body: Any, text: str = "", retry_after_header
     if retry_after_ms is None:
         retry_after_ms = _parse_retry_after_ms(retry_after_header)
     kind = Superseded if code == "superseded" else _ERROR_BY_STATUS.get(status, PhalanxError)
-    return kind(status, code, str(error.get("message", text)), error.get("leader_hint"), retry_after_ms)
+    return kind(status, code, str(error.get("message", text)), error.get("leader_hint"), retry_after_ms,
+                error.get("outcome"))
 
 
 def _parse_retry_after_ms(header: Optional[str]) -> Optional[int]:
@@ -291,12 +325,16 @@ class RetryPolicy:
     retries_max: int = 8
     backoff_base_s: float = 0.05
     backoff_cap_s: float = 2.0
+    # The jitter's ceiling when moving to another node (failover, not overload): an election
+    # takes a few hundred milliseconds and the node's Retry-After already spaces the retries.
+    failover_backoff_cap_s: float = 0.25
     # A server's Retry-After is honoured up to this long.
     retry_after_max_s: float = 30.0
 
-    def backoff_s(self, attempt: int, rng: random.Random) -> float:
+    def backoff_s(self, attempt: int, rng: random.Random, failover: bool = False) -> float:
         """Uniform in [0, min(cap, base * 2^attempt)]."""
-        return rng.uniform(0.0, min(self.backoff_cap_s, self.backoff_base_s * (2 ** min(attempt, 30))))
+        cap = self.failover_backoff_cap_s if failover else self.backoff_cap_s
+        return rng.uniform(0.0, min(cap, self.backoff_base_s * (2 ** min(attempt, 30))))
 
 
 class RetryBudget:
@@ -361,8 +399,10 @@ T = TypeVar("T")
 # "if_not_sent": retried only when it surely never took effect.
 Retry = Literal["safe", "if_not_sent"]
 
-# 503 codes that mean "refused, nothing was done": retried even when repeating is not harmless.
-_REFUSED_BEFORE_ACTING = frozenset({"no_leader", "not_leader", "not_ready", "deadline_exceeded"})
+
+def generated_idempotency_key() -> str:
+    """A fresh key for a submit that carries none: 128 random bits."""
+    return f"auto-{uuid.uuid4().hex}"
 
 
 def _identity(value: Any) -> Any:
@@ -380,6 +420,8 @@ class _Request(Generic[T]):
     wait_s: float = 0.0
     decode: Callable[[Any], T] = _identity
     text: bool = False
+    # A task or agent write: each attempt gets `write_timeout_s` (plus `wait_s`).
+    fast: bool = False
 
 
 def _door_priority(request: _Request[Any]) -> Optional[int]:
@@ -410,19 +452,24 @@ class _Endpoints:
     def submit(queue: str, payload: Any, priority: int, idempotency_key: Optional[str], deadline_ms: Optional[int],
                max_attempts: int, parent_id: Optional[int], parent_fence: Optional[int],
                conversation_id: Optional[str]) -> _Request[int]:
+        # One key for every attempt of this call: the cluster keeps one task per key.
+        if idempotency_key is None:
+            idempotency_key = generated_idempotency_key()
         body = _drop_none({"queue": queue, "payload": payload, "priority": priority,
                            "idempotency_key": idempotency_key, "deadline_ms": deadline_ms,
                            "max_attempts": max_attempts, "parent_id": parent_id, "parent_fence": parent_fence,
                            "conversation_id": conversation_id})
         body["payload"] = payload
-        retry: Retry = "safe" if idempotency_key is not None else "if_not_sent"
-        return _Request("POST", "/v1/tasks", body, retry=retry, decode=lambda answer: answer["task_id"])
+        return _Request("POST", "/v1/tasks", body, retry="safe", decode=lambda answer: answer["task_id"], fast=True)
 
     @staticmethod
     def submit_batch(tasks: Sequence[TaskSpec]) -> _Request[list[BatchResult]]:
-        keyed = all(task.get("idempotency_key") is not None for task in tasks)
-        return _Request("POST", "/v1/tasks/batch", {"tasks": [dict(task) for task in tasks]},
-                        retry="safe" if keyed else "if_not_sent", decode=lambda answer: answer["results"])
+        specs = [dict(task) for task in tasks]
+        for spec in specs:
+            if spec.get("idempotency_key") is None:
+                spec["idempotency_key"] = generated_idempotency_key()
+        return _Request("POST", "/v1/tasks/batch", {"tasks": specs}, retry="safe",
+                        decode=lambda answer: answer["results"], fast=True)
 
     @staticmethod
     def get_task(task_id: int, stale: bool) -> _Request[Task]:
@@ -437,56 +484,57 @@ class _Endpoints:
 
     @staticmethod
     def cancel(task_id: int) -> _Request[Task]:
-        return _Request("POST", f"/v1/tasks/{int(task_id)}/cancel", {})
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/cancel", {}, fast=True)
 
     @staticmethod
     def register(agent_id: str, capabilities: Sequence[str], capacity: int) -> _Request[Registration]:
         if isinstance(capabilities, str):
             capabilities = [capabilities]
         body = {"agent_id": agent_id, "capabilities": list(capabilities), "capacity": capacity}
-        return _Request("POST", "/v1/agents/register", body)
+        return _Request("POST", "/v1/agents/register", body, fast=True)
 
     @staticmethod
-    def heartbeat(agent_id: str, epoch: int) -> _Request[None]:
-        return _Request("POST", f"/v1/agents/{_segment(agent_id)}/heartbeat", {"epoch": epoch},
-                        decode=lambda _: None)
+    def heartbeat(agent_id: str, epoch: int, session: Optional[str]) -> _Request[None]:
+        return _Request("POST", f"/v1/agents/{_segment(agent_id)}/heartbeat",
+                        _drop_none({"epoch": epoch, "session": session}), decode=lambda _: None, fast=True)
 
     @staticmethod
-    def deregister(agent_id: str, epoch: int) -> _Request[None]:
-        return _Request("POST", f"/v1/agents/{_segment(agent_id)}/deregister", {"epoch": epoch},
-                        decode=lambda _: None)
+    def deregister(agent_id: str, epoch: int, session: Optional[str]) -> _Request[None]:
+        return _Request("POST", f"/v1/agents/{_segment(agent_id)}/deregister",
+                        _drop_none({"epoch": epoch, "session": session}), decode=lambda _: None, fast=True)
 
     @staticmethod
-    def poll(agent_id: str, epoch: int, max_tasks: int, wait_ms: int, lease_ttl_ms: Optional[int],
-             queues: Optional[Sequence[str]]) -> _Request[list[Lease]]:
-        body = _drop_none({"epoch": epoch, "queues": list(queues) if queues is not None else None,
+    def poll(agent_id: str, epoch: int, session: Optional[str], max_tasks: int, wait_ms: int,
+             lease_ttl_ms: Optional[int], queues: Optional[Sequence[str]]) -> _Request[list[Lease]]:
+        body = _drop_none({"epoch": epoch, "session": session,
+                           "queues": list(queues) if queues is not None else None,
                            "max_tasks": max_tasks, "wait_ms": wait_ms, "lease_ttl_ms": lease_ttl_ms})
         return _Request("POST", f"/v1/agents/{_segment(agent_id)}/poll", body, wait_s=wait_ms / 1000,
-                        decode=lambda answer: answer["leases"])
+                        decode=lambda answer: answer["leases"], fast=True)
 
     @staticmethod
     def complete(task_id: int, fence: int, result: Any) -> _Request[Task]:
-        return _Request("POST", f"/v1/tasks/{int(task_id)}/complete", {"fence": fence, "result": result})
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/complete", {"fence": fence, "result": result}, fast=True)
 
     @staticmethod
     def fail(task_id: int, fence: int, error: str, retryable: bool) -> _Request[Task]:
         body = {"fence": fence, "error": error, "retryable": retryable}
-        return _Request("POST", f"/v1/tasks/{int(task_id)}/fail", body)
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/fail", body, fast=True)
 
     @staticmethod
     def extend(task_id: int, fence: int, lease_ttl_ms: Optional[int]) -> _Request[int]:
         body = _drop_none({"fence": fence, "lease_ttl_ms": lease_ttl_ms})
         return _Request("POST", f"/v1/tasks/{int(task_id)}/extend", body,
-                        decode=lambda answer: answer["valid_until_ms"])
+                        decode=lambda answer: answer["valid_until_ms"], fast=True)
 
     @staticmethod
     def wait(task_id: int, fence: int, on: Sequence[int], timeout_ms: int) -> _Request[list[int]]:
         body = {"fence": fence, "on": [int(i) for i in on], "timeout_ms": int(timeout_ms)}
-        return _Request("POST", f"/v1/tasks/{int(task_id)}/wait", body, decode=lambda answer: answer["pending"])
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/wait", body, decode=lambda answer: answer["pending"], fast=True)
 
     @staticmethod
     def progress(task_id: int, fence: int) -> _Request[None]:
-        return _Request("POST", f"/v1/tasks/{int(task_id)}/progress", {"fence": fence}, decode=lambda _: None)
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/progress", {"fence": fence}, decode=lambda _: None, fast=True)
 
     @staticmethod
     def context_get(conversation_id: str, stale: bool) -> _Request[Conversation]:
@@ -500,7 +548,13 @@ class _Endpoints:
         # A repeated compare-and-set would fail against its own first write.
         retry: Retry = "safe" if expected_version is None else "if_not_sent"
         return _Request("PUT", f"/v1/conversations/{_segment(conversation_id)}/{_segment(key)}", body,
-                        retry=retry, decode=lambda answer: answer["version"])
+                        retry=retry, decode=lambda answer: answer["version"], fast=True)
+
+    @staticmethod
+    def context_delete(conversation_id: str) -> _Request[None]:
+        # Repeated after it committed, a delete answers 404 `not_found`.
+        return _Request("DELETE", f"/v1/conversations/{_segment(conversation_id)}", retry="if_not_sent",
+                        decode=lambda _: None)
 
     @staticmethod
     def cluster() -> _Request[ClusterInfo]:
@@ -560,6 +614,8 @@ class _Done:
 class _Retry:
     error: PhalanxError
     wait_s: float = 0.0
+    # Retried on another node (failover), not on the same one (overload).
+    failover: bool = True
 
 
 @dataclass
@@ -582,6 +638,7 @@ class _Core:
     token: Optional[str]
     name: Optional[str]
     timeout_s: float
+    write_timeout_s: float
     connect_timeout_s: float
     call_timeout_s: Optional[float]
     policy: RetryPolicy
@@ -604,12 +661,21 @@ class _Core:
             return None
         return time.monotonic() + self.call_timeout_s + request.wait_s
 
+    def attempt_s(self, request: _Request[Any]) -> float:
+        """How long one attempt may wait for its answer (a long-poll adds its wait)."""
+        return (self.write_timeout_s if request.fast else self.timeout_s) + request.wait_s
+
     def headers(self, deadline: Optional[float], request: Optional[_Request[Any]] = None) -> dict[str, str]:
         headers = {}
         if self.token:
             headers["authorization"] = f"Bearer {self.token}"
         if self.name:
             headers["x-phalanx-client"] = self.name
+        if request is not None and request.fast:
+            # The node refuses at once (changing nothing) what it cannot
+            # propose within this attempt, instead of leaving the outcome open.
+            attempt_end = time.monotonic() + self.attempt_s(request)
+            deadline = attempt_end if deadline is None else min(deadline, attempt_end)
         if deadline is not None:
             headers["x-phalanx-deadline-ms"] = str(max(1, int((deadline - time.monotonic()) * 1000)))
         priority = _door_priority(request) if request is not None else None
@@ -618,7 +684,7 @@ class _Core:
         return headers
 
     def timeout(self, request: _Request[Any], deadline: Optional[float]) -> httpx.Timeout:
-        read_s = self.timeout_s + request.wait_s
+        read_s = self.attempt_s(request)
         if deadline is not None:
             read_s = max(0.001, min(read_s, deadline - time.monotonic()))
         return httpx.Timeout(read_s, connect=min(self.connect_timeout_s, read_s))
@@ -636,10 +702,10 @@ class _Core:
         self.move_on(index)
         where = f"{self.nodes[index]}: {type(error).__name__}: {error}"
         if isinstance(error, _NOT_SENT):
-            return _Retry(Unavailable(0, "unreachable", where))
+            return _Retry(Unavailable(0, "unreachable", where, outcome="not_done"))
         if request.retry == "if_not_sent":
             return _Raise(OutcomeUnknown(0, "outcome_unknown", f"the request may have taken effect: {where}"))
-        return _Retry(Unavailable(0, "unreachable", where))
+        return _Retry(Unavailable(0, "no_answer", where, outcome="unknown"))
 
     def judge_response(self, request: _Request[Any], index: int, response: httpx.Response) -> _Verdict:
         status = response.status_code
@@ -657,20 +723,29 @@ class _Core:
         error = error_from_answer(status, body, response.text[:500], response.headers.get("retry-after"))
         wait_s = (error.retry_after_ms or 0) / 1000
         if status == 429:
-            return _Retry(error, wait_s)
+            return _Retry(error, wait_s, failover=False)
         if status == 503:
-            if request.retry == "if_not_sent" and error.code not in _REFUSED_BEFORE_ACTING:
+            if request.retry == "if_not_sent" and error.is_outcome_unknown:
                 return _Raise(OutcomeUnknown(status, error.code, error.message, error.leader_hint,
                                              error.retry_after_ms))
             self.move_on(index, error.leader_hint)
             return _Retry(error, wait_s)
         return _Raise(error)
 
+    @staticmethod
+    def give_up(error: PhalanxError, maybe_done: bool) -> PhalanxError:
+        """The error a call ends with: unknown when any attempt may have taken effect."""
+        # The kind (Unavailable, Overloaded, ...) stays that of the last answer.
+        if maybe_done:
+            error.outcome = "unknown"
+        return error
+
     def pause_s(self, attempt: int, verdict: _Retry, deadline: Optional[float]) -> Optional[float]:
         """The pause before retry `attempt` (1-based), or None to give up."""
         if attempt > self.policy.retries_max or not self.budget.try_retry():
             return None
-        pause = max(self.policy.backoff_s(attempt, self.rng), min(verdict.wait_s, self.policy.retry_after_max_s))
+        pause = max(self.policy.backoff_s(attempt, self.rng, verdict.failover),
+                    min(verdict.wait_s, self.policy.retry_after_max_s))
         if deadline is not None and time.monotonic() + pause >= deadline:
             return None
         return pause
@@ -678,19 +753,34 @@ class _Core:
 
 class _ClientBase:
     def __init__(self, nodes: Union[str, Sequence[str], None], token: Optional[str], name: Optional[str],
-                 timeout_s: float, connect_timeout_s: float, call_timeout_s: Optional[float], retries_max: int,
-                 retry_budget: Optional[RetryBudget], rng: Optional[random.Random]) -> None:
+                 timeout_s: float, write_timeout_s: float, connect_timeout_s: float, call_timeout_s: Optional[float],
+                 retries_max: int, retry_budget: Optional[RetryBudget], rng: Optional[random.Random]) -> None:
         self._core = _Core(
             nodes=parse_nodes(nodes),
             token=token if token is not None else os.environ.get("PHALANX_TOKEN") or None,
             name=name,
             timeout_s=timeout_s,
+            write_timeout_s=write_timeout_s,
             connect_timeout_s=connect_timeout_s,
             call_timeout_s=call_timeout_s,
             policy=RetryPolicy(retries_max=retries_max),
             budget=retry_budget if retry_budget is not None else RetryBudget(),
             rng=rng if rng is not None else random.Random(),
         )
+        # agent id -> (epoch, secret) of each session registered through this client.
+        self._sessions: dict[str, tuple[int, str]] = {}
+        self._sessions_lock = threading.Lock()
+
+    def _remember(self, registration: Registration) -> Registration:
+        if registration.get("session"):
+            with self._sessions_lock:
+                self._sessions[registration["agent_id"]] = (registration["epoch"], registration["session"])
+        return registration
+
+    def _session(self, agent_id: str, epoch: int) -> Optional[str]:
+        with self._sessions_lock:
+            known = self._sessions.get(agent_id)
+        return known[1] if known is not None and known[0] == epoch else None
 
     @property
     def nodes(self) -> list[str]:
@@ -712,15 +802,17 @@ class _ClientBase:
 class Client(_ClientBase):
     """Blocking client. `nodes`: a list or `host:port,host:port` (default `PHALANX_NODES`);
     `token`: bearer token (default `PHALANX_TOKEN`); `name`: the `X-Phalanx-Client` rate-limit key;
+    `timeout_s`: per attempt of reads and administrative calls; `write_timeout_s`: per attempt of task
+    and agent writes (a long-poll adds its wait), after which the next node is tried;
     `call_timeout_s`: a budget for one call including its retries (sent as `X-Phalanx-Deadline-Ms`)."""
 
     def __init__(self, nodes: Union[str, Sequence[str], None] = None, token: Optional[str] = None,
-                 name: Optional[str] = None, *, timeout_s: float = 15.0, connect_timeout_s: float = 1.0,
-                 call_timeout_s: Optional[float] = None, retries_max: int = 8,
+                 name: Optional[str] = None, *, timeout_s: float = 15.0, write_timeout_s: float = 0.5,
+                 connect_timeout_s: float = 1.0, call_timeout_s: Optional[float] = None, retries_max: int = 8,
                  retry_budget: Optional[RetryBudget] = None, rng: Optional[random.Random] = None,
                  transport: Optional[httpx.BaseTransport] = None) -> None:
-        super().__init__(nodes, token, name, timeout_s, connect_timeout_s, call_timeout_s, retries_max,
-                         retry_budget, rng)
+        super().__init__(nodes, token, name, timeout_s, write_timeout_s, connect_timeout_s, call_timeout_s,
+                         retries_max, retry_budget, rng)
         self._http = httpx.Client(transport=transport)
 
     def close(self) -> None:
@@ -737,6 +829,7 @@ class Client(_ClientBase):
         core.budget.on_request()
         deadline = core.deadline(request)
         attempt = 0
+        maybe_done = False
         while True:
             index = core.node()
             verdict: _Verdict
@@ -752,10 +845,11 @@ class Client(_ClientBase):
                 return request.decode(verdict.value)
             if isinstance(verdict, _Raise):
                 raise verdict.error
+            maybe_done = maybe_done or verdict.error.is_outcome_unknown
             attempt += 1
             pause = core.pause_s(attempt, verdict, deadline)
             if pause is None:
-                raise verdict.error
+                raise core.give_up(verdict.error, maybe_done)
             time.sleep(pause)
 
     # ---- tasks ----
@@ -801,17 +895,18 @@ class Client(_ClientBase):
     # ---- agents ----
 
     def register(self, agent_id: str, capabilities: Sequence[str], capacity: int = 1) -> Registration:
-        return self._call(_Endpoints.register(agent_id, capabilities, capacity))
+        return self._remember(self._call(_Endpoints.register(agent_id, capabilities, capacity)))
 
     def heartbeat(self, agent_id: str, epoch: int) -> None:
-        self._call(_Endpoints.heartbeat(agent_id, epoch))
+        self._call(_Endpoints.heartbeat(agent_id, epoch, self._session(agent_id, epoch)))
 
     def deregister(self, agent_id: str, epoch: int) -> None:
-        self._call(_Endpoints.deregister(agent_id, epoch))
+        self._call(_Endpoints.deregister(agent_id, epoch, self._session(agent_id, epoch)))
 
     def poll(self, agent_id: str, epoch: int, max_tasks: int = 1, wait_ms: int = 0,
              lease_ttl_ms: Optional[int] = None, queues: Optional[Sequence[str]] = None) -> list[Lease]:
-        return self._call(_Endpoints.poll(agent_id, epoch, max_tasks, wait_ms, lease_ttl_ms, queues))
+        session = self._session(agent_id, epoch)
+        return self._call(_Endpoints.poll(agent_id, epoch, session, max_tasks, wait_ms, lease_ttl_ms, queues))
 
     def complete(self, task_id: int, fence: int, result: Any = None) -> Task:
         return self._call(_Endpoints.complete(task_id, fence, result))
@@ -838,6 +933,10 @@ class Client(_ClientBase):
     def context_put(self, conversation_id: str, key: str, value: Any, expected_version: Optional[int] = None) -> int:
         """Returns the new version; `expected_version=0` writes only if the key does not exist."""
         return self._call(_Endpoints.context_put(conversation_id, key, value, expected_version))
+
+    def context_delete(self, conversation_id: str) -> None:
+        """Deletes the conversation and its whole context; 404 `not_found` if there is none."""
+        self._call(_Endpoints.context_delete(conversation_id))
 
     # ---- cluster, policy, health ----
 
@@ -887,12 +986,12 @@ class AsyncClient(_ClientBase):
     """Asyncio client with the same methods, arguments and semantics as `Client`."""
 
     def __init__(self, nodes: Union[str, Sequence[str], None] = None, token: Optional[str] = None,
-                 name: Optional[str] = None, *, timeout_s: float = 15.0, connect_timeout_s: float = 1.0,
-                 call_timeout_s: Optional[float] = None, retries_max: int = 8,
+                 name: Optional[str] = None, *, timeout_s: float = 15.0, write_timeout_s: float = 0.5,
+                 connect_timeout_s: float = 1.0, call_timeout_s: Optional[float] = None, retries_max: int = 8,
                  retry_budget: Optional[RetryBudget] = None, rng: Optional[random.Random] = None,
                  transport: Optional[httpx.AsyncBaseTransport] = None) -> None:
-        super().__init__(nodes, token, name, timeout_s, connect_timeout_s, call_timeout_s, retries_max,
-                         retry_budget, rng)
+        super().__init__(nodes, token, name, timeout_s, write_timeout_s, connect_timeout_s, call_timeout_s,
+                         retries_max, retry_budget, rng)
         self._http = httpx.AsyncClient(transport=transport)
 
     async def aclose(self) -> None:
@@ -909,6 +1008,7 @@ class AsyncClient(_ClientBase):
         core.budget.on_request()
         deadline = core.deadline(request)
         attempt = 0
+        maybe_done = False
         while True:
             index = core.node()
             verdict: _Verdict
@@ -925,10 +1025,11 @@ class AsyncClient(_ClientBase):
                 return request.decode(verdict.value)
             if isinstance(verdict, _Raise):
                 raise verdict.error
+            maybe_done = maybe_done or verdict.error.is_outcome_unknown
             attempt += 1
             pause = core.pause_s(attempt, verdict, deadline)
             if pause is None:
-                raise verdict.error
+                raise core.give_up(verdict.error, maybe_done)
             await asyncio.sleep(pause)
 
     # ---- tasks ----
@@ -972,17 +1073,18 @@ class AsyncClient(_ClientBase):
     # ---- agents ----
 
     async def register(self, agent_id: str, capabilities: Sequence[str], capacity: int = 1) -> Registration:
-        return await self._call(_Endpoints.register(agent_id, capabilities, capacity))
+        return self._remember(await self._call(_Endpoints.register(agent_id, capabilities, capacity)))
 
     async def heartbeat(self, agent_id: str, epoch: int) -> None:
-        await self._call(_Endpoints.heartbeat(agent_id, epoch))
+        await self._call(_Endpoints.heartbeat(agent_id, epoch, self._session(agent_id, epoch)))
 
     async def deregister(self, agent_id: str, epoch: int) -> None:
-        await self._call(_Endpoints.deregister(agent_id, epoch))
+        await self._call(_Endpoints.deregister(agent_id, epoch, self._session(agent_id, epoch)))
 
     async def poll(self, agent_id: str, epoch: int, max_tasks: int = 1, wait_ms: int = 0,
                    lease_ttl_ms: Optional[int] = None, queues: Optional[Sequence[str]] = None) -> list[Lease]:
-        return await self._call(_Endpoints.poll(agent_id, epoch, max_tasks, wait_ms, lease_ttl_ms, queues))
+        session = self._session(agent_id, epoch)
+        return await self._call(_Endpoints.poll(agent_id, epoch, session, max_tasks, wait_ms, lease_ttl_ms, queues))
 
     async def complete(self, task_id: int, fence: int, result: Any = None) -> Task:
         return await self._call(_Endpoints.complete(task_id, fence, result))
@@ -1007,6 +1109,9 @@ class AsyncClient(_ClientBase):
     async def context_put(self, conversation_id: str, key: str, value: Any,
                           expected_version: Optional[int] = None) -> int:
         return await self._call(_Endpoints.context_put(conversation_id, key, value, expected_version))
+
+    async def context_delete(self, conversation_id: str) -> None:
+        await self._call(_Endpoints.context_delete(conversation_id))
 
     # ---- cluster, policy, health ----
 

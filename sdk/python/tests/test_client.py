@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from phalanx import AsyncClient, Client, Conflict, InvalidRequest, NotFound, Superseded
+from phalanx import AsyncClient, Client, Conflict, InvalidRequest, NotFound, PhalanxError, Superseded
 from conftest import free_port
 
 
@@ -48,6 +48,23 @@ def test_register_poll_complete(server, client):
     with pytest.raises(NotFound) as gone:
         client.heartbeat("py-worker", epoch)
     assert gone.value.code == "agent_not_found"
+
+
+def test_only_the_registering_client_speaks_for_the_session(server, client):
+    task_id = client.submit("work", 1)
+    registration = client.register("py-owner", ["work"])
+    epoch = registration["epoch"]
+    assert len(registration["session"]) == 32
+    # Another client knows the public epoch, not the session's secret.
+    with Client(server.addr) as forger:
+        for act in (lambda: forger.heartbeat("py-owner", epoch), lambda: forger.poll("py-owner", epoch),
+                    lambda: forger.deregister("py-owner", epoch)):
+            with pytest.raises(PhalanxError) as refused:
+                act()
+            assert (refused.value.status, refused.value.code) == (403, "wrong_session")
+    client.heartbeat("py-owner", epoch)
+    assert client.poll("py-owner", epoch, wait_ms=1000)[0]["task"]["id"] == task_id
+    client.deregister("py-owner", epoch)
 
 
 def test_a_stale_fence_is_superseded_and_changes_nothing(server, client):
@@ -93,6 +110,12 @@ def test_conversation_context(server, client):
     assert conflict.value.code == "version_conflict"
     assert client.context_put("conv-9", "plan", {"step": 2}, expected_version=1) == 2
     assert client.context_get("conv-9")["entries"] == {"plan": {"version": 2, "value": {"step": 2}}}
+    client.context_delete("conv-9")
+    with pytest.raises(NotFound):
+        client.context_get("conv-9")
+    with pytest.raises(NotFound):
+        client.context_delete("conv-9")
+    assert client.context_put("conv-9", "plan", {"step": 1}, expected_version=0) == 1
 
 
 def test_cluster_and_failover_past_a_dead_node(server):

@@ -94,21 +94,68 @@ def refusal(status: int, code: str, **extra: object):
     return answer(status, {"error": {"code": code, "message": code, **extra}})
 
 
-def test_a_refused_connection_moves_on_and_retries_even_an_unkeyed_submit():
+def test_a_refused_connection_moves_on_and_retries_a_submit():
     seen: list[httpx.Request] = []
     client = scripted([refused, answer(201, {"task_id": 7, "deduplicated": False})], seen)
     assert client.submit("q", 1) == 7
     assert [r.url.host for r in seen] == ["n1", "n2"]
     assert seen[1].headers["authorization"] == "Bearer secret"
-    assert json.loads(seen[1].content) == {"queue": "q", "payload": 1, "priority": 5, "max_attempts": 3}
+    body = json.loads(seen[1].content)
+    assert body.pop("idempotency_key").startswith("auto-")
+    assert body == {"queue": "q", "payload": 1, "priority": 5, "max_attempts": 3}
 
 
-def test_an_unkeyed_submit_that_timed_out_is_not_repeated():
+def test_an_unkeyed_submit_that_timed_out_is_repeated_with_the_key_generated_for_it():
     seen: list[httpx.Request] = []
-    client = scripted([timed_out, answer(201, {"task_id": 7, "deduplicated": False})], seen)
-    with pytest.raises(OutcomeUnknown):
-        client.submit("q", 1)
-    assert len(seen) == 1
+    client = scripted([timed_out, refusal(503, "leader_changed", outcome="unknown", leader_hint="n3:3"),
+                       answer(201, {"task_id": 7, "deduplicated": True})], seen)
+    assert client.submit("q", 1) == 7
+    keys = [json.loads(r.content)["idempotency_key"] for r in seen]
+    assert len(keys) == 3 and keys[0].startswith("auto-") and len(set(keys)) == 1, keys
+    assert [r.url.host for r in seen] == ["n1", "n2", "n3"], "no answer: the next node; then the hinted leader"
+    # Another call is another task: another key.
+    seen.clear()
+    client = scripted([answer(201, {"task_id": 8, "deduplicated": False}), answer(200, {"results": []})], seen)
+    client.submit("q", 1)
+    client.submit_batch([{"queue": "q"}, {"queue": "q", "idempotency_key": "mine"}])
+    batch_keys = [task["idempotency_key"] for task in json.loads(seen[1].content)["tasks"]]
+    assert batch_keys[0].startswith("auto-") and batch_keys[1] == "mine"
+    assert json.loads(seen[0].content)["idempotency_key"] not in (keys[0], batch_keys[0])
+
+
+def test_writes_get_a_short_attempt_timeout_and_reads_the_long_one():
+    seen: list[httpx.Request] = []
+    client = scripted([answer(201, {"task_id": 1, "deduplicated": False}), answer(200, {"id": 1}),
+                       answer(200, {"leases": []})], seen)
+    client.submit("q", 1)
+    client.get_task(1)
+    client.poll("a", 1, wait_ms=2000)
+    submit, read, poll = (r.extensions["timeout"]["read"] for r in seen)
+    assert submit == pytest.approx(0.5) and read == pytest.approx(15.0) and poll == pytest.approx(2.5)
+    assert 0 < int(seen[0].headers["x-phalanx-deadline-ms"]) <= 500, "the node may refuse what it cannot do in time"
+
+
+def test_errors_say_whether_anything_was_done():
+    seen: list[httpx.Request] = []
+    client = scripted([refusal(503, "leader_unreachable", outcome="not_done", retry_after_ms=1),
+                       refusal(503, "leader_changed", outcome="unknown", retry_after_ms=1)], seen)
+    # A rollback is not repeated after an unknown outcome, but is after "nothing done".
+    with pytest.raises(OutcomeUnknown) as unknown:
+        client.config_rollback()
+    assert len(seen) == 2 and unknown.value.code == "leader_changed" and unknown.value.outcome == "unknown"
+    # Retries that run out after an attempt that may have been done: unknown, not "nothing done".
+    seen.clear()
+    client = scripted([timed_out] + [refused] * 5, seen)
+    client.retries_max = 3
+    with pytest.raises(Unavailable) as given_up:
+        client.cancel(1)
+    assert given_up.value.is_outcome_unknown
+    seen.clear()
+    client = scripted([refused] * 5, seen)
+    client.retries_max = 3
+    with pytest.raises(Unavailable) as nothing:
+        client.cancel(1)
+    assert nothing.value.outcome == "not_done" and not nothing.value.is_outcome_unknown
 
 
 def test_a_keyed_submit_that_timed_out_is_repeated():
@@ -118,12 +165,12 @@ def test_a_keyed_submit_that_timed_out_is_repeated():
     assert len(seen) == 2
 
 
-def test_an_unkeyed_submit_answered_503_timeout_is_unknown_but_not_leader_is_retried_at_the_hint():
+def test_a_rollback_answered_503_timeout_is_unknown_but_not_leader_is_retried_at_the_hint():
     seen: list[httpx.Request] = []
     client = scripted([refusal(503, "not_leader", leader_hint="n3:3", retry_after_ms=1),
                        refusal(503, "timeout", retry_after_ms=1)], seen)
     with pytest.raises(OutcomeUnknown) as unknown:
-        client.submit("q", 1)
+        client.config_rollback()
     assert [r.url.host for r in seen] == ["n1", "n3"], "the leader hint is preferred"
     assert unknown.value.code == "timeout"
 
