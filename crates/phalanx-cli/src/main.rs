@@ -43,7 +43,7 @@ pub struct Connect {
 #[derive(Subcommand)]
 enum Commands {
     /// Run a node. Alone, it runs a one-node cluster in ./phalanx-data.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Submit, inspect and cancel tasks.
     Task {
         #[command(flatten)]
