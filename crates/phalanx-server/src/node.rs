@@ -10,7 +10,7 @@
 
 use crate::config::NodeConfig;
 use crate::network::Network;
-use crate::proposer::{wall_clock_ms, Proposer};
+use crate::proposer::Proposer;
 use crate::raft_types::Member;
 use crate::raft_types::Raft;
 use crate::store::{self, StateMachineShared};
@@ -570,8 +570,9 @@ impl Node {
     /// leader hands leadership over.
     pub fn stall(&self) -> Option<String> {
         let started = self.storage_health.write_started_ms.load(Ordering::Relaxed);
-        if started != 0 && wall_clock_ms().saturating_sub(started) > STORAGE_STALL_MS {
-            return Some(format!("storage write stalled for {} ms", wall_clock_ms().saturating_sub(started)));
+        let writing_ms = crate::store::monotonic_ms().saturating_sub(started);
+        if started != 0 && writing_ms > STORAGE_STALL_MS {
+            return Some(format!("storage write stalled for {writing_ms} ms"));
         }
         let (applied, behind_since) = self.observe_apply();
         let still = behind_since.map_or(0, |since| since.elapsed().as_millis() as u64);

@@ -14,7 +14,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use phalanx_core::{Command, Outcome, Request};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -92,10 +92,6 @@ pub struct Proposer {
     queue_max: usize,
     write_timeout: Duration,
     pub stats: Arc<Stats>,
-}
-
-pub fn wall_clock_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as u64
 }
 
 impl Proposer {

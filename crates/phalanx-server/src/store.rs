@@ -271,7 +271,7 @@ fn write_snapshot(db: &Database, meta: &StoredSnapshotMeta, bytes: &[u8]) -> Res
 /// for long means a node that looks alive but cannot make progress.
 #[derive(Default)]
 pub struct StorageHealth {
-    /// Wall-clock milliseconds when the log write in progress started (0: none).
+    /// When the log write in progress started, in `monotonic_ms` (0: none).
     pub write_started_ms: AtomicU64,
     /// Duration of the last completed log write, in microseconds.
     pub last_write_us: AtomicU64,
@@ -280,8 +280,12 @@ pub struct StorageHealth {
     pub committed_index: AtomicU64,
 }
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+/// Milliseconds on the monotonic clock since this process first asked, plus
+/// one (so 0 can mean "none"): a wall clock that is stepped must not make a
+/// write look stalled, or hide a stall.
+pub fn monotonic_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// The Raft log, the vote and the committed log id. Clones share the database,
@@ -422,7 +426,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let failpoint = self.stall_failpoint.clone();
         let result = blocking(move || {
             let started = std::time::Instant::now();
-            health.write_started_ms.store(wall_ms(), Ordering::Relaxed);
+            health.write_started_ms.store(monotonic_ms(), Ordering::Relaxed);
             // The failpoint waits without limit on purpose: it imitates a disk
             // that has stopped, and only the test that made it ends it.
             while failpoint.exists() {
