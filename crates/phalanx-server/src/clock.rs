@@ -32,15 +32,18 @@ pub const SAMPLE_FRESH_MS: u64 = 5_000;
 pub const REANCHOR_MS: u64 = 1_000;
 
 /// The majority's time: the median of this node's wall clock and the
-/// estimates of its peers' clocks (lower middle when the count is even), or
-/// `None` when fewer than a majority of the voters are known.
-pub fn majority_ms(own_ms: u64, peers_ms: &[u64], voter_count: usize) -> Option<u64> {
+/// estimates of its peers' clocks (lower middle when the count is even), if
+/// a majority of the voters' clocks lie within `agree_ms` of it; `None` when
+/// fewer are known, or they do not agree (two nodes an hour apart: no one
+/// can tell which is right, so no one is judged, and log time runs on the
+/// monotonic clock alone).
+pub fn majority_ms(own_ms: u64, peers_ms: &[u64], voter_count: usize, agree_ms: u64) -> Option<u64> {
     let mut values: Vec<u64> = std::iter::once(own_ms).chain(peers_ms.iter().copied()).collect();
-    if values.len() < voter_count / 2 + 1 {
-        return None;
-    }
+    let majority = voter_count / 2 + 1;
     values.sort_unstable();
-    Some(values[(values.len() - 1) / 2])
+    let median = values[(values.len() - 1) / 2];
+    let agreeing = values.iter().filter(|v| v.abs_diff(median) <= agree_ms).count();
+    (agreeing >= majority).then_some(median)
 }
 
 /// Log time after `elapsed_ms` of monotonic time since it was `last_ms`,
@@ -100,6 +103,8 @@ struct Inner {
 /// This node's view of the cluster's clocks and, while it leads, its log time.
 pub struct LogClock {
     me: u64,
+    /// `clock_skew_max_ms`: clocks this close agree.
+    agree_ms: u64,
     shared: Arc<StateMachineShared>,
     inner: Mutex<Inner>,
 }
@@ -109,8 +114,8 @@ pub fn wall_clock_ms() -> u64 {
 }
 
 impl LogClock {
-    pub fn new(me: u64, shared: Arc<StateMachineShared>) -> LogClock {
-        LogClock { me, shared, inner: Mutex::new(Inner::default()) }
+    pub fn new(me: u64, agree_ms: u64, shared: Arc<StateMachineShared>) -> LogClock {
+        LogClock { me, agree_ms, shared, inner: Mutex::new(Inner::default()) }
     }
 
     /// Records a peer's wall clock, read at `at` on this node's monotonic clock.
@@ -143,11 +148,11 @@ impl LogClock {
         let peers: Vec<u64> = clocks.iter().filter(|(id, _)| **id != self.me).map(|(_, ms)| *ms).collect();
         // A node outside the voters (a learner) counts only itself.
         let voter_count = inner.voters.len().max(1);
-        majority_ms(clocks[&self.me], &peers, voter_count)
+        majority_ms(clocks[&self.me], &peers, voter_count, self.agree_ms)
     }
 
     /// Each known node's wall clock minus the majority's time, in ms
-    /// (positive: ahead); empty while no majority is known.
+    /// (positive: ahead); empty while no agreeing majority is known.
     pub fn skews_ms(&self) -> BTreeMap<u64, i64> {
         let inner = self.inner.lock().expect("clock lock");
         let Some(reference) = self.reference(&inner) else { return BTreeMap::new() };
@@ -212,16 +217,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_majority_is_the_median_and_needs_a_majority_of_voters() {
+    fn the_majority_is_the_median_of_a_majority_that_agrees() {
         let hour = 3_600_000;
         // One clock an hour ahead or behind does not move the median.
-        assert_eq!(majority_ms(1_000 + hour, &[1_000, 1_010], 3), Some(1_010));
-        assert_eq!(majority_ms(1_000 - 500, &[1_000, 1_010], 3), Some(1_000));
-        // Two of three voters known is a majority; one is not.
-        assert_eq!(majority_ms(1_000, &[1_200], 3), Some(1_000));
-        assert_eq!(majority_ms(1_000, &[], 3), None);
+        assert_eq!(majority_ms(hour + 1_000, &[1_000, 1_010], 3, 500), Some(1_010));
+        assert_eq!(majority_ms(hour + 1_000, &[2 * hour, 2 * hour + 10], 3, 500), Some(2 * hour));
+        // Two of three voters known and agreeing is a majority; one is not.
+        assert_eq!(majority_ms(1_000, &[1_200], 3, 500), Some(1_000));
+        assert_eq!(majority_ms(1_000, &[], 3, 500), None);
+        // Two clocks an hour apart, or three all apart: no majority agrees.
+        assert_eq!(majority_ms(hour + 1_000, &[1_000], 3, 500), None);
+        assert_eq!(majority_ms(hour + 1_000, &[1_000], 2, 500), None);
+        assert_eq!(majority_ms(0, &[hour, 2 * hour], 3, 500), None);
+        // Four voters, one off: the lower middle is one of the three.
+        assert_eq!(majority_ms(hour, &[1_000, 1_000, 1_020], 4, 500), Some(1_000));
+        assert_eq!(majority_ms(0, &[hour, hour, hour + 20], 4, 500), Some(hour));
         // A one-node cluster is its own majority.
-        assert_eq!(majority_ms(1_000, &[], 1), Some(1_000));
+        assert_eq!(majority_ms(1_000, &[], 1, 500), Some(1_000));
     }
 
     #[test]

@@ -100,9 +100,9 @@ pub struct Node {
     pub log_clock: Arc<crate::clock::LogClock>,
     /// The data directory's file system, as last measured (`disk_loop`).
     pub disk: DiskSpace,
-    /// Set while this node, as leader, hands leadership over: its probe
-    /// answer then no longer says it hears from a leader, so the others may
-    /// campaign.
+    /// Set while this node, as leader, hands leadership over: it then serves
+    /// no request, and its probe answer no longer says it hears from a
+    /// leader, so the others may campaign.
     pub stepping_down: AtomicBool,
     /// What `raise_descriptor_limit` found and set at start.
     pub descriptors: Descriptors,
@@ -255,7 +255,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let (log_store, state_machine) =
         store::open(&config.data_dir).with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
     let shared = state_machine.shared();
-    let log_clock = Arc::new(crate::clock::LogClock::new(config.node_id, shared.clone()));
+    let log_clock = Arc::new(crate::clock::LogClock::new(config.node_id, config.clock_skew_max_ms, shared.clone()));
     let mut config = config;
     let descriptors = raise_descriptor_limit(&mut config);
     let storage_health = log_store.health.clone();
