@@ -146,12 +146,21 @@ impl Node {
         self.elections.lock().expect("elections lock").leader_contact = Some(Instant::now());
     }
 
-    /// How long ago this node last heard from its leader: 0 on the leader,
-    /// `None` when it knows no leader.
+    /// How long ago this node last heard from its leader, `None` when it
+    /// knows no leader. On the leader it is the time since a majority last
+    /// acknowledged it: a leader that stopped its keep-alives (a stall hands
+    /// leadership over that way) must not keep its followers from electing
+    /// another, so its own contact ages like theirs.
     pub fn leader_contact_age_ms(&self) -> Option<u64> {
-        let leader = self.raft.server_metrics().borrow().current_leader?;
+        let (leader, quorum_ack) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            (metrics.current_leader?, metrics.millis_since_quorum_ack)
+        };
         if leader == self.id() {
-            return Some(0);
+            // A stalled leader hands over: it does not count as a live one,
+            // even while its (stuck) Raft core has not noticed yet.
+            return quorum_ack.filter(|_| self.stall().is_none());
         }
         let contact = self.elections.lock().expect("elections lock").leader_contact?;
         Some(contact.elapsed().as_millis() as u64)
