@@ -192,29 +192,39 @@ impl Client {
     async fn ready(&self, node: usize) -> bool {
         matches!(self.get(node, "/health/ready").await, Some((200, _)))
     }
+
+    async fn wait_all_ready(&self) {
+        let start = Instant::now();
+        for node in 1..=3 {
+            while !self.ready(node).await {
+                assert!(start.elapsed() < Duration::from_secs(30), "node {node} never became ready");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Three namespaces for a test, or `None` (the test skips) where they cannot
+/// be made and `PHALANX_REQUIRE_NETNS=1` is not set.
+async fn three_nodes(salt: u32) -> Option<(Net, tempfile::TempDir, Client)> {
+    let net = match Net::create(3, salt) {
+        Ok(net) => net,
+        Err(why) if std::env::var("PHALANX_REQUIRE_NETNS").as_deref() != Ok("1") => {
+            eprintln!("skipped: network namespaces unavailable ({why}); PHALANX_REQUIRE_NETNS=1 makes this a failure");
+            return None;
+        }
+        Err(why) => panic!("network namespaces unavailable: {why}"),
+    };
+    let client = Client { http: reqwest::Client::new(), net_prefix: net.prefix.clone() };
+    Some((net, tempfile::tempdir().unwrap(), client))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_leader_acknowledges_nothing_and_the_majority_carries_on() {
-    let net = match Net::create(3, 0) {
-        Ok(net) => net,
-        Err(why) if std::env::var("PHALANX_REQUIRE_NETNS").as_deref() != Ok("1") => {
-            eprintln!("skipped: network namespaces unavailable ({why}); PHALANX_REQUIRE_NETNS=1 makes this a failure");
-            return;
-        }
-        Err(why) => panic!("network namespaces unavailable: {why}"),
-    };
-    let dir = tempfile::tempdir().unwrap();
+    let Some((net, dir, client)) = three_nodes(0).await else { return };
     // Declared after `net`, so the processes end before their namespaces go.
     let _nodes: Vec<Node> = (1..=3).map(|i| start(&net, i, dir.path())).collect();
-    let client = Client { http: reqwest::Client::new(), net_prefix: net.prefix.clone() };
-    let start = Instant::now();
-    for node in 1..=3 {
-        while !client.ready(node).await {
-            assert!(start.elapsed() < Duration::from_secs(30), "node {node} never became ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    client.wait_all_ready().await;
     let leader = client.get(1, "/v1/cluster").await.unwrap().1["leader_id"].as_u64().unwrap() as usize;
     let majority: Vec<usize> = (1..=3).filter(|n| *n != leader).collect();
 
@@ -345,24 +355,10 @@ async fn a_cut_off_leader_acknowledges_nothing_and_the_majority_carries_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_the_leader_alone_does_not_raise_its_term() {
-    let net = match Net::create(3, 1) {
-        Ok(net) => net,
-        Err(why) if std::env::var("PHALANX_REQUIRE_NETNS").as_deref() != Ok("1") => {
-            eprintln!("skipped: network namespaces unavailable ({why}); PHALANX_REQUIRE_NETNS=1 makes this a failure");
-            return;
-        }
-        Err(why) => panic!("network namespaces unavailable: {why}"),
-    };
-    let dir = tempfile::tempdir().unwrap();
+    let Some((net, dir, client)) = three_nodes(1).await else { return };
+    // Declared after `net`, so the processes end before their namespaces go.
     let _nodes: Vec<Node> = (1..=3).map(|i| start(&net, i, dir.path())).collect();
-    let client = Client { http: reqwest::Client::new(), net_prefix: net.prefix.clone() };
-    let start = Instant::now();
-    for node in 1..=3 {
-        while !client.ready(node).await {
-            assert!(start.elapsed() < Duration::from_secs(30), "node {node} never became ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    client.wait_all_ready().await;
     let info = client.get(1, "/v1/cluster").await.unwrap().1;
     let leader = info["leader_id"].as_u64().unwrap() as usize;
     let term = info["term"].as_u64().unwrap();
