@@ -1745,11 +1745,10 @@ async fn raft_append(State(node): State<Node_>, body: Body) -> ApiResult {
 /// leadership over), and its wall clock (for `clock.rs`).
 async fn raft_probe(State(node): State<Node_>) -> ApiResult {
     let term = node.raft.server_metrics().borrow().vote.leader_id().term;
-    let stepping_down = node.stepping_down.load(Ordering::Relaxed);
     Ok(Json(json!({
         "node_id": node.id(),
         "term": term,
-        "leader_contact_age_ms": if stepping_down { None } else { node.leader_contact_age_ms() },
+        "leader_contact_age_ms": node.leader_contact_age_ms(),
         "wall_clock_ms": crate::clock::wall_clock_ms(),
     }))
     .into_response())

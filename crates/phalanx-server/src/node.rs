@@ -158,9 +158,11 @@ impl Node {
             (metrics.current_leader?, metrics.millis_since_quorum_ack)
         };
         if leader == self.id() {
-            // A stalled leader hands over: it does not count as a live one,
-            // even while its (stuck) Raft core has not noticed yet.
-            return quorum_ack.filter(|_| self.stall().is_none());
+            // A leader handing over (a stall, a skewed clock) does not count
+            // as a live one, also in the moment before `timer_loop` notices
+            // a stall, while its (stuck) Raft core still reports contact.
+            let handing_over = self.stepping_down.load(Ordering::Relaxed) || self.stall().is_some();
+            return quorum_ack.filter(|_| !handing_over);
         }
         let contact = self.elections.lock().expect("elections lock").leader_contact?;
         Some(contact.elapsed().as_millis() as u64)
