@@ -2,9 +2,13 @@
 //! failover on error, backoff with full jitter, `Retry-After` honoured, and
 //! a retry budget so that a struggling cluster is not buried under retries.
 //!
-//! Writes move fast: each attempt has a short timeout (`write_timeout`,
-//! 500 ms), a node that does not answer in time is left for the next one,
-//! and a `leader_hint` is followed. Every submit carries an idempotency key
+//! Writes move fast: each attempt has a short timeout, a node that does not
+//! answer in time is left for the next one, and a `leader_hint` is followed.
+//! The timeout adapts to the latency the client sees, as TCP's does
+//! (RFC 6298: the smoothed latency plus four times its variation), between
+//! `WRITE_TIMEOUT_FLOOR` (250 ms) and `write_timeout` (500 ms): a commit takes
+//! milliseconds on a healthy cluster, so a silent leader is left after a
+//! quarter of a second, while a loaded one that answers slowly is given time. Every submit carries an idempotency key
 //! (one is generated when the caller gave none), so a retry after an unknown
 //! outcome is always safe.
 //!
@@ -465,6 +469,48 @@ const BACKOFF_BASE: Duration = Duration::from_millis(50);
 /// next node is tried (the deadline header lets the node refuse, changing
 /// nothing, what it cannot propose within it).
 pub const WRITE_TIMEOUT_DEFAULT: Duration = Duration::from_millis(500);
+/// The adaptive write timeout's floor (see the module's documentation): a
+/// new leader is elected about 250 ms after the old one falls silent.
+pub const WRITE_TIMEOUT_FLOOR: Duration = Duration::from_millis(250);
+
+/// The latency of single write attempts, smoothed as RFC 6298 does.
+#[derive(Clone, Copy, Debug, Default)]
+struct Latency {
+    smoothed_ms: f64,
+    variation_ms: f64,
+    samples: u64,
+}
+
+impl Latency {
+    fn record(&mut self, ms: f64) {
+        if self.samples == 0 {
+            self.smoothed_ms = ms;
+            self.variation_ms = ms / 2.0;
+        } else {
+            self.variation_ms = 0.75 * self.variation_ms + 0.25 * (self.smoothed_ms - ms).abs();
+            self.smoothed_ms = 0.875 * self.smoothed_ms + 0.125 * ms;
+        }
+        self.samples += 1;
+    }
+
+    /// The timeout of one write attempt: none seen yet, the ceiling.
+    fn timeout(&self, floor: Duration, ceiling: Duration) -> Duration {
+        if self.samples == 0 || ceiling <= floor {
+            return ceiling;
+        }
+        let ms = self.smoothed_ms + 4.0 * self.variation_ms;
+        Duration::from_secs_f64(ms / 1000.0).clamp(floor, ceiling)
+    }
+}
+
+/// How long each attempt of a call may wait for its answer.
+#[derive(Clone, Copy, Debug)]
+enum Attempt {
+    /// Reads and administrative calls: a fixed timeout.
+    Fixed(Duration),
+    /// Task and agent writes: the adaptive write timeout, plus a long-poll's wait.
+    Write { wait: Duration },
+}
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
 /// The jitter's ceiling when moving to another node (failover rather than
 /// overload): an election takes a few hundred milliseconds, and the node's
@@ -501,8 +547,10 @@ pub struct Client {
     pub retries_max: u32,
     /// Per attempt of reads and administrative calls; a long-poll adds its `wait_ms`.
     pub request_timeout: Duration,
-    /// Per attempt of task and agent writes (`WRITE_TIMEOUT_DEFAULT`).
+    /// Per attempt of task and agent writes, at most (`WRITE_TIMEOUT_DEFAULT`);
+    /// the attempt's timeout adapts below it, down to `WRITE_TIMEOUT_FLOOR`.
     pub write_timeout: Duration,
+    latency: Mutex<Latency>,
     budget: Mutex<RetryBudget>,
     /// The secret of each agent session registered through this client:
     /// agent id -> (epoch, secret).
@@ -533,6 +581,7 @@ impl Client {
             retries_max: 8,
             request_timeout: Duration::from_secs(15),
             write_timeout: WRITE_TIMEOUT_DEFAULT,
+            latency: Mutex::new(Latency::default()),
             budget: Mutex::new(RetryBudget::new(RETRY_TOKENS_MAX)),
             sessions: Mutex::new(BTreeMap::new()),
         })
@@ -582,6 +631,14 @@ impl Client {
 
     fn node(&self) -> String {
         self.nodes[self.current.load(Ordering::Relaxed) % self.nodes.len()].clone()
+    }
+
+    /// The timeout of the next write attempt (long-polls add their wait).
+    pub fn write_attempt_timeout(&self) -> Duration {
+        self.latency
+            .lock()
+            .expect("latency lock")
+            .timeout(WRITE_TIMEOUT_FLOOR.min(self.write_timeout), self.write_timeout)
     }
 
     /// Moves to the hinted leader when it is one of ours, else to the next node.
@@ -650,7 +707,7 @@ impl Client {
         path: &str,
         body: Option<&Value>,
         retry: Retry,
-        timeout: Duration,
+        attempt_timeout: Attempt,
     ) -> Result<T, Error> {
         self.budget.lock().expect("budget lock").on_request();
         let mut attempt = 0;
@@ -659,8 +716,18 @@ impl Client {
         let mut maybe_done = false;
         loop {
             let node = self.node();
+            let timeout = match attempt_timeout {
+                Attempt::Fixed(timeout) => timeout,
+                Attempt::Write { wait } => self.write_attempt_timeout() + wait,
+            };
+            let sent = Instant::now();
             let (error, next) = match self.exchange(&node, method.clone(), path, body, timeout).await {
-                Ok(answer) if (200..300).contains(&answer.status) => return decode(&answer.body),
+                Ok(answer) if (200..300).contains(&answer.status) => {
+                    if let Attempt::Write { wait: Duration::ZERO } = attempt_timeout {
+                        self.latency.lock().expect("latency lock").record(sent.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    return decode(&answer.body);
+                }
                 Ok(answer) => {
                     let error = refusal(&answer);
                     let Error::Api { leader_hint, outcome, .. } = &error else { unreachable!("refusal is Api") };
@@ -704,11 +771,11 @@ impl Client {
 
     /// A task or agent write, repeated harmlessly (fenced, keyed or a session call).
     async fn post<T: DeserializeOwned>(&self, path: &str, body: Value) -> Result<T, Error> {
-        self.call(reqwest::Method::POST, path, Some(&body), Retry::Safe, self.write_timeout).await
+        self.call(reqwest::Method::POST, path, Some(&body), Retry::Safe, Attempt::Write { wait: Duration::ZERO }).await
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
-        self.call(reqwest::Method::GET, path, None, Retry::Safe, self.request_timeout).await
+        self.call(reqwest::Method::GET, path, None, Retry::Safe, Attempt::Fixed(self.request_timeout)).await
     }
 
     /// A submit without an idempotency key gets a generated one, the same for
@@ -718,7 +785,8 @@ impl Client {
         let mut request = request.clone();
         request.idempotency_key.get_or_insert_with(generated_idempotency_key);
         let body = serde_json::to_value(&request).expect("a SubmitRequest serialises");
-        self.call(reqwest::Method::POST, "/v1/tasks", Some(&body), Retry::Safe, self.write_timeout).await
+        self.call(reqwest::Method::POST, "/v1/tasks", Some(&body), Retry::Safe, Attempt::Write { wait: Duration::ZERO })
+            .await
     }
 
     /// Submits many tasks, each on its own; a task without a key gets a
@@ -733,8 +801,15 @@ impl Client {
             request.idempotency_key.get_or_insert_with(generated_idempotency_key);
         }
         let body = json!({ "tasks": requests });
-        let answer: Answer =
-            self.call(reqwest::Method::POST, "/v1/tasks/batch", Some(&body), Retry::Safe, self.write_timeout).await?;
+        let answer: Answer = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/tasks/batch",
+                Some(&body),
+                Retry::Safe,
+                Attempt::Write { wait: Duration::ZERO },
+            )
+            .await?;
         Ok(answer
             .results
             .into_iter()
@@ -832,7 +907,7 @@ impl Client {
         body["max_tasks"] = json!(max_tasks);
         body["wait_ms"] = json!(wait_ms);
         body["lease_ttl_ms"] = json!(lease_ttl_ms);
-        let timeout = self.write_timeout + Duration::from_millis(wait_ms);
+        let timeout = Attempt::Write { wait: Duration::from_millis(wait_ms) };
         let path = format!("/v1/agents/{}/poll", encode(agent_id));
         let answer: Answer = self.call(reqwest::Method::POST, &path, Some(&body), Retry::Safe, timeout).await?;
         Ok(answer.leases)
@@ -901,8 +976,9 @@ impl Client {
         let path = format!("/v1/conversations/{}/{}", encode(conversation_id), encode(key));
         // A blind put repeats harmlessly; a CAS repeated after it committed
         // answers `version_conflict`, which the caller resolves by reading.
-        let answer: Answer =
-            self.call(reqwest::Method::PUT, &path, Some(&body), Retry::Safe, self.write_timeout).await?;
+        let answer: Answer = self
+            .call(reqwest::Method::PUT, &path, Some(&body), Retry::Safe, Attempt::Write { wait: Duration::ZERO })
+            .await?;
         Ok(answer.version)
     }
 
@@ -910,7 +986,9 @@ impl Client {
     /// there is none (also when a retried delete had already committed).
     pub async fn context_delete(&self, conversation_id: &str) -> Result<(), Error> {
         let path = format!("/v1/conversations/{}", encode(conversation_id));
-        let _: Value = self.call(reqwest::Method::DELETE, &path, None, Retry::IfNotSent, self.request_timeout).await?;
+        let _: Value = self
+            .call(reqwest::Method::DELETE, &path, None, Retry::IfNotSent, Attempt::Fixed(self.request_timeout))
+            .await?;
         Ok(())
     }
 
@@ -945,12 +1023,19 @@ impl Client {
     /// Waits up to 8 s for the node to catch up, so it has the long timeout.
     pub async fn add_member(&self, node_id: u64, addr: &str, raft_addr: Option<&str>) -> Result<Value, Error> {
         let body = json!({"node_id": node_id, "addr": addr, "raft_addr": raft_addr});
-        self.call(reqwest::Method::POST, "/v1/cluster/members", Some(&body), Retry::Safe, self.request_timeout).await
+        self.call(
+            reqwest::Method::POST,
+            "/v1/cluster/members",
+            Some(&body),
+            Retry::Safe,
+            Attempt::Fixed(self.request_timeout),
+        )
+        .await
     }
 
     pub async fn remove_member(&self, node_id: u64) -> Result<Value, Error> {
         let path = format!("/v1/cluster/members/{node_id}");
-        self.call(reqwest::Method::DELETE, &path, None, Retry::Safe, self.request_timeout).await
+        self.call(reqwest::Method::DELETE, &path, None, Retry::Safe, Attempt::Fixed(self.request_timeout)).await
     }
 
     pub async fn config_get(&self) -> Result<Value, Error> {
@@ -961,7 +1046,8 @@ impl Client {
     /// all new work of some kind or delete retained tasks (`409 force_required`).
     pub async fn config_set(&self, set: serde_json::Map<String, Value>, force: bool) -> Result<Value, Error> {
         let body = json!({ "set": set, "force": force });
-        self.call(reqwest::Method::PUT, "/v1/config", Some(&body), Retry::Safe, self.request_timeout).await
+        self.call(reqwest::Method::PUT, "/v1/config", Some(&body), Retry::Safe, Attempt::Fixed(self.request_timeout))
+            .await
     }
 
     pub async fn config_history(&self) -> Result<Value, Error> {
@@ -973,8 +1059,14 @@ impl Client {
     /// version" done twice would go back two versions.
     pub async fn config_rollback(&self, version: Option<u64>, force: bool) -> Result<Value, Error> {
         let body = json!({ "version": version, "force": force });
-        self.call(reqwest::Method::POST, "/v1/config/rollback", Some(&body), Retry::IfNotSent, self.request_timeout)
-            .await
+        self.call(
+            reqwest::Method::POST,
+            "/v1/config/rollback",
+            Some(&body),
+            Retry::IfNotSent,
+            Attempt::Fixed(self.request_timeout),
+        )
+        .await
     }
 
     /// Waits until every task is terminal, reading each with backoff;
@@ -1032,6 +1124,27 @@ fn refusal(answer: &Answer) -> Error {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_write_timeout_follows_the_latency_between_floor_and_ceiling() {
+        let (floor, ceiling) = (WRITE_TIMEOUT_FLOOR, WRITE_TIMEOUT_DEFAULT);
+        let mut latency = Latency::default();
+        // Nothing seen yet: the ceiling.
+        assert_eq!(latency.timeout(floor, ceiling), ceiling);
+        // Commits of a few milliseconds: the floor.
+        for _ in 0..20 {
+            latency.record(4.0);
+        }
+        assert_eq!(latency.timeout(floor, ceiling), floor);
+        // A loaded cluster answering in 150-250 ms: more than the floor.
+        for i in 0..40 {
+            latency.record(if i % 2 == 0 { 150.0 } else { 250.0 });
+        }
+        let loaded = latency.timeout(floor, ceiling);
+        assert!(loaded > Duration::from_millis(300) && loaded <= ceiling, "{loaded:?}");
+        // A ceiling set below the floor wins.
+        assert_eq!(latency.timeout(Duration::from_millis(100), Duration::from_millis(100)), Duration::from_millis(100));
+    }
+
     use super::*;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 #[derive(Args, Clone)]
 pub struct BenchArgs {
     /// `throughput` (default), `overload` (open-loop load at multiples of
-    /// capacity), `backlog` (an outage under load, then the drain) or
-    /// `failover` (faults to the leader, as SDK clients see them).
+    /// capacity), `backlog` (an outage under load, then the drain),
+    /// `failover` (faults to the leader, as SDK clients see them), `soak`
+    /// (many tasks through, memory and disk watched) or `steady` (a
+    /// fault-free mixed workload: elections must be 0).
     #[arg(default_value = "throughput")]
     pub scenario: String,
     /// Where `overload` writes its CSV and SVG.
@@ -85,7 +87,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "backlog" => crate::overload::backlog(args).await,
         "soak" => soak(args).await,
         "failover" => crate::failover::failover(args).await,
-        other => anyhow::bail!("unknown scenario {other:?}: use throughput, overload, backlog, soak or failover"),
+        "steady" => crate::steady::steady(args).await,
+        other => {
+            anyhow::bail!("unknown scenario {other:?}: use throughput, overload, backlog, soak, failover or steady")
+        }
     }
 }
 

@@ -6,13 +6,17 @@
 //! one fault to the leader (`kill`: SIGKILL, `pause`: SIGSTOP), and measures
 //! per client the outage: from the fault to the first acknowledged write that
 //! was sent after it (a write already in flight proves nothing). Printed per
-//! fault: the outage of the first client to recover and of the last one (p50
-//! and max over the rounds), the calls that failed by outcome, the elections,
+//! fault: the outage of the first client to recover, of every client, and of
+//! the last one (p50 and max over the rounds), the calls that failed by outcome, the elections,
 //! and the acknowledged tasks missing afterwards (which must be 0).
-//! `isolate` and `one-way` need network namespaces; they say they skipped.
+//! `isolate` (nothing passes between the leader and its peers) and `one-way`
+//! (the leader's peers hear it, it does not hear them) run the nodes in
+//! network namespaces and cut with iptables (`netns.rs`); where that is
+//! impossible (not root, no iptables) they say they skipped.
 
 use crate::bench::{cluster_term, percentile, BenchArgs};
 use crate::launcher::LocalCluster;
+use crate::netns::Cut;
 use anyhow::Context;
 use phalanx_agent::client::{Client, Outcome, SubmitRequest};
 use serde_json::json;
@@ -42,6 +46,8 @@ struct ClientLog {
 struct FaultFigures {
     first_ms: Vec<u64>,
     last_ms: Vec<u64>,
+    /// Every client's outage in every round.
+    every_ms: Vec<u64>,
     /// Rounds in which some client had no acknowledged write after the fault.
     clients_without_ack: u64,
     not_done: u64,
@@ -58,7 +64,20 @@ pub async fn failover(args: BenchArgs) -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
-    let mut cluster = LocalCluster::start(3, dir.path(), &server_args).await?;
+    let partitions = faults.iter().any(|f| f == "isolate" || f == "one-way");
+    let mut cannot_partition = None;
+    let mut cluster = if partitions {
+        match LocalCluster::start_partitionable(3, dir.path(), &server_args).await {
+            Ok(cluster) => cluster,
+            Err(why) => {
+                cannot_partition = Some(why.to_string());
+                LocalCluster::start(3, dir.path(), &server_args).await?
+            }
+        }
+    } else {
+        LocalCluster::start(3, dir.path(), &server_args).await?
+    };
+    let token = cluster.client_token();
     let addrs = cluster.addrs();
     let clients = args.clients.max(3);
     println!(
@@ -67,11 +86,11 @@ pub async fn failover(args: BenchArgs) -> anyhow::Result<()> {
         addrs.join(","),
         args.repeat
     );
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let http = crate::launcher::http_client(token.as_deref())?;
     let mut rows = Vec::new();
     for fault in &faults {
-        if fault == "isolate" || fault == "one-way" {
-            println!("{fault}: skipped: this benchmark does not build network namespaces yet (see tests/partition.rs)");
+        if let Some(why) = cannot_partition.as_ref().filter(|_| fault == "isolate" || fault == "one-way") {
+            println!("{fault}: skipped: {why}");
             continue;
         }
         let mut figures = FaultFigures::default();
@@ -85,14 +104,22 @@ pub async fn failover(args: BenchArgs) -> anyhow::Result<()> {
             let stop = Arc::new(AtomicBool::new(false));
             let mut handles = Vec::new();
             for i in 0..clients {
-                let client = Client::new(addrs.clone(), None)?.starting_at(i).with_name(format!("failover-client-{i}"));
+                let client =
+                    Client::new(addrs.clone(), token.clone())?.starting_at(i).with_name(format!("failover-client-{i}"));
                 handles.push(tokio::spawn(submit_loop(client, queue.clone(), stop.clone())));
             }
             tokio::time::sleep(Duration::from_millis(ROUND_BEFORE_FAULT_MS)).await;
-            let fault_at = Instant::now();
+            // The fault counts from the moment it is complete: a cut is one
+            // atomic rule change, measured from when it has returned.
+            let mut fault_at = Instant::now();
             match fault.as_str() {
                 "kill" => cluster.kill(leader),
-                _ => cluster.signal(leader, "STOP"),
+                "pause" => cluster.signal(leader, "STOP"),
+                "isolate" => cluster.cut(leader, Cut::Both)?,
+                _ => cluster.cut(leader, Cut::Inbound)?,
+            }
+            if fault == "isolate" || fault == "one-way" {
+                fault_at = Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(ROUND_AFTER_FAULT_MS)).await;
             stop.store(true, Ordering::SeqCst);
@@ -109,6 +136,7 @@ pub async fn failover(args: BenchArgs) -> anyhow::Result<()> {
                     .filter(|(sent, _, _)| *sent >= fault_at)
                     .map(|(_, acked, _)| acked.duration_since(fault_at).as_millis() as u64)
                     .min();
+                figures.every_ms.extend(recovered);
                 first = match (first, recovered) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -120,7 +148,8 @@ pub async fn failover(args: BenchArgs) -> anyhow::Result<()> {
             }
             match fault.as_str() {
                 "kill" => cluster.spawn(leader)?,
-                _ => cluster.signal(leader, "CONT"),
+                "pause" => cluster.signal(leader, "CONT"),
+                _ => cluster.heal(leader)?,
             }
             cluster.wait_for_leader(Duration::from_secs(30)).await?;
             tokio::time::sleep(Duration::from_millis(1_000)).await;
@@ -139,14 +168,18 @@ pub async fn failover(args: BenchArgs) -> anyhow::Result<()> {
                 None => figures.clients_without_ack += 1,
             }
         }
-        let lost = missing_tasks(&addrs, &figures).await?;
+        let lost = missing_tasks(&addrs, token.clone(), &figures).await?;
         rows.push((fault.clone(), figures, lost));
     }
     println!();
-    println!("fault  rounds  outage first client p50/max  outage last client p50/max  failed calls not_done/unknown  elections  acknowledged  lost");
+    println!(
+        "fault  rounds  outage first client p50/max  outage every client p50/max  outage last client p50/max  \
+         failed calls not_done/unknown  elections  acknowledged  lost"
+    );
     for (fault, figures, lost) in &mut rows {
         figures.first_ms.sort_unstable();
         figures.last_ms.sort_unstable();
+        figures.every_ms.sort_unstable();
         let pair = |sorted: &[u64]| format!("{} / {} ms", percentile(sorted, 0.5), sorted.last().copied().unwrap_or(0));
         let without = if figures.clients_without_ack > 0 {
             format!(" ({} round(s) with a client that never recovered)", figures.clients_without_ack)
@@ -154,9 +187,10 @@ pub async fn failover(args: BenchArgs) -> anyhow::Result<()> {
             String::new()
         };
         println!(
-            "{fault:<6} {:>6}  {:>27}  {:>26}{without}  {:>15} / {:<13}  {:>9}  {:>12}  {:>4}",
+            "{fault:<6} {:>6}  {:>27}  {:>27}  {:>26}{without}  {:>15} / {:<13}  {:>9}  {:>12}  {:>4}",
             figures.first_ms.len().max(figures.last_ms.len()),
             pair(&figures.first_ms),
+            pair(&figures.every_ms),
             pair(&figures.last_ms),
             figures.not_done,
             figures.unknown,
@@ -190,8 +224,8 @@ async fn submit_loop(client: Client, queue: String, stop: Arc<AtomicBool>) -> Cl
 
 /// Acknowledged tasks that no longer exist (linearizable reads, every queue
 /// of the fault's rounds): must be none.
-async fn missing_tasks(addrs: &[String], figures: &FaultFigures) -> anyhow::Result<usize> {
-    let client = Client::new(addrs.to_vec(), None)?;
+async fn missing_tasks(addrs: &[String], token: Option<String>, figures: &FaultFigures) -> anyhow::Result<usize> {
+    let client = Client::new(addrs.to_vec(), token)?;
     let mut present = BTreeSet::new();
     for queue in &figures.queues {
         let mut after = None;

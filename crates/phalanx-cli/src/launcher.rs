@@ -1,6 +1,7 @@
 //! Local clusters of real `phalanx server` processes, for `demo` and `bench`:
 //! start, SIGKILL, SIGSTOP/SIGCONT and restart nodes, and find the leader.
 
+use crate::netns::{Cut, Net};
 use anyhow::Context;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -23,19 +24,50 @@ pub struct LocalCluster {
     peer_token: String,
     extra: Vec<String>,
     http: reqwest::Client,
+    /// Set when the nodes run in network namespaces (`start_partitionable`):
+    /// they listen on the bridge, so they need a client token too.
+    net: Option<Net>,
+    client_token: Option<String>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+fn secret() -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..32).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.gen_range(0..36)])).collect()
+}
+
 impl LocalCluster {
-    /// Starts `count` nodes under `dir` and waits until one leads.
+    /// Starts `count` nodes on loopback under `dir` and waits until one leads.
     pub async fn start(count: u64, dir: &Path, extra: &[String]) -> anyhow::Result<LocalCluster> {
+        let mut addrs = Vec::new();
+        for _ in 1..=count {
+            addrs.push((format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?)));
+        }
+        Self::start_at(addrs, dir, extra, None).await
+    }
+
+    /// Starts `count` nodes, each in its own network namespace, so that
+    /// `cut` can partition them; `Err` says why that is impossible here.
+    pub async fn start_partitionable(count: u64, dir: &Path, extra: &[String]) -> anyhow::Result<LocalCluster> {
+        let net = Net::create(count as usize, 0).map_err(|why| anyhow::anyhow!("network namespaces: {why}"))?;
+        let addrs =
+            (1..=count as usize).map(|i| (format!("{}:7000", net.ip(i)), format!("{}:7001", net.ip(i)))).collect();
+        Self::start_at(addrs, dir, extra, Some(net)).await
+    }
+
+    async fn start_at(
+        addrs: Vec<(String, String)>,
+        dir: &Path,
+        extra: &[String],
+        net: Option<Net>,
+    ) -> anyhow::Result<LocalCluster> {
+        let count = addrs.len();
         let mut nodes = BTreeMap::new();
-        for id in 1..=count {
-            let addr = format!("127.0.0.1:{}", free_port()?);
-            let raft_addr = format!("127.0.0.1:{}", free_port()?);
+        for (id, (addr, raft_addr)) in (1u64..).zip(addrs) {
             nodes.insert(id, LocalNode { id, addr, raft_addr, data_dir: dir.join(format!("node-{id}")), child: None });
         }
         let peers = if count == 1 {
@@ -43,19 +75,33 @@ impl LocalCluster {
         } else {
             nodes.values().map(|n| format!("{}={}/{}", n.id, n.addr, n.raft_addr)).collect::<Vec<_>>().join(",")
         };
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
-        let peer_token: String = {
-            use rand::Rng;
-            let mut rng = rand::thread_rng();
-            (0..32).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.gen_range(0..36)])).collect()
-        };
-        let mut cluster = LocalCluster { nodes, peers, peer_token, extra: extra.to_vec(), http };
+        let client_token = net.is_some().then(secret);
+        let http = http_client(client_token.as_deref())?;
+        let peer_token = secret();
+        let mut cluster = LocalCluster { nodes, peers, peer_token, extra: extra.to_vec(), http, net, client_token };
         let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
         for id in ids {
             cluster.spawn(id)?;
         }
         cluster.wait_for_leader(Duration::from_secs(30)).await?;
         Ok(cluster)
+    }
+
+    /// The client token the nodes require, if any.
+    pub fn client_token(&self) -> Option<String> {
+        self.client_token.clone()
+    }
+
+    /// Cuts node `id` off from every other node (`partitionable` clusters).
+    pub fn cut(&self, id: u64, cut: Cut) -> anyhow::Result<()> {
+        let net = self.net.as_ref().context("this cluster cannot be partitioned")?;
+        let others: Vec<usize> = self.nodes.keys().filter(|n| **n != id).map(|n| *n as usize).collect();
+        net.cut(id as usize, &others, cut).map_err(|why| anyhow::anyhow!(why))
+    }
+
+    pub fn heal(&self, id: u64) -> anyhow::Result<()> {
+        let net = self.net.as_ref().context("this cluster cannot be partitioned")?;
+        net.heal(id as usize).map_err(|why| anyhow::anyhow!(why))
     }
 
     pub fn addrs(&self) -> Vec<String> {
@@ -67,14 +113,20 @@ impl LocalCluster {
         let node = self.nodes.get_mut(&id).context("no such node")?;
         // PHALANX_NODE_CPUS pins the nodes (e.g. "0"), so a benchmark can keep
         // its load generator off their cores: `taskset -c 1 phalanx bench ...`.
-        let mut command = match std::env::var("PHALANX_NODE_CPUS") {
-            Ok(cpus) => {
-                let mut taskset = Command::new("taskset");
-                taskset.args(["-c", &cpus]).arg(exe);
-                taskset
-            }
-            Err(_) => Command::new(exe),
-        };
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Ok(cpus) = std::env::var("PHALANX_NODE_CPUS") {
+            argv.extend(["taskset".into(), "-c".into(), cpus.into()]);
+        }
+        if let Some(net) = &self.net {
+            let ns = net.namespaces[id as usize - 1].clone();
+            argv.extend(["ip".into(), "netns".into(), "exec".into(), ns.into()]);
+        }
+        argv.push(exe.into());
+        let mut command = Command::new(&argv[0]);
+        command.args(&argv[1..]);
+        if let Some(token) = &self.client_token {
+            command.env("PHALANX_CLIENT_TOKEN", token);
+        }
         let child = command
             .args(["server", "--node-id", &id.to_string(), "--listen", &node.addr, "--raft-listen", &node.raft_addr])
             .args(["--peers", &self.peers])
@@ -165,6 +217,15 @@ impl LocalCluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// A client for the launcher's own calls, with the cluster's token.
+pub fn http_client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+    }
+    Ok(reqwest::Client::builder().timeout(Duration::from_secs(2)).default_headers(headers).build()?)
 }
 
 impl Drop for LocalCluster {

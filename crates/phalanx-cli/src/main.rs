@@ -14,8 +14,10 @@ mod demo;
 mod exec_agent;
 mod failover;
 mod launcher;
+mod netns;
 mod overload;
 mod rawhttp;
+mod steady;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};

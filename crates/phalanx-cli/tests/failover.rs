@@ -96,6 +96,19 @@ async fn a_paused_leader_does_not_hold_the_requests_a_follower_forwarded() {
     assert_eq!(tasks_in_queue(&cluster, leader, "paused").await.len(), 8);
 }
 
+/// A submit sent to `node` with a deadline (the SDK sends its attempt's).
+async fn post_with_deadline(cluster: &Cluster, node: u64, body: &Value, deadline_ms: u64) -> (u16, Value) {
+    let response = cluster
+        .http
+        .post(cluster.url(node, "/v1/tasks"))
+        .header("x-phalanx-deadline-ms", deadline_ms.to_string())
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    common::decode(response).await.unwrap()
+}
+
 #[tokio::test]
 async fn a_refused_connection_to_the_leader_is_answered_nothing_done() {
     let mut cluster = Cluster::start(3, &[]).await;
@@ -103,11 +116,12 @@ async fn a_refused_connection_to_the_leader_is_answered_nothing_done() {
     let follower = followers[0];
     cluster.servers.get_mut(&leader).unwrap().kill9();
 
-    // At once, before the follower notices: its connection to the leader is refused.
+    // At once, before the follower notices: its connection to the leader is
+    // refused, and the deadline is too short to wait for the next leader.
     let mut answers = Vec::new();
     let mut created = 0;
     for i in 0..20 {
-        let answer = cluster.post(follower, "/v1/tasks", &json!({"queue": "refused", "payload": i})).await.unwrap();
+        let answer = post_with_deadline(&cluster, follower, &json!({"queue": "refused", "payload": i}), 60).await;
         if answer.0 == 201 {
             created += 1;
         } else {
@@ -122,6 +136,23 @@ async fn a_refused_connection_to_the_leader_is_answered_nothing_done() {
 
     // Nothing done means nothing done: only the answered submits exist.
     assert_eq!(tasks_in_queue(&cluster, leader, "refused").await.len(), created);
+}
+
+#[tokio::test]
+async fn a_request_the_dead_leader_refused_goes_to_the_next_leader() {
+    let mut cluster = Cluster::start(3, &[]).await;
+    let (leader, followers) = roles(&cluster).await;
+    let follower = followers[0];
+    cluster.servers.get_mut(&leader).unwrap().kill9();
+    let killed = Instant::now();
+
+    // Sent at once, with a deadline long enough for an election: the
+    // follower's connection to the dead leader is refused (nothing sent), so
+    // it waits for the next leader and forwards the same request there.
+    let answer = post_with_deadline(&cluster, follower, &json!({"queue": "moved", "payload": 1}), 1_500).await;
+    assert_eq!(answer.0, 201, "{answer:?}");
+    assert!(killed.elapsed() < Duration::from_millis(1_500), "answered after {:?}", killed.elapsed());
+    assert_eq!(tasks_in_queue(&cluster, leader, "moved").await.len(), 1);
 }
 
 #[tokio::test]

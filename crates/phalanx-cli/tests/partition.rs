@@ -18,6 +18,10 @@
 //! CI always runs it).
 
 mod common;
+#[path = "../src/netns.rs"]
+mod netns;
+
+use netns::{Cut, Net};
 
 use serde_json::{json, Value};
 use std::path::Path;
@@ -28,78 +32,6 @@ const CLIENT_TOKEN: &str = "partition-client-token";
 const PEER_TOKEN: &str = "partition-peer-token";
 const API_PORT: u16 = 7000;
 const RAFT_PORT: u16 = 7001;
-
-fn run(program: &str, args: &[&str]) -> Result<(), String> {
-    let output = Command::new(program).args(args).output().map_err(|e| format!("{program}: {e}"))?;
-    if !output.status.success() {
-        return Err(format!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim()));
-    }
-    Ok(())
-}
-
-/// A bridge in the root namespace (the test's side, `.254`) and one namespace
-/// per node (`.1`, `.2`, ...), all in one /24 chosen from the process id.
-struct Net {
-    bridge: String,
-    namespaces: Vec<String>,
-    prefix: String,
-}
-
-impl Net {
-    /// `salt` tells apart the networks of tests running at once in one process.
-    fn create(nodes: usize, salt: u32) -> Result<Net, String> {
-        let tag = (std::process::id() * 2 + salt) % 10_000;
-        let net = Net {
-            bridge: format!("phxbr{tag}"),
-            namespaces: (1..=nodes).map(|i| format!("phx{tag}n{i}")).collect(),
-            prefix: format!("10.77.{}", tag % 250),
-        };
-        run("ip", &["link", "add", &net.bridge, "type", "bridge"])?;
-        run("ip", &["addr", "add", &format!("{}.254/24", net.prefix), "dev", &net.bridge])?;
-        run("ip", &["link", "set", &net.bridge, "up"])?;
-        for (i, ns) in net.namespaces.iter().enumerate() {
-            let (outside, inside) = (format!("phx{tag}v{}", i + 1), format!("phx{tag}p{}", i + 1));
-            run("ip", &["netns", "add", ns])?;
-            run("ip", &["link", "add", &outside, "type", "veth", "peer", "name", &inside])?;
-            run("ip", &["link", "set", &inside, "netns", ns])?;
-            run("ip", &["link", "set", &outside, "master", &net.bridge, "up"])?;
-            let address = format!("{}/24", net.ip(i + 1));
-            run("ip", &["netns", "exec", ns, "ip", "addr", "add", &address, "dev", &inside])?;
-            run("ip", &["netns", "exec", ns, "ip", "link", "set", &inside, "up"])?;
-            run("ip", &["netns", "exec", ns, "ip", "link", "set", "lo", "up"])?;
-            run("ip", &["netns", "exec", ns, "iptables", "-L", "-n"])?;
-        }
-        Ok(net)
-    }
-
-    fn ip(&self, node: usize) -> String {
-        format!("{}.{node}", self.prefix)
-    }
-
-    /// Drops every packet between `node` and each of `others`, both ways,
-    /// inside `node`'s namespace; the test (`.254`) still reaches it.
-    fn cut(&self, node: usize, others: &[usize]) {
-        let ns = &self.namespaces[node - 1];
-        for other in others {
-            let ip = self.ip(*other);
-            run("ip", &["netns", "exec", ns, "iptables", "-A", "INPUT", "-s", &ip, "-j", "DROP"]).unwrap();
-            run("ip", &["netns", "exec", ns, "iptables", "-A", "OUTPUT", "-d", &ip, "-j", "DROP"]).unwrap();
-        }
-    }
-
-    fn heal(&self, node: usize) {
-        run("ip", &["netns", "exec", &self.namespaces[node - 1], "iptables", "-F"]).unwrap();
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            let _ = run("ip", &["netns", "del", ns]);
-        }
-        let _ = run("ip", &["link", "del", &self.bridge]);
-    }
-}
 
 /// A node process inside its namespace; SIGKILLed when dropped.
 struct Node(Child);
@@ -251,7 +183,7 @@ async fn a_cut_off_leader_acknowledges_nothing_and_the_majority_carries_on() {
     }
 
     // The cut: the leader still answers the test, but not its peers.
-    net.cut(leader, &majority);
+    net.cut(leader, &majority, Cut::Both).unwrap();
     let cut_at = Instant::now();
 
     // The majority elects a new leader.
@@ -320,7 +252,7 @@ async fn a_cut_off_leader_acknowledges_nothing_and_the_majority_carries_on() {
     client.until(&majority, &format!("/v1/tasks/{held}/complete"), &done, 200, Duration::from_secs(10)).await;
 
     // Heal: the old leader rejoins as a follower and catches up.
-    net.heal(leader);
+    net.heal(leader).unwrap();
     let start = Instant::now();
     loop {
         let mut views = Vec::new();
@@ -365,7 +297,7 @@ async fn a_node_cut_off_from_the_leader_alone_does_not_raise_its_term() {
     let followers: Vec<usize> = (1..=3).filter(|n| *n != leader).collect();
     let (cut_off, bridge) = (followers[0], followers[1]);
 
-    net.cut(cut_off, &[leader]);
+    net.cut(cut_off, &[leader], Cut::Both).unwrap();
     let cut_at = Instant::now();
     let mut acknowledged = 0;
     while cut_at.elapsed() < Duration::from_secs(4) {
@@ -380,11 +312,49 @@ async fn a_node_cut_off_from_the_leader_alone_does_not_raise_its_term() {
     assert_eq!(info["term"].as_u64(), Some(term), "the cut-off node raised its term: {info}");
     assert!(info["election_hold_back"].is_string(), "{info}");
 
-    net.heal(cut_off);
+    net.heal(cut_off).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     for node in 1..=3 {
         let info = client.get(node, "/v1/cluster").await.unwrap().1;
         assert_eq!(info["leader_id"].as_u64(), Some(leader as u64), "healing forced an election: {info}");
         assert_eq!(info["term"].as_u64(), Some(term), "healing forced an election: {info}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_hears_nothing_from_its_peers_is_replaced() {
+    let Some((net, dir, client)) = three_nodes(2).await else { return };
+    // Declared after `net`, so the processes end before their namespaces go.
+    let _nodes: Vec<Node> = (1..=3).map(|i| start(&net, i, dir.path())).collect();
+    client.wait_all_ready().await;
+    let leader = client.get(1, "/v1/cluster").await.unwrap().1["leader_id"].as_u64().unwrap() as usize;
+    let majority: Vec<usize> = (1..=3).filter(|n| *n != leader).collect();
+
+    // One way: the peers still receive what the leader sends on connections
+    // already open, the leader receives nothing from them.
+    net.cut(leader, &majority, Cut::Inbound).unwrap();
+    let cut_at = Instant::now();
+    let body = json!({"queue": "one-way", "payload": "after"});
+    let answer = client.until(&majority, "/v1/tasks", &body, 201, Duration::from_secs(10)).await;
+    let id = answer["task_id"].as_u64().unwrap();
+    let info = client.get(majority[0], "/v1/cluster").await.unwrap().1;
+    assert_ne!(info["leader_id"].as_u64(), Some(leader as u64), "{info}");
+    eprintln!("one-way cut: the majority acknowledged a write {} ms after the cut", cut_at.elapsed().as_millis());
+    // The old leader acknowledges nothing while it hears nothing.
+    if let Some((status, answer)) =
+        client.post(leader, "/v1/tasks", &json!({"queue": "one-way", "payload": "lost"})).await
+    {
+        assert!(!(200..300).contains(&status), "the deaf leader acknowledged a write: {status} {answer}");
+    }
+
+    net.heal(leader).unwrap();
+    let start = Instant::now();
+    loop {
+        if let Some((200, task)) = client.get(leader, &format!("/v1/tasks/{id}?stale=true")).await {
+            assert_eq!(task["payload"], "after");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "the old leader never caught up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

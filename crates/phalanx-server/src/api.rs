@@ -354,9 +354,57 @@ async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next
     if node.is_leader() {
         return next.run(request).await;
     }
-    match forward(&node, request).await {
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, node.config.request_bytes_max).await {
+        Ok(body) => body,
+        Err(_) => {
+            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body too large").into_response()
+        }
+    };
+    let mut answer = forward(&node, &parts, body.clone()).await;
+    // Nothing was sent: once another leader is known (a dead leader refuses
+    // connections long before its successor is elected), the same request
+    // goes there, within the client's deadline.
+    if let Err(ForwardRefused { nothing_sent_to: Some((leader_id, term)), .. }) = &answer {
+        let (leader_id, term) = (*leader_id, *term);
+        let budget = leader_wait_budget(Duration::from_millis(50));
+        if tokio::time::timeout(budget, leadership_moved(&node, leader_id, term)).await.is_ok() {
+            await_leader(&node).await;
+            if node.is_leader() {
+                return next.run(Request::from_parts(parts, axum::body::Body::from(body))).await;
+            }
+            if node.leader().is_some_and(|(id, _)| id != leader_id) {
+                answer = forward(&node, &parts, body).await;
+            }
+        }
+    }
+    match answer {
         Ok(response) => response,
-        Err(error) => error.into_response(),
+        Err(refused) => refused.error.into_response(),
+    }
+}
+
+/// Why a forward failed; `nothing_sent_to` names the leader (and its term)
+/// that could not be reached at all.
+struct ForwardRefused {
+    error: ApiError,
+    nothing_sent_to: Option<(u64, u64)>,
+}
+
+impl From<ApiError> for ForwardRefused {
+    fn from(error: ApiError) -> ForwardRefused {
+        ForwardRefused { error, nothing_sent_to: None }
+    }
+}
+
+/// How long a request may still wait here for the leadership: at most
+/// `LEADER_WAIT_MS_MAX`, and never past its deadline less `margin` (the time
+/// to answer in).
+fn leader_wait_budget(margin: Duration) -> Duration {
+    let budget = Duration::from_millis(LEADER_WAIT_MS_MAX);
+    match crate::admission::current_deadline() {
+        Some(deadline) => budget.min(deadline.saturating_duration_since(Instant::now()).saturating_sub(margin)),
+        None => budget,
     }
 }
 
@@ -386,11 +434,7 @@ async fn await_leader(node: &Node) -> Option<(u64, String)> {
     if let Some(leader) = node.leader() {
         return Some(leader);
     }
-    let mut budget = Duration::from_millis(LEADER_WAIT_MS_MAX);
-    if let Some(deadline) = crate::admission::current_deadline() {
-        let margin = Duration::from_millis(20);
-        budget = budget.min(deadline.saturating_duration_since(Instant::now()).saturating_sub(margin));
-    }
+    let budget = leader_wait_budget(Duration::from_millis(20));
     let mut metrics = node.raft.server_metrics();
     // The guard `wait_for` returns is dropped at once: it must not live across an await.
     let _ =
@@ -419,16 +463,16 @@ async fn leadership_moved(node: &Node, leader_id: u64, term: u64) {
 /// bounded by a short connect timeout and by leadership: if the node learns
 /// of another leader (or an election) while the leader has not answered, the
 /// forward is abandoned and the client told at once, with the new leader.
-async fn forward(node: &Node, request: Request) -> ApiResult {
+async fn forward(
+    node: &Node,
+    parts: &axum::http::request::Parts,
+    body: axum::body::Bytes,
+) -> Result<Response, ForwardRefused> {
     let Some((leader_id, leader_addr)) = node.leader() else {
-        return Err(ApiError::unavailable("no_leader", "no leader is known: an election may be under way", 200));
+        return Err(ApiError::unavailable("no_leader", "no leader is known: an election may be under way", 200).into());
     };
     let term = node.raft.server_metrics().borrow().vote.leader_id().term;
     node.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-    let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, node.config.request_bytes_max)
-        .await
-        .map_err(|_| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body too large"))?;
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let wait = if path.ends_with("/poll") { POLL_WAIT_MS_MAX } else { 0 };
     let mut timeout = Duration::from_millis(node.config.write_timeout_ms + wait + 2_000);
@@ -465,18 +509,19 @@ async fn forward(node: &Node, request: Request) -> ApiResult {
                  the request was sent and may still commit"
             );
             let retry_after_ms = if hint.is_some() { 0 } else { 100 };
-            return Err(ApiError::unavailable("leader_changed", message, retry_after_ms).with_leader_hint(hint));
+            return Err(ApiError::unavailable("leader_changed", message, retry_after_ms).with_leader_hint(hint).into());
         }
     };
     let (status, headers, bytes) = result.map_err(|error| {
         if error.is_connect() {
             // Refused, or no connection within FORWARD_CONNECT_TIMEOUT_MS: the
             // request never left this node.
-            ApiError::unavailable(
+            let error = ApiError::unavailable(
                 "leader_unreachable",
                 format!("leader {leader_id} at {leader_addr} could not be reached; nothing was sent: {error}"),
                 50,
-            )
+            );
+            ForwardRefused { error, nothing_sent_to: Some((leader_id, term)) }
         } else {
             ApiError::unavailable(
                 "unavailable",
@@ -484,6 +529,7 @@ async fn forward(node: &Node, request: Request) -> ApiResult {
                 200,
             )
             .with_leader_hint(Some(leader_addr.clone()))
+            .into()
         }
     })?;
     let mut response = (status, bytes).into_response();

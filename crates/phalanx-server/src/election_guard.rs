@@ -10,9 +10,19 @@
 //! refuses votes anyway (openraft's leader lease), so campaigning would only
 //! raise the term.
 //!
+//! The same answers also make a faster failure detector than the election
+//! timeout alone (`elect_now`). openraft lets a follower campaign only after
+//! the leader lease (the maximum election timeout since it last heard from
+//! the leader) and then one more randomised election timeout: 300-400 ms of
+//! silence with the default settings. Once the lease has run out on this
+//! node and on every voter it reaches, a vote cannot be refused for the
+//! lease, so the extra timeout is only waiting: this node asks for an
+//! election at once. The followers take turns (by id, `stagger_ms` apart) so
+//! that two do not split the vote.
+//!
 //! Pure: it takes times in milliseconds and the probes' answers, and returns
 //! a decision; `node.rs` runs the probes and carries the decision out with
-//! `runtime_config().elect(..)`.
+//! `runtime_config().elect(..)` and `trigger().elect()`.
 
 use std::collections::BTreeMap;
 
@@ -44,6 +54,48 @@ pub struct Input<'a> {
     /// campaign: as leader it would stamp nothing wrong (log time follows the
     /// majority), but it is not ready and would only hand leadership over.
     pub clock_skew_max_ms: u64,
+}
+
+/// What `elect_now` needs beyond the guard's input.
+#[derive(Clone, Debug)]
+pub struct Silence {
+    /// The leader this node last followed.
+    pub leader: Option<u64>,
+    /// How long ago this node last heard from it; `None`: never.
+    pub contact_age_ms: Option<u64>,
+    /// openraft's leader lease: the maximum election timeout.
+    pub lease_ms: u64,
+    /// How long each follower waits after the one before it (by id).
+    pub stagger_ms: u64,
+}
+
+/// Added to the lease, so that clocks read a few milliseconds apart still
+/// find it over on every voter.
+pub const LEASE_MARGIN_MS: u64 = 10;
+
+/// Whether this node, a follower that has lost its leader, should ask for an
+/// election now rather than wait out openraft's election timeout: the guard
+/// lets it campaign, the lease is over here and on every voter it reaches
+/// (so none refuses the vote for it), and the followers before it (by id)
+/// had their turn.
+pub fn elect_now(input: &Input, silence: &Silence) -> bool {
+    let (Some(leader), Some(contact)) = (silence.leader, silence.contact_age_ms) else {
+        // A node that never followed anyone leaves its first election to openraft.
+        return false;
+    };
+    if leader == input.me || !input.voters.contains(&input.me) || decide(input) != Decision::Campaign {
+        return false;
+    }
+    let rank = input.voters.iter().filter(|v| **v != leader && **v < input.me).count() as u64;
+    let lease_over = silence.lease_ms + LEASE_MARGIN_MS;
+    if contact <= lease_over + rank * silence.stagger_ms {
+        return false;
+    }
+    input.answers.iter().filter(|(peer, _)| input.voters.contains(peer) && **peer != input.me).all(|(_, answer)| {
+        let age = input.now_ms.saturating_sub(answer.at_ms);
+        // Unreachable peers do not vote; a reachable one must be past the lease.
+        age > input.answer_fresh_ms || answer.leader_contact_age_ms.is_none_or(|c| c.saturating_add(age) > lease_over)
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,6 +195,55 @@ mod tests {
         // Node 2 answered 80 ms ago with contact age 40: 120 ms by now.
         check(&[(2, 920, Some(40))], 1_000, "campaign");
         check(&[(2, 990, None)], 1_000, "campaign");
+    }
+
+    fn elect_now_at(answers: &[(u64, u64, Option<u64>)], me: u64, contact: Option<u64>) -> bool {
+        let answers: BTreeMap<u64, PeerAnswer> = answers
+            .iter()
+            .map(|(peer, at_ms, contact)| (*peer, PeerAnswer { at_ms: *at_ms, leader_contact_age_ms: *contact }))
+            .collect();
+        let input = Input {
+            now_ms: 1_000,
+            me,
+            voters: &[1, 2, 3],
+            answers: &answers,
+            answer_fresh_ms: 250,
+            leader_alive_ms: 100,
+            clock_skew_ms: None,
+            clock_skew_max_ms: 500,
+        };
+        let silence = Silence { leader: Some(1), contact_age_ms: contact, lease_ms: 200, stagger_ms: 50 };
+        elect_now(&input, &silence)
+    }
+
+    #[test]
+    fn a_follower_asks_for_an_election_once_the_lease_is_over_everywhere_it_reaches() {
+        // Leader 1 silent; node 2 (first in turn) last heard it 215 ms ago,
+        // and node 3 answered 10 ms ago that it heard it 205 ms before that.
+        assert!(elect_now_at(&[(3, 990, Some(205))], 2, Some(215)));
+        // Node 3 knows no leader any more: the same.
+        assert!(elect_now_at(&[(3, 990, None)], 2, Some(215)));
+    }
+
+    #[test]
+    fn no_early_election_while_the_lease_may_still_hold() {
+        // This node's own lease is not over.
+        assert!(!elect_now_at(&[(3, 990, Some(205))], 2, Some(200)));
+        // Node 3 heard the leader 150 ms ago: it would refuse the vote.
+        assert!(!elect_now_at(&[(3, 990, Some(140))], 2, Some(215)));
+        // The leader itself answered recently: alive.
+        assert!(!elect_now_at(&[(1, 990, Some(0)), (3, 990, None)], 2, Some(215)));
+        // Never followed a leader: openraft's own timer decides.
+        assert!(!elect_now_at(&[(3, 990, None)], 2, None));
+        // Cannot reach a majority: the guard holds back.
+        assert!(!elect_now_at(&[], 2, Some(500)));
+    }
+
+    #[test]
+    fn followers_take_turns() {
+        // Node 3 comes after node 2: it waits one stagger longer.
+        assert!(!elect_now_at(&[(2, 990, None)], 3, Some(215)));
+        assert!(elect_now_at(&[(2, 990, None)], 3, Some(265)));
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub fn render(node: &Node) -> String {
         stats.leader_changes.load(Ordering::Relaxed),
     );
     gauge(
+        "phalanx_early_elections_total",
+        "Elections this node asked for as soon as its silent leader's lease was over everywhere it could see.",
+        stats.early_elections.load(Ordering::Relaxed),
+    );
+    gauge(
         "phalanx_log_entries_proposed_total",
         "Log entries proposed here.",
         node.proposer.stats.entries.load(Ordering::Relaxed),

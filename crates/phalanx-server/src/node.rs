@@ -62,6 +62,8 @@ pub struct NodeStats {
     pub refused_overload: AtomicU64,
     pub agents_expired: AtomicU64,
     pub leader_changes: AtomicU64,
+    /// Elections this node asked for early (`election_guard::elect_now`).
+    pub early_elections: AtomicU64,
     /// Submitted tasks this node (as leader) accepted, and refused for what
     /// the policy allows; the policy guard compares the refused share before
     /// and after a change.
@@ -781,23 +783,35 @@ async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<
 
 /// How often a node probes the other voters for the election guard.
 const ELECTION_PROBE_MS: u64 = 50;
+/// How often it decides (on the answers it has): the early election
+/// (`election_guard::elect_now`) starts within this of the lease's end.
+const ELECTION_DECIDE_MS: u64 = 10;
+/// How long each follower waits after the one before it (by id) before it
+/// asks for an early election, so that two do not split the vote.
+const ELECTION_STAGGER_MS: u64 = 50;
 
 /// Probes every other voter's Raft listener every `ELECTION_PROBE_MS` and
 /// decides whether this node may campaign (`election_guard.rs`): a node
 /// that cannot make progress (a stall), cannot reach a majority, or reaches
 /// a voter that still hears from a leader does not campaign, so it cannot
-/// raise its term and disrupt a working leader (pre-vote's aim).
+/// raise its term and disrupt a working leader (pre-vote's aim). And a
+/// follower whose leader has gone silent past the lease, everywhere it can
+/// see, asks for an election at once instead of waiting out one more
+/// election timeout.
 async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let mut interval = tokio::time::interval(Duration::from_millis(ELECTION_PROBE_MS));
+    let mut interval = tokio::time::interval(Duration::from_millis(ELECTION_DECIDE_MS));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let probe_timeout = Duration::from_millis(node.config.election_timeout_min_ms);
     let mut campaigning = true;
+    let mut ticks = 0u64;
+    let mut asked_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let (voters, peers): (Vec<u64>, Vec<(u64, String)>) = {
+        ticks += 1;
+        let (voters, peers, leader): (Vec<u64>, Vec<(u64, String)>, Option<u64>) = {
             let metrics = node.raft.server_metrics();
             let metrics = metrics.borrow();
             let membership = metrics.membership_config.membership();
@@ -807,10 +821,11 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                 .filter(|(id, _)| **id != node.id())
                 .map(|(id, member)| (*id, member.raft.clone()))
                 .collect();
-            (voters, peers)
+            (voters, peers, metrics.current_leader)
         };
         node.log_clock.set_voters(&voters);
-        for (peer, raft_addr) in peers {
+        let probing = ticks.is_multiple_of(ELECTION_PROBE_MS / ELECTION_DECIDE_MS);
+        for (peer, raft_addr) in peers.into_iter().filter(|_| probing) {
             let node = node.clone();
             tokio::spawn(async move {
                 let mut request = node.http.get(format!("http://{raft_addr}/raft/probe")).timeout(probe_timeout);
@@ -863,14 +878,33 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                     None => tracing::info!("may campaign again"),
                 }
             }
+            let silence = crate::election_guard::Silence {
+                leader,
+                contact_age_ms: elections.leader_contact.map(|at| at.elapsed().as_millis() as u64),
+                lease_ms: node.config.election_timeout_max_ms,
+                stagger_ms: ELECTION_STAGGER_MS,
+            };
+            let early = decision == crate::election_guard::Decision::Campaign
+                && crate::election_guard::elect_now(&input, &silence)
+                && asked_at.is_none_or(|at| at.elapsed() > Duration::from_millis(node.config.election_timeout_max_ms));
             elections.hold_back = why;
-            decision
+            (decision, early)
         };
+        let (decision, early) = decision;
         let allowed = decision == crate::election_guard::Decision::Campaign;
         let leading = node.is_leader();
         if allowed != campaigning && !leading {
             campaigning = allowed;
             node.raft.runtime_config().elect(allowed);
+        }
+        if early && !leading {
+            asked_at = Some(Instant::now());
+            tracing::info!(
+                ?leader,
+                "the leader is silent past its lease everywhere this node can see: asking for an election"
+            );
+            node.stats.early_elections.fetch_add(1, Ordering::Relaxed);
+            let _ = node.raft.trigger().elect().await;
         }
     }
 }
