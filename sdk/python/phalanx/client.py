@@ -8,8 +8,13 @@ of requests plus a small floor) so that a struggling cluster is not buried
 under retries, and the typed shapes of requests and answers.
 
 Writes move fast: each attempt of a task or agent write has a short timeout
-(`write_timeout_s`, 0.5 s; long-polls add their wait), a node that does not
-answer in time is left for the next one, and `leader_hint` is followed.
+(long-polls add their wait), a node that does not answer in time is left for
+the next one, and `leader_hint` is followed. The timeout adapts to the
+latency this client sees, as TCP's does (RFC 6298: the smoothed latency plus
+four times its variation), between `WRITE_TIMEOUT_FLOOR_S` (0.25 s) and
+`write_timeout_s` (0.5 s): a commit takes milliseconds on a healthy cluster,
+so a silent leader is left after a quarter of a second, while a loaded one
+that answers slowly is given time. As in the Rust SDK.
 Every submit carries an idempotency key (one is generated when the caller
 gives none, the same for every attempt), so repeating it is always safe.
 
@@ -400,6 +405,34 @@ T = TypeVar("T")
 Retry = Literal["safe", "if_not_sent"]
 
 
+# The adaptive write timeout's floor: a new leader is elected about 0.25 s
+# after the old one falls silent.
+WRITE_TIMEOUT_FLOOR_S = 0.25
+
+
+@dataclass
+class _Latency:
+    """The latency of single write attempts, smoothed as RFC 6298 does."""
+
+    smoothed_s: float = 0.0
+    variation_s: float = 0.0
+    samples: int = 0
+
+    def record(self, seconds: float) -> None:
+        if self.samples == 0:
+            self.smoothed_s, self.variation_s = seconds, seconds / 2
+        else:
+            self.variation_s = 0.75 * self.variation_s + 0.25 * abs(self.smoothed_s - seconds)
+            self.smoothed_s = 0.875 * self.smoothed_s + 0.125 * seconds
+        self.samples += 1
+
+    def timeout_s(self, floor_s: float, ceiling_s: float) -> float:
+        """The timeout of one write attempt: none seen yet, the ceiling."""
+        if self.samples == 0 or ceiling_s <= floor_s:
+            return ceiling_s
+        return min(ceiling_s, max(floor_s, self.smoothed_s + 4 * self.variation_s))
+
+
 def generated_idempotency_key() -> str:
     """A fresh key for a submit that carries none: 128 random bits."""
     return f"auto-{uuid.uuid4().hex}"
@@ -645,6 +678,7 @@ class _Core:
     budget: RetryBudget
     rng: random.Random = field(default_factory=random.Random)
     current: int = 0
+    latency: _Latency = field(default_factory=_Latency)
 
     def __post_init__(self) -> None:
         self.current = self.rng.randrange(len(self.nodes))
@@ -663,7 +697,17 @@ class _Core:
 
     def attempt_s(self, request: _Request[Any]) -> float:
         """How long one attempt may wait for its answer (a long-poll adds its wait)."""
-        return (self.write_timeout_s if request.fast else self.timeout_s) + request.wait_s
+        if not request.fast:
+            return self.timeout_s + request.wait_s
+        with self._lock:
+            write_s = self.latency.timeout_s(min(WRITE_TIMEOUT_FLOOR_S, self.write_timeout_s), self.write_timeout_s)
+        return write_s + request.wait_s
+
+    def answered(self, request: _Request[Any], sent: float) -> None:
+        """Notes how long a successful write attempt took (long-polls aside)."""
+        if request.fast and request.wait_s == 0:
+            with self._lock:
+                self.latency.record(time.monotonic() - sent)
 
     def headers(self, deadline: Optional[float], request: Optional[_Request[Any]] = None) -> dict[str, str]:
         headers = {}
@@ -833,6 +877,7 @@ class Client(_ClientBase):
         while True:
             index = core.node()
             verdict: _Verdict
+            sent = time.monotonic()
             try:
                 response = self._http.request(request.method, core.url(index, request.path), params=request.query,
                                               json=request.body, headers=core.headers(deadline, request),
@@ -842,6 +887,7 @@ class Client(_ClientBase):
             else:
                 verdict = core.judge_response(request, index, response)
             if isinstance(verdict, _Done):
+                core.answered(request, sent)
                 return request.decode(verdict.value)
             if isinstance(verdict, _Raise):
                 raise verdict.error
@@ -1012,6 +1058,7 @@ class AsyncClient(_ClientBase):
         while True:
             index = core.node()
             verdict: _Verdict
+            sent = time.monotonic()
             try:
                 response = await self._http.request(request.method, core.url(index, request.path),
                                                     params=request.query, json=request.body,
@@ -1022,6 +1069,7 @@ class AsyncClient(_ClientBase):
             else:
                 verdict = core.judge_response(request, index, response)
             if isinstance(verdict, _Done):
+                core.answered(request, sent)
                 return request.decode(verdict.value)
             if isinstance(verdict, _Raise):
                 raise verdict.error

@@ -26,7 +26,7 @@ from phalanx import (
     Unavailable,
 )
 from phalanx.agent import lease_margin_s, lease_startable
-from phalanx.client import _door_priority, _Request, parse_nodes
+from phalanx.client import _door_priority, _Latency, _Request, parse_nodes
 
 # ---- backoff and budget ----
 
@@ -131,8 +131,21 @@ def test_writes_get_a_short_attempt_timeout_and_reads_the_long_one():
     client.get_task(1)
     client.poll("a", 1, wait_ms=2000)
     submit, read, poll = (r.extensions["timeout"]["read"] for r in seen)
-    assert submit == pytest.approx(0.5) and read == pytest.approx(15.0) and poll == pytest.approx(2.5)
+    # The first write waits the ceiling; once a fast answer was seen, the floor.
+    assert submit == pytest.approx(0.5) and read == pytest.approx(15.0) and poll == pytest.approx(2.25)
     assert 0 < int(seen[0].headers["x-phalanx-deadline-ms"]) <= 500, "the node may refuse what it cannot do in time"
+
+
+def test_the_write_timeout_follows_the_latency_between_floor_and_ceiling():
+    latency = _Latency()
+    assert latency.timeout_s(0.25, 0.5) == 0.5
+    for _ in range(20):
+        latency.record(0.004)
+    assert latency.timeout_s(0.25, 0.5) == 0.25
+    for i in range(40):
+        latency.record(0.15 if i % 2 == 0 else 0.25)
+    assert 0.3 < latency.timeout_s(0.25, 0.5) <= 0.5
+    assert latency.timeout_s(0.1, 0.1) == 0.1
 
 
 def test_errors_say_whether_anything_was_done():
