@@ -17,6 +17,7 @@ mod launcher;
 mod netns;
 mod overload;
 mod rawhttp;
+mod sim;
 mod steady;
 
 use anyhow::Context;
@@ -81,6 +82,8 @@ enum Commands {
     Demo(demo::DemoArgs),
     /// Measure throughput and latency end to end.
     Bench(bench::BenchArgs),
+    /// Simulate a whole cluster under faults from a seed, and check its invariants.
+    Sim(sim::SimArgs),
 }
 
 #[derive(Subcommand)]
@@ -257,6 +260,10 @@ fn abort_on_panic() {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The simulation runs each seed on a runtime of its own, with a paused clock.
+    if let Commands::Sim(args) = cli.command {
+        return sim::run(args);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async move {
         match cli.command {
@@ -295,6 +302,7 @@ fn main() -> std::process::ExitCode {
                 init_tracing("warn");
                 bench::run(args).await
             }
+            Commands::Sim(_) => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

@@ -118,8 +118,25 @@ fn check_snapshot_size(bytes: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs synchronous redb work on tokio's blocking threads.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+/// Where the store runs its synchronous redb work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Io {
+    /// On tokio's blocking threads, off the async workers (a node).
+    Blocking,
+    /// On the calling task, in order: the seeded simulation (`phalanx-sim`)
+    /// runs every node on one thread in simulated time, where a second
+    /// thread would make the order of events depend on the machine.
+    Inline,
+}
+
+/// Runs synchronous redb work as `io` says.
+async fn blocking<T: Send + 'static>(
+    io: Io,
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    if io == Io::Inline {
+        return work();
+    }
     match tokio::task::spawn_blocking(work).await {
         Ok(result) => result,
         // A panic in storage work is a broken invariant; it goes on unwinding
@@ -167,6 +184,11 @@ fn write_meta<T: Serialize>(db: &Database, key: &str, value: &T, durability: red
 /// It blocks (file open, one fsync, snapshot decode): call it at startup,
 /// before the node serves anything.
 pub fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Error> {
+    open_with(data_dir, Io::Blocking)
+}
+
+/// `open`, with the synchronous work run as `io` says.
+pub fn open_with(data_dir: &Path, io: Io) -> Result<(LogStore, StateMachineStore), Error> {
     let db = Arc::new(Database::create(data_dir.join(DATABASE_FILE_NAME))?);
     // Created up front, so that every reader can open every table.
     write(&db, |txn| {
@@ -199,13 +221,18 @@ pub fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Error> {
         applied_tx: tokio::sync::watch::channel(applied_index).0,
     });
     let state_machine = StateMachineStore {
+        io,
         db: db.clone(),
         shared,
         snapshot_counter: Arc::new(AtomicU64::new(snapshot_counter)),
         apply_stall_failpoint: Arc::new(data_dir.join(APPLY_STALL_FAILPOINT_FILE_NAME)),
     };
-    let log =
-        LogStore { db, health: Arc::default(), stall_failpoint: Arc::new(data_dir.join(STALL_FAILPOINT_FILE_NAME)) };
+    let log = LogStore {
+        io,
+        db,
+        health: Arc::default(),
+        stall_failpoint: Arc::new(data_dir.join(STALL_FAILPOINT_FILE_NAME)),
+    };
     Ok((log, state_machine))
 }
 
@@ -292,6 +319,7 @@ pub fn monotonic_ms() -> u64 {
 /// so `get_log_reader` hands out clones to openraft's replication tasks.
 #[derive(Clone)]
 pub struct LogStore {
+    io: Io,
     db: Arc<Database>,
     pub health: Arc<StorageHealth>,
     /// See `STALL_FAILPOINT_FILE_NAME`.
@@ -302,7 +330,7 @@ impl LogStore {
     /// Deletes the log entries whose index is in `range`, durably.
     async fn delete_range(&self, range: impl RangeBounds<u64> + Send + 'static) -> Result<(), Error> {
         let db = self.db.clone();
-        blocking(move || {
+        blocking(self.io, move || {
             write(&db, |txn| {
                 txn.open_table(LOG_TABLE)?.retain_in(range, |_, _| false)?;
                 Ok(())
@@ -334,7 +362,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // openraft asks for at most `max_payload_entries` at a time, which bounds this vector.
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
         let db = self.db.clone();
-        blocking(move || {
+        blocking(self.io, move || {
             let txn = db.begin_read()?;
             let table = txn.open_table(LOG_TABLE)?;
             let mut entries = Vec::new();
@@ -354,7 +382,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let db = self.db.clone();
-        blocking(move || {
+        blocking(self.io, move || {
             // One read transaction, so the purge point and the last entry agree.
             let txn = db.begin_read()?;
             let last_purged_log_id: Option<LogId> = read_meta(&txn.open_table(META_TABLE)?, LAST_PURGED_KEY)?;
@@ -375,14 +403,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let (db, vote) = (self.db.clone(), *vote);
-        blocking(move || write_meta(&db, VOTE_KEY, &vote, redb::Durability::Immediate))
+        blocking(self.io, move || write_meta(&db, VOTE_KEY, &vote, redb::Durability::Immediate))
             .await
             .map_err(|error| StorageIOError::write_vote(&error).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
         let db = self.db.clone();
-        blocking(move || read_meta(&db.begin_read()?.open_table(META_TABLE)?, VOTE_KEY))
+        blocking(self.io, move || read_meta(&db.begin_read()?.open_table(META_TABLE)?, VOTE_KEY))
             .await
             .map_err(|error| StorageIOError::read_vote(&error).into())
     }
@@ -397,14 +425,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         self.health.committed_index.fetch_max(committed.map_or(0, |log_id| log_id.index), Ordering::Relaxed);
         let db = self.db.clone();
-        blocking(move || write_meta(&db, COMMITTED_KEY, &committed, redb::Durability::None))
+        blocking(self.io, move || write_meta(&db, COMMITTED_KEY, &committed, redb::Durability::None))
             .await
             .map_err(|error| StorageIOError::write(&error).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
         let db = self.db.clone();
-        blocking(move || {
+        blocking(self.io, move || {
             let committed: Option<Option<LogId>> = read_meta(&db.begin_read()?.open_table(META_TABLE)?, COMMITTED_KEY)?;
             Ok(committed.flatten())
         })
@@ -424,7 +452,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         let health = self.health.clone();
         let failpoint = self.stall_failpoint.clone();
-        let result = blocking(move || {
+        let result = blocking(self.io, move || {
             let started = std::time::Instant::now();
             health.write_started_ms.store(monotonic_ms(), Ordering::Relaxed);
             // The failpoint waits without limit on purpose: it imitates a disk
@@ -458,7 +486,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let db = self.db.clone();
-        blocking(move || {
+        blocking(self.io, move || {
             // The purge point and the deletion commit together: no restart can
             // see entries gone without knowing where the log now starts.
             write(&db, |txn| {
@@ -497,6 +525,7 @@ pub struct StateMachineShared {
 /// Clones share both, so the snapshot builder is a clone.
 #[derive(Clone)]
 pub struct StateMachineStore {
+    io: Io,
     db: Arc<Database>,
     shared: Arc<StateMachineShared>,
     /// The last part of snapshot ids, so that two snapshots taken at the same
@@ -538,7 +567,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             ),
         };
         let (db, stored_meta) = (self.db.clone(), meta.clone());
-        let bytes = blocking(move || {
+        let bytes = blocking(self.io, move || {
             let bytes = encode(&body)?;
             // Durable before openraft hears of it: it purges the log this snapshot covers.
             write_snapshot(&db, &stored_meta, &bytes)?;
@@ -614,7 +643,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let (db, stored_meta) = (self.db.clone(), meta.clone());
         // Persisted before the state in memory changes: if the write fails,
         // the node keeps the state it had, consistent with its disk.
-        let body = blocking(move || {
+        let body = blocking(self.io, move || {
             let body = decode_snapshot(&stored_meta, &bytes)?;
             let stored = write_snapshot(&db, &stored_meta, &bytes)?;
             // openraft installs only a snapshot beyond its committed log id,
@@ -639,8 +668,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let db = self.db.clone();
-        let stored =
-            blocking(move || read_snapshot(&db)).await.map_err(|error| StorageIOError::read_snapshot(None, &error))?;
+        let stored = blocking(self.io, move || read_snapshot(&db))
+            .await
+            .map_err(|error| StorageIOError::read_snapshot(None, &error))?;
         Ok(stored.map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
     }
 }
