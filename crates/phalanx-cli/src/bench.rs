@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 #[derive(Args, Clone)]
 pub struct BenchArgs {
     /// `throughput` (default), `overload` (open-loop load at multiples of
-    /// capacity), `backlog` (an outage under load, then the drain) or
-    /// `failover` (faults to the leader, as SDK clients see them).
+    /// capacity), `backlog` (an outage under load, then the drain),
+    /// `failover` (faults to the leader, as SDK clients see them) or
+    /// `delegation` (planners replaced mid-tree under leader faults, checked).
     #[arg(default_value = "throughput")]
     pub scenario: String,
     /// Where `overload` writes its CSV and SVG.
@@ -62,6 +63,12 @@ pub struct BenchArgs {
     /// Extra arguments for every `phalanx server` (e.g. Raft timings), space-separated.
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub server_args: String,
+    /// `delegation`: exit with status 1 when the checker finds a violation.
+    #[arg(long)]
+    pub check: bool,
+    /// `delegation`: the seed of the planners' and researchers' faults.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 #[derive(Default)]
@@ -85,7 +92,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "backlog" => crate::overload::backlog(args).await,
         "soak" => soak(args).await,
         "failover" => crate::failover::failover(args).await,
-        other => anyhow::bail!("unknown scenario {other:?}: use throughput, overload, backlog, soak or failover"),
+        "delegation" => crate::delegation::delegation(args).await,
+        other => {
+            anyhow::bail!("unknown scenario {other:?}: use throughput, overload, backlog, soak, failover or delegation")
+        }
     }
 }
 
