@@ -747,6 +747,22 @@ fn context_writes_are_fenced_and_a_superseded_attempts_entries_are_discarded() {
 }
 
 #[test]
+fn a_task_has_at_most_children_per_task_max_children_and_a_lease_lists_them() {
+    let mut sim = Sim::with_limits(Limits { children_per_task_max: 2, ..Limits::default() });
+    let epoch = sim.register("a", &["plan", "step"], 10);
+    let root = sim.submit(new_task("plan"));
+    let fence = sim.lease("a", epoch, &["plan"], 1, 10_000)[0].fence;
+    for i in 0..2 {
+        sim.submit(child_of(root, fence, "step", &format!("{{\"i\":{i}}}")));
+    }
+    sim.check_submit_refused(
+        child_of(root, fence, "step", "{\"i\":2}"),
+        Error::LimitReached { limit: "children_per_task_max".into(), max: 2 },
+    );
+    assert_eq!(sim.state.children_of(root).len(), 2);
+}
+
+#[test]
 fn a_succeeded_task_carries_no_earlier_error() {
     let mut sim = Sim::with_limits(Limits { retry_backoff_ms_base: 1, ..Limits::default() });
     let epoch = sim.register("a", &["q"], 1);
