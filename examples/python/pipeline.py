@@ -1,6 +1,8 @@
 """A multi-agent pipeline on the Python SDK: a planner fans out to three
 researchers and a writer combines their notes. Deterministic stand-ins sit
-where an LLM call would be.
+where an LLM call would be. The first planner of the first question dies
+mid-plan; the next attempt is handed the children it delegated
+(`context.children`) and adopts them instead of running them twice.
 
 Run from the repository root (starts a one-node cluster in a temporary
 directory with the debug binary unless PHALANX_NODES is set):
@@ -17,13 +19,23 @@ import time
 
 import httpx
 
-from phalanx import AsyncAgent, Client, TaskContext
+from phalanx import AsyncAgent, Client, TaskContext, TaskFailed
 
 
 async def planner(context: TaskContext):
     question = context.task["payload"]["question"]
-    research = [await context.spawn_child("research", {"question": question, "aspect": a})
-                for a in ("history", "mechanism", "trade-offs")]
+    if context.children:
+        print(f"planner, attempt {context.attempts} of task {context.task_id}: "
+              f"an earlier attempt delegated {len(context.children)} children")
+    research = []
+    for aspect in ("history", "mechanism", "trade-offs"):
+        research.append(await context.spawn_child("research", {"question": question, "aspect": aspect}))
+        # Stand-in for a planner that dies mid-plan: the first attempt of a
+        # task marked crash_once gives up after two of its three steps.
+        if context.payload.get("crash_once") and context.attempts == 1 and len(research) == 2:
+            raise TaskFailed("the planner crashed after delegating two steps")
+    if context.adopted:
+        print(f"  adopted children {context.adopted} instead of delegating them again")
     notes = [task["result"] for task in await context.await_tasks(research, 60)]
     essay = await context.spawn_child("write", {"question": question, "notes": notes})
     return (await context.await_tasks([essay], 60))[0]["result"]
@@ -66,7 +78,7 @@ async def main() -> None:
               AsyncAgent(nodes, "py-writer", ["write"], writer, concurrency=2, poll_wait_ms=500)]
     running = [asyncio.create_task(agent.run()) for agent in agents]
     client = Client(nodes)
-    ids = [client.submit("plan", {"question": q}, idempotency_key=f"py-pipeline-{i}")
+    ids = [client.submit("plan", {"question": q, "crash_once": i == 0}, idempotency_key=f"py-pipeline-{i}")
            for i, q in enumerate(["how does Raft elect a leader", "why fence a lease"])]
     while any(client.get_task(i)["state"] in ("pending", "leased") for i in ids):
         await asyncio.sleep(0.1)

@@ -8,7 +8,7 @@
 //! goes autonomous: results go to the durable outbox (`outbox.rs`) and are
 //! reconciled when a node answers again.
 
-use crate::client::{Client, Conversation, Error, LeaseGrant, SubmitRequest, Task};
+use crate::client::{payload_hash, Child, Client, Conversation, Error, LeaseGrant, SubmitRequest, Submitted, Task};
 use crate::outbox::{Entry, Outbox, Report};
 use futures::FutureExt;
 use serde_json::Value;
@@ -99,7 +99,8 @@ where
     Arc::new(move |context| Box::pin(function(context)))
 }
 
-/// What a handler gets: the task, its fence and deadline, and delegation helpers.
+/// What a handler gets: the task, its fence and deadline, the children
+/// earlier attempts delegated, and delegation helpers.
 #[derive(Clone)]
 pub struct TaskContext {
     pub task: Task,
@@ -108,8 +109,15 @@ pub struct TaskContext {
     /// Local instant after which the lease, as granted, may have lapsed;
     /// `lease_deadline()` follows the extensions.
     pub valid_until: Instant,
+    /// The task's children when the lease was granted (`lease.children`):
+    /// a planner that replaces another sees what it delegated. Delegating
+    /// the same step again adopts the child instead of making a duplicate.
+    pub children: Vec<Child>,
     lease_deadline: Arc<Mutex<Instant>>,
     client: Arc<Client>,
+    /// Delegations of this attempt per step (queue, payload hash), so that
+    /// each gets its own idempotency key and a retried one the same.
+    steps: Arc<Mutex<BTreeMap<(String, u64), u32>>>,
 }
 
 impl TaskContext {
@@ -124,17 +132,32 @@ impl TaskContext {
     }
 
     /// Submits a child task on another capability (fan-out); the child
-    /// inherits the conversation and extends the delegation trail.
+    /// inherits the conversation and extends the delegation trail. A step an
+    /// earlier attempt of this task delegated already (same queue, same
+    /// payload) answers with that child, adopted: see `delegate`.
     pub async fn spawn_child(&self, queue: &str, payload: Value) -> Result<u64, Error> {
-        let mut request = SubmitRequest::new(queue, payload);
-        request.parent_id = Some(self.task.id);
-        request.parent_fence = Some(self.fence);
+        Ok(self.delegate(queue, payload).await?.task_id)
+    }
+
+    /// `spawn_child`, answering whether the child was adopted from an
+    /// earlier attempt. Fenced by this lease: refused `superseded` or
+    /// `lease_expired` once the lease is lost.
+    pub async fn delegate(&self, queue: &str, payload: Value) -> Result<Submitted, Error> {
+        let hash = payload_hash(&payload.to_string());
+        let ordinal = {
+            let mut steps = self.steps.lock().expect("steps lock");
+            let count = steps.entry((queue.to_string(), hash)).or_default();
+            *count += 1;
+            *count
+        };
+        let mut request = SubmitRequest::new(queue, payload).with_parent(self.task.id, self.fence);
         request.conversation_id = self.task.conversation_id.clone();
-        // Keyed by parent and child content: a retried spawn, or a re-run of
-        // the parent after its lease moved, finds the same child.
+        // One key per step of this attempt: a retried request finds its child.
+        // A later attempt sends other keys; the cluster matches its steps to
+        // the children of earlier attempts by queue and payload.
         request.idempotency_key =
-            Some(format!("child-{}-{}-{:016x}", self.task.id, queue, phalanx_hash(&request.payload.to_string())));
-        Ok(self.client.submit(&request).await?.task_id)
+            Some(format!("child-{}-{}-{}-{ordinal}-{hash:016x}", self.task.id, self.fence, queue));
+        self.client.submit(&request).await
     }
 
     /// Waits for tasks to finish (fan-in). The wait is declared to the
@@ -161,14 +184,16 @@ impl TaskContext {
         }
     }
 
-    /// Compare-and-set on the task's conversation (0 = only if absent).
+    /// Compare-and-set on the task's conversation (0 = only if absent), on
+    /// this task's behalf under its lease: refused once the lease is lost,
+    /// and discarded if this attempt is superseded.
     pub async fn context_put(&self, key: &str, value: &Value, expected_version: Option<u64>) -> Result<u64, Error> {
         let conversation = self
             .task
             .conversation_id
             .as_deref()
             .ok_or_else(|| Error::Decode("the task has no conversation_id".into()))?;
-        self.client.context_put(conversation, key, value, expected_version).await
+        self.client.context_put_as((self.task.id, self.fence), conversation, key, value, expected_version).await
     }
 
     /// Reports progress on a long task (a lease without progress is revoked as stuck).
@@ -180,10 +205,6 @@ impl TaskContext {
 /// The cluster forgot this session (404 `agent_not_found`, 409 `stale_epoch`).
 fn session_lost(error: &Error) -> bool {
     matches!(error.code(), Some("agent_not_found" | "stale_epoch"))
-}
-
-fn phalanx_hash(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// The agent's connection to the cluster.
@@ -499,8 +520,10 @@ impl Agent {
                 task: grant.task.clone(),
                 fence: grant.fence,
                 valid_until,
+                children: grant.children.clone(),
                 lease_deadline: lease_deadline.clone(),
                 client: self.client.clone(),
+                steps: Arc::default(),
             };
             let extender = tokio::spawn(self.clone().extend_loop(grant.task.id, grant.fence, lease_deadline));
             // A panicking handler is a failed attempt, not a lease kept alive

@@ -290,6 +290,9 @@ pub struct Task {
     pub error: Option<String>,
     pub dead_reason: Option<String>,
     pub superseded_count: u32,
+    /// For a delegation: the fence of the parent's lease that created it.
+    #[serde(default)]
+    pub parent_fence: Option<u64>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
 }
@@ -313,6 +316,42 @@ pub struct LeaseGrant {
     pub fence: u64,
     pub valid_until_ms: u64,
     pub lease_ttl_ms: u64,
+    /// The task's children: what earlier attempts delegated, for this one
+    /// to adopt (delegating the same step again answers with the child).
+    #[serde(default)]
+    pub children: Vec<Child>,
+}
+
+/// A child of a leased task, as the lease lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Child {
+    pub task_id: u64,
+    pub queue: String,
+    /// FNV-1a of the payload's JSON text (`payload_hash`).
+    pub payload_hash: u64,
+    pub state: TaskState,
+    /// The fence of the parent's lease that created it.
+    pub parent_fence: Option<u64>,
+    /// The fence of the latest attempt that adopted it, if one did.
+    pub adopted_fence: Option<u64>,
+}
+
+impl Child {
+    /// Whether the child does this step: the same queue and payload.
+    pub fn is_step(&self, queue: &str, payload: &Value) -> bool {
+        self.queue == queue && self.payload_hash == payload_hash(&payload.to_string())
+    }
+
+    /// The attempt it belongs to: the latest that adopted it, or the one that created it.
+    pub fn owner_fence(&self) -> Option<u64> {
+        self.adopted_fence.or(self.parent_fence)
+    }
+}
+
+/// FNV-1a of a payload's JSON text, as the cluster computes it (for the
+/// trail and for `Child::payload_hash`).
+pub fn payload_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// The body of `POST /v1/tasks`; `new` sets the documented defaults and the
@@ -386,7 +425,12 @@ impl SubmitRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Submitted {
     pub task_id: u64,
+    /// Nothing new was created: the key was known, or an earlier attempt of
+    /// the parent had delegated the same step.
     pub deduplicated: bool,
+    /// A child of an earlier attempt of the parent, taken over by this one.
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 /// A refusal of one task of a batch (the batch itself was answered).
@@ -425,6 +469,11 @@ pub struct TaskPage {
 pub struct ContextEntry {
     pub version: u64,
     pub value: Value,
+    /// The task and fence that wrote it, for a write on a task's behalf.
+    #[serde(default)]
+    pub task_id: Option<u64>,
+    #[serde(default)]
+    pub fence: Option<u64>,
 }
 
 /// `GET /v1/conversations/{id}`: the shared context of a conversation.
@@ -965,6 +1014,31 @@ impl Client {
         value: &Value,
         expected_version: Option<u64>,
     ) -> Result<u64, Error> {
+        self.context_write(conversation_id, key, value, expected_version, None).await
+    }
+
+    /// `context_put` on behalf of a task under its lease (`writer`: task id,
+    /// fence): refused `superseded` or `lease_expired` once the lease is not
+    /// held, and discarded if the attempt is superseded later.
+    pub async fn context_put_as(
+        &self,
+        writer: (u64, u64),
+        conversation_id: &str,
+        key: &str,
+        value: &Value,
+        expected_version: Option<u64>,
+    ) -> Result<u64, Error> {
+        self.context_write(conversation_id, key, value, expected_version, Some(writer)).await
+    }
+
+    async fn context_write(
+        &self,
+        conversation_id: &str,
+        key: &str,
+        value: &Value,
+        expected_version: Option<u64>,
+        writer: Option<(u64, u64)>,
+    ) -> Result<u64, Error> {
         #[derive(Deserialize)]
         struct Answer {
             version: u64,
@@ -972,6 +1046,10 @@ impl Client {
         let mut body = json!({ "value": value });
         if let Some(version) = expected_version {
             body["expected_version"] = json!(version);
+        }
+        if let Some((task_id, fence)) = writer {
+            body["task_id"] = json!(task_id);
+            body["fence"] = json!(fence);
         }
         let path = format!("/v1/conversations/{}/{}", encode(conversation_id), encode(key));
         // A blind put repeats harmlessly; a CAS repeated after it committed

@@ -2,7 +2,8 @@
 //!
 //! `client` talks to any node of a cluster (failover, backoff with full
 //! jitter, Retry-After, a retry budget); `agent` runs handlers for leased
-//! tasks with fencing, lease extension, delegation and graceful drain;
+//! tasks with fencing, lease extension, delegation (fenced, with the
+//! children of earlier attempts handed to the next one) and graceful drain;
 //! `outbox` keeps results durable while no node can be reached.
 
 pub mod agent;
@@ -11,6 +12,6 @@ pub mod outbox;
 
 pub use agent::{handler, Agent, AgentConfig, AgentStats, AutonomousHandler, Handler, HandlerError, Mode, TaskContext};
 pub use client::{
-    parse_nodes, Client, ClusterInfo, ClusterNode, ContextEntry, Conversation, Error, LeaseGrant, Outcome, Refusal,
-    Registered, SubmitRequest, Submitted, Task, TaskLease, TaskPage, TaskState,
+    parse_nodes, payload_hash, Child, Client, ClusterInfo, ClusterNode, ContextEntry, Conversation, Error, LeaseGrant,
+    Outcome, Refusal, Registered, SubmitRequest, Submitted, Task, TaskLease, TaskPage, TaskState,
 };

@@ -1,7 +1,8 @@
 //! A multi-agent pipeline on the Rust SDK: a planner splits a question into
 //! three research tasks (fan-out), three researchers answer them, and a
 //! writer combines the answers (fan-in). Deterministic stand-in functions sit
-//! where an LLM call would be.
+//! where an LLM call would be. The first planner of the first question dies
+//! mid-plan; the next attempt adopts the children it had delegated.
 //!
 //! Run: `cargo run -p phalanx-cli --example pipeline` (starts a one-node
 //! cluster in a temporary directory), or point it at a running cluster with
@@ -13,11 +14,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Splits the question, delegates, waits, and hands the pieces to the writer.
+/// It survives being replaced: a later attempt of the same task is handed
+/// the children the earlier one delegated (`context.children`), and
+/// delegating the same step again adopts the child instead of running it twice.
 async fn planner(context: TaskContext) -> Result<Value, HandlerError> {
     let question = context.task.payload["question"].as_str().unwrap_or_default().to_string();
+    if !context.children.is_empty() {
+        println!(
+            "planner, attempt {} of task {}: an earlier attempt delegated {} children",
+            context.task.attempts,
+            context.task.id,
+            context.children.len()
+        );
+    }
     let mut research = Vec::new();
     for aspect in ["history", "mechanism", "trade-offs"] {
-        research.push(context.spawn_child("research", json!({ "question": question, "aspect": aspect })).await?);
+        let child = context.delegate("research", json!({ "question": question, "aspect": aspect })).await?;
+        if child.adopted {
+            println!("  adopted child {} ({aspect}) instead of delegating it again", child.task_id);
+        }
+        research.push(child.task_id);
+        // Stand-in for a planner that dies mid-plan: the first attempt of a
+        // task marked `crash_once` gives up after two of its three steps.
+        if context.task.payload["crash_once"] == json!(true) && context.task.attempts == 1 && research.len() == 2 {
+            return Err(HandlerError::retryable("the planner crashed after delegating two steps"));
+        }
     }
     let answers = context.await_tasks(&research, Duration::from_secs(60)).await?;
     let notes: Vec<Value> = answers.iter().map(|task| task.result.clone().unwrap_or(Value::Null)).collect();
@@ -79,7 +100,8 @@ async fn main() -> anyhow::Result<()> {
     let questions = ["how does Raft elect a leader", "why fence a lease", "what is load shedding"];
     let mut ids = Vec::new();
     for (i, question) in questions.iter().enumerate() {
-        let mut request = SubmitRequest::new("plan", json!({ "question": question }));
+        // The first planner of the first question is replaced mid-plan.
+        let mut request = SubmitRequest::new("plan", json!({ "question": question, "crash_once": i == 0 }));
         request.conversation_id = Some(format!("pipeline-{i}"));
         request.idempotency_key = Some(format!("pipeline-{i}"));
         ids.push(client.submit(&request).await?.task_id);

@@ -20,8 +20,9 @@ pub struct BenchArgs {
     /// `throughput` (default), `overload` (open-loop load at multiples of
     /// capacity), `backlog` (an outage under load, then the drain),
     /// `failover` (faults to the leader, as SDK clients see them), `soak`
-    /// (many tasks through, memory and disk watched) or `steady` (a
-    /// fault-free mixed workload: elections must be 0).
+    /// (many tasks through, memory and disk watched), `steady` (a
+    /// fault-free mixed workload: elections must be 0) or `delegation`
+    /// (planners replaced mid-tree under leader faults, checked).
     #[arg(default_value = "throughput")]
     pub scenario: String,
     /// Where `overload` writes its CSV and SVG.
@@ -64,6 +65,12 @@ pub struct BenchArgs {
     /// Extra arguments for every `phalanx server` (e.g. Raft timings), space-separated.
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub server_args: String,
+    /// `delegation`: exit with status 1 when the checker finds a violation.
+    #[arg(long)]
+    pub check: bool,
+    /// `delegation`: the seed of the planners' and researchers' faults.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 #[derive(Default)]
@@ -88,8 +95,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "soak" => soak(args).await,
         "failover" => crate::failover::failover(args).await,
         "steady" => crate::steady::steady(args).await,
+        "delegation" => crate::delegation::delegation(args).await,
         other => {
-            anyhow::bail!("unknown scenario {other:?}: use throughput, overload, backlog, soak, failover or steady")
+            anyhow::bail!(
+                "unknown scenario {other:?}: use throughput, overload, backlog, soak, failover, steady or delegation"
+            )
         }
     }
 }

@@ -109,7 +109,12 @@ impl LocalCluster {
     }
 
     pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
-        let exe = std::env::current_exe().context("finding the phalanx binary")?;
+        // PHALANX_SERVER_BIN runs the nodes from another build (e.g. the
+        // previous main), so that a benchmark measures it the same way.
+        let exe = match std::env::var_os("PHALANX_SERVER_BIN") {
+            Some(path) => PathBuf::from(path),
+            None => std::env::current_exe().context("finding the phalanx binary")?,
+        };
         let node = self.nodes.get_mut(&id).context("no such node")?;
         // PHALANX_NODE_CPUS pins the nodes (e.g. "0"), so a benchmark can keep
         // its load generator off their cores: `taskset -c 1 phalanx bench ...`.

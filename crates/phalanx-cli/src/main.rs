@@ -10,6 +10,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
 mod client_commands;
+mod delegation;
 mod demo;
 mod exec_agent;
 mod failover;

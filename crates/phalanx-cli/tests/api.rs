@@ -127,7 +127,12 @@ async fn bad_input_is_refused_with_json_errors_and_changes_nothing() {
         (cluster.post(1, "/v1/tasks", &json!({"queue": "q", "priority": 10})).await.unwrap(), 400, "invalid"),
         (cluster.post(1, "/v1/tasks", &json!({"queue": "q", "priority": -1})).await.unwrap(), 400, "invalid"),
         (cluster.post(1, "/v1/tasks", &json!({"queue": "q", "max_attempts": 0})).await.unwrap(), 400, "invalid"),
-        (cluster.post(1, "/v1/tasks", &json!({"queue": "q", "parent_id": 999})).await.unwrap(), 404, "task_not_found"),
+        (cluster.post(1, "/v1/tasks", &json!({"queue": "q", "parent_id": 999})).await.unwrap(), 400, "invalid"),
+        (
+            cluster.post(1, "/v1/tasks", &json!({"queue": "q", "parent_id": 999, "parent_fence": 1})).await.unwrap(),
+            404,
+            "task_not_found",
+        ),
         (cluster.post(1, "/v1/tasks/batch", &json!({"tasks": []})).await.unwrap(), 400, "invalid"),
         (cluster.get(1, "/v1/tasks/999").await.unwrap(), 404, "task_not_found"),
         (cluster.get(1, "/v1/tasks/abc").await.unwrap(), 400, "invalid"),

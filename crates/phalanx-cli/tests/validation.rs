@@ -131,7 +131,7 @@ async fn refused_requests_cost_no_log_entry() {
     let after = log_index(&cluster).await;
     assert_eq!(after, before, "{} refused requests added {} log entries", rounds * 11, after - before);
     // A refusal in a batch is answered in its slot; the rest is proposed.
-    let batch = json!({"tasks": [{"queue": "q", "payload": 1}, {"queue": "q", "payload": 2, "parent_id": 999}]});
+    let batch = json!({"tasks": [{"queue": "q", "payload": 1}, {"queue": "q", "payload": 2, "parent_id": 999, "parent_fence": 1}]});
     let (status, answer) = cluster.post(1, "/v1/tasks/batch", &batch).await.unwrap();
     assert_eq!(status, 200, "{answer}");
     assert!(answer["results"][0]["task_id"].as_u64().is_some(), "{answer}");

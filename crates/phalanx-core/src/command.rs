@@ -125,11 +125,16 @@ pub enum Command {
     },
     /// Write one key of a conversation's context. With `expected_version`, only
     /// if the key's version is still that (0 = key absent): compare-and-set.
+    /// With `writer`, the write is made on behalf of a task under its lease:
+    /// refused unless that lease is current, and discarded when the attempt
+    /// is superseded.
     ContextPut {
         conversation_id: String,
         key: String,
         value: String,
         expected_version: Option<u64>,
+        #[serde(default)]
+        writer: Option<Writer>,
     },
     /// Delete a conversation and its whole context.
     ContextDelete {
@@ -219,6 +224,18 @@ pub enum Outcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Submitted {
     pub task_id: u64,
-    /// True when the idempotency key was already known: nothing new was created.
+    /// True when nothing new was created: the idempotency key was known, or
+    /// an earlier attempt of the parent had delegated the same step.
     pub deduplicated: bool,
+    /// True when the task is a child of an earlier attempt of the parent,
+    /// now taken over by the delegating attempt.
+    #[serde(default)]
+    pub adopted: bool,
+}
+
+/// The task, and the fence of its lease, on whose behalf a context write is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Writer {
+    pub task_id: u64,
+    pub fence: u64,
 }

@@ -11,7 +11,7 @@ pub mod limits;
 pub mod state;
 pub mod task;
 
-pub use command::{Command, NewTask, Outcome, Request, Response};
+pub use command::{Command, NewTask, Outcome, Request, Response, Writer};
 pub use limits::Limits;
 pub use state::{Error, State};
-pub use task::{payload_hash, Agent, Grant, Lease, Task, TaskState, TrailStep};
+pub use task::{payload_hash, Adoption, Agent, Child, Grant, Lease, Task, TaskState, TrailStep};

@@ -75,6 +75,14 @@ pub struct Limits {
     /// with the last task that carries its id).
     #[serde(default = "default_conversation_ttl_ms")]
     pub conversation_ttl_ms: u64,
+    /// Children one task may have (a delegation past it is refused); a lease
+    /// lists at most this many of its task's children.
+    #[serde(default = "default_children_per_task_max")]
+    pub children_per_task_max: usize,
+}
+
+fn default_children_per_task_max() -> usize {
+    Limits::default().children_per_task_max
 }
 
 fn default_state_bytes_max() -> usize {
@@ -171,6 +179,7 @@ pub const BOUNDS: &[Bound] = &[
     bound("stall_timeout_ms", SECOND_MS, 7 * DAY_MS),
     bound("state_bytes_max", MIB, 256 * 1024 * MIB),
     bound("conversation_ttl_ms", SECOND_MS, 365 * DAY_MS),
+    bound("children_per_task_max", 1, 100_000),
 ];
 
 /// How many heartbeat intervals an agent's time-to-live spans at least: an
@@ -213,6 +222,7 @@ impl Limits {
             ("stall_timeout_ms", self.stall_timeout_ms),
             ("state_bytes_max", self.state_bytes_max as u64),
             ("conversation_ttl_ms", self.conversation_ttl_ms),
+            ("children_per_task_max", self.children_per_task_max as u64),
         ]
     }
 
@@ -341,6 +351,7 @@ impl Default for Limits {
             stall_timeout_ms: 10 * 60 * 1000,
             state_bytes_max: 256 * 1024 * 1024,
             conversation_ttl_ms: 7 * 24 * 3600 * 1000,
+            children_per_task_max: 1_000,
         }
     }
 }

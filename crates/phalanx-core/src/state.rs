@@ -3,12 +3,19 @@
 //! Every decision compares against log time (`now_ms`, the maximum of the
 //! leader stamps seen so far), never a local clock, so that two replicas
 //! applying the same entries end in byte-identical state. Indexes (ready
-//! queues, lease expiry, deadlines) are kept beside the task map and checked
-//! against it by `check_invariants`.
+//! queues, lease expiry, deadlines, the delegation trees) are kept beside
+//! the task map and checked against it by `check_invariants`.
+//!
+//! Delegation trees: a child belongs to the attempt of its parent that
+//! created it, or to a later one that adopted it (a lease lists the task's
+//! children; delegating the same step again adopts the earlier attempt's
+//! child). When a task ends, what its other attempts left behind goes:
+//! their open children are cancelled and their context entries discarded.
+//! Retention compacts only whole finished trees.
 
-use crate::command::{Command, NewTask, Outcome, Request, Response, Submitted};
+use crate::command::{Command, NewTask, Outcome, Request, Response, Submitted, Writer};
 use crate::limits::Limits;
-use crate::task::{payload_hash, Agent, Grant, Lease, Task, TaskState, TrailStep};
+use crate::task::{payload_hash, Adoption, Agent, Child, Grant, Lease, Task, TaskState, TrailStep};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -54,6 +61,10 @@ pub enum Error {
     /// retained tasks, sent without `force`.
     #[error("this change of {field} needs \"force\": true: {reason}")]
     ForceRequired { field: String, reason: String },
+    /// An idempotency key sent again with another request: a key names one
+    /// request, so the second is refused rather than answered with the first.
+    #[error("idempotency key {key:?} names task {task_id}, submitted with another {field}")]
+    IdempotencyConflict { key: String, task_id: u64, field: String },
 }
 
 impl Error {
@@ -78,6 +89,7 @@ impl Error {
             Error::StateFull { .. } => "state_full",
             Error::ConversationNotFound { .. } => "not_found",
             Error::ForceRequired { .. } => "force_required",
+            Error::IdempotencyConflict { .. } => "idempotency_conflict",
         }
     }
 }
@@ -126,6 +138,15 @@ pub fn validate_new_task(task: &NewTask, limits: &Limits) -> Result<(), Error> {
     if task.deadline_ms == Some(0) {
         return Err(invalid("deadline_ms", "must be positive"));
     }
+    // A delegation is fenced like a result: without the fence of the
+    // parent's lease, nothing may be decided on the parent's behalf.
+    match (task.parent_id, task.parent_fence) {
+        (Some(_), None) => {
+            return Err(invalid("parent_fence", "required with parent_id: the fence of the parent's lease"))
+        }
+        (None, Some(_)) => return Err(invalid("parent_fence", "only with parent_id")),
+        _ => {}
+    }
     Ok(())
 }
 
@@ -138,6 +159,10 @@ fn validate_policy(policy: &Limits) -> Result<(), Error> {
 pub struct Conversation {
     /// key -> (version, value)
     pub entries: BTreeMap<String, (u64, String)>,
+    /// key -> the task and fence that wrote the entry, for an entry written
+    /// on a task's behalf (a client's own writes have none).
+    #[serde(default)]
+    pub writers: BTreeMap<String, Writer>,
     pub bytes: usize,
     /// Log time of the last write, from which `conversation_ttl_ms` counts.
     /// `None` for a conversation written by an earlier version, which then
@@ -192,6 +217,16 @@ pub struct Counters {
     pub dead: u64,
     pub superseded: u64,
     pub compacted: u64,
+    /// Delegations answered with a child of an earlier attempt of the parent.
+    #[serde(default)]
+    pub adopted: u64,
+    /// Children cancelled because their parent ended and no attempt of it
+    /// that reported the end owned them.
+    #[serde(default)]
+    pub orphans_cancelled: u64,
+    /// Context entries discarded because the attempt that wrote them was superseded.
+    #[serde(default)]
+    pub context_entries_discarded: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +284,36 @@ pub struct State {
     /// Tasks in the state per conversation id: a conversation leaves with its last task.
     #[serde(skip)]
     conversation_tasks: BTreeMap<String, u64>,
+    /// The delegation trees: parent -> its children in the state.
+    #[serde(skip)]
+    children: BTreeMap<u64, BTreeSet<u64>>,
+    /// Open tasks per tree, by the tree's root (roots of finished trees absent).
+    #[serde(skip)]
+    tree_open: BTreeMap<u64, u64>,
+    /// Trees that have wholly finished, by when their last task did: (ms,
+    /// root). Retention compacts whole trees from here, oldest first.
+    #[serde(skip)]
+    compactable: BTreeSet<(u64, u64)>,
+    /// Tasks in the trees of `compactable`: what retention may remove.
+    #[serde(skip)]
+    compactable_tasks: u64,
+    /// Context entries per writing task: task -> (conversation, key).
+    #[serde(skip)]
+    written: BTreeMap<u64, BTreeSet<(String, String)>>,
+}
+
+/// What `State` derives from its stored fields (recounted on restore, checked
+/// by `check_invariants`).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Derived {
+    state_bytes: u64,
+    conversation_expiry: BTreeSet<(u64, String)>,
+    conversation_tasks: BTreeMap<String, u64>,
+    children: BTreeMap<u64, BTreeSet<u64>>,
+    tree_open: BTreeMap<u64, u64>,
+    compactable: BTreeSet<(u64, u64)>,
+    compactable_tasks: u64,
+    written: BTreeMap<u64, BTreeSet<(String, String)>>,
 }
 
 impl State {
@@ -258,24 +323,98 @@ impl State {
         State { limits, next_task_id: 1, policy_version: 1, policy_history: vec![first], ..State::default() }
     }
 
-    /// Recounts what is derived from the stored fields (the byte count and
-    /// the conversation indexes). Call it on a state read from a snapshot.
+    /// Recounts what is derived from the stored fields (the byte count, the
+    /// conversation indexes, the delegation trees). Call it on a state read
+    /// from a snapshot.
     pub fn restore(&mut self) {
-        (self.state_bytes, self.conversation_expiry, self.conversation_tasks) = self.derived();
+        let derived = self.derived();
+        self.state_bytes = derived.state_bytes;
+        self.conversation_expiry = derived.conversation_expiry;
+        self.conversation_tasks = derived.conversation_tasks;
+        self.children = derived.children;
+        self.tree_open = derived.tree_open;
+        self.compactable = derived.compactable;
+        self.compactable_tasks = derived.compactable_tasks;
+        self.written = derived.written;
     }
 
-    #[allow(clippy::type_complexity)]
-    fn derived(&self) -> (u64, BTreeSet<(u64, String)>, BTreeMap<String, u64>) {
-        let bytes = self.tasks.values().map(task_bytes).sum::<u64>()
+    fn derived(&self) -> Derived {
+        let state_bytes = self.tasks.values().map(task_bytes).sum::<u64>()
             + self.conversations.values().map(|c| c.bytes as u64).sum::<u64>();
-        let expiry = self.conversations.iter().filter_map(|(id, c)| c.written_ms.map(|at| (at, id.clone()))).collect();
-        let mut per_conversation: BTreeMap<String, u64> = BTreeMap::new();
+        let conversation_expiry =
+            self.conversations.iter().filter_map(|(id, c)| c.written_ms.map(|at| (at, id.clone()))).collect();
+        let mut conversation_tasks: BTreeMap<String, u64> = BTreeMap::new();
         for task in self.tasks.values() {
             if let Some(id) = &task.conversation_id {
-                *per_conversation.entry(id.clone()).or_default() += 1;
+                *conversation_tasks.entry(id.clone()).or_default() += 1;
             }
         }
-        (bytes, expiry, per_conversation)
+        // A parent missing from the state (compacted by a version that did
+        // not keep trees whole) makes its child a root.
+        let mut children: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+        for task in self.tasks.values() {
+            if let Some(parent) = task.parent_id.filter(|parent| self.tasks.contains_key(parent)) {
+                children.entry(parent).or_default().insert(task.id);
+            }
+        }
+        let mut tree_open: BTreeMap<u64, u64> = BTreeMap::new();
+        // root -> (tasks, when the last of them was updated)
+        let mut trees: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        for task in self.tasks.values() {
+            let root = self.root_of(task.id);
+            if !task.state.is_terminal() {
+                *tree_open.entry(root).or_default() += 1;
+            }
+            let tree = trees.entry(root).or_default();
+            tree.0 += 1;
+            tree.1 = tree.1.max(task.updated_ms);
+        }
+        let mut compactable = BTreeSet::new();
+        let mut compactable_tasks = 0;
+        for (root, (tasks, finished_ms)) in trees {
+            if !tree_open.contains_key(&root) {
+                compactable.insert((finished_ms, root));
+                compactable_tasks += tasks;
+            }
+        }
+        let mut written: BTreeMap<u64, BTreeSet<(String, String)>> = BTreeMap::new();
+        for (conversation_id, conversation) in &self.conversations {
+            for (key, writer) in &conversation.writers {
+                written.entry(writer.task_id).or_default().insert((conversation_id.clone(), key.clone()));
+            }
+        }
+        Derived {
+            state_bytes,
+            conversation_expiry,
+            conversation_tasks,
+            children,
+            tree_open,
+            compactable,
+            compactable_tasks,
+            written,
+        }
+    }
+
+    /// The root of a task's delegation tree: its oldest ancestor in the state.
+    /// (Parents have smaller ids than their children, so the walk ends.)
+    fn root_of(&self, mut task_id: u64) -> u64 {
+        while let Some(parent) = self.tasks[&task_id].parent_id.filter(|parent| self.tasks.contains_key(parent)) {
+            task_id = parent;
+        }
+        task_id
+    }
+
+    /// Every task of the tree under `root`, the root first.
+    fn tree(&self, root: u64) -> Vec<u64> {
+        let mut tree = vec![root];
+        let mut next = 0;
+        while next < tree.len() {
+            if let Some(children) = self.children.get(&tree[next]) {
+                tree.extend(children.iter().copied());
+            }
+            next += 1;
+        }
+        tree
     }
 
     /// Bytes of the replicated state counted against `state_bytes_max`.
@@ -442,8 +581,13 @@ impl State {
         }
         if policy.finished_task_ttl_ms < old.finished_task_ttl_ms {
             let now = self.now_ms;
-            let expired =
-                self.finished.iter().take_while(|(at, _)| at.saturating_add(policy.finished_task_ttl_ms) < now).count();
+            // Retention by age compacts whole trees, timed from their last task's end.
+            let expired: usize = self
+                .compactable
+                .iter()
+                .take_while(|(at, _)| at.saturating_add(policy.finished_task_ttl_ms) < now)
+                .map(|(_, root)| self.tree(*root).len())
+                .sum();
             if expired > 0 {
                 reasons.push((
                     "finished_task_ttl_ms",
@@ -621,7 +765,9 @@ impl State {
                 .map(|(at, _)| at.saturating_add(self.limits.stall_timeout_ms).saturating_add(1)),
             self.deadlines.first().map(|(at, _)| at.saturating_add(1)),
             self.wait_deadlines.first().map(|(at, _)| at.saturating_add(1)),
-            self.finished.first().map(|(at, _)| at.saturating_add(self.limits.finished_task_ttl_ms).saturating_add(1)),
+            self.compactable
+                .first()
+                .map(|(at, _)| at.saturating_add(self.limits.finished_task_ttl_ms).saturating_add(1)),
             self.conversation_expiry
                 .first()
                 .map(|(at, _)| at.saturating_add(self.limits.conversation_ttl_ms).saturating_add(1)),
@@ -692,8 +838,8 @@ impl State {
                 self.check_report_on_lease(*task_id, *fence)
             }
             Command::Progress { task_id, fence } => self.check_report_on_lease(*task_id, *fence),
-            Command::ContextPut { conversation_id, key, value, expected_version } => {
-                self.check_context_put(conversation_id, key, value, *expected_version).map(drop)
+            Command::ContextPut { conversation_id, key, value, expected_version, writer } => {
+                self.check_context_put(conversation_id, key, value, *expected_version, *writer).map(drop)
             }
             Command::ContextDelete { conversation_id } => {
                 if self.conversations.contains_key(conversation_id) {
@@ -781,13 +927,13 @@ impl State {
             self.set_error(id, format!("stuck: no progress for {} ms; lease revoked", self.limits.stall_timeout_ms));
             self.retry_or_bury(id, "stuck");
         }
-        // Retention by age: finished tasks (and their idempotency keys) leave
-        // `finished_task_ttl_ms` after they finished.
-        while let Some(&(finished_ms, _)) = self.finished.first() {
+        // Retention by age: finished trees (and their idempotency keys) leave
+        // `finished_task_ttl_ms` after their last task finished.
+        while let Some(&(finished_ms, _)) = self.compactable.first() {
             if finished_ms.saturating_add(self.limits.finished_task_ttl_ms) >= now {
                 break;
             }
-            self.compact_finished(1);
+            self.compact_oldest_tree();
         }
         while let Some((written_ms, id)) = self.conversation_expiry.first() {
             if written_ms.saturating_add(self.limits.conversation_ttl_ms) >= now {
@@ -809,7 +955,7 @@ impl State {
             if deadline >= now {
                 break;
             }
-            self.finish(id, TaskState::Dead, |task| task.dead_reason = Some("expired".to_string()));
+            self.finish(id, TaskState::Dead, None, |task| task.dead_reason = Some("expired".to_string()));
         }
         self.enforce_retention();
     }
@@ -835,8 +981,8 @@ impl State {
             Command::Fail { task_id, fence, error, retryable } => self.fail(*task_id, *fence, error, *retryable),
             Command::Extend { task_id, fence, lease_ttl_ms } => self.extend(*task_id, *fence, *lease_ttl_ms),
             Command::Progress { task_id, fence } => self.progress(*task_id, *fence),
-            Command::ContextPut { conversation_id, key, value, expected_version } => {
-                self.context_put(conversation_id, key, value, *expected_version)
+            Command::ContextPut { conversation_id, key, value, expected_version, writer } => {
+                self.context_put(conversation_id, key, value, *expected_version, *writer)
             }
             Command::ContextDelete { conversation_id } => {
                 if self.remove_conversation(conversation_id) {
@@ -867,35 +1013,40 @@ impl State {
 
     /// Whether a new task would be refused now, and why, changing nothing:
     /// the edge runs it on every task before proposing, `submit_one` again
-    /// when applying. A known idempotency key is answered with its task
-    /// whatever else the request says. A delegation loop is let through: when
-    /// applied it dead-letters the parent, so it must reach the log.
+    /// when applying. A delegation is judged by its parent's lease first: the
+    /// fence must be current and the lease held, before the key, the trail
+    /// or anything else is looked at. A known idempotency key is answered
+    /// with its task only if the request is the same (queue, payload,
+    /// parent). A delegation loop is let through: when applied it
+    /// dead-letters the parent, so it must reach the log.
     pub fn check_new_task(&self, new: &NewTask) -> Result<(), Error> {
         validate_new_task(new, &self.limits)?;
-        if let Some(key) = &new.idempotency_key {
-            if self.idempotency_keys.contains_key(key) {
-                return Ok(());
-            }
-            if self.idempotency_keys.len() >= self.limits.idempotency_keys_max {
-                return Err(Error::LimitReached {
-                    limit: "idempotency_keys_max".into(),
-                    max: self.limits.idempotency_keys_max as u64,
-                });
-            }
+        if let (Some(parent_id), Some(fence)) = (new.parent_id, new.parent_fence) {
+            self.held_lease(parent_id, fence)?;
+        }
+        if self.known_key(new)?.is_some() {
+            return Ok(());
+        }
+        if new.idempotency_key.is_some() && self.idempotency_keys.len() >= self.limits.idempotency_keys_max {
+            return Err(Error::LimitReached {
+                limit: "idempotency_keys_max".into(),
+                max: self.limits.idempotency_keys_max as u64,
+            });
         }
         if let Some(parent_id) = new.parent_id {
-            let parent = self.tasks.get(&parent_id).ok_or(Error::TaskNotFound { task_id: parent_id })?;
-            // A delegation must come from the parent's current lease.
-            if let Some(fence) = new.parent_fence {
-                if fence != parent.last_fence {
-                    return Err(Error::Superseded { task_id: parent_id, fence, current: parent.last_fence });
-                }
-                if parent.state.is_terminal() {
-                    return Err(Error::AlreadyTerminal { task_id: parent_id, state: parent.state });
-                }
+            let parent = &self.tasks[&parent_id];
+            if self.adoptable(parent, new).is_some() {
+                return Ok(());
             }
             if self.delegation_loop(parent, &new.queue, payload_hash(&new.payload)).is_some() {
                 return Ok(());
+            }
+            let children = self.children.get(&parent_id).map_or(0, BTreeSet::len);
+            if children >= self.limits.children_per_task_max {
+                return Err(Error::LimitReached {
+                    limit: "children_per_task_max".into(),
+                    max: self.limits.children_per_task_max as u64,
+                });
             }
         }
         let open = self.open_per_queue.get(&new.queue).copied().unwrap_or(0);
@@ -903,19 +1054,99 @@ impl State {
             return Err(Error::QueueFull { queue: new.queue.clone(), max: self.limits.queue_tasks_max as u64 });
         }
         self.check_budget(new.payload.len() as u64, 0)?;
-        // Retention makes room by compacting finished tasks, never open ones.
-        if self.tasks.len() - self.finished.len() >= self.limits.tasks_max {
+        // Retention makes room by compacting finished trees, never open
+        // tasks nor finished ones whose tree is still at work.
+        if self.tasks.len() - self.compactable_tasks as usize >= self.limits.tasks_max {
             return Err(Error::LimitReached { limit: "tasks_max".into(), max: self.limits.tasks_max as u64 });
         }
         Ok(())
     }
 
+    /// The task an idempotency key already names, if the request is the one
+    /// that created it (same queue, payload and parent); a key reused for
+    /// another request is a conflict. The fence is not compared: a stale one
+    /// was refused before, and the parent's current one sent with a key of an
+    /// earlier attempt adopts that attempt's child.
+    fn known_key(&self, new: &NewTask) -> Result<Option<u64>, Error> {
+        let Some(key) = &new.idempotency_key else { return Ok(None) };
+        let Some(task) = self.idempotency_keys.get(key).and_then(|id| self.tasks.get(id)) else { return Ok(None) };
+        let field = if task.queue != new.queue {
+            "queue"
+        } else if task.payload != new.payload {
+            "payload"
+        } else if task.parent_id != new.parent_id {
+            "parent_id"
+        } else {
+            return Ok(Some(task.id));
+        };
+        Err(Error::IdempotencyConflict { key: key.clone(), task_id: task.id, field: field.to_string() })
+    }
+
+    /// The fence of the attempt of `parent` that a child belongs to: the
+    /// latest that adopted it, or the one that created it. `None` for a
+    /// child created before fences were recorded.
+    pub fn owner_fence(&self, parent: &Task, child: &Task) -> Option<u64> {
+        parent.adopted.get(&child.id).map(|adoption| adoption.fence).or(child.parent_fence)
+    }
+
+    /// A child of an earlier attempt of the parent doing the same step (same
+    /// queue, same payload) that the delegating attempt may take over instead
+    /// of creating a duplicate: one not failed, dead or cancelled (the new
+    /// attempt may want the step done again), the oldest first.
+    fn adoptable(&self, parent: &Task, new: &NewTask) -> Option<u64> {
+        let fence = new.parent_fence?;
+        self.children.get(&parent.id)?.iter().copied().find(|id| {
+            let child = &self.tasks[id];
+            child.queue == new.queue
+                && child.payload == new.payload
+                && matches!(child.state, TaskState::Pending | TaskState::Leased | TaskState::Succeeded)
+                && self.owner_fence(parent, child).is_none_or(|owner| owner < fence)
+        })
+    }
+
+    /// Records that the attempt under `fence` of `parent_id` took `child_id`
+    /// over; `key` is the adopting request's idempotency key when it is not
+    /// the child's own, so that a retry of the request finds the child.
+    /// Answers whether it was an adoption (the child was not this attempt's yet).
+    fn adopt(&mut self, parent_id: u64, fence: u64, child_id: u64, key: Option<String>) -> bool {
+        let owner = self.owner_fence(&self.tasks[&parent_id], &self.tasks[&child_id]);
+        if owner == Some(fence) {
+            return false;
+        }
+        let parent = self.tasks.get_mut(&parent_id).expect("checked: the parent exists");
+        let previous = parent.adopted.insert(child_id, Adoption { fence, idempotency_key: key.clone() });
+        if let Some(old) = previous.and_then(|adoption| adoption.idempotency_key) {
+            if Some(&old) != key.as_ref() && self.idempotency_keys.get(&old) == Some(&child_id) {
+                self.idempotency_keys.remove(&old);
+            }
+        }
+        if let Some(key) = key {
+            self.idempotency_keys.insert(key, child_id);
+        }
+        self.counters.adopted += 1;
+        true
+    }
+
     fn submit_one(&mut self, new: &NewTask) -> Result<Submitted, Error> {
         self.check_new_task(new)?;
-        if let Some(key) = &new.idempotency_key {
-            if let Some(&task_id) = self.idempotency_keys.get(key) {
+        if let Some(task_id) = self.known_key(new)? {
+            self.counters.deduplicated += 1;
+            let adopted = match (new.parent_id, new.parent_fence) {
+                (Some(parent_id), Some(fence)) => {
+                    // The key is the child's own or an earlier adoption's: kept as it is.
+                    let own = self.tasks[&task_id].idempotency_key == new.idempotency_key;
+                    self.adopt(parent_id, fence, task_id, if own { None } else { new.idempotency_key.clone() })
+                }
+                _ => false,
+            };
+            return Ok(Submitted { task_id, deduplicated: true, adopted });
+        }
+        if let (Some(parent_id), Some(fence)) = (new.parent_id, new.parent_fence) {
+            if let Some(child_id) = self.adoptable(&self.tasks[&parent_id], new) {
                 self.counters.deduplicated += 1;
-                return Ok(Submitted { task_id, deduplicated: true });
+                let adopted = self.adopt(parent_id, fence, child_id, new.idempotency_key.clone());
+                assert!(adopted, "an adoptable child belongs to an earlier attempt");
+                return Ok(Submitted { task_id: child_id, deduplicated: true, adopted });
             }
         }
         let hash = payload_hash(&new.payload);
@@ -923,9 +1154,8 @@ impl State {
             None => (0, None, vec![TrailStep { queue: new.queue.clone(), agent_id: None, payload_hash: hash }]),
             Some(parent_id) => self.delegate(parent_id, new, hash)?,
         };
-        if self.tasks.len() >= self.limits.tasks_max {
-            self.compact_finished(self.tasks.len() + 1 - self.limits.tasks_max);
-            assert!(self.tasks.len() < self.limits.tasks_max, "check_new_task saw room among the finished tasks");
+        while self.tasks.len() >= self.limits.tasks_max {
+            assert!(self.compact_oldest_tree(), "check_new_task saw room among the finished trees");
         }
         let id = self.next_task_id;
         self.next_task_id += 1;
@@ -953,6 +1183,8 @@ impl State {
             error: None,
             dead_reason: None,
             superseded_count: 0,
+            parent_fence: new.parent_fence,
+            adopted: BTreeMap::new(),
         };
         if let Some(key) = &new.idempotency_key {
             self.idempotency_keys.insert(key.clone(), id);
@@ -965,10 +1197,18 @@ impl State {
         if let Some(conversation_id) = &task.conversation_id {
             *self.conversation_tasks.entry(conversation_id.clone()).or_default() += 1;
         }
+        let root = match new.parent_id {
+            Some(parent_id) => {
+                self.children.entry(parent_id).or_default().insert(id);
+                self.root_of(parent_id)
+            }
+            None => id,
+        };
+        *self.tree_open.entry(root).or_default() += 1;
         self.tasks.insert(id, task);
         self.make_ready(id);
         self.counters.submitted += 1;
-        Ok(Submitted { task_id: id, deduplicated: false })
+        Ok(Submitted { task_id: id, deduplicated: false, adopted: false })
     }
 
     /// A task that exists and has not finished.
@@ -981,7 +1221,7 @@ impl State {
     }
 
     fn cancel(&mut self, task_id: u64) -> Result<Outcome, Error> {
-        self.finish(task_id, TaskState::Cancelled, |_| {});
+        self.finish(task_id, TaskState::Cancelled, None, |_| {});
         Ok(Outcome::Cancelled { task: self.tasks[&task_id].clone() })
     }
 
@@ -1066,6 +1306,11 @@ impl State {
     fn remove_agent(&mut self, agent_id: &str, epoch: u64) -> Result<(), Error> {
         let held: Vec<u64> = self.current_agent(agent_id, epoch)?.leased_task_ids.iter().copied().collect();
         for task_id in held {
+            // Burying one task cancels its orphaned children, which may be
+            // held here too: those have finished already.
+            if self.tasks[&task_id].state.is_terminal() {
+                continue;
+            }
             self.release_lease(task_id);
             self.retry_or_bury(task_id, "agent left");
         }
@@ -1169,13 +1414,38 @@ impl State {
                 valid_until_ms,
                 progress_ms: now,
             });
-            grants.push(Grant { task: task.clone(), fence: index, valid_until_ms });
+            let task = task.clone();
+            // Every earlier attempt is superseded now: what it wrote in the
+            // conversation goes, so that this one can write its own.
+            self.discard_entries(task_id, None);
+            grants.push(Grant { task, fence: index, valid_until_ms, children: self.children_of(task_id) });
             self.lease_expiry.insert((valid_until_ms, task_id));
             self.lease_progress.insert((now, task_id));
             self.agents.get_mut(agent_id).expect("current agent").leased_task_ids.insert(task_id);
             self.counters.leases_granted += 1;
         }
         Ok(Outcome::Leased { grants })
+    }
+
+    /// A task's children as a lease lists them (at most `children_per_task_max`, oldest first).
+    pub fn children_of(&self, task_id: u64) -> Vec<Child> {
+        let parent = &self.tasks[&task_id];
+        let Some(children) = self.children.get(&task_id) else { return Vec::new() };
+        children
+            .iter()
+            .take(self.limits.children_per_task_max)
+            .map(|id| {
+                let child = &self.tasks[id];
+                Child {
+                    task_id: child.id,
+                    queue: child.queue.clone(),
+                    payload_hash: payload_hash(&child.payload),
+                    state: child.state,
+                    parent_fence: child.parent_fence,
+                    adopted_fence: parent.adopted.get(id).map(|adoption| adoption.fence),
+                }
+            })
+            .collect()
     }
 
     /// Whether `fence` may report on this task: it must be the newest fence
@@ -1199,6 +1469,18 @@ impl State {
             Err(Error::Superseded { .. }) => Ok(None),
             Err(error) => Err(error),
         }
+    }
+
+    /// A lease held now under `fence`: what a delegation or a context write
+    /// on a task's behalf needs. Refused at the edge, stale fence included
+    /// (nothing is recorded of it): a superseded attempt may not act for the
+    /// task, nor may one whose lease lapsed, as for an extension.
+    fn held_lease(&self, task_id: u64, fence: u64) -> Result<&Task, Error> {
+        let task = self.current_fence(task_id, fence)?;
+        if task.lease.is_none() {
+            return Err(Error::LeaseExpired { task_id });
+        }
+        Ok(task)
     }
 
     /// A report that needs the lease itself (extend, progress, wait): the
@@ -1246,7 +1528,11 @@ impl State {
         }
         self.check_fence(task_id, fence)?;
         self.make_room(result.len() as u64, self.tasks[&task_id].result.as_ref().map_or(0, String::len) as u64)?;
-        self.finish(task_id, TaskState::Succeeded, |task| task.result = Some(result.to_string()));
+        // A succeeded task carries no error of an earlier attempt or wait.
+        self.finish(task_id, TaskState::Succeeded, Some(fence), |task| {
+            task.result = Some(result.to_string());
+            task.error = None;
+        });
         Ok(Outcome::Completed { task: self.tasks[&task_id].clone() })
     }
 
@@ -1258,9 +1544,9 @@ impl State {
         self.make_room(error.len() as u64, self.tasks[&task_id].error.as_ref().map_or(0, String::len) as u64)?;
         let task = &self.tasks[&task_id];
         if !retryable {
-            self.finish(task_id, TaskState::Failed, |task| task.error = Some(error.to_string()));
+            self.finish(task_id, TaskState::Failed, Some(fence), |task| task.error = Some(error.to_string()));
         } else if task.attempts >= task.max_attempts {
-            self.finish(task_id, TaskState::Dead, |task| {
+            self.finish(task_id, TaskState::Dead, Some(fence), |task| {
                 task.error = Some(error.to_string());
                 task.dead_reason = Some(format!("attempts_exhausted: {} attempts", task.attempts));
             });
@@ -1272,6 +1558,9 @@ impl State {
             self.release_lease(task_id);
             self.remove_ready(task_id);
             self.set_error(task_id, error.to_string());
+            // The attempt is over and not accepted: its context entries go.
+            // (Its children stay, for the next attempt to adopt.)
+            self.discard_entries(task_id, None);
             let task = self.tasks.get_mut(&task_id).expect("checked");
             task.not_before_ms = not_before;
             self.delayed.insert((not_before, task_id));
@@ -1312,10 +1601,24 @@ impl State {
         key: &str,
         value: &str,
         expected_version: Option<u64>,
+        writer: Option<Writer>,
     ) -> Result<(u64, usize), Error> {
         validate_name("conversation_id", conversation_id, self.limits.id_bytes_max)?;
         validate_name("key", key, self.limits.id_bytes_max)?;
         check_size("value", value, self.limits.conversation_bytes_max)?;
+        if let Some(writer) = writer {
+            let task = self.held_lease(writer.task_id, writer.fence)?;
+            if task.conversation_id.as_deref() != Some(conversation_id) {
+                return Err(invalid(
+                    "conversation_id",
+                    format!(
+                        "task {} writes on its own behalf only to its own conversation ({})",
+                        writer.task_id,
+                        task.conversation_id.as_deref().unwrap_or("it has none")
+                    ),
+                ));
+            }
+        }
         if !self.conversations.contains_key(conversation_id)
             && self.conversations.len() >= self.limits.conversations_max
         {
@@ -1352,18 +1655,30 @@ impl State {
         key: &str,
         value: &str,
         expected_version: Option<u64>,
+        writer: Option<Writer>,
     ) -> Result<Outcome, Error> {
-        let (version, bytes) = self.check_context_put(conversation_id, key, value, expected_version)?;
+        let (version, bytes) = self.check_context_put(conversation_id, key, value, expected_version, writer)?;
         let old_total = self.conversations.get(conversation_id).map_or(0, |c| c.bytes);
         let now = self.now_ms;
         let conversation = self.conversations.entry(conversation_id.to_string()).or_default();
         conversation.entries.insert(key.to_string(), (version, value.to_string()));
         conversation.bytes = bytes;
+        let previous = match writer {
+            Some(writer) => conversation.writers.insert(key.to_string(), writer),
+            None => conversation.writers.remove(key),
+        };
         if let Some(old) = conversation.written_ms.replace(now) {
             self.conversation_expiry.remove(&(old, conversation_id.to_string()));
         }
         self.conversation_expiry.insert((now, conversation_id.to_string()));
         self.state_bytes = self.state_bytes - old_total as u64 + bytes as u64;
+        let entry = (conversation_id.to_string(), key.to_string());
+        if let Some(previous) = previous {
+            self.unindex_writer(previous.task_id, &entry);
+        }
+        if let Some(writer) = writer {
+            self.written.entry(writer.task_id).or_default().insert(entry);
+        }
         Ok(Outcome::ContextWritten { version })
     }
 
@@ -1398,7 +1713,7 @@ impl State {
         if let Some(trail) = self.delegation_loop(parent, &new.queue, hash) {
             if !parent.state.is_terminal() {
                 let reason = format!("loop_detected: {trail}");
-                self.finish(parent_id, TaskState::Dead, |task| task.dead_reason = Some(reason));
+                self.finish(parent_id, TaskState::Dead, None, |task| task.dead_reason = Some(reason));
             }
             return Err(Error::LoopDetected { task_id: parent_id, trail });
         }
@@ -1504,7 +1819,7 @@ impl State {
         if all_dead && !waiter.state.is_terminal() {
             let ids: Vec<String> = named.iter().map(|id| id.to_string()).collect();
             let reason = format!("dependencies_dead: every awaited task ({}) is dead", ids.join(", "));
-            self.finish(task_id, TaskState::Dead, |task| task.dead_reason = Some(reason));
+            self.finish(task_id, TaskState::Dead, None, |task| task.dead_reason = Some(reason));
         }
     }
 
@@ -1553,7 +1868,7 @@ impl State {
     fn retry_or_bury(&mut self, task_id: u64, why: &str) {
         let task = &self.tasks[&task_id];
         if task.attempts >= task.max_attempts {
-            self.finish(task_id, TaskState::Dead, |task| {
+            self.finish(task_id, TaskState::Dead, None, |task| {
                 task.dead_reason = Some(format!("attempts_exhausted: {why} on attempt {}", task.attempts))
             });
         } else {
@@ -1578,13 +1893,56 @@ impl State {
     }
 
     /// Moves a task to a terminal state, out of every index but `finished`.
-    fn finish(&mut self, task_id: u64, state: TaskState, update: impl FnOnce(&mut Task)) {
+    /// `accepted` is the fence of the report that ended it (a complete or a
+    /// fail by the lease holder), `None` when the cluster ended it (cancel,
+    /// deadline, lapsed last attempt, loop, dead dependencies). What the
+    /// other attempts left behind goes: their context entries, and their
+    /// open children, cancelled, and so on down the tree.
+    fn finish(&mut self, task_id: u64, state: TaskState, accepted: Option<u64>, update: impl FnOnce(&mut Task)) {
+        self.finish_one(task_id, state, accepted, update);
+        // Iterative, so that a deep tree costs no deep recursion.
+        let mut ended = vec![(task_id, accepted)];
+        while let Some((parent_id, accepted)) = ended.pop() {
+            for (child_id, owner) in self.orphans(parent_id, accepted) {
+                // Ending an earlier orphan may have ended this one (a wait).
+                if self.tasks[&child_id].state.is_terminal() {
+                    continue;
+                }
+                let parent_state = self.tasks[&parent_id].state.as_str();
+                let why = format!(
+                    "orphaned: parent {parent_id} ended {parent_state} and no attempt of it that reported owns this child (attempt under fence {owner})"
+                );
+                self.finish_one(child_id, TaskState::Cancelled, None, |task| task.error = Some(why));
+                self.counters.orphans_cancelled += 1;
+                ended.push((child_id, None));
+            }
+        }
+    }
+
+    /// The open children of a finished task that no accepted attempt owns,
+    /// with the fence of the attempt each belongs to. Children created
+    /// before fences were recorded are left alone.
+    fn orphans(&self, parent_id: u64, accepted: Option<u64>) -> Vec<(u64, u64)> {
+        let Some(children) = self.children.get(&parent_id) else { return Vec::new() };
+        let parent = &self.tasks[&parent_id];
+        children
+            .iter()
+            .filter_map(|id| {
+                let child = &self.tasks[id];
+                let owner = self.owner_fence(parent, child)?;
+                (!child.state.is_terminal() && Some(owner) != accepted).then_some((*id, owner))
+            })
+            .collect()
+    }
+
+    fn finish_one(&mut self, task_id: u64, state: TaskState, accepted: Option<u64>, update: impl FnOnce(&mut Task)) {
         assert!(state.is_terminal());
         self.release_lease(task_id);
         self.remove_ready(task_id);
         let now = self.now_ms;
         let task = self.tasks.get_mut(&task_id).expect("task exists");
         assert!(!task.state.is_terminal(), "task {task_id} finished twice");
+        assert!(accepted.is_none_or(|fence| fence == task.last_fence), "only the current fence ends a task");
         task.state = state;
         task.updated_ms = now;
         let before = task_bytes(task);
@@ -1599,6 +1957,16 @@ impl State {
             self.open_per_queue.remove(&task.queue);
         }
         self.finished.insert((now, task_id));
+        self.discard_entries(task_id, accepted);
+        let root = self.root_of(task_id);
+        let open = self.tree_open.get_mut(&root).expect("an open task counts in its tree");
+        *open -= 1;
+        if *open == 0 {
+            // The whole tree has finished: retention may take it, as one.
+            self.tree_open.remove(&root);
+            self.compactable.insert((now, root));
+            self.compactable_tasks += self.tree(root).len() as u64;
+        }
         self.notify_waiters(task_id);
         match state {
             TaskState::Succeeded => self.counters.succeeded += 1,
@@ -1612,20 +1980,32 @@ impl State {
     /// Retention by count. Run once a command (or the advance of time) is
     /// done, never inside `finish`: at equal log times the task just finished
     /// may sort first in `finished`, and it must outlive the outcome that
-    /// reports it (and the waiters it resolves).
+    /// reports it (and the waiters it resolves). Only whole finished trees
+    /// leave, so finished tasks of trees still at work may stay over the count.
     fn enforce_retention(&mut self) {
-        if self.finished.len() > self.limits.finished_tasks_max {
-            self.compact_finished(self.finished.len() - self.limits.finished_tasks_max);
-        }
+        while self.finished.len() > self.limits.finished_tasks_max && self.compact_oldest_tree() {}
     }
 
-    /// Drops the `count` oldest terminal tasks (retention). Their idempotency
-    /// keys go with them.
-    fn compact_finished(&mut self, count: usize) {
-        for _ in 0..count {
-            let Some((_, task_id)) = self.finished.pop_first() else { return };
-            let task = self.tasks.remove(&task_id).expect("finished task exists");
-            assert!(task.state.is_terminal());
+    /// Drops the finished tree that finished first (retention): the root and
+    /// every task under it, with their idempotency keys (the adopting
+    /// requests' keys too). False when no tree has wholly finished.
+    fn compact_oldest_tree(&mut self) -> bool {
+        let Some((_, root)) = self.compactable.pop_first() else { return false };
+        let tree = self.tree(root);
+        self.compactable_tasks -= tree.len() as u64;
+        for task_id in tree {
+            let task = self.tasks.remove(&task_id).expect("a tree's tasks exist");
+            assert!(task.state.is_terminal(), "a compacted tree has no open task");
+            assert!(self.finished.remove(&(task.updated_ms, task_id)), "a finished task is indexed");
+            self.children.remove(&task_id);
+            if let Some(parent) = task.parent_id {
+                if let Some(siblings) = self.children.get_mut(&parent) {
+                    siblings.remove(&task_id);
+                    if siblings.is_empty() {
+                        self.children.remove(&parent);
+                    }
+                }
+            }
             self.state_bytes -= task_bytes(&task);
             if let Some(conversation_id) = &task.conversation_id {
                 let count = self.conversation_tasks.get_mut(conversation_id).expect("counted at submit");
@@ -1636,13 +2016,19 @@ impl State {
                     self.remove_conversation(conversation_id);
                 }
             }
-            if let Some(key) = &task.idempotency_key {
-                if self.idempotency_keys.get(key) == Some(&task_id) {
+            let keys = task.idempotency_key.iter().map(|key| (key, task_id));
+            let adoption_keys = task
+                .adopted
+                .iter()
+                .filter_map(|(child, adoption)| adoption.idempotency_key.as_ref().map(|key| (key, *child)));
+            for (key, named) in keys.chain(adoption_keys) {
+                if self.idempotency_keys.get(key) == Some(&named) {
                     self.idempotency_keys.remove(key);
                 }
             }
             self.counters.compacted += 1;
         }
+        true
     }
 
     /// Refuses a write that would take the state past `state_bytes_max`:
@@ -1656,26 +2042,27 @@ impl State {
     }
 
     /// A result or error finishes work already admitted: rather than refuse
-    /// it, the oldest finished tasks are compacted (as retention would) until
+    /// it, the oldest finished trees are compacted (as retention would) until
     /// it fits. Refused only when even that cannot make room; then nothing
     /// is compacted.
     fn make_room(&mut self, added: u64, removed: u64) -> Result<(), Error> {
         self.check_room(added, removed)?;
         while self.check_budget(added, removed).is_err() {
-            self.compact_finished(1);
+            assert!(self.compact_oldest_tree(), "check_room saw room among the finished trees");
         }
         Ok(())
     }
 
-    /// Whether `make_room` would find room, changing nothing. O(finished
-    /// tasks), but only once the budget is reached.
+    /// Whether `make_room` would find room, changing nothing. O(tasks of
+    /// finished trees), but only once the budget is reached.
     fn check_room(&self, added: u64, removed: u64) -> Result<(), Error> {
         let refused = match self.check_budget(added, removed) {
             Ok(()) => return Ok(()),
             Err(refused) => refused,
         };
         let needed = (self.state_bytes - removed).saturating_add(added) - self.limits.state_bytes_max as u64;
-        let freeable: u64 = self.finished.iter().map(|(_, id)| task_bytes(&self.tasks[id])).sum();
+        let freeable: u64 =
+            self.compactable.iter().flat_map(|(_, root)| self.tree(*root)).map(|id| task_bytes(&self.tasks[&id])).sum();
         if freeable < needed {
             return Err(refused);
         }
@@ -1691,9 +2078,44 @@ impl State {
         self.state_bytes = self.state_bytes - before + task_bytes(task);
     }
 
+    fn unindex_writer(&mut self, task_id: u64, entry: &(String, String)) {
+        if let Some(entries) = self.written.get_mut(&task_id) {
+            entries.remove(entry);
+            if entries.is_empty() {
+                self.written.remove(&task_id);
+            }
+        }
+    }
+
+    /// Removes the context entries a task wrote, but for those of the
+    /// attempt under `keep` (the accepted or the live one): an entry of a
+    /// superseded attempt would stand in the way of the accepted one.
+    fn discard_entries(&mut self, task_id: u64, keep: Option<u64>) {
+        let Some(entries) = self.written.get(&task_id) else { return };
+        let doomed: Vec<(String, String)> = entries
+            .iter()
+            .filter(|(conversation_id, key)| Some(self.conversations[conversation_id].writers[key].fence) != keep)
+            .cloned()
+            .collect();
+        for entry in doomed {
+            let (conversation_id, key) = &entry;
+            let conversation = self.conversations.get_mut(conversation_id).expect("indexed entries exist");
+            let (_, value) = conversation.entries.remove(key).expect("indexed entries exist");
+            conversation.writers.remove(key);
+            let bytes = key.len() + value.len();
+            conversation.bytes -= bytes;
+            self.state_bytes -= bytes as u64;
+            self.unindex_writer(task_id, &entry);
+            self.counters.context_entries_discarded += 1;
+        }
+    }
+
     /// Deletes a conversation and its context; false if there was none.
     fn remove_conversation(&mut self, conversation_id: &str) -> bool {
         let Some(conversation) = self.conversations.remove(conversation_id) else { return false };
+        for (key, writer) in &conversation.writers {
+            self.unindex_writer(writer.task_id, &(conversation_id.to_string(), key.clone()));
+        }
         self.state_bytes -= conversation.bytes as u64;
         if let Some(at) = conversation.written_ms {
             self.conversation_expiry.remove(&(at, conversation_id.to_string()));
@@ -1748,13 +2170,44 @@ impl State {
         assert_eq!(servers, self.servers_per_queue, "agents per capability");
         let open: u64 = self.open_per_queue.values().sum();
         assert_eq!(open as usize, self.tasks.values().filter(|t| !t.state.is_terminal()).count());
-        let (bytes, expiry, per_conversation) = self.derived();
-        assert_eq!(bytes, self.state_bytes, "state bytes");
-        assert_eq!(expiry, self.conversation_expiry, "conversation expiry index");
-        assert_eq!(per_conversation, self.conversation_tasks, "tasks per conversation");
+        let derived = self.derived();
+        assert_eq!(derived.state_bytes, self.state_bytes, "state bytes");
+        assert_eq!(derived.conversation_expiry, self.conversation_expiry, "conversation expiry index");
+        assert_eq!(derived.conversation_tasks, self.conversation_tasks, "tasks per conversation");
+        assert_eq!(derived.children, self.children, "children index");
+        assert_eq!(derived.tree_open, self.tree_open, "open tasks per tree");
+        assert_eq!(derived.compactable, self.compactable, "finished trees");
+        assert_eq!(derived.compactable_tasks, self.compactable_tasks, "tasks of finished trees");
+        assert_eq!(derived.written, self.written, "context entries per writer");
         for conversation in self.conversations.values() {
             let bytes: usize = conversation.entries.iter().map(|(key, (_, value))| key.len() + value.len()).sum();
             assert_eq!(bytes, conversation.bytes, "conversation bytes");
+            for (key, writer) in &conversation.writers {
+                assert!(conversation.entries.contains_key(key), "a writer of an entry that is gone");
+                // Only the live or the accepted attempt's entries are kept:
+                // a new lease discards the earlier ones.
+                if let Some(task) = self.tasks.get(&writer.task_id) {
+                    assert_eq!(writer.fence, task.last_fence, "entry {key:?} of a superseded attempt");
+                }
+            }
+        }
+        for (parent_id, children) in &self.children {
+            let parent = &self.tasks[parent_id];
+            assert!(children.len() >= parent.adopted.keys().filter(|id| children.contains(id)).count());
+            for child_id in children {
+                let child = &self.tasks[child_id];
+                // Retention keeps trees whole: no child outlives its parent.
+                assert_eq!(child.parent_id, Some(*parent_id));
+                assert!(child.id > parent.id);
+                // A finished parent's open children belong to the attempt whose report ended it.
+                if parent.state.is_terminal() && !child.state.is_terminal() {
+                    let owner = self.owner_fence(parent, child);
+                    assert!(
+                        owner.is_none() || owner == Some(parent.last_fence),
+                        "open child {child_id} of finished task {parent_id} belongs to a superseded attempt"
+                    );
+                }
+            }
         }
     }
 }

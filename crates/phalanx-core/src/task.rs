@@ -4,7 +4,7 @@
 //! goes through `State::apply` in `state.rs`.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Where a task is in its life. Terminal states never change again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -101,6 +101,40 @@ pub struct Task {
     pub dead_reason: Option<String>,
     /// Results and failures refused because their fence was not current.
     pub superseded_count: u32,
+    /// For a delegation: the fence of the parent's lease that created it.
+    /// `None` for a root, and for a child created before fences were recorded.
+    #[serde(default)]
+    pub parent_fence: Option<u64>,
+    /// Children adopted by a later attempt than the one that made them:
+    /// child id -> the latest adoption. An attempt's children are those it
+    /// created and those it adopted (`State::owner_fence`).
+    #[serde(default)]
+    pub adopted: BTreeMap<u64, Adoption>,
+}
+
+/// A child taken over by a later attempt of its parent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adoption {
+    /// The fence of the adopting lease.
+    pub fence: u64,
+    /// The adopting request's idempotency key when it differs from the
+    /// child's own: it names the child too, and leaves with the tree.
+    pub idempotency_key: Option<String>,
+}
+
+/// A child as a lease lists it, so that a new attempt can see what earlier
+/// attempts delegated and adopt it instead of delegating again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Child {
+    pub task_id: u64,
+    pub queue: String,
+    /// FNV-1a of the payload text, as in the trail.
+    pub payload_hash: u64,
+    pub state: TaskState,
+    /// The fence of the parent's lease that created it.
+    pub parent_fence: Option<u64>,
+    /// The fence of the latest attempt that adopted it, if one did.
+    pub adopted_fence: Option<u64>,
 }
 
 /// One step of a delegation trail: which capability was asked, by which
@@ -124,6 +158,10 @@ pub struct Grant {
     pub task: Task,
     pub fence: u64,
     pub valid_until_ms: u64,
+    /// The task's children (at most `children_per_task_max`, oldest first):
+    /// what earlier attempts delegated, for this one to adopt.
+    #[serde(default)]
+    pub children: Vec<Child>,
 }
 
 /// A registered agent session. Liveness (heartbeats) is soft state on the

@@ -181,6 +181,7 @@ fn context_and_policy_refusals_are_decided_before_proposing() {
         key: key.into(),
         value: value.into(),
         expected_version,
+        writer: None,
     };
     assert_eq!(sim.one(put("k", "1", None)), Outcome::ContextWritten { version: 1 });
     sim.check(put("k", "2", Some(0)), Error::VersionConflict { key: "k".into(), expected: 0, current: 1 });

@@ -2,15 +2,18 @@
 //! at most one live lease per task, fences strictly increasing, stale fences
 //! changing nothing, acknowledged tasks never disappearing (and finished
 //! ones never changing), two replicas, one rebuilt from a snapshot
-//! midway, ending byte-identical, and the edge's checks (`State::check`)
-//! refusing exactly what applying refuses.
+//! midway, ending byte-identical, the edge's checks (`State::check`)
+//! refusing exactly what applying refuses, and delegation trees that hold
+//! up (no child without its parent, no delegation without the parent's
+//! current fence, no open child of a finished parent but the accepted
+//! attempt's).
 //!
 //! A history is generated as templates (`Op`) that are resolved against the
 //! state just before their entry, so that fences and epochs are sometimes
 //! the current ones and sometimes stale. Example-based tests live in
 //! `scenarios.rs`.
 
-use phalanx_core::{Command, Error, Limits, NewTask, Outcome, Request, Response, State, Task, TaskState};
+use phalanx_core::{Command, Error, Limits, NewTask, Outcome, Request, Response, State, Task, TaskState, Writer};
 use proptest::prelude::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -95,10 +98,32 @@ enum Op {
     Cancel {
         task: Pick,
     },
+    /// `writer`: on behalf of a task (preferably a leased one) under a
+    /// fence, into its own conversation when `own` and it has one.
     ContextPut {
         conversation: u8,
         key: u8,
         expected: Option<u8>,
+        writer: Option<(Pick, Fence, bool)>,
+    },
+    /// A delegation from `parent` under `fence` (none when `fenced` is false),
+    /// of step `step` on `queue`, keyed by one of a few keys shared with roots.
+    /// `again`: the step of one of the parent's children, if it has any (an
+    /// attempt after the one that delegated it does the same step).
+    Delegate {
+        parent: Pick,
+        fence: Fence,
+        fenced: bool,
+        queue: usize,
+        step: u8,
+        key: Option<u8>,
+        again: bool,
+    },
+    Wait {
+        task: Pick,
+        fence: Fence,
+        on: Vec<Pick>,
+        timeout_ms: u64,
     },
     ContextDelete {
         conversation: u8,
@@ -131,6 +156,16 @@ fn fence() -> impl Strategy<Value = Fence> {
         1 => (1..5u64).prop_map(Fence::Newer),
         1 => (0..400u64).prop_map(Fence::Any),
     ]
+}
+
+/// For delegations and context writes, which mean something only under a
+/// held lease: mostly the current fence, sometimes a stale one.
+fn mostly_current_fence() -> impl Strategy<Value = Fence> {
+    prop_oneof![8 => Just(Fence::Current), 1 => (1..5u64).prop_map(Fence::Older), 1 => (0..400u64).prop_map(Fence::Any)]
+}
+
+fn leased_pick() -> impl Strategy<Value = Pick> {
+    (prop::bool::weighted(0.95), any::<u16>()).prop_map(|(leased, n)| Pick { leased, n })
 }
 
 fn stale_fence() -> impl Strategy<Value = Fence> {
@@ -187,8 +222,12 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (pick(), fence(), 100..4_000u64)
             .prop_map(|(task, fence, lease_ttl_ms)| Op::Extend { task, fence, lease_ttl_ms }),
         1 => pick().prop_map(|task| Op::Cancel { task }),
-        1 => (0..2u8, 0..3u8, prop::option::of(0..3u8))
-            .prop_map(|(conversation, key, expected)| Op::ContextPut { conversation, key, expected }),
+        2 => (0..2u8, 0..3u8, prop::option::of(0..3u8), prop::option::weighted(0.6, (leased_pick(), mostly_current_fence(), prop::bool::weighted(0.9))))
+            .prop_map(|(conversation, key, expected, writer)| Op::ContextPut { conversation, key, expected, writer }),
+        6 => (leased_pick(), mostly_current_fence(), prop::bool::weighted(0.95), 0..QUEUES.len(), 0..2u8, prop::option::weighted(0.5, 0..8u8), any::<bool>())
+            .prop_map(|(parent, fence, fenced, queue, step, key, again)| Op::Delegate { parent, fence, fenced, queue, step, key, again }),
+        1 => (pick(), fence(), prop::collection::vec(pick(), 1..=3), 1..20_000u64)
+            .prop_map(|(task, fence, on, timeout_ms)| Op::Wait { task, fence, on, timeout_ms }),
         1 => (0..2u8).prop_map(|conversation| Op::ContextDelete { conversation }),
     ]
 }
@@ -205,6 +244,46 @@ fn entry() -> impl Strategy<Value = EntrySpec> {
 
 fn history() -> impl Strategy<Value = Vec<EntrySpec>> {
     prop::collection::vec(entry(), 50..150)
+}
+
+/// Ops of planners at work: roots leased, steps delegated, leases lost and
+/// granted again (expiry, retryable failures, agents leaving), the same steps
+/// delegated again by the next attempt, children finishing, parents ending.
+fn tree_op() -> impl Strategy<Value = Op> {
+    let agent = 0..AGENTS.len();
+    prop_oneof![
+        2 => prop::collection::vec(task_spec(), 1..=2).prop_map(Op::Submit),
+        2 => (agent.clone(), 2..=4u32).prop_map(|(agent, capacity)| Op::Register { agent, queues: 7, capacity }),
+        1 => (agent.clone(), epoch()).prop_map(|(agent, epoch)| Op::Expire { agent, epoch }),
+        5 => (agent, 1..=2u32, 500..5_000u64).prop_map(|(agent, tasks_max, lease_ttl_ms)| Op::Lease {
+            agent,
+            epoch: Epoch::Current,
+            queues: 7,
+            capable: true,
+            tasks_max,
+            lease_ttl_ms,
+        }),
+        3 => (pick(), fence()).prop_map(|(task, fence)| Op::Complete { task, fence }),
+        2 => (pick(), fence(), prop::bool::weighted(0.8)).prop_map(|(task, fence, retryable)| Op::Fail { task, fence, retryable }),
+        1 => pick().prop_map(|task| Op::Cancel { task }),
+        3 => (0..2u8, 0..3u8, prop::option::of(0..2u8), prop::option::weighted(0.9, (leased_pick(), mostly_current_fence(), prop::bool::weighted(0.9))))
+            .prop_map(|(conversation, key, expected, writer)| Op::ContextPut { conversation, key, expected, writer }),
+        8 => (leased_pick(), mostly_current_fence(), prop::bool::weighted(0.97), 0..QUEUES.len(), 0..2u8, prop::option::weighted(0.5, 0..8u8), prop::bool::weighted(0.7))
+            .prop_map(|(parent, fence, fenced, queue, step, key, again)| Op::Delegate { parent, fence, fenced, queue, step, key, again }),
+        1 => (leased_pick(), mostly_current_fence(), prop::collection::vec(pick(), 1..=3), 1..5_000u64)
+            .prop_map(|(task, fence, on, timeout_ms)| Op::Wait { task, fence, on, timeout_ms }),
+    ]
+}
+
+fn tree_history() -> impl Strategy<Value = Vec<EntrySpec>> {
+    let entry = (
+        1..=3u64,
+        prop_oneof![1 => -200..0i64, 12 => 0..1_500i64, 2 => 1_500..10_000i64],
+        prop::collection::vec(tree_op(), 1..=4),
+        (pick(), stale_fence(), 0..3u8).prop_map(|(task, fence, kind)| Probe { task, fence, kind }),
+    )
+        .prop_map(|(index_gap, clock_step_ms, ops, probe)| EntrySpec { index_gap, clock_step_ms, ops, probe });
+    prop::collection::vec(entry, 50..150)
 }
 
 // ---- resolving templates against the state ----
@@ -237,6 +316,17 @@ fn fence_value(state: &State, task_id: u64, fence: &Fence) -> u64 {
 /// Whether a fence would be refused as superseded on this task.
 fn is_stale(state: &State, task_id: u64, fence: u64) -> bool {
     state.task(task_id).is_some_and(|t| t.last_fence == 0 || fence != t.last_fence)
+}
+
+trait Children {
+    fn children_of_any(&self, parent_id: u64) -> Vec<&Task>;
+}
+
+impl Children for State {
+    /// The tasks whose parent is `parent_id`, oldest first.
+    fn children_of_any(&self, parent_id: u64) -> Vec<&Task> {
+        self.tasks(None, None, parent_id, usize::MAX).into_iter().filter(|t| t.parent_id == Some(parent_id)).collect()
+    }
 }
 
 fn agent_epoch(state: &State, agent: usize, epoch: Epoch) -> u64 {
@@ -310,12 +400,57 @@ fn resolve(state: &State, op: &Op) -> Command {
             Command::Extend { task_id, fence: fence_value(state, task_id, fence), lease_ttl_ms: *lease_ttl_ms }
         }
         Op::Cancel { task } => Command::Cancel { task_id: task_id(state, *task) },
-        Op::ContextPut { conversation, key, expected } => Command::ContextPut {
-            conversation_id: format!("c{conversation}"),
-            key: format!("k{key}"),
-            value: "v".repeat(*key as usize + 1),
-            expected_version: expected.map(u64::from),
-        },
+        Op::ContextPut { conversation, key, expected, writer } => {
+            let mut conversation_id = format!("c{conversation}");
+            let writer = writer.as_ref().map(|(task, fence, own)| {
+                let task_id = task_id(state, *task);
+                if let Some(own) = state.task(task_id).and_then(|t| t.conversation_id.clone()).filter(|_| *own) {
+                    conversation_id = own;
+                }
+                Writer { task_id, fence: fence_value(state, task_id, fence) }
+            });
+            Command::ContextPut {
+                conversation_id,
+                key: format!("k{key}"),
+                value: "v".repeat(*key as usize + 1),
+                expected_version: expected.map(u64::from),
+                writer,
+            }
+        }
+        Op::Delegate { parent, fence, fenced, queue, step, key, again } => {
+            // A leased parent whenever there is one: delegating is what a holder does.
+            let leased: Vec<u64> =
+                state.tasks(None, Some(TaskState::Leased), 0, usize::MAX).iter().map(|t| t.id).collect();
+            let parent_id = match leased.len() {
+                0 => task_id(state, *parent),
+                n if parent.leased => leased[parent.n as usize % n],
+                _ => task_id(state, *parent),
+            };
+            let fence = fence_value(state, parent_id, fence);
+            let children = state.children_of_any(parent_id);
+            let (queue, payload) = match children.get(parent.n as usize % children.len().max(1)) {
+                Some(child) if *again => (child.queue.clone(), child.payload.clone()),
+                _ => (QUEUES[*queue].to_string(), format!("{{\"step\":{step}}}")),
+            };
+            Command::Submit {
+                tasks: vec![NewTask {
+                    parent_id: Some(parent_id),
+                    parent_fence: fenced.then_some(fence),
+                    // Two keys shared with roots (conflicts), the others for children alone.
+                    idempotency_key: key.map(|k| if k < 2 { format!("key-{k}") } else { format!("child-{k}") }),
+                    ..NewTask::new(queue, payload)
+                }],
+            }
+        }
+        Op::Wait { task, fence, on, timeout_ms } => {
+            let task_id = task_id(state, *task);
+            Command::Wait {
+                task_id,
+                fence: fence_value(state, task_id, fence),
+                on: on.iter().map(|pick| self::task_id(state, *pick)).collect(),
+                timeout_ms: *timeout_ms,
+            }
+        }
         Op::ContextDelete { conversation } => Command::ContextDelete { conversation_id: format!("c{conversation}") },
     }
 }
@@ -345,8 +480,17 @@ struct Applied<'a> {
 /// Applies a history from a fresh state, checking after every entry what
 /// must always hold, then `check`. Returns the final state and every
 /// (index, request, response) applied.
-fn replay(history: &[EntrySpec], mut check: impl FnMut(&Applied)) -> (State, Vec<(u64, Request, Response)>) {
-    let mut state = State::new(Limits::default());
+fn replay(history: &[EntrySpec], check: impl FnMut(&Applied)) -> (State, Vec<(u64, Request, Response)>) {
+    replay_with(Limits::default(), history, check)
+}
+
+/// `replay` under other limits.
+fn replay_with(
+    limits: Limits,
+    history: &[EntrySpec],
+    mut check: impl FnMut(&Applied),
+) -> (State, Vec<(u64, Request, Response)>) {
+    let mut state = State::new(limits);
     let mut clock_ms: i64 = 1_000_000;
     let mut index = 0;
     let mut log = Vec::new();
@@ -482,24 +626,30 @@ proptest! {
     /// they answer every entry alike.
     #[test]
     fn replicas_end_byte_identical_even_from_a_snapshot(history in history(), cut in any::<prop::sample::Index>()) {
-        let (first, log) = replay(&history, |_| {});
-        let cut = cut.index(log.len());
-        let mut replica = State::new(Limits::default());
-        for (i, (index, request, response)) in log.iter().enumerate() {
-            if i == cut {
-                let snapshot = serde_json::to_vec(&replica).unwrap();
-                let mut restored: State = serde_json::from_slice(&snapshot).unwrap();
-                restored.restore();
-                prop_assert_eq!(&restored, &replica);
-                replica = restored;
-                replica.check_invariants();
-            }
-            let answered = replica.apply(*index, request);
-            prop_assert_eq!(&answered, response, "entry {} answered differently", index);
-        }
-        prop_assert_eq!(serde_json::to_vec(&first).unwrap(), serde_json::to_vec(&replica).unwrap());
-        prop_assert_eq!(first.next_due_ms(), replica.next_due_ms());
+        replicas_agree(Limits::default(), &history, cut)?;
     }
+}
+
+/// (e) for one history: a second replica, restored from a snapshot at `cut`.
+fn replicas_agree(limits: Limits, history: &[EntrySpec], cut: prop::sample::Index) -> Result<(), TestCaseError> {
+    let (first, log) = replay_with(limits.clone(), history, |_| {});
+    let cut = cut.index(log.len());
+    let mut replica = State::new(limits);
+    for (i, (index, request, response)) in log.iter().enumerate() {
+        if i == cut {
+            let snapshot = serde_json::to_vec(&replica).unwrap();
+            let mut restored: State = serde_json::from_slice(&snapshot).unwrap();
+            restored.restore();
+            prop_assert_eq!(&restored, &replica);
+            replica = restored;
+            replica.check_invariants();
+        }
+        let answered = replica.apply(*index, request);
+        prop_assert_eq!(&answered, response, "entry {} answered differently", index);
+    }
+    prop_assert_eq!(serde_json::to_vec(&first).unwrap(), serde_json::to_vec(&replica).unwrap());
+    prop_assert_eq!(first.next_due_ms(), replica.next_due_ms());
+    Ok(())
 }
 
 proptest! {
@@ -571,33 +721,148 @@ proptest! {
     /// every entry, with that entry's templates resolved again.
     #[test]
     fn the_edge_refuses_exactly_what_apply_refuses(history in history()) {
-        replay(&history, |applied| {
-            let after = applied.after;
-            for op in &applied.spec.ops {
-                let command = resolve(after, op);
-                let mut copy = after.clone();
-                let request = Request { now_ms: after.now_ms(), commands: vec![command.clone()] };
-                let outcome = copy.apply(after.last_index() + 1, &request).outcomes.pop().unwrap();
-                match (after.check(&command), &outcome) {
-                    (Err(error), Outcome::Refused { error: refused }) => {
-                        assert_eq!(&error, refused, "{command:?}");
-                        assert_eq!(without_last_index(after), without_last_index(&copy), "{command:?} changed the state");
-                    }
-                    (Err(error), other) => panic!("{command:?}: check refused with {error:?}, apply gave {other:?}"),
-                    (Ok(()), Outcome::Refused { error }) => assert!(
-                        matches!(error, Error::Superseded { .. } | Error::LoopDetected { .. }),
-                        "{command:?}: check let through what apply refused with {error:?}"
-                    ),
-                    (Ok(()), _) => {}
+        replay(&history, edge_agrees);
+    }
+
+    /// (f) on delegation trees, under tight retention.
+    #[test]
+    fn the_edge_refuses_exactly_what_apply_refuses_in_trees(history in tree_history()) {
+        replay_with(tight(), &history, edge_agrees);
+    }
+}
+
+/// (f) after one entry: each of its templates, resolved again, judged by the
+/// edge and applied on a copy.
+fn edge_agrees(applied: &Applied) {
+    let after = applied.after;
+    for op in &applied.spec.ops {
+        let command = resolve(after, op);
+        let mut copy = after.clone();
+        let request = Request { now_ms: after.now_ms(), commands: vec![command.clone()] };
+        let outcome = copy.apply(after.last_index() + 1, &request).outcomes.pop().unwrap();
+        match (after.check(&command), &outcome) {
+            (Err(error), Outcome::Refused { error: refused }) => {
+                assert_eq!(&error, refused, "{command:?}");
+                assert_eq!(without_last_index(after), without_last_index(&copy), "{command:?} changed the state");
+            }
+            (Err(error), other) => panic!("{command:?}: check refused with {error:?}, apply gave {other:?}"),
+            (Ok(()), Outcome::Refused { error }) => assert!(
+                matches!(error, Error::Superseded { .. } | Error::LoopDetected { .. }),
+                "{command:?}: check let through what apply refused with {error:?}"
+            ),
+            (Ok(()), _) => {}
+        }
+        let (Command::Submit { tasks }, Outcome::Submitted { results }) = (&command, &outcome) else { continue };
+        if let ([task], [result]) = (tasks.as_slice(), results.as_slice()) {
+            match (after.check_new_task(task), result) {
+                (Err(error), Err(refused)) => {
+                    assert_eq!(&error, refused, "{task:?}");
+                    assert_eq!(without_last_index(after), without_last_index(&copy), "{task:?} changed the state");
                 }
-                let (Command::Submit { tasks }, Outcome::Submitted { results }) = (&command, &outcome) else { continue };
-                if let ([task], [result]) = (tasks.as_slice(), results.as_slice()) {
-                    match (after.check_new_task(task), result) {
-                        (Err(error), Err(refused)) => assert_eq!(&error, refused, "{task:?}"),
-                        (Err(error), Ok(_)) => panic!("{task:?}: check_new_task refused with {error:?}, apply accepted"),
-                        (Ok(()), Err(error)) => panic!("{task:?}: check_new_task let through {error:?}"),
-                        (Ok(()), Ok(_)) => {}
-                    }
+                (Err(error), Ok(_)) => panic!("{task:?}: check_new_task refused with {error:?}, apply accepted"),
+                (Ok(()), Err(Error::LoopDetected { .. })) => {}
+                (Ok(()), Err(error)) => panic!("{task:?}: check_new_task let through {error:?}"),
+                (Ok(()), Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// Limits under which retention runs all the time: few finished tasks kept,
+/// not for long, and a small task table.
+fn tight() -> Limits {
+    Limits {
+        finished_tasks_max: 4,
+        finished_task_ttl_ms: 20_000,
+        tasks_max: 100,
+        queue_tasks_max: 100,
+        children_per_task_max: 4,
+        ..Limits::default()
+    }
+}
+
+/// Every delegation a submit in this entry accepted: (parent, the fence it
+/// carried, the child, whether it was adopted).
+fn delegations(applied: &Applied) -> Vec<(u64, Option<u64>, u64, bool)> {
+    let mut accepted = Vec::new();
+    for (command, outcome) in applied.request.commands.iter().zip(&applied.response.outcomes) {
+        let (Command::Submit { tasks }, Outcome::Submitted { results }) = (command, outcome) else { continue };
+        for (task, result) in tasks.iter().zip(results) {
+            if let (Some(parent), Ok(submitted)) = (task.parent_id, result) {
+                accepted.push((parent, task.parent_fence, submitted.task_id, submitted.adopted));
+            }
+        }
+    }
+    accepted
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    /// (e) on delegation trees: the derived indexes (children, open tasks
+    /// per tree, finished trees, context writers) are rebuilt alike.
+    #[test]
+    fn replicas_of_trees_end_byte_identical_even_from_a_snapshot(history in tree_history(), cut in any::<prop::sample::Index>()) {
+        replicas_agree(tight(), &history, cut)?;
+    }
+
+    /// (g) Retention keeps trees whole: every task's parent is in the state,
+    /// live or finished, under limits that compact all the time.
+    #[test]
+    fn no_child_without_a_live_or_finished_parent(history in tree_history()) {
+        let mut compacted = 0;
+        let (state, _) = replay_with(tight(), &history, |applied| {
+            for task in applied.after.tasks(None, None, 0, usize::MAX) {
+                if let Some(parent) = task.parent_id {
+                    assert!(applied.after.task(parent).is_some(), "task {} lost its parent {parent}", task.id);
+                }
+            }
+            compacted = applied.after.counters().compacted;
+        });
+        prop_assert_eq!(compacted, state.counters().compacted);
+    }
+
+    /// (h) A delegation is accepted only with the parent's current fence,
+    /// under a lease held when the entry began (or granted within it), and
+    /// the child records that fence (or the adoption does).
+    #[test]
+    fn no_delegation_accepted_without_the_parents_current_fence(history in tree_history()) {
+        replay_with(tight(), &history, |applied| {
+            for (parent_id, fence, child_id, adopted) in delegations(applied) {
+                let fence = fence.unwrap_or_else(|| panic!("delegation to {parent_id} accepted without parent_fence"));
+                let held = applied.before.task(parent_id).is_some_and(|parent| {
+                    parent.last_fence == fence && parent.lease.as_ref().is_some_and(|lease| lease.fence == fence)
+                });
+                assert!(held || fence == applied.index, "child {child_id} of {parent_id} under fence {fence}, not the current one");
+                let (Some(parent), Some(child)) = (applied.after.task(parent_id), applied.after.task(child_id)) else { continue };
+                assert_eq!(child.parent_id, Some(parent_id));
+                if adopted {
+                    assert!(parent.adopted.get(&child_id).is_some_and(|adoption| adoption.fence >= fence));
+                }
+                assert!(applied.after.owner_fence(parent, child).is_some_and(|owner| owner >= fence));
+            }
+        });
+    }
+
+    /// (i) Every child of a finished parent is finished, or belongs to the
+    /// attempt whose report ended the parent (created or adopted by it); a
+    /// cancelled parent has no open child, and a child cancelled with its
+    /// parent says why.
+    #[test]
+    fn every_child_of_a_finished_parent_is_adopted_finished_or_cancelled(history in tree_history()) {
+        replay_with(tight(), &history, |applied| {
+            let after = applied.after;
+            for child in after.tasks(None, None, 0, usize::MAX) {
+                let Some(parent) = child.parent_id.and_then(|id| after.task(id)) else { continue };
+                if !parent.state.is_terminal() {
+                    continue;
+                }
+                if !child.state.is_terminal() {
+                    assert_ne!(parent.state, TaskState::Cancelled, "open child {} of a cancelled parent", child.id);
+                    assert_eq!(after.owner_fence(parent, child), Some(parent.last_fence), "open child {} of finished {} is its accepted attempt's", child.id, parent.id);
+                }
+                if child.state == TaskState::Cancelled && child.error.as_deref().is_some_and(|e| e.starts_with("orphaned")) {
+                    assert_ne!(after.owner_fence(parent, child), Some(parent.last_fence).filter(|_| matches!(parent.state, TaskState::Succeeded | TaskState::Failed)));
                 }
             }
         });

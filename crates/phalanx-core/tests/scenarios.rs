@@ -3,11 +3,13 @@
 //! results, fencing, retries and dead letters, deadlines, priorities,
 //! idempotency, limits, delegation, agent sessions, context compare-and-set,
 //! and the validation of new tasks. Every refusal is checked to change
-//! nothing, and refused alike by the edge's check before proposing. Random
+//! nothing, and refused alike by the edge's check before proposing.
+//! Delegation trees too: adoption by a new attempt, orphans cancelled,
+//! fenced delegation and context, retention of whole trees. Random
 //! histories are `properties.rs`'s job, not this file's.
 
 use phalanx_core::command::Submitted;
-use phalanx_core::{Command, Error, Grant, Limits, NewTask, Outcome, Request, State, Task, TaskState};
+use phalanx_core::{Command, Error, Grant, Limits, NewTask, Outcome, Request, State, Task, TaskState, Writer};
 use serde_json::Value;
 use std::collections::BTreeSet;
 
@@ -444,24 +446,34 @@ fn higher_priority_first_then_oldest() {
 }
 
 #[test]
-fn an_idempotency_key_deduplicates() {
+fn an_idempotency_key_deduplicates_the_same_request_and_refuses_another() {
     let mut sim = Sim::new();
     let keyed =
         |payload: &str| NewTask { idempotency_key: Some("order-42".into()), payload: payload.into(), ..new_task("q") };
     let first = sim.submit_result(keyed("{\"n\":1}")).unwrap();
     assert!(!first.deduplicated);
-    let again = sim.submit_result(keyed("{\"n\":2}")).unwrap();
-    assert_eq!(again, Submitted { task_id: first.task_id, deduplicated: true });
+    let again = sim.submit_result(keyed("{\"n\":1}")).unwrap();
+    assert_eq!(again, Submitted { task_id: first.task_id, deduplicated: true, adopted: false });
     assert_eq!(sim.state.task_count(), 1);
-    assert_eq!(sim.task(first.task_id).payload, "{\"n\":1}", "the first submission wins");
     assert_eq!(sim.state.counters().deduplicated, 1);
+    // The key names one request: another payload or queue under it is a
+    // conflict, never the first request's answer.
+    let conflict = |field: &str| Error::IdempotencyConflict {
+        key: "order-42".into(),
+        task_id: first.task_id,
+        field: field.into(),
+    };
+    sim.check_submit_refused(keyed("{\"n\":2}"), conflict("payload"));
+    sim.check_submit_refused(NewTask { queue: "other".into(), ..keyed("{\"n\":1}") }, conflict("queue"));
     // Within one batch too, and after the task finished.
-    let Outcome::Submitted { results } = sim.one(Command::Submit { tasks: vec![keyed("{}"), keyed("{}")] }) else {
+    let Outcome::Submitted { results } =
+        sim.one(Command::Submit { tasks: vec![keyed("{\"n\":1}"), keyed("{\"n\":1}")] })
+    else {
         panic!()
     };
     assert!(results.iter().all(|r| r.as_ref().unwrap().task_id == first.task_id));
     sim.one(Command::Cancel { task_id: first.task_id });
-    assert_eq!(sim.submit_result(keyed("{}")).unwrap(), again);
+    assert_eq!(sim.submit_result(keyed("{\"n\":1}")).unwrap(), again);
     assert_eq!(sim.state.task_count(), 1);
 }
 
@@ -549,6 +561,245 @@ fn delegating_the_same_step_again_is_a_loop() {
     assert_eq!(sim.task(child).state, TaskState::Dead);
 }
 
+// ---- delegation trees: a planner replaced ----
+
+/// A delegation of `queue`/`payload` from `parent` under `fence`.
+fn child_of(parent: u64, fence: u64, queue: &str, payload: &str) -> NewTask {
+    NewTask { parent_id: Some(parent), parent_fence: Some(fence), ..NewTask::new(queue, payload) }
+}
+
+/// A planner's root leased with a short lease, three steps delegated; the
+/// lease then lapses. Returns (sim, epoch, root, first fence, children).
+fn planner_replaced() -> (Sim, u64, u64, u64, Vec<u64>) {
+    let mut sim = Sim::new();
+    let epoch = sim.register("a", &["plan", "step"], 10);
+    let root = sim.submit(NewTask { conversation_id: Some("c".into()), ..new_task("plan") });
+    let first = sim.lease("a", epoch, &["plan"], 1, 1_000)[0].fence;
+    let children: Vec<u64> =
+        (0..3).map(|i| sim.submit(child_of(root, first, "step", &format!("{{\"i\":{i}}}")))).collect();
+    sim.at(3_000).one(Command::Tick);
+    assert_eq!(sim.task(root).state, TaskState::Pending, "the first planner's lease lapsed");
+    (sim, epoch, root, first, children)
+}
+
+#[test]
+fn a_new_attempt_is_handed_the_children_and_adopts_the_same_steps() {
+    let (mut sim, epoch, root, first, children) = planner_replaced();
+    let grant = sim.lease("a", epoch, &["plan"], 1, 10_000).pop().unwrap();
+    let listed: Vec<(u64, Option<u64>, Option<u64>)> =
+        grant.children.iter().map(|c| (c.task_id, c.parent_fence, c.adopted_fence)).collect();
+    assert_eq!(listed, children.iter().map(|id| (*id, Some(first), None)).collect::<Vec<_>>());
+    assert_eq!(grant.children[0].payload_hash, phalanx_core::payload_hash("{\"i\":0}"));
+    // The same step again, with a new key: the existing child, adopted.
+    let keyed =
+        NewTask { idempotency_key: Some("second-0".into()), ..child_of(root, grant.fence, "step", "{\"i\":0}") };
+    let answer = sim.submit_result(keyed.clone()).unwrap();
+    assert_eq!(answer, Submitted { task_id: children[0], deduplicated: true, adopted: true });
+    // Retried, the request finds the same child through its key; it is no
+    // second adoption, and the same step once more is a new child.
+    assert_eq!(
+        sim.submit_result(keyed).unwrap(),
+        Submitted { task_id: children[0], deduplicated: true, adopted: false }
+    );
+    let twice = sim.submit_result(child_of(root, grant.fence, "step", "{\"i\":0}")).unwrap();
+    assert!(!twice.deduplicated && twice.task_id > children[2], "a second identical step of one attempt is its own");
+    // A step the earlier attempt delegated under its own key: adopted through the key.
+    let adopted_by_key = sim.submit_result(child_of(root, grant.fence, "step", "{\"i\":1}")).unwrap();
+    assert_eq!(adopted_by_key, Submitted { task_id: children[1], deduplicated: true, adopted: true });
+    assert_eq!(sim.state.counters().adopted, 2);
+    let listed = sim.state.children_of(root);
+    assert_eq!(listed[0].adopted_fence, Some(grant.fence));
+    assert_eq!(listed[2].adopted_fence, None);
+    // The root ends: the child nobody adopted is cancelled, the others go on.
+    sim.one(complete(root, grant.fence, "\"done\""));
+    assert_eq!(sim.task(children[2]).state, TaskState::Cancelled);
+    assert!(sim.task(children[2]).error.as_deref().unwrap().starts_with("orphaned: parent"));
+    assert_eq!(sim.task(children[0]).state, TaskState::Pending);
+    assert_eq!(sim.task(twice.task_id).state, TaskState::Pending);
+    assert_eq!(sim.state.counters().orphans_cancelled, 1);
+}
+
+#[test]
+fn a_failed_or_dead_child_is_not_adopted_by_the_same_step() {
+    let (mut sim, epoch, root, _, children) = planner_replaced();
+    let child_fence = sim.lease("a", epoch, &["step"], 1, 10_000)[0].fence;
+    sim.one(fail(children[0], child_fence, false));
+    let fence = sim.lease("a", epoch, &["plan"], 1, 10_000)[0].fence;
+    let again = sim.submit_result(child_of(root, fence, "step", "{\"i\":0}")).unwrap();
+    assert!(!again.deduplicated, "the step is done again, not handed back failed");
+}
+
+#[test]
+fn cancelling_a_task_cancels_its_tree_and_a_hand_off_outlives_its_parent() {
+    let mut sim = Sim::new();
+    let epoch = sim.register("a", &["q0", "q1", "q2"], 10);
+    let root = sim.submit(new_task("q0"));
+    let fence = sim.lease("a", epoch, &["q0"], 1, 10_000)[0].fence;
+    let child = sim.submit(child_of(root, fence, "q1", "{}"));
+    let child_fence = sim.lease("a", epoch, &["q1"], 1, 10_000)[0].fence;
+    let grandchild = sim.submit(child_of(child, child_fence, "q2", "{}"));
+    sim.one(Command::Cancel { task_id: root });
+    assert_eq!(sim.task(child).state, TaskState::Cancelled);
+    assert_eq!(sim.task(grandchild).state, TaskState::Cancelled);
+    // A task that hands work off and succeeds: the child is its accepted attempt's.
+    let root = sim.submit(new_task("q0"));
+    let fence = sim.lease("a", epoch, &["q0"], 1, 10_000)[0].fence;
+    let hand_off = sim.submit(child_of(root, fence, "q1", "{}"));
+    sim.one(complete(root, fence, "\"handed off\""));
+    assert_eq!(sim.task(hand_off).state, TaskState::Pending);
+}
+
+#[test]
+fn a_delegation_is_fenced_before_anything_else() {
+    let mut sim = Sim::new();
+    let epoch = sim.register("a", &["q0", "q1"], 10);
+    let root = sim.submit(new_task("q0"));
+    let fence = sim.lease("a", epoch, &["q0"], 1, 1_000)[0].fence;
+    // Without a fence, even a step that would loop changes nothing: the
+    // parent is not dead-lettered on the word of a request without its lease.
+    let unfenced = NewTask { parent_id: Some(root), ..new_task("q0") };
+    sim.check_submit_refused(
+        unfenced,
+        invalid("parent_fence", "required with parent_id: the fence of the parent's lease"),
+    );
+    sim.check_submit_refused(child_of(root, fence + 1, "q0", "{}"), superseded(root, fence + 1, fence));
+    assert_eq!(sim.task(root).state, TaskState::Leased);
+    // The lease lapses: the fence is still the newest, but the lease is not held.
+    sim.at(5_000);
+    sim.check_submit_refused(child_of(root, fence, "q1", "{}"), Error::LeaseExpired { task_id: root });
+    let fence = sim.lease("a", epoch, &["q0"], 1, 10_000)[0].fence;
+    sim.one(complete(root, fence, "\"r\""));
+    sim.check_submit_refused(
+        child_of(root, fence, "q1", "{}"),
+        Error::AlreadyTerminal { task_id: root, state: TaskState::Succeeded },
+    );
+}
+
+#[test]
+fn an_idempotency_key_is_checked_after_the_fence_and_against_the_request() {
+    let mut sim = Sim::new();
+    let epoch = sim.register("a", &["q0", "q1"], 10);
+    let first = sim.submit(new_task("q0"));
+    let second = sim.submit(new_task("q0"));
+    let grants = sim.lease("a", epoch, &["q0"], 2, 10_000);
+    let fence = grants[0].fence;
+    let keyed = |parent| NewTask { idempotency_key: Some("k".into()), ..child_of(parent, fence, "q1", "{}") };
+    let child = sim.submit_result(keyed(first)).unwrap().task_id;
+    sim.check_submit_refused(
+        keyed(second),
+        Error::IdempotencyConflict { key: "k".into(), task_id: child, field: "parent_id".into() },
+    );
+    sim.check_submit_refused(
+        NewTask { parent_fence: Some(fence - 1), ..keyed(first) },
+        superseded(first, fence - 1, fence),
+    );
+    sim.check_submit_refused(
+        NewTask { parent_id: None, parent_fence: None, ..keyed(first) },
+        Error::IdempotencyConflict { key: "k".into(), task_id: child, field: "parent_id".into() },
+    );
+}
+
+#[test]
+fn context_writes_are_fenced_and_a_superseded_attempts_entries_are_discarded() {
+    let (mut sim, epoch, root, first, _) = planner_replaced();
+    let put_as = |fence: u64, key: &str, expected_version: Option<u64>| Command::ContextPut {
+        conversation_id: "c".into(),
+        key: key.into(),
+        value: "\"v\"".into(),
+        expected_version,
+        writer: Some(Writer { task_id: root, fence }),
+    };
+    // The lapsed lease writes nothing, even though its fence is still the newest.
+    sim.check_refused(put_as(first, "draft", Some(0)), Error::LeaseExpired { task_id: root }, &[]);
+    let second = sim.lease("a", epoch, &["plan"], 1, 1_000)[0].fence;
+    assert_eq!(sim.one(put_as(second, "draft", Some(0))), Outcome::ContextWritten { version: 1 });
+    assert_eq!(sim.one(put("note", "\"client\"", None)), Outcome::ContextWritten { version: 1 });
+    sim.at(6_000);
+    // A third attempt: the second's entry is discarded, the client's stays,
+    // and the accepted attempt can write "only if absent" again.
+    let third = sim.lease("a", epoch, &["plan"], 1, 10_000)[0].fence;
+    let context = sim.state.conversation("c").unwrap();
+    assert_eq!(context.entries.keys().collect::<Vec<_>>(), vec!["note"]);
+    assert_eq!(sim.state.counters().context_entries_discarded, 1);
+    // A stale fence on a context write is refused at the edge: nothing is recorded of it.
+    let stale = put_as(second, "draft", None);
+    assert_eq!(sim.state.check(&stale), Err(superseded(root, second, third)));
+    let before = comparable(&sim.state, &[]);
+    assert_eq!(sim.one(stale), Outcome::Refused { error: superseded(root, second, third) });
+    assert_eq!(before, comparable(&sim.state, &[]));
+    assert_eq!(sim.one(put_as(third, "draft", Some(0))), Outcome::ContextWritten { version: 1 });
+    assert_eq!(sim.state.conversation("c").unwrap().writers["draft"], Writer { task_id: root, fence: third });
+    // Only to its own conversation.
+    let elsewhere = Command::ContextPut {
+        conversation_id: "other".into(),
+        key: "x".into(),
+        value: "1".into(),
+        expected_version: None,
+        writer: Some(Writer { task_id: root, fence: third }),
+    };
+    sim.check_refused(
+        elsewhere,
+        invalid("conversation_id", &format!("task {root} writes on its own behalf only to its own conversation (c)")),
+        &[],
+    );
+    sim.one(complete(root, third, "\"r\""));
+    assert!(sim.state.conversation("c").unwrap().entries.contains_key("draft"), "the accepted attempt's entry stays");
+}
+
+#[test]
+fn a_task_has_at_most_children_per_task_max_children_and_a_lease_lists_them() {
+    let mut sim = Sim::with_limits(Limits { children_per_task_max: 2, ..Limits::default() });
+    let epoch = sim.register("a", &["plan", "step"], 10);
+    let root = sim.submit(new_task("plan"));
+    let fence = sim.lease("a", epoch, &["plan"], 1, 10_000)[0].fence;
+    for i in 0..2 {
+        sim.submit(child_of(root, fence, "step", &format!("{{\"i\":{i}}}")));
+    }
+    sim.check_submit_refused(
+        child_of(root, fence, "step", "{\"i\":2}"),
+        Error::LimitReached { limit: "children_per_task_max".into(), max: 2 },
+    );
+    assert_eq!(sim.state.children_of(root).len(), 2);
+}
+
+#[test]
+fn a_succeeded_task_carries_no_earlier_error() {
+    let mut sim = Sim::with_limits(Limits { retry_backoff_ms_base: 1, ..Limits::default() });
+    let epoch = sim.register("a", &["q"], 1);
+    let id = sim.submit(new_task("q"));
+    let fence = sim.lease("a", epoch, &["q"], 1, 10_000)[0].fence;
+    sim.one(fail(id, fence, true));
+    assert!(sim.task(id).error.is_some());
+    sim.at(2_000);
+    let fence = sim.lease("a", epoch, &["q"], 1, 10_000)[0].fence;
+    sim.one(complete(id, fence, "\"r\""));
+    assert_eq!(sim.task(id).error, None);
+}
+
+#[test]
+fn retention_keeps_trees_whole_and_takes_a_finished_tree_as_one() {
+    let mut sim = Sim::with_limits(Limits { finished_tasks_max: 1, ..Limits::default() });
+    let epoch = sim.register("a", &["plan", "step", "other"], 10);
+    let root = sim.submit(new_task("plan"));
+    let fence = sim.lease("a", epoch, &["plan"], 1, 10_000)[0].fence;
+    let child = sim.submit(child_of(root, fence, "step", "{}"));
+    // The root fails by its holder's report: its child is that attempt's, and goes on.
+    sim.one(fail(root, fence, false));
+    for _ in 0..3 {
+        let id = sim.submit(new_task("other"));
+        let fence = sim.lease("a", epoch, &["other"], 1, 10_000)[0].fence;
+        sim.one(complete(id, fence, "\"r\""));
+    }
+    assert_eq!(sim.task(root).state, TaskState::Failed, "kept while its child is at work");
+    assert_eq!(sim.task(child).state, TaskState::Pending);
+    let fence = sim.lease("a", epoch, &["step"], 1, 10_000)[0].fence;
+    sim.one(complete(child, fence, "\"r\""));
+    let id = sim.submit(new_task("other"));
+    let fence = sim.lease("a", epoch, &["other"], 1, 10_000)[0].fence;
+    sim.one(complete(id, fence, "\"r\""));
+    assert!(sim.state.task(root).is_none() && sim.state.task(child).is_none(), "the tree left as one");
+}
+
 // ---- agent sessions ----
 
 #[test]
@@ -627,7 +878,13 @@ fn a_task_is_granted_at_most_once_per_entry() {
 // ---- conversation context ----
 
 fn put(key: &str, value: &str, expected_version: Option<u64>) -> Command {
-    Command::ContextPut { conversation_id: "c".into(), key: key.into(), value: value.into(), expected_version }
+    Command::ContextPut {
+        conversation_id: "c".into(),
+        key: key.into(),
+        value: value.into(),
+        expected_version,
+        writer: None,
+    }
 }
 
 #[test]
@@ -685,7 +942,18 @@ fn invalid_new_tasks_are_refused() {
         |t| t.idempotency_key = Some("no spaces".into()),
         invalid("idempotency_key", "character ' ' is not allowed (use A-Z a-z 0-9 . _ - :)"),
     );
-    check_invalid_task(|t| t.parent_id = Some(99), Error::TaskNotFound { task_id: 99 });
+    check_invalid_task(
+        |t| t.parent_id = Some(99),
+        invalid("parent_fence", "required with parent_id: the fence of the parent's lease"),
+    );
+    check_invalid_task(|t| t.parent_fence = Some(1), invalid("parent_fence", "only with parent_id"));
+    check_invalid_task(
+        |t| {
+            t.parent_id = Some(99);
+            t.parent_fence = Some(1)
+        },
+        Error::TaskNotFound { task_id: 99 },
+    );
     // At the limits exactly, accepted.
     let mut sim = Sim::with_limits(Limits { payload_bytes_max: 16, queue_name_bytes_max: 8, ..Limits::default() });
     sim.submit(NewTask { payload: "x".repeat(16), priority: 9, max_attempts: 100, ..new_task("A-z.0_9:") });

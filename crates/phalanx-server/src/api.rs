@@ -658,6 +658,7 @@ pub struct TaskView<'a> {
     error: &'a Option<String>,
     dead_reason: &'a Option<String>,
     superseded_count: u32,
+    parent_fence: Option<u64>,
 }
 
 /// Stored JSON text as JSON. Text that does not parse (it can only come from
@@ -695,6 +696,7 @@ pub fn view(task: &Task) -> TaskView<'_> {
         error: &task.error,
         dead_reason: &task.dead_reason,
         superseded_count: task.superseded_count,
+        parent_fence: task.parent_fence,
     }
 }
 
@@ -779,8 +781,13 @@ async fn submit_task(node: &Node_, body: Body) -> ApiResult {
     let (outcome, _) = propose(node, Command::Submit { tasks: vec![task] }).await?;
     let Outcome::Submitted { mut results } = outcome else { unreachable!("submit answers Submitted") };
     let submitted = results.pop().expect("one result per task")?;
-    let body = json!({"task_id": submitted.task_id, "deduplicated": submitted.deduplicated});
+    let body = submitted_body(&submitted);
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// `{task_id, deduplicated, adopted}`: what a submit created or found.
+fn submitted_body(submitted: &phalanx_core::command::Submitted) -> Value {
+    json!({"task_id": submitted.task_id, "deduplicated": submitted.deduplicated, "adopted": submitted.adopted})
 }
 
 #[derive(Deserialize)]
@@ -843,7 +850,7 @@ async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
                     Ok(j) => match &results[*j] {
                         Ok(s) => {
                             count_submit(node, None);
-                            return json!({"task_id": s.task_id, "deduplicated": s.deduplicated});
+                            return submitted_body(s);
                         }
                         Err(error) => error,
                     },
@@ -1254,6 +1261,7 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
                             "fence": grant.fence,
                             "valid_until_ms": grant.valid_until_ms,
                             "lease_ttl_ms": lease_ttl_ms,
+                            "children": grant.children,
                         })
                     })
                     .collect();
@@ -1280,12 +1288,19 @@ async fn context_get(State(node): State<Node_>, Path(id): Path<String>, RawQuery
     // serialised after it is let go.
     let conversation = node.shared.data.read().expect("state lock").state.conversation(&id).cloned();
     let conversation = conversation.ok_or(phalanx_core::Error::ConversationNotFound { conversation_id: id.clone() })?;
+    let writers = conversation.writers;
     let entries: serde_json::Map<String, Value> = conversation
         .entries
         .into_iter()
         .map(|(key, (version, value))| {
             let value: Value = serde_json::from_str(&value).expect("stored JSON text is valid");
-            (key, json!({"version": version, "value": value}))
+            let mut entry = json!({"version": version, "value": value});
+            // Which task, under which lease, wrote it (none for a client's own write).
+            if let Some(writer) = writers.get(&key) {
+                entry["task_id"] = json!(writer.task_id);
+                entry["fence"] = json!(writer.fence);
+            }
+            (key, entry)
         })
         .collect();
     Ok(mark_stale(Json(json!({"conversation_id": id, "entries": entries})).into_response(), stale))
@@ -1303,15 +1318,24 @@ async fn context_delete(State(node): State<Node_>, Path(id): Path<String>) -> Ap
 struct ContextPutBody {
     value: Value,
     expected_version: Option<u64>,
+    /// A write on a task's behalf names the task and its lease's fence.
+    task_id: Option<u64>,
+    fence: Option<u64>,
 }
 
 async fn context_put(State(node): State<Node_>, Path((id, key)): Path<(String, String)>, body: Body) -> ApiResult {
     let body = parse::<ContextPutBody>(body)?;
+    let writer = match (body.task_id, body.fence) {
+        (Some(task_id), Some(fence)) => Some(phalanx_core::Writer { task_id, fence }),
+        (None, None) => None,
+        _ => return Err(ApiError::invalid("task_id and fence: a write on a task's behalf carries both")),
+    };
     let command = Command::ContextPut {
         conversation_id: id,
         key,
         value: body.value.to_string(),
         expected_version: body.expected_version,
+        writer,
     };
     let (outcome, _) = propose(&node, command).await?;
     let Outcome::ContextWritten { version } = outcome else { unreachable!() };

@@ -78,7 +78,8 @@ impl From<phalanx_core::Error> for ApiError {
             | E::AlreadyTerminal { .. }
             | E::LeaseExpired { .. }
             | E::VersionConflict { .. }
-            | E::ForceRequired { .. } => StatusCode::CONFLICT,
+            | E::ForceRequired { .. }
+            | E::IdempotencyConflict { .. } => StatusCode::CONFLICT,
             E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             E::LoopDetected { .. } | E::Deadlock { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             E::QueueFull { .. } | E::LimitReached { .. } | E::StateFull { .. } => StatusCode::TOO_MANY_REQUESTS,

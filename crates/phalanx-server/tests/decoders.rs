@@ -68,6 +68,7 @@ const FIELDS: &[&str] = &[
     "parent_fence",
     "conversation_id",
     "fence",
+    "task_id",
     "result",
     "error",
     "retryable",

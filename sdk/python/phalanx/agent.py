@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine, Literal, Optional, Sequence, TypeVar, Union, overload
 
-from .client import AsyncClient, ContextEntry, Lease, NotFound, PhalanxError, Task
+from .client import AsyncClient, Child, ContextEntry, Lease, NotFound, PhalanxError, Submitted, Task
 from .outbox import OUTBOX_ENTRIES_MAX, Outbox, OutboxEntry, OutboxFull
 
 log = logging.getLogger("phalanx.agent")
@@ -131,13 +131,27 @@ def lease_startable(sent_at: float, lease_ttl_ms: int, now: float, margin_s: flo
 
 
 class _ContextBase:
-    def __init__(self, agent: "AsyncAgent", task: Task, fence: int, valid_until: float) -> None:
+    def __init__(self, agent: "AsyncAgent", task: Task, fence: int, valid_until: float,
+                 children: Optional[list[Child]] = None) -> None:
         self.task = task
         self.fence = fence
         self._agent = agent
         self._valid_until = valid_until
         self._lease_lost = False
         self._children_spawned = 0
+        self._children = list(children or [])
+        self._adopted: list[int] = []
+
+    @property
+    def children(self) -> list[Child]:
+        """The task's children when the lease was granted (`lease["children"]`): what earlier attempts delegated.
+        Delegating the same step again (same queue, same payload) adopts the child instead of duplicating it."""
+        return self._children
+
+    @property
+    def adopted(self) -> list[int]:
+        """Children of earlier attempts that this attempt's delegations took over, in order."""
+        return self._adopted
 
     @property
     def task_id(self) -> int:
@@ -189,14 +203,21 @@ class _ContextBase:
         return self._lease_lost
 
     def _child_request(self, queue: str, payload: Any, idempotency_key: Optional[str]) -> dict[str, Any]:
-        # Keyed by parent, spawn order and content: a re-run of the parent after
-        # its lease moved finds the children of the earlier run.
+        # One key per delegation of this attempt (parent, fence, spawn order,
+        # content), so that a retried request finds its child. A later attempt
+        # sends other keys: the cluster matches its steps to the children of
+        # earlier attempts by queue and payload, and answers them adopted.
         self._children_spawned += 1
         if idempotency_key is None:
             digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-            idempotency_key = f"child-{self.task_id}-{self._children_spawned}-{digest}"
+            idempotency_key = f"child-{self.task_id}-{self.fence}-{queue}-{self._children_spawned}-{digest}"
         return {"parent_id": self.task_id, "parent_fence": self.fence, "conversation_id": self.conversation_id,
                 "idempotency_key": idempotency_key}
+
+    def _delegated(self, submitted: Submitted) -> int:
+        if submitted.get("adopted"):
+            self._adopted.append(submitted["task_id"])
+        return submitted["task_id"]
 
     def _conversation(self) -> str:
         if not self.conversation_id:
@@ -214,10 +235,15 @@ class TaskContext(_ContextBase):
     async def spawn_child(self, queue: str, payload: Any = None, *, priority: int = 5,
                           deadline_ms: Optional[int] = None, max_attempts: int = 3,
                           idempotency_key: Optional[str] = None) -> int:
-        """Delegates: submits a child task (parent = this task, same conversation); returns its id."""
+        """Delegates under this lease's fence: submits a child task (parent = this task, same conversation);
+        returns its id. A step an earlier attempt delegated already is answered with that child (see `adopted`).
+        Refused (`Superseded`, 409 `lease_expired`) once the lease is lost."""
         extra = self._child_request(queue, payload, idempotency_key)
-        return await self.client.submit(queue, payload, priority=priority, deadline_ms=deadline_ms,
-                                        max_attempts=max_attempts, **extra)
+        submitted = await self.client.delegate(extra["parent_id"], extra["parent_fence"], queue, payload,
+                                               priority=priority, idempotency_key=extra["idempotency_key"],
+                                               deadline_ms=deadline_ms, max_attempts=max_attempts,
+                                               conversation_id=extra["conversation_id"])
+        return self._delegated(submitted)
 
     async def await_tasks(self, task_ids: Sequence[int], timeout_s: float = 60.0) -> list[Task]:
         """Waits until the tasks finish; returns them in order. The wait is declared to the cluster
@@ -240,8 +266,10 @@ class TaskContext(_ContextBase):
         return entries if key is None else entries.get(key)
 
     async def context_put(self, key: str, value: Any, expected_version: Optional[int] = None) -> int:
-        """Writes a key of the task's conversation; returns its new version (409 `version_conflict`)."""
-        return await self.client.context_put(self._conversation(), key, value, expected_version)
+        """Writes a key of the task's conversation on the task's behalf under this lease; returns its new version
+        (409 `version_conflict`). Refused once the lease is lost; discarded if this attempt is superseded."""
+        return await self.client.context_put(self._conversation(), key, value, expected_version,
+                                             task_id=self.task_id, fence=self.fence)
 
     async def progress(self) -> None:
         """Tells the cluster the work moves (a lease without progress for `stall_timeout_ms` is revoked)."""
@@ -264,15 +292,18 @@ class SyncTaskContext(_ContextBase):
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
     def _async(self) -> TaskContext:
-        context = TaskContext(self._agent, self.task, self.fence, self._valid_until)
+        context = TaskContext(self._agent, self.task, self.fence, self._valid_until, self._children)
         context._children_spawned = self._children_spawned
         return context
 
     def spawn_child(self, queue: str, payload: Any = None, *, priority: int = 5, deadline_ms: Optional[int] = None,
                     max_attempts: int = 3, idempotency_key: Optional[str] = None) -> int:
         extra = self._child_request(queue, payload, idempotency_key)
-        return self._run(self._agent.client.submit(queue, payload, priority=priority, deadline_ms=deadline_ms,
-                                                   max_attempts=max_attempts, **extra))
+        submitted = self._run(self._agent.client.delegate(extra["parent_id"], extra["parent_fence"], queue, payload,
+                                                          priority=priority, idempotency_key=extra["idempotency_key"],
+                                                          deadline_ms=deadline_ms, max_attempts=max_attempts,
+                                                          conversation_id=extra["conversation_id"]))
+        return self._delegated(submitted)
 
     def await_tasks(self, task_ids: Sequence[int], timeout_s: float = 60.0) -> list[Task]:
         return self._run(self._async().await_tasks(task_ids, timeout_s))
@@ -613,10 +644,11 @@ class AsyncAgent:
         self.stats.tasks_started += 1
         valid_until = sent_at + ttl_ms / 1000
         context: _ContextBase
+        children = lease.get("children", [])
         if self._handler_is_async:
-            context = TaskContext(self, task, fence, valid_until)
+            context = TaskContext(self, task, fence, valid_until, children)
         else:
-            context = SyncTaskContext(self, task, fence, valid_until)
+            context = SyncTaskContext(self, task, fence, valid_until, children)
         key = (task["id"], fence)
         running = asyncio.ensure_future(self._handle(context))
         self._running[key] = running

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import os
 import random
 import threading
@@ -91,11 +92,42 @@ class Task(_TaskRequired, total=False):
     """`GET /v1/tasks/{id}`."""
 
     trail: list[dict[str, Any]]
+    # For a delegation: the fence of the parent's lease that created it.
+    parent_fence: Optional[int]
 
 
-class Submitted(TypedDict):
+class _SubmittedRequired(TypedDict):
     task_id: int
     deduplicated: bool
+
+
+class Submitted(_SubmittedRequired, total=False):
+    """What a submit created or found; `adopted`: a child of an earlier attempt of the parent, taken over."""
+
+    adopted: bool
+
+
+class Child(TypedDict):
+    """A child of a leased task, as the lease lists it (`lease["children"]`)."""
+
+    task_id: int
+    queue: str
+    # FNV-1a of the payload's JSON text (`payload_hash`).
+    payload_hash: int
+    state: TaskState
+    # The fence of the parent's lease that created it, and of the latest attempt that adopted it.
+    parent_fence: Optional[int]
+    adopted_fence: Optional[int]
+
+
+def payload_hash(payload: Any) -> int:
+    """FNV-1a of a payload's JSON text as the cluster writes it (keys sorted, no spaces), as in
+    `Child.payload_hash` and the trail. Floats may be written otherwise: compare their steps by queue and id."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    value = 0xCBF29CE484222325
+    for byte in text.encode():
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return value
 
 
 class ErrorBody(TypedDict):
@@ -143,18 +175,29 @@ class Registration(TypedDict):
     agent_ttl_ms: int
 
 
-class Lease(TypedDict):
-    """One lease handed out by `poll`."""
-
+class _LeaseRequired(TypedDict):
     task: Task
     fence: int
     valid_until_ms: int
     lease_ttl_ms: int
 
 
-class ContextEntry(TypedDict):
+class Lease(_LeaseRequired, total=False):
+    """One lease handed out by `poll`; `children`: what earlier attempts of the task delegated."""
+
+    children: list[Child]
+
+
+class _ContextEntryRequired(TypedDict):
     version: int
     value: Any
+
+
+class ContextEntry(_ContextEntryRequired, total=False):
+    """One key of a conversation; `task_id` and `fence` say which attempt wrote it, for a write on a task's behalf."""
+
+    task_id: int
+    fence: int
 
 
 class Conversation(TypedDict):
@@ -496,6 +539,14 @@ class _Endpoints:
         return _Request("POST", "/v1/tasks", body, retry="safe", decode=lambda answer: answer["task_id"], fast=True)
 
     @staticmethod
+    def delegate(parent_id: int, parent_fence: int, queue: str, payload: Any, priority: int,
+                 idempotency_key: Optional[str], deadline_ms: Optional[int], max_attempts: int,
+                 conversation_id: Optional[str]) -> _Request[Submitted]:
+        request = _Endpoints.submit(queue, payload, priority, idempotency_key, deadline_ms, max_attempts, parent_id,
+                                    parent_fence, conversation_id)
+        return _Request("POST", "/v1/tasks", request.body, retry="safe", decode=_identity, fast=True)
+
+    @staticmethod
     def submit_batch(tasks: Sequence[TaskSpec]) -> _Request[list[BatchResult]]:
         specs = [dict(task) for task in tasks]
         for spec in specs:
@@ -575,8 +626,11 @@ class _Endpoints:
                         query={"stale": "true"} if stale else None)
 
     @staticmethod
-    def context_put(conversation_id: str, key: str, value: Any, expected_version: Optional[int]) -> _Request[int]:
-        body = _drop_none({"value": value, "expected_version": expected_version})
+    def context_put(conversation_id: str, key: str, value: Any, expected_version: Optional[int],
+                    task_id: Optional[int] = None, fence: Optional[int] = None) -> _Request[int]:
+        if (task_id is None) != (fence is None):
+            raise ValueError("a write on a task's behalf carries both task_id and fence")
+        body = _drop_none({"value": value, "expected_version": expected_version, "task_id": task_id, "fence": fence})
         body["value"] = value
         # A repeated compare-and-set would fail against its own first write.
         retry: Retry = "safe" if expected_version is None else "if_not_sent"
@@ -907,6 +961,14 @@ class Client(_ClientBase):
         return self._call(_Endpoints.submit(queue, payload, priority, idempotency_key, deadline_ms, max_attempts,
                                             parent_id, parent_fence, conversation_id))
 
+    def delegate(self, parent_id: int, parent_fence: int, queue: str, payload: Any = None, priority: int = 5,
+                 idempotency_key: Optional[str] = None, deadline_ms: Optional[int] = None, max_attempts: int = 3,
+                 conversation_id: Optional[str] = None) -> Submitted:
+        """Submits a child of `parent_id` under the fence of the parent's lease; `adopted` in the answer when an
+        earlier attempt of the parent had delegated the same step (same queue, same payload)."""
+        return self._call(_Endpoints.delegate(parent_id, parent_fence, queue, payload, priority, idempotency_key,
+                                              deadline_ms, max_attempts, conversation_id))
+
     def submit_batch(self, tasks: Sequence[TaskSpec]) -> list[BatchResult]:
         return self._call(_Endpoints.submit_batch(tasks))
 
@@ -976,9 +1038,12 @@ class Client(_ClientBase):
     def context_get(self, conversation_id: str, stale: bool = False) -> Conversation:
         return self._call(_Endpoints.context_get(conversation_id, stale))
 
-    def context_put(self, conversation_id: str, key: str, value: Any, expected_version: Optional[int] = None) -> int:
-        """Returns the new version; `expected_version=0` writes only if the key does not exist."""
-        return self._call(_Endpoints.context_put(conversation_id, key, value, expected_version))
+    def context_put(self, conversation_id: str, key: str, value: Any, expected_version: Optional[int] = None, *,
+                    task_id: Optional[int] = None, fence: Optional[int] = None) -> int:
+        """Returns the new version; `expected_version=0` writes only if the key does not exist. With `task_id` and
+        `fence`, the write is made on that task's behalf under its lease: refused once the lease is not held, and
+        discarded if the attempt is superseded."""
+        return self._call(_Endpoints.context_put(conversation_id, key, value, expected_version, task_id, fence))
 
     def context_delete(self, conversation_id: str) -> None:
         """Deletes the conversation and its whole context; 404 `not_found` if there is none."""
@@ -1088,6 +1153,12 @@ class AsyncClient(_ClientBase):
         return await self._call(_Endpoints.submit(queue, payload, priority, idempotency_key, deadline_ms,
                                                   max_attempts, parent_id, parent_fence, conversation_id))
 
+    async def delegate(self, parent_id: int, parent_fence: int, queue: str, payload: Any = None, priority: int = 5,
+                       idempotency_key: Optional[str] = None, deadline_ms: Optional[int] = None,
+                       max_attempts: int = 3, conversation_id: Optional[str] = None) -> Submitted:
+        return await self._call(_Endpoints.delegate(parent_id, parent_fence, queue, payload, priority,
+                                                    idempotency_key, deadline_ms, max_attempts, conversation_id))
+
     async def submit_batch(self, tasks: Sequence[TaskSpec]) -> list[BatchResult]:
         return await self._call(_Endpoints.submit_batch(tasks))
 
@@ -1155,8 +1226,10 @@ class AsyncClient(_ClientBase):
         return await self._call(_Endpoints.context_get(conversation_id, stale))
 
     async def context_put(self, conversation_id: str, key: str, value: Any,
-                          expected_version: Optional[int] = None) -> int:
-        return await self._call(_Endpoints.context_put(conversation_id, key, value, expected_version))
+                          expected_version: Optional[int] = None, *, task_id: Optional[int] = None,
+                          fence: Optional[int] = None) -> int:
+        return await self._call(_Endpoints.context_put(conversation_id, key, value, expected_version, task_id,
+                                                       fence))
 
     async def context_delete(self, conversation_id: str) -> None:
         await self._call(_Endpoints.context_delete(conversation_id))

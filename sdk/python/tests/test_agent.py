@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from phalanx import Agent, AsyncAgent, Outbox, SyncTaskContext, TaskContext, TaskFailed
+from phalanx import Agent, AsyncAgent, Outbox, SyncTaskContext, TaskContext, TaskFailed, payload_hash
 
 FAST = dict(poll_wait_ms=300, orchestrator_timeout_s=1.0)
 
@@ -92,6 +92,48 @@ async def test_delegation_spawns_children_awaits_and_combines(server, client):
     for child_id in result["children"]:
         child = client.get_task(child_id)
         assert (child["parent_id"], child["hop_count"], child["conversation_id"]) == (root, 1, "conv-raft")
+
+
+async def test_a_replaced_planner_adopts_the_children_of_the_earlier_attempt(server, client):
+    root = client.submit("plan", {"topic": "fences"}, conversation_id="conv-fences", max_attempts=5)
+    seen: list[dict] = []
+
+    async def planner(context: TaskContext):
+        seen.append({"attempt": context.attempts, "children": context.children, "fence": context.fence})
+        await context.context_put("plan", {"attempt": context.attempts})
+        children = []
+        for i in range(3):
+            children.append(await context.spawn_child("part", {"i": i}))
+            if context.attempts == 1 and i == 1:
+                raise TaskFailed("the planner crashed after two steps")
+        done = await context.await_tasks(children, 20)
+        return {"sum": sum(task["result"] for task in done), "children": children, "adopted": context.adopted}
+
+    async def worker(context: TaskContext):
+        return context.payload["i"] + 10
+
+    agents = [AsyncAgent(server.addr, "py-planner", ["plan"], planner, **FAST),
+              AsyncAgent(server.addr, "py-worker", ["part"], worker, concurrency=2, **FAST)]
+    running = [asyncio.create_task(agent.run()) for agent in agents]
+    try:
+        await wait_for(lambda: client.get_task(root)["state"] == "succeeded", what="the root succeeded")
+    finally:
+        for agent in agents:
+            agent.stop()
+        await asyncio.gather(*running)
+    result = client.get_task(root)["result"]
+    assert result["sum"] == 33
+    # The second attempt was handed the first one's two children and adopted them.
+    first, second = seen
+    assert first["children"] == []
+    listed = second["children"]
+    assert [c["task_id"] for c in listed] == result["children"][:2] == result["adopted"]
+    assert [c["payload_hash"] for c in listed] == [payload_hash({"i": i}) for i in range(2)]
+    assert all(c["parent_fence"] == first["fence"] for c in listed)
+    assert len(client.list_tasks(queue="part")["tasks"]) == 3, "no step was delegated twice"
+    # The crashed attempt's context entry is gone; the accepted one's says who wrote it.
+    entry = client.context_get("conv-fences")["entries"]["plan"]
+    assert entry["value"] == {"attempt": 2} and entry["task_id"] == root and entry["fence"] == second["fence"]
 
 
 async def test_a_long_task_keeps_its_lease_by_extending_it(server, client):

@@ -12,7 +12,10 @@ from conftest import free_port
 
 def test_submit_get_list_cancel(server, client):
     first = client.submit("summarise", {"text": "hello"}, idempotency_key="doc-1")
-    assert client.submit("summarise", {"text": "other"}, idempotency_key="doc-1") == first, "deduplicated"
+    assert client.submit("summarise", {"text": "hello"}, idempotency_key="doc-1") == first, "deduplicated"
+    with pytest.raises(Conflict) as conflict:
+        client.submit("summarise", {"text": "other"}, idempotency_key="doc-1")
+    assert conflict.value.code == "idempotency_conflict", "a key names one request"
     second = client.submit("summarise", 2, priority=9, max_attempts=1, conversation_id="conv-1")
     task = client.get_task(first)
     assert (task["payload"], task["state"], task["priority"], task["idempotency_key"]) == (
@@ -99,6 +102,29 @@ def test_bad_input_is_a_clear_error(server, client):
     response = httpx.post(f"http://{server.addr}/v1/tasks", content=b"{not json")
     assert response.status_code == 400 and response.json()["error"]["code"] == "malformed_json"
     assert client.list_tasks()["tasks"] == [], "nothing changed"
+
+
+def test_delegation_is_fenced_and_a_key_names_one_request(server, client):
+    root = client.submit("plan", {"doc": 1}, conversation_id="conv-d")
+    epoch = client.register("py-p", ["plan"])["epoch"]
+    fence = client.poll("py-p", epoch, wait_ms=1000)[0]["fence"]
+    with pytest.raises(InvalidRequest):
+        client.submit("plan", {"doc": 1}, parent_id=root)
+    assert client.get_task(root)["state"] == "leased", "no dead letter on the word of a request without the lease"
+    child = client.delegate(root, fence, "part", {"i": 1}, idempotency_key="part-1")
+    assert child["deduplicated"] is False and child["adopted"] is False
+    assert client.delegate(root, fence, "part", {"i": 1}, idempotency_key="part-1")["task_id"] == child["task_id"]
+    with pytest.raises(Conflict) as conflict:
+        client.delegate(root, fence, "part", {"i": 2}, idempotency_key="part-1")
+    assert conflict.value.code == "idempotency_conflict"
+    with pytest.raises(Superseded):
+        client.delegate(root, fence - 1, "part", {"i": 1}, idempotency_key="part-1")
+    assert client.context_put("conv-d", "k", 1, task_id=root, fence=fence) == 1
+    assert client.context_get("conv-d")["entries"]["k"] == {"version": 1, "value": 1, "task_id": root, "fence": fence}
+    with pytest.raises(Superseded):
+        client.context_put("conv-d", "k", 2, task_id=root, fence=fence - 1)
+    with pytest.raises(ValueError):
+        client.context_put("conv-d", "k", 2, task_id=root)
 
 
 def test_conversation_context(server, client):
