@@ -67,6 +67,13 @@ pub struct Silence {
     pub lease_ms: u64,
     /// How long each follower waits after the one before it (by id).
     pub stagger_ms: u64,
+    /// The leader's last probe failed (refused, or no answer in time) and
+    /// none has succeeded since: positive evidence, beyond silence, that it
+    /// is gone, and not merely slow to send its keep-alives.
+    pub leader_unanswering: bool,
+    /// This node's own event loop is running late: its sense of silence
+    /// cannot be trusted, so it leaves the election to openraft's timer.
+    pub lagging: bool,
 }
 
 /// Added to the lease, so that clocks read a few milliseconds apart still
@@ -75,15 +82,20 @@ pub const LEASE_MARGIN_MS: u64 = 10;
 
 /// Whether this node, a follower that has lost its leader, should ask for an
 /// election now rather than wait out openraft's election timeout: the guard
-/// lets it campaign, the lease is over here and on every voter it reaches
-/// (so none refuses the vote for it), and the followers before it (by id)
-/// had their turn.
+/// lets it campaign, the leader fails its probes, the lease is over here and
+/// on every voter it reaches (so none refuses the vote for it), the
+/// followers before it (by id) had their turn, and this node is not itself
+/// running late. A campaign that fails still raises the term, which would
+/// unseat a leader that was only slow: hence every condition.
 pub fn elect_now(input: &Input, silence: &Silence) -> bool {
     let (Some(leader), Some(contact)) = (silence.leader, silence.contact_age_ms) else {
         // A node that never followed anyone leaves its first election to openraft.
         return false;
     };
     if leader == input.me || !input.voters.contains(&input.me) || decide(input) != Decision::Campaign {
+        return false;
+    }
+    if !silence.leader_unanswering || silence.lagging {
         return false;
     }
     let rank = input.voters.iter().filter(|v| **v != leader && **v < input.me).count() as u64;
@@ -212,8 +224,43 @@ mod tests {
             clock_skew_ms: None,
             clock_skew_max_ms: 500,
         };
-        let silence = Silence { leader: Some(1), contact_age_ms: contact, lease_ms: 200, stagger_ms: 50 };
+        let silence = Silence {
+            leader: Some(1),
+            contact_age_ms: contact,
+            lease_ms: 200,
+            stagger_ms: 50,
+            leader_unanswering: true,
+            lagging: false,
+        };
         elect_now(&input, &silence)
+    }
+
+    #[test]
+    fn no_early_election_without_a_failed_probe_or_while_running_late() {
+        let answers = BTreeMap::from([(3, PeerAnswer { at_ms: 990, leader_contact_age_ms: None })]);
+        let input = Input {
+            now_ms: 1_000,
+            me: 2,
+            voters: &[1, 2, 3],
+            answers: &answers,
+            answer_fresh_ms: 250,
+            leader_alive_ms: 100,
+            clock_skew_ms: None,
+            clock_skew_max_ms: 500,
+        };
+        let silent = Silence {
+            leader: Some(1),
+            contact_age_ms: Some(300),
+            lease_ms: 200,
+            stagger_ms: 50,
+            leader_unanswering: true,
+            lagging: false,
+        };
+        assert!(elect_now(&input, &silent));
+        // Silent but still answering probes: a slow leader, not a gone one.
+        assert!(!elect_now(&input, &Silence { leader_unanswering: false, ..silent.clone() }));
+        // This node's own loop is late: its silence proves nothing.
+        assert!(!elect_now(&input, &Silence { lagging: true, ..silent }));
     }
 
     #[test]

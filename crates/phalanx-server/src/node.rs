@@ -46,11 +46,20 @@ pub struct Elections {
     pub leader_contact: Option<Instant>,
     /// Why this node holds back from campaigning, if it does.
     pub hold_back: Option<String>,
+    /// When each peer's probe last failed (refused, timed out, or answered
+    /// as someone else), in the guard's milliseconds.
+    pub probe_failed: BTreeMap<u64, u64>,
 }
 
 impl Default for Elections {
     fn default() -> Elections {
-        Elections { origin: Instant::now(), answers: BTreeMap::new(), leader_contact: None, hold_back: None }
+        Elections {
+            origin: Instant::now(),
+            answers: BTreeMap::new(),
+            leader_contact: None,
+            hold_back: None,
+            probe_failed: BTreeMap::new(),
+        }
     }
 }
 
@@ -789,6 +798,9 @@ const ELECTION_DECIDE_MS: u64 = 10;
 /// How long each follower waits after the one before it (by id) before it
 /// asks for an early election, so that two do not split the vote.
 const ELECTION_STAGGER_MS: u64 = 50;
+/// A node whose event loops ran this late (worst in the last few seconds)
+/// does not ask for an early election: its own timers may be what is slow.
+const ELECTION_LAG_MAX_MS: u64 = 50;
 
 /// Probes every other voter's Raft listener every `ELECTION_PROBE_MS` and
 /// decides whether this node may campaign (`election_guard.rs`): a node
@@ -833,10 +845,15 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                     request = request.bearer_auth(token);
                 }
                 let sent = Instant::now();
-                let Ok(response) = request.send().await else { return };
-                let Ok(answer) = response.json::<serde_json::Value>().await else { return };
+                let failed = || {
+                    let mut elections = node.elections.lock().expect("elections lock");
+                    let at_ms = elections.origin.elapsed().as_millis() as u64;
+                    elections.probe_failed.insert(peer, at_ms);
+                };
+                let Ok(response) = request.send().await else { return failed() };
+                let Ok(answer) = response.json::<serde_json::Value>().await else { return failed() };
                 if answer["node_id"].as_u64() != Some(peer) {
-                    return;
+                    return failed();
                 }
                 // The peer read its clock, as best this node can tell, half
                 // way through the round trip (NTP's offset estimate).
@@ -883,6 +900,12 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                 contact_age_ms: elections.leader_contact.map(|at| at.elapsed().as_millis() as u64),
                 lease_ms: node.config.election_timeout_max_ms,
                 stagger_ms: ELECTION_STAGGER_MS,
+                leader_unanswering: leader.is_some_and(|leader| {
+                    let failed = elections.probe_failed.get(&leader);
+                    let answered = elections.answers.get(&leader).map(|a| a.at_ms);
+                    failed.is_some_and(|failed| answered.is_none_or(|answered| *failed > answered))
+                }),
+                lagging: node.event_loop_lag_ms.iter().any(|lag| lag.load(Ordering::Relaxed) > ELECTION_LAG_MAX_MS),
             };
             let early = decision == crate::election_guard::Decision::Campaign
                 && crate::election_guard::elect_now(&input, &silence)
