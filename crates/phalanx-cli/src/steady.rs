@@ -21,6 +21,21 @@ const PLAN_EVERY_MS: u64 = 250;
 const NOTE_EVERY_MS: u64 = 25;
 const READ_EVERY_MS: u64 = 50;
 
+/// The sum over the nodes of one counter of their `/metrics`.
+async fn metric_sum(http: &reqwest::Client, addrs: &[String], name: &str) -> u64 {
+    let mut sum = 0;
+    for addr in addrs {
+        let Ok(response) = http.get(format!("http://{addr}/metrics")).send().await else { continue };
+        let Ok(text) = response.text().await else { continue };
+        sum += text
+            .lines()
+            .filter(|line| line.starts_with(name))
+            .filter_map(|line| line.split_whitespace().last()?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    sum
+}
+
 async fn plan(context: TaskContext) -> Result<Value, HandlerError> {
     let n = context.task.payload["n"].clone();
     let research = context.spawn_child("steady-research", json!({ "n": n })).await?;
@@ -158,6 +173,7 @@ pub async fn steady(args: BenchArgs) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let term = cluster_term(&http, &addrs).await;
+    let early = metric_sum(&http, &addrs, "phalanx_early_elections_total").await;
     stop_agents.notify_waiters();
     for handle in agent_handles {
         let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
@@ -166,8 +182,8 @@ pub async fn steady(args: BenchArgs) -> anyhow::Result<()> {
     latencies.sort_unstable();
     println!();
     println!(
-        "steady, {nodes} nodes, {elapsed:.0} s: elections {}, failed calls {}, plans {} ({:.1}/s), notes {} \
-         ({:.1}/s), reads {}, submit p50 {} ms p99 {} ms max {} ms, load average {}",
+        "steady, {nodes} nodes, {elapsed:.0} s: elections {} (asked for early: {early}), failed calls {}, plans {} \
+         ({:.1}/s), notes {} ({:.1}/s), reads {}, submit p50 {} ms p99 {} ms max {} ms, load average {}",
         term.saturating_sub(term_before),
         counts.failed.load(Ordering::Relaxed),
         counts.plans.load(Ordering::Relaxed),

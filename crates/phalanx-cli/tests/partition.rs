@@ -358,3 +358,200 @@ async fn a_leader_that_hears_nothing_from_its_peers_is_replaced() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// What the chaos test's clients and agents were told, checked by the same
+/// history as the simulation (`phalanx_sim::history`).
+type Log = std::sync::Arc<std::sync::Mutex<phalanx_sim::history::History>>;
+
+fn logged(log: &Log) -> std::sync::MutexGuard<'_, phalanx_sim::history::History> {
+    log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Submits keyed tasks through every node in turn, retrying each with its key.
+async fn chaos_submitter(
+    client: std::sync::Arc<Client>,
+    log: Log,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    n: usize,
+) {
+    let mut i = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        i += 1;
+        let key = format!("chaos-{n}-{i}");
+        let body = json!({"queue": "chaos", "payload": i, "idempotency_key": key});
+        for attempt in 0..6 {
+            let node = 1 + (n + i + attempt) % 3;
+            if let Some((201, answer)) =
+                client.call(node, "POST", "/v1/tasks", Some(&body), Duration::from_millis(800)).await
+            {
+                logged(&log).submitted(answer["task_id"].as_u64().unwrap(), &key);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+/// An agent: registers, polls through every node in turn, and completes each
+/// lease after a while (longer than its lease now and then: a zombie).
+async fn chaos_agent(
+    client: std::sync::Arc<Client>,
+    log: Log,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    n: usize,
+) {
+    let agent = format!("chaos-agent-{n}");
+    let mut session: Option<(Value, Value)> = None;
+    let mut i = n;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        i += 1;
+        let node = 1 + i % 3;
+        let Some((epoch, secret)) = session.clone() else {
+            let register = json!({"agent_id": agent, "capabilities": ["chaos"], "capacity": 4});
+            if let Some((200, answer)) = client.post(node, "/v1/agents/register", &register).await {
+                session = Some((answer["epoch"].clone(), answer["session"].clone()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let poll = json!({"epoch": epoch, "session": secret, "max_tasks": 2, "wait_ms": 200, "lease_ttl_ms": 1500});
+        let sent = tokio::time::Instant::now();
+        let path = format!("/v1/agents/{agent}/poll");
+        match client.call(node, "POST", &path, Some(&poll), Duration::from_millis(1500)).await {
+            Some((200, answer)) => {
+                for lease in answer["leases"].as_array().cloned().unwrap_or_default() {
+                    let (task, fence) = (lease["task"]["id"].as_u64().unwrap(), lease["fence"].as_u64().unwrap());
+                    logged(&log).granted(task, fence, &agent, sent);
+                    let (client, log) = (client.clone(), log.clone());
+                    tokio::spawn(async move {
+                        // Now and then longer than the lease: the result of a zombie.
+                        let work = if (task + fence) % 7 == 0 { 2_000 } else { 50 + (task % 5) * 40 };
+                        tokio::time::sleep(Duration::from_millis(work)).await;
+                        let result = format!("by fence {fence}");
+                        let body = json!({"fence": fence, "result": result});
+                        for attempt in 0..5 {
+                            let sent = tokio::time::Instant::now();
+                            let path = format!("/v1/tasks/{task}/complete");
+                            match client
+                                .call(
+                                    1 + (task as usize + attempt) % 3,
+                                    "POST",
+                                    &path,
+                                    Some(&body),
+                                    Duration::from_millis(800),
+                                )
+                                .await
+                            {
+                                Some((200, done)) => {
+                                    logged(&log).completed(task, fence, done["result"].as_str().unwrap_or(""), sent);
+                                    return;
+                                }
+                                Some((409, _)) | Some((404, _)) => return,
+                                _ => tokio::time::sleep(Duration::from_millis(150)).await,
+                            }
+                        }
+                    });
+                }
+            }
+            Some((status, _)) if (400..500).contains(&status) => session = None,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_with_kills_pauses_and_cuts_keeps_the_history_sound() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let Some((net, dir, client)) = three_nodes(3).await else { return };
+    // Declared after `net`, so the processes end before their namespaces go.
+    let mut nodes: Vec<Option<Node>> = (1..=3).map(|i| Some(start(&net, i, dir.path()))).collect();
+    client.wait_all_ready().await;
+    let seed: u64 = std::env::var("PHALANX_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let seconds: u64 = std::env::var("PHALANX_CHAOS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    eprintln!("chaos: seed {seed}, {seconds} s (PHALANX_CHAOS_SEED, PHALANX_CHAOS_SECONDS)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let client = Arc::new(client);
+    let log: Log = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for n in 0..3 {
+        workers.push(tokio::spawn(chaos_submitter(client.clone(), log.clone(), stop.clone(), n)));
+    }
+    for n in 0..2 {
+        workers.push(tokio::spawn(chaos_agent(client.clone(), log.clone(), stop.clone(), n)));
+    }
+    let started = Instant::now();
+    let mut faults = Vec::new();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2_000))).await;
+        let victim = rng.gen_range(1..=3usize);
+        let others: Vec<usize> = (1..=3).filter(|n| *n != victim).collect();
+        let hold = Duration::from_millis(rng.gen_range(300..2_500));
+        match rng.gen_range(0..4) {
+            0 => {
+                faults.push(format!("kill {victim}"));
+                nodes[victim - 1] = None;
+                tokio::time::sleep(hold).await;
+                nodes[victim - 1] = Some(start(&net, victim, dir.path()));
+            }
+            1 => {
+                faults.push(format!("pause {victim}"));
+                let pid = nodes[victim - 1].as_ref().unwrap().0.id().to_string();
+                let _ = Command::new("kill").args(["-STOP", &pid]).status();
+                tokio::time::sleep(hold).await;
+                let _ = Command::new("kill").args(["-CONT", &pid]).status();
+            }
+            2 => {
+                faults.push(format!("isolate {victim}"));
+                net.cut(victim, &others, Cut::Both).unwrap();
+                tokio::time::sleep(hold).await;
+                net.heal(victim).unwrap();
+            }
+            _ => {
+                faults.push(format!("one-way {victim}"));
+                net.cut(victim, &others, Cut::Inbound).unwrap();
+                tokio::time::sleep(hold).await;
+                net.heal(victim).unwrap();
+            }
+        }
+    }
+    eprintln!("chaos: faults {}", faults.join(", "));
+    // The faults stop; the workload runs on a healed cluster a little longer.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    for worker in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), worker).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    client.wait_all_ready().await;
+
+    // Every node holds every acknowledged task, and every accepted result.
+    let acked: Vec<u64> = logged(&log).acked.keys().copied().collect();
+    assert!(acked.len() > 50, "too little work got through to mean anything: {}", acked.len());
+    for node in 1..=3 {
+        let start = Instant::now();
+        for id in &acked {
+            let found = loop {
+                match client.get(node, &format!("/v1/tasks/{id}?stale=true")).await {
+                    Some((200, task)) => {
+                        break Some((task["state"] == "succeeded", task["result"].as_str().map(String::from)))
+                    }
+                    Some((404, _)) if start.elapsed() > Duration::from_secs(20) => break None,
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            logged(&log).final_task(*id, found);
+        }
+    }
+    let history = logged(&log);
+    eprintln!(
+        "chaos: {} tasks acknowledged, {} leases granted, {} results accepted",
+        acked.len(),
+        history.grants_seen(),
+        history.results_accepted()
+    );
+    assert!(history.violations.is_empty(), "seed {seed}: {:#?}", history.violations);
+}
