@@ -95,7 +95,7 @@ pub async fn failover(args: BenchArgs) -> anyhow::Result<()> {
         }
         let mut figures = FaultFigures::default();
         for round in 0..args.repeat {
-            let leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
+            cluster.wait_for_leader(Duration::from_secs(30)).await?;
             // Let the cluster settle after the previous round's recovery.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let term_before = cluster_term(&http, &addrs).await;
@@ -109,6 +109,8 @@ pub async fn failover(args: BenchArgs) -> anyhow::Result<()> {
                 handles.push(tokio::spawn(submit_loop(client, queue.clone(), stop.clone())));
             }
             tokio::time::sleep(Duration::from_millis(ROUND_BEFORE_FAULT_MS)).await;
+            // The leader as it is now, just before the fault.
+            let leader = cluster.wait_for_leader(Duration::from_secs(30)).await?;
             // The fault counts from the moment it is complete: a cut is one
             // atomic rule change, measured from when it has returned.
             let mut fault_at = Instant::now();

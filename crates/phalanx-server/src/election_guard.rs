@@ -67,9 +67,9 @@ pub struct Silence {
     pub lease_ms: u64,
     /// How long each follower waits after the one before it (by id).
     pub stagger_ms: u64,
-    /// The leader's last probe failed (refused, or no answer in time) and
-    /// none has succeeded since: positive evidence, beyond silence, that it
-    /// is gone, and not merely slow to send its keep-alives.
+    /// The leader's last probes failed (refused, or no answer in time; two in
+    /// a row) and none has succeeded since: positive evidence, beyond
+    /// silence, that it is gone, and not merely slow to send its keep-alives.
     pub leader_unanswering: bool,
     /// This node's own event loop is running late: its sense of silence
     /// cannot be trusted, so it leaves the election to openraft's timer.

@@ -46,9 +46,9 @@ pub struct Elections {
     pub leader_contact: Option<Instant>,
     /// Why this node holds back from campaigning, if it does.
     pub hold_back: Option<String>,
-    /// When each peer's probe last failed (refused, timed out, or answered
-    /// as someone else), in the guard's milliseconds.
-    pub probe_failed: BTreeMap<u64, u64>,
+    /// How many probes of each peer have failed in a row (refused, timed
+    /// out, or answered as someone else) since it last answered.
+    pub probe_failures: BTreeMap<u64, u32>,
 }
 
 impl Default for Elections {
@@ -58,7 +58,7 @@ impl Default for Elections {
             answers: BTreeMap::new(),
             leader_contact: None,
             hold_back: None,
-            probe_failed: BTreeMap::new(),
+            probe_failures: BTreeMap::new(),
         }
     }
 }
@@ -847,8 +847,7 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                 let sent = Instant::now();
                 let failed = || {
                     let mut elections = node.elections.lock().expect("elections lock");
-                    let at_ms = elections.origin.elapsed().as_millis() as u64;
-                    elections.probe_failed.insert(peer, at_ms);
+                    *elections.probe_failures.entry(peer).or_default() += 1;
                 };
                 let Ok(response) = request.send().await else { return failed() };
                 let Ok(answer) = response.json::<serde_json::Value>().await else { return failed() };
@@ -862,6 +861,7 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                 }
                 let mut elections = node.elections.lock().expect("elections lock");
                 let at_ms = elections.origin.elapsed().as_millis() as u64;
+                elections.probe_failures.remove(&peer);
                 let leader_contact_age_ms = answer["leader_contact_age_ms"].as_u64();
                 elections.answers.insert(peer, crate::election_guard::PeerAnswer { at_ms, leader_contact_age_ms });
             });
@@ -900,11 +900,9 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                 contact_age_ms: elections.leader_contact.map(|at| at.elapsed().as_millis() as u64),
                 lease_ms: node.config.election_timeout_max_ms,
                 stagger_ms: ELECTION_STAGGER_MS,
-                leader_unanswering: leader.is_some_and(|leader| {
-                    let failed = elections.probe_failed.get(&leader);
-                    let answered = elections.answers.get(&leader).map(|a| a.at_ms);
-                    failed.is_some_and(|failed| answered.is_none_or(|answered| *failed > answered))
-                }),
+                // Two failed probes in a row: one late answer is not enough.
+                leader_unanswering: leader
+                    .is_some_and(|leader| elections.probe_failures.get(&leader).is_some_and(|failures| *failures >= 2)),
                 lagging: node.event_loop_lag_ms.iter().any(|lag| lag.load(Ordering::Relaxed) > ELECTION_LAG_MAX_MS),
             };
             let early = decision == crate::election_guard::Decision::Campaign
