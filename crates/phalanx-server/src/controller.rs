@@ -428,7 +428,7 @@ struct Watch {
     stalled_since_ms: Option<u64>,
     unready_since_ms: Option<u64>,
     /// Submits in the `REFUSAL_WINDOW_MS` before the version was seen, and
-    /// the counters when it was seen.
+    /// the counters at the change (as of the last turn before it was seen).
     submits_before: Submits,
     submits_at_change: Submits,
 }
@@ -440,6 +440,10 @@ impl PolicyGuard {
             self.submits.pop_front();
         }
         let oldest = self.submits.front().map_or(submits, |(_, counters)| *counters);
+        // A change is seen up to a turn after it was made: what came since the
+        // last turn is judged as after it, so that the refusals a change
+        // causes at once do not count in the baseline against it.
+        let last_turn = self.submits.back().map_or(submits, |(_, counters)| *counters);
         self.submits.push_back((now_ms, submits));
 
         let policy = &duties.policy;
@@ -453,10 +457,10 @@ impl PolicyGuard {
                 until_ms: now_ms.checked_add(remaining_ms),
                 leases_granted: policy.leases_granted,
                 submits_before: Submits {
-                    accepted: submits.accepted.saturating_sub(oldest.accepted),
-                    refused: submits.refused.saturating_sub(oldest.refused),
+                    accepted: last_turn.accepted.saturating_sub(oldest.accepted),
+                    refused: last_turn.refused.saturating_sub(oldest.refused),
                 },
-                submits_at_change: submits,
+                submits_at_change: last_turn,
                 ..Watch::default()
             };
         }

@@ -330,6 +330,24 @@ fn the_guard_rolls_back_a_change_after_which_refusals_jump() {
 }
 
 #[test]
+fn refusals_before_the_guard_sees_a_change_count_after_it() {
+    // Light traffic (one accepted submit a second), then a change that
+    // refuses everything: a client is refused ten times before the guard's
+    // next turn sees the change. Counted in the baseline, they made it 53%
+    // and the jump to 100% too small to roll back, for good.
+    let mut node = changed_policy(1, 0);
+    node.policy.version = 3;
+    node.policy.rollback_to = Some(2);
+    node.submits = Submits { accepted: 10, refused: 10 };
+    assert_eq!(node.guard_turn(11_000), "");
+    node.submits = Submits { accepted: 10, refused: 20 };
+    assert_eq!(
+        node.guard_turn(11_100),
+        "rollback to 2: refused submits jumped from 0% (0 of 9 in the 10000 ms before) to 100% (20 of 20) after version 3"
+    );
+}
+
+#[test]
 fn the_guard_measures_the_jump_against_the_refusals_before_the_change() {
     // Half the submits were refused before the change: 90% after is a rise
     // of 40 points, under the jump that means a broken service.
