@@ -189,6 +189,7 @@ async fn a_cluster_under_hostile_traffic_stays_alive_ready_and_whole() {
             count
         }));
     }
+    // The hostile traffic runs for its whole budget: time passing is the test.
     tokio::time::sleep(budget).await;
     stop.store(true, Ordering::Relaxed);
     let mut attacks = 0;

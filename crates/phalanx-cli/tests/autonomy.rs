@@ -72,6 +72,7 @@ async fn a_cut_off_agent_keeps_its_result_and_is_reconciled() {
     assert_eq!(agent.stats.mode(), Mode::Autonomous);
     wait_until("autonomous work", Duration::from_secs(10), || agent.stats.autonomous_runs.load(Ordering::Relaxed) == 2)
         .await;
+    // Time passes on purpose: no third run may start.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(agent.stats.autonomous_runs.load(Ordering::Relaxed), 2, "the autonomy budget holds");
     cluster.servers.get_mut(&1).unwrap().spawn();

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::Cluster;
+use common::{wait_for, wait_until, Cluster};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -171,21 +171,40 @@ async fn leader_kills_lose_nothing_and_accept_no_stale_result() {
         agents.push(tokio::spawn(agent(ctx.clone(), format!("agent-{i}"))));
     }
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Each fault lasts until the cluster has shown it works through it:
+    // tasks acknowledged and results accepted, not a fixed time.
+    wait_for_work(&ctx, "before the first fault").await;
     for round in 0..3 {
         let leader = wait_leader(&cluster).await;
         eprintln!("round {round}: SIGKILL leader {leader}");
         cluster.servers.get_mut(&leader).unwrap().kill9();
-        tokio::time::sleep(Duration::from_millis(2000)).await;
+        let successor = wait_leader(&cluster).await;
+        wait_for_work(&ctx, &format!("with node {leader} killed and node {successor} leading")).await;
         cluster.servers.get_mut(&leader).unwrap().spawn();
-        tokio::time::sleep(Duration::from_millis(2000)).await;
+        cluster.wait_ready(leader, Duration::from_secs(30)).await;
+        wait_for_work(&ctx, &format!("after node {leader} restarted")).await;
     }
     let leader = wait_leader(&cluster).await;
     eprintln!("SIGSTOP leader {leader}");
     cluster.servers[&leader].signal("STOP");
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // Asked of the others only: the paused node would not answer.
+    let others: Vec<u64> = cluster.servers.keys().copied().filter(|id| *id != leader).collect();
+    let successor =
+        wait_for(Duration::from_secs(30), &format!("a leader other than the paused node {leader}"), async || {
+            for id in &others {
+                if let Ok((200, info)) = cluster.get(*id, "/v1/cluster").await {
+                    if let Some(other) = info["leader_id"].as_u64().filter(|other| *other != leader) {
+                        return Some(other);
+                    }
+                }
+            }
+            None
+        })
+        .await;
+    wait_for_work(&ctx, &format!("with node {leader} paused and node {successor} leading")).await;
     cluster.servers[&leader].signal("CONT");
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    cluster.wait_ready(leader, Duration::from_secs(30)).await;
+    wait_for_work(&ctx, &format!("after node {leader} resumed")).await;
 
     ctx.stop.store(true, Ordering::SeqCst);
     for worker in workers {
@@ -237,6 +256,27 @@ async fn leader_kills_lose_nothing_and_accept_no_stale_result() {
         }
     }
     assert!(lost.is_empty(), "acknowledged tasks lost: {lost:?}");
+}
+
+/// Acknowledged submits and accepted results a phase of the run must add
+/// before it ends.
+const SUBMITS_PER_PHASE: usize = 20;
+const RESULTS_PER_PHASE: usize = 5;
+
+/// Waits until the clients have had `SUBMITS_PER_PHASE` more tasks
+/// acknowledged and the agents `RESULTS_PER_PHASE` more results accepted.
+async fn wait_for_work(ctx: &Ctx, phase: &str) {
+    let counts = || {
+        let history = ctx.history.lock().unwrap();
+        (history.acknowledged.len(), history.accepted.len())
+    };
+    let (submits, results) = counts();
+    let what = format!("{SUBMITS_PER_PHASE} tasks acknowledged and {RESULTS_PER_PHASE} results accepted {phase}");
+    wait_until(Duration::from_secs(30), &what, async || {
+        let (submits_now, results_now) = counts();
+        submits_now >= submits + SUBMITS_PER_PHASE && results_now >= results + RESULTS_PER_PHASE
+    })
+    .await;
 }
 
 async fn wait_leader(cluster: &Cluster) -> u64 {

@@ -297,7 +297,8 @@ async fn a_leader_whose_clock_jumps_an_hour_hands_over_and_expires_nothing() {
         assert!(start.elapsed() < Duration::from_secs(10), "the jumped leader {leader} still leads");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // It stays handed over.
+    // It stays handed over: time passes on purpose, to show that it does
+    // not take leadership back.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_ne!(agreed_leader(&cluster).await, leader, "the jumped node took leadership back");
     check_long_work(&cluster, &work).await;
@@ -501,7 +502,8 @@ async fn a_node_under_a_low_descriptor_limit_refuses_surplus_connections_at_once
     for _ in 0..300 {
         idle.push(std::net::TcpStream::connect(&addr).unwrap());
     }
-    // Let the node accept (or refuse) them all.
+    // Let the node accept (or refuse) them all. A fixed wait: the only way
+    // to observe it is a new connection, which is what is under test.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let answer = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};

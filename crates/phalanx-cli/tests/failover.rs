@@ -323,6 +323,8 @@ async fn a_peer_that_is_down_costs_the_leader_two_log_lines_not_one_per_retry() 
     let follower = (leader + 1) % 3;
     let before = cluster.log(leader).lines().count();
     cluster.kill(follower);
+    // The peer stays down for 3 s on purpose: long enough for many retries,
+    // which must not each be logged.
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.spawn(follower);
     let restarted = Instant::now();

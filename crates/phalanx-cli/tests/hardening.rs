@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_error, decode, free_port, Cluster, Server, PEER_TOKEN};
+use common::{assert_error, decode, free_port, wait_until, Cluster, Server, PEER_TOKEN};
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
 use phalanx_core::{Command, NewTask, Request};
@@ -224,7 +224,16 @@ async fn membership_calls_cannot_brick_the_cluster() {
     // with no live majority: refused at once, and writes go on.
     let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != leader).collect();
     cluster.servers.get_mut(&followers[0]).unwrap().kill9();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The leader counts a voter healthy while it answered within the last
+    // second (`VOTER_CONTACT_MS_MAX`).
+    let down = followers[0];
+    wait_until(Duration::from_secs(10), &format!("the leader to see node {down} silent for over 1 s"), async || {
+        let (_, info) = cluster.get(leader, "/v1/cluster").await.unwrap();
+        let nodes = info["nodes"].as_array().cloned().unwrap_or_default();
+        let node = nodes.iter().find(|node| node["id"].as_u64() == Some(down)).cloned().unwrap_or_default();
+        node["last_contact_ms"].as_u64().is_none_or(|ms| ms > 1_000)
+    })
+    .await;
     let started = Instant::now();
     let url = cluster.url(leader, &format!("/v1/cluster/members/{}", followers[1]));
     let answer = decode(cluster.http.delete(url).send().await.unwrap()).await.unwrap();

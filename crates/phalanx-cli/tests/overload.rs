@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_error, Cluster};
+use common::{assert_error, wait_until, Cluster};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -119,8 +119,9 @@ async fn the_door_refuses_low_priority_first_when_slots_run_short() {
     // The disk stalls: five high-priority submits wait for it, holding five slots.
     let failpoint = cluster.servers[&1].data_dir.join("failpoint-stall-storage");
     std::fs::write(&failpoint, b"stall").unwrap();
+    let proposed = commands_proposed(&cluster, 1).await;
     let waiting: Vec<_> = (1..=5).map(|i| tokio::spawn(submit("8", i))).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_proposed(&cluster, 1, proposed + 5, "five submits waiting for the disk").await;
 
     // Low work may use half of the ten slots: refused at once, with Retry-After.
     let start = Instant::now();
@@ -134,7 +135,7 @@ async fn the_door_refuses_low_priority_first_when_slots_run_short() {
     // Normal and high work still get in (and wait for the disk like the others).
     let normal = tokio::spawn(submit("5", 7));
     let high = tokio::spawn(submit("9", 8));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_proposed(&cluster, 1, proposed + 7, "the normal and the high submit waiting for the disk too").await;
 
     std::fs::remove_file(&failpoint).unwrap();
     for answer in waiting.into_iter().chain([normal, high]) {
@@ -168,8 +169,9 @@ async fn a_forwarded_submit_keeps_its_priority_at_the_leaders_door() {
     // The leader's disk stalls: five high-priority submits hold five of its ten slots.
     let failpoint = cluster.servers[&leader].data_dir.join("failpoint-stall-storage");
     std::fs::write(&failpoint, b"stall").unwrap();
+    let proposed = commands_proposed(&cluster, leader).await;
     let waiting: Vec<_> = (1..=5).map(|i| tokio::spawn(submit(leader, "8", i))).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_proposed(&cluster, leader, proposed + 5, "five submits waiting for the leader's disk").await;
     // A low-priority submit sent to a follower is forwarded with its class,
     // and the leader's door refuses it (low work may use only half the slots).
     let refused = common::decode(submit(follower, "1", 6).await.unwrap()).await.unwrap();
@@ -179,6 +181,20 @@ async fn a_forwarded_submit_keeps_its_priority_at_the_leaders_door() {
     for answer in waiting {
         let _ = answer.await.unwrap();
     }
+}
+
+/// Commands node `id` has proposed: a submit is counted once it is past the
+/// door and handed to Raft, where a stalled disk keeps it waiting.
+async fn commands_proposed(cluster: &Cluster, id: u64) -> u64 {
+    let text = cluster.http.get(cluster.url(id, "/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("phalanx_commands_proposed_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("the metric is exported")
+}
+
+async fn wait_proposed(cluster: &Cluster, id: u64, count: u64, what: &str) {
+    wait_until(Duration::from_secs(10), what, async || commands_proposed(cluster, id).await >= count).await;
 }
 
 #[tokio::test]
@@ -210,8 +226,18 @@ async fn expired_backlog_is_dead_lettered_not_run_late() {
         ids.push(body["task_id"].as_u64().unwrap());
     }
     let (_, fresh) = cluster.post(1, "/v1/tasks", &json!({"queue": "late", "payload": "fresh"})).await.unwrap();
-    // Nobody serves the queue until the deadline has passed (an outage, seen from the tasks).
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Nobody serves the queue until the deadlines have passed (an outage,
+    // seen from the tasks) and the leader's tick has dead-lettered them.
+    wait_until(Duration::from_secs(10), "the backlog's deadlines to pass", async || {
+        for id in &ids {
+            let (_, task) = cluster.get(1, &format!("/v1/tasks/{id}")).await.unwrap();
+            if task["state"] != "dead" {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
     let (_, registered) = cluster
         .post(1, "/v1/agents/register", &json!({"agent_id": "late-agent", "capabilities": ["late"], "capacity": 10}))
         .await

@@ -313,6 +313,7 @@ async fn a_node_cut_off_from_the_leader_alone_does_not_raise_its_term() {
     assert!(info["election_hold_back"].is_string(), "{info}");
 
     net.heal(cut_off).unwrap();
+    // Time passes on purpose: healing must not force an election within it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for node in 1..=3 {
         let info = client.get(node, "/v1/cluster").await.unwrap().1;

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::Cluster;
+use common::{wait_until, Cluster};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -96,8 +96,10 @@ async fn stalled_leader_hands_over(failpoint_file: &str, reason: &str) {
 
     // Writes are acknowledged after the hand-over.
     let before = acknowledged.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(acknowledged.load(Ordering::Relaxed) > before + 10, "writes continue on the healthy majority");
+    wait_until(Duration::from_secs(20), "writes acknowledged by the healthy majority", async || {
+        acknowledged.load(Ordering::Relaxed) > before + 10
+    })
+    .await;
 
     // The fault clears: the old leader becomes ready again and catches up.
     std::fs::remove_file(&failpoint).unwrap();

@@ -171,6 +171,9 @@ async fn a_long_poll_at_capacity_proposes_nothing_and_wakes_when_a_lease_ends() 
             (started.elapsed(), answer)
         })
     };
+    // Lets the poll start waiting. A fixed wait: nothing a client can see
+    // says a poll is waiting (and one that was not yet would be granted at
+    // once, which the bound below also accepts).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let task_id = lease["task"]["id"].as_u64().unwrap();
     let (status, done) =

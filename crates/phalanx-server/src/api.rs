@@ -1142,7 +1142,7 @@ async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
     };
     let (outcome, _) = propose(&node, command).await?;
     let Outcome::Registered { epoch } = outcome else { unreachable!() };
-    node.liveness.lock().expect("liveness lock").touch(&body.agent_id, epoch);
+    node.heard_from_agent(&body.agent_id, epoch);
     let policy = node.shared.data.read().expect("state lock").state.limits().clone();
     Ok(Json(json!({
         "agent_id": body.agent_id,
@@ -1170,7 +1170,7 @@ fn check_session(node: &Node, agent_id: &str, epoch: u64, session: Option<&str>)
     let agent = data.state.check_session(agent_id, epoch, session)?;
     let capabilities = agent.capabilities.iter().cloned().collect();
     drop(data);
-    node.liveness.lock().expect("liveness lock").touch(agent_id, epoch);
+    node.heard_from_agent(agent_id, epoch);
     Ok(capabilities)
 }
 
@@ -1276,7 +1276,7 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
         if tokio::time::timeout(deadline - now, applied.changed()).await.is_err() {
             return Ok(Json(json!({ "leases": [] })).into_response());
         }
-        node.liveness.lock().expect("liveness lock").touch(&agent_id, body.epoch);
+        node.heard_from_agent(&agent_id, body.epoch);
     }
 }
 

@@ -1,14 +1,16 @@
 //! A running node: opens storage, starts the Raft replica, the proposer, the
-//! leader's timer loop and the HTTP server, and wires them together.
+//! leader's timer loop, the election loop and the HTTP server, and wires them
+//! together.
 //!
-//! The timer loop is the only place that turns time into commands: it
-//! proposes `ExpireAgent` when an agent's heartbeat time-to-live runs out
-//! (monotonic time) and `Tick` when a lease, backoff or deadline falls due
-//! (log time, `clock.rs`). Agent liveness is
-//! soft state here, rebuilt (everyone gets a fresh time-to-live) whenever this
-//! node becomes leader, so a failover never expires the fleet.
+//! The loops here are the runtime of the node controller (`controller.rs`):
+//! they gather facts (Raft's metrics, the applied state, counters, the
+//! probes' answers), ask the controller, and carry out its actions (propose
+//! `ExpireAgent`, `Tick` or a policy rollback, stop keep-alives, allow or
+//! forbid elections, probe readiness). What to decide is the controller's;
+//! reading clocks, locks, spawning and proposing is left here.
 
 use crate::config::NodeConfig;
+use crate::controller::{self, Action, ApplyProgress, ClusterReadiness, Controller};
 use crate::network::Network;
 use crate::proposer::Proposer;
 use crate::raft_types::Member;
@@ -23,24 +25,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
-/// When each agent session last showed it is alive (heartbeat or poll).
-#[derive(Default)]
-pub struct Liveness {
-    /// agent id -> (epoch, last seen)
-    seen: BTreeMap<String, (u64, Instant)>,
-}
-
-impl Liveness {
-    pub fn touch(&mut self, agent_id: &str, epoch: u64) {
-        self.seen.insert(agent_id.to_string(), (epoch, Instant::now()));
-    }
-}
+pub use crate::controller::{APPLY_STALL_MS, EVENT_LOOP_LAG_MS_MAX, STORAGE_STALL_MS};
 
 /// What the election guard (`election_guard.rs`) knows: the peers' latest
-/// probe answers and when this node last heard from a leader.
+/// probe answers (their `at_ms` in `store::monotonic_ms`) and when this
+/// node last heard from a leader.
+#[derive(Default)]
 pub struct Elections {
-    /// The origin of the guard's monotonic milliseconds.
-    pub origin: Instant,
     pub answers: BTreeMap<u64, crate::election_guard::PeerAnswer>,
     /// When an append or snapshot from a leader was last accepted here.
     pub leader_contact: Option<Instant>,
@@ -49,18 +40,6 @@ pub struct Elections {
     /// How many probes of each peer have failed in a row (refused, timed
     /// out, or answered as someone else) since it last answered.
     pub probe_failures: BTreeMap<u64, u32>,
-}
-
-impl Default for Elections {
-    fn default() -> Elections {
-        Elections {
-            origin: Instant::now(),
-            answers: BTreeMap::new(),
-            leader_contact: None,
-            hold_back: None,
-            probe_failures: BTreeMap::new(),
-        }
-    }
 }
 
 /// Counters kept by this node only (not replicated).
@@ -89,16 +68,20 @@ pub struct Node {
     pub proposer: Proposer,
     /// For forwarding requests to the leader.
     pub http: reqwest::Client,
-    pub liveness: Mutex<Liveness>,
+    /// The node-level decisions and their soft state (agent liveness among
+    /// them); the loops below and the agent routes call in.
+    pub controller: Mutex<Controller>,
     pub storage_health: Arc<crate::store::StorageHealth>,
     /// Worst scheduling delay seen recently on the API threads [0] and the
     /// consensus threads [1]: a stalled event loop is a node that looks alive.
     pub event_loop_lag_ms: [AtomicU64; 2],
     /// The applied index and since when it has stood still behind the
     /// committed index, if it has (see `observe_apply`).
-    pub apply_progress: Mutex<(u64, Option<Instant>)>,
+    pub apply_progress: Mutex<ApplyProgress>,
     /// What the policy guard last learnt of every voter's readiness.
     pub cluster_readiness: Mutex<Option<ClusterReadiness>>,
+    /// The readiness probe the guard asked for last (`Action::ProbeReadiness`).
+    pub readiness_probe: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// When each peer last answered this node's Raft RPCs.
     pub peer_contacts: Arc<Mutex<BTreeMap<u64, Instant>>>,
     pub pollers: Arc<Semaphore>,
@@ -155,6 +138,16 @@ impl Node {
     /// Notes that a leader's append or snapshot was accepted here.
     pub fn heard_from_leader(&self) {
         self.elections.lock().expect("elections lock").leader_contact = Some(Instant::now());
+    }
+
+    /// Notes that an agent's current session showed it is alive (a
+    /// heartbeat, a registration or a poll, its session checked).
+    pub fn heard_from_agent(&self, agent_id: &str, epoch: u64) {
+        self.controller().heartbeat(crate::store::monotonic_ms(), agent_id, epoch);
+    }
+
+    pub fn controller(&self) -> std::sync::MutexGuard<'_, Controller> {
+        self.controller.lock().expect("controller lock")
     }
 
     /// How long ago this node last heard from its leader, `None` when it
@@ -343,6 +336,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         .pool_max_idle_per_host(64)
         .connect_timeout(Duration::from_millis(crate::api::FORWARD_CONNECT_TIMEOUT_MS))
         .build()?;
+    let controller = Controller::new(controller::Settings { election_timeout_max_ms: config.election_timeout_max_ms });
     let node = Arc::new(Node {
         pollers: Arc::new(Semaphore::new(config.pollers_max)),
         requests_in_flight: Arc::new(Semaphore::new(config.requests_in_flight_max)),
@@ -356,13 +350,14 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         shared,
         proposer,
         http,
-        liveness: Mutex::new(Liveness::default()),
+        controller: Mutex::new(controller),
         peer_contacts,
         storage_health,
         event_loop_lag_ms: [AtomicU64::new(0), AtomicU64::new(0)],
-        apply_progress: Mutex::new((0, None)),
+        apply_progress: Mutex::new(ApplyProgress::default()),
         listener_stats: Arc::default(),
         cluster_readiness: Mutex::new(None),
+        readiness_probe: Mutex::new(None),
         stats: NodeStats::default(),
         elections: Mutex::default(),
         log_clock,
@@ -505,13 +500,7 @@ impl Node {
 
     /// Why this node's clock is not to be trusted, if it is not.
     pub fn clock_problem(&self) -> Option<String> {
-        let skew = self.log_clock.own_skew_ms()?;
-        (skew.unsigned_abs() > self.config.clock_skew_max_ms).then(|| {
-            format!(
-                "clock skew: this node's clock is {skew} ms from the majority's, past clock_skew_max_ms {}",
-                self.config.clock_skew_max_ms
-            )
-        })
+        controller::clock_problem(self.log_clock.own_skew_ms(), self.config.clock_skew_max_ms)
     }
 }
 
@@ -551,14 +540,6 @@ async fn disk_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<b
     }
 }
 
-/// Event loop lag past which a node is not ready.
-pub const EVENT_LOOP_LAG_MS_MAX: u64 = 1_000;
-/// A log write in progress for longer than this is a stalled disk.
-pub const STORAGE_STALL_MS: u64 = 2_000;
-/// Committed entries waiting this long with the applied index standing still
-/// is a stalled apply loop.
-pub const APPLY_STALL_MS: u64 = 2_000;
-
 /// Measures how late a 100 ms timer fires: the worst lag of the last five
 /// seconds is what readiness sees.
 async fn watchdog(node: Arc<Node>, slot: usize, mut shutdown: tokio::sync::watch::Receiver<bool>) {
@@ -574,7 +555,7 @@ async fn watchdog(node: Arc<Node>, slot: usize, mut shutdown: tokio::sync::watch
         let lag = before.elapsed().saturating_sub(period).as_millis() as u64;
         worst = worst.max(lag);
         if slot == 1 {
-            node.observe_apply();
+            node.observe_apply(crate::store::monotonic_ms());
         }
         node.event_loop_lag_ms[slot].fetch_max(worst, Ordering::Relaxed);
         if window.elapsed() > Duration::from_secs(5) {
@@ -588,82 +569,47 @@ async fn watchdog(node: Arc<Node>, slot: usize, mut shutdown: tokio::sync::watch
 impl Node {
     /// Why this node cannot make progress, if it cannot: a log write that does
     /// not return (a stalled disk), or committed entries that are not applied
-    /// (a wedged apply loop). Such a node refuses writes at once, and as
-    /// leader hands leadership over.
+    /// (a wedged apply loop), decided by `controller::stall`. Such a node
+    /// refuses writes at once, and as leader hands leadership over.
     pub fn stall(&self) -> Option<String> {
-        let started = self.storage_health.write_started_ms.load(Ordering::Relaxed);
-        let writing_ms = crate::store::monotonic_ms().saturating_sub(started);
-        if started != 0 && writing_ms > STORAGE_STALL_MS {
-            return Some(format!("storage write stalled for {writing_ms} ms"));
-        }
-        let (applied, behind_since) = self.observe_apply();
-        let still = behind_since.map_or(0, |since| since.elapsed().as_millis() as u64);
-        if still > APPLY_STALL_MS {
-            let committed = self.storage_health.committed_index.load(Ordering::Relaxed);
-            return Some(format!("apply stalled for {still} ms at index {applied} (committed {committed})"));
-        }
-        None
+        let now_ms = crate::store::monotonic_ms();
+        let write_started_ms = self.storage_health.write_started_ms.load(Ordering::Relaxed);
+        let (apply, committed_index) = self.observe_apply(now_ms);
+        controller::stall(&controller::Progress { now_ms, write_started_ms, apply, committed_index })
     }
 
-    /// Notes the applied index and since when it has stood still behind the
-    /// committed one (the watchdog calls this every 100 ms, readiness on
-    /// every probe). Only standing still while behind counts: an idle node
-    /// is not stalled, and neither is one whose committed index has just
-    /// jumped (catching up after a partition heals).
-    fn observe_apply(&self) -> (u64, Option<Instant>) {
+    /// Notes the applied index and the committed one (the watchdog calls
+    /// this every 100 ms, readiness on every probe), and answers what
+    /// `ApplyProgress` makes of them with the committed index.
+    fn observe_apply(&self, now_ms: u64) -> (ApplyProgress, u64) {
         let applied = *self.shared.applied_tx.borrow();
-        let behind = self.storage_health.committed_index.load(Ordering::Relaxed) > applied;
-        let mut progress = self.apply_progress.lock().expect("apply progress lock");
-        if progress.0 != applied || !behind {
-            *progress = (applied, None);
-        }
-        if behind && progress.1.is_none() {
-            progress.1 = Some(Instant::now());
-        }
-        *progress
+        let committed = self.storage_health.committed_index.load(Ordering::Relaxed);
+        let progress = self.apply_progress.lock().expect("apply progress lock").observe(now_ms, applied, committed);
+        (progress, committed)
     }
 
-    /// Why this node is not useful right now, if it is not: no leader known,
-    /// apply far behind, a stalled disk or event loop, or (as leader) no
-    /// contact with a quorum.
+    /// Why this node is not useful right now, if it is not
+    /// (`controller::problems` decides on what is gathered here).
     pub fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        let (running, leader, applied, last_log, quorum_ack) = {
+        let mut health = {
             let metrics = self.raft.metrics();
             let m = metrics.borrow();
-            (
-                m.running_state.clone().err().map(|e| e.to_string()),
-                m.current_leader,
-                m.last_applied.map(|l| l.index).unwrap_or(0),
-                m.last_log_index.unwrap_or(0),
-                m.millis_since_quorum_ack,
-            )
+            controller::Health {
+                me: self.id(),
+                raft_stopped: m.running_state.clone().err().map(|e| e.to_string()),
+                leader: m.current_leader,
+                applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+                last_log_index: m.last_log_index.unwrap_or(0),
+                quorum_ack_ms: m.millis_since_quorum_ack,
+                election_timeout_max_ms: self.config.election_timeout_max_ms,
+                ..controller::Health::default()
+            }
         };
-        if let Some(fatal) = running {
-            problems.push(format!("raft stopped: {fatal}"));
-        }
-        if leader.is_none() {
-            problems.push("no leader known".into());
-        }
-        if last_log.saturating_sub(applied) > 10_000 {
-            problems.push(format!("apply lag {} entries", last_log - applied));
-        }
-        problems.extend(self.stall());
-        problems.extend(self.clock_problem());
-        problems.extend(self.disk_problem());
-        for (slot, name) in ["api", "consensus"].iter().enumerate() {
-            let lag = self.event_loop_lag_ms[slot].load(Ordering::Relaxed);
-            if lag > EVENT_LOOP_LAG_MS_MAX {
-                problems.push(format!("{name} event loop stalled {lag} ms"));
-            }
-        }
-        if leader == Some(self.id()) {
-            let limit = self.config.election_timeout_max_ms * 3;
-            if quorum_ack.is_some_and(|ms| ms > limit) {
-                problems.push(format!("leader has had no quorum contact for {} ms", quorum_ack.unwrap_or(0)));
-            }
-        }
-        problems
+        health.stall = self.stall();
+        health.clock_problem = self.clock_problem();
+        health.disk_problem = self.disk_problem();
+        health.event_loop_lag_ms = [0, 1].map(|slot| self.event_loop_lag_ms[slot].load(Ordering::Relaxed));
+        controller::problems(&health)
     }
 }
 
@@ -692,100 +638,115 @@ async fn initialize_if_first(raft: &Raft, config: &NodeConfig) -> anyhow::Result
     Ok(())
 }
 
+/// The leader's timers: every `timer_interval_ms`, tells the controller
+/// this node's role and, while it serves as leader, the facts its duties are
+/// decided on, and carries out what comes back.
 async fn timer_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(Duration::from_millis(node.config.timer_interval_ms));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut leading_term: Option<u64> = None;
-    let mut guard = PolicyGuard::default();
-    let mut stepped_down: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let (state, term, leader) = {
+        let (leads, term) = {
             let metrics = node.raft.server_metrics();
             let metrics = metrics.borrow();
-            (metrics.state, metrics.vote.leader_id().term, metrics.current_leader)
+            let leads = metrics.state == ServerState::Leader && metrics.current_leader == Some(node.id());
+            (leads, metrics.vote.leader_id().term)
         };
         // A leader whose clock is off hands over like a stalled one: it is
         // not ready, and its clients would see it refuse.
         let stall = node.stall().or_else(|| node.clock_problem());
-        if state != ServerState::Leader || leader != Some(node.id()) {
-            if stepped_down.take().is_some() {
-                node.raft.runtime_config().heartbeat(true);
-                node.stepping_down.store(false, Ordering::Relaxed);
-            }
-            if leading_term.is_some() {
-                node.log_clock.reset();
-            }
-            // Whether a follower campaigns is `election_loop`'s to decide.
-            leading_term = None;
+        let role = controller::Role { leading_term: leads.then_some(term), stall };
+        let turn = node.controller().observe_role(crate::store::monotonic_ms(), &role);
+        for action in turn.actions {
+            node.carry_out(action).await;
+        }
+        if !turn.leads {
             continue;
         }
-        // A leader whose disk or apply loop has stalled hands leadership over:
-        // it stops its keep-alives so a healthy follower times out and is elected.
-        if let Some(why) = stall.as_ref().filter(|_| stepped_down.is_none()) {
-            tracing::error!(%why, "the leader cannot serve: stepping down");
-            node.raft.runtime_config().heartbeat(false);
-            node.raft.runtime_config().elect(false);
-            node.stepping_down.store(true, Ordering::Relaxed);
-            stepped_down = Some(Instant::now());
-            continue;
-        }
-        if let Some(at) = stepped_down {
-            if stall.is_some() || at.elapsed() < Duration::from_millis(node.config.election_timeout_max_ms * 5) {
-                continue;
-            }
-            // No one took over (a one-node cluster, or no healthy peer): lead again.
-            node.raft.runtime_config().heartbeat(true);
-            node.raft.runtime_config().elect(true);
-            node.stepping_down.store(false, Ordering::Relaxed);
-            stepped_down = None;
-        }
-        if leading_term != Some(term) {
-            // New leadership: every agent starts with a fresh time-to-live.
-            leading_term = Some(term);
-            node.log_clock.reset();
-            node.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
-            node.liveness.lock().expect("liveness lock").seen.clear();
-        }
-        let (agents, next_due_ms, ttl) = {
+        // Gathered under the state lock, decided after it is let go: reading
+        // the log clock takes that lock again.
+        let (agents, agent_ttl_ms, next_due_ms, policy) = {
             let data = node.shared.data.read().expect("state lock");
-            let agents: Vec<(String, u64)> = data.state.agents().map(|a| (a.id.clone(), a.epoch)).collect();
-            (agents, data.state.next_due_ms(), Duration::from_millis(data.state.limits().agent_ttl_ms))
+            let state = &data.state;
+            let agents: Vec<(String, u64)> = state.agents().map(|a| (a.id.clone(), a.epoch)).collect();
+            (agents, state.limits().agent_ttl_ms, state.next_due_ms(), controller::PolicyFacts::of(state))
         };
-        let mut expired = Vec::new();
-        {
-            let mut liveness = node.liveness.lock().expect("liveness lock");
-            let now = Instant::now();
-            let known: std::collections::BTreeSet<&String> = agents.iter().map(|(id, _)| id).collect();
-            liveness.seen.retain(|id, _| known.contains(id));
-            for (agent_id, epoch) in &agents {
-                let entry = liveness.seen.entry(agent_id.clone()).or_insert((*epoch, now));
-                if entry.0 != *epoch {
-                    *entry = (*epoch, now);
-                }
-                if now.duration_since(entry.1) > ttl {
-                    expired.push((agent_id.clone(), *epoch));
-                }
+        let actions = {
+            let duties = controller::Duties {
+                agents: &agents,
+                agent_ttl_ms,
+                next_due_ms,
+                log_now_ms: &|| node.log_clock.now_ms(),
+                policy,
+                submits: controller::Submits {
+                    accepted: node.stats.submits_accepted.load(Ordering::Relaxed),
+                    refused: node.stats.submits_refused.load(Ordering::Relaxed),
+                },
+                readiness: node.cluster_readiness.lock().expect("readiness lock").clone(),
+                readiness_probe_running: node
+                    .readiness_probe
+                    .lock()
+                    .expect("readiness probe lock")
+                    .as_ref()
+                    .is_some_and(|probe| !probe.is_finished()),
+            };
+            node.controller().lead(crate::store::monotonic_ms(), &duties)
+        };
+        for action in actions {
+            node.carry_out(action).await;
+        }
+    }
+}
+
+impl Node {
+    /// Carries out one of the controller's actions (`controller::Action`
+    /// says what each means).
+    async fn carry_out(self: &Arc<Node>, action: Action) {
+        match action {
+            Action::KeepAlives(on) => self.raft.runtime_config().heartbeat(on),
+            Action::Elections(allowed) => self.raft.runtime_config().elect(allowed),
+            Action::ElectNow => {
+                let leader = self.raft.metrics().borrow().current_leader;
+                tracing::info!(
+                    ?leader,
+                    "the leader is silent past its lease everywhere this node can see: asking for an election"
+                );
+                self.stats.early_elections.fetch_add(1, Ordering::Relaxed);
+                let _ = self.raft.trigger().elect().await;
             }
-        }
-        for (agent_id, epoch) in expired {
-            tracing::warn!(%agent_id, epoch, "agent missed its heartbeats: expiring it and releasing its leases");
-            node.stats.agents_expired.fetch_add(1, Ordering::Relaxed);
-            let node = node.clone();
-            tokio::spawn(async move {
-                let _ = node.proposer.propose(Command::ExpireAgent { agent_id, epoch }).await;
-            });
-        }
-        // Log time against log time: this node's wall clock plays no part.
-        if next_due_ms.is_some_and(|due| due <= node.log_clock.now_ms()) {
-            let _ = node.proposer.propose(Command::Tick).await;
-        }
-        if let Some(command) = guard.check(&node) {
-            tracing::error!(?command, "the policy guard rolls a change back");
-            let _ = node.proposer.propose(command).await;
+            Action::HandingOver(why) => {
+                if let Some(why) = &why {
+                    tracing::error!(%why, "the leader cannot serve: stepping down");
+                }
+                self.stepping_down.store(why.is_some(), Ordering::Relaxed);
+            }
+            Action::ResetLogClock => self.log_clock.reset(),
+            Action::LeadershipBegan { .. } => {
+                self.stats.leader_changes.fetch_add(1, Ordering::Relaxed);
+            }
+            Action::ExpireAgent { agent_id, epoch } => {
+                tracing::warn!(%agent_id, epoch, "agent missed its heartbeats: expiring it and releasing its leases");
+                self.stats.agents_expired.fetch_add(1, Ordering::Relaxed);
+                let node = self.clone();
+                tokio::spawn(async move {
+                    let _ = node.proposer.propose(Command::ExpireAgent { agent_id, epoch }).await;
+                });
+            }
+            Action::Tick => {
+                let _ = self.proposer.propose(Command::Tick).await;
+            }
+            Action::ProbeReadiness => {
+                let probe = tokio::spawn(probe_readiness(self.clone()));
+                *self.readiness_probe.lock().expect("readiness probe lock") = Some(probe);
+            }
+            Action::RollbackPolicy { to_version, note } => {
+                tracing::error!(%note, "the policy guard rolls the policy back to version {to_version}");
+                let command = Command::RollbackPolicy { to_version, note, by_client: false, force: false };
+                let _ = self.proposer.propose(command).await;
+            }
         }
     }
 }
@@ -814,9 +775,7 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
     let mut interval = tokio::time::interval(Duration::from_millis(ELECTION_DECIDE_MS));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let probe_timeout = Duration::from_millis(node.config.election_timeout_min_ms);
-    let mut campaigning = true;
     let mut ticks = 0u64;
-    let mut asked_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -860,88 +819,59 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                     node.log_clock.record(peer, wall_ms, sent + sent.elapsed() / 2);
                 }
                 let mut elections = node.elections.lock().expect("elections lock");
-                let at_ms = elections.origin.elapsed().as_millis() as u64;
+                let at_ms = crate::store::monotonic_ms();
                 elections.probe_failures.remove(&peer);
                 let leader_contact_age_ms = answer["leader_contact_age_ms"].as_u64();
                 elections.answers.insert(peer, crate::election_guard::PeerAnswer { at_ms, leader_contact_age_ms });
             });
         }
-        let decision = {
+        let actions = {
             let mut elections = node.elections.lock().expect("elections lock");
             elections.answers.retain(|id, _| voters.contains(id));
-            let input = crate::election_guard::Input {
-                now_ms: elections.origin.elapsed().as_millis() as u64,
-                me: node.id(),
-                voters: &voters,
-                answers: &elections.answers,
-                answer_fresh_ms: ELECTION_PROBE_MS * 5,
-                leader_alive_ms: node.config.election_timeout_min_ms,
-                clock_skew_ms: node.log_clock.own_skew_ms(),
-                clock_skew_max_ms: node.config.clock_skew_max_ms,
+            let now_ms = crate::store::monotonic_ms();
+            let facts = controller::CampaignFacts {
+                guard: crate::election_guard::Input {
+                    now_ms,
+                    me: node.id(),
+                    voters: &voters,
+                    answers: &elections.answers,
+                    answer_fresh_ms: ELECTION_PROBE_MS * 5,
+                    leader_alive_ms: node.config.election_timeout_min_ms,
+                    clock_skew_ms: node.log_clock.own_skew_ms(),
+                    clock_skew_max_ms: node.config.clock_skew_max_ms,
+                },
+                silence: crate::election_guard::Silence {
+                    leader,
+                    contact_age_ms: elections.leader_contact.map(|at| at.elapsed().as_millis() as u64),
+                    lease_ms: node.config.election_timeout_max_ms,
+                    stagger_ms: ELECTION_STAGGER_MS,
+                    // Two failed probes in a row: one late answer is not enough.
+                    leader_unanswering: leader.is_some_and(|leader| {
+                        elections.probe_failures.get(&leader).is_some_and(|failures| *failures >= 2)
+                    }),
+                    lagging: node
+                        .event_loop_lag_ms
+                        .iter()
+                        .any(|lag| lag.load(Ordering::Relaxed) > ELECTION_LAG_MAX_MS),
+                },
+                stall: node.stall(),
+                leading: node.is_leader(),
             };
-            // A node that cannot make progress does not campaign either: it
-            // would only win leadership it cannot use.
-            let decision = match node.stall() {
-                Some(why) => crate::election_guard::Decision::HoldBack(why),
-                None => crate::election_guard::decide(&input),
-            };
-            let why = match &decision {
-                crate::election_guard::Decision::Campaign => None,
-                crate::election_guard::Decision::HoldBack(why) => Some(why.clone()),
-            };
-            if why.is_some() != elections.hold_back.is_some() {
-                match &why {
+            let campaign = node.controller().campaign(now_ms, &facts);
+            if campaign.hold_back.is_some() != elections.hold_back.is_some() {
+                match &campaign.hold_back {
                     Some(why) => tracing::info!(%why, "holding back from elections"),
                     None => tracing::info!("may campaign again"),
                 }
             }
-            let silence = crate::election_guard::Silence {
-                leader,
-                contact_age_ms: elections.leader_contact.map(|at| at.elapsed().as_millis() as u64),
-                lease_ms: node.config.election_timeout_max_ms,
-                stagger_ms: ELECTION_STAGGER_MS,
-                // Two failed probes in a row: one late answer is not enough.
-                leader_unanswering: leader
-                    .is_some_and(|leader| elections.probe_failures.get(&leader).is_some_and(|failures| *failures >= 2)),
-                lagging: node.event_loop_lag_ms.iter().any(|lag| lag.load(Ordering::Relaxed) > ELECTION_LAG_MAX_MS),
-            };
-            let early = decision == crate::election_guard::Decision::Campaign
-                && crate::election_guard::elect_now(&input, &silence)
-                && asked_at.is_none_or(|at| at.elapsed() > Duration::from_millis(node.config.election_timeout_max_ms));
-            elections.hold_back = why;
-            (decision, early)
+            elections.hold_back = campaign.hold_back;
+            campaign.actions
         };
-        let (decision, early) = decision;
-        let allowed = decision == crate::election_guard::Decision::Campaign;
-        let leading = node.is_leader();
-        if allowed != campaigning && !leading {
-            campaigning = allowed;
-            node.raft.runtime_config().elect(allowed);
-        }
-        if early && !leading {
-            asked_at = Some(Instant::now());
-            tracing::info!(
-                ?leader,
-                "the leader is silent past its lease everywhere this node can see: asking for an election"
-            );
-            node.stats.early_elections.fetch_add(1, Ordering::Relaxed);
-            let _ = node.raft.trigger().elect().await;
+        for action in actions {
+            node.carry_out(action).await;
         }
     }
 }
-
-/// What the leader last learnt of every voter's readiness (its own
-/// `problems()`, the others' `/health/ready`, an unanswered probe counting
-/// as not ready).
-#[derive(Clone, Debug)]
-pub struct ClusterReadiness {
-    pub at: Instant,
-    pub voters: usize,
-    pub not_ready: Vec<(u64, String)>,
-}
-
-/// How often the guard probes the voters' readiness inside its window.
-const READINESS_PROBE_MS: u64 = 500;
 
 /// Probes every voter's readiness once and records the answer on the node.
 async fn probe_readiness(node: Arc<Node>) {
@@ -962,7 +892,7 @@ async fn probe_readiness(node: Arc<Node>) {
             let answer = node
                 .http
                 .get(format!("http://{api}/health/ready"))
-                .timeout(Duration::from_millis(READINESS_PROBE_MS * 2))
+                .timeout(Duration::from_millis(controller::READINESS_PROBE_MS * 2))
                 .send()
                 .await;
             match answer {
@@ -977,183 +907,6 @@ async fn probe_readiness(node: Arc<Node>) {
         }
     });
     let not_ready: Vec<(u64, String)> = futures::future::join_all(probes).await.into_iter().flatten().collect();
-    let readiness = ClusterReadiness { at: Instant::now(), voters: voters.len(), not_ready };
+    let readiness = ClusterReadiness { at_ms: crate::store::monotonic_ms(), voters: voters.len(), not_ready };
     *node.cluster_readiness.lock().expect("readiness lock") = Some(readiness);
-}
-
-/// Watches the cluster for `policy_guard_ms` after each policy change (by
-/// log time, so a new leader takes over the watch where the old one left
-/// it). If dispatch stalls (work is ready, an agent has room, and no lease
-/// is granted), or a majority of the voters is not ready, for
-/// `POLICY_STALL_MS`, or the share of refused submits jumps (see
-/// `REFUSED_SHARE_JUMP`), the change is rolled back to the previous version
-/// and the rollback recorded with the reason.
-///
-/// Clocks: the window's remaining length is read once, when this node first
-/// sees the version, as log time against log time (`set_ms` and the
-/// state's `now_ms`); from then on every duration is measured on this
-/// node's monotonic clock. No wall-clock reading is compared with log time.
-#[derive(Default)]
-struct PolicyGuard {
-    watch: Watch,
-    /// Samples of this node's submit counters, `(when, accepted, refused)`,
-    /// oldest first, spanning at most `REFUSAL_WINDOW_MS`.
-    submits: std::collections::VecDeque<(Instant, u64, u64)>,
-    probe: Option<(Instant, tokio::task::JoinHandle<()>)>,
-}
-
-/// What the guard knows of the version it watches.
-#[derive(Default)]
-struct Watch {
-    version: u64,
-    /// When this node first saw the version, and when its watch ends
-    /// (`None`: never).
-    seen_at: Option<Instant>,
-    until: Option<Instant>,
-    leases_granted: u64,
-    stalled_since: Option<Instant>,
-    unready_since: Option<Instant>,
-    /// Submits accepted and refused in the `REFUSAL_WINDOW_MS` before the
-    /// version was seen, and the counters when it was seen.
-    submits_before: (u64, u64),
-    submits_at_change: (u64, u64),
-}
-
-/// How long dispatch may stall, or a majority stay unready, inside the guard
-/// window before a rollback.
-const POLICY_STALL_MS: u64 = 2_000;
-
-/// The window before a change whose refused share of submits is the
-/// baseline: long enough to hold a sample of ordinary traffic, short enough
-/// to describe the traffic just before the change.
-const REFUSAL_WINDOW_MS: u64 = 10_000;
-
-/// Submits judged after a change before a jump counts. With fewer, one
-/// client's handful of bad requests would be a large share; at 20, a jump of
-/// `REFUSED_SHARE_JUMP` is at least 10 submits refused beyond the baseline.
-const REFUSED_SUBMITS_MIN: u64 = 20;
-
-/// How far the refused share of submits must rise over its baseline for a
-/// rollback. Half of all submits newly refused is a service broken by its
-/// own policy, not a tightened limit that turns some clients away; measured
-/// against the baseline, so a client that sent only bad requests before the
-/// change cannot trigger it, and a busy node (`overloaded`, `rate_limited`)
-/// is not counted as refusing at all.
-const REFUSED_SHARE_JUMP: f64 = 0.5;
-
-impl PolicyGuard {
-    fn check(&mut self, node: &Arc<Node>) -> Option<Command> {
-        let now = Instant::now();
-        let submits =
-            (node.stats.submits_accepted.load(Ordering::Relaxed), node.stats.submits_refused.load(Ordering::Relaxed));
-        let window = Duration::from_millis(REFUSAL_WINDOW_MS);
-        while self.submits.front().is_some_and(|(at, _, _)| now.duration_since(*at) > window) {
-            self.submits.pop_front();
-        }
-        let oldest = self.submits.front().map_or(submits, |(_, accepted, refused)| (*accepted, *refused));
-        self.submits.push_back((now, submits.0, submits.1));
-
-        let data = node.shared.data.read().expect("state lock");
-        let state = &data.state;
-        let version = state.policy_version();
-        let granted = state.counters().leases_granted;
-        let history = state.policy_history();
-        let set_ms = history.last().map_or(0, |v| v.set_ms);
-        if version != self.watch.version {
-            let remaining_ms = set_ms.saturating_add(state.limits().policy_guard_ms).saturating_sub(state.now_ms());
-            self.watch = Watch {
-                version,
-                seen_at: Some(now),
-                // `None` (a window past what `Instant` can count) never ends.
-                until: now.checked_add(Duration::from_millis(remaining_ms)),
-                leases_granted: granted,
-                submits_before: (submits.0.saturating_sub(oldest.0), submits.1.saturating_sub(oldest.1)),
-                submits_at_change: submits,
-                ..Watch::default()
-            };
-        }
-        // Only a change made by a client is watched: a rollback is not rolled back.
-        let watched = history.len() >= 2 && history.last().is_some_and(|v| !v.note.starts_with("rollback"));
-        if !watched || self.watch.until.is_some_and(|until| now > until) {
-            return None;
-        }
-        let previous = history[history.len() - 2].version;
-        let rollback = |note: String| {
-            tracing::error!(%note, "rolling the policy back to version {previous}");
-            Some(Command::RollbackPolicy { to_version: previous, note, by_client: false, force: false })
-        };
-
-        // Dispatch.
-        if granted != self.watch.leases_granted || !state.dispatch_possible() {
-            self.watch.leases_granted = granted;
-            self.watch.stalled_since = None;
-        } else {
-            let stalled = now.duration_since(*self.watch.stalled_since.get_or_insert(now));
-            if stalled >= Duration::from_millis(POLICY_STALL_MS) {
-                self.watch.version = 0;
-                return rollback(format!("dispatch stalled for {} ms after version {version}", stalled.as_millis()));
-            }
-        }
-        drop(data);
-
-        // Refused submits. A failed rollback proposal is retried at the next
-        // check, from the same counts.
-        if let Some(why) = self.refusal_jump(submits) {
-            return rollback(format!("{why} after version {version}"));
-        }
-
-        // Readiness of the voters, probed in the background.
-        if self
-            .probe
-            .as_ref()
-            .is_none_or(|(at, probe)| probe.is_finished() && at.elapsed() >= Duration::from_millis(READINESS_PROBE_MS))
-        {
-            self.probe = Some((now, tokio::spawn(probe_readiness(node.clone()))));
-        }
-        let readiness = node.cluster_readiness.lock().expect("readiness lock").clone()?;
-        if self.watch.seen_at.is_some_and(|seen_at| readiness.at < seen_at) {
-            return None; // learnt before the change
-        }
-        if readiness.not_ready.len() * 2 <= readiness.voters {
-            self.watch.unready_since = None;
-            return None;
-        }
-        let unready = now.duration_since(*self.watch.unready_since.get_or_insert(readiness.at));
-        if unready < Duration::from_millis(POLICY_STALL_MS) {
-            return None;
-        }
-        self.watch.version = 0;
-        let who: Vec<String> = readiness.not_ready.iter().map(|(id, why)| format!("node {id}: {why}")).collect();
-        rollback(format!(
-            "readiness lost on {} of {} voters for {} ms after version {version} ({})",
-            readiness.not_ready.len(),
-            readiness.voters,
-            unready.as_millis(),
-            who.join("; ")
-        ))
-    }
-
-    /// The refused share of submits since the change, if it rose by
-    /// `REFUSED_SHARE_JUMP` or more over the share in the window before it
-    /// (over at least `REFUSED_SUBMITS_MIN` submits), said in a sentence.
-    fn refusal_jump(&self, submits: (u64, u64)) -> Option<String> {
-        let (at_accepted, at_refused) = self.watch.submits_at_change;
-        let refused = submits.1.saturating_sub(at_refused);
-        let total = submits.0.saturating_sub(at_accepted).saturating_add(refused);
-        if total < REFUSED_SUBMITS_MIN {
-            return None;
-        }
-        let (before_accepted, before_refused) = self.watch.submits_before;
-        let before_total = before_accepted.saturating_add(before_refused);
-        let share_before = if before_total == 0 { 0.0 } else { before_refused as f64 / before_total as f64 };
-        let share_after = refused as f64 / total as f64;
-        if share_after - share_before < REFUSED_SHARE_JUMP {
-            return None;
-        }
-        Some(format!(
-            "refused submits jumped from {:.0}% ({before_refused} of {before_total} in the {REFUSAL_WINDOW_MS} ms before) to {:.0}% ({refused} of {total})",
-            share_before * 100.0,
-            share_after * 100.0
-        ))
-    }
 }

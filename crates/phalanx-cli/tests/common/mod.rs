@@ -165,16 +165,11 @@ impl Cluster {
     }
 
     pub async fn wait_ready(&self, id: u64, within: Duration) {
-        let start = Instant::now();
-        loop {
-            if let Ok(response) = self.http.get(self.url(id, "/health/ready")).send().await {
-                if response.status().is_success() {
-                    return;
-                }
-            }
-            assert!(start.elapsed() < within, "node {id} not ready within {within:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until(within, &format!("node {id} ready"), async || {
+            let answer = self.http.get(self.url(id, "/health/ready")).send().await;
+            answer.is_ok_and(|response| response.status().is_success())
+        })
+        .await;
     }
 
     pub async fn leader(&self) -> Option<u64> {
@@ -216,6 +211,29 @@ impl Cluster {
     pub async fn get(&self, id: u64, path: &str) -> Result<(u16, Value), reqwest::Error> {
         let response = self.http.get(self.url(id, path)).send().await?;
         decode(response).await
+    }
+}
+
+/// How often `wait_until` and `wait_for` look again.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Waits until `condition` holds, looking every `POLL_INTERVAL`; fails the
+/// test, naming `what` it waited for, if it does not within `within`. A test
+/// waits on what it can observe rather than sleeping a fixed time: no longer
+/// than the machine needs, and on a slow machine as long as it needs.
+pub async fn wait_until(within: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    wait_for(within, what, async || condition().await.then_some(())).await
+}
+
+/// Waits until `observe` sees something, and answers it (see `wait_until`).
+pub async fn wait_for<T>(within: Duration, what: &str, mut observe: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(seen) = observe().await {
+            return seen;
+        }
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
