@@ -279,6 +279,9 @@ impl Controller {
         };
         if let Some(why) = role.stall.as_ref().filter(|_| self.handing_over_since_ms.is_none()) {
             self.handing_over_since_ms = Some(now_ms);
+            // `campaign` must know elections are off, to turn them on again
+            // once this node is a follower that may campaign.
+            self.campaigning = false;
             actions.extend([
                 Action::KeepAlives(false),
                 Action::Elections(false),
@@ -292,8 +295,12 @@ impl Controller {
             if role.stall.is_some() || waited_ms < wait_ms {
                 return Turn { actions, leads: false };
             }
-            // No one took over: lead again.
+            // No one took over: lead again. The agents' heartbeats were
+            // refused while this node handed over, so each gets a fresh
+            // time-to-live, as under a new leader.
             self.handing_over_since_ms = None;
+            self.campaigning = true;
+            self.liveness.clear();
             actions.extend([Action::KeepAlives(true), Action::Elections(true), Action::HandingOver(None)]);
         }
         if self.leading_term != Some(term) {

@@ -849,10 +849,7 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
                     leader_unanswering: leader.is_some_and(|leader| {
                         elections.probe_failures.get(&leader).is_some_and(|failures| *failures >= 2)
                     }),
-                    lagging: node
-                        .event_loop_lag_ms
-                        .iter()
-                        .any(|lag| lag.load(Ordering::Relaxed) > ELECTION_LAG_MAX_MS),
+                    lagging: node.event_loop_lag_ms.iter().any(|lag| lag.load(Ordering::Relaxed) > ELECTION_LAG_MAX_MS),
                 },
                 stall: node.stall(),
                 leading: node.is_leader(),

@@ -513,6 +513,33 @@ fn an_early_election_is_asked_for_at_most_once_per_election_timeout() {
 }
 
 #[test]
+fn a_leader_replaced_after_its_hand_over_may_campaign_again() {
+    let mut controller = controller();
+    let turn = controller.observe_role(0, &role(Some(1), Some("apply stalled")));
+    assert_eq!(show(&turn.actions), "keep-alives off\nelections forbidden\nhanding over: apply stalled");
+    // The stall clears as another node takes over: this follower's elections,
+    // turned off by the hand-over, are turned on again.
+    controller.observe_role(10, &role(None, None));
+    let free = campaign(&mut controller, 20, None, false, 20);
+    assert_eq!(show(&free.actions), "elections allowed");
+}
+
+#[test]
+fn a_leader_that_leads_again_gives_every_agent_a_fresh_time_to_live() {
+    let mut node = Node::leader();
+    node.turn(0);
+    node.stall = Some("apply stalled".to_string());
+    node.turn(100);
+    node.stall = None;
+    // Agent a's last heartbeat is from before the hand-over; it could not
+    // send one since (the leader refused them), so leading again renews it.
+    let back = 100 + 5 * ELECTION_TIMEOUT_MAX_MS;
+    assert_eq!(node.turn(back), "keep-alives on\nelections allowed\nhanding over no more");
+    assert_eq!(node.turn(back + 999), "", "a fresh time-to-live from leading again");
+    assert_eq!(node.turn(back + 1_001), "expire a@1");
+}
+
+#[test]
 fn a_leader_is_left_to_its_hand_over() {
     let mut controller = controller();
     let lease_over = ELECTION_TIMEOUT_MAX_MS + election_guard::LEASE_MARGIN_MS + 1;
