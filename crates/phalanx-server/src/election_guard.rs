@@ -210,6 +210,12 @@ mod tests {
     }
 
     fn elect_now_at(answers: &[(u64, u64, Option<u64>)], me: u64, contact: Option<u64>) -> bool {
+        elect_now_as(answers, me, |silence| Silence { contact_age_ms: contact, ..silence })
+    }
+
+    /// `elect_now` at 1,000 ms for node `me` of voters 1-3 (leader 1, a
+    /// lease of 200 ms, the leader failing its probes), `adjust`ed.
+    fn elect_now_as(answers: &[(u64, u64, Option<u64>)], me: u64, adjust: impl Fn(Silence) -> Silence) -> bool {
         let answers: BTreeMap<u64, PeerAnswer> = answers
             .iter()
             .map(|(peer, at_ms, contact)| (*peer, PeerAnswer { at_ms: *at_ms, leader_contact_age_ms: *contact }))
@@ -226,41 +232,23 @@ mod tests {
         };
         let silence = Silence {
             leader: Some(1),
-            contact_age_ms: contact,
+            contact_age_ms: None,
             lease_ms: 200,
             stagger_ms: 50,
             leader_unanswering: true,
             lagging: false,
         };
-        elect_now(&input, &silence)
+        elect_now(&input, &adjust(silence))
     }
 
     #[test]
     fn no_early_election_without_a_failed_probe_or_while_running_late() {
-        let answers = BTreeMap::from([(3, PeerAnswer { at_ms: 990, leader_contact_age_ms: None })]);
-        let input = Input {
-            now_ms: 1_000,
-            me: 2,
-            voters: &[1, 2, 3],
-            answers: &answers,
-            answer_fresh_ms: 250,
-            leader_alive_ms: 100,
-            clock_skew_ms: None,
-            clock_skew_max_ms: 500,
-        };
-        let silent = Silence {
-            leader: Some(1),
-            contact_age_ms: Some(300),
-            lease_ms: 200,
-            stagger_ms: 50,
-            leader_unanswering: true,
-            lagging: false,
-        };
-        assert!(elect_now(&input, &silent));
+        let silent = |silence| Silence { contact_age_ms: Some(300), ..silence };
+        assert!(elect_now_as(&[(3, 990, None)], 2, silent));
         // Silent but still answering probes: a slow leader, not a gone one.
-        assert!(!elect_now(&input, &Silence { leader_unanswering: false, ..silent.clone() }));
+        assert!(!elect_now_as(&[(3, 990, None)], 2, |s| Silence { leader_unanswering: false, ..silent(s) }));
         // This node's own loop is late: its silence proves nothing.
-        assert!(!elect_now(&input, &Silence { lagging: true, ..silent }));
+        assert!(!elect_now_as(&[(3, 990, None)], 2, |s| Silence { lagging: true, ..silent(s) }));
     }
 
     #[test]
