@@ -128,6 +128,18 @@ enum Op {
     ContextDelete {
         conversation: u8,
     },
+    /// The holder (or a stale one) says the work moves.
+    Progress {
+        task: Pick,
+        fence: Fence,
+    },
+    /// A policy change (the stall timeout, from 1 s to 10 min) under the
+    /// current version or a stale one, or a client's rollback to a version.
+    Policy {
+        stall_timeout_ms: u64,
+        stale: bool,
+        rollback_to: Option<u8>,
+    },
 }
 
 /// One log entry: how far the index jumps, how the leader's clock moves
@@ -229,6 +241,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (pick(), fence(), prop::collection::vec(pick(), 1..=3), 1..20_000u64)
             .prop_map(|(task, fence, on, timeout_ms)| Op::Wait { task, fence, on, timeout_ms }),
         1 => (0..2u8).prop_map(|conversation| Op::ContextDelete { conversation }),
+        2 => (pick(), fence()).prop_map(|(task, fence)| Op::Progress { task, fence }),
+        1 => (1_000..600_000u64, prop::bool::weighted(0.2), prop::option::weighted(0.3, 0..4u8))
+            .prop_map(|(stall_timeout_ms, stale, rollback_to)| Op::Policy { stall_timeout_ms, stale, rollback_to }),
     ]
 }
 
@@ -452,6 +467,24 @@ fn resolve(state: &State, op: &Op) -> Command {
             }
         }
         Op::ContextDelete { conversation } => Command::ContextDelete { conversation_id: format!("c{conversation}") },
+        Op::Progress { task, fence } => {
+            let task_id = task_id(state, *task);
+            Command::Progress { task_id, fence: fence_value(state, task_id, fence) }
+        }
+        Op::Policy { stall_timeout_ms, stale, rollback_to } => match rollback_to {
+            Some(to) => Command::RollbackPolicy {
+                to_version: u64::from(*to) + 1,
+                note: "rollback".into(),
+                by_client: true,
+                force: false,
+            },
+            None => Command::SetPolicy {
+                policy: phalanx_core::Limits { stall_timeout_ms: *stall_timeout_ms, ..state.limits().clone() },
+                expected_version: state.policy_version() - u64::from(*stale),
+                note: "change".into(),
+                force: false,
+            },
+        },
     }
 }
 
@@ -460,7 +493,8 @@ fn fenced(command: &Command) -> Option<(u64, u64)> {
     match command {
         Command::Complete { task_id, fence, .. }
         | Command::Fail { task_id, fence, .. }
-        | Command::Extend { task_id, fence, .. } => Some((*task_id, *fence)),
+        | Command::Extend { task_id, fence, .. }
+        | Command::Progress { task_id, fence } => Some((*task_id, *fence)),
         _ => None,
     }
 }
