@@ -2126,6 +2126,36 @@ impl State {
     /// Full consistency check of every index against the task map. O(n):
     /// for tests and for the start of a replica, not for every apply.
     pub fn check_invariants(&self) {
+        // The wait-for graph has no cycle: no task waits, through others, on
+        // itself (one depth-first pass: grey while on the path, black when done).
+        let mut done = BTreeSet::new();
+        for start in self.waits.keys() {
+            if done.contains(start) {
+                continue;
+            }
+            let mut on_path = BTreeSet::from([*start]);
+            let mut stack: Vec<(u64, Vec<u64>)> = vec![(*start, self.waits[start].on.iter().copied().collect())];
+            while let Some((at, next)) = stack.last_mut() {
+                match next.pop() {
+                    Some(awaited) => {
+                        assert!(!on_path.contains(&awaited), "the wait-for graph has a cycle through task {awaited}");
+                        if done.contains(&awaited) {
+                            continue;
+                        }
+                        let onward =
+                            self.waits.get(&awaited).map(|w| w.on.iter().copied().collect()).unwrap_or_default();
+                        on_path.insert(awaited);
+                        stack.push((awaited, onward));
+                    }
+                    None => {
+                        let finished = *at;
+                        on_path.remove(&finished);
+                        done.insert(finished);
+                        stack.pop();
+                    }
+                }
+            }
+        }
         let mut ready = 0;
         for (queue, set) in &self.ready {
             for &(inverse_priority, id) in set {
@@ -2209,5 +2239,31 @@ impl State {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(on: &[u64]) -> Wait {
+        Wait { on: on.iter().copied().collect(), named: on.to_vec(), until_ms: 0 }
+    }
+
+    #[test]
+    #[should_panic(expected = "the wait-for graph has a cycle")]
+    fn the_invariant_check_finds_a_cycle_of_waits() {
+        let mut state = State::new(Limits::default());
+        // 1 waits on 2, 2 on 3, 3 on 1: what `wait` refuses as a deadlock.
+        state.waits = BTreeMap::from([(1, waiting(&[2])), (2, waiting(&[3])), (3, waiting(&[1]))]);
+        state.check_invariants();
+    }
+
+    #[test]
+    fn the_invariant_check_accepts_waits_that_share_a_task() {
+        let mut state = State::new(Limits::default());
+        // A diamond, not a cycle: 1 and 2 both wait on 3, 1 also on 2.
+        state.waits = BTreeMap::from([(1, waiting(&[2, 3])), (2, waiting(&[3]))]);
+        state.check_invariants();
     }
 }
