@@ -133,7 +133,9 @@ enum Op {
         task: Pick,
         fence: Fence,
     },
-    /// A policy change (the stall timeout, from 1 s to 10 min) under the
+    /// A policy change (the stall timeout, 10 min to 1 h: longer than a
+    /// history, so that the revocation of stuck leases, which every entry
+    /// runs, does not make a refused command look like a change) under the
     /// current version or a stale one, or a client's rollback to a version.
     Policy {
         stall_timeout_ms: u64,
@@ -242,7 +244,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(task, fence, on, timeout_ms)| Op::Wait { task, fence, on, timeout_ms }),
         1 => (0..2u8).prop_map(|conversation| Op::ContextDelete { conversation }),
         2 => (pick(), fence()).prop_map(|(task, fence)| Op::Progress { task, fence }),
-        1 => (1_000..600_000u64, prop::bool::weighted(0.2), prop::option::weighted(0.3, 0..4u8))
+        1 => (600_000..3_600_000u64, prop::bool::weighted(0.2), prop::option::weighted(0.3, 0..4u8))
             .prop_map(|(stall_timeout_ms, stale, rollback_to)| Op::Policy { stall_timeout_ms, stale, rollback_to }),
     ]
 }
