@@ -828,6 +828,8 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
         let actions = {
             let mut elections = node.elections.lock().expect("elections lock");
             elections.answers.retain(|id, _| voters.contains(id));
+            // Bounded by the membership, like the answers: a removed peer's count goes.
+            elections.probe_failures.retain(|id, _| voters.contains(id));
             let now_ms = crate::store::monotonic_ms();
             let facts = controller::CampaignFacts {
                 guard: crate::election_guard::Input {
