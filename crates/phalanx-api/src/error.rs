@@ -101,6 +101,8 @@ error_codes! {
     Unauthorized = "unauthorized", 401, NotDone, false;
     /// A heartbeat, poll or deregistration without the session's secret.
     WrongSession = "wrong_session", 403, NotDone, false;
+    /// Peer traffic to a node that has no peer token configured.
+    NoPeerToken = "no_peer_token", 403, NotDone, false;
     TaskNotFound = "task_not_found", 404, NotDone, false;
     AgentNotFound = "agent_not_found", 404, NotDone, false;
     /// An unknown route, conversation or member.
@@ -129,6 +131,8 @@ error_codes! {
     UnsafeMembershipChange = "unsafe_membership_change", 409, NotDone, false;
     /// A node to add that does not answer on its addresses.
     MemberUnreachable = "member_unreachable", 409, NotDone, false;
+    /// A node to add whose addresses another member already has.
+    AddressInUse = "address_in_use", 409, NotDone, false;
     /// Payload, result, context or request body over its `*_max`.
     TooLarge = "too_large", 413, NotDone, false;
     /// The request target is over `uri_bytes_max`.
