@@ -6,7 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Whether a refused request may still take effect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Nothing was done: the request may be sent again as it is, to any node.
@@ -196,8 +196,10 @@ impl<'de> Deserialize<'de> for ErrorCode {
 }
 
 /// The body of every refusal: `{"error": ErrorBody}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
+    /// One of the codes of docs/api.md's table (a newer node may send others).
+    #[schema(value_type = String)]
     pub code: ErrorCode,
     pub message: String,
     /// Absent only from the 503 the listener answers past `connections_max`
@@ -215,7 +217,7 @@ fn not_done() -> Outcome {
 }
 
 /// `{"error": {...}}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorEnvelope {
     pub error: ErrorBody,
 }

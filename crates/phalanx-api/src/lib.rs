@@ -7,5 +7,8 @@
 //! ([`ErrorCode::transient`]).
 
 pub mod error;
+pub mod openapi;
+pub mod types;
 
 pub use error::{ErrorBody, ErrorCode, ErrorEnvelope, Outcome};
+pub use types::*;

@@ -1,0 +1,705 @@
+//! Requests and answers of the HTTP API v1 (docs/api.md), as they travel.
+//!
+//! Request bodies refuse unknown fields (a misspelt option is an error, not
+//! a silent default). Answers keep fields this build does not know in
+//! `other`, so that an older client reading a newer node loses nothing.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+// ---- tasks ----
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Pending,
+    Leased,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Dead,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 6] = [
+        TaskState::Pending,
+        TaskState::Leased,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Cancelled,
+        TaskState::Dead,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, TaskState::Pending | TaskState::Leased)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Leased => "leased",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+            TaskState::Dead => "dead",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TaskState> {
+        TaskState::ALL.into_iter().find(|state| state.as_str() == text)
+    }
+}
+
+/// `POST /v1/tasks`, and each task of `POST /v1/tasks/batch`.
+/// [`SubmitRequest::new`] sets the documented defaults; the `with_*`
+/// methods the rest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// The queue's name: 1..=1024 bytes of `[A-Za-z0-9._:-]`.
+    pub queue: String,
+    /// Any JSON value (default `null`), at most `payload_bytes_max` as text.
+    #[serde(default)]
+    pub payload: Value,
+    /// 0..=9, higher first (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 9)]
+    pub priority: Option<u8>,
+    /// A submit sent again with the same key answers the first one's task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Relative: the task is dropped (dead) if not finished this many ms from now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// Default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// A delegation: the task on whose behalf this one is submitted ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<u64>,
+    /// ... and the fence of the parent's lease (required with `parent_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_fence: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
+}
+
+impl SubmitRequest {
+    pub fn new(queue: impl Into<String>, payload: Value) -> SubmitRequest {
+        SubmitRequest {
+            queue: queue.into(),
+            payload,
+            priority: Some(5),
+            idempotency_key: None,
+            deadline_ms: None,
+            max_attempts: Some(3),
+            parent_id: None,
+            parent_fence: None,
+            conversation_id: None,
+        }
+    }
+    /// 0..=9, higher first.
+    pub fn with_priority(mut self, priority: u8) -> SubmitRequest {
+        self.priority = Some(priority);
+        self
+    }
+    /// A keyed submit is deduplicated by the cluster, so the client may retry
+    /// it freely. Without one, the SDK's `Client::submit` generates a key per call.
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> SubmitRequest {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+    /// Relative: the task is dropped if not finished this many ms from now.
+    pub fn with_deadline_ms(mut self, deadline_ms: u64) -> SubmitRequest {
+        self.deadline_ms = Some(deadline_ms);
+        self
+    }
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> SubmitRequest {
+        self.max_attempts = Some(max_attempts);
+        self
+    }
+    pub fn with_conversation(mut self, conversation_id: impl Into<String>) -> SubmitRequest {
+        self.conversation_id = Some(conversation_id.into());
+        self
+    }
+    /// A delegation: checked against the parent's current fence and trail.
+    pub fn with_parent(mut self, parent_id: u64, parent_fence: u64) -> SubmitRequest {
+        self.parent_id = Some(parent_id);
+        self.parent_fence = Some(parent_fence);
+        self
+    }
+}
+
+/// `POST /v1/tasks/batch`: 1..=`batch_tasks_max` tasks in one log entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub tasks: Vec<SubmitRequest>,
+}
+
+/// What a submit created or found (`201`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Submitted {
+    pub task_id: u64,
+    /// Nothing new was created: the key was known, or an earlier attempt of
+    /// the parent had delegated the same step.
+    pub deduplicated: bool,
+    /// A child of an earlier attempt of the parent, taken over by this one.
+    #[serde(default)]
+    pub adopted: bool,
+}
+
+/// A refusal of one task of a batch (the batch itself was answered).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Refusal {
+    #[schema(value_type = String)]
+    pub code: crate::ErrorCode,
+    pub message: String,
+}
+
+/// One task's slot in a batch's answer, in the order of the request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum BatchItem {
+    Submitted(Submitted),
+    Refused { error: Refusal },
+}
+
+/// `POST /v1/tasks/batch`'s answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BatchAnswer {
+    pub results: Vec<BatchItem>,
+}
+
+/// One step of a delegation chain: who handed which payload to which queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TrailStep {
+    pub queue: String,
+    pub agent_id: Option<String>,
+    /// FNV-1a of the payload's JSON text ([`payload_hash`]).
+    pub payload_hash: u64,
+}
+
+/// The lease a task is held under, as the task shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskLease {
+    pub agent_id: String,
+    /// The agent's session epoch when the lease was granted.
+    pub agent_epoch: u64,
+    /// The fencing token to present with results: the log index that granted the lease.
+    pub fence: u64,
+    /// In log time (the leader's clock), not the client's.
+    pub valid_until_ms: u64,
+    /// Log time of the last progress report (or of the grant).
+    #[serde(default)]
+    pub progress_ms: u64,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Map<String, Value>,
+}
+
+/// A task as `GET /v1/tasks/{id}` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Task {
+    pub id: u64,
+    pub queue: String,
+    pub payload: Value,
+    pub priority: u8,
+    pub state: TaskState,
+    #[serde(default)]
+    pub created_ms: u64,
+    #[serde(default)]
+    pub updated_ms: u64,
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    pub max_attempts: u32,
+    pub attempts: u32,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    pub parent_id: Option<u64>,
+    pub conversation_id: Option<String>,
+    pub hop_count: u32,
+    #[serde(default)]
+    pub trail: Vec<TrailStep>,
+    #[serde(default)]
+    pub lease: Option<TaskLease>,
+    pub last_fence: u64,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub dead_reason: Option<String>,
+    /// Reports refused because their fence was stale.
+    pub superseded_count: u32,
+    /// For a delegation: the fence of the parent's lease that created it.
+    #[serde(default)]
+    pub parent_fence: Option<u64>,
+    /// Fields a newer node sends that this build does not know.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Map<String, Value>,
+}
+
+/// A [`Task`] as a node writes it, borrowing from its state: the payload and
+/// the result are stored JSON text written as they are, not parsed again.
+/// Serialises to exactly what [`Task`] reads (a test checks it).
+#[derive(Serialize)]
+pub struct TaskRef<'a> {
+    pub id: u64,
+    pub queue: &'a str,
+    pub payload: Cow<'a, RawValue>,
+    pub priority: u8,
+    pub state: TaskState,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub deadline_ms: Option<u64>,
+    pub max_attempts: u32,
+    pub attempts: u32,
+    pub idempotency_key: Option<&'a str>,
+    pub parent_id: Option<u64>,
+    pub conversation_id: Option<&'a str>,
+    pub hop_count: u32,
+    pub trail: Vec<TrailStep>,
+    pub lease: Option<TaskLease>,
+    pub last_fence: u64,
+    pub result: Option<Cow<'a, RawValue>>,
+    pub error: Option<&'a str>,
+    pub dead_reason: Option<&'a str>,
+    pub superseded_count: u32,
+    pub parent_fence: Option<u64>,
+}
+
+/// Stored JSON text as JSON. Text that does not parse is served as a JSON
+/// string instead: a read never fails on what the state holds.
+pub fn raw_json(text: &str) -> Cow<'_, RawValue> {
+    match serde_json::from_str::<&RawValue>(text) {
+        Ok(value) => Cow::Borrowed(value),
+        Err(_) => {
+            Cow::Owned(serde_json::value::to_raw_value(text).expect("a string always serialises as a JSON string"))
+        }
+    }
+}
+
+/// FNV-1a of a payload's JSON text, as the cluster computes it (for the
+/// trail and for [`Child::payload_hash`]).
+pub fn payload_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// `GET /v1/tasks`: a page, oldest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskPage {
+    pub tasks: Vec<Task>,
+    /// Ask again with `after=` this id for the next page; absent at the end.
+    pub next_after: Option<u64>,
+    /// The page was cut at `list_bytes_max` before `limit` tasks.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// `POST /v1/tasks/{id}/complete`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteRequest {
+    /// The fence of the lease the result was produced under.
+    pub fence: u64,
+    #[serde(default)]
+    pub result: Value,
+}
+
+/// `POST /v1/tasks/{id}/fail`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailRequest {
+    pub fence: u64,
+    pub error: String,
+    /// Default true: the task goes back to pending while attempts remain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
+}
+
+/// `POST /v1/tasks/{id}/extend`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendRequest {
+    pub fence: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ttl_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Extended {
+    pub valid_until_ms: u64,
+}
+
+/// `POST /v1/tasks/{id}/progress`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressRequest {
+    pub fence: u64,
+}
+
+/// `POST /v1/tasks/{id}/wait`: the task (under its lease) waits on others.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WaitRequest {
+    pub fence: u64,
+    pub on: Vec<u64>,
+    pub timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Waiting {
+    /// The tasks waited on that are not finished yet.
+    pub pending: Vec<u64>,
+}
+
+/// The answer of a write with nothing else to say.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Ok {
+    pub ok: bool,
+}
+
+impl Ok {
+    pub const YES: Ok = Ok { ok: true };
+}
+
+// ---- agents ----
+
+/// `POST /v1/agents/register`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub agent_id: String,
+    /// The queues it serves.
+    pub capabilities: Vec<String>,
+    /// Leases it holds at once (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Registered {
+    pub agent_id: String,
+    pub epoch: u64,
+    /// The session's secret: presented on the session's heartbeats, polls
+    /// and deregistration.
+    #[serde(default)]
+    pub session: Option<String>,
+    pub heartbeat_interval_ms: u64,
+    pub agent_ttl_ms: u64,
+}
+
+/// `POST /v1/agents/{agent_id}/heartbeat` and `.../deregister`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRequest {
+    pub epoch: u64,
+    /// The secret `register` answered; the epoch alone is public.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+/// `POST /v1/agents/{agent_id}/poll`: a long-poll for leases.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PollRequest {
+    pub epoch: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// Default: every capability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<Vec<String>>,
+    /// 1..=1000 (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tasks: Option<u32>,
+    /// How long to wait for work (default 0, at most 30,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ttl_ms: Option<u64>,
+}
+
+/// A child of a leased task, as the lease lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Child {
+    pub task_id: u64,
+    pub queue: String,
+    /// FNV-1a of the payload's JSON text ([`payload_hash`]).
+    pub payload_hash: u64,
+    pub state: TaskState,
+    /// The fence of the parent's lease that created it.
+    pub parent_fence: Option<u64>,
+    /// The fence of the latest attempt that adopted it, if one did.
+    pub adopted_fence: Option<u64>,
+}
+
+impl Child {
+    /// Whether the child does this step: the same queue and payload.
+    pub fn is_step(&self, queue: &str, payload: &Value) -> bool {
+        self.queue == queue && self.payload_hash == payload_hash(&payload.to_string())
+    }
+
+    /// The attempt it belongs to: the latest that adopted it, or the one that created it.
+    pub fn owner_fence(&self) -> Option<u64> {
+        self.adopted_fence.or(self.parent_fence)
+    }
+}
+
+/// A lease as the poll hands it out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseGrant {
+    pub task: Task,
+    pub fence: u64,
+    pub valid_until_ms: u64,
+    pub lease_ttl_ms: u64,
+    /// The task's children: what earlier attempts delegated, for this one
+    /// to adopt (delegating the same step again answers with the child).
+    #[serde(default)]
+    pub children: Vec<Child>,
+}
+
+/// [`LeaseGrant`] as a node writes it.
+#[derive(Serialize)]
+pub struct LeaseGrantRef<'a> {
+    pub task: TaskRef<'a>,
+    pub fence: u64,
+    pub valid_until_ms: u64,
+    pub lease_ttl_ms: u64,
+    pub children: Vec<Child>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Polled {
+    pub leases: Vec<LeaseGrant>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AgentInfo {
+    pub agent_id: String,
+    pub epoch: u64,
+    pub capabilities: Vec<String>,
+    pub capacity: u32,
+    /// Leases held now.
+    pub leases: usize,
+    pub stuck_count: u64,
+    pub stuck_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Agents {
+    pub agents: Vec<AgentInfo>,
+}
+
+// ---- conversations ----
+
+/// `PUT /v1/conversations/{id}/{key}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContextPutRequest {
+    pub value: Value,
+    /// Compare-and-set: refused (`409 version_conflict`) unless the key is at this version (0: absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_version: Option<u64>,
+    /// A write on a task's behalf names the task and its lease's fence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ContextWritten {
+    pub version: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ContextEntry {
+    pub version: u64,
+    pub value: Value,
+    /// The task and fence that wrote it, for a write on a task's behalf.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
+}
+
+/// `GET /v1/conversations/{id}`: the shared context of a conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Conversation {
+    pub conversation_id: String,
+    pub entries: BTreeMap<String, ContextEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ConversationDeleted {
+    pub conversation_id: String,
+    pub deleted: bool,
+}
+
+// ---- policy ----
+
+/// `GET /v1/config`: the replicated policy (key → whole number).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Config {
+    pub version: u64,
+    #[schema(value_type = Object)]
+    pub policy: Map<String, Value>,
+}
+
+/// One version of the policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PolicyVersion {
+    pub version: u64,
+    #[schema(value_type = Object)]
+    pub policy: Map<String, Value>,
+    pub note: String,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Map<String, Value>,
+}
+
+/// `GET /v1/config/history`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConfigHistory {
+    pub version: u64,
+    pub history: Vec<PolicyVersion>,
+}
+
+/// `PUT /v1/config`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSetRequest {
+    /// KEY → VALUE (a whole number, or its text).
+    #[schema(value_type = Object)]
+    pub set: Map<String, Value>,
+    /// Compare-and-set: the version this change replaces (default: the current one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_version: Option<u64>,
+    /// Needed for a change that would refuse all new work of some kind or
+    /// delete retained tasks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PolicySet {
+    pub version: u64,
+}
+
+/// `POST /v1/config/rollback`: makes an earlier version current again (as a
+/// new version).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The version to restore; default: the one before `expected_version`,
+    /// found when the rollback is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Compare-and-set: the version this rollback replaces. With it, a
+    /// rollback is safe to send again (a repeat finds the version moved on
+    /// and is refused `409 version_conflict`); without it, the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_version: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RolledBack {
+    /// The new current version.
+    pub version: u64,
+    /// The version whose policy it holds.
+    pub rolled_back_to: u64,
+}
+
+// ---- cluster ----
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterNode {
+    pub id: u64,
+    pub addr: String,
+    #[serde(default)]
+    pub raft_addr: Option<String>,
+    pub voter: bool,
+    pub matched_index: Option<u64>,
+    /// How long ago this node last heard from it (itself: 0; never: null).
+    pub last_contact_ms: Option<u64>,
+    #[serde(default)]
+    pub clock_skew_ms: Option<i64>,
+    #[serde(default)]
+    pub clock_skewed: Option<bool>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Map<String, Value>,
+}
+
+/// `GET /v1/cluster`: this node's view of the Raft group.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterInfo {
+    pub node_id: u64,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    /// Leader, Follower, Candidate, Learner or Shutdown.
+    pub state: String,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    #[serde(default)]
+    pub millis_since_quorum_ack: Option<u64>,
+    pub nodes: Vec<ClusterNode>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Map<String, Value>,
+}
+
+/// `POST /v1/cluster/members`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddMemberRequest {
+    pub node_id: u64,
+    /// Its client address (`host:port`).
+    pub addr: String,
+    /// Its Raft listener, when separate from `addr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raft_addr: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MemberChanged {
+    pub ok: bool,
+    pub node_id: u64,
+}
+
+/// `GET /health/ready` when ready (otherwise `503 not_ready` naming the reasons).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Ready {
+    pub ready: bool,
+    pub leader_id: Option<u64>,
+    pub last_applied: u64,
+}
+
+/// `GET /v1/status`: what an operator needs at a glance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    pub policy_version: u64,
+    pub tasks: u64,
+    pub conversations: u64,
+    pub state_bytes: u64,
+    pub state_bytes_max: u64,
+    pub agents: u64,
+    pub stuck_agents: Vec<String>,
+    pub unserved_queues: Vec<String>,
+    pub oldest_pending_age_ms: Option<u64>,
+    /// Counters since the log began (submitted, completed, dead, ...).
+    #[schema(value_type = Object)]
+    pub counters: Map<String, Value>,
+    /// Queue → state → tasks.
+    pub queues: BTreeMap<String, BTreeMap<String, u64>>,
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub other: Map<String, Value>,
+}
