@@ -48,7 +48,11 @@ pub struct Route {
     pub authenticated: bool,
 }
 
-const READ: &[Query] = &[("stale", Kind::Boolean, "answer from this node's state without a read barrier (marked `X-Phalanx-Stale: true`)")];
+const READ: &[Query] = &[(
+    "stale",
+    Kind::Boolean,
+    "answer from this node's state without a read barrier (marked `X-Phalanx-Stale: true`)",
+)];
 const LIST: &[Query] = &[
     ("queue", Kind::String, "only this queue"),
     ("state", Kind::String, "only this state: pending, leased, succeeded, failed, cancelled or dead"),
@@ -106,8 +110,14 @@ pub const ROUTES: &[Route] = &[
     route!("POST" "/v1/config/rollback" "rollback_config", "Make an earlier policy version current again (compare-and-set)", Some("RollbackRequest"), Answer::Json(200, "RolledBack")),
     route!("GET" "/v1/openapi.json" "openapi", "This document", None, Answer::Json(200, "OpenApiDocument")),
     route!("GET" "/metrics" "metrics", "Prometheus metrics", None, Answer::Text),
-    Route { authenticated: false, ..route!("GET" "/health/live" "live", "The process answers", None, Answer::Json(200, "Live")) },
-    Route { authenticated: false, ..route!("GET" "/health/ready" "ready", "A leader is known and this node is caught up (else 503 not_ready)", None, Answer::Json(200, "Ready")) },
+    Route {
+        authenticated: false,
+        ..route!("GET" "/health/live" "live", "The process answers", None, Answer::Json(200, "Live"))
+    },
+    Route {
+        authenticated: false,
+        ..route!("GET" "/health/ready" "ready", "A leader is known and this node is caught up (else 503 not_ready)", None, Answer::Json(200, "Ready"))
+    },
 ];
 
 /// `GET /health/live`.
@@ -131,12 +141,57 @@ struct OpenApiDocument {
 
 #[derive(utoipa::OpenApi)]
 #[openapi(components(schemas(
-    ErrorEnvelope, ErrorBody, Outcome, TaskState, SubmitRequest, BatchRequest, Submitted, Refusal, BatchItem,
-    BatchAnswer, TrailStep, TaskLease, Task, TaskPage, CompleteRequest, FailRequest, ExtendRequest, Extended,
-    ProgressRequest, WaitRequest, Waiting, Ok, RegisterRequest, Registered, SessionRequest, PollRequest, Child,
-    LeaseGrant, Polled, AgentInfo, Agents, ContextPutRequest, ContextWritten, ContextEntry, Conversation,
-    ConversationDeleted, Config, PolicyVersion, ConfigHistory, ConfigSetRequest, PolicySet, RollbackRequest,
-    RolledBack, ClusterNode, ClusterInfo, AddMemberRequest, MemberChanged, Ready, Status, Live, OpenApiDocument
+    ErrorEnvelope,
+    ErrorBody,
+    Outcome,
+    TaskState,
+    SubmitRequest,
+    BatchRequest,
+    Submitted,
+    Refusal,
+    BatchItem,
+    BatchAnswer,
+    TrailStep,
+    TaskLease,
+    Task,
+    TaskPage,
+    CompleteRequest,
+    FailRequest,
+    ExtendRequest,
+    Extended,
+    ProgressRequest,
+    WaitRequest,
+    Waiting,
+    Ok,
+    RegisterRequest,
+    Registered,
+    SessionRequest,
+    PollRequest,
+    Child,
+    LeaseGrant,
+    Polled,
+    AgentInfo,
+    Agents,
+    ContextPutRequest,
+    ContextWritten,
+    ContextEntry,
+    Conversation,
+    ConversationDeleted,
+    Config,
+    PolicyVersion,
+    ConfigHistory,
+    ConfigSetRequest,
+    PolicySet,
+    RollbackRequest,
+    RolledBack,
+    ClusterNode,
+    ClusterInfo,
+    AddMemberRequest,
+    MemberChanged,
+    Ready,
+    Status,
+    Live,
+    OpenApiDocument
 )))]
 struct Components;
 
@@ -167,12 +222,13 @@ pub fn document() -> OpenApi {
         ))
         .build();
     let components = api.components.get_or_insert_with(Default::default);
-    components.add_security_scheme("token", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    components
+        .add_security_scheme("token", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
     for route in ROUTES {
-        let mut operation =
-            OperationBuilder::new().operation_id(Some(route.operation_id)).summary(Some(route.summary));
+        let mut operation = OperationBuilder::new().operation_id(Some(route.operation_id)).summary(Some(route.summary));
         for name in route.path.split('/').filter_map(|part| part.strip_prefix('{')?.strip_suffix('}')) {
-            let schema = if name == "id" && route.path.starts_with("/v1/tasks") || route.path.starts_with("/v1/cluster") {
+            let schema = if name == "id" && route.path.starts_with("/v1/tasks") || route.path.starts_with("/v1/cluster")
+            {
                 ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)).build()
             } else {
                 ObjectBuilder::new().schema_type(Type::String).build()
@@ -192,11 +248,15 @@ pub fn document() -> OpenApi {
                     .parameter_in(ParameterIn::Query)
                     .required(Required::False)
                     .description(Some(*description))
-                    .schema(Some(ObjectBuilder::new().schema_type(match kind {
-                        Kind::String => Type::String,
-                        Kind::Integer => Type::Integer,
-                        Kind::Boolean => Type::Boolean,
-                    }).build())),
+                    .schema(Some(
+                        ObjectBuilder::new()
+                            .schema_type(match kind {
+                                Kind::String => Type::String,
+                                Kind::Integer => Type::Integer,
+                                Kind::Boolean => Type::Boolean,
+                            })
+                            .build(),
+                    )),
             );
         }
         if let Some(schema) = route.request {
@@ -208,9 +268,10 @@ pub fn document() -> OpenApi {
             ));
         }
         let (status, success) = match route.answer {
-            Answer::Json(status, schema) => {
-                (status, ResponseBuilder::new().description("success").content("application/json", json_content(schema)))
-            }
+            Answer::Json(status, schema) => (
+                status,
+                ResponseBuilder::new().description("success").content("application/json", json_content(schema)),
+            ),
             Answer::Text => (
                 200,
                 ResponseBuilder::new().description("Prometheus text exposition").content(
@@ -227,7 +288,8 @@ pub fn document() -> OpenApi {
                 .build(),
         );
         if route.authenticated {
-            operation = operation.security(utoipa::openapi::security::SecurityRequirement::new("token", Vec::<String>::new()));
+            operation =
+                operation.security(utoipa::openapi::security::SecurityRequirement::new("token", Vec::<String>::new()));
         }
         api.paths.add_path_operation(route.path, vec![method(route.method)], operation.build());
     }
@@ -262,7 +324,8 @@ mod tests {
             .unwrap_or_default();
         if committed != document_json() {
             if std::env::var_os("PHALANX_WRITE_OPENAPI").is_some() {
-                std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json"), document_json()).unwrap();
+                std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json"), document_json())
+                    .unwrap();
                 return;
             }
             panic!(

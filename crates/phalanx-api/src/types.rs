@@ -485,8 +485,10 @@ pub struct AgentInfo {
     pub capacity: u32,
     /// Leases held now.
     pub leases: usize,
-    pub stuck_count: u64,
-    pub stuck_ms: u64,
+    /// Leases revoked because it made no progress on them.
+    pub stuck_count: u32,
+    /// Log time of the latest such revocation.
+    pub stuck_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -162,6 +162,10 @@ pub enum Command {
     /// A client's rollback (`by_client`) is judged like a change and needs
     /// `force` in the same cases; the policy guard's is never refused for
     /// want of it (and entries written before the field existed were not).
+    ///
+    /// With `expected_version`, a compare-and-set: refused (`version_conflict`)
+    /// unless the policy is still at that version, so that a rollback sent
+    /// again after an unknown outcome does not roll back a second time.
     RollbackPolicy {
         to_version: u64,
         note: String,
@@ -169,6 +173,8 @@ pub enum Command {
         by_client: bool,
         #[serde(default)]
         force: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_version: Option<u64>,
     },
     /// Records that a node left the cluster, so its id is never reused.
     RetireNode {

@@ -860,7 +860,14 @@ impl State {
                 validate_policy(policy)?;
                 self.judge_policy(policy, *force).map(drop)
             }
-            Command::RollbackPolicy { to_version, by_client, force, .. } => {
+            Command::RollbackPolicy { to_version, by_client, force, expected_version, .. } => {
+                if let Some(expected) = expected_version.filter(|v| *v != self.policy_version) {
+                    return Err(Error::VersionConflict {
+                        key: "policy".into(),
+                        expected,
+                        current: self.policy_version,
+                    });
+                }
                 let policy = &self.rollback_target(*to_version)?.policy;
                 validate_policy(policy)?;
                 if *by_client {
@@ -993,7 +1000,7 @@ impl State {
             }
             Command::Wait { task_id, fence, on, timeout_ms } => self.wait(*task_id, *fence, on, *timeout_ms),
             Command::SetPolicy { policy, note, force, .. } => self.set_policy(policy, note.clone(), true, *force),
-            Command::RollbackPolicy { to_version, note, by_client, force } => {
+            Command::RollbackPolicy { to_version, note, by_client, force, .. } => {
                 let policy = self.rollback_target(*to_version)?.policy.clone();
                 self.set_policy(&policy, format!("rollback to {to_version}: {note}"), *by_client, *force)
             }

@@ -202,7 +202,13 @@ fn context_and_policy_refusals_are_decided_before_proposing() {
         invalid("tasks_max", "0 is below the lower bound 100"),
     );
     sim.check(
-        Command::RollbackPolicy { to_version: 9, note: String::new(), by_client: true, force: false },
+        Command::RollbackPolicy {
+            to_version: 9,
+            note: String::new(),
+            by_client: true,
+            force: false,
+            expected_version: None,
+        },
         invalid("version", "policy version 9 is not in the history"),
     );
     sim.check(Command::Cancel { task_id: 5 }, Error::TaskNotFound { task_id: 5 });

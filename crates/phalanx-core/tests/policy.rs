@@ -278,6 +278,7 @@ fn a_guard_rollback_is_never_refused_for_want_of_force_a_client_rollback_is() {
         note: "test".into(),
         by_client,
         force,
+        expected_version: None,
     };
     let outcome = sim.one(rollback(1, true, false));
     assert!(matches!(outcome, Outcome::PolicySet { version: 3 }), "{outcome:?}");

@@ -479,6 +479,8 @@ fn resolve(state: &State, op: &Op) -> Command {
                 note: "rollback".into(),
                 by_client: true,
                 force: false,
+                // A stale rollback is refused, as a stale change is.
+                expected_version: Some(state.policy_version() - u64::from(*stale)),
             },
             None => Command::SetPolicy {
                 policy: phalanx_core::Limits { stall_timeout_ms: *stall_timeout_ms, ..state.limits().clone() },

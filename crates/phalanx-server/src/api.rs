@@ -6,7 +6,7 @@
 //! the leader (a request already forwarded is never forwarded again, so two
 //! nodes that disagree about the leader cannot bounce it forever).
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::node::Node;
 use crate::proposer;
 use axum::body::Bytes;
@@ -17,13 +17,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use phalanx_api as api;
 use phalanx_core::state::validate_name;
 use phalanx_core::{Command, NewTask, Outcome, Task};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,13 +92,14 @@ pub fn router(node: Arc<Node>) -> Router {
     let client = Router::new()
         .merge(routed)
         .route("/v1/cluster", get(cluster))
+        .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(node.config.request_bytes_max))
         .layer(middleware::from_fn_with_state(node.clone(), require_client_token));
     let health = Router::new()
         .route(
             "/health/live",
-            get(|node: State<Node_>| async move { Json(json!({"live": true, "node_id": node.id()})) }),
+            get(|node: State<Node_>| async move { Json(api::openapi::Live { live: true, node_id: node.id() }) }),
         )
         .route("/health/ready", get(ready));
     Router::new()
@@ -156,7 +155,7 @@ async fn count_requests(State(node): State<Node_>, request: Request, next: Next)
     if target > node.config.uri_bytes_max {
         let message =
             format!("the request target is {target} bytes, over uri_bytes_max ({})", node.config.uri_bytes_max);
-        return ApiError::new(StatusCode::URI_TOO_LONG, "uri_too_long", message).into_response();
+        return ApiError::new(ErrorCode::UriTooLong, message).into_response();
     }
     next.run(request).await
 }
@@ -173,12 +172,12 @@ async fn read_body(State(node): State<Node_>, request: Request, next: Next) -> R
         Ok(Err(error)) => {
             let message =
                 format!("request body refused (request_bytes_max is {}): {error}", node.config.request_bytes_max);
-            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message).into_response();
+            return ApiError::new(ErrorCode::TooLarge, message).into_response();
         }
         Err(_) => {
             let message =
                 format!("the request body did not arrive within body_read_timeout_ms ({})", timeout.as_millis());
-            return ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", message).into_response();
+            return ApiError::new(ErrorCode::BodyTimeout, message).into_response();
         }
     };
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
@@ -188,7 +187,7 @@ fn check_token(headers: &HeaderMap, expected: &Option<String>) -> Result<(), Api
     let Some(expected) = expected else { return Ok(()) };
     let presented = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if presented != Some(expected.as_str()) {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token"));
+        return Err(ApiError::new(ErrorCode::Unauthorized, "missing or wrong bearer token"));
     }
     Ok(())
 }
@@ -203,7 +202,7 @@ async fn require_client_token(State(node): State<Node_>, request: Request, next:
 async fn require_peer_token(State(node): State<Node_>, request: Request, next: Next) -> Response {
     if node.config.peer_token.is_none() {
         let message = "this node has no peer token, so it serves no Raft RPCs: set --peer-token on every node";
-        return ApiError::new(StatusCode::FORBIDDEN, "no_peer_token", message).into_response();
+        return ApiError::new(ErrorCode::NoPeerToken, message).into_response();
     }
     match check_token(request.headers(), &node.config.peer_token) {
         Ok(()) => next.run(request).await,
@@ -223,8 +222,7 @@ fn forwarded_by_peer(node: &Node, request: &Request) -> Result<bool, ApiError> {
     match &node.config.peer_token {
         Some(token) if presented == Some(token.as_str()) => Ok(true),
         _ => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             format!("{FORWARDED_HEADER} is for peers: it needs the peer token in {PEER_TOKEN_HEADER}"),
         )),
     }
@@ -271,7 +269,7 @@ async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Respo
                 let message = format!(
                     "{busy} of requests_in_flight_max ({max}) requests are being served; priority {priority} may use {share}"
                 );
-                return ApiError::overloaded("overloaded", message, 100).into_response();
+                return ApiError::overloaded(ErrorCode::Overloaded, message, 100).into_response();
             }
         }
     };
@@ -292,7 +290,7 @@ async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Respo
             node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
             let message =
                 format!("client {client:?} is over its rate limit ({} requests/s)", node.config.client_rate_per_second);
-            return ApiError::overloaded("rate_limited", message, wait.as_millis() as u64 + 1).into_response();
+            return ApiError::overloaded(ErrorCode::RateLimited, message, wait.as_millis() as u64 + 1).into_response();
         }
     }
     let deadline =
@@ -304,7 +302,7 @@ async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Respo
             }
             Some(Some(0)) => {
                 return ApiError::unavailable(
-                    "deadline_exceeded",
+                    ErrorCode::DeadlineExceeded,
                     "the request arrived with no time left; nothing was done",
                     0,
                 )
@@ -330,7 +328,7 @@ async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next
         || node.stepping_down.load(Ordering::Relaxed).then(|| "it is handing leadership over".to_string());
     if let Some(why) = node.stall().or_else(handing_over) {
         let leader = node.leader().filter(|(id, _)| *id != node.id()).map(|(_, addr)| addr);
-        return ApiError::unavailable("not_ready", format!("this node cannot make progress: {why}"), 200)
+        return ApiError::unavailable(ErrorCode::NotReady, format!("this node cannot make progress: {why}"), 200)
             .with_leader_hint(leader)
             .into_response();
     }
@@ -357,9 +355,7 @@ async fn route_to_leader(State(node): State<Node_>, request: Request, next: Next
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, node.config.request_bytes_max).await {
         Ok(body) => body,
-        Err(_) => {
-            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "request body too large").into_response()
-        }
+        Err(_) => return ApiError::new(ErrorCode::TooLarge, "request body too large").into_response(),
     };
     let mut answer = forward(&node, &parts, body.clone()).await;
     // Nothing was sent: once another leader is known (a dead leader refuses
@@ -469,7 +465,12 @@ async fn forward(
     body: axum::body::Bytes,
 ) -> Result<Response, ForwardRefused> {
     let Some((leader_id, leader_addr)) = node.leader() else {
-        return Err(ApiError::unavailable("no_leader", "no leader is known: an election may be under way", 200).into());
+        return Err(ApiError::unavailable(
+            ErrorCode::NoLeader,
+            "no leader is known: an election may be under way",
+            200,
+        )
+        .into());
     };
     let term = node.raft.server_metrics().borrow().vote.leader_id().term;
     node.stats.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -509,7 +510,7 @@ async fn forward(
                  the request was sent and may still commit"
             );
             let retry_after_ms = if hint.is_some() { 0 } else { 100 };
-            return Err(ApiError::unavailable("leader_changed", message, retry_after_ms).with_leader_hint(hint).into());
+            return Err(ApiError::unavailable(ErrorCode::LeaderChanged, message, retry_after_ms).with_leader_hint(hint).into());
         }
     };
     let (status, headers, bytes) = result.map_err(|error| {
@@ -517,14 +518,14 @@ async fn forward(
             // Refused, or no connection within FORWARD_CONNECT_TIMEOUT_MS: the
             // request never left this node.
             let error = ApiError::unavailable(
-                "leader_unreachable",
+                ErrorCode::LeaderUnreachable,
                 format!("leader {leader_id} at {leader_addr} could not be reached; nothing was sent: {error}"),
                 50,
             );
             ForwardRefused { error, nothing_sent_to: Some((leader_id, term)) }
         } else {
             ApiError::unavailable(
-                "unavailable",
+                ErrorCode::Unavailable,
                 format!("leader {leader_id} at {leader_addr} did not answer; the request may still commit: {error}"),
                 200,
             )
@@ -543,15 +544,65 @@ async fn forward(
 
 // ---- helpers ----
 
+/// Binds the outcome a command answers, or answers `500 internal` (and logs)
+/// if the state machine answered another: a mismatch is a bug, and a bug in
+/// one handler must not take the replica down.
+macro_rules! expect_outcome {
+    ($outcome:ident, $pattern:pat) => {
+        let $pattern = $outcome else {
+            return Err(ApiError::unexpected(stringify!($pattern), &$outcome));
+        };
+    };
+}
+
 fn parse<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rejection| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body refused: {rejection}"))
-    })?;
+    let bytes =
+        body.map_err(|rejection| ApiError::new(ErrorCode::TooLarge, format!("request body refused: {rejection}")))?;
     let bytes: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
     serde_json::from_slice(bytes).map_err(|error| {
-        let code = if error.is_data() { "invalid" } else { "malformed_json" };
-        ApiError::new(StatusCode::BAD_REQUEST, code, format!("request body: {error}"))
+        let code = if error.is_data() { ErrorCode::Invalid } else { ErrorCode::MalformedJson };
+        ApiError::new(code, format!("request body: {error}"))
     })
+}
+
+/// A query string's `key=value` pairs, percent-decoded (`%3A` is `:`; `+`
+/// is a space, as in forms). A pair that does not decode to UTF-8 is `400 invalid`.
+fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    fn decode(text: &str) -> Result<String, ApiError> {
+        let bytes = text.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'%' => {
+                    let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+                    let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(|| {
+                        ApiError::invalid(format!("query {text:?}: % must be followed by two hex digits"))
+                    })?;
+                    out.push(byte);
+                    i += 3;
+                }
+                b'+' => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                byte => {
+                    out.push(byte);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8(out).map_err(|_| ApiError::invalid(format!("query {text:?} is not UTF-8 once decoded")))
+    }
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode(key)?, decode(value)?))
+        })
+        .collect()
 }
 
 fn parse_id(text: &str) -> Result<u64, ApiError> {
@@ -597,15 +648,16 @@ async fn propose(node: &Node, command: Command) -> Result<(Outcome, u64), ApiErr
     let deadline = crate::admission::current_deadline();
     let (outcome, index) = node.proposer.propose_by(command, deadline).await.map_err(|error| match error {
         proposer::Error::NotLeader { leader_addr, .. } => {
-            ApiError::unavailable("not_leader", "this node is no longer the leader", 100).with_leader_hint(leader_addr)
+            ApiError::unavailable(ErrorCode::NotLeader, "this node is no longer the leader", 100)
+                .with_leader_hint(leader_addr)
         }
         proposer::Error::Overloaded(_) => {
             node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
-            ApiError::overloaded("overloaded", error.to_string(), 100)
+            ApiError::overloaded(ErrorCode::Overloaded, error.to_string(), 100)
         }
-        proposer::Error::Timeout(_) => ApiError::unavailable("timeout", error.to_string(), 500),
-        proposer::Error::DeadlineExceeded => ApiError::unavailable("deadline_exceeded", error.to_string(), 100),
-        proposer::Error::Fatal(_) => ApiError::unavailable("unavailable", error.to_string(), 1000),
+        proposer::Error::Timeout(_) => ApiError::unavailable(ErrorCode::Timeout, error.to_string(), 500),
+        proposer::Error::DeadlineExceeded => ApiError::unavailable(ErrorCode::DeadlineExceeded, error.to_string(), 100),
+        proposer::Error::Fatal(_) => ApiError::unavailable(ErrorCode::Unavailable, error.to_string(), 1000),
     })?;
     match outcome {
         Outcome::Refused { error } => Err(error.into()),
@@ -621,8 +673,12 @@ async fn read_barrier(node: &Node, query: &Option<String>) -> Result<bool, ApiEr
         return Ok(true);
     }
     node.raft.ensure_linearizable().await.map_err(|error| {
-        ApiError::unavailable("not_leader", format!("cannot confirm leadership for a linearizable read: {error}"), 100)
-            .with_leader_hint(node.leader().map(|(_, addr)| addr))
+        ApiError::unavailable(
+            ErrorCode::NotLeader,
+            format!("cannot confirm leadership for a linearizable read: {error}"),
+            100,
+        )
+        .with_leader_hint(node.leader().map(|(_, addr)| addr))
     })?;
     Ok(false)
 }
@@ -634,69 +690,71 @@ fn mark_stale(mut response: Response, stale: bool) -> Response {
     response
 }
 
-/// A task as the API shows it: payload and result as JSON, not JSON text.
-#[derive(Serialize)]
-pub struct TaskView<'a> {
-    id: u64,
-    queue: &'a str,
-    payload: Cow<'a, RawValue>,
-    priority: u8,
-    state: &'static str,
-    created_ms: u64,
-    updated_ms: u64,
-    deadline_ms: Option<u64>,
-    max_attempts: u32,
-    attempts: u32,
-    idempotency_key: &'a Option<String>,
-    parent_id: Option<u64>,
-    conversation_id: &'a Option<String>,
-    hop_count: u32,
-    trail: &'a [phalanx_core::TrailStep],
-    lease: &'a Option<phalanx_core::Lease>,
-    last_fence: u64,
-    result: Option<Cow<'a, RawValue>>,
-    error: &'a Option<String>,
-    dead_reason: &'a Option<String>,
-    superseded_count: u32,
-    parent_fence: Option<u64>,
-}
-
-/// Stored JSON text as JSON. Text that does not parse (it can only come from
-/// a log written before payloads were checked at the Raft edge) is served as
-/// a JSON string instead of taking the node down: a read never panics.
-fn raw(text: &str) -> Cow<'_, RawValue> {
-    match serde_json::from_str::<&RawValue>(text) {
-        Ok(value) => Cow::Borrowed(value),
-        Err(_) => {
-            Cow::Owned(serde_json::value::to_raw_value(text).expect("a string always serialises as a JSON string"))
-        }
+/// A task's state as the contract names it.
+pub fn api_state(state: phalanx_core::TaskState) -> api::TaskState {
+    use phalanx_core::TaskState as S;
+    match state {
+        S::Pending => api::TaskState::Pending,
+        S::Leased => api::TaskState::Leased,
+        S::Succeeded => api::TaskState::Succeeded,
+        S::Failed => api::TaskState::Failed,
+        S::Cancelled => api::TaskState::Cancelled,
+        S::Dead => api::TaskState::Dead,
     }
 }
 
-pub fn view(task: &Task) -> TaskView<'_> {
-    TaskView {
+/// A task as the API shows it (`phalanx_api::Task`), borrowing from the
+/// state: payload and result are written as the JSON text they are stored as.
+pub fn view(task: &Task) -> api::TaskRef<'_> {
+    api::TaskRef {
         id: task.id,
         queue: &task.queue,
-        payload: raw(&task.payload),
+        payload: api::raw_json(&task.payload),
         priority: task.priority,
-        state: task.state.as_str(),
+        state: api_state(task.state),
         created_ms: task.created_ms,
         updated_ms: task.updated_ms,
         deadline_ms: task.deadline_ms,
         max_attempts: task.max_attempts,
         attempts: task.attempts,
-        idempotency_key: &task.idempotency_key,
+        idempotency_key: task.idempotency_key.as_deref(),
         parent_id: task.parent_id,
-        conversation_id: &task.conversation_id,
+        conversation_id: task.conversation_id.as_deref(),
         hop_count: task.hop_count,
-        trail: &task.trail,
-        lease: &task.lease,
+        trail: task
+            .trail
+            .iter()
+            .map(|step| api::TrailStep {
+                queue: step.queue.clone(),
+                agent_id: step.agent_id.clone(),
+                payload_hash: step.payload_hash,
+            })
+            .collect(),
+        lease: task.lease.as_ref().map(|lease| api::TaskLease {
+            agent_id: lease.agent_id.clone(),
+            agent_epoch: lease.agent_epoch,
+            fence: lease.fence,
+            valid_until_ms: lease.valid_until_ms,
+            progress_ms: lease.progress_ms,
+            other: Default::default(),
+        }),
         last_fence: task.last_fence,
-        result: task.result.as_deref().map(raw),
-        error: &task.error,
-        dead_reason: &task.dead_reason,
+        result: task.result.as_deref().map(api::raw_json),
+        error: task.error.as_deref(),
+        dead_reason: task.dead_reason.as_deref(),
         superseded_count: task.superseded_count,
         parent_fence: task.parent_fence,
+    }
+}
+
+fn api_child(child: &phalanx_core::task::Child) -> api::Child {
+    api::Child {
+        task_id: child.task_id,
+        queue: child.queue.clone(),
+        payload_hash: child.payload_hash,
+        state: api_state(child.state),
+        parent_fence: child.parent_fence,
+        adopted_fence: child.adopted_fence,
     }
 }
 
@@ -706,33 +764,20 @@ fn task_response(task: &Task) -> Response {
 
 // ---- tasks ----
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SubmitBody {
-    queue: String,
-    #[serde(default)]
-    payload: Value,
-    priority: Option<u8>,
-    idempotency_key: Option<String>,
-    deadline_ms: Option<u64>,
-    max_attempts: Option<u32>,
-    parent_id: Option<u64>,
-    parent_fence: Option<u64>,
-    conversation_id: Option<String>,
-}
-
-impl SubmitBody {
-    fn into_new_task(self, node: &Node) -> Result<NewTask, ApiError> {
+/// A submit's task as the state machine takes it, checked as far as it
+/// can be without the state.
+fn new_task(request: api::SubmitRequest, node: &Node) -> Result<NewTask, ApiError> {
+    {
         let task = NewTask {
-            queue: self.queue,
-            payload: self.payload.to_string(),
-            priority: self.priority.unwrap_or(5),
-            deadline_ms: self.deadline_ms,
-            max_attempts: self.max_attempts.unwrap_or(3),
-            idempotency_key: self.idempotency_key,
-            parent_id: self.parent_id,
-            parent_fence: self.parent_fence,
-            conversation_id: self.conversation_id,
+            queue: request.queue,
+            payload: request.payload.to_string(),
+            priority: request.priority.unwrap_or(5),
+            deadline_ms: request.deadline_ms,
+            max_attempts: request.max_attempts.unwrap_or(3),
+            idempotency_key: request.idempotency_key,
+            parent_id: request.parent_id,
+            parent_fence: request.parent_fence,
+            conversation_id: request.conversation_id,
         };
         let limits = node.shared.data.read().expect("state lock").state.limits().clone();
         // Stateless checks first, so a malformed task is refused without a read index.
@@ -745,10 +790,12 @@ impl SubmitBody {
 /// refused by what the policy allows. A `429 overloaded` or `rate_limited`
 /// says the node is busy, not that the policy refuses, and a 5xx says the
 /// outcome is unknown: neither counts.
-fn count_submit(node: &Node, refusal: Option<(StatusCode, &str)>) {
+fn count_submit(node: &Node, refusal: Option<(StatusCode, &ErrorCode)>) {
     match refusal {
         None => node.stats.submits_accepted.fetch_add(1, Ordering::Relaxed),
-        Some((status, code)) if status.is_client_error() && !matches!(code, "overloaded" | "rate_limited") => {
+        Some((status, code))
+            if status.is_client_error() && !matches!(code, ErrorCode::Overloaded | ErrorCode::RateLimited) =>
+        {
             node.stats.submits_refused.fetch_add(1, Ordering::Relaxed)
         }
         Some(_) => 0,
@@ -757,7 +804,7 @@ fn count_submit(node: &Node, refusal: Option<(StatusCode, &str)>) {
 
 async fn submit(State(node): State<Node_>, body: Body) -> ApiResult {
     let answer = submit_task(&node, body).await;
-    count_submit(&node, answer.as_ref().err().map(|error| (error.status, error.code)));
+    count_submit(&node, answer.as_ref().err().map(|error| (error.status, &error.code)));
     answer
 }
 
@@ -776,30 +823,24 @@ fn check_disk(node: &Node, body: &Body) -> Result<(), ApiError> {
 
 async fn submit_task(node: &Node_, body: Body) -> ApiResult {
     check_disk(node, &body)?;
-    let task = parse::<SubmitBody>(body)?.into_new_task(node)?;
+    let task = new_task(parse::<api::SubmitRequest>(body)?, node)?;
     check_new_tasks(node, std::slice::from_ref(&task)).await.pop().expect("one judgement")?;
     let (outcome, _) = propose(node, Command::Submit { tasks: vec![task] }).await?;
-    let Outcome::Submitted { mut results } = outcome else { unreachable!("submit answers Submitted") };
+    expect_outcome!(outcome, Outcome::Submitted { mut results });
     let submitted = results.pop().expect("one result per task")?;
     let body = submitted_body(&submitted);
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// `{task_id, deduplicated, adopted}`: what a submit created or found.
-fn submitted_body(submitted: &phalanx_core::command::Submitted) -> Value {
-    json!({"task_id": submitted.task_id, "deduplicated": submitted.deduplicated, "adopted": submitted.adopted})
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchBody {
-    tasks: Vec<SubmitBody>,
+/// What a submit created or found.
+fn submitted_body(submitted: &phalanx_core::command::Submitted) -> api::Submitted {
+    api::Submitted { task_id: submitted.task_id, deduplicated: submitted.deduplicated, adopted: submitted.adopted }
 }
 
 async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
     let answer = submit_tasks(&node, body).await;
     if let Err(error) = &answer {
-        count_submit(&node, Some((error.status, error.code)));
+        count_submit(&node, Some((error.status, &error.code)));
     }
     answer
 }
@@ -807,7 +848,7 @@ async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
 /// A batch; each task's outcome is counted for the policy guard on its own.
 async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
     check_disk(node, &body)?;
-    let batch = parse::<BatchBody>(body)?;
+    let batch = parse::<api::BatchRequest>(body)?;
     let batch_max = node.shared.data.read().expect("state lock").state.limits().batch_tasks_max;
     if batch.tasks.is_empty() || batch.tasks.len() > batch_max {
         return Err(ApiError::invalid(format!("tasks: a batch holds 1..={batch_max} tasks")));
@@ -817,7 +858,7 @@ async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
     let mut slots: Vec<Result<usize, ApiError>> = Vec::new();
     let mut valid = Vec::new();
     for task in batch.tasks {
-        match task.into_new_task(node) {
+        match new_task(task, node) {
             Ok(task) => {
                 slots.push(Ok(valid.len()));
                 valid.push(task);
@@ -838,34 +879,30 @@ async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
     let mut results = Vec::new();
     if !proposed.is_empty() {
         let (outcome, _) = propose(node, Command::Submit { tasks: proposed }).await?;
-        let Outcome::Submitted { results: submitted } = outcome else { unreachable!("submit answers Submitted") };
+        expect_outcome!(outcome, Outcome::Submitted { results: submitted });
         results = submitted;
     }
-    let refusal = |error: &phalanx_core::Error| json!({"error": {"code": error.code(), "message": error.to_string()}});
-    let rendered: Vec<Value> = slots
+    let rendered: Vec<api::BatchItem> = slots
         .into_iter()
-        .map(|slot| match slot {
-            Ok(i) => {
-                let refused = match &placed[i] {
+        .map(|slot| {
+            let refused = match slot {
+                Ok(i) => match &placed[i] {
                     Ok(j) => match &results[*j] {
-                        Ok(s) => {
+                        Ok(submitted) => {
                             count_submit(node, None);
-                            return submitted_body(s);
+                            return api::BatchItem::Submitted(submitted_body(submitted));
                         }
-                        Err(error) => error,
+                        Err(error) => ApiError::from(error.clone()),
                     },
-                    Err(error) => error,
-                };
-                count_submit(node, Some((ApiError::from(refused.clone()).status, refused.code())));
-                refusal(refused)
-            }
-            Err(error) => {
-                count_submit(node, Some((error.status, error.code)));
-                json!({"error": {"code": error.code, "message": error.message}})
-            }
+                    Err(error) => ApiError::from(error.clone()),
+                },
+                Err(error) => error,
+            };
+            count_submit(node, Some((refused.status, &refused.code)));
+            api::BatchItem::Refused { error: api::Refusal { code: refused.code, message: refused.message } }
         })
         .collect();
-    Ok(Json(json!({ "results": rendered })).into_response())
+    Ok(Json(api::BatchAnswer { results: rendered }).into_response())
 }
 
 async fn get_task(State(node): State<Node_>, Path(id): Path<String>, RawQuery(query): RawQuery) -> ApiResult {
@@ -878,9 +915,9 @@ async fn get_task(State(node): State<Node_>, Path(id): Path<String>, RawQuery(qu
 
 async fn list_tasks(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResult {
     let (mut queue, mut state, mut after, mut limit) = (None, None, 0u64, 100usize);
-    for pair in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
+    for (key, value) in query_pairs(query.as_deref())? {
+        let value = value.as_str();
+        match key.as_str() {
             "queue" => queue = Some(value.to_string()),
             "state" => {
                 state = Some(phalanx_core::TaskState::parse(value).ok_or_else(|| {
@@ -924,9 +961,10 @@ async fn list_tasks(State(node): State<Node_>, RawQuery(query): RawQuery) -> Api
         (copied, cut, found.len() == limit)
     };
     let (tasks, cut, full) = tasks;
-    let body = tokio::task::spawn_blocking(move || list_answer(&tasks, cut, full, bytes_max))
-        .await
-        .map_err(|error| ApiError::unavailable("unavailable", format!("serialising the list failed: {error}"), 100))?;
+    let body =
+        tokio::task::spawn_blocking(move || list_answer(&tasks, cut, full, bytes_max)).await.map_err(|error| {
+            ApiError::unavailable(ErrorCode::Unavailable, format!("serialising the list failed: {error}"), 100)
+        })?;
     Ok(mark_stale(([("content-type", "application/json")], body).into_response(), stale))
 }
 
@@ -971,74 +1009,45 @@ fn list_answer(tasks: &[Task], mut cut: bool, full: bool, bytes_max: usize) -> V
 async fn cancel(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult {
     let task_id = parse_id(&id)?;
     let (outcome, _) = propose(&node, Command::Cancel { task_id }).await?;
-    let Outcome::Cancelled { task } = outcome else { unreachable!() };
+    expect_outcome!(outcome, Outcome::Cancelled { task });
     Ok(task_response(&task))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CompleteBody {
-    fence: u64,
-    #[serde(default)]
-    result: Value,
 }
 
 async fn complete(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
-    let body = parse::<CompleteBody>(body)?;
+    let body = parse::<api::CompleteRequest>(body)?;
     let command = Command::Complete { task_id, fence: body.fence, result: body.result.to_string() };
     let (outcome, _) = propose(&node, command).await?;
-    let Outcome::Completed { task } = outcome else { unreachable!() };
+    expect_outcome!(outcome, Outcome::Completed { task });
     Ok(task_response(&task))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FailBody {
-    fence: u64,
-    error: String,
-    retryable: Option<bool>,
 }
 
 async fn fail(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
-    let body = parse::<FailBody>(body)?;
+    let body = parse::<api::FailRequest>(body)?;
     let command =
         Command::Fail { task_id, fence: body.fence, error: body.error, retryable: body.retryable.unwrap_or(true) };
     let (outcome, _) = propose(&node, command).await?;
-    let Outcome::Failed { task } = outcome else { unreachable!() };
+    expect_outcome!(outcome, Outcome::Failed { task });
     Ok(task_response(&task))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExtendBody {
-    fence: u64,
-    lease_ttl_ms: Option<u64>,
 }
 
 async fn extend(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
-    let body = parse::<ExtendBody>(body)?;
+    let body = parse::<api::ExtendRequest>(body)?;
     let lease_ttl_ms = body.lease_ttl_ms.unwrap_or_else(|| default_lease_ttl_ms(&node));
     let (outcome, _) = propose(&node, Command::Extend { task_id, fence: body.fence, lease_ttl_ms }).await?;
-    let Outcome::Extended { valid_until_ms } = outcome else { unreachable!() };
-    Ok(Json(json!({ "valid_until_ms": valid_until_ms })).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ProgressBody {
-    fence: u64,
+    expect_outcome!(outcome, Outcome::Extended { valid_until_ms });
+    Ok(Json(api::Extended { valid_until_ms }).into_response())
 }
 
 /// The lease holder says the work moves; a lease without progress for the
 /// policy's `stall_timeout_ms` is revoked as stuck.
 async fn progress(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
-    let body = parse::<ProgressBody>(body)?;
+    let body = parse::<api::ProgressRequest>(body)?;
     propose(&node, Command::Progress { task_id, fence: body.fence }).await?;
-    Ok(Json(json!({"ok": true})).into_response())
+    Ok(Json(api::Ok::YES).into_response())
 }
 
 async fn list_agents(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResult {
@@ -1046,21 +1055,19 @@ async fn list_agents(State(node): State<Node_>, RawQuery(query): RawQuery) -> Ap
     // Copied under the lock, turned into JSON after it is let go.
     let agents: Vec<phalanx_core::Agent> =
         node.shared.data.read().expect("state lock").state.agents().cloned().collect();
-    let agents: Vec<Value> = agents
-        .iter()
-        .map(|agent| {
-            json!({
-                "agent_id": agent.id,
-                "epoch": agent.epoch,
-                "capabilities": agent.capabilities,
-                "capacity": agent.capacity,
-                "leases": agent.leased_task_ids.len(),
-                "stuck_count": agent.stuck_count,
-                "stuck_ms": agent.stuck_ms,
-            })
+    let agents: Vec<api::AgentInfo> = agents
+        .into_iter()
+        .map(|agent| api::AgentInfo {
+            leases: agent.leased_task_ids.len(),
+            agent_id: agent.id,
+            epoch: agent.epoch,
+            capabilities: agent.capabilities.into_iter().collect(),
+            capacity: agent.capacity,
+            stuck_count: agent.stuck_count,
+            stuck_ms: agent.stuck_ms,
         })
         .collect();
-    Ok(mark_stale(Json(json!({ "agents": agents })).into_response(), stale))
+    Ok(mark_stale(Json(api::Agents { agents }).into_response(), stale))
 }
 
 /// What an operator needs at a glance: is it working, not just is it up.
@@ -1095,23 +1102,15 @@ async fn status(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResu
     Ok(mark_stale(Json(body).into_response(), stale))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WaitBody {
-    fence: u64,
-    on: Vec<u64>,
-    timeout_ms: u64,
-}
-
 /// Declares that the task (under its lease) waits on other tasks. Answers at
 /// once: 200 with the tasks still pending, or 422 `deadlock` naming the cycle.
 async fn wait(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
-    let body = parse::<WaitBody>(body)?;
+    let body = parse::<api::WaitRequest>(body)?;
     let command = Command::Wait { task_id, fence: body.fence, on: body.on, timeout_ms: body.timeout_ms };
     let (outcome, _) = propose(&node, command).await?;
-    let Outcome::Waiting { pending } = outcome else { unreachable!() };
-    Ok(Json(json!({ "pending": pending })).into_response())
+    expect_outcome!(outcome, Outcome::Waiting { pending });
+    Ok(Json(api::Waiting { pending }).into_response())
 }
 
 fn default_lease_ttl_ms(node: &Node) -> u64 {
@@ -1120,17 +1119,9 @@ fn default_lease_ttl_ms(node: &Node) -> u64 {
 
 // ---- agents ----
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegisterBody {
-    agent_id: String,
-    capabilities: Vec<String>,
-    capacity: Option<u32>,
-}
-
 async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
     check_disk(&node, &body)?;
-    let body = parse::<RegisterBody>(body)?;
+    let body = parse::<api::RegisterRequest>(body)?;
     // The session's secret: 128 random bits, drawn here because the state
     // machine draws no random numbers, and answered to the registering agent alone.
     let session = format!("{:032x}", rand::random::<u128>());
@@ -1141,25 +1132,17 @@ async fn register(State(node): State<Node_>, body: Body) -> ApiResult {
         session: session.clone(),
     };
     let (outcome, _) = propose(&node, command).await?;
-    let Outcome::Registered { epoch } = outcome else { unreachable!() };
+    expect_outcome!(outcome, Outcome::Registered { epoch });
     node.heard_from_agent(&body.agent_id, epoch);
     let policy = node.shared.data.read().expect("state lock").state.limits().clone();
-    Ok(Json(json!({
-        "agent_id": body.agent_id,
-        "epoch": epoch,
-        "session": session,
-        "heartbeat_interval_ms": policy.agent_heartbeat_interval_ms,
-        "agent_ttl_ms": policy.agent_ttl_ms,
-    }))
+    Ok(Json(api::Registered {
+        agent_id: body.agent_id,
+        epoch,
+        session: Some(session),
+        heartbeat_interval_ms: policy.agent_heartbeat_interval_ms,
+        agent_ttl_ms: policy.agent_ttl_ms,
+    })
     .into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SessionBody {
-    epoch: u64,
-    /// The secret `register` answered; the epoch alone is public.
-    session: Option<String>,
 }
 
 /// Checks that the request speaks for the agent's current session (its epoch
@@ -1175,34 +1158,23 @@ fn check_session(node: &Node, agent_id: &str, epoch: u64, session: Option<&str>)
 }
 
 async fn heartbeat(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
-    let body = parse::<SessionBody>(body)?;
+    let body = parse::<api::SessionRequest>(body)?;
     check_session(&node, &agent_id, body.epoch, body.session.as_deref())?;
-    Ok(Json(json!({"ok": true})).into_response())
+    Ok(Json(api::Ok::YES).into_response())
 }
 
 async fn deregister(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
-    let body = parse::<SessionBody>(body)?;
+    let body = parse::<api::SessionRequest>(body)?;
     check_session(&node, &agent_id, body.epoch, body.session.as_deref())?;
     propose(&node, Command::DeregisterAgent { agent_id, epoch: body.epoch }).await?;
-    Ok(Json(json!({"ok": true})).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PollBody {
-    epoch: u64,
-    session: Option<String>,
-    queues: Option<Vec<String>>,
-    max_tasks: Option<u32>,
-    wait_ms: Option<u64>,
-    lease_ttl_ms: Option<u64>,
+    Ok(Json(api::Ok::YES).into_response())
 }
 
 /// Long-poll: proposes a lease only when the applied state shows the agent
 /// has room and work is ready for it, otherwise waits for the next apply
 /// (which may have changed that) until `wait_ms` runs out.
 async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
-    let body = parse::<PollBody>(body)?;
+    let body = parse::<api::PollRequest>(body)?;
     let wait_ms = body.wait_ms.unwrap_or(0);
     if wait_ms > POLL_WAIT_MS_MAX {
         return Err(ApiError::invalid(format!("wait_ms must be at most {POLL_WAIT_MS_MAX}")));
@@ -1223,7 +1195,7 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
     let _permit = node.pollers.clone().try_acquire_owned().map_err(|_| {
         node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
         ApiError::overloaded(
-            "overloaded",
+            ErrorCode::Overloaded,
             format!("pollers_max ({}) long-polls already wait here", node.config.pollers_max),
             1000,
         )
@@ -1251,30 +1223,28 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
                 lease_ttl_ms,
             };
             let (outcome, _) = propose(&node, command).await?;
-            let Outcome::Leased { grants } = outcome else { unreachable!() };
+            expect_outcome!(outcome, Outcome::Leased { grants });
             if !grants.is_empty() || Instant::now() >= deadline {
-                let leases: Vec<Value> = grants
+                let leases: Vec<api::LeaseGrantRef> = grants
                     .iter()
-                    .map(|grant| {
-                        json!({
-                            "task": view(&grant.task),
-                            "fence": grant.fence,
-                            "valid_until_ms": grant.valid_until_ms,
-                            "lease_ttl_ms": lease_ttl_ms,
-                            "children": grant.children,
-                        })
+                    .map(|grant| api::LeaseGrantRef {
+                        task: view(&grant.task),
+                        fence: grant.fence,
+                        valid_until_ms: grant.valid_until_ms,
+                        lease_ttl_ms,
+                        children: grant.children.iter().map(api_child).collect(),
                     })
                     .collect();
-                return Ok(Json(json!({ "leases": leases })).into_response());
+                return Ok(Json(serde_json::json!({ "leases": leases })).into_response());
             }
             continue;
         }
         let now = Instant::now();
         if now >= deadline {
-            return Ok(Json(json!({ "leases": [] })).into_response());
+            return Ok(Json(api::Polled { leases: vec![] }).into_response());
         }
         if tokio::time::timeout(deadline - now, applied.changed()).await.is_err() {
-            return Ok(Json(json!({ "leases": [] })).into_response());
+            return Ok(Json(api::Polled { leases: vec![] }).into_response());
         }
         node.heard_from_agent(&agent_id, body.epoch);
     }
@@ -1289,42 +1259,35 @@ async fn context_get(State(node): State<Node_>, Path(id): Path<String>, RawQuery
     let conversation = node.shared.data.read().expect("state lock").state.conversation(&id).cloned();
     let conversation = conversation.ok_or(phalanx_core::Error::ConversationNotFound { conversation_id: id.clone() })?;
     let writers = conversation.writers;
-    let entries: serde_json::Map<String, Value> = conversation
+    let entries = conversation
         .entries
         .into_iter()
         .map(|(key, (version, value))| {
-            let value: Value = serde_json::from_str(&value).expect("stored JSON text is valid");
-            let mut entry = json!({"version": version, "value": value});
+            // Stored text that does not parse is served as a string (see `raw_json`).
+            let value: Value = serde_json::from_str(&value).unwrap_or(Value::String(value));
             // Which task, under which lease, wrote it (none for a client's own write).
-            if let Some(writer) = writers.get(&key) {
-                entry["task_id"] = json!(writer.task_id);
-                entry["fence"] = json!(writer.fence);
-            }
+            let writer = writers.get(&key);
+            let entry = api::ContextEntry {
+                version,
+                value,
+                task_id: writer.map(|w| w.task_id),
+                fence: writer.map(|w| w.fence),
+            };
             (key, entry)
         })
         .collect();
-    Ok(mark_stale(Json(json!({"conversation_id": id, "entries": entries})).into_response(), stale))
+    Ok(mark_stale(Json(api::Conversation { conversation_id: id, entries }).into_response(), stale))
 }
 
 /// Deletes a conversation and its whole context (authorised as its writes are).
 async fn context_delete(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult {
     validate_name("conversation_id", &id, 1024)?;
     propose(&node, Command::ContextDelete { conversation_id: id.clone() }).await?;
-    Ok(Json(json!({"conversation_id": id, "deleted": true})).into_response())
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ContextPutBody {
-    value: Value,
-    expected_version: Option<u64>,
-    /// A write on a task's behalf names the task and its lease's fence.
-    task_id: Option<u64>,
-    fence: Option<u64>,
+    Ok(Json(api::ConversationDeleted { conversation_id: id, deleted: true }).into_response())
 }
 
 async fn context_put(State(node): State<Node_>, Path((id, key)): Path<(String, String)>, body: Body) -> ApiResult {
-    let body = parse::<ContextPutBody>(body)?;
+    let body = parse::<api::ContextPutRequest>(body)?;
     let writer = match (body.task_id, body.fence) {
         (Some(task_id), Some(fence)) => Some(phalanx_core::Writer { task_id, fence }),
         (None, None) => None,
@@ -1338,8 +1301,8 @@ async fn context_put(State(node): State<Node_>, Path((id, key)): Path<(String, S
         writer,
     };
     let (outcome, _) = propose(&node, command).await?;
-    let Outcome::ContextWritten { version } = outcome else { unreachable!() };
-    Ok(Json(json!({ "version": version })).into_response())
+    expect_outcome!(outcome, Outcome::ContextWritten { version });
+    Ok(Json(api::ContextWritten { version }).into_response())
 }
 
 // ---- policy ----
@@ -1358,24 +1321,12 @@ async fn config_history(State(node): State<Node_>, RawQuery(query): RawQuery) ->
     Ok(mark_stale(Json(body).into_response(), stale))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigSetBody {
-    /// KEY -> VALUE (a JSON value or its text).
-    set: serde_json::Map<String, Value>,
-    expected_version: Option<u64>,
-    /// Needed for a change that would refuse all new work of some kind or
-    /// delete retained tasks (`State::force_reasons`).
-    #[serde(default)]
-    force: bool,
-}
-
 /// Builds the new policy from the current one and the changes, validates it
 /// (types, bounds, cross-field rules, and what it would do to the state as
 /// it is now) before proposing; the state machine does all of it again when
 /// applying, so a change that cannot pass costs no log entry.
 async fn config_set(State(node): State<Node_>, body: Body) -> ApiResult {
-    let body = parse::<ConfigSetBody>(body)?;
+    let body = parse::<api::ConfigSetRequest>(body)?;
     if body.set.is_empty() {
         return Err(ApiError::invalid("set: name at least one KEY=VALUE"));
     }
@@ -1421,44 +1372,55 @@ async fn config_set(State(node): State<Node_>, body: Body) -> ApiResult {
         force: body.force,
     };
     let (outcome, _) = propose(&node, command).await?;
-    let Outcome::PolicySet { version } = outcome else { unreachable!() };
-    Ok(Json(json!({ "version": version })).into_response())
+    expect_outcome!(outcome, Outcome::PolicySet { version });
+    Ok(Json(api::PolicySet { version }).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RollbackBody {
-    version: Option<u64>,
-    /// Needed, as for a change, when the version rolled back to would refuse
-    /// all new work of some kind or delete retained tasks.
-    #[serde(default)]
-    force: bool,
-}
-
+/// A rollback is a compare-and-set on the version it replaces
+/// (`expected_version`, default the current one): sent again after an
+/// unknown outcome, it finds the version moved on and is refused
+/// (`409 version_conflict`) instead of rolling back twice. Without
+/// `version`, it restores the version before `expected_version`, which the
+/// append-only history fixes once `expected_version` is known.
 async fn config_rollback(State(node): State<Node_>, body: Body) -> ApiResult {
-    let body = parse::<RollbackBody>(body)?;
-    let to_version = {
+    let body = parse::<api::RollbackRequest>(body)?;
+    let (to_version, expected) = {
         let data = node.shared.data.read().expect("state lock");
         let history = data.state.policy_history();
+        let expected = body.expected_version.unwrap_or(data.state.policy_version());
         let to_version = match body.version {
             Some(version) => version,
-            None if history.len() < 2 => {
-                return Err(ApiError::invalid("there is no earlier policy version to roll back to"));
+            None => {
+                let at = history.iter().position(|v| v.version == expected).ok_or_else(|| {
+                    ApiError::from(phalanx_core::Error::VersionConflict {
+                        key: "policy".into(),
+                        expected,
+                        current: data.state.policy_version(),
+                    })
+                })?;
+                if at == 0 {
+                    return Err(ApiError::invalid("there is no earlier policy version to roll back to"));
+                }
+                history[at - 1].version
             }
-            None => history[history.len() - 2].version,
         };
         // Judged before proposing, so a refusal costs no log entry; the
         // state machine judges it again when applying.
         if let Some(old) = history.iter().find(|v| v.version == to_version) {
             data.state.judge_policy(&old.policy, body.force)?;
         }
-        to_version
+        (to_version, expected)
     };
-    let command =
-        Command::RollbackPolicy { to_version, note: "asked by a client".into(), by_client: true, force: body.force };
+    let command = Command::RollbackPolicy {
+        to_version,
+        note: "asked by a client".into(),
+        by_client: true,
+        force: body.force,
+        expected_version: Some(expected),
+    };
     let (outcome, _) = propose(&node, command).await?;
-    let Outcome::PolicySet { version } = outcome else { unreachable!() };
-    Ok(Json(json!({ "version": version, "rolled_back_to": to_version })).into_response())
+    expect_outcome!(outcome, Outcome::PolicySet { version });
+    Ok(Json(api::RolledBack { version, rolled_back_to: to_version }).into_response())
 }
 
 // ---- cluster, health, metrics ----
@@ -1507,15 +1469,6 @@ async fn cluster(State(node): State<Node_>) -> ApiResult {
     .into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddMemberBody {
-    node_id: u64,
-    addr: String,
-    /// The node's Raft listener, when separate from `addr`.
-    raft_addr: Option<String>,
-}
-
 /// How long a node being added may take to catch up before the add is
 /// refused (it stays a learner).
 const LEARNER_CATCH_UP_MS: u64 = 8_000;
@@ -1531,7 +1484,7 @@ const VOTER_CONTACT_MS_MAX: u64 = 1_000;
 const VOTER_LAG_ENTRIES_MAX: u64 = 1_000;
 
 fn membership_error(error: impl std::fmt::Display) -> ApiError {
-    ApiError::unavailable("membership_change_failed", format!("membership change failed: {error}"), 1000)
+    ApiError::unavailable(ErrorCode::MembershipChangeFailed, format!("membership change failed: {error}"), 1000)
 }
 
 /// Runs one membership step within `MEMBERSHIP_STEP_TIMEOUT_MS`.
@@ -1542,7 +1495,7 @@ async fn membership_step<T, E: std::fmt::Display>(
     match tokio::time::timeout(Duration::from_millis(MEMBERSHIP_STEP_TIMEOUT_MS), step).await {
         Ok(result) => result.map_err(membership_error),
         Err(_) => Err(ApiError::unavailable(
-            "timeout",
+            ErrorCode::Timeout,
             format!(
                 "{what} did not finish within {MEMBERSHIP_STEP_TIMEOUT_MS} ms: the outcome is unknown, \
                  check GET /v1/cluster before trying again"
@@ -1552,8 +1505,10 @@ async fn membership_step<T, E: std::fmt::Display>(
     }
 }
 
-fn membership_conflict(code: &'static str, message: String) -> ApiError {
-    ApiError::new(StatusCode::CONFLICT, code, message)
+/// A membership change refused before anything changed: 409, whatever the
+/// code (`no_peer_token` included, which peer traffic answers with 403).
+fn membership_conflict(code: ErrorCode, message: String) -> ApiError {
+    ApiError::new(code, message).with_status(StatusCode::CONFLICT)
 }
 
 /// Asks the node at `addr` who it is: a member is added only if it runs, is
@@ -1562,7 +1517,7 @@ async fn probe_member(node: &Node, node_id: u64, addr: &str, raft_addr: &str) ->
     let timeout = Duration::from_millis(MEMBER_PROBE_TIMEOUT_MS);
     let unreachable = |why: String| {
         membership_conflict(
-            "member_unreachable",
+            ErrorCode::MemberUnreachable,
             format!("node {node_id} at {addr} did not answer its probe ({why}): start it first, then add it"),
         )
     };
@@ -1578,7 +1533,7 @@ async fn probe_member(node: &Node, node_id: u64, addr: &str, raft_addr: &str) ->
         Some(id) if id == node_id => {}
         Some(id) => {
             return Err(membership_conflict(
-                "address_in_use",
+                ErrorCode::AddressInUse,
                 format!("{addr} is node {id}, not node {node_id}: a node keeps its id for life"),
             ))
         }
@@ -1587,7 +1542,7 @@ async fn probe_member(node: &Node, node_id: u64, addr: &str, raft_addr: &str) ->
     let connect = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(raft_addr)).await;
     if !matches!(connect, Ok(Ok(_))) {
         return Err(membership_conflict(
-            "member_unreachable",
+            ErrorCode::MemberUnreachable,
             format!("node {node_id}'s Raft address {raft_addr} does not accept connections"),
         ));
     }
@@ -1600,7 +1555,7 @@ async fn probe_member(node: &Node, node_id: u64, addr: &str, raft_addr: &str) ->
 /// the cluster has no peer token. Node ids are never reused: an id that was
 /// ever a member is refused.
 async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
-    let body = parse::<AddMemberBody>(body)?;
+    let body = parse::<api::AddMemberRequest>(body)?;
     if body.node_id == 0 {
         return Err(ApiError::invalid("node_id must be positive"));
     }
@@ -1610,7 +1565,7 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
     }
     if node.config.peer_token.is_none() {
         return Err(membership_conflict(
-            "no_peer_token",
+            ErrorCode::NoPeerToken,
             "a cluster of more than one node needs a peer token: restart every node with --peer-token".into(),
         ));
     }
@@ -1619,7 +1574,10 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
         let metrics = metrics.borrow();
         let membership = metrics.membership_config.membership();
         if membership.voter_ids().any(|id| id == body.node_id) {
-            return Err(membership_conflict("already_member", format!("node {} is already a voter", body.node_id)));
+            return Err(membership_conflict(
+                ErrorCode::AlreadyMember,
+                format!("node {} is already a voter", body.node_id),
+            ));
         }
         let wanted = crate::raft_types::Member::new(body.addr.clone(), raft_addr.clone());
         // A learner left behind by an add that timed out may be added again,
@@ -1628,7 +1586,7 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
             Some(member) if *member == wanted => true,
             Some(member) => {
                 return Err(membership_conflict(
-                    "already_member",
+                    ErrorCode::AlreadyMember,
                     format!("node {} is already a learner at {member}", body.node_id),
                 ))
             }
@@ -1638,7 +1596,7 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
             let taken = [&member.api, &member.raft];
             if *id != body.node_id && (taken.contains(&&body.addr) || taken.contains(&&raft_addr)) {
                 return Err(membership_conflict(
-                    "address_in_use",
+                    ErrorCode::AddressInUse,
                     format!("node {id} already uses {member}: two members cannot share an address"),
                 ));
             }
@@ -1648,7 +1606,7 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
     let retired = node.shared.data.read().expect("state lock").state.node_retired(body.node_id);
     if retired {
         return Err(membership_conflict(
-            "node_id_reused",
+            ErrorCode::NodeIdReused,
             format!("node id {} was removed before; node ids are never reused", body.node_id),
         ));
     }
@@ -1675,7 +1633,7 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
         .await;
     if caught_up.is_err() {
         return Err(ApiError::unavailable(
-            "learner_lagging",
+            ErrorCode::LearnerLagging,
             format!(
                 "node {} at {} did not catch up within {LEARNER_CATCH_UP_MS} ms; it stays a learner, not a voter: \
                  check that it runs and is reachable, then add it again (or remove it)",
@@ -1687,7 +1645,7 @@ async fn add_member(State(node): State<Node_>, body: Body) -> ApiResult {
     let mut new_voters = voters;
     new_voters.insert(body.node_id);
     membership_step("promoting the learner", node.raft.change_membership(new_voters, false)).await?;
-    Ok(Json(json!({"ok": true, "node_id": body.node_id})).into_response())
+    Ok(Json(api::MemberChanged { ok: true, node_id: body.node_id }).into_response())
 }
 
 /// The voters among `voters` that answer the leader and hold its log
@@ -1729,7 +1687,7 @@ async fn remove_member(State(node): State<Node_>, Path(id): Path<String>) -> Api
         propose(&node, Command::RetireNode { node_id }).await?;
         let change = openraft::ChangeMembers::RemoveNodes([node_id].into());
         membership_step("removing the learner", node.raft.change_membership(change, false)).await?;
-        return Ok(Json(json!({"ok": true, "node_id": node_id})).into_response());
+        return Ok(Json(api::MemberChanged { ok: true, node_id }).into_response());
     }
     if !voters.contains(&node_id) {
         return Err(ApiError::not_found(format!("node {node_id} is not a member")));
@@ -1743,7 +1701,7 @@ async fn remove_member(State(node): State<Node_>, Path(id): Path<String>) -> Api
     if healthy.len() < majority {
         let missing: Vec<u64> = remaining.difference(&healthy).copied().collect();
         return Err(membership_conflict(
-            "unsafe_membership_change",
+            ErrorCode::UnsafeMembershipChange,
             format!(
                 "removing node {node_id} would leave voters {remaining:?}, of which only {healthy:?} answer the \
                  leader and hold its log; a majority of {} needs {majority}: bring {missing:?} back first",
@@ -1754,7 +1712,7 @@ async fn remove_member(State(node): State<Node_>, Path(id): Path<String>) -> Api
     // Recorded first, so the id can never come back even if the change below fails half-way.
     propose(&node, Command::RetireNode { node_id }).await?;
     membership_step("removing the voter", node.raft.change_membership(remaining, false)).await?;
-    Ok(Json(json!({"ok": true, "node_id": node_id})).into_response())
+    Ok(Json(api::MemberChanged { ok: true, node_id }).into_response())
 }
 
 /// Ready means useful: a leader is known and this node's applied state is
@@ -1765,10 +1723,17 @@ async fn ready(State(node): State<Node_>) -> ApiResult {
         let metrics = node.raft.metrics().borrow().clone();
         let applied = metrics.last_applied.map(|l| l.index).unwrap_or(0);
         return Ok(
-            Json(json!({"ready": true, "leader_id": metrics.current_leader, "last_applied": applied})).into_response()
+            Json(api::Ready { ready: true, leader_id: metrics.current_leader, last_applied: applied }).into_response()
         );
     }
-    Err(ApiError::unavailable("not_ready", problems.join("; "), 500))
+    Err(ApiError::unavailable(ErrorCode::NotReady, problems.join("; "), 500))
+}
+
+/// The contract, generated from `phalanx-api` (the same text as docs/openapi.json).
+async fn openapi() -> Response {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = DOCUMENT.get_or_init(api::openapi::document_json).clone();
+    ([("content-type", "application/json")], text).into_response()
 }
 
 async fn metrics(State(node): State<Node_>) -> ApiResult {
@@ -1784,12 +1749,11 @@ fn raft_input<T: DeserializeOwned>(
     body: Body,
     check: impl FnOnce(&crate::raft_edge::Receiver, &T) -> Result<(), String>,
 ) -> Result<T, ApiError> {
-    let bytes = body.map_err(|rejection| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("Raft request refused: {rejection}"))
-    })?;
+    let bytes =
+        body.map_err(|rejection| ApiError::new(ErrorCode::TooLarge, format!("Raft request refused: {rejection}")))?;
     let request: T = serde_json::from_slice(&bytes).map_err(|error| {
         node.stats.raft_refused.fetch_add(1, Ordering::Relaxed);
-        ApiError::new(StatusCode::BAD_REQUEST, "malformed_raft_request", format!("Raft request: {error}"))
+        ApiError::new(ErrorCode::MalformedRaftRequest, format!("Raft request: {error}"))
     })?;
     let membership = node.raft.metrics().borrow().membership_config.clone();
     check(&crate::raft_edge::Receiver { membership: &membership }, &request).map_err(|why| {

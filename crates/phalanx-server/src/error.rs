@@ -7,85 +7,101 @@
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+pub use phalanx_api::ErrorCode;
+use phalanx_api::{ErrorBody, ErrorEnvelope};
 
-/// Codes whose refusal leaves the outcome open: the request reached the
-/// leader (or was proposed) and may still commit. Every other code means
-/// that nothing was done. docs/api.md lists both.
-pub const OUTCOME_UNKNOWN_CODES: &[&str] =
-    &["timeout", "unavailable", "leader_changed", "membership_change_failed", "learner_lagging"];
-
-/// The `outcome` field of an error body.
-pub fn outcome(code: &str) -> &'static str {
-    if OUTCOME_UNKNOWN_CODES.contains(&code) {
-        "unknown"
-    } else {
-        "not_done"
-    }
-}
-
+/// A refusal on its way to the client: the code decides the status (the
+/// table in `phalanx_api::ErrorCode`), bar the few answers docs/api.md
+/// names with another (`with_status`).
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub leader_hint: Option<String>,
     pub retry_after_ms: Option<u64>,
 }
 
+fn status_of(code: &ErrorCode) -> StatusCode {
+    StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), leader_hint: None, retry_after_ms: None }
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError { status: status_of(&code), code, message: message.into(), leader_hint: None, retry_after_ms: None }
+    }
+    pub fn with_status(mut self, status: StatusCode) -> ApiError {
+        self.status = status;
+        self
     }
     pub fn invalid(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid", message)
+        ApiError::new(ErrorCode::Invalid, message)
     }
     pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        ApiError::new(ErrorCode::NotFound, message)
     }
-    pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after_ms: u64) -> ApiError {
-        ApiError {
-            retry_after_ms: Some(retry_after_ms),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
-        }
+    /// A refusal with `Retry-After` (a 503, or a 429 for load).
+    pub fn unavailable(code: ErrorCode, message: impl Into<String>, retry_after_ms: u64) -> ApiError {
+        ApiError { retry_after_ms: Some(retry_after_ms), ..ApiError::new(code, message) }
     }
-    pub fn overloaded(code: &'static str, message: impl Into<String>, retry_after_ms: u64) -> ApiError {
-        ApiError { retry_after_ms: Some(retry_after_ms), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message) }
+    pub fn overloaded(code: ErrorCode, message: impl Into<String>, retry_after_ms: u64) -> ApiError {
+        ApiError::unavailable(code, message, retry_after_ms)
     }
     /// New work refused while the data directory's file system is under its
     /// free-space watermark (`507 Insufficient Storage`).
     pub fn disk_full(message: impl Into<String>) -> ApiError {
-        ApiError {
-            retry_after_ms: Some(5_000),
-            ..ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
-        }
+        ApiError::unavailable(ErrorCode::DiskFull, message, 5_000)
+    }
+    /// The state machine answered a command with the outcome of another
+    /// command: a bug, answered `500 internal` (outcome unknown: the command
+    /// was applied) instead of taking the node down.
+    pub fn unexpected(command: &str, outcome: &impl std::fmt::Debug) -> ApiError {
+        tracing::error!(command, ?outcome, "the state machine answered an unexpected outcome");
+        ApiError::new(ErrorCode::Internal, format!("{command}: the state machine answered {outcome:?}"))
     }
     pub fn with_leader_hint(mut self, hint: Option<String>) -> ApiError {
         self.leader_hint = hint;
         self
     }
+
+    /// The body: `{"error": {...}}`.
+    pub fn envelope(&self) -> ErrorEnvelope {
+        ErrorEnvelope {
+            error: ErrorBody {
+                code: self.code.clone(),
+                message: self.message.clone(),
+                outcome: self.code.outcome(),
+                leader_hint: self.leader_hint.clone(),
+                retry_after_ms: self.retry_after_ms,
+            },
+        }
+    }
+
+    /// A whole HTTP/1.1 answer that closes the connection, for the listener's
+    /// refusals made before hyper sees a request.
+    pub fn http1_bytes(&self) -> Vec<u8> {
+        let body = serde_json::to_string(&self.envelope()).expect("an error body serialises");
+        let retry =
+            self.retry_after_ms.map(|ms| format!("retry-after: {}\r\n", retry_after_seconds(ms))).unwrap_or_default();
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{retry}connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+fn retry_after_seconds(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
 }
 
 impl From<phalanx_core::Error> for ApiError {
     fn from(error: phalanx_core::Error) -> ApiError {
-        use phalanx_core::Error as E;
-        let status = match &error {
-            E::Invalid { .. } | E::NotCapable { .. } => StatusCode::BAD_REQUEST,
-            E::TaskNotFound { .. } | E::AgentNotFound { .. } | E::ConversationNotFound { .. } => StatusCode::NOT_FOUND,
-            E::WrongSession { .. } => StatusCode::FORBIDDEN,
-            E::StaleEpoch { .. }
-            | E::Superseded { .. }
-            | E::AlreadyTerminal { .. }
-            | E::LeaseExpired { .. }
-            | E::VersionConflict { .. }
-            | E::ForceRequired { .. }
-            | E::IdempotencyConflict { .. } => StatusCode::CONFLICT,
-            E::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            E::LoopDetected { .. } | E::Deadlock { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            E::QueueFull { .. } | E::LimitReached { .. } | E::StateFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-        };
-        let mut api = ApiError::new(status, error.code(), error.to_string());
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        let code: ErrorCode = error.code().parse().unwrap_or_else(|never| match never {});
+        let mut api = ApiError::new(code, error.to_string());
+        if api.status == StatusCode::TOO_MANY_REQUESTS {
             api.retry_after_ms = Some(1000);
         }
         api
@@ -98,14 +114,13 @@ impl ApiError {
     /// their text as the message.
     pub fn from_rejection(status: StatusCode, text: &str) -> ApiError {
         let code = match status {
-            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-            StatusCode::NOT_FOUND => "not_found",
-            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-            StatusCode::LENGTH_REQUIRED => "length_required",
-            StatusCode::REQUEST_TIMEOUT => "timeout",
-            status if status.is_client_error() => "invalid",
-            _ => "internal",
+            StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+            StatusCode::NOT_FOUND => ErrorCode::NotFound,
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::TooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+            StatusCode::REQUEST_TIMEOUT => ErrorCode::BodyTimeout,
+            status if status.is_client_error() => ErrorCode::Invalid,
+            _ => ErrorCode::Internal,
         };
         let text = text.trim();
         let message = if text.is_empty() {
@@ -113,24 +128,66 @@ impl ApiError {
         } else {
             text.to_string()
         };
-        ApiError::new(status, code, message)
+        ApiError::new(code, message).with_status(status)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({"code": self.code, "message": self.message, "outcome": outcome(self.code)});
-        if let Some(hint) = &self.leader_hint {
-            body["leader_hint"] = json!(hint);
-        }
+        let mut response = (self.status, axum::Json(self.envelope())).into_response();
         if let Some(ms) = self.retry_after_ms {
-            body["retry_after_ms"] = json!(ms);
-        }
-        let mut response = (self.status, axum::Json(json!({ "error": body }))).into_response();
-        if let Some(ms) = self.retry_after_ms {
-            let seconds = ms.div_ceil(1000).max(1);
-            response.headers_mut().insert("retry-after", HeaderValue::from(seconds));
+            response.headers_mut().insert("retry-after", HeaderValue::from(retry_after_seconds(ms)));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code the state machine refuses with is one of the contract's,
+    /// answered with the contract's status.
+    #[test]
+    fn core_codes_are_in_the_contract() {
+        use phalanx_core::Error as E;
+        let errors = [
+            E::Invalid { field: "f".into(), reason: "r".into() },
+            E::TaskNotFound { task_id: 1 },
+            E::AgentNotFound { agent_id: "a".into() },
+            E::ConversationNotFound { conversation_id: "c".into() },
+            E::StaleEpoch { agent_id: "a".into(), epoch: 1, current: 2 },
+            E::WrongSession { agent_id: "a".into(), epoch: 1 },
+            E::Superseded { task_id: 1, fence: 1, current: 2 },
+            E::AlreadyTerminal { task_id: 1, state: phalanx_core::TaskState::Succeeded },
+            E::LeaseExpired { task_id: 1 },
+            E::QueueFull { queue: "q".into(), max: 1 },
+            E::LimitReached { limit: "l".into(), max: 1 },
+            E::TooLarge { field: "f".into(), bytes: 2, max: 1 },
+            E::NotCapable { agent_id: "a".into(), queue: "q".into() },
+            E::VersionConflict { key: "k".into(), expected: 1, current: 2 },
+            E::LoopDetected { task_id: 1, trail: "t".into() },
+            E::Deadlock { cycle: "c".into() },
+            E::StateFull { bytes: 2, max: 1 },
+            E::ForceRequired { field: "f".into(), reason: "r".into() },
+            E::IdempotencyConflict { key: "k".into(), task_id: 1, field: "f".into() },
+        ];
+        for error in errors {
+            let api = ApiError::from(error.clone());
+            assert!(!matches!(api.code, ErrorCode::Other(_)), "{} is not in phalanx_api::ErrorCode", error.code());
+            assert_eq!(api.status.as_u16(), api.code.status());
+        }
+    }
+
+    #[test]
+    fn the_listener_answer_carries_the_outcome() {
+        let bytes = ApiError::unavailable(ErrorCode::Overloaded, "busy", 1000)
+            .with_status(StatusCode::SERVICE_UNAVAILABLE)
+            .http1_bytes();
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{text}");
+        assert!(text.contains("retry-after: 1\r\n"));
+        let body: ErrorEnvelope = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body.error.outcome, phalanx_api::Outcome::NotDone);
     }
 }

@@ -20,7 +20,9 @@
 //!
 //! What a request means is left to the router (`api.rs`).
 
+use crate::error::{ApiError, ErrorCode};
 use axum::extract::ConnectInfo;
+use axum::http::StatusCode;
 use axum::Router;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -41,36 +43,20 @@ const REFUSALS_IN_FLIGHT_MAX: usize = 1024;
 /// How long a refused connection may take to close after its answer.
 const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
-fn json_answer(status: &str, code: &str, message: &str, retry_after_s: Option<u64>) -> Vec<u8> {
-    let mut error = serde_json::json!({"code": code, "message": message});
-    if let Some(seconds) = retry_after_s {
-        error["retry_after_ms"] = serde_json::json!(seconds * 1000);
-    }
-    let body = serde_json::json!({ "error": error }).to_string();
-    let retry = retry_after_s.map(|s| format!("retry-after: {s}\r\n")).unwrap_or_default();
-    format!(
-        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{retry}connection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+/// A refused connection's answer: `503 overloaded` with `Retry-After: 1`
+/// (503, not 429: the node refuses the connection, not the client's rate).
+fn refusal_answer(message: &str) -> Vec<u8> {
+    ApiError::unavailable(ErrorCode::Overloaded, message, 1000)
+        .with_status(StatusCode::SERVICE_UNAVAILABLE)
+        .http1_bytes()
 }
 
 fn refusal() -> Vec<u8> {
-    json_answer(
-        "503 Service Unavailable",
-        "overloaded",
-        "connections_max connections are being served; try again later",
-        Some(1),
-    )
+    refusal_answer("connections_max connections are being served; try again later")
 }
 
 fn refusal_per_address() -> Vec<u8> {
-    json_answer(
-        "503 Service Unavailable",
-        "overloaded",
-        "connections_per_address_max connections from this address are open; close some or try again later",
-        Some(1),
-    )
+    refusal_answer("connections_per_address_max connections from this address are open; close some or try again later")
 }
 
 /// The JSON answer replacing hyper's own empty answer to a head it could not
@@ -84,14 +70,9 @@ fn rewrite_of_hyper_answer(head: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     Some(match status {
-        b"431" => json_answer(
-            "431 Request Header Fields Too Large",
-            "header_too_large",
-            "the request head is over header_bytes_max",
-            None,
-        ),
-        b"414" => json_answer("414 URI Too Long", "uri_too_long", "the request target is too long", None),
-        b"400" => json_answer("400 Bad Request", "invalid", "the request head is not valid HTTP/1.1", None),
+        b"431" => ApiError::new(ErrorCode::HeaderTooLarge, "the request head is over header_bytes_max").http1_bytes(),
+        b"414" => ApiError::new(ErrorCode::UriTooLong, "the request target is too long").http1_bytes(),
+        b"400" => ApiError::invalid("the request head is not valid HTTP/1.1").http1_bytes(),
         _ => return None,
     })
 }

@@ -744,7 +744,13 @@ impl Node {
             }
             Action::RollbackPolicy { to_version, note } => {
                 tracing::error!(%note, "the policy guard rolls the policy back to version {to_version}");
-                let command = Command::RollbackPolicy { to_version, note, by_client: false, force: false };
+                let command = Command::RollbackPolicy {
+                    to_version,
+                    note,
+                    by_client: false,
+                    force: false,
+                    expected_version: None,
+                };
                 let _ = self.proposer.propose(command).await;
             }
         }

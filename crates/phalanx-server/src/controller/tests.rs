@@ -448,7 +448,13 @@ fn policy_facts_come_from_the_applied_state() {
     state.apply(1, &phalanx_core::Request { now_ms: 5_000, commands: vec![set] });
     let facts = PolicyFacts::of(&state);
     assert_eq!((facts.version, facts.set_ms, facts.applied_ms, facts.rollback_to), (2, 5_000, 5_000, Some(1)));
-    let back = Command::RollbackPolicy { to_version: 1, note: "test".into(), by_client: true, force: false };
+    let back = Command::RollbackPolicy {
+        to_version: 1,
+        note: "test".into(),
+        by_client: true,
+        force: false,
+        expected_version: None,
+    };
     state.apply(2, &phalanx_core::Request { now_ms: 6_000, commands: vec![back] });
     assert_eq!(PolicyFacts::of(&state).rollback_to, None, "a rollback is not rolled back");
 }
