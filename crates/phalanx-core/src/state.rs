@@ -1673,7 +1673,8 @@ impl State {
     fn failed_before(&self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Option<&Task> {
         let task = self.tasks.get(&task_id)?;
         let same_error = task.error.as_deref() == Some(error) && task.last_fence == fence;
-        let already_retrying = retryable && task.state == TaskState::Pending;
+        // A paused task stays paused after a retryable failure.
+        let already_retrying = retryable && matches!(task.state, TaskState::Pending | TaskState::Paused);
         let already_failed = !retryable && matches!(task.state, TaskState::Failed);
         (same_error && (already_retrying || already_failed)).then_some(task)
     }
@@ -1712,6 +1713,9 @@ impl State {
             self.record_usage(task_id, usage);
         }
         let task = &self.tasks[&task_id];
+        // A report under the current fence may come after the lease lapsed
+        // and the task was paused: a retryable failure leaves it paused.
+        let was_paused = task.state == TaskState::Paused;
         let exhausted = task.attempts >= self.max_attempts_of(task);
         let pause_when_exhausted = self.on_exhausted(&task.queue) == OnExhausted::Pause;
         if !retryable {
@@ -1733,7 +1737,9 @@ impl State {
             // The attempt is over and not accepted: its context entries go.
             // (Its children stay, for the next attempt to adopt.)
             self.discard_entries(task_id, None);
-            if exhausted {
+            if was_paused {
+                // Stays paused, where resume or replay will find it.
+            } else if exhausted {
                 let reason = format!("attempts_exhausted: {attempts} attempts");
                 self.pause_pending(task_id, PauseCause::AttemptsExhausted, reason);
             } else {

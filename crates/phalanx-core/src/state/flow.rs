@@ -250,15 +250,17 @@ impl State {
     /// limits in force now, which may have changed since).
     pub(super) fn forget_idle_keys(&mut self) {
         let now = self.now_ms;
+        // Strictly after `at`, as every timer here: an entry at the same log
+        // time as the last one changes nothing by time alone.
         while let Some((at, key)) = self.key_idle.first().cloned() {
-            if at > now {
+            if at >= now {
                 break;
             }
             self.key_idle.pop_first();
             let limits = self.limits_of_key(&key).map(|(_, limits)| limits.clone()).unwrap_or_default();
             let usage = self.key_usage.get_mut(&key).expect("an idle key has a record");
             let later = usage.idle_from(&limits, now);
-            if later > now {
+            if later >= now {
                 usage.idle_from_ms = Some(later);
                 self.key_idle.insert((later, key));
             } else {
