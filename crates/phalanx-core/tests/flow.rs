@@ -183,6 +183,7 @@ fn a_rate_is_a_token_bucket_refilled_in_log_time() {
     sim.set_limits("api", limits);
     let tasks: Vec<u64> = (0..10).map(|_| sim.submit(keyed("q", "api"))).collect();
     let epoch = sim.register("a", &["q"], 100);
+    assert_eq!(sim.state.grantable("a", epoch, &["q".into()], 100, 60_000), Ok(3), "what the bucket holds");
     assert_eq!(sim.lease("a", epoch, "q", 100).len(), 3, "the burst");
     let waiting = sim.state.waiting_on(tasks[3]).unwrap();
     assert_eq!(waiting.limit, Limit::RatePerSecond);

@@ -163,9 +163,29 @@ impl State {
         self.eligible_count(queue, 1) > 0
     }
 
-    /// Up to `enough` of a queue's ready tasks that could be granted now: a
-    /// key without limits counts all its ready tasks, a limited one its
-    /// first (applying may grant fewer, or more, than this estimate).
+    /// How many grants a key's concurrency and rate leave now (`None`: no
+    /// limit); tokens per minute depend on each task's estimate, so a key
+    /// with that limit counts one.
+    fn grants_left(&self, key: &str) -> Option<u64> {
+        let (_, limits) = self.limits_of_key(key)?;
+        let default = KeyUsage::default();
+        let usage = self.key_usage.get(key).unwrap_or(&default);
+        let mut left = u64::MAX;
+        if let Some(max) = limits.concurrency_max {
+            left = left.min(u64::from(max.saturating_sub(usage.held)));
+        }
+        if limits.rate_per_second_milli.is_some() {
+            left = left.min(usage.bucket_at(limits, self.now_ms) / 1000);
+        }
+        if limits.tokens_per_minute.is_some() {
+            left = left.min(1);
+        }
+        Some(left)
+    }
+
+    /// Up to `enough` of a queue's ready tasks that could be granted now,
+    /// each key counting what its limits leave (an estimate: applying may
+    /// grant fewer).
     pub(super) fn eligible_count(&self, queue: &str, enough: u32) -> u32 {
         let mut count: u32 = 0;
         let Some(bands) = self.fair_ready.get(queue) else { return 0 };
@@ -177,8 +197,8 @@ impl State {
                 if self.eligible(key, ids, u64::MAX).is_none() {
                     continue;
                 }
-                let add = if self.limits_of_key(key).is_some() { 1 } else { ids.len() };
-                count = count.saturating_add(add.min(u32::MAX as usize) as u32);
+                let add = self.grants_left(key).map_or(ids.len() as u64, |left| left.min(ids.len() as u64));
+                count = count.saturating_add(add.min(u64::from(u32::MAX)) as u32);
             }
         }
         count.min(enough)
