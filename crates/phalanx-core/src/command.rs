@@ -6,8 +6,9 @@
 //! the same. Validation that needs no state (names, sizes) is also run at the
 //! HTTP edge so bad input is refused before it costs a log entry.
 
+use crate::flow::{Budget, KeyLimits, Usage};
 use crate::state::Error;
-use crate::task::{Grant, Task};
+use crate::task::{Grant, Task, TaskState};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -42,11 +43,20 @@ pub struct NewTask {
     #[serde(default)]
     pub parent_fence: Option<u64>,
     pub conversation_id: Option<String>,
+    /// Flow control: the key whose limits and fair share the task counts against.
+    #[serde(default)]
+    pub concurrency_key: Option<String>,
+    /// Tokens the task is expected to consume (for `tokens_per_minute`).
+    #[serde(default)]
+    pub cost_estimate: Option<u64>,
+    /// Only on a root: what its whole delegation tree may consume.
+    #[serde(default)]
+    pub budget: Option<Budget>,
 }
 
 impl NewTask {
     /// A task with the API's defaults (priority 5, three attempts, no
-    /// deadline, no key, no parent, no conversation).
+    /// deadline, no key, no parent, no conversation, no flow control).
     pub fn new(queue: impl Into<String>, payload: impl Into<String>) -> NewTask {
         NewTask {
             queue: queue.into(),
@@ -58,6 +68,9 @@ impl NewTask {
             parent_id: None,
             parent_fence: None,
             conversation_id: None,
+            concurrency_key: None,
+            cost_estimate: None,
+            budget: None,
         }
     }
 }
@@ -105,12 +118,19 @@ pub enum Command {
         task_id: u64,
         fence: u64,
         result: String,
+        /// What the attempt consumed: counted against its key's window and
+        /// its tree's budget.
+        #[serde(default)]
+        usage: Option<Usage>,
     },
     Fail {
         task_id: u64,
         fence: u64,
         error: String,
         retryable: bool,
+        /// A failed attempt consumed something too.
+        #[serde(default)]
+        usage: Option<Usage>,
     },
     Extend {
         task_id: u64,
@@ -180,6 +200,51 @@ pub enum Command {
     RetireNode {
         node_id: u64,
     },
+    // Flow control. New variants go last, so that entries written before
+    // keep their meaning.
+    /// Sets the limits of a concurrency key, or of every key matching a
+    /// wildcard (`tenant:*`, or `*`), replacing what was there.
+    SetKeyLimits {
+        key: String,
+        limits: KeyLimits,
+    },
+    DeleteKeyLimits {
+        key: String,
+    },
+    /// An operator pauses a task: a pending one at once, a leased one when
+    /// its lease ends without a result (the lease runs to its end).
+    Pause {
+        task_id: u64,
+    },
+    /// Makes a paused task pending again (or withdraws the pause asked for
+    /// a leased one). Refused for a task paused by its tree's budget while
+    /// the budget is still exhausted: raise it with `SetBudget`, which
+    /// resumes the tree. A task paused after its attempts gets them anew.
+    Resume {
+        task_id: u64,
+    },
+    /// Moves up to `limit` dead or paused tasks matching the filter back to
+    /// pending, oldest first: trail kept, attempts counted anew. Never a
+    /// task that succeeded (only `dead` and `paused` are accepted). Skips
+    /// tasks whose parent has finished and tasks of a tree whose budget is
+    /// exhausted.
+    Replay {
+        #[serde(default)]
+        queue: Option<String>,
+        state: TaskState,
+        #[serde(default)]
+        concurrency_key: Option<String>,
+        /// Only tasks that reached their state at or after this log time.
+        #[serde(default)]
+        since_ms: Option<u64>,
+        limit: u32,
+    },
+    /// Sets (or removes) a root's budget. If the tree was paused by its
+    /// budget and no longer exhausts it, its budget-paused tasks resume.
+    SetBudget {
+        task_id: u64,
+        budget: Option<Budget>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +289,22 @@ pub enum Outcome {
     },
     Refused {
         error: Error,
+    },
+    // Flow control: appended, as the commands are.
+    KeyLimitsSet,
+    KeyLimitsDeleted,
+    Paused {
+        task: Task,
+    },
+    Resumed {
+        task: Task,
+    },
+    Replayed {
+        task_ids: Vec<u64>,
+    },
+    /// The budget-paused tasks that resumed.
+    BudgetSet {
+        resumed: Vec<u64>,
     },
 }
 

@@ -9,7 +9,9 @@
 //! do to the state as it is now (refuse all new work, delete retained
 //! tasks) is judged by `State::force_reasons`, since it needs the state.
 
+use crate::flow::QueuePolicy;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
@@ -79,6 +81,26 @@ pub struct Limits {
     /// lists at most this many of its task's children.
     #[serde(default = "default_children_per_task_max")]
     pub children_per_task_max: usize,
+    /// Entries of the flow-control limits table (keys and wildcards).
+    #[serde(default = "default_limit_keys_max")]
+    pub limit_keys_max: usize,
+    /// Queues with a retry policy of their own in `queues`.
+    #[serde(default = "default_queue_policies_max")]
+    pub queue_policies_max: usize,
+    /// Per-queue retry policy (backoff, a cap on attempts, what happens to a
+    /// task that used them all). Not a number, so not in `BOUNDS`: checked
+    /// by `validate` against the global keys' bounds. Left out of the
+    /// serialised policy while empty, so a policy without one reads as before.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub queues: BTreeMap<String, QueuePolicy>,
+}
+
+fn default_limit_keys_max() -> usize {
+    Limits::default().limit_keys_max
+}
+
+fn default_queue_policies_max() -> usize {
+    Limits::default().queue_policies_max
 }
 
 fn default_children_per_task_max() -> usize {
@@ -180,6 +202,8 @@ pub const BOUNDS: &[Bound] = &[
     bound("state_bytes_max", MIB, 256 * 1024 * MIB),
     bound("conversation_ttl_ms", SECOND_MS, 365 * DAY_MS),
     bound("children_per_task_max", 1, 100_000),
+    bound("limit_keys_max", 1, 1_000_000),
+    bound("queue_policies_max", 1, 100_000),
 ];
 
 /// How many heartbeat intervals an agent's time-to-live spans at least: an
@@ -223,6 +247,8 @@ impl Limits {
             ("state_bytes_max", self.state_bytes_max as u64),
             ("conversation_ttl_ms", self.conversation_ttl_ms),
             ("children_per_task_max", self.children_per_task_max as u64),
+            ("limit_keys_max", self.limit_keys_max as u64),
+            ("queue_policies_max", self.queue_policies_max as u64),
         ]
     }
 
@@ -313,7 +339,62 @@ impl Limits {
                 format!("{} must not exceed tasks_max ({})", self.queue_tasks_max, self.tasks_max),
             );
         }
+        self.validate_queues()
+    }
+
+    /// The per-queue retry policies: at most `queue_policies_max`, each
+    /// named like a queue, every value within its global key's bounds, the
+    /// backoff ordered (against the global value where one is absent) and
+    /// the attempts within `attempts_max`.
+    fn validate_queues(&self) -> Result<(), Invalid> {
+        let fail = |reason: String| Err(Invalid { field: "queues", reason });
+        if self.queues.len() > self.queue_policies_max {
+            return fail(format!(
+                "{} queues have a policy, over queue_policies_max ({})",
+                self.queues.len(),
+                self.queue_policies_max
+            ));
+        }
+        for (queue, policy) in &self.queues {
+            let well_named = !queue.is_empty()
+                && queue.len() <= self.queue_name_bytes_max
+                && queue.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'));
+            if !well_named {
+                return fail(format!(
+                    "{queue:?} is not a queue name (1..={} bytes of A-Z a-z 0-9 . _ - :)",
+                    self.queue_name_bytes_max
+                ));
+            }
+            for (field, value) in [
+                ("retry_backoff_ms_base", policy.retry_backoff_ms_base),
+                ("retry_backoff_ms_max", policy.retry_backoff_ms_max),
+            ] {
+                if let Some(value) = value {
+                    let bound = Limits::bound(field).expect("a policy key");
+                    if let Err(invalid) = bound.check(value) {
+                        return fail(format!("{queue:?}: {field} {}", invalid.reason));
+                    }
+                }
+            }
+            let base = policy.retry_backoff_ms_base.unwrap_or(self.retry_backoff_ms_base);
+            let max = policy.retry_backoff_ms_max.unwrap_or(self.retry_backoff_ms_max);
+            if base > max {
+                return fail(format!(
+                    "{queue:?}: retry_backoff_ms_base {base} must not exceed retry_backoff_ms_max {max}"
+                ));
+            }
+            if let Some(attempts) = policy.max_attempts {
+                if attempts == 0 || attempts > self.attempts_max {
+                    return fail(format!("{queue:?}: max_attempts {attempts} must be 1..={}", self.attempts_max));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The retry policy of a queue, if it has one of its own.
+    pub fn queue_policy(&self, queue: &str) -> Option<&QueuePolicy> {
+        self.queues.get(queue)
     }
 }
 
@@ -352,6 +433,9 @@ impl Default for Limits {
             state_bytes_max: 256 * 1024 * 1024,
             conversation_ttl_ms: 7 * 24 * 3600 * 1000,
             children_per_task_max: 1_000,
+            limit_keys_max: 10_000,
+            queue_policies_max: 1_000,
+            queues: BTreeMap::new(),
         }
     }
 }

@@ -12,12 +12,19 @@
 //! child). When a task ends, what its other attempts left behind goes:
 //! their open children are cancelled and their context entries discarded.
 //! Retention compacts only whole finished trees.
+//!
+//! Flow control (per-key limits, fair dispatch, budgets, pause and replay)
+//! lives in `state/flow.rs`: the lease grant path asks it which task of a
+//! queue comes next.
 
 use crate::command::{Command, NewTask, Outcome, Request, Response, Submitted, Writer};
+use crate::flow::{Drr, KeyLimits, KeyUsage, OnExhausted, PauseCause, Usage, USAGE_VALUE_MAX};
 use crate::limits::Limits;
 use crate::task::{payload_hash, Adoption, Agent, Child, Grant, Lease, Task, TaskState, TrailStep};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+
+mod flow;
 
 /// Expected refusals: typed values, mapped to HTTP statuses at the edge.
 #[derive(thiserror::Error, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +72,15 @@ pub enum Error {
     /// request, so the second is refused rather than answered with the first.
     #[error("idempotency key {key:?} names task {task_id}, submitted with another {field}")]
     IdempotencyConflict { key: String, task_id: u64, field: String },
+    // Flow control: appended, so that errors recorded before keep their meaning.
+    /// A budget-paused task cannot resume while its tree's budget is still
+    /// exhausted: raise the budget (`SetBudget` on the root), which resumes it.
+    #[error("task {task_id} is paused by the budget of its tree (root {root_id}), still exhausted: {reason}")]
+    BudgetExhausted { task_id: u64, root_id: u64, reason: String },
+    #[error("no limits are set for key {key:?}")]
+    LimitsNotFound { key: String },
+    #[error("task {task_id} is {state:?}, not paused")]
+    NotPaused { task_id: u64, state: TaskState },
 }
 
 impl Error {
@@ -90,6 +106,9 @@ impl Error {
             Error::ConversationNotFound { .. } => "not_found",
             Error::ForceRequired { .. } => "force_required",
             Error::IdempotencyConflict { .. } => "idempotency_conflict",
+            Error::BudgetExhausted { .. } => "budget_exhausted",
+            Error::LimitsNotFound { .. } => "not_found",
+            Error::NotPaused { .. } => "not_paused",
         }
     }
 }
@@ -110,6 +129,12 @@ pub fn validate_name(field: &str, value: &str, max: usize) -> Result<(), Error> 
         return Err(invalid(field, format!("character {bad:?} is not allowed (use A-Z a-z 0-9 . _ - :)")));
     }
     Ok(())
+}
+
+/// A usage report's figures within `USAGE_VALUE_MAX`.
+fn check_usage(usage: Option<&Usage>) -> Result<(), Error> {
+    let Some(usage) = usage else { return Ok(()) };
+    usage.validate().map_err(|(field, reason)| invalid(&format!("usage.{field}"), reason))
 }
 
 fn check_size(field: &str, value: &str, max: usize) -> Result<(), Error> {
@@ -137,6 +162,20 @@ pub fn validate_new_task(task: &NewTask, limits: &Limits) -> Result<(), Error> {
     }
     if task.deadline_ms == Some(0) {
         return Err(invalid("deadline_ms", "must be positive"));
+    }
+    if let Some(key) = &task.concurrency_key {
+        validate_name("concurrency_key", key, limits.id_bytes_max)?;
+    }
+    if let Some(estimate) = task.cost_estimate {
+        if estimate > USAGE_VALUE_MAX {
+            return Err(invalid("cost_estimate", format!("{estimate} is over {USAGE_VALUE_MAX}")));
+        }
+    }
+    if let Some(budget) = &task.budget {
+        if task.parent_id.is_some() {
+            return Err(invalid("budget", "only a root carries a budget: it covers the whole delegation tree"));
+        }
+        budget.validate().map_err(|(field, reason)| invalid(&format!("budget.{field}"), reason))?;
     }
     // A delegation is fenced like a result: without the fence of the
     // parent's lease, nothing may be decided on the parent's behalf.
@@ -227,6 +266,13 @@ pub struct Counters {
     /// Context entries discarded because the attempt that wrote them was superseded.
     #[serde(default)]
     pub context_entries_discarded: u64,
+    /// Tasks paused (by budget, operator or exhausted attempts).
+    #[serde(default)]
+    pub paused: u64,
+    #[serde(default)]
+    pub resumed: u64,
+    #[serde(default)]
+    pub replayed: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,6 +319,16 @@ pub struct State {
     /// Ids of nodes removed from the cluster; never to be reused.
     retired_nodes: BTreeSet<u64>,
     counters: Counters,
+    /// Flow control's limits table: a key, or a wildcard (`tenant:*`), to its limits.
+    #[serde(default)]
+    key_limits: BTreeMap<String, KeyLimits>,
+    /// What each concurrency key in use holds and has used (kept after its
+    /// last task until its bucket is full and its window empty).
+    #[serde(default)]
+    key_usage: BTreeMap<String, KeyUsage>,
+    /// Fair dispatch's turn per queue and priority band (inverse priority).
+    #[serde(default)]
+    drr: BTreeMap<String, BTreeMap<u8, Drr>>,
     // Derived from the fields above, so not stored in snapshots: `restore`
     // recounts them when a snapshot is loaded, and `check_invariants` checks them.
     /// Bytes counted against `state_bytes_max` (see `task_bytes`, `Conversation::bytes`).
@@ -300,7 +356,20 @@ pub struct State {
     /// Context entries per writing task: task -> (conversation, key).
     #[serde(skip)]
     written: BTreeMap<u64, BTreeSet<(String, String)>>,
+    /// `ready` again, split for fair dispatch: queue -> inverse priority ->
+    /// concurrency key ("" for tasks without one) -> task ids.
+    #[serde(skip)]
+    fair_ready: FairReady,
+    /// Reported usage per delegation tree, by root (trees with none absent).
+    #[serde(skip)]
+    tree_usage: BTreeMap<u64, Usage>,
+    /// Key records with no open task, by when they may go: (ms, key).
+    #[serde(skip)]
+    key_idle: BTreeSet<(u64, String)>,
 }
+
+/// queue -> inverse priority -> concurrency key -> ready task ids.
+type FairReady = BTreeMap<String, BTreeMap<u8, BTreeMap<String, BTreeSet<u64>>>>;
 
 /// What `State` derives from its stored fields (recounted on restore, checked
 /// by `check_invariants`).
@@ -314,6 +383,9 @@ struct Derived {
     compactable: BTreeSet<(u64, u64)>,
     compactable_tasks: u64,
     written: BTreeMap<u64, BTreeSet<(String, String)>>,
+    fair_ready: FairReady,
+    tree_usage: BTreeMap<u64, Usage>,
+    key_idle: BTreeSet<(u64, String)>,
 }
 
 impl State {
@@ -336,6 +408,9 @@ impl State {
         self.compactable = derived.compactable;
         self.compactable_tasks = derived.compactable_tasks;
         self.written = derived.written;
+        self.fair_ready = derived.fair_ready;
+        self.tree_usage = derived.tree_usage;
+        self.key_idle = derived.key_idle;
     }
 
     fn derived(&self) -> Derived {
@@ -383,6 +458,26 @@ impl State {
                 written.entry(writer.task_id).or_default().insert((conversation_id.clone(), key.clone()));
             }
         }
+        let mut fair_ready = FairReady::new();
+        for (queue, set) in &self.ready {
+            for &(band, id) in set {
+                let key = self.tasks[&id].concurrency_key.clone().unwrap_or_default();
+                fair_ready
+                    .entry(queue.clone())
+                    .or_default()
+                    .entry(band)
+                    .or_default()
+                    .entry(key)
+                    .or_default()
+                    .insert(id);
+            }
+        }
+        let mut tree_usage: BTreeMap<u64, Usage> = BTreeMap::new();
+        for task in self.tasks.values().filter(|task| !task.usage.is_zero()) {
+            tree_usage.entry(self.root_of(task.id)).or_default().add(&task.usage);
+        }
+        let key_idle =
+            self.key_usage.iter().filter_map(|(key, usage)| usage.idle_from_ms.map(|at| (at, key.clone()))).collect();
         Derived {
             state_bytes,
             conversation_expiry,
@@ -392,6 +487,9 @@ impl State {
             compactable,
             compactable_tasks,
             written,
+            fair_ready,
+            tree_usage,
+            key_idle,
         }
     }
 
@@ -579,6 +677,16 @@ impl State {
                 ),
             ));
         }
+        if policy.limit_keys_max < old.limit_keys_max && self.key_limits.len() > policy.limit_keys_max {
+            reasons.push((
+                "limit_keys_max",
+                format!(
+                    "{} is below the {} entries of the limits table: every new entry would be refused",
+                    policy.limit_keys_max,
+                    self.key_limits.len()
+                ),
+            ));
+        }
         if policy.finished_task_ttl_ms < old.finished_task_ttl_ms {
             let now = self.now_ms;
             // Retention by age compacts whole trees, timed from their last task's end.
@@ -689,11 +797,12 @@ impl State {
     }
 
     /// Whether some registered agent with free capacity serves a queue with a
-    /// task ready now: if so and no lease is granted, dispatch is stalled.
+    /// task ready now that no key's limit holds back: if so and no lease is
+    /// granted, dispatch is stalled.
     pub fn dispatch_possible(&self) -> bool {
         self.agents.values().any(|agent| {
             (agent.leased_task_ids.len() as u32) < agent.capacity
-                && agent.capabilities.iter().any(|q| self.ready.get(q).is_some_and(|set| !set.is_empty()))
+                && agent.capabilities.iter().any(|q| self.queue_has_eligible(q))
         })
     }
 
@@ -732,8 +841,8 @@ impl State {
     }
 
     /// Counts of tasks per (queue, state), for metrics and status.
-    pub fn queue_stats(&self) -> BTreeMap<String, [u64; 6]> {
-        let mut stats: BTreeMap<String, [u64; 6]> = BTreeMap::new();
+    pub fn queue_stats(&self) -> BTreeMap<String, [u64; 7]> {
+        let mut stats: BTreeMap<String, [u64; 7]> = BTreeMap::new();
         for task in self.tasks.values() {
             stats.entry(task.queue.clone()).or_default()[task.state as usize] += 1;
         }
@@ -752,7 +861,8 @@ impl State {
     }
 
     /// The earliest log time at which advancing time would change something
-    /// (a backoff ends, a lease expires, a deadline or a wait times out).
+    /// (a backoff ends, a lease expires, a deadline or a wait times out, a
+    /// key held back by its rate or its tokens per minute may be granted again).
     /// The leader proposes a `Tick` once its clock reaches it.
     pub fn next_due_ms(&self) -> Option<u64> {
         [
@@ -776,6 +886,7 @@ impl State {
                 .filter(|(_, marked)| !marked)
                 .map(|(since, _)| since.saturating_add(self.limits.unserved_grace_ms).saturating_add(1))
                 .min(),
+            self.next_key_due_ms(),
         ]
         .into_iter()
         .flatten()
@@ -813,8 +924,9 @@ impl State {
             Command::Lease { agent_id, epoch, queues, lease_ttl_ms, .. } => {
                 self.check_lease(agent_id, *epoch, queues, *lease_ttl_ms).map(drop)
             }
-            Command::Complete { task_id, fence, result } => {
+            Command::Complete { task_id, fence, result, usage } => {
                 check_size("result", result, self.limits.result_bytes_max)?;
+                check_usage(usage.as_ref())?;
                 if self.completed_before(*task_id, *fence, result).is_some() {
                     return Ok(());
                 }
@@ -823,8 +935,9 @@ impl State {
                 let old = task.result.as_ref().map_or(0, String::len);
                 self.check_room(result.len() as u64, old as u64)
             }
-            Command::Fail { task_id, fence, error, retryable } => {
+            Command::Fail { task_id, fence, error, retryable, usage } => {
                 check_size("error", error, self.limits.result_bytes_max)?;
+                check_usage(usage.as_ref())?;
                 if self.failed_before(*task_id, *fence, error, *retryable).is_some() {
                     return Ok(());
                 }
@@ -875,6 +988,14 @@ impl State {
                 }
                 Ok(())
             }
+            Command::SetKeyLimits { key, limits } => self.check_set_key_limits(key, limits),
+            Command::DeleteKeyLimits { key } => self.check_delete_key_limits(key),
+            Command::Pause { task_id } => self.open_task(*task_id).map(drop),
+            Command::Resume { task_id } => self.check_resume(*task_id),
+            Command::Replay { queue, state, concurrency_key, limit, .. } => {
+                self.check_replay(queue.as_deref(), *state, concurrency_key.as_deref(), *limit)
+            }
+            Command::SetBudget { task_id, budget } => self.check_set_budget(*task_id, budget.as_ref()),
         }
     }
 
@@ -907,10 +1028,8 @@ impl State {
                 break;
             }
             self.delayed.pop_first();
-            let task = &self.tasks[&id];
-            assert_eq!(task.state, TaskState::Pending);
-            let key = (9 - task.priority, id);
-            self.ready.entry(task.queue.clone()).or_default().insert(key);
+            assert_eq!(self.tasks[&id].state, TaskState::Pending);
+            self.ready_insert(id);
         }
         while let Some(&(valid_until, id)) = self.lease_expiry.first() {
             if valid_until >= now {
@@ -964,6 +1083,7 @@ impl State {
             }
             self.finish(id, TaskState::Dead, None, |task| task.dead_reason = Some("expired".to_string()));
         }
+        self.forget_idle_keys();
         self.enforce_retention();
     }
 
@@ -984,8 +1104,12 @@ impl State {
             Command::Lease { agent_id, epoch, queues, tasks_max, lease_ttl_ms } => {
                 self.lease(index, agent_id, *epoch, queues, *tasks_max, *lease_ttl_ms)
             }
-            Command::Complete { task_id, fence, result } => self.complete(*task_id, *fence, result),
-            Command::Fail { task_id, fence, error, retryable } => self.fail(*task_id, *fence, error, *retryable),
+            Command::Complete { task_id, fence, result, usage } => {
+                self.complete(*task_id, *fence, result, usage.as_ref())
+            }
+            Command::Fail { task_id, fence, error, retryable, usage } => {
+                self.fail(*task_id, *fence, error, *retryable, usage.as_ref())
+            }
             Command::Extend { task_id, fence, lease_ttl_ms } => self.extend(*task_id, *fence, *lease_ttl_ms),
             Command::Progress { task_id, fence } => self.progress(*task_id, *fence),
             Command::ContextPut { conversation_id, key, value, expected_version, writer } => {
@@ -1008,6 +1132,20 @@ impl State {
                 self.retired_nodes.insert(*node_id);
                 Ok(Outcome::NodeRetired)
             }
+            Command::SetKeyLimits { key, limits } => {
+                self.key_limits.insert(key.clone(), limits.clone());
+                Ok(Outcome::KeyLimitsSet)
+            }
+            Command::DeleteKeyLimits { key } => {
+                self.key_limits.remove(key);
+                Ok(Outcome::KeyLimitsDeleted)
+            }
+            Command::Pause { task_id } => Ok(self.pause(*task_id)),
+            Command::Resume { task_id } => Ok(self.resume(*task_id)),
+            Command::Replay { queue, state, concurrency_key, since_ms, limit } => {
+                Ok(self.replay(queue.as_deref(), *state, concurrency_key.as_deref(), *since_ms, *limit))
+            }
+            Command::SetBudget { task_id, budget } => Ok(self.set_budget(*task_id, *budget)),
         });
         self.enforce_retention();
         result.unwrap_or_else(|error| Outcome::Refused { error })
@@ -1192,6 +1330,12 @@ impl State {
             superseded_count: 0,
             parent_fence: new.parent_fence,
             adopted: BTreeMap::new(),
+            concurrency_key: new.concurrency_key.clone(),
+            cost_estimate: new.cost_estimate,
+            budget: new.budget,
+            usage: Usage::default(),
+            pause: None,
+            replays: 0,
         };
         if let Some(key) = &new.idempotency_key {
             self.idempotency_keys.insert(key.clone(), id);
@@ -1212,7 +1356,11 @@ impl State {
             None => id,
         };
         *self.tree_open.entry(root).or_default() += 1;
+        if let Some(key) = &new.concurrency_key {
+            self.key_opened(key);
+        }
         self.tasks.insert(id, task);
+        // Into a tree whose budget is exhausted, a new task comes paused.
         self.make_ready(id);
         self.counters.submitted += 1;
         Ok(Submitted { task_id: id, deduplicated: false, adopted: false })
@@ -1356,7 +1504,8 @@ impl State {
     }
 
     /// How many leases a `Lease` command would grant now: none when the
-    /// agent is at its capacity or no task is ready on the queues. A
+    /// agent is at its capacity or no task is ready on the queues (or every
+    /// ready one is held back by its key's limits). A
     /// long-poll proposes a lease only when this is positive, so that an
     /// agent waiting for work costs no log entry. (Applying may still grant
     /// fewer: another agent may take the tasks first.)
@@ -1369,9 +1518,16 @@ impl State {
         lease_ttl_ms: u64,
     ) -> Result<u32, Error> {
         let agent = self.check_lease(agent_id, epoch, queues, lease_ttl_ms)?;
+        let room = tasks_max.min(agent.room());
         let distinct: BTreeSet<&String> = queues.iter().collect();
-        let ready: usize = distinct.into_iter().map(|q| self.ready.get(q).map_or(0, |set| set.len())).sum();
-        Ok(tasks_max.min(agent.room()).min(ready.min(u32::MAX as usize) as u32))
+        let mut ready: u32 = 0;
+        for queue in distinct {
+            if ready >= room {
+                break;
+            }
+            ready = ready.saturating_add(self.eligible_count(queue, room - ready));
+        }
+        Ok(room.min(ready))
     }
 
     fn lease(
@@ -1388,23 +1544,23 @@ impl State {
         let valid_until_ms = self.now_ms.saturating_add(lease_ttl_ms);
         let mut grants = Vec::new();
         for _ in 0..count {
-            // The best task over all asked queues: highest priority, then oldest.
-            // A task already granted by this entry and released again within
-            // it (its holder expired, deregistered or re-registered) waits for
-            // the next entry: a second grant would carry the same fence as the
-            // voided one, and the fence must name one lease.
-            let tasks = &self.tasks;
+            // The best task over all asked queues: highest priority, then
+            // within the band the key whose turn it is (fair dispatch), and
+            // between queues the oldest. A task already granted by this entry
+            // and released again within it (its holder expired, deregistered
+            // or re-registered) waits for the next entry: a second grant would
+            // carry the same fence as the voided one, and the fence must name
+            // one lease. A key over one of its limits is passed over.
             let best = queues
                 .iter()
-                .filter_map(|q| {
-                    let key = self.ready.get(q)?.iter().find(|(_, id)| tasks[id].last_fence < index)?;
-                    Some((*key, q))
-                })
-                .min();
-            let Some((key, queue)) = best else { break };
+                .filter_map(|queue| self.queue_candidate(queue, index).map(|turn| (turn, queue)))
+                .min_by_key(|(turn, _)| (turn.band, turn.task_id));
+            let Some((turn, queue)) = best else { break };
             let queue = queue.clone();
-            self.ready.get_mut(&queue).expect("found above").remove(&key);
-            let task_id = key.1;
+            let task_id = turn.task_id;
+            self.take_turn(&queue, &turn);
+            self.ready_remove(task_id);
+            self.key_granted(task_id);
             let task = self.tasks.get_mut(&task_id).expect("ready task exists");
             assert_eq!(task.state, TaskState::Pending);
             assert!(task.lease.is_none());
@@ -1524,17 +1680,21 @@ impl State {
     fn failed_before(&self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Option<&Task> {
         let task = self.tasks.get(&task_id)?;
         let same_error = task.error.as_deref() == Some(error) && task.last_fence == fence;
-        let already_retrying = retryable && task.state == TaskState::Pending;
+        // A paused task stays paused after a retryable failure.
+        let already_retrying = retryable && matches!(task.state, TaskState::Pending | TaskState::Paused);
         let already_failed = !retryable && matches!(task.state, TaskState::Failed);
         (same_error && (already_retrying || already_failed)).then_some(task)
     }
 
-    fn complete(&mut self, task_id: u64, fence: u64, result: &str) -> Result<Outcome, Error> {
+    fn complete(&mut self, task_id: u64, fence: u64, result: &str, usage: Option<&Usage>) -> Result<Outcome, Error> {
         if let Some(task) = self.completed_before(task_id, fence, result) {
             return Ok(Outcome::Completed { task: task.clone() });
         }
         self.check_fence(task_id, fence)?;
         self.make_room(result.len() as u64, self.tasks[&task_id].result.as_ref().map_or(0, String::len) as u64)?;
+        if let Some(usage) = usage {
+            self.record_usage(task_id, usage);
+        }
         // A succeeded task carries no error of an earlier attempt or wait.
         self.finish(task_id, TaskState::Succeeded, Some(fence), |task| {
             task.result = Some(result.to_string());
@@ -1543,34 +1703,56 @@ impl State {
         Ok(Outcome::Completed { task: self.tasks[&task_id].clone() })
     }
 
-    fn fail(&mut self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Result<Outcome, Error> {
+    fn fail(
+        &mut self,
+        task_id: u64,
+        fence: u64,
+        error: &str,
+        retryable: bool,
+        usage: Option<&Usage>,
+    ) -> Result<Outcome, Error> {
         if let Some(task) = self.failed_before(task_id, fence, error, retryable) {
             return Ok(Outcome::Failed { task: task.clone() });
         }
         self.check_fence(task_id, fence)?;
         self.make_room(error.len() as u64, self.tasks[&task_id].error.as_ref().map_or(0, String::len) as u64)?;
+        if let Some(usage) = usage {
+            self.record_usage(task_id, usage);
+        }
         let task = &self.tasks[&task_id];
+        // A report under the current fence may come after the lease lapsed
+        // and the task was paused: a retryable failure leaves it paused.
+        let was_paused = task.state == TaskState::Paused;
+        let exhausted = task.attempts >= self.max_attempts_of(task);
+        let pause_when_exhausted = self.on_exhausted(&task.queue) == OnExhausted::Pause;
         if !retryable {
             self.finish(task_id, TaskState::Failed, Some(fence), |task| task.error = Some(error.to_string()));
-        } else if task.attempts >= task.max_attempts {
+        } else if exhausted && !pause_when_exhausted {
             self.finish(task_id, TaskState::Dead, Some(fence), |task| {
                 task.error = Some(error.to_string());
                 task.dead_reason = Some(format!("attempts_exhausted: {} attempts", task.attempts));
             });
         } else {
+            let (base, max) = self.backoff_of(&task.queue);
             let exponent = task.attempts.saturating_sub(1).min(30);
-            let backoff =
-                self.limits.retry_backoff_ms_base.saturating_mul(1 << exponent).min(self.limits.retry_backoff_ms_max);
+            let backoff = base.saturating_mul(1 << exponent).min(max);
             let not_before = self.now_ms.saturating_add(backoff);
+            let attempts = task.attempts;
             self.release_lease(task_id);
             self.remove_ready(task_id);
             self.set_error(task_id, error.to_string());
             // The attempt is over and not accepted: its context entries go.
             // (Its children stay, for the next attempt to adopt.)
             self.discard_entries(task_id, None);
-            let task = self.tasks.get_mut(&task_id).expect("checked");
-            task.not_before_ms = not_before;
-            self.delayed.insert((not_before, task_id));
+            if was_paused {
+                // Stays paused, where resume or replay will find it.
+            } else if exhausted {
+                let reason = format!("attempts_exhausted: {attempts} attempts");
+                self.pause_pending(task_id, PauseCause::AttemptsExhausted, reason);
+            } else {
+                self.tasks.get_mut(&task_id).expect("checked").not_before_ms = not_before;
+                self.requeue(task_id);
+            }
         }
         Ok(Outcome::Failed { task: self.tasks[&task_id].clone() })
     }
@@ -1850,34 +2032,112 @@ impl State {
 
     // ---- helpers that keep the indexes in step with the tasks ----
 
+    /// A task that may be leased now (new, or after a lease without a
+    /// result): ready, or paused if a pause was asked for while it was
+    /// leased or its tree's budget is exhausted.
     fn make_ready(&mut self, task_id: u64) {
+        let task = self.tasks.get_mut(&task_id).expect("task exists");
+        task.not_before_ms = 0;
+        self.requeue(task_id);
+    }
+
+    /// Back to pending, after `not_before_ms` (a backoff), unless a pause
+    /// holds it back.
+    fn requeue(&mut self, task_id: u64) {
         let task = self.tasks.get_mut(&task_id).expect("task exists");
         assert!(!task.state.is_terminal());
         assert!(task.lease.is_none());
         task.state = TaskState::Pending;
-        let key = (9 - task.priority, task_id);
-        self.ready.entry(task.queue.clone()).or_default().insert(key);
+        if let Some(pause) = task.pause.take() {
+            // Asked for while the task was leased: in force now.
+            self.pause_pending(task_id, pause.cause, pause.reason);
+            return;
+        }
+        let root = self.root_of(task_id);
+        if let Some(reason) = self.budget_exhausted(root) {
+            self.pause_pending(task_id, PauseCause::Budget, reason);
+            return;
+        }
+        let task = &self.tasks[&task_id];
+        if task.not_before_ms > self.now_ms {
+            self.delayed.insert((task.not_before_ms, task_id));
+        } else {
+            self.ready_insert(task_id);
+        }
     }
 
     fn remove_ready(&mut self, task_id: u64) {
+        self.ready_remove(task_id);
         let task = &self.tasks[&task_id];
-        if let Some(set) = self.ready.get_mut(&task.queue) {
-            set.remove(&(9 - task.priority, task_id));
-            if set.is_empty() {
-                self.ready.remove(&task.queue);
-            }
-        }
         self.delayed.remove(&(task.not_before_ms, task_id));
     }
 
+    /// Indexes a pending task as ready now, for dispatch (`ready`) and for
+    /// fair dispatch (`fair_ready`).
+    fn ready_insert(&mut self, task_id: u64) {
+        let task = &self.tasks[&task_id];
+        assert_eq!(task.state, TaskState::Pending);
+        let band = 9 - task.priority;
+        self.ready.entry(task.queue.clone()).or_default().insert((band, task_id));
+        let key = task.concurrency_key.clone().unwrap_or_default();
+        let keys = self.fair_ready.entry(task.queue.clone()).or_default().entry(band).or_default();
+        keys.entry(key).or_default().insert(task_id);
+    }
+
+    /// Takes a task out of both ready indexes, if it is there. A key whose
+    /// last ready task leaves loses its credit in the round; a band left
+    /// empty loses its round.
+    fn ready_remove(&mut self, task_id: u64) {
+        let task = &self.tasks[&task_id];
+        let band = 9 - task.priority;
+        let Some(set) = self.ready.get_mut(&task.queue) else { return };
+        if !set.remove(&(band, task_id)) {
+            return;
+        }
+        if set.is_empty() {
+            self.ready.remove(&task.queue);
+        }
+        let key = task.concurrency_key.clone().unwrap_or_default();
+        let bands = self.fair_ready.get_mut(&task.queue).expect("indexed alike");
+        let keys = bands.get_mut(&band).expect("indexed alike");
+        let ids = keys.get_mut(&key).expect("indexed alike");
+        assert!(ids.remove(&task_id), "indexed alike");
+        if !ids.is_empty() {
+            return;
+        }
+        keys.remove(&key);
+        let band_empty = keys.is_empty();
+        if band_empty {
+            bands.remove(&band);
+            if bands.is_empty() {
+                self.fair_ready.remove(&task.queue);
+            }
+        }
+        let queue = task.queue.clone();
+        if let Some(rounds) = self.drr.get_mut(&queue) {
+            if band_empty {
+                rounds.remove(&band);
+            } else if let Some(turn) = rounds.get_mut(&band).filter(|turn| turn.cursor == key) {
+                turn.deficit = 0;
+            }
+            if rounds.is_empty() {
+                self.drr.remove(&queue);
+            }
+        }
+    }
+
     /// A task whose lease ended without a result: ready for another attempt,
-    /// or dead when it has used all of them.
+    /// or, when it has used all of them, dead (or paused, if its queue's
+    /// policy says `on_exhausted: pause`).
     fn retry_or_bury(&mut self, task_id: u64, why: &str) {
         let task = &self.tasks[&task_id];
-        if task.attempts >= task.max_attempts {
-            self.finish(task_id, TaskState::Dead, None, |task| {
-                task.dead_reason = Some(format!("attempts_exhausted: {why} on attempt {}", task.attempts))
-            });
+        if task.attempts >= self.max_attempts_of(task) {
+            let reason = format!("attempts_exhausted: {why} on attempt {}", task.attempts);
+            if self.on_exhausted(&task.queue) == OnExhausted::Pause {
+                self.pause_pending(task_id, PauseCause::AttemptsExhausted, reason);
+            } else {
+                self.finish(task_id, TaskState::Dead, None, |task| task.dead_reason = Some(reason));
+            }
         } else {
             self.make_ready(task_id);
         }
@@ -1888,6 +2148,14 @@ impl State {
         self.remove_wait(task_id);
         let task = self.tasks.get_mut(&task_id).expect("task exists");
         if let Some(lease) = task.lease.take() {
+            let key = task.concurrency_key.clone();
+            let estimate = task.cost_estimate.unwrap_or(0);
+            task.state = TaskState::Pending;
+            if let Some(key) = key {
+                let usage = self.key_usage.get_mut(&key).expect("an open task's key has a record");
+                usage.held -= 1;
+                usage.leased_estimate -= estimate;
+            }
             self.lease_expiry.remove(&(lease.valid_until_ms, task_id));
             self.lease_progress.remove(&(lease.progress_ms, task_id));
             if let Some(agent) = self.agents.get_mut(&lease.agent_id) {
@@ -1895,7 +2163,6 @@ impl State {
                     agent.leased_task_ids.remove(&task_id);
                 }
             }
-            task.state = TaskState::Pending;
         }
     }
 
@@ -1952,6 +2219,9 @@ impl State {
         assert!(accepted.is_none_or(|fence| fence == task.last_fence), "only the current fence ends a task");
         task.state = state;
         task.updated_ms = now;
+        // A pause is a live condition: it ends with the task.
+        task.pause = None;
+        let key = task.concurrency_key.clone();
         let before = task_bytes(task);
         update(task);
         self.state_bytes = self.state_bytes - before + task_bytes(task);
@@ -1964,6 +2234,9 @@ impl State {
             self.open_per_queue.remove(&task.queue);
         }
         self.finished.insert((now, task_id));
+        if let Some(key) = key {
+            self.key_closed(&key);
+        }
         self.discard_entries(task_id, accepted);
         let root = self.root_of(task_id);
         let open = self.tree_open.get_mut(&root).expect("an open task counts in its tree");
@@ -1980,7 +2253,7 @@ impl State {
             TaskState::Failed => self.counters.failed += 1,
             TaskState::Cancelled => self.counters.cancelled += 1,
             TaskState::Dead => self.counters.dead += 1,
-            TaskState::Pending | TaskState::Leased => unreachable!(),
+            TaskState::Pending | TaskState::Leased | TaskState::Paused => unreachable!(),
         }
     }
 
@@ -2000,6 +2273,7 @@ impl State {
         let Some((_, root)) = self.compactable.pop_first() else { return false };
         let tree = self.tree(root);
         self.compactable_tasks -= tree.len() as u64;
+        self.tree_usage.remove(&root);
         for task_id in tree {
             let task = self.tasks.remove(&task_id).expect("a tree's tasks exist");
             assert!(task.state.is_terminal(), "a compacted tree has no open task");
@@ -2198,6 +2472,7 @@ impl State {
         assert_eq!(leased, self.lease_progress.len());
         let held: usize = self.agents.values().map(|a| a.leased_task_ids.len()).sum();
         assert_eq!(held, leased, "every lease is held by exactly one agent");
+        self.check_flow_invariants();
         let mut servers: BTreeMap<String, u32> = BTreeMap::new();
         for agent in self.agents.values() {
             for capability in &agent.capabilities {
@@ -2216,6 +2491,9 @@ impl State {
         assert_eq!(derived.compactable, self.compactable, "finished trees");
         assert_eq!(derived.compactable_tasks, self.compactable_tasks, "tasks of finished trees");
         assert_eq!(derived.written, self.written, "context entries per writer");
+        assert_eq!(derived.fair_ready, self.fair_ready, "ready tasks per key");
+        assert_eq!(derived.tree_usage, self.tree_usage, "usage per tree");
+        assert_eq!(derived.key_idle, self.key_idle, "idle keys");
         for conversation in self.conversations.values() {
             let bytes: usize = conversation.entries.iter().map(|(key, (_, value))| key.len() + value.len()).sum();
             assert_eq!(bytes, conversation.bytes, "conversation bytes");

@@ -3,6 +3,7 @@
 //! Plain data with no behaviour beyond small predicates; every change to them
 //! goes through `State::apply` in `state.rs`.
 
+use crate::flow::{Budget, Pause, Usage};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -22,6 +23,10 @@ pub enum TaskState {
     Cancelled,
     /// Dead-lettered: see `dead_reason` (attempts exhausted, expired, ...).
     Dead,
+    /// Held back, not finished: by its tree's budget, by an operator, or
+    /// after its attempts under an `on_exhausted: pause` policy (see
+    /// `Task::pause`). Resume or replay makes it pending again.
+    Paused,
 }
 
 impl TaskState {
@@ -37,6 +42,7 @@ impl TaskState {
             "failed" => TaskState::Failed,
             "cancelled" => TaskState::Cancelled,
             "dead" => TaskState::Dead,
+            "paused" => TaskState::Paused,
             _ => return None,
         })
     }
@@ -49,6 +55,7 @@ impl TaskState {
             TaskState::Failed => "failed",
             TaskState::Cancelled => "cancelled",
             TaskState::Dead => "dead",
+            TaskState::Paused => "paused",
         }
     }
 }
@@ -110,6 +117,26 @@ pub struct Task {
     /// created and those it adopted (`State::owner_fence`).
     #[serde(default)]
     pub adopted: BTreeMap<u64, Adoption>,
+    /// Flow control's key: the task counts against the key's limits and
+    /// shares its turn in fair dispatch.
+    #[serde(default)]
+    pub concurrency_key: Option<String>,
+    /// Tokens the task is expected to consume, counted against its key's
+    /// `tokens_per_minute` while it is leased.
+    #[serde(default)]
+    pub cost_estimate: Option<u64>,
+    /// On a root: what its whole delegation tree may consume.
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    /// What the task's attempts reported they consumed, summed.
+    #[serde(default)]
+    pub usage: Usage,
+    /// A pause in force (state `paused`) or asked for while leased.
+    #[serde(default)]
+    pub pause: Option<Pause>,
+    /// Times the task was replayed (moved back to pending from dead or paused).
+    #[serde(default)]
+    pub replays: u32,
 }
 
 /// A child taken over by a later attempt of its parent.

@@ -148,9 +148,12 @@ fn reports_on_a_lapsed_lease_are_refused_before_proposing() {
     sim.check(Command::Progress { task_id: id, fence }, expired.clone());
     sim.check(Command::Wait { task_id: id, fence, on: vec![other], timeout_ms: 1_000 }, expired);
     // A result under it is still accepted (until another lease is granted).
-    assert_eq!(sim.state.check(&Command::Complete { task_id: id, fence, result: "1".into() }), Ok(()));
+    assert_eq!(sim.state.check(&Command::Complete { task_id: id, fence, result: "1".into(), usage: None }), Ok(()));
     // A stale fence is left to the log, which counts it.
-    assert_eq!(sim.state.check(&Command::Complete { task_id: other, fence: 1, result: "1".into() }), Ok(()));
+    assert_eq!(
+        sim.state.check(&Command::Complete { task_id: other, fence: 1, result: "1".into(), usage: None }),
+        Ok(())
+    );
     sim.check(
         Command::Extend { task_id: other, fence: other_fence, lease_ttl_ms: 1 },
         invalid("lease_ttl_ms", "must be 100..=86400000"),
@@ -260,7 +263,7 @@ fn grantable_is_zero_at_capacity_or_without_ready_work() {
     sim.lease_one("a", epoch, "r", 10_000);
     assert_eq!(sim.state.grantable("a", epoch, &queues, 5, 1_000), Ok(0), "at capacity with work ready");
     assert_eq!(sim.one(lease("a", epoch, &["q"], 5, 1_000)), Outcome::Leased { grants: vec![] });
-    sim.one(Command::Complete { task_id: id, fence, result: "1".into() });
+    sim.one(Command::Complete { task_id: id, fence, result: "1".into(), usage: None });
     assert_eq!(sim.state.grantable("a", epoch, &queues, 5, 1_000), Ok(1), "a lease ended");
     assert_eq!(
         sim.state.grantable("a", epoch + 1, &queues, 5, 1_000),

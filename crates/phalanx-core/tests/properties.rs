@@ -372,6 +372,7 @@ fn resolve(state: &State, op: &Op) -> Command {
                     // Some tasks share a conversation, so that retention's
                     // removal of a conversation with its last task is exercised.
                     conversation_id: (spec.priority < 4).then(|| format!("c{}", spec.priority % 2)),
+                    ..NewTask::new("", "")
                 })
                 .collect(),
         },
@@ -405,12 +406,17 @@ fn resolve(state: &State, op: &Op) -> Command {
         }
         Op::Complete { task, fence } => {
             let task_id = task_id(state, *task);
-            Command::Complete { task_id, fence: fence_value(state, task_id, fence), result: format!("\"r{task_id}\"") }
+            Command::Complete {
+                task_id,
+                fence: fence_value(state, task_id, fence),
+                result: format!("\"r{task_id}\""),
+                usage: None,
+            }
         }
         Op::Fail { task, fence, retryable } => {
             let task_id = task_id(state, *task);
             let fence = fence_value(state, task_id, fence);
-            Command::Fail { task_id, fence, error: "boom".into(), retryable: *retryable }
+            Command::Fail { task_id, fence, error: "boom".into(), retryable: *retryable, usage: None }
         }
         Op::Extend { task, fence, lease_ttl_ms } => {
             let task_id = task_id(state, *task);
@@ -722,8 +728,8 @@ proptest! {
                 fence += 1;
             }
             let command = match probe.kind {
-                0 => Command::Complete { task_id, fence, result: "\"stale\"".into() },
-                1 => Command::Fail { task_id, fence, error: "stale".into(), retryable: true },
+                0 => Command::Complete { task_id, fence, result: "\"stale\"".into(), usage: None },
+                1 => Command::Fail { task_id, fence, error: "stale".into(), retryable: true, usage: None },
                 _ => Command::Extend { task_id, fence, lease_ttl_ms: 1_000 },
             };
             let mut copy = after.clone();

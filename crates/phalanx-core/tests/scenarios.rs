@@ -175,11 +175,11 @@ fn lease(agent_id: &str, epoch: u64, queues: &[&str], tasks_max: u32, lease_ttl_
 }
 
 fn complete(task_id: u64, fence: u64, result: &str) -> Command {
-    Command::Complete { task_id, fence, result: result.into() }
+    Command::Complete { task_id, fence, result: result.into(), usage: None }
 }
 
 fn fail(task_id: u64, fence: u64, retryable: bool) -> Command {
-    Command::Fail { task_id, fence, error: "boom".into(), retryable }
+    Command::Fail { task_id, fence, error: "boom".into(), retryable, usage: None }
 }
 
 fn superseded(task_id: u64, fence: u64, current: u64) -> Error {
