@@ -123,6 +123,10 @@ error_codes! {
     ForceRequired = "force_required", 409, NotDone, false;
     /// An idempotency key sent again with another request.
     IdempotencyConflict = "idempotency_conflict", 409, NotDone, false;
+    /// A resume of a task whose tree is still over its budget (raise the budget first).
+    BudgetExhausted = "budget_exhausted", 409, NotDone, false;
+    /// A resume of a task that is not paused.
+    NotPaused = "not_paused", 409, NotDone, false;
     /// A membership change naming a node that is already a member.
     AlreadyMember = "already_member", 409, NotDone, false;
     /// A membership change naming an id once removed.

@@ -14,6 +14,58 @@ use utoipa::ToSchema;
 
 // ---- tasks ----
 
+/// What an attempt consumed. `cost` is a whole number in a unit the fleet
+/// chooses (micro-dollars, say); tokens are the provider's. Each at most 10^12.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    #[serde(default)]
+    pub tokens_in: u64,
+    #[serde(default)]
+    pub tokens_out: u64,
+    #[serde(default)]
+    pub cost: u64,
+}
+
+/// What a delegation tree may consume, carried by its root.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_max: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_max: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseCause {
+    /// Its tree's budget is exhausted; resumed when the budget is raised.
+    Budget,
+    /// An operator paused it.
+    Operator,
+    /// It used its attempts and its queue's policy says `on_exhausted: pause`.
+    AttemptsExhausted,
+}
+
+/// Why a task is paused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Pause {
+    pub cause: PauseCause,
+    pub reason: String,
+    pub since_ms: u64,
+}
+
+/// Which flow-control limit holds a pending task back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WaitingOn {
+    pub key: String,
+    /// `concurrency_max`, `rate_per_second` or `tokens_per_minute`.
+    pub limit: String,
+    /// The limits table's entry that set it (the key itself or a wildcard such as `tenant:*`).
+    pub rule: String,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
@@ -23,20 +75,24 @@ pub enum TaskState {
     Failed,
     Cancelled,
     Dead,
+    /// Held back until resumed: by an operator, by its tree's budget, or
+    /// after its attempts when its queue's policy says `on_exhausted: pause`.
+    Paused,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 6] = [
+    pub const ALL: [TaskState; 7] = [
         TaskState::Pending,
         TaskState::Leased,
         TaskState::Succeeded,
         TaskState::Failed,
         TaskState::Cancelled,
         TaskState::Dead,
+        TaskState::Paused,
     ];
 
     pub fn is_terminal(self) -> bool {
-        !matches!(self, TaskState::Pending | TaskState::Leased)
+        !matches!(self, TaskState::Pending | TaskState::Leased | TaskState::Paused)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -47,6 +103,7 @@ impl TaskState {
             TaskState::Failed => "failed",
             TaskState::Cancelled => "cancelled",
             TaskState::Dead => "dead",
+            TaskState::Paused => "paused",
         }
     }
 
@@ -87,6 +144,17 @@ pub struct SubmitRequest {
     pub parent_fence: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conversation_id: Option<String>,
+    /// The flow-control key its limits are counted under (`/v1/limits/{key}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    /// Tokens it is expected to use, counted against its key's
+    /// `tokens_per_minute` while it is leased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_estimate: Option<u64>,
+    /// For a root task: what its whole delegation tree may use; when the
+    /// tree's reported usage reaches it, the tree's pending tasks are paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
 }
 
 impl SubmitRequest {
@@ -101,7 +169,24 @@ impl SubmitRequest {
             parent_id: None,
             parent_fence: None,
             conversation_id: None,
+            concurrency_key: None,
+            cost_estimate: None,
+            budget: None,
         }
+    }
+    /// Counted under this flow-control key's limits.
+    pub fn with_concurrency_key(mut self, key: impl Into<String>) -> SubmitRequest {
+        self.concurrency_key = Some(key.into());
+        self
+    }
+    pub fn with_cost_estimate(mut self, tokens: u64) -> SubmitRequest {
+        self.cost_estimate = Some(tokens);
+        self
+    }
+    /// A budget for the tree this root task starts.
+    pub fn with_budget(mut self, budget: Budget) -> SubmitRequest {
+        self.budget = Some(budget);
+        self
     }
     /// 0..=9, higher first.
     pub fn with_priority(mut self, priority: u8) -> SubmitRequest {
@@ -237,6 +322,25 @@ pub struct Task {
     /// For a delegation: the fence of the parent's lease that created it.
     #[serde(default)]
     pub parent_fence: Option<u64>,
+    #[serde(default)]
+    pub concurrency_key: Option<String>,
+    #[serde(default)]
+    pub cost_estimate: Option<u64>,
+    /// A root's budget for its tree.
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    /// What its attempts reported they consumed.
+    #[serde(default)]
+    pub usage: Usage,
+    /// Why it is paused (or, on a leased task, asked to be when its lease ends).
+    #[serde(default)]
+    pub pause: Option<Pause>,
+    /// Times it was replayed.
+    #[serde(default)]
+    pub replays: u32,
+    /// A pending task its key's limits hold back: which key and limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_on: Option<WaitingOn>,
     /// Fields a newer node sends that this build does not know.
     #[serde(flatten)]
     #[schema(ignore)]
@@ -270,6 +374,14 @@ pub struct TaskRef<'a> {
     pub dead_reason: Option<&'a str>,
     pub superseded_count: u32,
     pub parent_fence: Option<u64>,
+    pub concurrency_key: Option<&'a str>,
+    pub cost_estimate: Option<u64>,
+    pub budget: Option<Budget>,
+    pub usage: Usage,
+    pub pause: Option<Pause>,
+    pub replays: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_on: Option<WaitingOn>,
 }
 
 /// Stored JSON text as JSON. Text that does not parse is served as a JSON
@@ -308,6 +420,9 @@ pub struct CompleteRequest {
     pub fence: u64,
     #[serde(default)]
     pub result: Value,
+    /// What the attempt consumed, counted against its key and its tree's budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 /// `POST /v1/tasks/{id}/fail`.
@@ -319,6 +434,9 @@ pub struct FailRequest {
     /// Default true: the task goes back to pending while attempts remain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retryable: Option<bool>,
+    /// What the failed attempt consumed: it counts too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 /// `POST /v1/tasks/{id}/extend`.

@@ -700,7 +700,38 @@ pub fn api_state(state: phalanx_core::TaskState) -> api::TaskState {
         S::Failed => api::TaskState::Failed,
         S::Cancelled => api::TaskState::Cancelled,
         S::Dead => api::TaskState::Dead,
+        S::Paused => api::TaskState::Paused,
     }
+}
+
+pub fn api_usage(usage: &phalanx_core::Usage) -> api::Usage {
+    api::Usage { tokens_in: usage.tokens_in, tokens_out: usage.tokens_out, cost: usage.cost }
+}
+
+fn core_usage(usage: &api::Usage) -> phalanx_core::Usage {
+    phalanx_core::Usage { tokens_in: usage.tokens_in, tokens_out: usage.tokens_out, cost: usage.cost }
+}
+
+fn api_budget(budget: &phalanx_core::Budget) -> api::Budget {
+    api::Budget { tokens_max: budget.tokens_max, cost_max: budget.cost_max }
+}
+
+fn core_budget(budget: &api::Budget) -> phalanx_core::Budget {
+    phalanx_core::Budget { tokens_max: budget.tokens_max, cost_max: budget.cost_max }
+}
+
+fn api_pause(pause: &phalanx_core::Pause) -> api::Pause {
+    use phalanx_core::PauseCause as C;
+    let cause = match pause.cause {
+        C::Budget => api::PauseCause::Budget,
+        C::Operator => api::PauseCause::Operator,
+        C::AttemptsExhausted => api::PauseCause::AttemptsExhausted,
+    };
+    api::Pause { cause, reason: pause.reason.clone(), since_ms: pause.since_ms }
+}
+
+pub fn api_waiting_on(waiting: phalanx_core::WaitingOn) -> api::WaitingOn {
+    api::WaitingOn { key: waiting.key, limit: waiting.limit.as_str().to_string(), rule: waiting.rule }
 }
 
 /// A task as the API shows it (`phalanx_api::Task`), borrowing from the
@@ -744,6 +775,13 @@ pub fn view(task: &Task) -> api::TaskRef<'_> {
         dead_reason: task.dead_reason.as_deref(),
         superseded_count: task.superseded_count,
         parent_fence: task.parent_fence,
+        concurrency_key: task.concurrency_key.as_deref(),
+        cost_estimate: task.cost_estimate,
+        budget: task.budget.as_ref().map(api_budget),
+        usage: api_usage(&task.usage),
+        pause: task.pause.as_ref().map(api_pause),
+        replays: task.replays,
+        waiting_on: None,
     }
 }
 
@@ -778,6 +816,9 @@ fn new_task(request: api::SubmitRequest, node: &Node) -> Result<NewTask, ApiErro
             parent_id: request.parent_id,
             parent_fence: request.parent_fence,
             conversation_id: request.conversation_id,
+            concurrency_key: request.concurrency_key,
+            cost_estimate: request.cost_estimate,
+            budget: request.budget.as_ref().map(core_budget),
         };
         let limits = node.shared.data.read().expect("state lock").state.limits().clone();
         // Stateless checks first, so a malformed task is refused without a read index.
@@ -910,7 +951,8 @@ async fn get_task(State(node): State<Node_>, Path(id): Path<String>, RawQuery(qu
     let stale = read_barrier(&node, &query).await?;
     let data = node.shared.data.read().expect("state lock");
     let task = data.state.task(id).ok_or(phalanx_core::Error::TaskNotFound { task_id: id })?;
-    Ok(mark_stale(task_response(task), stale))
+    let view = api::TaskRef { waiting_on: data.state.waiting_on(id).map(api_waiting_on), ..view(task) };
+    Ok(mark_stale(Json(view).into_response(), stale))
 }
 
 async fn list_tasks(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResult {
@@ -1016,7 +1058,12 @@ async fn cancel(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult 
 async fn complete(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
     let body = parse::<api::CompleteRequest>(body)?;
-    let command = Command::Complete { task_id, fence: body.fence, result: body.result.to_string() };
+    let command = Command::Complete {
+        task_id,
+        fence: body.fence,
+        result: body.result.to_string(),
+        usage: body.usage.as_ref().map(core_usage),
+    };
     let (outcome, _) = propose(&node, command).await?;
     expect_outcome!(outcome, Outcome::Completed { task });
     Ok(task_response(&task))
@@ -1025,8 +1072,13 @@ async fn complete(State(node): State<Node_>, Path(id): Path<String>, body: Body)
 async fn fail(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
     let body = parse::<api::FailRequest>(body)?;
-    let command =
-        Command::Fail { task_id, fence: body.fence, error: body.error, retryable: body.retryable.unwrap_or(true) };
+    let command = Command::Fail {
+        task_id,
+        fence: body.fence,
+        error: body.error,
+        retryable: body.retryable.unwrap_or(true),
+        usage: body.usage.as_ref().map(core_usage),
+    };
     let (outcome, _) = propose(&node, command).await?;
     expect_outcome!(outcome, Outcome::Failed { task });
     Ok(task_response(&task))
@@ -1080,7 +1132,7 @@ async fn status(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResu
         .queue_stats()
         .into_iter()
         .map(|(queue, counts)| {
-            let names = ["pending", "leased", "succeeded", "failed", "cancelled", "dead"];
+            let names = ["pending", "leased", "succeeded", "failed", "cancelled", "dead", "paused"];
             let counts: serde_json::Map<String, Value> =
                 names.iter().zip(counts).map(|(name, count)| (name.to_string(), json!(count))).collect();
             (queue, Value::Object(counts))

@@ -105,7 +105,9 @@ pub fn render(node: &Node) -> String {
     }
     let _ = writeln!(out, "# TYPE phalanx_tasks gauge");
     for (queue, counts) in state.queue_stats() {
-        for (i, state_name) in ["pending", "leased", "succeeded", "failed", "cancelled", "dead"].iter().enumerate() {
+        for (i, state_name) in
+            ["pending", "leased", "succeeded", "failed", "cancelled", "dead", "paused"].iter().enumerate()
+        {
             let _ = writeln!(out, "phalanx_tasks{{queue=\"{queue}\",state=\"{state_name}\"}} {}", counts[i]);
         }
     }

@@ -64,6 +64,9 @@ fn entries(submit_count: u64) -> Vec<Entry<TypeConfig>> {
             parent_id: None,
             parent_fence: None,
             conversation_id: None,
+            concurrency_key: None,
+            cost_estimate: None,
+            budget: None,
         };
         let request = Request { now_ms: 1_000 + n, commands: vec![Command::Submit { tasks: vec![task] }] };
         entries.push(Entry { log_id: log_id(3 + n), payload: EntryPayload::Normal(request) });

@@ -241,7 +241,7 @@ async fn work(shared: Shared, log: Log, task_id: u64, queue: String, fence: u64)
         return;
     }
     if choice < 15 {
-        let fail = Command::Fail { task_id, fence, error: "\"flaky tool\"".into(), retryable: true };
+        let fail = Command::Fail { task_id, fence, error: "\"flaky tool\"".into(), retryable: true, usage: None };
         let _ = cluster::write(&shared, via, vec![fail]).await;
         return;
     }
@@ -254,7 +254,7 @@ async fn work(shared: Shared, log: Log, task_id: u64, queue: String, fence: u64)
     // A result is retried with its fence until the cluster answers it.
     for _ in 0..5 {
         let sent = Instant::now();
-        let complete = Command::Complete { task_id, fence, result: result.clone() };
+        let complete = Command::Complete { task_id, fence, result: result.clone(), usage: None };
         match cluster::write(&shared, pick_node(&shared), vec![complete]).await {
             Ok(outcomes) => {
                 if let Some(Outcome::Completed { task }) = outcomes.first() {
