@@ -215,6 +215,13 @@ class TaskId(int):
     def __repr__(self) -> str:
         return f"TaskId({int(self)}, deduplicated={self.deduplicated}, adopted={self.adopted})"
 
+    def __str__(self) -> str:
+        # Printed and formatted as the plain id, as the `int` submit used to answer.
+        return int.__repr__(self)
+
+    def __format__(self, spec: str) -> str:
+        return format(int(self), spec)
+
     @classmethod
     def of(cls, submitted: Submitted) -> "TaskId":
         return cls(submitted["task_id"], bool(submitted.get("deduplicated", False)),

@@ -293,6 +293,8 @@ def test_sdk_9_a_submit_says_whether_it_was_deduplicated(server, client):
     assert first == again and again.task_id == first
     assert first.deduplicated is False and again.deduplicated is True
     assert json.dumps({"id": again}) == f'{{"id": {int(again)}}}', "still an int to JSON"
+    assert f"/v1/tasks/{again}" == f"/v1/tasks/{int(again)}" == "/v1/tasks/" + str(again), "and to text"
+    assert f"{again:>5}" == f"{int(again):>5}"
 
 
 # ---- the sync Agent's options ----
