@@ -2,17 +2,23 @@
 //! handlers with bounded concurrency, extend long leases, report results
 //! under the lease's fence, and drain gracefully.
 //!
-//! Fencing on the agent side: a lease already past its local deadline is
-//! never started, and a lease older than one already seen for the same task
-//! is refused. When no node answers for `orchestrator_timeout_ms`, the agent
-//! goes autonomous: results go to the durable outbox (`outbox.rs`) and are
+//! Fencing on the agent side: a lease within its safety margin of its local
+//! deadline is never started, and a lease older than one already seen for
+//! the same task is refused. When no node answers for
+//! `orchestrator_timeout_ms`, the agent goes autonomous: results go to the
+//! outbox (`outbox.rs`; in memory without an outbox directory) and are
 //! reconciled when a node answers again.
+//!
+//! The rules (margin, fence memory, state, autonomy budget, outbox) are the
+//! numbered items of `docs/sdk.md`, which the Python SDK follows too; the
+//! decisions are pure functions here (`lease_margin`, `poll_wait_ms`,
+//! `mode_of`, `AutonomyBudget`), and the runtime feeds them time and facts.
 
 use crate::client::{payload_hash, Child, Client, Conversation, Error, LeaseGrant, SubmitRequest, Submitted, Task};
 use crate::outbox::{Entry, Outbox, Report};
 use futures::FutureExt;
 use serde_json::Value;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -34,11 +40,13 @@ pub struct AgentConfig {
     pub poll_wait_ms: u64,
     /// With no answer from any node for this long, the agent goes autonomous.
     pub orchestrator_timeout_ms: u64,
-    /// Where the outbox lives; `None` keeps no outbox (results are retried in memory only).
+    /// Where the outbox lives (`<dir>/<agent_id>.outbox`); `None` keeps
+    /// undelivered results in memory only (lost when the process ends).
     pub outbox_dir: Option<PathBuf>,
     /// Local work the agent may do while autonomous, within the budget below.
     pub autonomous_handler: Option<AutonomousHandler>,
-    /// Autonomy budget: runs of the autonomous handler, and seconds since going autonomous.
+    /// Autonomy budget, per outage (docs/sdk.md, 7): runs of the autonomous
+    /// handler, and seconds since going autonomous.
     pub autonomy_tasks_max: u32,
     pub autonomy_seconds_max: u64,
 }
@@ -231,6 +239,8 @@ pub struct AgentStats {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub superseded: AtomicU64,
+    /// Reports refused for good with another code than `superseded`.
+    pub rejected: AtomicU64,
     pub refused_expired: AtomicU64,
     pub refused_stale: AtomicU64,
     pub outboxed: AtomicU64,
@@ -246,42 +256,96 @@ impl AgentStats {
             _ => Mode::Connected,
         }
     }
-    fn set_mode(&self, mode: Mode, agent_id: &str) {
-        if self.mode.swap(mode as u8, Ordering::Relaxed) != mode as u8 {
+    /// Sets the mode; whether it changed.
+    fn set_mode(&self, mode: Mode, agent_id: &str) -> bool {
+        let changed = self.mode.swap(mode as u8, Ordering::Relaxed) != mode as u8;
+        if changed {
             tracing::warn!(agent_id, mode = mode.as_str(), "agent mode changed");
         }
+        changed
     }
 }
 
-/// The newest fence seen per task, at most `SEEN_FENCES_MAX` tasks (oldest forgotten first).
+/// The agent's state from two facts (docs/sdk.md, 6): how long no node has
+/// answered, and whether results are owed.
+pub fn mode_of(silent: Duration, orchestrator_timeout: Duration, outbox_len: usize) -> Mode {
+    if silent >= orchestrator_timeout {
+        Mode::Autonomous
+    } else if outbox_len > 0 {
+        Mode::Reconciling
+    } else {
+        Mode::Connected
+    }
+}
+
+/// The autonomy budget of one outage (docs/sdk.md, 7): renewed each time
+/// the agent becomes autonomous.
+#[derive(Clone, Copy, Debug)]
+pub struct AutonomyBudget {
+    runs_max: u32,
+    duration_max: Duration,
+    since: Instant,
+    runs: u32,
+}
+
+impl AutonomyBudget {
+    pub fn new(runs_max: u32, duration_max: Duration, now: Instant) -> AutonomyBudget {
+        AutonomyBudget { runs_max, duration_max, since: now, runs: 0 }
+    }
+
+    /// A new outage began at `now`: the whole budget again.
+    pub fn renew(&mut self, now: Instant) {
+        self.since = now;
+        self.runs = 0;
+    }
+
+    /// Takes one run if the budget allows it; the time the run may take.
+    pub fn take_run(&mut self, now: Instant) -> Option<Duration> {
+        let left = self.duration_max.checked_sub(now.saturating_duration_since(self.since))?;
+        if self.runs >= self.runs_max || left.is_zero() {
+            return None;
+        }
+        self.runs += 1;
+        Some(left)
+    }
+}
+
+/// The newest fence seen per task, at most `SEEN_FENCES_MAX` tasks, the
+/// least recently seen forgotten first (docs/sdk.md, 3).
 pub struct SeenFences {
-    fences: BTreeMap<u64, u64>,
-    order: VecDeque<u64>,
+    /// task id -> (newest fence, when last seen).
+    fences: BTreeMap<u64, (u64, u64)>,
+    /// when last seen -> task id, oldest first.
+    order: BTreeMap<u64, u64>,
+    clock: u64,
 }
 
 pub const SEEN_FENCES_MAX: usize = 10_000;
 
 impl SeenFences {
     pub fn new() -> SeenFences {
-        SeenFences { fences: BTreeMap::new(), order: VecDeque::new() }
+        SeenFences { fences: BTreeMap::new(), order: BTreeMap::new(), clock: 0 }
     }
 
     /// Accepts a lease unless a newer one was already seen for the task.
     pub fn accept(&mut self, task_id: u64, fence: u64) -> bool {
-        match self.fences.get(&task_id) {
-            Some(&seen) if seen > fence => false,
-            Some(_) => {
-                self.fences.insert(task_id, fence);
+        self.clock += 1;
+        match self.fences.get(&task_id).copied() {
+            Some((seen, _)) if seen > fence => false,
+            Some((_, last)) => {
+                self.order.remove(&last);
+                self.order.insert(self.clock, task_id);
+                self.fences.insert(task_id, (fence, self.clock));
                 true
             }
             None => {
-                if self.order.len() >= SEEN_FENCES_MAX {
-                    if let Some(oldest) = self.order.pop_front() {
+                if self.fences.len() >= SEEN_FENCES_MAX {
+                    if let Some((_, oldest)) = self.order.pop_first() {
                         self.fences.remove(&oldest);
                     }
                 }
-                self.order.push_back(task_id);
-                self.fences.insert(task_id, fence);
+                self.order.insert(self.clock, task_id);
+                self.fences.insert(task_id, (fence, self.clock));
                 true
             }
         }
@@ -294,12 +358,27 @@ impl Default for SeenFences {
     }
 }
 
-/// Safety margin kept from a lease's end: work is not started this close to it.
+/// The lease safety margin's floor (docs/sdk.md, 2).
 pub const LEASE_MARGIN: Duration = Duration::from_millis(200);
+/// The lease safety margin's ceiling (docs/sdk.md, 2).
+pub const LEASE_MARGIN_MAX: Duration = Duration::from_secs(1);
 
-/// Whether a lease granted with `lease_ttl_ms` on a poll sent at `sent_at` may still be started.
+/// How close to a lease's local deadline work is no longer started: a tenth
+/// of the lease, at least `LEASE_MARGIN` and at most `LEASE_MARGIN_MAX`.
+pub fn lease_margin(lease_ttl_ms: u64) -> Duration {
+    (Duration::from_millis(lease_ttl_ms) / 10).clamp(LEASE_MARGIN, LEASE_MARGIN_MAX)
+}
+
+/// Whether a lease granted with `lease_ttl_ms` on a poll sent at `sent_at`
+/// may still be started: the lease counts from the poll's sending.
 pub fn lease_startable(sent_at: Instant, lease_ttl_ms: u64, now: Instant) -> bool {
-    sent_at + Duration::from_millis(lease_ttl_ms) > now + LEASE_MARGIN
+    sent_at + Duration::from_millis(lease_ttl_ms) > now + lease_margin(lease_ttl_ms)
+}
+
+/// How long a poll may wait for work: at most half the lease, so that a
+/// lease granted at the end of the wait still has half its time.
+pub fn poll_wait_ms(poll_wait_ms: u64, lease_ttl_ms: u64) -> u64 {
+    poll_wait_ms.min(lease_ttl_ms / 2)
 }
 
 pub struct Agent {
@@ -308,38 +387,44 @@ pub struct Agent {
     handler: Handler,
     pub stats: Arc<AgentStats>,
     seen: Mutex<SeenFences>,
-    outbox: Option<Arc<Outbox>>,
+    outbox: Arc<Outbox>,
     epoch: AtomicU64,
     /// Held while re-registering, so that the heartbeat and the poll loop do
     /// not both start a session (the second would release the first's leases).
     registering: tokio::sync::Mutex<()>,
     /// When a node last answered this agent.
     last_contact: Mutex<Instant>,
-    /// When the agent last went autonomous.
-    autonomous_since: Mutex<Option<Instant>>,
+    /// The autonomy budget of the current (or last) outage.
+    autonomy: Mutex<AutonomyBudget>,
 }
 
 impl Agent {
     pub fn new(config: AgentConfig, handler: Handler) -> Result<Arc<Agent>, Error> {
         let client = Client::new(config.nodes.clone(), config.token.clone())?.with_name(config.agent_id.clone());
         let outbox = match &config.outbox_dir {
-            Some(dir) => Some(Arc::new(
-                Outbox::open(&dir.join(format!("{}.outbox", config.agent_id)))
-                    .map_err(|e| Error::Decode(e.to_string()))?,
-            )),
-            None => None,
+            Some(dir) => Outbox::open(&dir.join(format!("{}.outbox", config.agent_id)))
+                .map_err(|error| Error::Outbox(error.to_string()))?,
+            None => {
+                tracing::warn!(agent_id = %config.agent_id, "no outbox_dir: undelivered results are kept in memory only");
+                Outbox::in_memory()
+            }
         };
+        let autonomy = AutonomyBudget::new(
+            config.autonomy_tasks_max,
+            Duration::from_secs(config.autonomy_seconds_max),
+            Instant::now(),
+        );
         Ok(Arc::new(Agent {
             config,
             client: Arc::new(client),
             handler,
             stats: Arc::new(AgentStats::default()),
             seen: Mutex::new(SeenFences::new()),
-            outbox,
+            outbox: Arc::new(outbox),
             epoch: AtomicU64::new(0),
             registering: tokio::sync::Mutex::new(()),
             last_contact: Mutex::new(Instant::now()),
-            autonomous_since: Mutex::new(None),
+            autonomy: Mutex::new(autonomy),
         }))
     }
 
@@ -353,22 +438,32 @@ impl Agent {
     }
 
     pub fn outbox_len(&self) -> usize {
-        self.outbox.as_ref().map(|o| o.len()).unwrap_or(0)
+        self.outbox.len()
     }
 
-    fn contact(&self) {
-        *self.last_contact.lock().expect("contact lock") = Instant::now();
-        if self.stats.mode() == Mode::Autonomous {
-            self.stats.set_mode(Mode::Reconciling, &self.config.agent_id);
+    /// Sets the mode from the facts (docs/sdk.md, 6); entering autonomy
+    /// renews the autonomy budget (7).
+    fn refresh_mode(&self) {
+        let silent = self.last_contact.lock().expect("contact lock").elapsed();
+        let timeout = Duration::from_millis(self.config.orchestrator_timeout_ms);
+        let mode = mode_of(silent, timeout, self.outbox.len());
+        if self.stats.set_mode(mode, &self.config.agent_id) && mode == Mode::Autonomous {
+            self.autonomy.lock().expect("autonomy lock").renew(Instant::now());
         }
     }
 
+    /// A node answered.
+    fn contact(&self) {
+        *self.last_contact.lock().expect("contact lock") = Instant::now();
+        self.refresh_mode();
+    }
+
+    /// A request failed: a 4xx is still an answer; anything else is not.
     fn note_failure(&self, error: &Error) {
-        if error.is_unreachable() || matches!(error, Error::Unknown(_)) {
-            let silent = self.last_contact.lock().expect("contact lock").elapsed();
-            if silent >= Duration::from_millis(self.config.orchestrator_timeout_ms) {
-                self.stats.set_mode(Mode::Autonomous, &self.config.agent_id);
-            }
+        if error.is_answer() {
+            self.contact();
+        } else {
+            self.refresh_mode();
         }
     }
 
@@ -431,6 +526,7 @@ impl Agent {
         let heartbeats = tokio::spawn(self.clone().heartbeat_loop(heartbeat_ms, stopped.clone()));
         let flusher = tokio::spawn(self.clone().flush_loop(stopped));
         let slots = Arc::new(Semaphore::new(self.config.concurrency as usize));
+        let wait_ms = poll_wait_ms(self.config.poll_wait_ms, self.config.lease_ttl_ms);
         loop {
             let free = slots.available_permits() as u32;
             if free == 0 {
@@ -443,7 +539,7 @@ impl Agent {
             let epoch = self.epoch.load(Ordering::SeqCst);
             let polled = tokio::select! {
                 _ = &mut shutdown => break,
-                polled = self.client.poll(&self.config.agent_id, epoch, free, self.config.poll_wait_ms, self.config.lease_ttl_ms) => polled,
+                polled = self.client.poll(&self.config.agent_id, epoch, free, wait_ms, self.config.lease_ttl_ms) => polled,
             };
             match polled {
                 Ok(grants) => {
@@ -473,19 +569,17 @@ impl Agent {
         Ok(())
     }
 
-    /// While autonomous, runs the declared local work within the autonomy budget.
+    /// While autonomous, runs the declared local work within this outage's
+    /// autonomy budget; a run past the budget's time is abandoned.
     async fn autonomy_step(&self) {
         let Some(work) = &self.config.autonomous_handler else { return };
         if self.stats.mode() != Mode::Autonomous {
-            *self.autonomous_since.lock().expect("autonomy lock") = None;
             return;
         }
-        let since = *self.autonomous_since.lock().expect("autonomy lock").get_or_insert_with(Instant::now);
-        let within_time = since.elapsed() <= Duration::from_secs(self.config.autonomy_seconds_max);
-        let within_count = self.stats.autonomous_runs.load(Ordering::Relaxed) < self.config.autonomy_tasks_max as u64;
-        if within_time && within_count {
-            self.stats.autonomous_runs.fetch_add(1, Ordering::Relaxed);
-            work().await;
+        let Some(left) = self.autonomy.lock().expect("autonomy lock").take_run(Instant::now()) else { return };
+        self.stats.autonomous_runs.fetch_add(1, Ordering::Relaxed);
+        if tokio::time::timeout(left, work()).await.is_err() {
+            tracing::warn!(agent_id = %self.config.agent_id, "autonomous work ran past the autonomy budget; abandoned");
         }
     }
 
@@ -554,8 +648,8 @@ impl Agent {
                     // Counted from the request's start, as for a poll: never later than the leader's view.
                     *lease_deadline.lock().expect("lease lock") = sent_at + ttl;
                 }
-                Err(Error::Api { status: 429 | 503, .. }) => {}
-                Err(error @ Error::Api { .. }) => {
+                Err(error) if error.is_definite() => {
+                    self.note_failure(&error);
                     tracing::warn!(task_id, fence, %error, "lease lost: extension refused");
                     *lease_deadline.lock().expect("lease lock") = Instant::now();
                     return;
@@ -565,39 +659,34 @@ impl Agent {
         }
     }
 
-    /// Reports a result under its fence; when no node can take it, keeps it
-    /// in the outbox for reconciliation.
+    /// Reports a result under its fence; when no node takes it (or the agent
+    /// is autonomous), keeps it in the outbox for reconciliation.
     async fn report(&self, entry: Entry) {
-        // Not longer than orchestrator_timeout: past it, the agent is on its own.
-        let timeout = Duration::from_millis(self.config.orchestrator_timeout_ms);
-        let sent = match tokio::time::timeout(timeout, self.send(&entry)).await {
-            Ok(sent) => sent,
-            Err(_) => Err(Error::Unavailable(format!("no node answered within {timeout:?}"))),
-        };
-        match sent {
-            Ok(()) => {}
-            Err(error) => {
-                self.stats.set_mode(Mode::Autonomous, &self.config.agent_id);
-                self.note_failure(&error);
-                match &self.outbox {
-                    Some(outbox) => match outbox.push(&entry) {
-                        Ok(()) => {
-                            self.stats.outboxed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(io) => {
-                            tracing::error!(task_id = entry.task_id, %io, "outbox write failed; result lost locally")
-                        }
-                    },
-                    None => {
-                        tracing::error!(task_id = entry.task_id, %error, "could not report a result and no outbox is set")
-                    }
+        if self.stats.mode() != Mode::Autonomous {
+            // Not longer than orchestrator_timeout: past it, the agent is on its own.
+            let timeout = Duration::from_millis(self.config.orchestrator_timeout_ms);
+            match tokio::time::timeout(timeout, self.send(&entry)).await {
+                Ok(Ok(())) => return,
+                Ok(Err(error)) => {
+                    tracing::warn!(task_id = entry.task_id, %error, "result not delivered; to the outbox")
+                }
+                Err(_) => {
+                    tracing::warn!(task_id = entry.task_id, "no node took the result within {timeout:?}; to the outbox")
                 }
             }
         }
+        match self.outbox.push(&entry) {
+            Ok(()) => {
+                self.stats.outboxed.fetch_add(1, Ordering::Relaxed);
+            }
+            // The lease lapses and the task is run again: at least once still holds.
+            Err(error) => tracing::error!(task_id = entry.task_id, %error, "result dropped: the outbox refused it"),
+        }
+        self.refresh_mode();
     }
 
-    /// Sends one report. A definite answer (accepted, superseded, refused) is
-    /// final; only an unreachable cluster returns an error.
+    /// Sends one report. A definite answer (accepted, superseded, refused
+    /// for good) is final; a transient refusal or no answer is an error.
     async fn send(&self, entry: &Entry) -> Result<(), Error> {
         let answer = match &entry.report {
             Report::Complete { result } => self.client.complete(entry.task_id, entry.fence, result).await.map(|_| ()),
@@ -626,14 +715,17 @@ impl Agent {
                 );
                 Ok(())
             }
-            // Overload and unavailability are not answers about the result: try again later.
-            Err(error @ Error::Api { status: 429 | 503, .. }) => Err(error),
-            Err(Error::Api { code, message, .. }) => {
-                self.contact();
-                tracing::warn!(task_id = entry.task_id, %code, %message, "result refused");
+            Err(error) if error.is_definite() => {
+                self.note_failure(&error);
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(task_id = entry.task_id, %error, "result refused for good");
                 Ok(())
             }
-            Err(error) => Err(error),
+            // Overload, no leader, no answer: not an answer about the result; try again later.
+            Err(error) => {
+                self.note_failure(&error);
+                Err(error)
+            }
         }
     }
 
@@ -653,33 +745,30 @@ impl Agent {
         }
     }
 
-    /// Delivers the outbox whenever a node answers: reconciling mode.
+    /// Delivers the outbox, oldest first, whenever the agent is not
+    /// autonomous, and keeps the mode current (docs/sdk.md, 6): at least
+    /// every 200 ms, with or without an outbox directory.
     async fn flush_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let Some(outbox) = self.outbox.clone() else { return };
         let mut stopping = false;
         loop {
             tokio::select! {
                 _ = stop.changed(), if !stopping => stopping = true,
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
-            if !outbox.is_empty() && self.stats.mode() != Mode::Autonomous {
-                self.stats.set_mode(Mode::Reconciling, &self.config.agent_id);
-                while let Some(entry) = outbox.front() {
+            self.refresh_mode();
+            if self.stats.mode() != Mode::Autonomous {
+                while let Some(entry) = self.outbox.front() {
                     let timeout = Duration::from_millis(self.config.orchestrator_timeout_ms);
                     if !matches!(tokio::time::timeout(timeout, self.send(&entry)).await, Ok(Ok(()))) {
                         break;
                     }
                     self.stats.reconciled.fetch_add(1, Ordering::Relaxed);
-                    if let Err(io) = outbox.pop_front() {
-                        tracing::error!(%io, "outbox update failed");
+                    if let Err(error) = self.outbox.pop_front() {
+                        tracing::error!(%error, "outbox update failed");
                         break;
                     }
+                    self.refresh_mode();
                 }
-                if outbox.is_empty() {
-                    self.stats.set_mode(Mode::Connected, &self.config.agent_id);
-                }
-            } else if outbox.is_empty() && self.stats.mode() == Mode::Reconciling {
-                self.stats.set_mode(Mode::Connected, &self.config.agent_id);
             }
             if stopping {
                 // One last delivery attempt was made above; what remains stays durable for the next start.
@@ -709,11 +798,77 @@ mod tests {
         assert!(!seen.accept(3, 0), "the others were not");
     }
 
+    /// docs/sdk.md, 3: the least recently *seen* task is forgotten first,
+    /// so a task whose leases keep coming is remembered.
     #[test]
-    fn an_expired_instruction_is_not_started() {
+    fn sdk_3_fence_memory_forgets_the_least_recently_seen_task() {
+        let mut seen = SeenFences::new();
+        assert!(seen.accept(1, 10));
+        for task in 2..(SEEN_FENCES_MAX as u64) {
+            assert!(seen.accept(task, 1));
+        }
+        assert!(seen.accept(1, 10), "task 1 seen again: now the most recent");
+        assert!(seen.accept(SEEN_FENCES_MAX as u64, 1), "at the limit");
+        assert!(seen.accept(SEEN_FENCES_MAX as u64 + 1, 1), "one past it: task 2 is forgotten");
+        assert!(!seen.accept(1, 9), "task 1 is still remembered");
+        assert!(seen.accept(2, 0), "task 2 was forgotten");
+    }
+
+    /// docs/sdk.md, 2: a tenth of the lease, within 200 ms and 1 s.
+    #[test]
+    fn sdk_2_lease_margin_is_a_tenth_of_the_ttl_within_200ms_and_1s() {
+        fn check(lease_ttl_ms: u64, margin_ms: u64) {
+            assert_eq!(lease_margin(lease_ttl_ms), Duration::from_millis(margin_ms), "{lease_ttl_ms}");
+        }
+        check(100, 200);
+        check(1_000, 200);
+        check(5_000, 500);
+        check(30_000, 1_000);
         let sent = Instant::now();
+        let at = |ms| sent + Duration::from_millis(ms);
         assert!(lease_startable(sent, 1_000, sent));
-        assert!(!lease_startable(sent, 1_000, sent + Duration::from_millis(900)));
-        assert!(!lease_startable(sent, 100, sent));
+        assert!(lease_startable(sent, 1_000, at(799)));
+        assert!(!lease_startable(sent, 1_000, at(800)));
+        assert!(lease_startable(sent, 5_000, at(4_499)));
+        assert!(!lease_startable(sent, 5_000, at(4_600)), "a 5 s lease keeps 500 ms, not 200");
+        assert!(!lease_startable(sent, 200, sent), "a lease no longer than the floor is never started");
+        assert!(lease_startable(sent, 60_000, at(58_999)));
+        assert!(!lease_startable(sent, 60_000, at(59_000)));
+    }
+
+    /// docs/sdk.md, 2: a poll waits at most half the lease.
+    #[test]
+    fn sdk_2_a_poll_waits_at_most_half_the_lease() {
+        assert_eq!(poll_wait_ms(10_000, 1_000), 500);
+        assert_eq!(poll_wait_ms(300, 30_000), 300);
+        assert_eq!(poll_wait_ms(10_000, 30_000), 10_000);
+    }
+
+    /// docs/sdk.md, 6: the state is a function of silence and the outbox.
+    #[test]
+    fn sdk_6_agent_state_follows_silence_and_the_outbox() {
+        let timeout = Duration::from_millis(500);
+        let check = |silent_ms, outbox_len, expected: Mode| {
+            assert_eq!(mode_of(Duration::from_millis(silent_ms), timeout, outbox_len), expected);
+        };
+        check(0, 0, Mode::Connected);
+        check(499, 0, Mode::Connected);
+        check(0, 3, Mode::Reconciling);
+        check(500, 0, Mode::Autonomous);
+        check(500, 3, Mode::Autonomous);
+    }
+
+    /// docs/sdk.md, 7: the budget is per outage.
+    #[test]
+    fn sdk_7_autonomy_budget_is_renewed_per_outage() {
+        let start = Instant::now();
+        let at = |s| start + Duration::from_secs(s);
+        let mut budget = AutonomyBudget::new(2, Duration::from_secs(10), start);
+        assert_eq!(budget.take_run(at(1)), Some(Duration::from_secs(9)));
+        assert_eq!(budget.take_run(at(2)), Some(Duration::from_secs(8)));
+        assert_eq!(budget.take_run(at(3)), None, "two runs per outage");
+        budget.renew(at(100));
+        assert!(budget.take_run(at(101)).is_some(), "a new outage, a new budget");
+        assert_eq!(budget.take_run(at(111)), None, "ten seconds per outage");
     }
 }

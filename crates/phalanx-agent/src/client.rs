@@ -16,6 +16,10 @@
 //! forwarding it) is retried only when retrying is harmless (reads, fenced
 //! or keyed writes); otherwise the caller hears `Error::Unknown` and decides.
 //! Every error says whether anything may have been done (`Error::outcome`).
+//! Refusals are classified by code with the contract's table
+//! (`phalanx_api::ErrorCode`: status, outcome, transient), and a call that
+//! gives up without an answer lists every node it tried and why; the rules
+//! are items 1, 4 and 5 of `docs/sdk.md`, which the Python SDK follows too.
 //! What to do with a result or a lease is the agent's business (`agent.rs`).
 
 use rand::Rng;
@@ -27,31 +31,35 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Whether a failed request may have taken effect (docs/api.md, "Errors").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Nothing was done: repeating the request is safe.
-    NotDone,
-    /// The request may have taken effect, or may still.
-    Unknown,
-}
+use phalanx_api::ErrorCode;
+/// Whether a failed request may have taken effect (docs/api.md, "Errors"):
+/// the contract's own type.
+pub use phalanx_api::Outcome;
 
-impl Outcome {
-    /// The `outcome` field of an error body; codes without one are judged by
-    /// the list of docs/api.md.
-    fn of_refusal(field: Option<&str>, code: &str) -> Outcome {
-        match field {
-            Some("not_done") => Outcome::NotDone,
-            Some(_) => Outcome::Unknown,
-            None if OUTCOME_UNKNOWN_CODES.contains(&code) => Outcome::Unknown,
-            None => Outcome::NotDone,
-        }
+/// The outcome of a refusal: the body's `outcome` field when it has one
+/// (the node's word), else what the code's table says (docs/sdk.md, 4).
+fn outcome_of_refusal(field: Option<&str>, code: &ErrorCode) -> Outcome {
+    match field {
+        Some("not_done") => Outcome::NotDone,
+        Some(_) => Outcome::Unknown,
+        None => code.outcome(),
     }
 }
 
-/// Codes whose refusal leaves the outcome open (docs/api.md).
+/// Whether a refusal may succeed later or on another node (docs/sdk.md, 4):
+/// the table's word for a known code; a code this build does not know is
+/// transient when its status is one all of whose known codes are (429, 503).
+pub fn transient(status: u16, code: &ErrorCode) -> bool {
+    match code {
+        ErrorCode::Other(_) => matches!(status, 429 | 503),
+        known => known.transient(),
+    }
+}
+
+/// Codes whose refusal leaves the outcome open (docs/api.md), as
+/// `phalanx_api::ErrorCode::outcome` says (a test keeps the two equal).
 pub const OUTCOME_UNKNOWN_CODES: &[&str] =
-    &["timeout", "unavailable", "leader_changed", "membership_change_failed", "learner_lagging"];
+    &["internal", "leader_changed", "unavailable", "timeout", "membership_change_failed", "learner_lagging"];
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -79,6 +87,14 @@ pub enum Error {
     /// A wait ran out (`await_tasks`); it wrote nothing.
     #[error("timed out: {0}")]
     TimedOut(String),
+    /// Settings this client or agent cannot use (an `https://` node in this
+    /// build without TLS, an empty node list); nothing was sent.
+    #[error("unusable settings: {0}")]
+    Config(String),
+    /// The agent's outbox could not be opened or written (another agent
+    /// holds it, the disk refused).
+    #[error("outbox: {0}")]
+    Outbox(String),
 }
 
 impl Error {
@@ -94,8 +110,30 @@ impl Error {
             _ => None,
         }
     }
+    /// The refusal's code, as the contract's table knows it.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        self.code().map(|code| code.parse().unwrap_or_else(|never| match never {}))
+    }
     pub fn is_superseded(&self) -> bool {
         self.code() == Some("superseded")
+    }
+    /// A refusal that may succeed later or on another node (docs/sdk.md, 4).
+    /// Only refusals are transient: other errors are not answers at all.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Api { status, code, .. } => transient(*status, &code.parse().unwrap_or_else(|never| match never {})),
+            _ => false,
+        }
+    }
+    /// A node answered (docs/sdk.md, 6): a refusal with a 4xx status. A 5xx,
+    /// a failed connection or a timeout says the cluster cannot serve.
+    pub fn is_answer(&self) -> bool {
+        matches!(self, Error::Api { status, .. } if *status < 500)
+    }
+    /// The definite answer to a report (docs/sdk.md, 3): a refusal that is
+    /// not transient. Anything else leaves the result to be sent again.
+    pub fn is_definite(&self) -> bool {
+        matches!(self, Error::Api { .. }) && !self.is_transient()
     }
     /// True when no node could be reached, or none answered in time.
     pub fn is_unreachable(&self) -> bool {
@@ -105,7 +143,7 @@ impl Error {
     pub fn outcome(&self) -> Outcome {
         match self {
             Error::Api { outcome, .. } => *outcome,
-            Error::Unavailable(_) | Error::TimedOut(_) => Outcome::NotDone,
+            Error::Unavailable(_) | Error::TimedOut(_) | Error::Config(_) | Error::Outbox(_) => Outcome::NotDone,
             Error::Transport(_) | Error::Unknown(_) | Error::Decode(_) => Outcome::Unknown,
         }
     }
@@ -175,16 +213,19 @@ enum Next {
     RetryOtherNode,
 }
 
-/// A 503 that promises nothing was done (`no_leader`, `not_leader`,
-/// `leader_unreachable`, ...) is retried elsewhere whatever the request; one
-/// that leaves the outcome open (`timeout`, `leader_changed`, ...) only when
-/// repeating is harmless.
-fn after_refusal(status: u16, outcome: Outcome, retry: Retry) -> Next {
-    match status {
-        429 => Next::RetrySameNode,
-        503 if retry == Retry::Safe || outcome == Outcome::NotDone => Next::RetryOtherNode,
-        503 => Next::FailUnknown,
-        _ => Next::Fail,
+/// What to do after a refusal (docs/sdk.md, 4): a code that is not
+/// transient is final; a transient one is repeated, on the same node after a
+/// 429 and on another otherwise, unless its outcome is unknown and repeating
+/// the request is not harmless.
+fn after_refusal(status: u16, code: &ErrorCode, outcome: Outcome, retry: Retry) -> Next {
+    if !transient(status, code) {
+        Next::Fail
+    } else if outcome == Outcome::Unknown && retry == Retry::IfNotSent {
+        Next::FailUnknown
+    } else if status == 429 {
+        Next::RetrySameNode
+    } else {
+        Next::RetryOtherNode
     }
 }
 
@@ -571,13 +612,78 @@ const RETRY_AFTER_MAX: Duration = Duration::from_secs(10);
 /// The retry budget's floor: retries a fresh or quiet client may make at once.
 const RETRY_TOKENS_MAX: u32 = 10;
 
-/// How one exchange with one node failed before it produced an answer.
+/// How one exchange with one node failed before it produced an answer;
+/// each carries the reason in a few words ("connection refused").
 enum Failure {
     /// The connection was never made: the request surely did not arrive.
     Connect(String),
     /// The request may have arrived (reset, timeout, a broken body).
     Broken(String),
     TooLarge(String),
+}
+
+/// Why an exchange failed, in the words of the deepest error that says
+/// (docs/sdk.md, 5): reqwest's own message ("error sending request") hides
+/// the `connection refused` underneath.
+fn failure_reason(error: &reqwest::Error, timeout: Duration) -> String {
+    use std::error::Error as _;
+    if error.is_timeout() {
+        return if error.is_connect() { "connect timed out".into() } else { format!("no answer within {timeout:?}") };
+    }
+    let mut deepest = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind;
+            return match io.kind() {
+                ErrorKind::ConnectionRefused => "connection refused".into(),
+                ErrorKind::ConnectionReset => "connection reset".into(),
+                ErrorKind::ConnectionAborted => "connection aborted".into(),
+                ErrorKind::TimedOut => "timed out".into(),
+                ErrorKind::UnexpectedEof => "connection closed before an answer".into(),
+                _ => io.to_string(),
+            };
+        }
+        deepest = inner.to_string();
+        source = inner.source();
+    }
+    deepest
+}
+
+/// The nodes one call tried, in the order first tried, with the last thing
+/// each said and how often it was tried (docs/sdk.md, 5).
+#[derive(Default)]
+struct Tried {
+    nodes: Vec<(String, String, u32)>,
+    attempts: u32,
+}
+
+impl Tried {
+    fn record(&mut self, node: &str, reason: String) {
+        self.attempts += 1;
+        match self.nodes.iter_mut().find(|(known, _, _)| known == node) {
+            Some(entry) => {
+                entry.1 = reason;
+                entry.2 += 1;
+            }
+            None => self.nodes.push((node.to_string(), reason, 1)),
+        }
+    }
+}
+
+impl std::fmt::Display for Tried {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural = if self.attempts == 1 { "" } else { "s" };
+        write!(f, "after {} attempt{plural}: ", self.attempts)?;
+        for (index, (node, reason, count)) in self.nodes.iter().enumerate() {
+            let separator = if index == 0 { "" } else { "; " };
+            write!(f, "{separator}{node}: {reason}")?;
+            if *count > 1 {
+                write!(f, " ({count} times)")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 struct Answer {
@@ -612,6 +718,15 @@ impl Client {
         let nodes: Vec<String> = nodes.iter().map(|n| normalize_node(n)).filter(|n| !n.is_empty()).collect();
         if nodes.is_empty() {
             return Err(Error::Unavailable("the node list is empty".into()));
+        }
+        // docs/sdk.md, 1: never send to an `https://` node as plain HTTP.
+        if let Some(node) = nodes.iter().find(|n| n.contains("://")) {
+            let reason = if node.starts_with("https://") {
+                "this build of the Rust SDK speaks plain HTTP only (reqwest without TLS), and will not send it as http://"
+            } else {
+                "the scheme is not http:// or https://"
+            };
+            return Err(Error::Config(format!("node {node}: {reason}")));
         }
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
@@ -729,17 +844,17 @@ impl Client {
             request = request.json(body);
         }
         let mut response = request.send().await.map_err(|e| {
-            let message = format!("{node}: {e}");
+            let reason = failure_reason(&e, timeout);
             if e.is_connect() {
-                Failure::Connect(message)
+                Failure::Connect(reason)
             } else {
-                Failure::Broken(message)
+                Failure::Broken(reason)
             }
         })?;
         let status = response.status().as_u16();
         let retry_after_ms = retry_after_header(response.headers());
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| Failure::Broken(format!("{node}: {e}")))? {
+        while let Some(chunk) = response.chunk().await.map_err(|e| Failure::Broken(failure_reason(&e, timeout)))? {
             if body.len() + chunk.len() > RESPONSE_BYTES_MAX {
                 return Err(Failure::TooLarge(format!(
                     "{node}: answer over RESPONSE_BYTES_MAX ({RESPONSE_BYTES_MAX})"
@@ -763,6 +878,7 @@ impl Client {
         // Whether an earlier attempt may have taken effect: then giving up
         // after a later "nothing done" still leaves the outcome unknown.
         let mut maybe_done = false;
+        let mut tried = Tried::default();
         loop {
             let node = self.node();
             let timeout = match attempt_timeout {
@@ -779,21 +895,25 @@ impl Client {
                 }
                 Ok(answer) => {
                     let error = refusal(&answer);
-                    let Error::Api { leader_hint, outcome, .. } = &error else { unreachable!("refusal is Api") };
-                    let next = after_refusal(answer.status, *outcome, retry);
+                    let Error::Api { leader_hint, outcome, code, .. } = &error else { unreachable!("refusal is Api") };
+                    tried.record(&node, format!("{} {code}", answer.status));
+                    let code: ErrorCode = code.parse().unwrap_or_else(|never| match never {});
+                    let next = after_refusal(answer.status, &code, *outcome, retry);
                     if next == Next::RetryOtherNode {
                         self.move_on(leader_hint.as_deref());
                     }
                     (error, next)
                 }
                 Err(Failure::TooLarge(message)) => return Err(Error::Decode(message)),
-                Err(Failure::Connect(message)) => {
+                Err(Failure::Connect(reason)) => {
                     self.move_on(None);
-                    (Error::Unavailable(message), after_transport(true, retry))
+                    tried.record(&node, reason);
+                    (Error::Unavailable(tried.to_string()), after_transport(true, retry))
                 }
-                Err(Failure::Broken(message)) => {
+                Err(Failure::Broken(reason)) => {
                     self.move_on(None);
-                    (Error::Transport(message), after_transport(false, retry))
+                    tried.record(&node, reason);
+                    (Error::Transport(tried.to_string()), after_transport(false, retry))
                 }
             };
             match next {
@@ -1088,8 +1208,8 @@ impl Client {
         match self.exchange(&normalize_node(node), reqwest::Method::GET, path, None, self.request_timeout).await {
             Ok(answer) if (200..300).contains(&answer.status) => decode(&answer.body),
             Ok(answer) => Err(refusal(&answer)),
-            Err(Failure::Connect(message)) => Err(Error::Unavailable(message)),
-            Err(Failure::Broken(message)) => Err(Error::Transport(message)),
+            Err(Failure::Connect(reason)) => Err(Error::Unavailable(format!("{node}: {reason}"))),
+            Err(Failure::Broken(reason)) => Err(Error::Transport(format!("{node}: {reason}"))),
             Err(Failure::TooLarge(message)) => Err(Error::Decode(message)),
         }
     }
@@ -1184,19 +1304,37 @@ fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
     })
 }
 
-/// Reads `{"error": {...}}`; a body that is not one keeps its text as the message.
+/// Reads `{"error": {...}}` (`phalanx_api::ErrorEnvelope`); a body that is
+/// not one keeps its text as the message and its status decides.
 fn refusal(answer: &Answer) -> Error {
     let value: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
-    let error = &value["error"];
-    let text = || String::from_utf8_lossy(&answer.body[..answer.body.len().min(512)]).into_owned();
-    let code = error["code"].as_str().unwrap_or("unknown").to_string();
-    Error::Api {
-        status: answer.status,
-        outcome: Outcome::of_refusal(error["outcome"].as_str(), &code),
-        code,
-        message: error["message"].as_str().map(str::to_string).unwrap_or_else(text),
-        leader_hint: error["leader_hint"].as_str().map(str::to_string),
-        retry_after_ms: error["retry_after_ms"].as_u64().or(answer.retry_after_ms),
+    // The envelope fills in a missing `outcome`; the table decides it then.
+    let outcome_field = value["error"]["outcome"].as_str().map(str::to_string);
+    let code_field = value["error"]["code"].as_str().map(str::to_string);
+    match serde_json::from_value::<phalanx_api::ErrorEnvelope>(value) {
+        Ok(envelope) => {
+            let error = envelope.error;
+            Error::Api {
+                status: answer.status,
+                outcome: outcome_of_refusal(outcome_field.as_deref(), &error.code),
+                code: error.code.to_string(),
+                message: error.message,
+                leader_hint: error.leader_hint,
+                retry_after_ms: error.retry_after_ms.or(answer.retry_after_ms),
+            }
+        }
+        Err(_) => {
+            let code: ErrorCode =
+                code_field.as_deref().unwrap_or("unknown").parse().unwrap_or_else(|never| match never {});
+            Error::Api {
+                status: answer.status,
+                outcome: outcome_of_refusal(None, &code),
+                code: code.to_string(),
+                message: String::from_utf8_lossy(&answer.body[..answer.body.len().min(512)]).into_owned(),
+                leader_hint: None,
+                retry_after_ms: answer.retry_after_ms,
+            }
+        }
     }
 }
 
@@ -1280,8 +1418,9 @@ mod tests {
     #[test]
     fn what_to_do_after_a_failure() {
         fn check(status: u16, code: &str, retry: Retry, expected: Next) {
-            let outcome = Outcome::of_refusal(None, code);
-            assert_eq!(after_refusal(status, outcome, retry), expected, "{status} {code} {retry:?}");
+            let code: ErrorCode = code.parse().unwrap();
+            let outcome = outcome_of_refusal(None, &code);
+            assert_eq!(after_refusal(status, &code, outcome, retry), expected, "{status} {code} {retry:?}");
         }
         check(429, "queue_full", Retry::IfNotSent, Next::RetrySameNode);
         check(503, "not_leader", Retry::IfNotSent, Next::RetryOtherNode);
@@ -1291,15 +1430,44 @@ mod tests {
         check(503, "leader_changed", Retry::IfNotSent, Next::FailUnknown);
         check(503, "leader_unreachable", Retry::IfNotSent, Next::RetryOtherNode);
         check(503, "leader_changed", Retry::Safe, Next::RetryOtherNode);
-        // The body's own `outcome` field decides over the list of known codes.
-        assert_eq!(Outcome::of_refusal(Some("unknown"), "not_leader"), Outcome::Unknown);
-        assert_eq!(Outcome::of_refusal(Some("not_done"), "timeout"), Outcome::NotDone);
+        // The body's own `outcome` field decides over the table.
+        assert_eq!(outcome_of_refusal(Some("unknown"), &ErrorCode::NotLeader), Outcome::Unknown);
+        assert_eq!(outcome_of_refusal(Some("not_done"), &ErrorCode::Timeout), Outcome::NotDone);
         check(503, "timeout", Retry::Safe, Next::RetryOtherNode);
         check(409, "superseded", Retry::Safe, Next::Fail);
         check(400, "invalid", Retry::Safe, Next::Fail);
         assert_eq!(after_transport(true, Retry::IfNotSent), Next::RetryOtherNode);
         assert_eq!(after_transport(false, Retry::IfNotSent), Next::FailUnknown);
         assert_eq!(after_transport(false, Retry::Safe), Next::RetryOtherNode);
+    }
+
+    /// docs/sdk.md, 4: every code of the contract's table is classified by
+    /// its `transient` and `outcome`, and a code from a newer node by status.
+    #[test]
+    fn sdk_4_retry_classification_follows_the_error_code_table() {
+        for code in ErrorCode::ALL {
+            let outcome = outcome_of_refusal(None, code);
+            assert_eq!(outcome, code.outcome(), "{code}");
+            let next = after_refusal(code.status(), code, outcome, Retry::Safe);
+            let expected = match (code.transient(), code.status()) {
+                (false, _) => Next::Fail,
+                (true, 429) => Next::RetrySameNode,
+                (true, _) => Next::RetryOtherNode,
+            };
+            assert_eq!(next, expected, "{code}");
+            let unsafe_next = after_refusal(code.status(), code, outcome, Retry::IfNotSent);
+            if code.transient() && code.outcome() == Outcome::Unknown {
+                assert_eq!(unsafe_next, Next::FailUnknown, "{code}");
+            }
+        }
+        let newer = ErrorCode::Other("from_the_future".into());
+        assert_eq!(outcome_of_refusal(None, &newer), Outcome::Unknown);
+        assert_eq!(after_refusal(503, &newer, Outcome::NotDone, Retry::IfNotSent), Next::RetryOtherNode);
+        assert_eq!(after_refusal(429, &newer, Outcome::NotDone, Retry::IfNotSent), Next::RetrySameNode);
+        assert_eq!(after_refusal(409, &newer, Outcome::NotDone, Retry::Safe), Next::Fail);
+        let unknown: std::collections::BTreeSet<&str> =
+            ErrorCode::ALL.iter().filter(|c| c.outcome() == Outcome::Unknown).map(|c| c.as_str()).collect();
+        assert_eq!(unknown, OUTCOME_UNKNOWN_CODES.iter().copied().collect(), "OUTCOME_UNKNOWN_CODES follows the table");
     }
 
     #[test]
@@ -1491,5 +1659,62 @@ mod tests {
         assert!(error.is_superseded() && error.status() == Some(409), "{error:?}");
         let client = Client::new(vec![refused_addr().await], None).unwrap().with_retries_max(2);
         assert!(client.get_task(1, false).await.unwrap_err().is_unreachable());
+    }
+
+    /// docs/sdk.md, 4, against nodes: a 408, a 507 and a code from a newer
+    /// node answered 503 are repeated; 500 `internal` is not.
+    #[tokio::test]
+    async fn sdk_4_transient_refusals_are_repeated_and_the_rest_are_not() {
+        let created = json!({"task_id": 5, "deduplicated": false});
+        for (status, code) in [(408, "body_timeout"), (507, "disk_full"), (503, "from_the_future")] {
+            let (node, seen) =
+                fake_node(vec![(status, None, refused(code, None), 0), (201, None, created.clone(), 0)]).await;
+            let client = Client::new(vec![node], None).unwrap();
+            let submitted = client.submit(&SubmitRequest::new("q", json!(null))).await;
+            assert_eq!(submitted.map(|s| s.task_id).ok(), Some(5), "{status} {code} is transient");
+            assert_eq!(seen.load(Ordering::SeqCst), 2, "{code}");
+        }
+        let (node, seen) = fake_node(vec![(500, None, refused("internal", None), 0), (201, None, created, 0)]).await;
+        let client = Client::new(vec![node], None).unwrap();
+        let error = client.submit(&SubmitRequest::new("q", json!(null))).await.unwrap_err();
+        assert_eq!(error.code(), Some("internal"));
+        assert!(!error.is_transient() && error.is_definite() && !error.is_answer());
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "internal is not repeated");
+    }
+
+    /// docs/sdk.md, 5: giving up names every node tried and why.
+    #[tokio::test]
+    async fn sdk_5_no_node_answered_lists_every_node_tried_with_its_reason() {
+        let (first, second) = (refused_addr().await, refused_addr().await);
+        let client = Client::new(vec![first.clone(), second.clone()], None).unwrap().starting_at(0).with_retries_max(2);
+        let error = client.get_task(1, false).await.unwrap_err();
+        assert!(matches!(error, Error::Unavailable(_)) && error.outcome() == Outcome::NotDone, "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            format!("no node answered: after 3 attempts: {first}: connection refused (2 times); {second}: connection refused")
+        );
+        // A node that answered says what it answered.
+        let (follower, _) = fake_node(vec![(503, None, refused("no_leader", None), 0)]).await;
+        let dead = refused_addr().await;
+        let client =
+            Client::new(vec![follower.clone(), dead.clone()], None).unwrap().starting_at(0).with_retries_max(1);
+        let error = client.get_task(1, false).await.unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!("no node answered: after 2 attempts: {follower}: 503 no_leader; {dead}: connection refused")
+        );
+    }
+
+    /// docs/sdk.md, 1: this build has no TLS, so an `https://` node is
+    /// refused at construction instead of being sent plain HTTP.
+    #[test]
+    fn sdk_1_an_https_node_is_refused_not_sent_as_http() {
+        for nodes in ["https://127.0.0.1:7070", "127.0.0.1:1,https://a:2", "ftp://a:1"] {
+            let error = Client::from_nodes_str(nodes, None).err().expect(nodes);
+            assert!(matches!(error, Error::Config(_)), "{nodes}: {error:?}");
+        }
+        let error = Client::from_nodes_str("https://a:1", None).err().unwrap();
+        assert!(error.to_string().contains("https://a:1") && error.to_string().contains("plain HTTP only"), "{error}");
+        assert_eq!(Client::from_nodes_str("http://a:1", None).unwrap().nodes(), ["a:1"]);
     }
 }

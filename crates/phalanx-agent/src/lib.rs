@@ -4,7 +4,9 @@
 //! jitter, Retry-After, a retry budget); `agent` runs handlers for leased
 //! tasks with fencing, lease extension, delegation (fenced, with the
 //! children of earlier attempts handed to the next one) and graceful drain;
-//! `outbox` keeps results durable while no node can be reached.
+//! `outbox` keeps results durable while no node can be reached. Both SDKs,
+//! this one and `sdk/python`, follow the numbered list of `docs/sdk.md`;
+//! refusals are classified with the contract's `phalanx_api::ErrorCode`.
 
 pub mod agent;
 pub mod client;

@@ -5,7 +5,8 @@ full jitter, `Retry-After`, a retry budget. `AsyncAgent` / `Agent` run a
 handler for leased tasks with fencing, lease extension and delegation, and
 keep working when no node answers: results go to a durable outbox and are
 reconciled on reconnect. Execution is at least once; the cluster accepts
-exactly one result per task.
+exactly one result per task. Both SDKs follow the numbered list of
+docs/sdk.md.
 """
 
 from .agent import (
@@ -41,6 +42,7 @@ from .client import (
     Submitted,
     Superseded,
     Task,
+    TaskId,
     TaskPage,
     TaskSpec,
     TERMINAL_STATES,
@@ -87,6 +89,7 @@ __all__ = [
     "Task",
     "TaskContext",
     "TaskFailed",
+    "TaskId",
     "TaskPage",
     "TaskSpec",
     "TooLarge",

@@ -15,6 +15,11 @@ and removed only after a definite answer (accepted, superseded, rejected);
 then it is `connected` again. An agent that starts with a non-empty outbox
 delivers it before it registers.
 
+The rules (lease margin, fence memory, state, autonomy budget, outbox) are
+the numbered items of docs/sdk.md, which the Rust SDK follows too; the
+decisions are the pure functions `lease_margin_s`, `lease_startable`,
+`agent_state` and `FenceMemory`.
+
 Execution is at least once; the cluster accepts exactly one result per task.
 Leaves to `client.py` the transport, failover and retries of each request.
 """
@@ -35,7 +40,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine, Literal, Optional, Sequence, TypeVar, Union, overload
 
-from .client import AsyncClient, Child, ContextEntry, Lease, NotFound, PhalanxError, Submitted, Task
+from ._errors import NotFound, PhalanxError
+from .client import AsyncClient
+from .types import Child, ContextEntry, Lease, Submitted, Task
 from .outbox import OUTBOX_ENTRIES_MAX, Outbox, OutboxEntry, OutboxFull
 
 log = logging.getLogger("phalanx.agent")
@@ -118,8 +125,23 @@ class FenceMemory:
 
 
 def lease_margin_s(lease_ttl_ms: int) -> float:
-    """How close to a lease's local deadline work is no longer started: a tenth of it, 0.2 s to 1 s."""
+    """How close to a lease's local deadline work is no longer started (docs/sdk.md, 2): a tenth of the lease,
+    at least 0.2 s and at most 1 s."""
     return min(1.0, max(0.2, lease_ttl_ms / 10_000))
+
+
+def poll_wait_ms(poll_wait_ms: int, lease_ttl_ms: int) -> int:
+    """How long a poll may wait for work (docs/sdk.md, 2): at most half the lease, so that a lease granted at
+    the end of the wait still has half its time."""
+    return max(0, min(poll_wait_ms, lease_ttl_ms // 2))
+
+
+def agent_state(silent_s: float, orchestrator_timeout_s: float, outbox_len: int) -> AgentState:
+    """The agent's state from two facts (docs/sdk.md, 6): how long no node has answered, and whether results
+    are owed."""
+    if silent_s >= orchestrator_timeout_s:
+        return "autonomous"
+    return "reconciling" if outbox_len > 0 else "connected"
 
 
 def lease_startable(sent_at: float, lease_ttl_ms: int, now: float, margin_s: float) -> bool:
@@ -351,7 +373,8 @@ class AsyncAgent:
                  orchestrator_timeout_s: float = 5.0, outbox_path: Optional[str] = None,
                  outbox_entries_max: int = OUTBOX_ENTRIES_MAX, token: Optional[str] = None,
                  autonomous_handler: Optional[AutonomousHandler] = None, autonomy_tasks_max: int = 0,
-                 autonomy_seconds_max: float = 0.0, fences_remembered_max: int = FENCES_REMEMBERED_MAX) -> None:
+                 autonomy_seconds_max: float = 0.0, fences_remembered_max: int = FENCES_REMEMBERED_MAX,
+                 ca_file: Optional[str] = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if isinstance(capabilities, str):
@@ -369,7 +392,7 @@ class AsyncAgent:
         self.lease_margin_s = lease_margin_s(lease_ttl_ms)
         # Each call, retries included, ends within the orchestrator timeout, so "no answer" is noticed in time.
         self.client = AsyncClient(nodes, token, name=agent_id, timeout_s=max(orchestrator_timeout_s, 0.5),
-                                  call_timeout_s=orchestrator_timeout_s)
+                                  call_timeout_s=orchestrator_timeout_s, ca_file=ca_file)
         if outbox_path is None:
             log.warning("agent %s has no outbox_path: undelivered results are kept in memory only", agent_id)
         self.outbox = Outbox(outbox_path, outbox_entries_max)
@@ -387,7 +410,7 @@ class AsyncAgent:
         self._heartbeat_interval_s = 2.0
         self._heartbeats: Optional[asyncio.Task[None]] = None
         self._last_answer = time.monotonic()
-        self._failing_since: Optional[float] = None
+        self._state_watch: Optional[asyncio.Task[None]] = None
         self._autonomous_since: Optional[float] = None
         self._autonomy: Optional[asyncio.Future[None]] = None
         self._idle_s = 0.05
@@ -412,29 +435,33 @@ class AsyncAgent:
             if self.autonomous_handler is not None and (self._autonomy is None or self._autonomy.done()):
                 self._autonomy = asyncio.ensure_future(self._autonomy_loop())
 
+    def _refresh_state(self) -> None:
+        """Sets the state from the facts (docs/sdk.md, 6)."""
+        silent_s = time.monotonic() - self._last_answer
+        self._set_state(agent_state(silent_s, self.orchestrator_timeout_s, len(self.outbox)))
+
     def _contact(self) -> None:
         """A node answered."""
         self._last_answer = time.monotonic()
-        self._failing_since = None
         self._idle_s = 0.05
-        if self.state == "autonomous":
-            self._set_state("reconciling")
+        self._refresh_state()
 
     def _no_answer(self, started: float) -> None:
-        """A request sent at `started` got no usable answer: no node has answered since then
-        (or since the last answer, if that came later)."""
-        since = max(started, self._last_answer)
-        if self._failing_since is None or since < self._failing_since:
-            self._failing_since = since
-        if time.monotonic() - self._failing_since >= self.orchestrator_timeout_s:
-            self._set_state("autonomous")
+        """A request sent at `started` got no usable answer; the silence counts from the last answer."""
+        self._refresh_state()
 
     def _answered(self, error: PhalanxError, started: float) -> None:
         """Sorts a refusal: a 4xx (429 included) is an answer, the rest is no answer."""
-        if 400 <= error.status < 500:
+        if error.is_answer:
             self._contact()
         else:
             self._no_answer(started)
+
+    async def _watch_state(self) -> None:
+        """Keeps the state current while nothing else happens (a long-poll in flight): every 0.2 s."""
+        while True:
+            self._refresh_state()
+            await asyncio.sleep(0.2)
 
     def _session_lost(self, epoch: int) -> None:
         if self.epoch == epoch:
@@ -477,6 +504,7 @@ class AsyncAgent:
                     installed.append(signum)
                 except (NotImplementedError, RuntimeError, ValueError):
                     log.warning("agent %s: cannot handle signal %s here", self.agent_id, signum)
+        self._state_watch = asyncio.create_task(self._watch_state())
         try:
             await self._serve()
             await self._drain()
@@ -485,7 +513,7 @@ class AsyncAgent:
                 self._loop.remove_signal_handler(signum)
             for running in list(self._running.values()):
                 running.cancel()
-            for background in (self._heartbeats, self._autonomy):
+            for background in (self._heartbeats, self._autonomy, self._state_watch):
                 if background is not None:
                     background.cancel()
             await self.client.aclose()
@@ -502,8 +530,6 @@ class AsyncAgent:
             if self.state == "autonomous" and not await self._probe():
                 await self._idle()
                 continue
-            if self.state == "reconciling":
-                self._set_state("connected")
             if self.epoch is None and not await self._register():
                 await self._idle()
                 continue
@@ -598,7 +624,7 @@ class AsyncAgent:
         epoch = self.epoch
         assert epoch is not None
         # A lease granted at the end of a long wait must still be startable (it counts from the poll's sending).
-        wait_ms = max(0, min(self.poll_wait_ms, self.lease_ttl_ms // 2))
+        wait_ms = poll_wait_ms(self.poll_wait_ms, self.lease_ttl_ms)
         started = time.monotonic()
         polling = asyncio.ensure_future(
             self.client.poll(self.agent_id, epoch, free, wait_ms, self.lease_ttl_ms))
@@ -730,6 +756,7 @@ class AsyncAgent:
             log.error("agent %s: result of task %s dropped: %s", self.agent_id, entry["task_id"], error)
             return
         self.stats.outboxed += 1
+        self._refresh_state()
         log.info("agent %s: result of task %s (fence %s) stored in the outbox", self.agent_id, entry["task_id"],
                  entry["fence"])
 
@@ -768,16 +795,14 @@ class AsyncAgent:
 
     async def _flush(self) -> bool:
         """Delivers the outbox, oldest first; False when some entry got no definite answer."""
-        if self.state == "connected":
-            self._set_state("reconciling")
+        self._refresh_state()
         while (item := self.outbox.front()) is not None:
             seq, entry = item
             if await self._send(entry, via_outbox=True) is None:
                 return False
             await asyncio.to_thread(self.outbox.remove, seq)
             self.stats.reconciled += 1
-        if self.state == "reconciling":
-            self._set_state("connected")
+            self._refresh_state()
         return True
 
     # ---- autonomy ----
@@ -809,13 +834,24 @@ class AsyncAgent:
 
 
 class Agent:
-    """Blocking wrapper of `AsyncAgent` (same arguments): `run()` serves in the
+    """Blocking wrapper of `AsyncAgent` (the same arguments, typed the same): `run()` serves in the
     calling thread until `stop()` or SIGTERM; `start()` serves in a background
     thread. Handlers may be plain functions of a `SyncTaskContext`."""
 
     def __init__(self, nodes: Union[str, Sequence[str], None], agent_id: str, capabilities: Sequence[str],
-                 handler: Handler, **options: Any) -> None:
-        self.inner = AsyncAgent(nodes, agent_id, capabilities, handler, **options)
+                 handler: Handler, *, concurrency: int = 1, lease_ttl_ms: int = 30_000, poll_wait_ms: int = 10_000,
+                 orchestrator_timeout_s: float = 5.0, outbox_path: Optional[str] = None,
+                 outbox_entries_max: int = OUTBOX_ENTRIES_MAX, token: Optional[str] = None,
+                 autonomous_handler: Optional[AutonomousHandler] = None, autonomy_tasks_max: int = 0,
+                 autonomy_seconds_max: float = 0.0, fences_remembered_max: int = FENCES_REMEMBERED_MAX,
+                 ca_file: Optional[str] = None) -> None:
+        self.inner = AsyncAgent(nodes, agent_id, capabilities, handler, concurrency=concurrency,
+                                lease_ttl_ms=lease_ttl_ms, poll_wait_ms=poll_wait_ms,
+                                orchestrator_timeout_s=orchestrator_timeout_s, outbox_path=outbox_path,
+                                outbox_entries_max=outbox_entries_max, token=token,
+                                autonomous_handler=autonomous_handler, autonomy_tasks_max=autonomy_tasks_max,
+                                autonomy_seconds_max=autonomy_seconds_max,
+                                fences_remembered_max=fences_remembered_max, ca_file=ca_file)
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
 
@@ -882,6 +918,8 @@ __all__ = [
     "SyncTaskContext",
     "TaskContext",
     "TaskFailed",
+    "agent_state",
     "lease_margin_s",
     "lease_startable",
+    "poll_wait_ms",
 ]
