@@ -24,7 +24,7 @@
 
 use rand::Rng;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -272,23 +272,6 @@ fn encode(text: &str) -> String {
     encoded
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskState {
-    Pending,
-    Leased,
-    Succeeded,
-    Failed,
-    Cancelled,
-    Dead,
-}
-
-impl TaskState {
-    pub fn is_terminal(self) -> bool {
-        !matches!(self, TaskState::Pending | TaskState::Leased)
-    }
-}
-
 /// The priority a submit announces in `X-Phalanx-Priority`, so that a loaded
 /// node sheds the lowest classes first before reading bodies (a batch
 /// announces its highest task's).
@@ -301,254 +284,11 @@ fn door_priority(path: &str, body: &Value) -> Option<u64> {
     tasks.iter().map(|task| task["priority"].as_u64().unwrap_or(5)).filter(|p| *p <= 9).max()
 }
 
-/// A task as `GET /v1/tasks/{id}` shows it. Fields the document does not
-/// name (the delegation `trail`, ...) are kept in `other`, so printing a
-/// task loses nothing.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Task {
-    pub id: u64,
-    pub queue: String,
-    pub payload: Value,
-    pub priority: u8,
-    pub state: TaskState,
-    #[serde(default)]
-    pub created_ms: u64,
-    #[serde(default)]
-    pub updated_ms: u64,
-    #[serde(default)]
-    pub deadline_ms: Option<u64>,
-    pub max_attempts: u32,
-    pub attempts: u32,
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
-    pub parent_id: Option<u64>,
-    pub conversation_id: Option<String>,
-    pub hop_count: u32,
-    #[serde(default)]
-    pub lease: Option<TaskLease>,
-    pub last_fence: u64,
-    pub result: Option<Value>,
-    pub error: Option<String>,
-    pub dead_reason: Option<String>,
-    pub superseded_count: u32,
-    /// For a delegation: the fence of the parent's lease that created it.
-    #[serde(default)]
-    pub parent_fence: Option<u64>,
-    #[serde(flatten)]
-    pub other: serde_json::Map<String, Value>,
-}
-
-/// The lease a task is held under, as the task shows it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TaskLease {
-    pub agent_id: String,
-    pub agent_epoch: u64,
-    pub fence: u64,
-    /// In log time (the leader's clock), not this machine's.
-    pub valid_until_ms: u64,
-    #[serde(flatten)]
-    pub other: serde_json::Map<String, Value>,
-}
-
-/// A lease as the poll hands it out.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LeaseGrant {
-    pub task: Task,
-    pub fence: u64,
-    pub valid_until_ms: u64,
-    pub lease_ttl_ms: u64,
-    /// The task's children: what earlier attempts delegated, for this one
-    /// to adopt (delegating the same step again answers with the child).
-    #[serde(default)]
-    pub children: Vec<Child>,
-}
-
-/// A child of a leased task, as the lease lists it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Child {
-    pub task_id: u64,
-    pub queue: String,
-    /// FNV-1a of the payload's JSON text (`payload_hash`).
-    pub payload_hash: u64,
-    pub state: TaskState,
-    /// The fence of the parent's lease that created it.
-    pub parent_fence: Option<u64>,
-    /// The fence of the latest attempt that adopted it, if one did.
-    pub adopted_fence: Option<u64>,
-}
-
-impl Child {
-    /// Whether the child does this step: the same queue and payload.
-    pub fn is_step(&self, queue: &str, payload: &Value) -> bool {
-        self.queue == queue && self.payload_hash == payload_hash(&payload.to_string())
-    }
-
-    /// The attempt it belongs to: the latest that adopted it, or the one that created it.
-    pub fn owner_fence(&self) -> Option<u64> {
-        self.adopted_fence.or(self.parent_fence)
-    }
-}
-
-/// FNV-1a of a payload's JSON text, as the cluster computes it (for the
-/// trail and for `Child::payload_hash`).
-pub fn payload_hash(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
-/// The body of `POST /v1/tasks`; `new` sets the documented defaults and the
-/// `with_*` methods the rest.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SubmitRequest {
-    pub queue: String,
-    pub payload: Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub priority: Option<u8>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub deadline_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_attempts: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parent_id: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parent_fence: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub conversation_id: Option<String>,
-}
-
-impl SubmitRequest {
-    pub fn new(queue: impl Into<String>, payload: Value) -> SubmitRequest {
-        SubmitRequest {
-            queue: queue.into(),
-            payload,
-            priority: Some(5),
-            idempotency_key: None,
-            deadline_ms: None,
-            max_attempts: Some(3),
-            parent_id: None,
-            parent_fence: None,
-            conversation_id: None,
-        }
-    }
-    /// 0..=9, higher first.
-    pub fn with_priority(mut self, priority: u8) -> SubmitRequest {
-        self.priority = Some(priority);
-        self
-    }
-    /// A keyed submit is deduplicated by the cluster, so the client may retry
-    /// it freely. Without one, `Client::submit` generates a key per call.
-    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> SubmitRequest {
-        self.idempotency_key = Some(key.into());
-        self
-    }
-    /// Relative: the task is dropped if not finished this many ms from now.
-    pub fn with_deadline_ms(mut self, deadline_ms: u64) -> SubmitRequest {
-        self.deadline_ms = Some(deadline_ms);
-        self
-    }
-    pub fn with_max_attempts(mut self, max_attempts: u32) -> SubmitRequest {
-        self.max_attempts = Some(max_attempts);
-        self
-    }
-    pub fn with_conversation(mut self, conversation_id: impl Into<String>) -> SubmitRequest {
-        self.conversation_id = Some(conversation_id.into());
-        self
-    }
-    /// A delegation: checked against the parent's current fence and trail.
-    pub fn with_parent(mut self, parent_id: u64, parent_fence: u64) -> SubmitRequest {
-        self.parent_id = Some(parent_id);
-        self.parent_fence = Some(parent_fence);
-        self
-    }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Submitted {
-    pub task_id: u64,
-    /// Nothing new was created: the key was known, or an earlier attempt of
-    /// the parent had delegated the same step.
-    pub deduplicated: bool,
-    /// A child of an earlier attempt of the parent, taken over by this one.
-    #[serde(default)]
-    pub adopted: bool,
-}
-
-/// A refusal of one task of a batch (the batch itself was answered).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Refusal {
-    pub code: String,
-    pub message: String,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum BatchItem {
-    Submitted(Submitted),
-    Refused { error: Refusal },
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Registered {
-    pub agent_id: String,
-    pub epoch: u64,
-    /// The session's secret; this client presents it on the session's
-    /// heartbeats, polls and deregistration by itself.
-    #[serde(default)]
-    pub session: Option<String>,
-    pub heartbeat_interval_ms: u64,
-    pub agent_ttl_ms: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TaskPage {
-    pub tasks: Vec<Task>,
-    pub next_after: Option<u64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ContextEntry {
-    pub version: u64,
-    pub value: Value,
-    /// The task and fence that wrote it, for a write on a task's behalf.
-    #[serde(default)]
-    pub task_id: Option<u64>,
-    #[serde(default)]
-    pub fence: Option<u64>,
-}
-
-/// `GET /v1/conversations/{id}`: the shared context of a conversation.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Conversation {
-    pub conversation_id: String,
-    pub entries: BTreeMap<String, ContextEntry>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ClusterNode {
-    pub id: u64,
-    pub addr: String,
-    pub voter: bool,
-    pub matched_index: Option<u64>,
-    pub last_contact_ms: Option<u64>,
-    #[serde(flatten)]
-    pub other: serde_json::Map<String, Value>,
-}
-
-/// `GET /v1/cluster`: this node's view of the Raft group.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ClusterInfo {
-    pub node_id: u64,
-    pub leader_id: Option<u64>,
-    pub term: u64,
-    pub state: String,
-    pub last_log_index: Option<u64>,
-    pub last_applied: Option<u64>,
-    pub snapshot_index: Option<u64>,
-    pub nodes: Vec<ClusterNode>,
-    #[serde(flatten)]
-    pub other: serde_json::Map<String, Value>,
-}
+/// The wire types are the contract's (`phalanx-api`), re-exported here.
+pub use phalanx_api::{
+    payload_hash, BatchItem, Child, ClusterInfo, ClusterNode, ContextEntry, Conversation, LeaseGrant, Refusal,
+    Registered, SubmitRequest, Submitted, Task, TaskLease, TaskPage, TaskState,
+};
 
 /// Bytes of one answer read at most: the cluster bounds what it stores
 /// (`payload_bytes_max`, a page ≤ 1000 tasks); this bounds what a client believes.
@@ -1252,16 +992,21 @@ impl Client {
         self.get("/v1/config/history").await
     }
 
-    /// Makes an earlier version current again; `force` as for `config_set`.
-    /// Not repeated after an unknown outcome: a rollback to "the previous
-    /// version" done twice would go back two versions.
+    /// Makes an earlier version current again (`version`, default the one
+    /// before the current); `force` as for `config_set`. A compare-and-set on
+    /// the version read first, so it is safe to repeat: a repeat after an
+    /// unknown outcome finds the version moved on and is refused
+    /// (`409 version_conflict`) instead of going back a second version.
     pub async fn config_rollback(&self, version: Option<u64>, force: bool) -> Result<Value, Error> {
-        let body = json!({ "version": version, "force": force });
+        let current = self.config_get().await?;
+        let expected_version =
+            current["version"].as_u64().ok_or_else(|| Error::Transport("GET /v1/config answered no version".into()))?;
+        let body = phalanx_api::RollbackRequest { version, expected_version: Some(expected_version), force };
         self.call(
             reqwest::Method::POST,
             "/v1/config/rollback",
-            Some(&body),
-            Retry::IfNotSent,
+            Some(&serde_json::to_value(body).expect("a rollback serialises")),
+            Retry::Safe,
             Attempt::Fixed(self.request_timeout),
         )
         .await
@@ -1589,9 +1334,9 @@ mod tests {
         let timeout = refused("timeout", None);
         let (node, seen) = fake_node(vec![(503, None, timeout, 0)]).await;
         let client = Client::new(vec![node], None).unwrap();
-        let error = client.config_rollback(None, false).await.unwrap_err();
+        let error = client.context_delete("c").await.unwrap_err();
         assert!(matches!(error, Error::Unknown(_)) && error.outcome() == Outcome::Unknown, "{error:?}");
-        assert_eq!(seen.load(Ordering::SeqCst), 1, "a rollback is not repeated");
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "a delete is not repeated");
     }
 
     #[tokio::test]
