@@ -119,6 +119,7 @@ impl TaskState {
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
     /// The queue's name: 1..=1024 bytes of `[A-Za-z0-9._:-]`.
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,1024}$")]
     pub queue: String,
     /// Any JSON value (default `null`), at most `payload_bytes_max` as text.
     #[serde(default)]
@@ -143,9 +144,11 @@ pub struct SubmitRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_fence: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,1024}$")]
     pub conversation_id: Option<String>,
     /// The flow-control key its limits are counted under (`/v1/limits/{key}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,1024}$")]
     pub concurrency_key: Option<String>,
     /// Tokens it is expected to use, counted against its key's
     /// `tokens_per_minute` while it is leased.
@@ -491,6 +494,7 @@ impl Ok {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,1024}$")]
     pub agent_id: String,
     /// The queues it serves.
     pub capabilities: Vec<String>,
@@ -533,9 +537,11 @@ pub struct PollRequest {
     pub queues: Option<Vec<String>>,
     /// 1..=1000 (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_tasks: Option<u32>,
     /// How long to wait for work (default 0, at most 30,000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 30000)]
     pub wait_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ttl_ms: Option<u64>,
