@@ -19,6 +19,11 @@ const PRIORITY_MAX: u8 = 9;
 const LIST_LIMIT_MAX: u64 = 1000;
 /// How long `status` waits for one node's answer before calling it down.
 const STATUS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `cluster add` keeps asking while the new node does not answer
+/// yet (it was started a moment before).
+const MEMBER_START_WAIT: Duration = Duration::from_secs(5);
+/// How often `status --wait` and `cluster add` ask again.
+const STATUS_WAIT_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Subcommand)]
 pub enum TaskCommand {
@@ -81,7 +86,8 @@ pub enum TaskCommand {
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
-    /// Add a node (learner first, then voter). Node ids are never reused.
+    /// Add a node (learner first, then voter). Start the node first, with
+    /// `--peers` naming the cluster and itself. Node ids are never reused.
     Add {
         /// The new node's id (its `phalanx server --node-id`).
         #[arg(long)]
@@ -287,10 +293,22 @@ pub fn task_text(task: &Task, now_ms: u64) -> String {
 pub async fn run_cluster(connect: &Connect, command: ClusterCommand, json: bool) -> anyhow::Result<()> {
     let client = client(connect)?;
     let (answer, done) = match command {
-        ClusterCommand::Add { node_id, addr, raft_addr } => (
-            client.add_member(node_id, &addr, raft_addr.as_deref()).await?,
-            format!("node {node_id} ({addr}) added: a voter now"),
-        ),
+        ClusterCommand::Add { node_id, addr, raft_addr } => {
+            // A node started a moment ago may not answer yet; the refusal
+            // changed nothing, so asking again is safe.
+            let deadline = std::time::Instant::now() + MEMBER_START_WAIT;
+            let answer = loop {
+                match client.add_member(node_id, &addr, raft_addr.as_deref()).await {
+                    Err(error)
+                        if error.code() == Some("member_unreachable") && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(STATUS_WAIT_INTERVAL).await
+                    }
+                    answer => break answer?,
+                }
+            };
+            (answer, format!("node {node_id} ({addr}) added: a voter now"))
+        }
         ClusterCommand::Remove { node_id } => {
             (client.remove_member(node_id).await?, format!("node {node_id} removed from the cluster"))
         }
@@ -349,39 +367,88 @@ async fn cluster_view(http: &reqwest::Client, token: Option<&str>, addr: &str) -
     response.json().await.ok()
 }
 
-/// Cluster view and work view: each node up or down and why, the leader,
-/// the term, each node's lag behind the leader, the queues, stuck agents,
-/// unserved queues and the oldest pending task's age.
-pub async fn status(connect: &Connect, json: bool) -> anyhow::Result<()> {
-    let client = client(connect)?;
+/// What `status` gathered: the answering node's cluster view, the
+/// leader's (which knows each node's lag), the work view, and each member's
+/// readiness as it answered itself.
+struct Gathered {
+    cluster: Value,
+    leader_view: Option<Value>,
+    work: Value,
+    nodes: Vec<Value>,
+    healths: Vec<Health>,
+}
+
+impl Gathered {
+    /// A leader is known and every member answers ready.
+    fn all_ready(&self) -> bool {
+        self.cluster["leader_id"].as_u64().is_some() && self.healths.iter().all(|h| matches!(h, Health::Ready))
+    }
+}
+
+async fn gather(client: &Client, http: &reqwest::Client, token: Option<&str>) -> anyhow::Result<Gathered> {
     let cluster = serde_json::to_value(client.cluster().await?)?;
     let work = client.status().await?;
-    if json {
-        print_json(&serde_json::json!({ "cluster": cluster, "work": work }));
-        return Ok(());
-    }
-    let http = reqwest::Client::builder().timeout(STATUS_PROBE_TIMEOUT).build()?;
-    let token = connect.token.as_deref();
     // The leader's own view knows how far each node's log matches its own.
     let leader_id = cluster["leader_id"].as_u64();
-    let leader_addr = cluster["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|node| node["id"].as_u64() == leader_id && leader_id.is_some())
+    let nodes: Vec<Value> = cluster["nodes"].as_array().cloned().unwrap_or_default();
+    let leader_addr = nodes
+        .iter()
+        .find(|node| leader_id.is_some() && node["id"].as_u64() == leader_id)
         .and_then(|node| node["addr"].as_str().map(str::to_string));
     let leader_view = match (&leader_addr, leader_id == cluster["node_id"].as_u64()) {
         (_, true) => Some(cluster.clone()),
-        (Some(addr), false) => cluster_view(&http, token, addr).await,
+        (Some(addr), false) => cluster_view(http, token, addr).await,
         (None, false) => None,
     };
-    let nodes: Vec<Value> = cluster["nodes"].as_array().cloned().unwrap_or_default();
     let healths = futures::future::join_all(
-        nodes.iter().map(|node| probe(&http, token, node["addr"].as_str().unwrap_or_default())),
+        nodes.iter().map(|node| probe(http, token, node["addr"].as_str().unwrap_or_default())),
     )
     .await;
-    print!("{}", status_text(&cluster, leader_view.as_ref(), &nodes, &healths, &work));
+    Ok(Gathered { cluster, leader_view, work, nodes, healths })
+}
+
+/// Cluster view and work view: each node up or down and why, the leader,
+/// the term, each node's lag behind the leader, the queues, stuck agents,
+/// unserved queues and the oldest pending task's age. With `wait_s`, asks
+/// again until a leader is known and every node is up and ready, and fails
+/// if that does not happen within `wait_s` seconds.
+pub async fn status(connect: &Connect, wait_s: Option<u64>, json: bool) -> anyhow::Result<()> {
+    let client = client(connect)?;
+    let http = reqwest::Client::builder().timeout(STATUS_PROBE_TIMEOUT).build()?;
+    let token = connect.token.as_deref();
+    let deadline = wait_s.map(|s| std::time::Instant::now() + Duration::from_secs(s));
+    let gathered = loop {
+        let gathered = gather(&client, &http, token).await;
+        match (deadline, &gathered) {
+            (None, _) => break gathered?,
+            (Some(_), Ok(seen)) if seen.all_ready() => break gathered?,
+            (Some(deadline), _) if std::time::Instant::now() >= deadline => {
+                let seen = gathered.context(format!("the cluster did not answer within {} s", wait_s.unwrap_or(0)))?;
+                show(&seen, json);
+                anyhow::bail!("not every node was up and ready within {} s", wait_s.unwrap_or(0));
+            }
+            (Some(_), _) => tokio::time::sleep(STATUS_WAIT_INTERVAL).await,
+        }
+    };
+    show(&gathered, json);
     Ok(())
+}
+
+fn show(gathered: &Gathered, json: bool) {
+    if json {
+        print_json(&serde_json::json!({ "cluster": gathered.cluster, "work": gathered.work }));
+    } else {
+        print!(
+            "{}",
+            status_text(
+                &gathered.cluster,
+                gathered.leader_view.as_ref(),
+                &gathered.nodes,
+                &gathered.healths,
+                &gathered.work
+            )
+        );
+    }
 }
 
 fn status_text(cluster: &Value, leader_view: Option<&Value>, nodes: &[Value], healths: &[Health], work: &Value) -> String {
@@ -409,7 +476,10 @@ fn status_text(cluster: &Value, leader_view: Option<&Value>, nodes: &[Value], he
             "learner"
         };
         let lag = match (leader_last, seen.and_then(|n| n["matched_index"].as_u64())) {
-            (Some(last), Some(matched)) => format!("{} entries", last.saturating_sub(matched)),
+            (Some(last), Some(matched)) => match last.saturating_sub(matched) {
+                1 => "1 entry".to_string(),
+                entries => format!("{entries} entries"),
+            },
             _ => "?".into(),
         };
         let contact = match seen.and_then(|n| n["last_contact_ms"].as_u64()) {

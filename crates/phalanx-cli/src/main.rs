@@ -125,6 +125,11 @@ enum Commands {
     Status {
         #[command(flatten)]
         connect: Connect,
+        /// Wait up to this many seconds until a leader is known and every
+        /// node is up and ready (e.g. right after starting the nodes); exit
+        /// with status 1 if that does not happen.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
     },
     /// Change cluster membership.
     Cluster {
@@ -361,9 +366,9 @@ fn main() -> std::process::ExitCode {
                 init_tracing("warn");
                 client_commands::run_task(&connect, command, json).await
             }
-            Commands::Status { connect } => {
+            Commands::Status { connect, wait } => {
                 init_tracing("warn");
-                client_commands::status(&connect, json).await
+                client_commands::status(&connect, wait, json).await
             }
             Commands::Cluster { connect, command } => {
                 init_tracing("warn");
