@@ -451,7 +451,13 @@ fn show(gathered: &Gathered, json: bool) {
     }
 }
 
-fn status_text(cluster: &Value, leader_view: Option<&Value>, nodes: &[Value], healths: &[Health], work: &Value) -> String {
+fn status_text(
+    cluster: &Value,
+    leader_view: Option<&Value>,
+    nodes: &[Value],
+    healths: &[Health],
+    work: &Value,
+) -> String {
     let mut text = String::new();
     let leader_id = cluster["leader_id"].as_u64();
     match leader_id {

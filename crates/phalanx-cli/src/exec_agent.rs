@@ -80,10 +80,7 @@ pub async fn run(args: ExecAgentArgs) -> anyhow::Result<()> {
     let stop = Arc::new(tokio::sync::Notify::new());
     let agent = {
         let (broken, stop) = (broken.clone(), stop.clone());
-        Agent::new(
-            config,
-            handler(move |context| run_task(command.clone(), context, broken.clone(), stop.clone())),
-        )?
+        Agent::new(config, handler(move |context| run_task(command.clone(), context, broken.clone(), stop.clone())))?
     };
     tracing::info!(%agent_id, queues = ?args.queue, "agent running; SIGTERM drains");
     let shutdown = async move {
@@ -181,10 +178,8 @@ async fn run_command(command: &str, context: &TaskContext) -> Result<Value, RunE
     // A command that does not read its stdin is fine: ignore a broken pipe.
     let _ = stdin.write_all(&payload).await;
     drop(stdin);
-    let output = child
-        .wait_with_output()
-        .await
-        .map_err(|error| RunError::Task(format!("waiting for {command:?}: {error}")))?;
+    let output =
+        child.wait_with_output().await.map_err(|error| RunError::Task(format!("waiting for {command:?}: {error}")))?;
     let keep = |bytes: &[u8]| String::from_utf8_lossy(&bytes[..bytes.len().min(OUTPUT_BYTES_MAX)]).trim().to_string();
     match output.status.code() {
         Some(0) => {

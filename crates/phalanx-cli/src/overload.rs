@@ -225,7 +225,10 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
     let addrs = cluster.addrs();
     let http = reqwest::Client::builder().pool_max_idle_per_host(1024).tcp_nodelay(true).build()?;
     let (stop_agents, agents) = start_drain_agents(&addrs, "load", 4).await?;
-    println!("cluster: {} node(s); measuring capacity (closed loop, 256 clients, single-task submits) ...", args.node_count);
+    println!(
+        "cluster: {} node(s); measuring capacity (closed loop, 256 clients, single-task submits) ...",
+        args.node_count
+    );
     let pools = pools(&addrs)?;
     let capacity = capacity(&pools, 4).await;
     println!("capacity: {capacity:.0} submits/s acknowledged");

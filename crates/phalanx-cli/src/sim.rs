@@ -57,7 +57,8 @@ pub fn run(args: SimArgs) -> ExitCode {
     };
     let options = Options { nodes: args.node_count, fault_ms: args.fault_ms, plant, ..Options::default() };
     let replay = |seed: u64| {
-        let mut command = format!("phalanx sim --seed {seed} --node-count {} --fault-ms {}", args.node_count, args.fault_ms);
+        let mut command =
+            format!("phalanx sim --seed {seed} --node-count {} --fault-ms {}", args.node_count, args.fault_ms);
         if let Some(plant) = plant {
             command.push_str(&format!(" --plant {}", plant.name()));
         }

@@ -83,7 +83,8 @@ async fn submit_prints_the_id_list_a_table_and_json_the_answers() {
     let cluster = Cluster::start(1, &[]).await;
     let node = cluster.addr(1);
 
-    let submitted = run(node, &["task", "submit", "--queue", "q", "--payload", r#"{"n": 1}"#, "--idempotency-key", "k"]);
+    let submitted =
+        run(node, &["task", "submit", "--queue", "q", "--payload", r#"{"n": 1}"#, "--idempotency-key", "k"]);
     let id_text = ok(submitted);
     let id: u64 = id_text.trim().parse().unwrap_or_else(|_| panic!("submit prints the id alone, not {id_text:?}"));
     let again = run(node, &["task", "submit", "--queue", "q", "--payload", r#"{"n": 1}"#, "--idempotency-key", "k"]);
@@ -219,11 +220,11 @@ fn an_unusable_data_dir_or_config_file_is_named() {
     assert_clear_error(status, &stderr, &[&corrupt.join("phalanx.redb").display().to_string()]);
 
     let data = dir.path().join("data");
-    for (config, why) in [(dir.path().to_path_buf(), "Is a directory"), (dir.path().join("missing.conf"), "No such file")]
+    for (config, why) in
+        [(dir.path().to_path_buf(), "Is a directory"), (dir.path().join("missing.conf"), "No such file")]
     {
         let config = config.display().to_string();
-        let (status, stderr) =
-            wait_exit(server_start(&free(), &free(), &data, &["--config", &config]), EXIT_WITHIN);
+        let (status, stderr) = wait_exit(server_start(&free(), &free(), &data, &["--config", &config]), EXIT_WITHIN);
         assert_clear_error(status, &stderr, &[&format!("config file {config}"), why]);
     }
 }

@@ -139,7 +139,8 @@ fn the_walkthrough_runs_as_written() {
 
 #[test]
 fn blocks_and_ports() {
-    let readme = format!("text\n{MARK}\n```sh\na 127.0.0.1:7001\nb\n```\nmore\n```sh\nnot this\n```\n{MARK}\n```sh\nc\n```\n");
+    let readme =
+        format!("text\n{MARK}\n```sh\na 127.0.0.1:7001\nb\n```\nmore\n```sh\nnot this\n```\n{MARK}\n```sh\nc\n```\n");
     assert_eq!(walkthrough_blocks(&readme), ["a 127.0.0.1:7001\nb", "c"]);
     let moved = with_free_ports("x=127.0.0.1:7001,127.0.0.1:7001/127.0.0.1:8001 127.0.0.1:");
     let ports: Vec<&str> = moved.split("127.0.0.1:").skip(1).collect();
