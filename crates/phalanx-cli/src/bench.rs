@@ -17,20 +17,15 @@ use std::time::{Duration, Instant};
 
 #[derive(Args, Clone)]
 pub struct BenchArgs {
-    /// `throughput` (default), `overload` (open-loop load at multiples of
-    /// capacity), `backlog` (an outage under load, then the drain),
-    /// `failover` (faults to the leader, as SDK clients see them), `soak`
-    /// (many tasks through, memory and disk watched), `steady` (a
-    /// fault-free mixed workload: elections must be 0) or `delegation`
-    /// (planners replaced mid-tree under leader faults, checked).
-    #[arg(default_value = "throughput")]
+    /// What to measure.
+    #[arg(default_value = "throughput", value_parser = scenarios())]
     pub scenario: String,
     /// Where `overload` writes its CSV and SVG.
     #[arg(long, default_value = "bench-results")]
     pub out_dir: std::path::PathBuf,
-    /// Nodes in the local cluster (1 or 3 or 5).
-    #[arg(long, default_value_t = 1)]
-    pub nodes: u64,
+    /// How many nodes the local cluster has (1, 3 or 5).
+    #[arg(long, short = 'n', default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=9))]
+    pub node_count: u64,
     /// Seconds of measurement (after a warm-up of 2 s).
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
@@ -73,6 +68,20 @@ pub struct BenchArgs {
     pub seed: u64,
 }
 
+/// The scenarios of `phalanx bench`, each with the help `--help` shows.
+fn scenarios() -> clap::builder::PossibleValuesParser {
+    use clap::builder::PossibleValue;
+    clap::builder::PossibleValuesParser::new([
+        PossibleValue::new("throughput").help("submit -> lease -> complete end to end, against the disk's fsync rate"),
+        PossibleValue::new("overload").help("open-loop load at multiples of capacity (CSV and SVG in --out-dir)"),
+        PossibleValue::new("backlog").help("an outage under load, then the drain"),
+        PossibleValue::new("failover").help("faults to the leader (--fault), as SDK clients see them"),
+        PossibleValue::new("soak").help("many tasks (--tasks) through, memory and disk watched"),
+        PossibleValue::new("steady").help("a fault-free mixed workload: elections must be 0"),
+        PossibleValue::new("delegation").help("planners replaced mid-tree under leader faults, checked (--check)"),
+    ])
+}
+
 #[derive(Default)]
 struct Shared {
     stop: AtomicBool,
@@ -109,9 +118,9 @@ async fn throughput(args: BenchArgs) -> anyhow::Result<()> {
     let fsync_per_second = measure_fsync(dir.path(), 300)?;
     println!("disk baseline: {fsync_per_second:.0} fsyncs/s (4 KiB write + fdatasync, same file system)");
     let server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
-    let cluster = LocalCluster::start(args.nodes, dir.path(), &server_args).await?;
+    let cluster = LocalCluster::start(args.node_count, dir.path(), &server_args).await?;
     let addrs = cluster.addrs();
-    println!("cluster: {} node(s) at {}", args.nodes, addrs.join(","));
+    println!("cluster: {} node(s) at {}", args.node_count, addrs.join(","));
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).tcp_nodelay(true).build()?;
     let shared = Arc::new(Shared::default());
     let mut handles = Vec::new();

@@ -123,7 +123,7 @@ impl Run {
 pub async fn delegation(args: BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
-    let nodes = args.nodes.max(1);
+    let nodes = args.node_count.max(1);
     let mut cluster = LocalCluster::start(nodes, dir.path(), &server_args).await?;
     let addrs = cluster.addrs();
     let probe = Client::new(addrs.clone(), None)?;

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Nodes in the local cluster.
-    #[arg(long, default_value_t = 3)]
-    pub nodes: u64,
+    /// How many nodes the local cluster has.
+    #[arg(long, short = 'n', default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    pub node_count: u64,
     /// Planner tasks to submit (each fans out to two more).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
     pub plans: u32,
     /// Do not kill the leader mid-run.
     #[arg(long)]
@@ -62,8 +62,8 @@ fn bar(done: usize, total: usize) -> String {
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    println!("starting {} node(s) in {} ...", args.nodes, dir.path().display());
-    let mut cluster = LocalCluster::start(args.nodes, dir.path(), &[]).await?;
+    println!("starting {} node(s) in {} ...", args.node_count, dir.path().display());
+    let mut cluster = LocalCluster::start(args.node_count, dir.path(), &[]).await?;
     let addrs = cluster.addrs();
     println!("cluster up: {} (leader {})", addrs.join(", "), cluster.leader().await.unwrap_or(0));
 

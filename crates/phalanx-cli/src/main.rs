@@ -29,19 +29,84 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "phalanx", version, about = "A replicated orchestrator for multi-agent systems")]
 struct Cli {
+    /// Print the cluster's answers as JSON (for scripts) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Commands,
 }
 
+/// The client port a node listens on unless told otherwise (`--listen`),
+/// and the port a client assumes when an address names none.
+pub const CLIENT_PORT_DEFAULT: u16 = 7070;
+
 /// How client commands find the cluster.
 #[derive(Args, Clone)]
 pub struct Connect {
-    /// Comma-separated node addresses (host:port); any node will do.
+    /// Comma-separated node addresses, HOST[:PORT] (port 7070 when left
+    /// out); any node will do, the others are tried when one does not answer.
     #[arg(long, env = "PHALANX_NODES", default_value = "127.0.0.1:7070", global = true)]
     pub nodes: String,
     /// Client token, when the cluster requires one.
     #[arg(long, env = "PHALANX_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+}
+
+impl Connect {
+    /// The node addresses as `host:port`, or why one is not an address.
+    pub fn node_list(&self) -> anyhow::Result<Vec<String>> {
+        let nodes: Vec<String> = self
+            .nodes
+            .split(',')
+            .map(str::trim)
+            .filter(|node| !node.is_empty())
+            .map(node_address)
+            .collect::<anyhow::Result<_>>()?;
+        anyhow::ensure!(!nodes.is_empty(), "--nodes (or PHALANX_NODES) names no node");
+        Ok(nodes)
+    }
+}
+
+/// One `--nodes` entry as `host:port`: an `http://` prefix and a trailing
+/// `/` are dropped, a missing port is the client port default. Nodes speak
+/// plain HTTP, so any other scheme is refused rather than misread.
+fn node_address(node: &str) -> anyhow::Result<String> {
+    let bare = match node.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some((scheme, _)) => anyhow::bail!(
+            "{node:?} in --nodes: nodes speak plain HTTP, not {scheme}:// (give HOST[:PORT], e.g. 127.0.0.1:7070)"
+        ),
+        None => node,
+    };
+    let bare = bare.trim_end_matches('/');
+    anyhow::ensure!(
+        !bare.is_empty() && !bare.contains('/') && !bare.contains(char::is_whitespace),
+        "{node:?} in --nodes is not HOST[:PORT] (e.g. 127.0.0.1:7070)"
+    );
+    // `[::1]:7070` and `[::1]` for IPv6; a bare IPv6 address needs the brackets.
+    let (host, port) = if let Some(rest) = bare.strip_prefix('[') {
+        let (host, after) =
+            rest.split_once(']').with_context(|| format!("{node:?} in --nodes: an unclosed [ in an IPv6 address"))?;
+        (format!("[{host}]"), after.strip_prefix(':').map(str::to_string))
+    } else {
+        match bare.rsplit_once(':') {
+            Some((host, _)) if host.contains(':') => {
+                anyhow::bail!("{node:?} in --nodes: write an IPv6 address in brackets, e.g. [::1]:7070")
+            }
+            Some((host, port)) => (host.to_string(), Some(port.to_string())),
+            None => (bare.to_string(), None),
+        }
+    };
+    anyhow::ensure!(!host.is_empty() && host != "[]", "{node:?} in --nodes names no host");
+    let port = match port {
+        None => CLIENT_PORT_DEFAULT,
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|port| *port != 0)
+            .with_context(|| format!("{node:?} in --nodes: {port:?} is not a port (1 to 65535)"))?,
+    };
+    Ok(format!("{host}:{port}"))
 }
 
 #[derive(Subcommand)]
@@ -55,10 +120,16 @@ enum Commands {
         #[command(subcommand)]
         command: client_commands::TaskCommand,
     },
-    /// Show the cluster: leader, term, members, queues.
+    /// Show the cluster: each node up or down, the leader, the term, each
+    /// node's lag and readiness, and the queues.
     Status {
         #[command(flatten)]
         connect: Connect,
+        /// Wait up to this many seconds until a leader is known and every
+        /// node is up and ready (e.g. right after starting the nodes); exit
+        /// with status 1 if that does not happen.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
     },
     /// Change cluster membership.
     Cluster {
@@ -81,7 +152,8 @@ enum Commands {
     },
     /// Start a local cluster with agents and a multi-agent workload, and report.
     Demo(demo::DemoArgs),
-    /// Measure throughput and latency end to end.
+    /// Benchmark a local cluster: throughput, overload, backlog, failover,
+    /// soak, steady or delegation (`phalanx bench --help` says what each does).
     Bench(bench::BenchArgs),
     /// Simulate a whole cluster under faults from a seed, and check its invariants.
     Sim(sim::SimArgs),
@@ -95,13 +167,17 @@ enum AgentCommand {
 
 #[derive(Args)]
 pub struct ServerArgs {
-    #[arg(long, default_value_t = 1)]
+    /// This node's id in the cluster: a positive number, unique, never reused.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub node_id: u64,
+    /// The address clients (and agents) connect to, IP:PORT.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
     /// Address others use to reach this node (default: the listen address).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Where this node keeps its log and state (created if missing; one
+    /// directory per node).
     #[arg(long, default_value = "./phalanx-data")]
     pub data_dir: PathBuf,
     /// Initial voters, e.g. 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003;
@@ -112,23 +188,32 @@ pub struct ServerArgs {
     /// client load cannot starve consensus (recommended for clusters).
     #[arg(long)]
     pub raft_listen: Option<SocketAddr>,
+    /// The secret clients must present (16 to 512 printable bytes); without
+    /// it the node listens on loopback only.
     #[arg(long, env = "PHALANX_CLIENT_TOKEN", hide_env_values = true)]
     pub client_token: Option<String>,
+    /// The secret shared by the nodes of a cluster (16 to 512 printable
+    /// bytes, the same on every node); required with more than one node.
     #[arg(long, env = "PHALANX_PEER_TOKEN", hide_env_values = true)]
     pub peer_token: Option<String>,
     /// Raft leader keep-alive period (not an agent heartbeat).
     #[arg(long, default_value_t = 30)]
     pub raft_keepalive_ms: u64,
+    /// A follower that hears no leader for a random time between this and
+    /// `--election-timeout-max-ms` asks for an election.
     #[arg(long, default_value_t = 100)]
     pub election_timeout_min_ms: u64,
+    /// See `--election-timeout-min-ms`.
     #[arg(long, default_value_t = 200)]
     pub election_timeout_max_ms: u64,
+    /// A snapshot is taken after this many log entries since the last one.
     #[arg(long, default_value_t = 20_000)]
     pub snapshot_logs_since_last: u64,
     /// Log entries kept behind a snapshot for followers that lag a little.
     #[arg(long, default_value_t = 1_000)]
     pub snapshot_logs_kept: u64,
-    /// A bootstrap file of `key = value` lines; its values override the flags.
+    /// A bootstrap file of `key = value` lines (the flags' names with `_`);
+    /// its values override the flags.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Per-client sustained request rate (token bucket), requests per second.
@@ -211,7 +296,8 @@ impl ServerArgs {
         config.uri_bytes_max = self.uri_bytes_max;
         config.list_bytes_max = self.list_bytes_max;
         if let Some(path) = &self.config {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the config file {} (--config)", path.display()))?;
             config.apply_file(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;
         }
         if config.advertise.is_some() && !config.peers.is_empty() {
@@ -266,6 +352,7 @@ fn main() -> std::process::ExitCode {
         return sim::run(args);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let json = cli.json;
     let result = runtime.block_on(async move {
         match cli.command {
             Commands::Server(args) => {
@@ -277,19 +364,19 @@ fn main() -> std::process::ExitCode {
             }
             Commands::Task { connect, command } => {
                 init_tracing("warn");
-                client_commands::run_task(&connect, command).await
+                client_commands::run_task(&connect, command, json).await
             }
-            Commands::Status { connect } => {
+            Commands::Status { connect, wait } => {
                 init_tracing("warn");
-                client_commands::status(&connect).await
+                client_commands::status(&connect, wait, json).await
             }
             Commands::Cluster { connect, command } => {
                 init_tracing("warn");
-                client_commands::run_cluster(&connect, command).await
+                client_commands::run_cluster(&connect, command, json).await
             }
             Commands::Config { connect, command } => {
                 init_tracing("warn");
-                client_commands::run_config(&connect, command).await
+                client_commands::run_config(&connect, command, json).await
             }
             Commands::Agent { command: AgentCommand::Run(args) } => {
                 init_tracing("info");
@@ -319,5 +406,92 @@ fn main() -> std::process::ExitCode {
             eprintln!("phalanx: {error:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every command and every argument a user can see says what it is for.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", command.get_name());
+            for argument in command.get_arguments() {
+                let builtin = matches!(argument.get_id().as_str(), "help" | "version");
+                if !builtin && !argument.is_hide_set() && argument.get_help().is_none() {
+                    missing.push(format!("{path} {}", argument.get_id()));
+                }
+            }
+            for subcommand in command.get_subcommands() {
+                if subcommand.get_name() != "help" && subcommand.get_about().is_none() {
+                    missing.push(format!("{path} {} (the command itself)", subcommand.get_name()));
+                }
+                walk(subcommand, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        let mut command = Cli::command();
+        command.build();
+        walk(&command, "", &mut missing);
+        assert!(missing.is_empty(), "arguments without help:\n{}", missing.join("\n"));
+    }
+
+    /// Within a command, a flag name means one thing wherever it appears:
+    /// `--nodes` is always a list of addresses, never a count.
+    #[test]
+    fn nodes_is_always_a_list_of_addresses() {
+        fn walk(command: &clap::Command, path: &str, found: &mut Vec<String>) {
+            let path = format!("{path} {}", command.get_name());
+            for argument in command.get_arguments().filter(|a| a.get_long() == Some("nodes")) {
+                let help = argument.get_help().map(|h| h.to_string()).unwrap_or_default();
+                if !help.contains("addresses") {
+                    found.push(format!("{path}: --nodes is {help:?}"));
+                }
+            }
+            for subcommand in command.get_subcommands() {
+                walk(subcommand, &path, found);
+            }
+        }
+        let mut found = Vec::new();
+        let mut command = Cli::command();
+        command.build();
+        walk(&command, "", &mut found);
+        assert!(found.is_empty(), "{}", found.join("\n"));
+    }
+
+    fn check_node(input: &str, expected: Result<&str, &str>) {
+        match (node_address(input), expected) {
+            (Ok(address), Ok(expected)) => assert_eq!(address, expected, "{input:?}"),
+            (Err(error), Err(expected)) => assert!(error.to_string().contains(expected), "{input:?}: {error}"),
+            (got, expected) => panic!("{input:?}: got {got:?}, expected {expected:?}"),
+        }
+    }
+
+    #[test]
+    fn node_addresses() {
+        check_node("localhost", Ok("localhost:7070"));
+        check_node("127.0.0.1:7001", Ok("127.0.0.1:7001"));
+        check_node("http://10.0.0.1", Ok("10.0.0.1:7070"));
+        check_node("http://10.0.0.1:7002/", Ok("10.0.0.1:7002"));
+        check_node("[::1]", Ok("[::1]:7070"));
+        check_node("[::1]:7003", Ok("[::1]:7003"));
+        check_node("https://example.com", Err("plain HTTP, not https://"));
+        check_node("ftp://example.com:21", Err("not ftp://"));
+        check_node("::1", Err("in brackets"));
+        check_node("host:http", Err("\"http\" is not a port"));
+        check_node("host:0", Err("is not a port"));
+        check_node(":7070", Err("names no host"));
+        check_node("host/path", Err("is not HOST[:PORT]"));
+        let connect = |nodes: &str| Connect { nodes: nodes.into(), token: None }.node_list();
+        assert_eq!(connect(" a, b:1 ,").unwrap(), ["a:7070", "b:1"]);
+        assert!(connect(" , ").unwrap_err().to_string().contains("names no node"));
     }
 }

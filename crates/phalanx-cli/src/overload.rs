@@ -221,11 +221,14 @@ fn summarise(
 pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
-    let cluster = LocalCluster::start(args.nodes, dir.path(), &server_args).await?;
+    let cluster = LocalCluster::start(args.node_count, dir.path(), &server_args).await?;
     let addrs = cluster.addrs();
     let http = reqwest::Client::builder().pool_max_idle_per_host(1024).tcp_nodelay(true).build()?;
     let (stop_agents, agents) = start_drain_agents(&addrs, "load", 4).await?;
-    println!("cluster: {} node(s); measuring capacity (closed loop, 256 clients, single-task submits) ...", args.nodes);
+    println!(
+        "cluster: {} node(s); measuring capacity (closed loop, 256 clients, single-task submits) ...",
+        args.node_count
+    );
     let pools = pools(&addrs)?;
     let capacity = capacity(&pools, 4).await;
     println!("capacity: {capacity:.0} submits/s acknowledged");
@@ -278,7 +281,7 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
     for agent in agents {
         let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
     }
-    write_outputs(&args.out_dir, args.nodes, capacity, &levels, peak)?;
+    write_outputs(&args.out_dir, args.node_count, capacity, &levels, peak)?;
     Ok(())
 }
 
@@ -393,7 +396,7 @@ fn svg(nodes: u64, capacity: f64, levels: &[Level]) -> String {
 pub async fn backlog(args: BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
-    let cluster = LocalCluster::start(args.nodes, dir.path(), &server_args).await?;
+    let cluster = LocalCluster::start(args.node_count, dir.path(), &server_args).await?;
     let addrs = cluster.addrs();
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     // Agents take 5 ms per task; 8 agents x 8 slots: about 12,800 tasks/s at most.

@@ -23,9 +23,9 @@ pub struct SimArgs {
     /// The first seed of `--seeds`.
     #[arg(long, default_value_t = 1)]
     pub first: u64,
-    /// Nodes in the simulated cluster (3 or 5).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=5))]
-    pub nodes: u64,
+    /// How many nodes the simulated cluster has (3 to 5).
+    #[arg(long, short = 'n', default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=5))]
+    pub node_count: u64,
     /// Simulated milliseconds of faults per run (then everything heals).
     #[arg(long, default_value_t = 20_000)]
     pub fault_ms: u64,
@@ -55,9 +55,10 @@ pub fn run(args: SimArgs) -> ExitCode {
             }
         },
     };
-    let options = Options { nodes: args.nodes, fault_ms: args.fault_ms, plant, ..Options::default() };
+    let options = Options { nodes: args.node_count, fault_ms: args.fault_ms, plant, ..Options::default() };
     let replay = |seed: u64| {
-        let mut command = format!("phalanx sim --seed {seed} --nodes {} --fault-ms {}", args.nodes, args.fault_ms);
+        let mut command =
+            format!("phalanx sim --seed {seed} --node-count {} --fault-ms {}", args.node_count, args.fault_ms);
         if let Some(plant) = plant {
             command.push_str(&format!(" --plant {}", plant.name()));
         }

@@ -73,7 +73,7 @@ struct Counts {
 pub async fn steady(args: BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
-    let nodes = args.nodes.max(3);
+    let nodes = args.node_count.max(3);
     let cluster = LocalCluster::start(nodes, dir.path(), &server_args).await?;
     let addrs = cluster.addrs();
     let http = crate::launcher::http_client(None)?;

@@ -318,7 +318,7 @@ async fn retention_keeps_a_tree_whole() {
 fn delegation_chaos_finds_no_violation() {
     let seconds = std::env::var("PHALANX_CHAOS_SECONDS").unwrap_or_else(|_| "25".into());
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_phalanx"))
-        .args(["bench", "delegation", "--nodes", "3", "--seconds", &seconds, "--check"])
+        .args(["bench", "delegation", "--node-count", "3", "--seconds", &seconds, "--check"])
         .env("PHALANX_LOG", "error,openraft=off")
         .output()
         .expect("run phalanx bench delegation");

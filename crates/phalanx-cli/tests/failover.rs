@@ -164,7 +164,7 @@ async fn the_cli_submit_retried_through_a_leader_kill_creates_one_task() {
     std::fs::write(cluster.servers[&leader].data_dir.join("failpoint-stall-apply"), b"").unwrap();
     let nodes: Vec<&str> = cluster.servers.keys().map(|id| cluster.addr(*id)).collect();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_phalanx"))
-        .args(["task", "submit", "--nodes", &nodes.join(","), "--queue", "once", "--payload", r#"{"n": 1}"#])
+        .args(["--json", "task", "submit", "--nodes", &nodes.join(","), "--queue", "once", "--payload", r#"{"n": 1}"#])
         .env("PHALANX_LOG", "off")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

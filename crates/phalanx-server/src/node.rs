@@ -197,13 +197,19 @@ pub struct Running {
     pub raft_addr: Option<std::net::SocketAddr>,
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
-    /// The threads that run consensus when Raft has its own listener.
-    raft_runtime: Option<tokio::runtime::Runtime>,
+    /// The threads that run consensus when Raft has its own listener, held
+    /// only to be shut down when this is dropped.
+    _raft_runtime: Option<RaftThreads>,
 }
 
-impl Drop for Running {
+/// The runtime of the consensus threads. Dropping a tokio runtime inside
+/// another runtime's async context panics, and `start` may return early from
+/// there (a busy port, an unreadable database): this drop never blocks.
+struct RaftThreads(Option<tokio::runtime::Runtime>);
+
+impl Drop for RaftThreads {
     fn drop(&mut self) {
-        if let Some(runtime) = self.raft_runtime.take() {
+        if let Some(runtime) = self.0.take() {
             runtime.shutdown_background();
         }
     }
@@ -265,10 +271,52 @@ pub fn raft_config(config: &NodeConfig) -> anyhow::Result<openraft::Config> {
 
 pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     config.validate().map_err(anyhow::Error::msg)?;
+    if config.data_dir.exists() && !config.data_dir.is_dir() {
+        anyhow::bail!("the data dir {} is not a directory (--data-dir)", config.data_dir.display());
+    }
     std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        .with_context(|| format!("creating the data dir {} (--data-dir)", config.data_dir.display()))?;
+
+    // The listeners first: a busy port is the likeliest mistake, and it is
+    // reported before anything is opened or started.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+    let addr = listener.local_addr()?;
+    // With a Raft listener of its own, consensus (the Raft core, storage,
+    // apply, the proposer, the timers and the Raft RPC server) runs on
+    // dedicated threads: client load on the API threads cannot delay a
+    // keep-alive into an election.
+    let raft_runtime = match config.raft_listen {
+        Some(_) => Some(RaftThreads(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("phalanx-raft")
+                .enable_all()
+                .build()
+                .context("starting the Raft threads")?,
+        ))),
+        None => None,
+    };
+    let consensus = raft_runtime
+        .as_ref()
+        .and_then(|threads| threads.0.as_ref())
+        .map(|r| r.handle().clone())
+        .unwrap_or_else(tokio::runtime::Handle::current);
+    let raft_listener = match config.raft_listen {
+        Some(raft_listen) => Some(
+            consensus
+                .spawn(async move { tokio::net::TcpListener::bind(raft_listen).await })
+                .await?
+                .with_context(|| format!("cannot listen on {raft_listen} (--raft-listen)"))?,
+        ),
+        None => None,
+    };
+    let raft_addr = raft_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+
+    let database = config.data_dir.join(store::DATABASE_FILE_NAME);
     let (log_store, state_machine) =
-        store::open(&config.data_dir).with_context(|| format!("opening storage in {}", config.data_dir.display()))?;
+        store::open(&config.data_dir).with_context(|| format!("opening the database {}", database.display()))?;
     let shared = state_machine.shared();
     let log_clock = Arc::new(crate::clock::LogClock::new(config.node_id, config.clock_skew_max_ms, shared.clone()));
     let mut config = config;
@@ -278,40 +326,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let network = Network::new(config.peer_token.clone());
     let peer_contacts = network.contacts.clone();
 
-    // With a Raft listener of its own, consensus (the Raft core, storage,
-    // apply, the proposer, the timers and the Raft RPC server) runs on
-    // dedicated threads: client load on the API threads cannot delay a
-    // keep-alive into an election.
-    let raft_runtime = match config.raft_listen {
-        Some(_) => Some(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("phalanx-raft")
-                .enable_all()
-                .build()
-                .context("starting the Raft threads")?,
-        ),
-        None => None,
-    };
-    let consensus = raft_runtime.as_ref().map(|r| r.handle().clone()).unwrap_or_else(tokio::runtime::Handle::current);
     let node_id = config.node_id;
     let raft = consensus
         .spawn(async move { Raft::new(node_id, raft_config, network, log_store, state_machine).await })
         .await??;
 
-    let listener =
-        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    let raft_listener = match config.raft_listen {
-        Some(raft_listen) => Some(
-            consensus
-                .spawn(async move { tokio::net::TcpListener::bind(raft_listen).await })
-                .await?
-                .with_context(|| format!("binding the Raft listener {raft_listen}"))?,
-        ),
-        None => None,
-    };
-    let raft_addr = raft_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     if config.advertise.is_none() {
         config.advertise = Some(addr.to_string());
     }
@@ -390,7 +409,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let listener = crate::listener::BoundedListener::new(listener, settings, node.listener_stats.clone());
     let server = tokio::spawn(crate::listener::serve(listener, router, shutdown_rx));
     tracing::info!(node_id = node.id(), %addr, ?raft_addr, "node serving");
-    Ok(Running { node, addr, raft_addr, shutdown_tx, server, raft_runtime })
+    Ok(Running { node, addr, raft_addr, shutdown_tx, server, _raft_runtime: raft_runtime })
 }
 
 /// Descriptors a node needs besides client connections and peers: its
