@@ -24,7 +24,6 @@
 
 use rand::Rng;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -701,10 +700,7 @@ impl Client {
     /// Submits many tasks, each on its own; a task without a key gets a
     /// generated one, so the batch is retried freely.
     pub async fn submit_batch(&self, requests: &[SubmitRequest]) -> Result<Vec<Result<Submitted, Refusal>>, Error> {
-        #[derive(Deserialize)]
-        struct Answer {
-            results: Vec<BatchItem>,
-        }
+        type Answer = phalanx_api::BatchAnswer;
         let mut requests = requests.to_vec();
         for request in &mut requests {
             request.idempotency_key.get_or_insert_with(generated_idempotency_key);
@@ -808,10 +804,7 @@ impl Client {
         wait_ms: u64,
         lease_ttl_ms: u64,
     ) -> Result<Vec<LeaseGrant>, Error> {
-        #[derive(Deserialize)]
-        struct Answer {
-            leases: Vec<LeaseGrant>,
-        }
+        type Answer = phalanx_api::Polled;
         let mut body = self.session_body(agent_id, epoch);
         body["max_tasks"] = json!(max_tasks);
         body["wait_ms"] = json!(wait_ms);
@@ -834,11 +827,8 @@ impl Client {
 
     /// Returns the new `valid_until_ms` (log time).
     pub async fn extend(&self, task_id: u64, fence: u64, lease_ttl_ms: u64) -> Result<u64, Error> {
-        #[derive(Deserialize)]
-        struct Answer {
-            valid_until_ms: u64,
-        }
-        let body = json!({"fence": fence, "lease_ttl_ms": lease_ttl_ms});
+        type Answer = phalanx_api::Extended;
+        let body = json!(phalanx_api::ExtendRequest { fence, lease_ttl_ms: Some(lease_ttl_ms) });
         let answer: Answer = self.post(&format!("/v1/tasks/{task_id}/extend"), body).await?;
         Ok(answer.valid_until_ms)
     }
@@ -851,11 +841,8 @@ impl Client {
     /// Records that `task_id` waits on `on` (deadlock-checked by the
     /// cluster); returns the awaited tasks still pending.
     pub async fn wait(&self, task_id: u64, fence: u64, on: &[u64], timeout_ms: u64) -> Result<Vec<u64>, Error> {
-        #[derive(Deserialize)]
-        struct Answer {
-            pending: Vec<u64>,
-        }
-        let body = json!({"fence": fence, "on": on, "timeout_ms": timeout_ms});
+        type Answer = phalanx_api::Waiting;
+        let body = json!(phalanx_api::WaitRequest { fence, on: on.to_vec(), timeout_ms });
         let answer: Answer = self.post(&format!("/v1/tasks/{task_id}/wait"), body).await?;
         Ok(answer.pending)
     }
@@ -899,10 +886,7 @@ impl Client {
         expected_version: Option<u64>,
         writer: Option<(u64, u64)>,
     ) -> Result<u64, Error> {
-        #[derive(Deserialize)]
-        struct Answer {
-            version: u64,
-        }
+        type Answer = phalanx_api::ContextWritten;
         let mut body = json!({ "value": value });
         if let Some(version) = expected_version {
             body["expected_version"] = json!(version);
