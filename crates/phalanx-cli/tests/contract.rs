@@ -111,3 +111,30 @@ async fn a_listed_queue_name_is_percent_decoded() {
     let bad = cluster.get(1, "/v1/tasks?queue=team%3").await.unwrap();
     assert_error(&bad, 400, "invalid");
 }
+
+/// docs/api.md names every code a node answers with.
+#[test]
+fn every_error_code_is_documented() {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api.md")).unwrap();
+    let missing: Vec<&str> = phalanx_api::ErrorCode::ALL
+        .iter()
+        .map(|code| code.as_str())
+        .filter(|code| !guide.contains(&format!("`{code}`")))
+        .collect();
+    assert!(missing.is_empty(), "docs/api.md does not name {missing:?}");
+}
+
+/// A request handler never aborts on an outcome it did not expect: the
+/// server's request paths have no `unreachable!`, `todo!` or `unimplemented!`.
+#[test]
+fn request_paths_do_not_abort_on_a_mismatch() {
+    let server = concat!(env!("CARGO_MANIFEST_DIR"), "/../phalanx-server/src/");
+    for file in ["api.rs", "error.rs", "listener.rs", "admission.rs"] {
+        let text = std::fs::read_to_string(format!("{server}{file}")).unwrap();
+        let code: String =
+            text.lines().filter(|line| !line.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+        for banned in ["unreachable!(", "todo!(", "unimplemented!("] {
+            assert!(!code.contains(banned), "{file} uses {banned}");
+        }
+    }
+}

@@ -11,7 +11,8 @@ use phalanx_sim::{Options, Plant};
 const DEFAULT_SEEDS: u64 = 20;
 
 fn replay(seed: u64, options: &Options) -> String {
-    let mut command = format!("phalanx sim --seed {seed} --node-count {} --fault-ms {}", options.nodes, options.fault_ms);
+    let mut command =
+        format!("phalanx sim --seed {seed} --node-count {} --fault-ms {}", options.nodes, options.fault_ms);
     if let Some(plant) = options.plant {
         command.push_str(&format!(" --plant {}", plant.name()));
     }
