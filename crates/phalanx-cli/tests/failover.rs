@@ -336,11 +336,16 @@ async fn a_peer_that_is_down_costs_the_leader_two_log_lines_not_one_per_retry() 
 
     let log = cluster.log(leader);
     let lines: Vec<&str> = log.lines().skip(before).collect();
-    let down: Vec<&&str> = lines.iter().filter(|l| l.contains("peer unreachable")).collect();
-    let back: Vec<&&str> = lines.iter().filter(|l| l.contains("peer reachable again")).collect();
+    // Lines about the peer that was down: on a loaded machine the other
+    // peer may miss an RPC too, which is logged as it should be.
+    let peer = format!("peer={}", follower + 1);
+    let about: Vec<&&str> = lines.iter().filter(|l| l.contains(&peer)).collect();
+    let down: Vec<&&&str> = about.iter().filter(|l| l.contains("peer unreachable")).collect();
+    let back: Vec<&&&str> = about.iter().filter(|l| l.contains("peer reachable again")).collect();
     assert_eq!(down.len(), 1, "{lines:#?}");
     assert_eq!(back.len(), 1, "{lines:#?}");
     assert!(back[0].contains("out_ms="), "says how long the peer was out: {}", back[0]);
-    assert!(lines.len() <= 4, "3 s of a peer down, and the leader logged {} lines: {lines:#?}", lines.len());
+    assert!(about.len() <= 2, "3 s of a peer down, and the leader logged {} lines about it: {lines:#?}", about.len());
+    assert!(lines.len() <= 8, "the leader logged {} lines in 3 s: {lines:#?}", lines.len());
     assert!(!log.contains('\u{1b}'), "no ANSI colours when stderr is a file");
 }
