@@ -39,6 +39,8 @@ ERROR_CODES: dict[str, tuple[int, Outcome, bool]] = {
     "version_conflict": (409, "not_done", False),
     "force_required": (409, "not_done", False),
     "idempotency_conflict": (409, "not_done", False),
+    "budget_exhausted": (409, "not_done", False),
+    "not_paused": (409, "not_done", False),
     "already_member": (409, "not_done", False),
     "node_id_reused": (409, "not_done", False),
     "unsafe_membership_change": (409, "not_done", False),
