@@ -14,7 +14,9 @@
 //! decisions are pure functions here (`lease_margin`, `poll_wait_ms`,
 //! `mode_of`, `AutonomyBudget`), and the runtime feeds them time and facts.
 
-use crate::client::{payload_hash, Child, Client, Conversation, Error, LeaseGrant, SubmitRequest, Submitted, Task};
+use crate::client::{
+    payload_hash, Child, Client, Conversation, Error, LeaseGrant, SubmitRequest, Submitted, Task, Usage,
+};
 use crate::outbox::{Entry, Outbox, Report};
 use futures::FutureExt;
 use serde_json::Value;
@@ -126,11 +128,29 @@ pub struct TaskContext {
     /// Delegations of this attempt per step (queue, payload hash), so that
     /// each gets its own idempotency key and a retried one the same.
     steps: Arc<Mutex<BTreeMap<(String, u64), u32>>>,
+    /// What the handler reported it consumed, sent with its result.
+    usage: Arc<Mutex<Option<Usage>>>,
 }
 
 impl TaskContext {
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Adds to what this attempt consumed (tokens, cost); the sum goes with
+    /// its result or failure, counted against the task's key's
+    /// `tokens_per_minute` and its tree's budget.
+    pub fn report_usage(&self, usage: Usage) {
+        let mut total = self.usage.lock().expect("usage lock");
+        let sum = total.get_or_insert_with(Usage::default);
+        sum.tokens_in = sum.tokens_in.saturating_add(usage.tokens_in);
+        sum.tokens_out = sum.tokens_out.saturating_add(usage.tokens_out);
+        sum.cost = sum.cost.saturating_add(usage.cost);
+    }
+
+    /// What the attempt has reported so far.
+    pub fn usage(&self) -> Option<Usage> {
+        *self.usage.lock().expect("usage lock")
     }
 
     /// Local instant the lease runs to, as extended so far; in the past once
@@ -618,16 +638,19 @@ impl Agent {
                 lease_deadline: lease_deadline.clone(),
                 client: self.client.clone(),
                 steps: Arc::default(),
+                usage: Arc::default(),
             };
+            let usage = context.usage.clone();
             let extender = tokio::spawn(self.clone().extend_loop(grant.task.id, grant.fence, lease_deadline));
             // A panicking handler is a failed attempt, not a lease kept alive
             // by its extender until the cluster revokes it as stuck.
             let outcome = AssertUnwindSafe((self.handler)(context)).catch_unwind().await;
             extender.abort();
+            let usage = *usage.lock().expect("usage lock");
             let report = match outcome {
-                Ok(Ok(result)) => Report::Complete { result },
-                Ok(Err(error)) => Report::Fail { error: error.message, retryable: error.retryable },
-                Err(_) => Report::Fail { error: "the handler panicked".into(), retryable: true },
+                Ok(Ok(result)) => Report::Complete { result, usage },
+                Ok(Err(error)) => Report::Fail { error: error.message, retryable: error.retryable, usage },
+                Err(_) => Report::Fail { error: "the handler panicked".into(), retryable: true, usage },
             };
             self.report(Entry { task_id: grant.task.id, fence: grant.fence, report }).await;
             drop(permit);
@@ -689,9 +712,11 @@ impl Agent {
     /// for good) is final; a transient refusal or no answer is an error.
     async fn send(&self, entry: &Entry) -> Result<(), Error> {
         let answer = match &entry.report {
-            Report::Complete { result } => self.client.complete(entry.task_id, entry.fence, result).await.map(|_| ()),
-            Report::Fail { error, retryable } => {
-                self.client.fail(entry.task_id, entry.fence, error, *retryable).await.map(|_| ())
+            Report::Complete { result, usage } => {
+                self.client.complete_with_usage(entry.task_id, entry.fence, result, *usage).await.map(|_| ())
+            }
+            Report::Fail { error, retryable, usage } => {
+                self.client.fail_with_usage(entry.task_id, entry.fence, error, *retryable, *usage).await.map(|_| ())
             }
         };
         match answer {

@@ -285,8 +285,9 @@ fn door_priority(path: &str, body: &Value) -> Option<u64> {
 
 /// The wire types are the contract's (`phalanx-api`), re-exported here.
 pub use phalanx_api::{
-    payload_hash, BatchItem, Child, ClusterInfo, ClusterNode, ContextEntry, Conversation, LeaseGrant, Refusal,
-    Registered, SubmitRequest, Submitted, Task, TaskLease, TaskPage, TaskState,
+    payload_hash, BatchItem, Budget, BudgetSet, Child, ClusterInfo, ClusterNode, ContextEntry, Conversation, KeyLimits,
+    KeyStatus, LeaseGrant, LimitRule, LimitsTable, Refusal, Registered, ReplayRequest, Replayed, SubmitRequest,
+    Submitted, Task, TaskLease, TaskPage, TaskState, Usage, WaitingOn,
 };
 
 /// Bytes of one answer read at most: the cluster bounds what it stores
@@ -817,12 +818,109 @@ impl Client {
 
     /// 409 `superseded` when `fence` is no longer the task's current one.
     pub async fn complete(&self, task_id: u64, fence: u64, result: &Value) -> Result<Task, Error> {
-        self.post(&format!("/v1/tasks/{task_id}/complete"), json!({"fence": fence, "result": result})).await
+        self.complete_with_usage(task_id, fence, result, None).await
+    }
+
+    /// `complete`, reporting what the attempt consumed (counted against its
+    /// key's `tokens_per_minute` and its tree's budget).
+    pub async fn complete_with_usage(
+        &self,
+        task_id: u64,
+        fence: u64,
+        result: &Value,
+        usage: Option<Usage>,
+    ) -> Result<Task, Error> {
+        let body = phalanx_api::CompleteRequest { fence, result: result.clone(), usage };
+        self.post(&format!("/v1/tasks/{task_id}/complete"), serde_json::to_value(body).expect("serialises")).await
     }
 
     pub async fn fail(&self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Result<Task, Error> {
-        let body = json!({"fence": fence, "error": error, "retryable": retryable});
-        self.post(&format!("/v1/tasks/{task_id}/fail"), body).await
+        self.fail_with_usage(task_id, fence, error, retryable, None).await
+    }
+
+    /// `fail`, reporting what the failed attempt consumed: it counts too.
+    pub async fn fail_with_usage(
+        &self,
+        task_id: u64,
+        fence: u64,
+        error: &str,
+        retryable: bool,
+        usage: Option<Usage>,
+    ) -> Result<Task, Error> {
+        let body = phalanx_api::FailRequest { fence, error: error.to_string(), retryable: Some(retryable), usage };
+        self.post(&format!("/v1/tasks/{task_id}/fail"), serde_json::to_value(body).expect("serialises")).await
+    }
+
+    // ---- flow control ----
+
+    /// A write repeated only when it surely did not take effect (a second
+    /// pause, resume, replay or delete after an unknown outcome would be
+    /// refused, or move other tasks).
+    async fn write_once<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Value) -> Result<T, Error> {
+        self.call(method, path, Some(&body), Retry::IfNotSent, Attempt::Write { wait: Duration::ZERO }).await
+    }
+
+    /// The limits table and every key in use.
+    pub async fn limits(&self) -> Result<LimitsTable, Error> {
+        self.get("/v1/limits").await
+    }
+
+    /// The limits in force for `key` and what it uses (404 `not_found`
+    /// for a key with neither).
+    pub async fn key_limits(&self, key: &str) -> Result<KeyStatus, Error> {
+        self.get(&format!("/v1/limits/{}", encode(key))).await
+    }
+
+    /// Sets (replaces) the limits of a key, a wildcard (`tenant:*`) or `*`;
+    /// safe to repeat.
+    pub async fn set_key_limits(&self, key: &str, limits: &KeyLimits) -> Result<LimitRule, Error> {
+        let body = serde_json::to_value(limits).expect("limits serialise");
+        self.call(
+            reqwest::Method::PUT,
+            &format!("/v1/limits/{}", encode(key)),
+            Some(&body),
+            Retry::Safe,
+            Attempt::Write { wait: Duration::ZERO },
+        )
+        .await
+    }
+
+    pub async fn delete_key_limits(&self, key: &str) -> Result<(), Error> {
+        let _: Value = self.write_once(reqwest::Method::DELETE, &format!("/v1/limits/{}", encode(key)), json!({})).await?;
+        Ok(())
+    }
+
+    /// Pauses a task: a pending one at once, a leased one when its lease
+    /// ends without a result.
+    pub async fn pause(&self, task_id: u64) -> Result<Task, Error> {
+        self.write_once(reqwest::Method::POST, &format!("/v1/tasks/{task_id}/pause"), json!({})).await
+    }
+
+    pub async fn resume(&self, task_id: u64) -> Result<Task, Error> {
+        self.write_once(reqwest::Method::POST, &format!("/v1/tasks/{task_id}/resume"), json!({})).await
+    }
+
+    /// Dead or paused tasks matching the filter back to pending; the ids moved.
+    pub async fn replay(&self, request: &ReplayRequest) -> Result<Vec<u64>, Error> {
+        let body = serde_json::to_value(request).expect("a replay serialises");
+        let replayed: Replayed = self.write_once(reqwest::Method::POST, "/v1/tasks/replay", body).await?;
+        Ok(replayed.task_ids)
+    }
+
+    /// Sets (or with `None` removes) a root's budget; answers the tasks it
+    /// resumed. Safe to repeat.
+    pub async fn set_budget(&self, task_id: u64, budget: Option<Budget>) -> Result<Vec<u64>, Error> {
+        let body = json!({ "budget": budget });
+        let set: BudgetSet = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("/v1/tasks/{task_id}/budget"),
+                Some(&body),
+                Retry::Safe,
+                Attempt::Write { wait: Duration::ZERO },
+            )
+            .await?;
+        Ok(set.resumed)
     }
 
     /// Returns the new `valid_until_ms` (log time).

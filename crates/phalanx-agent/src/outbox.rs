@@ -29,8 +29,19 @@ pub const OUTBOX_ENTRIES_MAX: usize = 10_000;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Report {
-    Complete { result: Value },
-    Fail { error: String, retryable: bool },
+    Complete {
+        result: Value,
+        /// What the attempt consumed, as the handler reported it (absent in
+        /// entries written before usage was reported).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<phalanx_api::Usage>,
+    },
+    Fail {
+        error: String,
+        retryable: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<phalanx_api::Usage>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -194,7 +205,7 @@ mod tests {
         let outbox = Outbox::open(&path).unwrap();
         for task_id in 1..=3 {
             outbox
-                .push(&Entry { task_id, fence: 7, report: Report::Complete { result: Value::from(task_id) } })
+                .push(&Entry { task_id, fence: 7, report: Report::Complete { result: Value::from(task_id), usage: None } })
                 .unwrap();
         }
         outbox.pop_front().unwrap();
@@ -205,7 +216,7 @@ mod tests {
     }
 
     fn failed(task_id: u64) -> Entry {
-        Entry { task_id, fence: 1, report: Report::Fail { error: "x".into(), retryable: true } }
+        Entry { task_id, fence: 1, report: Report::Fail { error: "x".into(), retryable: true, usage: None } }
     }
 
     /// docs/sdk.md, 8: a torn last line is dropped, and the next entry is

@@ -488,6 +488,145 @@ impl Ok {
     pub const YES: Ok = Ok { ok: true };
 }
 
+// ---- flow control ----
+
+/// `PUT /v1/limits/{key}`, and a rule as `GET /v1/limits` shows it. Every
+/// field is optional; an absent one does not limit. A PUT replaces the
+/// whole rule.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimits {
+    /// Leases held at once on tasks of the key (1..=1,000,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000000)]
+    pub concurrency_max: Option<u32>,
+    /// Grants per second, a decimal with at most three places (0.001..=1,000,000):
+    /// a token bucket refilled in log time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_second: Option<f64>,
+    /// The bucket's size in grants (only with `rate_per_second`; default one
+    /// second's worth, at least one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000000)]
+    pub burst: Option<u32>,
+    /// The key's share in fair dispatch within a priority band (1..=1000, default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub weight: Option<u32>,
+    /// Tokens (in + out) per minute: reported usage in the last minute plus
+    /// the cost estimates of leased tasks stay within it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub tokens_per_minute: Option<u64>,
+}
+
+impl KeyLimits {
+    /// `rate_per_second` in thousandths of a grant, as the state machine
+    /// keeps it; a rate that is not a positive decimal with at most three
+    /// places is refused, naming why.
+    pub fn rate_per_second_milli(&self) -> Result<Option<u64>, String> {
+        let Some(rate) = self.rate_per_second else { return Ok(None) };
+        if !rate.is_finite() || rate <= 0.0 {
+            return Err(format!("{rate} must be a positive number"));
+        }
+        let milli = (rate * 1000.0).round();
+        if milli < 1.0 || milli > 1e15 || ((rate * 1000.0) - milli).abs() > 1e-6 * milli.max(1.0) {
+            return Err(format!("{rate} must be at least 0.001, with at most three decimal places"));
+        }
+        Ok(Some(milli as u64))
+    }
+
+    /// The decimal rate of a rate kept in thousandths.
+    pub fn rate_from_milli(milli: u64) -> f64 {
+        milli as f64 / 1000.0
+    }
+}
+
+/// One entry of the limits table: a key, a wildcard (`tenant:*`) or `*`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LimitRule {
+    pub key: String,
+    pub limits: KeyLimits,
+}
+
+/// What one concurrency key holds and has used now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct KeyStatus {
+    pub key: String,
+    /// The table's entry whose limits apply (the key itself or a wildcard), if any.
+    #[serde(default)]
+    pub rule: Option<String>,
+    #[serde(default)]
+    pub limits: Option<KeyLimits>,
+    /// Leases held now on tasks of the key.
+    pub held: u32,
+    /// Whole grants left in the rate's bucket (absent: no rate limit).
+    #[serde(default)]
+    pub rate_tokens_left: Option<u64>,
+    /// Tokens reported within the last minute.
+    pub tokens_in_window: u64,
+    /// Cost estimates of the key's leased tasks.
+    pub leased_estimate: u64,
+    /// Tasks of the key not finished (pending, leased, paused).
+    pub open_tasks: u64,
+}
+
+/// `GET /v1/limits`: the whole table and every key in use.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LimitsTable {
+    pub rules: Vec<LimitRule>,
+    pub keys: Vec<KeyStatus>,
+}
+
+/// `POST /v1/tasks/replay`: dead or paused tasks back to pending, oldest
+/// first, trail kept and attempts counted anew.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// `dead` or `paused`.
+    pub state: TaskState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    /// Only tasks that reached their state at or after this log time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<u64>,
+    /// 1..=`batch_tasks_max`.
+    #[schema(minimum = 1)]
+    pub limit: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Replayed {
+    pub task_ids: Vec<u64>,
+}
+
+/// `PUT /v1/tasks/{id}/budget`: a root's budget for its tree (`null` removes it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetRequest {
+    pub budget: Option<Budget>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BudgetSet {
+    /// The tasks paused by the budget that the change resumed.
+    pub resumed: Vec<u64>,
+}
+
+/// A delegation tree's spend, as `GET /v1/status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TreeSpend {
+    pub root_id: u64,
+    pub usage: Usage,
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    /// Why the tree may not go on, when its budget is reached.
+    #[serde(default)]
+    pub exhausted: Option<String>,
+}
+
 // ---- agents ----
 
 /// `POST /v1/agents/register`.
@@ -825,6 +964,12 @@ pub struct Status {
     pub counters: Map<String, Value>,
     /// Queue → state → tasks.
     pub queues: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Concurrency keys in use, in key order (at most 1000).
+    #[serde(default)]
+    pub keys: Vec<KeyStatus>,
+    /// Spend of the delegation trees that reported usage, newest roots first (at most 1000).
+    #[serde(default)]
+    pub trees: Vec<TreeSpend>,
     #[serde(flatten)]
     #[schema(ignore)]
     pub other: Map<String, Value>,

@@ -44,7 +44,8 @@ pub struct BenchArgs {
     /// Clients stop submitting while this many tasks wait, so the queue stays bounded.
     #[arg(long, default_value_t = 20_000)]
     pub backlog_max: u64,
-    /// Tasks pushed through by `soak`.
+    /// Tasks pushed through by `soak`; `fairness`: each light tenant's
+    /// backlog (20..=2000; tenant 0 has ten times as much).
     #[arg(long, default_value_t = 1_000_000)]
     pub tasks: u64,
     /// Leader SIGKILLs to measure the write outage (cluster mode only).
@@ -79,6 +80,8 @@ fn scenarios() -> clap::builder::PossibleValuesParser {
         PossibleValue::new("soak").help("many tasks (--tasks) through, memory and disk watched"),
         PossibleValue::new("steady").help("a fault-free mixed workload: elections must be 0"),
         PossibleValue::new("delegation").help("planners replaced mid-tree under leader faults, checked (--check)"),
+        PossibleValue::new("fairness")
+            .help("ten tenants, one with 10x the load: shares, Jain's index and throughput, fair dispatch vs FIFO"),
     ])
 }
 
@@ -105,9 +108,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "failover" => crate::failover::failover(args).await,
         "steady" => crate::steady::steady(args).await,
         "delegation" => crate::delegation::delegation(args).await,
+        "fairness" => crate::fairness::fairness(args).await,
         other => {
             anyhow::bail!(
-                "unknown scenario {other:?}: use throughput, overload, backlog, soak, failover, steady or delegation"
+                "unknown scenario {other:?}: use throughput, overload, backlog, soak, failover, steady, delegation or fairness"
             )
         }
     }

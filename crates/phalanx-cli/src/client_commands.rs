@@ -9,7 +9,9 @@
 use crate::Connect;
 use anyhow::Context;
 use clap::Subcommand;
-use phalanx_agent::client::{Client, Outcome, SubmitRequest, Task};
+use phalanx_agent::client::{
+    Budget, Client, KeyLimits, KeyStatus, Outcome, ReplayRequest, SubmitRequest, Task, TaskState,
+};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -56,6 +58,22 @@ pub enum TaskCommand {
         /// cluster's default when left out).
         #[arg(long)]
         max_attempts: Option<u32>,
+        /// The flow-control key its limits are counted under (`phalanx limits`),
+        /// e.g. `tenant:acme` or `openai:key-1`.
+        #[arg(long)]
+        concurrency_key: Option<String>,
+        /// Tokens the task is expected to use, counted against its key's
+        /// `tokens_per_minute` while it is leased.
+        #[arg(long)]
+        cost_estimate: Option<u64>,
+        /// For a root task: the tokens its whole delegation tree may use;
+        /// the tree is paused when its reported usage reaches them.
+        #[arg(long)]
+        budget_tokens: Option<u64>,
+        /// For a root task: the cost its whole delegation tree may use (in
+        /// the fleet's unit); the tree is paused when reached.
+        #[arg(long)]
+        budget_cost: Option<u64>,
     },
     /// Show one task.
     Get {
@@ -68,7 +86,7 @@ pub enum TaskCommand {
         #[arg(long)]
         queue: Option<String>,
         /// Only the tasks in this state.
-        #[arg(long, value_parser = ["pending", "leased", "succeeded", "failed", "cancelled", "dead"])]
+        #[arg(long, value_parser = ["pending", "leased", "succeeded", "failed", "cancelled", "dead", "paused"])]
         state: Option<String>,
         /// Tasks listed at most (1 to 1000).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=LIST_LIMIT_MAX))]
@@ -81,6 +99,78 @@ pub enum TaskCommand {
     Cancel {
         /// The task's id.
         id: u64,
+    },
+    /// Pause a task: a pending one at once, a leased one when its lease
+    /// ends without a result.
+    Pause {
+        /// The task's id.
+        id: u64,
+    },
+    /// Make a paused task pending again.
+    Resume {
+        /// The task's id.
+        id: u64,
+    },
+    /// Move dead or paused tasks back to pending, oldest first (trail kept,
+    /// attempts counted anew); prints the ids moved.
+    Replay {
+        /// Which tasks: `dead` or `paused`.
+        #[arg(long, value_parser = ["dead", "paused"])]
+        state: String,
+        /// Only the tasks of this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Only the tasks of this concurrency key.
+        #[arg(long = "key")]
+        concurrency_key: Option<String>,
+        /// Only tasks that reached their state at or after this log time (ms).
+        #[arg(long)]
+        since_ms: Option<u64>,
+        /// Tasks moved at most (1 to the policy's `batch_tasks_max`).
+        #[arg(long)]
+        limit: u32,
+    },
+    /// Set or remove a root task's budget for its delegation tree; a tree
+    /// paused by its budget resumes when the new one is not reached.
+    Budget {
+        /// The root task's id.
+        id: u64,
+        /// Tokens the tree may use.
+        #[arg(long)]
+        tokens: Option<u64>,
+        /// Cost the tree may use.
+        #[arg(long)]
+        cost: Option<u64>,
+        /// Remove the budget (the tree may use anything).
+        #[arg(long, conflicts_with_all = ["tokens", "cost"])]
+        clear: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LimitsCommand {
+    /// List the limits table and every concurrency key in use.
+    List,
+    /// Show the limits in force for a key and what it uses now.
+    Get {
+        /// A concurrency key, or a table entry such as `tenant:*`.
+        key: String,
+    },
+    /// Set the limits of a key, a wildcard (`tenant:*`, each matching key
+    /// separately) or `*`, replacing its entry:
+    /// `phalanx limits set 'tenant:*' concurrency_max=4 rate_per_second=2.5 weight=1`.
+    Set {
+        /// A concurrency key, a prefix followed by `*`, or `*`.
+        key: String,
+        /// FIELD=VALUE pairs: concurrency_max, rate_per_second (a decimal),
+        /// burst, weight, tokens_per_minute.
+        #[arg(required = true)]
+        assignments: Vec<String>,
+    },
+    /// Delete an entry of the limits table.
+    Delete {
+        /// The entry's key, as `limits list` shows it.
+        key: String,
     },
 }
 
@@ -140,7 +230,18 @@ pub async fn run_task(connect: &Connect, command: TaskCommand, json: bool) -> an
     };
     let client = client(connect)?;
     match command {
-        TaskCommand::Submit { queue, priority, idempotency_key, deadline_ms, max_attempts, .. } => {
+        TaskCommand::Submit {
+            queue,
+            priority,
+            idempotency_key,
+            deadline_ms,
+            max_attempts,
+            concurrency_key,
+            cost_estimate,
+            budget_tokens,
+            budget_cost,
+            ..
+        } => {
             let mut request = SubmitRequest::new(queue, payload.expect("parsed above"));
             request.priority = priority.or(request.priority);
             // A key of our own, so that a retry after an unknown outcome
@@ -149,6 +250,11 @@ pub async fn run_task(connect: &Connect, command: TaskCommand, json: bool) -> an
             request.idempotency_key = Some(key.clone());
             request.deadline_ms = deadline_ms;
             request.max_attempts = max_attempts.or(request.max_attempts);
+            request.concurrency_key = concurrency_key;
+            request.cost_estimate = cost_estimate;
+            if budget_tokens.is_some() || budget_cost.is_some() {
+                request.budget = Some(Budget { tokens_max: budget_tokens, cost_max: budget_cost });
+            }
             let submitted = client.submit(&request).await.map_err(|error| match error.outcome() {
                 Outcome::Unknown => anyhow::anyhow!(
                     "{error}; the task may exist: repeat with --idempotency-key {key} to submit it at most once"
@@ -189,6 +295,180 @@ pub async fn run_task(connect: &Connect, command: TaskCommand, json: bool) -> an
                 print_json(&serde_json::to_value(task)?);
             } else {
                 println!("task {id}: {}", state_name(&task));
+            }
+        }
+        TaskCommand::Pause { id } | TaskCommand::Resume { id } => {
+            let task = if matches!(command, TaskCommand::Pause { .. }) {
+                client.pause(id).await?
+            } else {
+                client.resume(id).await?
+            };
+            if json {
+                print_json(&serde_json::to_value(task)?);
+            } else {
+                let pending_pause = task.state == TaskState::Leased && task.pause.is_some();
+                let note = if pending_pause { " (paused when its lease ends)" } else { "" };
+                println!("task {id}: {}{note}", state_name(&task));
+            }
+        }
+        TaskCommand::Replay { state, queue, concurrency_key, since_ms, limit } => {
+            let state = TaskState::parse(&state).expect("clap allows dead or paused only");
+            let request = ReplayRequest { queue, state, concurrency_key, since_ms, limit };
+            let task_ids = client.replay(&request).await?;
+            if json {
+                print_json(&serde_json::json!({ "task_ids": task_ids }));
+            } else if task_ids.is_empty() {
+                println!("no task replayed");
+            } else {
+                let ids: Vec<String> = task_ids.iter().map(u64::to_string).collect();
+                println!("replayed {} tasks: {}", task_ids.len(), ids.join(" "));
+            }
+        }
+        TaskCommand::Budget { id, tokens, cost, clear } => {
+            anyhow::ensure!(clear || tokens.is_some() || cost.is_some(), "give --tokens, --cost or --clear");
+            let budget = (!clear).then_some(Budget { tokens_max: tokens, cost_max: cost });
+            let resumed = client.set_budget(id, budget).await?;
+            if json {
+                print_json(&serde_json::json!({ "resumed": resumed }));
+            } else if resumed.is_empty() {
+                println!("task {id}: budget set");
+            } else {
+                println!("task {id}: budget set; {} paused tasks resumed", resumed.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `FIELD=VALUE` pairs of `limits set` as the limits they name; an unknown
+/// field or a value that is not a number is the user's to fix.
+pub fn key_limits_of(assignments: &[String]) -> anyhow::Result<KeyLimits> {
+    let mut limits = KeyLimits::default();
+    for assignment in assignments {
+        let (field, value) = assignment
+            .split_once('=')
+            .with_context(|| format!("{assignment:?} is not FIELD=VALUE (e.g. concurrency_max=4)"))?;
+        let (field, value) = (field.trim(), value.trim());
+        let whole = || value.parse::<u64>().with_context(|| format!("{field}: {value:?} is not a whole number"));
+        let small = || -> anyhow::Result<u32> {
+            u32::try_from(whole()?).with_context(|| format!("{field}: {value} is too large"))
+        };
+        match field {
+            "concurrency_max" => limits.concurrency_max = Some(small()?),
+            "rate_per_second" => {
+                limits.rate_per_second =
+                    Some(value.parse().with_context(|| format!("rate_per_second: {value:?} is not a number"))?)
+            }
+            "burst" => limits.burst = Some(small()?),
+            "weight" => limits.weight = Some(small()?),
+            "tokens_per_minute" => limits.tokens_per_minute = Some(whole()?),
+            other => anyhow::bail!(
+                "unknown field {other:?}: use concurrency_max, rate_per_second, burst, weight or tokens_per_minute"
+            ),
+        }
+    }
+    Ok(limits)
+}
+
+/// One rule's limits in a line: `concurrency_max=4 rate_per_second=2.5`.
+fn limits_text(limits: &KeyLimits) -> String {
+    let mut parts = Vec::new();
+    if let Some(value) = limits.concurrency_max {
+        parts.push(format!("concurrency_max={value}"));
+    }
+    if let Some(value) = limits.rate_per_second {
+        parts.push(format!("rate_per_second={value}"));
+    }
+    if let Some(value) = limits.burst {
+        parts.push(format!("burst={value}"));
+    }
+    if let Some(value) = limits.weight {
+        parts.push(format!("weight={value}"));
+    }
+    if let Some(value) = limits.tokens_per_minute {
+        parts.push(format!("tokens_per_minute={value}"));
+    }
+    if parts.is_empty() {
+        "(no limit)".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// What each key holds and uses, one line per key.
+fn key_table(keys: &[KeyStatus]) -> String {
+    let rows: Vec<Vec<String>> = keys
+        .iter()
+        .map(|key| {
+            let limit = key.limits.as_ref().and_then(|l| l.concurrency_max).map_or("-".into(), |max| max.to_string());
+            vec![
+                key.key.clone(),
+                key.rule.clone().unwrap_or_else(|| "-".into()),
+                format!("{}/{limit}", key.held),
+                key.open_tasks.to_string(),
+                key.rate_tokens_left.map_or("-".into(), |left| left.to_string()),
+                key.tokens_in_window.to_string(),
+            ]
+        })
+        .collect();
+    table(&["KEY", "RULE", "HELD/MAX", "OPEN", "RATE LEFT", "TOKENS/MIN"], &rows)
+}
+
+pub async fn run_limits(connect: &Connect, command: LimitsCommand, json: bool) -> anyhow::Result<()> {
+    // Parsed before the client is built, as a payload is.
+    let limits = match &command {
+        LimitsCommand::Set { assignments, .. } => Some(key_limits_of(assignments)?),
+        _ => None,
+    };
+    let client = client(connect)?;
+    match command {
+        LimitsCommand::List => {
+            let table_answer = client.limits().await?;
+            if json {
+                print_json(&serde_json::to_value(table_answer)?);
+                return Ok(());
+            }
+            if table_answer.rules.is_empty() {
+                println!("no limits set");
+            } else {
+                let rows: Vec<Vec<String>> = table_answer
+                    .rules
+                    .iter()
+                    .map(|rule| vec![rule.key.clone(), limits_text(&rule.limits)])
+                    .collect();
+                print!("{}", table(&["RULE", "LIMITS"], &rows));
+            }
+            if !table_answer.keys.is_empty() {
+                println!();
+                print!("{}", key_table(&table_answer.keys));
+            }
+        }
+        LimitsCommand::Get { key } => {
+            let status = client.key_limits(&key).await?;
+            if json {
+                print_json(&serde_json::to_value(status)?);
+                return Ok(());
+            }
+            match (&status.rule, &status.limits) {
+                (Some(rule), Some(limits)) => println!("{key}: {} (from rule {rule})", limits_text(limits)),
+                _ => println!("{key}: no limits apply"),
+            }
+            print!("{}", key_table(std::slice::from_ref(&status)));
+        }
+        LimitsCommand::Set { key, .. } => {
+            let rule = client.set_key_limits(&key, &limits.expect("parsed above")).await?;
+            if json {
+                print_json(&serde_json::to_value(rule)?);
+            } else {
+                println!("{}: {}", rule.key, limits_text(&rule.limits));
+            }
+        }
+        LimitsCommand::Delete { key } => {
+            client.delete_key_limits(&key).await?;
+            if json {
+                print_json(&serde_json::json!({ "ok": true }));
+            } else {
+                println!("{key}: deleted");
             }
         }
     }
@@ -286,6 +566,28 @@ pub fn task_text(task: &Task, now_ms: u64) -> String {
     }
     if let Some(reason) = &task.dead_reason {
         lines.push(("dead because", reason.clone()));
+    }
+    if let Some(key) = &task.concurrency_key {
+        lines.push(("key", key.clone()));
+    }
+    if let Some(waiting) = &task.waiting_on {
+        lines.push(("waiting on", format!("{} of key {} (rule {})", waiting.limit, waiting.key, waiting.rule)));
+    }
+    if let Some(pause) = &task.pause {
+        let cause = serde_json::to_value(pause.cause).ok().and_then(|v| v.as_str().map(str::to_string));
+        lines.push(("paused", format!("{} ({})", pause.reason, cause.unwrap_or_default())));
+    }
+    if let Some(estimate) = task.cost_estimate {
+        lines.push(("estimate", format!("{estimate} tokens")));
+    }
+    if task.usage != Default::default() {
+        let usage = &task.usage;
+        lines.push(("usage", format!("{} tokens in, {} out, cost {}", usage.tokens_in, usage.tokens_out, usage.cost)));
+    }
+    if let Some(budget) = &task.budget {
+        let tokens = budget.tokens_max.map_or("-".into(), |max| max.to_string());
+        let cost = budget.cost_max.map_or("-".into(), |max| max.to_string());
+        lines.push(("tree budget", format!("tokens {tokens}, cost {cost}")));
     }
     lines.iter().map(|(name, value)| format!("{:<13}{value}\n", format!("{name}:"))).collect()
 }
@@ -529,14 +831,14 @@ fn status_text(
         work["tasks"], work["agents"], work["policy_version"]
     ));
     if let Some(queues) = work["queues"].as_object().filter(|q| !q.is_empty()) {
-        let states = ["pending", "leased", "succeeded", "failed", "dead", "cancelled"];
+        let states = ["pending", "leased", "paused", "succeeded", "failed", "dead", "cancelled"];
         let rows: Vec<Vec<String>> = queues
             .iter()
             .map(|(name, counts)| {
                 std::iter::once(name.clone()).chain(states.iter().map(|s| counts[s].to_string())).collect()
             })
             .collect();
-        text.push_str(&table(&["QUEUE", "PENDING", "LEASED", "SUCCEEDED", "FAILED", "DEAD", "CANCELLED"], &rows));
+        text.push_str(&table(&["QUEUE", "PENDING", "LEASED", "PAUSED", "SUCCEEDED", "FAILED", "DEAD", "CANCELLED"], &rows));
     }
     let names = |value: &Value| -> Vec<String> {
         value
@@ -546,6 +848,27 @@ fn status_text(
             .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
             .collect()
     };
+    let keys: Vec<KeyStatus> = serde_json::from_value(work["keys"].clone()).unwrap_or_default();
+    if !keys.is_empty() {
+        text.push_str(&key_table(&keys));
+    }
+    if let Some(trees) = work["trees"].as_array().filter(|trees| !trees.is_empty()) {
+        let rows: Vec<Vec<String>> = trees
+            .iter()
+            .map(|tree| {
+                let budget = |field: &str| tree["budget"][field].as_u64().map_or("-".into(), |max| max.to_string());
+                let usage = &tree["usage"];
+                let tokens = usage["tokens_in"].as_u64().unwrap_or(0) + usage["tokens_out"].as_u64().unwrap_or(0);
+                vec![
+                    tree["root_id"].to_string(),
+                    format!("{tokens}/{}", budget("tokens_max")),
+                    format!("{}/{}", usage["cost"].as_u64().unwrap_or(0), budget("cost_max")),
+                    tree["exhausted"].as_str().map_or("".into(), |why| format!("PAUSED: {why}")),
+                ]
+            })
+            .collect();
+        text.push_str(&table(&["TREE", "TOKENS/BUDGET", "COST/BUDGET", ""], &rows));
+    }
     let unserved = names(&work["unserved_queues"]);
     if !unserved.is_empty() {
         text.push_str(&format!("queues no agent serves: {}\n", unserved.join(", ")));
@@ -658,6 +981,17 @@ mod tests {
         check_payload(r#""unclosed"#, Err("not valid JSON"));
         check_payload(r#"  {oops}"#, Err("use --payload-text"));
         assert_eq!(payload_of("ignored", Some("{not json".into())).unwrap(), serde_json::json!("{not json"));
+    }
+
+    #[test]
+    fn limits_assignments() {
+        let limits = key_limits_of(&["concurrency_max=4".into(), "rate_per_second=2.5".into(), "weight=2".into()]).unwrap();
+        assert_eq!(limits.concurrency_max, Some(4));
+        assert_eq!(limits.rate_per_second, Some(2.5));
+        assert_eq!(limits.weight, Some(2));
+        assert!(key_limits_of(&["speed=3".into()]).unwrap_err().to_string().contains("unknown field"));
+        assert!(key_limits_of(&["burst=lots".into()]).unwrap_err().to_string().contains("not a whole number"));
+        assert!(key_limits_of(&["weight".into()]).unwrap_err().to_string().contains("FIELD=VALUE"));
     }
 
     #[test]

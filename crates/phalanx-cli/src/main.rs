@@ -14,6 +14,7 @@ mod delegation;
 mod demo;
 mod exec_agent;
 mod failover;
+mod fairness;
 mod launcher;
 mod netns;
 mod overload;
@@ -137,6 +138,13 @@ enum Commands {
         connect: Connect,
         #[command(subcommand)]
         command: client_commands::ClusterCommand,
+    },
+    /// Flow control: per-key concurrency, rate, token and weight limits.
+    Limits {
+        #[command(flatten)]
+        connect: Connect,
+        #[command(subcommand)]
+        command: client_commands::LimitsCommand,
     },
     /// Read and change the replicated policy.
     Config {
@@ -373,6 +381,10 @@ fn main() -> std::process::ExitCode {
             Commands::Cluster { connect, command } => {
                 init_tracing("warn");
                 client_commands::run_cluster(&connect, command, json).await
+            }
+            Commands::Limits { connect, command } => {
+                init_tracing("warn");
+                client_commands::run_limits(&connect, command, json).await
             }
             Commands::Config { connect, command } => {
                 init_tracing("warn");

@@ -73,6 +73,12 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/tasks/{id}/extend", post(extend))
         .route("/v1/tasks/{id}/wait", post(wait))
         .route("/v1/tasks/{id}/progress", post(progress))
+        .route("/v1/tasks/{id}/pause", post(pause))
+        .route("/v1/tasks/{id}/resume", post(resume))
+        .route("/v1/tasks/{id}/budget", put(set_budget))
+        .route("/v1/tasks/replay", post(replay))
+        .route("/v1/limits", get(list_limits))
+        .route("/v1/limits/{key}", get(get_limits).put(set_limits).delete(delete_limits))
         .route("/v1/agents", get(list_agents))
         .route("/v1/status", get(status))
         .route("/v1/agents/register", post(register))
@@ -964,7 +970,7 @@ async fn list_tasks(State(node): State<Node_>, RawQuery(query): RawQuery) -> Api
             "state" => {
                 state = Some(phalanx_core::TaskState::parse(value).ok_or_else(|| {
                     ApiError::invalid(format!(
-                        "state {value:?}: use pending, leased, succeeded, failed, cancelled or dead"
+                        "state {value:?}: use pending, leased, succeeded, failed, cancelled, dead or paused"
                     ))
                 })?)
             }
@@ -1150,8 +1156,146 @@ async fn status(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResu
         "oldest_pending_age_ms": state.oldest_pending_age_ms(),
         "counters": state.counters(),
         "queues": queues,
+        "keys": state.key_statuses().iter().take(STATUS_ROWS_MAX).map(api_key_status).collect::<Vec<_>>(),
+        "trees": tree_spends(state),
     });
     Ok(mark_stale(Json(body).into_response(), stale))
+}
+
+/// Rows of each list `GET /v1/status` shows (keys, trees): status is a
+/// glance, `GET /v1/limits` lists every key.
+const STATUS_ROWS_MAX: usize = 1000;
+
+/// The spend of the trees that reported usage, newest roots first.
+fn tree_spends(state: &phalanx_core::State) -> Vec<api::TreeSpend> {
+    state
+        .tree_usages()
+        .iter()
+        .rev()
+        .take(STATUS_ROWS_MAX)
+        .map(|(root, usage)| api::TreeSpend {
+            root_id: *root,
+            usage: api_usage(usage),
+            budget: state.task(*root).and_then(|task| task.budget.as_ref()).map(api_budget),
+            exhausted: state.budget_exhausted(*root),
+        })
+        .collect()
+}
+
+// ---- flow control ----
+
+fn api_key_limits(limits: &phalanx_core::KeyLimits) -> api::KeyLimits {
+    api::KeyLimits {
+        concurrency_max: limits.concurrency_max,
+        rate_per_second: limits.rate_per_second_milli.map(api::KeyLimits::rate_from_milli),
+        burst: limits.burst,
+        weight: limits.weight,
+        tokens_per_minute: limits.tokens_per_minute,
+    }
+}
+
+/// The decimal rate becomes thousandths here; the state machine checks the
+/// bounds and the cross-field rules.
+fn core_key_limits(limits: &api::KeyLimits) -> Result<phalanx_core::KeyLimits, ApiError> {
+    let rate_per_second_milli =
+        limits.rate_per_second_milli().map_err(|reason| ApiError::invalid(format!("invalid rate_per_second: {reason}")))?;
+    Ok(phalanx_core::KeyLimits {
+        concurrency_max: limits.concurrency_max,
+        rate_per_second_milli,
+        burst: limits.burst,
+        weight: limits.weight,
+        tokens_per_minute: limits.tokens_per_minute,
+    })
+}
+
+fn api_key_status(status: &phalanx_core::KeyStatus) -> api::KeyStatus {
+    api::KeyStatus {
+        key: status.key.clone(),
+        rule: status.rule.clone(),
+        limits: status.limits.as_ref().map(api_key_limits),
+        held: status.held,
+        rate_tokens_left: status.rate_tokens_left,
+        tokens_in_window: status.tokens_in_window,
+        leased_estimate: status.leased_estimate,
+        open_tasks: status.open_tasks,
+    }
+}
+
+async fn list_limits(State(node): State<Node_>, RawQuery(query): RawQuery) -> ApiResult {
+    let stale = read_barrier(&node, &query).await?;
+    let table = {
+        let data = node.shared.data.read().expect("state lock");
+        let rules = data
+            .state
+            .key_limits()
+            .iter()
+            .map(|(key, limits)| api::LimitRule { key: key.clone(), limits: api_key_limits(limits) })
+            .collect();
+        let keys = data.state.key_statuses().iter().map(api_key_status).collect();
+        api::LimitsTable { rules, keys }
+    };
+    Ok(mark_stale(Json(table).into_response(), stale))
+}
+
+/// The limits in force for a key (its own entry or a wildcard's) and what
+/// it uses now; `404 not_found` for a key with neither.
+async fn get_limits(State(node): State<Node_>, Path(key): Path<String>, RawQuery(query): RawQuery) -> ApiResult {
+    let stale = read_barrier(&node, &query).await?;
+    let status = node.shared.data.read().expect("state lock").state.key_status(&key);
+    let status = status.ok_or_else(|| phalanx_core::Error::LimitsNotFound { key: key.clone() })?;
+    Ok(mark_stale(Json(api_key_status(&status)).into_response(), stale))
+}
+
+async fn set_limits(State(node): State<Node_>, Path(key): Path<String>, body: Body) -> ApiResult {
+    let request = parse::<api::KeyLimits>(body)?;
+    let limits = core_key_limits(&request)?;
+    let (outcome, _) = propose(&node, Command::SetKeyLimits { key: key.clone(), limits: limits.clone() }).await?;
+    expect_outcome!(outcome, Outcome::KeyLimitsSet);
+    Ok(Json(api::LimitRule { key, limits: api_key_limits(&limits) }).into_response())
+}
+
+async fn delete_limits(State(node): State<Node_>, Path(key): Path<String>) -> ApiResult {
+    let (outcome, _) = propose(&node, Command::DeleteKeyLimits { key }).await?;
+    expect_outcome!(outcome, Outcome::KeyLimitsDeleted);
+    Ok(Json(api::Ok::YES).into_response())
+}
+
+async fn pause(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult {
+    let task_id = parse_id(&id)?;
+    let (outcome, _) = propose(&node, Command::Pause { task_id }).await?;
+    expect_outcome!(outcome, Outcome::Paused { task });
+    Ok(task_response(&task))
+}
+
+async fn resume(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult {
+    let task_id = parse_id(&id)?;
+    let (outcome, _) = propose(&node, Command::Resume { task_id }).await?;
+    expect_outcome!(outcome, Outcome::Resumed { task });
+    Ok(task_response(&task))
+}
+
+async fn replay(State(node): State<Node_>, body: Body) -> ApiResult {
+    let request = parse::<api::ReplayRequest>(body)?;
+    let state = phalanx_core::TaskState::parse(request.state.as_str()).expect("the contract's states are the core's");
+    let command = Command::Replay {
+        queue: request.queue,
+        state,
+        concurrency_key: request.concurrency_key,
+        since_ms: request.since_ms,
+        limit: request.limit,
+    };
+    let (outcome, _) = propose(&node, command).await?;
+    expect_outcome!(outcome, Outcome::Replayed { task_ids });
+    Ok(Json(api::Replayed { task_ids }).into_response())
+}
+
+async fn set_budget(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+    let task_id = parse_id(&id)?;
+    let request = parse::<api::BudgetRequest>(body)?;
+    let command = Command::SetBudget { task_id, budget: request.budget.as_ref().map(core_budget) };
+    let (outcome, _) = propose(&node, command).await?;
+    expect_outcome!(outcome, Outcome::BudgetSet { resumed });
+    Ok(Json(api::BudgetSet { resumed }).into_response())
 }
 
 /// Declares that the task (under its lease) waits on other tasks. Answers at
@@ -1395,6 +1539,15 @@ async fn config_set(State(node): State<Node_>, body: Body) -> ApiResult {
             Value::String(text) => serde_json::from_str(text).unwrap_or_else(|_| value.clone()),
             other => other.clone(),
         };
+        // The one policy key that is not a number: each queue's retry policy,
+        // checked whole by `validate` below.
+        if key == "queues" {
+            if !value.is_object() {
+                return Err(ApiError::invalid(format!("policy key queues: {value} is not an object of queue policies")));
+            }
+            *slot = value;
+            continue;
+        }
         // Every policy value is a whole number within its key's bounds; saying
         // so here names the key, where the policy's deserialiser would not
         // (a value too large for the key's type).

@@ -52,8 +52,18 @@ from .client import (
     Unprocessable,
 )
 from .outbox import Outbox, OutboxEntry, OutboxFull, OutboxLocked
+from .types import Budget, KeyLimits, KeyStatus, LimitRule, LimitsTable, Pause, TaskState, Usage, WaitingOn
 
 __all__ = [
+    "WaitingOn",
+    "Usage",
+    "TaskState",
+    "Pause",
+    "LimitsTable",
+    "LimitRule",
+    "KeyStatus",
+    "KeyLimits",
+    "Budget",
     "Agent",
     "AgentState",
     "AsyncAgent",

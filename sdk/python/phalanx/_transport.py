@@ -26,15 +26,21 @@ from ._errors import OutcomeUnknown, PhalanxError, Unavailable, error_from_answe
 from ._retry import WRITE_TIMEOUT_FLOOR_S, RetryBudget, RetryPolicy, _Latency
 from .types import (
     BatchResult,
+    Budget,
     ClusterInfo,
     Conversation,
+    KeyLimits,
+    KeyStatus,
     Lease,
+    LimitRule,
+    LimitsTable,
     Registration,
     Submitted,
     Task,
     TaskId,
     TaskPage,
     TaskSpec,
+    Usage,
 )
 
 T = TypeVar("T")
@@ -145,23 +151,26 @@ class _Endpoints:
     @staticmethod
     def submit(queue: str, payload: Any, priority: int, idempotency_key: Optional[str], deadline_ms: Optional[int],
                max_attempts: int, parent_id: Optional[int], parent_fence: Optional[int],
-               conversation_id: Optional[str]) -> _Request[TaskId]:
+               conversation_id: Optional[str], concurrency_key: Optional[str] = None,
+               cost_estimate: Optional[int] = None, budget: Optional[Budget] = None) -> _Request[TaskId]:
         # One key for every attempt of this call: the cluster keeps one task per key.
         if idempotency_key is None:
             idempotency_key = generated_idempotency_key()
         body = _drop_none({"queue": queue, "payload": payload, "priority": priority,
                            "idempotency_key": idempotency_key, "deadline_ms": deadline_ms,
                            "max_attempts": max_attempts, "parent_id": parent_id, "parent_fence": parent_fence,
-                           "conversation_id": conversation_id})
+                           "conversation_id": conversation_id, "concurrency_key": concurrency_key,
+                           "cost_estimate": cost_estimate, "budget": dict(budget) if budget is not None else None})
         body["payload"] = payload
         return _Request("POST", "/v1/tasks", body, retry="safe", decode=TaskId.of, fast=True)
 
     @staticmethod
     def delegate(parent_id: int, parent_fence: int, queue: str, payload: Any, priority: int,
                  idempotency_key: Optional[str], deadline_ms: Optional[int], max_attempts: int,
-                 conversation_id: Optional[str]) -> _Request[Submitted]:
+                 conversation_id: Optional[str], concurrency_key: Optional[str] = None,
+                 cost_estimate: Optional[int] = None) -> _Request[Submitted]:
         request = _Endpoints.submit(queue, payload, priority, idempotency_key, deadline_ms, max_attempts, parent_id,
-                                    parent_fence, conversation_id)
+                                    parent_fence, conversation_id, concurrency_key, cost_estimate)
         return _Request("POST", "/v1/tasks", request.body, retry="safe", decode=_identity, fast=True)
 
     @staticmethod
@@ -215,13 +224,60 @@ class _Endpoints:
                         decode=lambda answer: answer["leases"], fast=True)
 
     @staticmethod
-    def complete(task_id: int, fence: int, result: Any) -> _Request[Task]:
-        return _Request("POST", f"/v1/tasks/{int(task_id)}/complete", {"fence": fence, "result": result}, fast=True)
+    def complete(task_id: int, fence: int, result: Any, usage: Optional[Usage] = None) -> _Request[Task]:
+        body: dict[str, Any] = {"fence": fence, "result": result}
+        if usage is not None:
+            body["usage"] = dict(usage)
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/complete", body, fast=True)
 
     @staticmethod
-    def fail(task_id: int, fence: int, error: str, retryable: bool) -> _Request[Task]:
-        body = {"fence": fence, "error": error, "retryable": retryable}
+    def fail(task_id: int, fence: int, error: str, retryable: bool, usage: Optional[Usage] = None) -> _Request[Task]:
+        body: dict[str, Any] = {"fence": fence, "error": error, "retryable": retryable}
+        if usage is not None:
+            body["usage"] = dict(usage)
         return _Request("POST", f"/v1/tasks/{int(task_id)}/fail", body, fast=True)
+
+    # ---- flow control ----
+
+    @staticmethod
+    def limits() -> _Request[LimitsTable]:
+        return _Request("GET", "/v1/limits")
+
+    @staticmethod
+    def key_limits(key: str) -> _Request[KeyStatus]:
+        return _Request("GET", f"/v1/limits/{_segment(key)}")
+
+    @staticmethod
+    def set_key_limits(key: str, limits: KeyLimits) -> _Request[LimitRule]:
+        # A PUT of the whole entry: repeating it is harmless.
+        return _Request("PUT", f"/v1/limits/{_segment(key)}", _drop_none(dict(limits)), retry="safe", fast=True)
+
+    @staticmethod
+    def delete_key_limits(key: str) -> _Request[None]:
+        return _Request("DELETE", f"/v1/limits/{_segment(key)}", retry="if_not_sent", decode=lambda _: None,
+                        fast=True)
+
+    @staticmethod
+    def pause(task_id: int) -> _Request[Task]:
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/pause", {}, retry="if_not_sent", fast=True)
+
+    @staticmethod
+    def resume(task_id: int) -> _Request[Task]:
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/resume", {}, retry="if_not_sent", fast=True)
+
+    @staticmethod
+    def replay(state: str, limit: int, queue: Optional[str], concurrency_key: Optional[str],
+               since_ms: Optional[int]) -> _Request[list[int]]:
+        body = _drop_none({"state": state, "limit": limit, "queue": queue, "concurrency_key": concurrency_key,
+                           "since_ms": since_ms})
+        return _Request("POST", "/v1/tasks/replay", body, retry="if_not_sent",
+                        decode=lambda answer: answer["task_ids"], fast=True)
+
+    @staticmethod
+    def set_budget(task_id: int, budget: Optional[Budget]) -> _Request[list[int]]:
+        body = {"budget": dict(budget) if budget is not None else None}
+        return _Request("PUT", f"/v1/tasks/{int(task_id)}/budget", body, retry="safe",
+                        decode=lambda answer: answer["resumed"], fast=True)
 
     @staticmethod
     def extend(task_id: int, fence: int, lease_ttl_ms: Optional[int]) -> _Request[int]:

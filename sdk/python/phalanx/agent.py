@@ -42,7 +42,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Literal, Optional, Seque
 
 from ._errors import NotFound, PhalanxError
 from .client import AsyncClient
-from .types import Child, ContextEntry, Lease, Submitted, Task
+from .types import Child, ContextEntry, Lease, Submitted, Task, Usage
 from .outbox import OUTBOX_ENTRIES_MAX, Outbox, OutboxEntry, OutboxFull
 
 log = logging.getLogger("phalanx.agent")
@@ -163,6 +163,21 @@ class _ContextBase:
         self._children_spawned = 0
         self._children = list(children or [])
         self._adopted: list[int] = []
+        self._usage: Optional[Usage] = None
+
+    def report_usage(self, tokens_in: int = 0, tokens_out: int = 0, cost: int = 0) -> None:
+        """Adds to what this attempt consumed; the sum goes with its result or failure, counted against the
+        task's key's `tokens_per_minute` and its tree's budget."""
+        usage = self._usage if self._usage is not None else Usage(tokens_in=0, tokens_out=0, cost=0)
+        usage["tokens_in"] = usage.get("tokens_in", 0) + int(tokens_in)
+        usage["tokens_out"] = usage.get("tokens_out", 0) + int(tokens_out)
+        usage["cost"] = usage.get("cost", 0) + int(cost)
+        self._usage = usage
+
+    @property
+    def usage(self) -> Optional[Usage]:
+        """What the attempt has reported it consumed so far (`None`: nothing)."""
+        return self._usage
 
     @property
     def children(self) -> list[Child]:
@@ -717,6 +732,8 @@ class AsyncAgent:
                      "error": f"{type(error).__name__}: {error}", "retryable": True}
         finally:
             extender.cancel()
+        if context.usage is not None:
+            entry["usage"] = context.usage
         await self._report(entry)
 
     async def _extend_loop(self, context: _ContextBase) -> None:
@@ -766,11 +783,11 @@ class AsyncAgent:
         code: Optional[str] = None
         try:
             if entry["kind"] == "complete":
-                await self.client.complete(entry["task_id"], entry["fence"], entry.get("result"))
+                await self.client.complete(entry["task_id"], entry["fence"], entry.get("result"), entry.get("usage"))
                 self.stats.completed += 1
             else:
                 await self.client.fail(entry["task_id"], entry["fence"], entry.get("error", ""),
-                                       entry.get("retryable", True))
+                                       entry.get("retryable", True), entry.get("usage"))
                 self.stats.failed += 1
             answer: Answer = "accepted"
         except PhalanxError as error:

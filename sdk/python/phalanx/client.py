@@ -87,6 +87,12 @@ from ._transport import (
 from .types import (
     TERMINAL_STATES,
     BatchResult,
+    Budget,
+    KeyLimits,
+    KeyStatus,
+    LimitRule,
+    LimitsTable,
+    Usage,
     Child,
     ClusterInfo,
     ClusterNode,
@@ -220,11 +226,16 @@ class Client(_ClientBase):
 
     def submit(self, queue: str, payload: Any = None, priority: int = 5, idempotency_key: Optional[str] = None,
                deadline_ms: Optional[int] = None, max_attempts: int = 3, parent_id: Optional[int] = None,
-               conversation_id: Optional[str] = None, parent_fence: Optional[int] = None) -> TaskId:
+               conversation_id: Optional[str] = None, parent_fence: Optional[int] = None, *,
+               concurrency_key: Optional[str] = None, cost_estimate: Optional[int] = None,
+               budget: Optional[Budget] = None) -> TaskId:
         """Submits a task; returns its id, a `TaskId` (an `int`) whose `deduplicated` says whether
-        `idempotency_key` named an existing task (then nothing new was created)."""
+        `idempotency_key` named an existing task (then nothing new was created). `concurrency_key` counts it under
+        that key's limits, `cost_estimate` (tokens) against the key's `tokens_per_minute` while leased; `budget`
+        (`{"tokens_max": ..., "cost_max": ...}`) covers the whole tree a root task starts."""
         return self._call(_Endpoints.submit(queue, payload, priority, idempotency_key, deadline_ms, max_attempts,
-                                            parent_id, parent_fence, conversation_id))
+                                            parent_id, parent_fence, conversation_id, concurrency_key,
+                                            cost_estimate, budget))
 
     def delegate(self, parent_id: int, parent_fence: int, queue: str, payload: Any = None, priority: int = 5,
                  idempotency_key: Optional[str] = None, deadline_ms: Optional[int] = None, max_attempts: int = 3,
@@ -281,11 +292,14 @@ class Client(_ClientBase):
         session = self._session(agent_id, epoch)
         return self._call(_Endpoints.poll(agent_id, epoch, session, max_tasks, wait_ms, lease_ttl_ms, queues))
 
-    def complete(self, task_id: int, fence: int, result: Any = None) -> Task:
-        return self._call(_Endpoints.complete(task_id, fence, result))
+    def complete(self, task_id: int, fence: int, result: Any = None, usage: Optional[Usage] = None) -> Task:
+        """`usage` (`{"tokens_in", "tokens_out", "cost"}`): what the attempt consumed, counted against its key's
+        `tokens_per_minute` and its tree's budget."""
+        return self._call(_Endpoints.complete(task_id, fence, result, usage))
 
-    def fail(self, task_id: int, fence: int, error: str, retryable: bool = True) -> Task:
-        return self._call(_Endpoints.fail(task_id, fence, error, retryable))
+    def fail(self, task_id: int, fence: int, error: str, retryable: bool = True,
+             usage: Optional[Usage] = None) -> Task:
+        return self._call(_Endpoints.fail(task_id, fence, error, retryable, usage))
 
     def extend(self, task_id: int, fence: int, lease_ttl_ms: Optional[int] = None) -> int:
         """Returns the new `valid_until_ms` (log time)."""
@@ -297,6 +311,39 @@ class Client(_ClientBase):
 
     def progress(self, task_id: int, fence: int) -> None:
         self._call(_Endpoints.progress(task_id, fence))
+
+    # ---- flow control ----
+
+    def limits(self) -> LimitsTable:
+        """The limits table and every concurrency key in use."""
+        return self._call(_Endpoints.limits())
+
+    def key_limits(self, key: str) -> KeyStatus:
+        """The limits in force for `key` and what it uses now (404 `not_found` for a key with neither)."""
+        return self._call(_Endpoints.key_limits(key))
+
+    def set_key_limits(self, key: str, limits: KeyLimits) -> LimitRule:
+        """Sets (replaces) the limits of a key, a wildcard (`tenant:*`) or `*`."""
+        return self._call(_Endpoints.set_key_limits(key, limits))
+
+    def delete_key_limits(self, key: str) -> None:
+        self._call(_Endpoints.delete_key_limits(key))
+
+    def pause(self, task_id: int) -> Task:
+        """Pauses a task: a pending one at once, a leased one when its lease ends without a result."""
+        return self._call(_Endpoints.pause(task_id))
+
+    def resume(self, task_id: int) -> Task:
+        return self._call(_Endpoints.resume(task_id))
+
+    def replay(self, state: str, limit: int, queue: Optional[str] = None, concurrency_key: Optional[str] = None,
+               since_ms: Optional[int] = None) -> list[int]:
+        """Moves up to `limit` `dead` or `paused` tasks matching the filter back to pending; returns their ids."""
+        return self._call(_Endpoints.replay(state, limit, queue, concurrency_key, since_ms))
+
+    def set_budget(self, task_id: int, budget: Optional[Budget]) -> list[int]:
+        """Sets (or with `None` removes) a root task's budget; returns the budget-paused tasks it resumed."""
+        return self._call(_Endpoints.set_budget(task_id, budget))
 
     # ---- conversations ----
 
@@ -415,9 +462,12 @@ class AsyncClient(_ClientBase):
 
     async def submit(self, queue: str, payload: Any = None, priority: int = 5, idempotency_key: Optional[str] = None,
                      deadline_ms: Optional[int] = None, max_attempts: int = 3, parent_id: Optional[int] = None,
-                     conversation_id: Optional[str] = None, parent_fence: Optional[int] = None) -> TaskId:
+                     conversation_id: Optional[str] = None, parent_fence: Optional[int] = None, *,
+                     concurrency_key: Optional[str] = None, cost_estimate: Optional[int] = None,
+                     budget: Optional[Budget] = None) -> TaskId:
         return await self._call(_Endpoints.submit(queue, payload, priority, idempotency_key, deadline_ms,
-                                                  max_attempts, parent_id, parent_fence, conversation_id))
+                                                  max_attempts, parent_id, parent_fence, conversation_id,
+                                                  concurrency_key, cost_estimate, budget))
 
     async def delegate(self, parent_id: int, parent_fence: int, queue: str, payload: Any = None, priority: int = 5,
                        idempotency_key: Optional[str] = None, deadline_ms: Optional[int] = None,
@@ -471,11 +521,39 @@ class AsyncClient(_ClientBase):
         session = self._session(agent_id, epoch)
         return await self._call(_Endpoints.poll(agent_id, epoch, session, max_tasks, wait_ms, lease_ttl_ms, queues))
 
-    async def complete(self, task_id: int, fence: int, result: Any = None) -> Task:
-        return await self._call(_Endpoints.complete(task_id, fence, result))
+    async def complete(self, task_id: int, fence: int, result: Any = None, usage: Optional[Usage] = None) -> Task:
+        return await self._call(_Endpoints.complete(task_id, fence, result, usage))
 
-    async def fail(self, task_id: int, fence: int, error: str, retryable: bool = True) -> Task:
-        return await self._call(_Endpoints.fail(task_id, fence, error, retryable))
+    async def fail(self, task_id: int, fence: int, error: str, retryable: bool = True,
+                   usage: Optional[Usage] = None) -> Task:
+        return await self._call(_Endpoints.fail(task_id, fence, error, retryable, usage))
+
+    # ---- flow control ----
+
+    async def limits(self) -> LimitsTable:
+        return await self._call(_Endpoints.limits())
+
+    async def key_limits(self, key: str) -> KeyStatus:
+        return await self._call(_Endpoints.key_limits(key))
+
+    async def set_key_limits(self, key: str, limits: KeyLimits) -> LimitRule:
+        return await self._call(_Endpoints.set_key_limits(key, limits))
+
+    async def delete_key_limits(self, key: str) -> None:
+        await self._call(_Endpoints.delete_key_limits(key))
+
+    async def pause(self, task_id: int) -> Task:
+        return await self._call(_Endpoints.pause(task_id))
+
+    async def resume(self, task_id: int) -> Task:
+        return await self._call(_Endpoints.resume(task_id))
+
+    async def replay(self, state: str, limit: int, queue: Optional[str] = None,
+                     concurrency_key: Optional[str] = None, since_ms: Optional[int] = None) -> list[int]:
+        return await self._call(_Endpoints.replay(state, limit, queue, concurrency_key, since_ms))
+
+    async def set_budget(self, task_id: int, budget: Optional[Budget]) -> list[int]:
+        return await self._call(_Endpoints.set_budget(task_id, budget))
 
     async def extend(self, task_id: int, fence: int, lease_ttl_ms: Optional[int] = None) -> int:
         return await self._call(_Endpoints.extend(task_id, fence, lease_ttl_ms))

@@ -22,6 +22,8 @@ import os
 import threading
 from typing import Any, Literal, Optional, TypedDict, Union
 
+from .types import Usage
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no inter-process lock
@@ -48,6 +50,8 @@ class OutboxEntry(_OutboxEntryRequired, total=False):
     retryable: bool
     agent_id: str
     stored_ms: int
+    # What the attempt consumed, as the handler reported it.
+    usage: Usage
 
 
 class OutboxFull(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, Optional, TypedDict
 
-TaskState = Literal["pending", "leased", "succeeded", "failed", "cancelled", "dead"]
+TaskState = Literal["pending", "leased", "succeeded", "failed", "cancelled", "dead", "paused"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "dead"})
 
 
@@ -25,6 +25,71 @@ class LeaseInfo(_LeaseInfoRequired, total=False):
     """The lease a task is under, as part of a task."""
 
     progress_ms: int
+
+
+class Usage(TypedDict, total=False):
+    """What an attempt consumed: tokens and a cost in the fleet's own unit."""
+
+    tokens_in: int
+    tokens_out: int
+    cost: int
+
+
+class Budget(TypedDict, total=False):
+    """What a delegation tree may consume, carried by its root."""
+
+    tokens_max: int
+    cost_max: int
+
+
+class WaitingOn(TypedDict):
+    """Which flow-control limit holds a pending task back."""
+
+    key: str
+    # `concurrency_max`, `rate_per_second` or `tokens_per_minute`.
+    limit: str
+    # The limits table's entry that set it (the key itself or a wildcard).
+    rule: str
+
+
+class Pause(TypedDict):
+    # `budget`, `operator` or `attempts_exhausted`.
+    cause: str
+    reason: str
+    since_ms: int
+
+
+class KeyLimits(TypedDict, total=False):
+    """The limits of a concurrency key (`PUT /v1/limits/{key}`); an absent field does not limit."""
+
+    concurrency_max: int
+    rate_per_second: float
+    burst: int
+    weight: int
+    tokens_per_minute: int
+
+
+class LimitRule(TypedDict):
+    key: str
+    limits: KeyLimits
+
+
+class KeyStatus(TypedDict):
+    """What a concurrency key holds and has used now."""
+
+    key: str
+    rule: Optional[str]
+    limits: Optional[KeyLimits]
+    held: int
+    rate_tokens_left: Optional[int]
+    tokens_in_window: int
+    leased_estimate: int
+    open_tasks: int
+
+
+class LimitsTable(TypedDict):
+    rules: list[LimitRule]
+    keys: list[KeyStatus]
 
 
 class _TaskRequired(TypedDict):
@@ -56,6 +121,15 @@ class Task(_TaskRequired, total=False):
     trail: list[dict[str, Any]]
     # For a delegation: the fence of the parent's lease that created it.
     parent_fence: Optional[int]
+    # Flow control (docs/api.md, "Flow control").
+    concurrency_key: Optional[str]
+    cost_estimate: Optional[int]
+    budget: Optional[Budget]
+    usage: Usage
+    pause: Optional[Pause]
+    replays: int
+    # On a pending task its key's limits hold back (`GET /v1/tasks/{id}`).
+    waiting_on: WaitingOn
 
 
 class _SubmittedRequired(TypedDict):
@@ -120,6 +194,9 @@ class TaskSpec(_TaskSpecRequired, total=False):
     parent_id: int
     parent_fence: int
     conversation_id: str
+    concurrency_key: str
+    cost_estimate: int
+    budget: Budget
 
 
 class TaskPage(TypedDict):
