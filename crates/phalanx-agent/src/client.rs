@@ -1313,12 +1313,13 @@ mod tests {
             "created_ms": 1, "updated_ms": 2, "deadline_ms": null, "max_attempts": 3, "attempts": 1,
             "idempotency_key": null, "parent_id": null, "conversation_id": "c", "hop_count": 0,
             "lease": {"agent_id": "a", "agent_epoch": 1, "fence": 9, "valid_until_ms": 100, "progress_ms": 5},
-            "last_fence": 9, "result": null, "error": null, "dead_reason": null, "superseded_count": 0, "trail": []
+            "last_fence": 9, "result": null, "error": null, "dead_reason": null, "superseded_count": 0, "trail": [],
+            "from_a_newer_node": 1
         }))
         .unwrap();
         assert_eq!(task.state, TaskState::Leased);
         assert_eq!(task.lease.as_ref().map(|l| l.fence), Some(9));
-        assert_eq!(task.other["trail"], json!([]), "unnamed fields are kept");
+        assert_eq!(task.other["from_a_newer_node"], json!(1), "unnamed fields are kept");
         assert_eq!(serde_json::to_value(TaskState::Cancelled).unwrap(), json!("cancelled"));
         let request = SubmitRequest::new("q", json!(1)).with_idempotency_key("k");
         assert_eq!(
