@@ -856,7 +856,12 @@ impl Client {
     /// A write repeated only when it surely did not take effect (a second
     /// pause, resume, replay or delete after an unknown outcome would be
     /// refused, or move other tasks).
-    async fn write_once<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Value) -> Result<T, Error> {
+    async fn write_once<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> Result<T, Error> {
         self.call(method, path, Some(&body), Retry::IfNotSent, Attempt::Write { wait: Duration::ZERO }).await
     }
 
@@ -886,7 +891,8 @@ impl Client {
     }
 
     pub async fn delete_key_limits(&self, key: &str) -> Result<(), Error> {
-        let _: Value = self.write_once(reqwest::Method::DELETE, &format!("/v1/limits/{}", encode(key)), json!({})).await?;
+        let _: Value =
+            self.write_once(reqwest::Method::DELETE, &format!("/v1/limits/{}", encode(key)), json!({})).await?;
         Ok(())
     }
 

@@ -205,7 +205,11 @@ mod tests {
         let outbox = Outbox::open(&path).unwrap();
         for task_id in 1..=3 {
             outbox
-                .push(&Entry { task_id, fence: 7, report: Report::Complete { result: Value::from(task_id), usage: None } })
+                .push(&Entry {
+                    task_id,
+                    fence: 7,
+                    report: Report::Complete { result: Value::from(task_id), usage: None },
+                })
                 .unwrap();
         }
         outbox.pop_front().unwrap();

@@ -431,11 +431,8 @@ pub async fn run_limits(connect: &Connect, command: LimitsCommand, json: bool) -
             if table_answer.rules.is_empty() {
                 println!("no limits set");
             } else {
-                let rows: Vec<Vec<String>> = table_answer
-                    .rules
-                    .iter()
-                    .map(|rule| vec![rule.key.clone(), limits_text(&rule.limits)])
-                    .collect();
+                let rows: Vec<Vec<String>> =
+                    table_answer.rules.iter().map(|rule| vec![rule.key.clone(), limits_text(&rule.limits)]).collect();
                 print!("{}", table(&["RULE", "LIMITS"], &rows));
             }
             if !table_answer.keys.is_empty() {
@@ -838,7 +835,10 @@ fn status_text(
                 std::iter::once(name.clone()).chain(states.iter().map(|s| counts[s].to_string())).collect()
             })
             .collect();
-        text.push_str(&table(&["QUEUE", "PENDING", "LEASED", "PAUSED", "SUCCEEDED", "FAILED", "DEAD", "CANCELLED"], &rows));
+        text.push_str(&table(
+            &["QUEUE", "PENDING", "LEASED", "PAUSED", "SUCCEEDED", "FAILED", "DEAD", "CANCELLED"],
+            &rows,
+        ));
     }
     let names = |value: &Value| -> Vec<String> {
         value
@@ -985,7 +985,8 @@ mod tests {
 
     #[test]
     fn limits_assignments() {
-        let limits = key_limits_of(&["concurrency_max=4".into(), "rate_per_second=2.5".into(), "weight=2".into()]).unwrap();
+        let limits =
+            key_limits_of(&["concurrency_max=4".into(), "rate_per_second=2.5".into(), "weight=2".into()]).unwrap();
         assert_eq!(limits.concurrency_max, Some(4));
         assert_eq!(limits.rate_per_second, Some(2.5));
         assert_eq!(limits.weight, Some(2));

@@ -138,9 +138,13 @@ async fn pause_resume_and_replay_over_http() {
     assert_eq!(status, 200, "{replayed}");
     assert_eq!(replayed["task_ids"], json!([dead]));
     let after = task(&cluster, dead).await;
-    assert_eq!((after["state"].as_str(), after["attempts"].as_u64(), after["replays"].as_u64()), (Some("pending"), Some(0), Some(1)));
+    assert_eq!(
+        (after["state"].as_str(), after["attempts"].as_u64(), after["replays"].as_u64()),
+        (Some("pending"), Some(0), Some(1))
+    );
     assert_eq!(after["trail"], before["trail"], "the trail is kept");
-    let lease = wait_for(Duration::from_secs(10), "the replayed task", async || poll(&cluster, 1, &agent, 4).await.pop()).await;
+    let lease =
+        wait_for(Duration::from_secs(10), "the replayed task", async || poll(&cluster, 1, &agent, 4).await.pop()).await;
     assert!(lease["fence"].as_u64().unwrap() > before["last_fence"].as_u64().unwrap(), "a fresh fence");
     // Nothing dead is left; a succeeded task is never replayed.
     let (_, again) = cluster.post(1, "/v1/tasks/replay", &json!({"state": "dead", "limit": 10})).await.unwrap();
@@ -159,12 +163,9 @@ async fn a_budget_pauses_its_tree_and_a_raise_resumes_it() {
     let agent = register(&cluster, 1, "planner", &["plan"], 1).await;
     let lease = poll(&cluster, 1, &agent, 1).await.pop().unwrap();
     let fence = lease["fence"].as_u64().unwrap();
-    let child = submit(
-        &cluster,
-        1,
-        json!({"queue": "work", "payload": "step", "parent_id": root, "parent_fence": fence}),
-    )
-    .await;
+    let child =
+        submit(&cluster, 1, json!({"queue": "work", "payload": "step", "parent_id": root, "parent_fence": fence}))
+            .await;
     let usage = json!({"tokens_in": 80, "tokens_out": 40, "cost": 7});
     let (status, done) = cluster
         .post(1, &format!("/v1/tasks/{root}/complete"), &json!({"fence": fence, "result": "planned", "usage": usage}))
@@ -173,7 +174,11 @@ async fn a_budget_pauses_its_tree_and_a_raise_resumes_it() {
     assert_eq!(status, 200, "{done}");
     assert_eq!(done["usage"], usage);
     let paused = task(&cluster, child).await;
-    assert_eq!((paused["state"].as_str(), paused["pause"]["cause"].as_str()), (Some("paused"), Some("budget")), "{paused}");
+    assert_eq!(
+        (paused["state"].as_str(), paused["pause"]["cause"].as_str()),
+        (Some("paused"), Some("budget")),
+        "{paused}"
+    );
     let (_, status_body) = cluster.get(1, "/v1/status").await.unwrap();
     let tree = status_body["trees"].as_array().unwrap().iter().find(|t| t["root_id"] == root).unwrap().clone();
     assert_eq!(tree["usage"], usage);
@@ -185,8 +190,13 @@ async fn a_budget_pauses_its_tree_and_a_raise_resumes_it() {
         "budget_exhausted",
     );
     // A budget is a root's: a child's is refused.
-    assert_error(&cluster.put(1, &format!("/v1/tasks/{child}/budget"), &json!({"budget": {"tokens_max": 5}})).await, 400, "invalid");
-    let (status, raised) = cluster.put(1, &format!("/v1/tasks/{root}/budget"), &json!({"budget": {"tokens_max": 1000}})).await;
+    assert_error(
+        &cluster.put(1, &format!("/v1/tasks/{child}/budget"), &json!({"budget": {"tokens_max": 5}})).await,
+        400,
+        "invalid",
+    );
+    let (status, raised) =
+        cluster.put(1, &format!("/v1/tasks/{root}/budget"), &json!({"budget": {"tokens_max": 1000}})).await;
     assert_eq!(status, 200, "{raised}");
     assert_eq!(raised["resumed"], json!([child]));
     assert_eq!(task(&cluster, child).await["state"], "pending");
@@ -225,10 +235,12 @@ async fn bad_input_is_refused_as_json_and_changes_nothing() {
     assert_error(&cluster.post(1, "/v1/tasks/99/pause", &json!({})).await.unwrap(), 404, "task_not_found");
     assert_error(&cluster.post(1, "/v1/tasks/x/resume", &json!({})).await.unwrap(), 400, "invalid");
     assert_error(&cluster.put(1, "/v1/tasks/99/budget", &json!({"budget": null})).await, 404, "task_not_found");
-    for body in [json!({"state": "dead", "limit": 0}), json!({"state": "dead"}), json!({"state": "zombie", "limit": 1})] {
+    for body in [json!({"state": "dead", "limit": 0}), json!({"state": "dead"}), json!({"state": "zombie", "limit": 1})]
+    {
         assert_error(&cluster.post(1, "/v1/tasks/replay", &body).await.unwrap(), 400, "invalid");
     }
-    let (status, answer) = cluster.post(1, "/v1/tasks", &json!({"queue": "q", "budget": {"tokens_max": 0}})).await.unwrap();
+    let (status, answer) =
+        cluster.post(1, "/v1/tasks", &json!({"queue": "q", "budget": {"tokens_max": 0}})).await.unwrap();
     assert_eq!(status, 400, "{answer}");
     // A wildcard in the path, percent-encoded, is the table's key as written.
     let (status, rule) = cluster.put(1, "/v1/limits/tenant%3A%2A", &json!({"rate_per_second": 2.5, "burst": 5})).await;
@@ -258,7 +270,8 @@ fn ok(output: Output) -> String {
 #[tokio::test]
 async fn limits_pause_resume_and_replay_from_the_cli() {
     let cluster = Cluster::start(1, &[]).await;
-    let set = ok(phalanx(&cluster, &["limits", "set", "tenant:*", "concurrency_max=1", "rate_per_second=0.5", "weight=2"]));
+    let set =
+        ok(phalanx(&cluster, &["limits", "set", "tenant:*", "concurrency_max=1", "rate_per_second=0.5", "weight=2"]));
     assert_eq!(set.trim(), "tenant:*: concurrency_max=1 rate_per_second=0.5 weight=2");
     let refused = phalanx(&cluster, &["limits", "set", "tenant:*", "speed=3"]);
     assert!(!refused.status.success());
@@ -267,10 +280,24 @@ async fn limits_pause_resume_and_replay_from_the_cli() {
     assert!(!refused.status.success(), "the node refuses a weight of 0");
     let submitted = ok(phalanx(
         &cluster,
-        &["task", "submit", "--queue", "q", "--concurrency-key", "tenant:x", "--cost-estimate", "10", "--budget-tokens", "500"],
+        &[
+            "task",
+            "submit",
+            "--queue",
+            "q",
+            "--concurrency-key",
+            "tenant:x",
+            "--cost-estimate",
+            "10",
+            "--budget-tokens",
+            "500",
+        ],
     ));
     let first: u64 = submitted.trim().parse().unwrap();
-    let second: u64 = ok(phalanx(&cluster, &["task", "submit", "--queue", "q", "--concurrency-key", "tenant:x"])).trim().parse().unwrap();
+    let second: u64 = ok(phalanx(&cluster, &["task", "submit", "--queue", "q", "--concurrency-key", "tenant:x"]))
+        .trim()
+        .parse()
+        .unwrap();
     let agent = register(&cluster, 1, "a", &["q"], 4).await;
     assert_eq!(poll(&cluster, 1, &agent, 4).await.len(), 1, "concurrency_max=1 for each tenant key");
     let shown = ok(phalanx(&cluster, &["task", "get", &second.to_string()]));
@@ -288,12 +315,67 @@ async fn limits_pause_resume_and_replay_from_the_cli() {
     let replayed = ok(phalanx(&cluster, &["task", "replay", "--state", "paused", "--key", "tenant:x", "--limit", "5"]));
     assert_eq!(replayed.trim(), format!("replayed 1 tasks: {second}"));
     ok(phalanx(&cluster, &["task", "pause", &second.to_string()]));
-    assert_eq!(ok(phalanx(&cluster, &["task", "resume", &second.to_string()])).trim(), format!("task {second}: pending"));
+    assert_eq!(
+        ok(phalanx(&cluster, &["task", "resume", &second.to_string()])).trim(),
+        format!("task {second}: pending")
+    );
     let refused = phalanx(&cluster, &["task", "resume", &second.to_string()]);
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not_paused"), "{refused:?}");
     let budget = ok(phalanx(&cluster, &["task", "budget", &first.to_string(), "--tokens", "900"]));
     assert_eq!(budget.trim(), format!("task {first}: budget set"));
     assert_eq!(task(&cluster, first).await["budget"], json!({"tokens_max": 900}));
-    assert_eq!(ok(phalanx(&cluster, &["task", "replay", "--state", "dead", "--limit", "5"])).trim(), "no task replayed");
+    assert_eq!(
+        ok(phalanx(&cluster, &["task", "replay", "--state", "dead", "--limit", "5"])).trim(),
+        "no task replayed"
+    );
     assert_eq!(ok(phalanx(&cluster, &["limits", "delete", "tenant:*"])).trim(), "tenant:*: deleted");
+}
+
+/// The limits and the leases they count are replicated state: a new leader
+/// grants no more of a key than the old one had left.
+#[tokio::test]
+async fn limits_survive_a_leader_kill() {
+    let mut cluster = Cluster::start(3, &[]).await;
+    let leader = wait_for(Duration::from_secs(10), "a leader", async || cluster.leader().await).await;
+    let (status, rule) = cluster.put(leader, "/v1/limits/tenant:a", &json!({"concurrency_max": 2})).await;
+    assert_eq!(status, 200, "{rule}");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(submit(&cluster, leader, json!({"queue": "q", "payload": i, "concurrency_key": "tenant:a"})).await);
+    }
+    let agent = register(&cluster, leader, "holder", &["q"], 10).await;
+    let body =
+        json!({"epoch": agent.epoch, "session": agent.session, "max_tasks": 10, "wait_ms": 0, "lease_ttl_ms": 60_000});
+    let (status, answer) = cluster.post(leader, "/v1/agents/holder/poll", &body).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let mut held = answer["leases"].as_array().unwrap().clone();
+    assert_eq!(held.len(), 2, "{answer}");
+
+    cluster.servers.get_mut(&leader).unwrap().kill9();
+    let survivor = *cluster.servers.keys().find(|id| **id != leader).unwrap();
+    let new_leader =
+        wait_for(Duration::from_secs(10), "a new leader", async || cluster.leader().await.filter(|id| *id != leader))
+            .await;
+    // Polls through the failover and after it: nothing more of tenant:a.
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        if let Ok((200, answer)) = cluster.post(survivor, "/v1/agents/holder/poll", &body).await {
+            let got = answer["leases"].as_array().unwrap();
+            assert!(got.is_empty(), "the new leader granted {} more of tenant:a: {answer}", got.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, key) = cluster.get(new_leader, "/v1/limits/tenant:a").await.unwrap();
+    assert_eq!(key["held"], 2, "{key}");
+    // A lease ends: exactly one more is granted.
+    let lease = held.remove(0);
+    let id = lease["task"]["id"].as_u64().unwrap();
+    let (status, answer) = cluster
+        .post(new_leader, &format!("/v1/tasks/{id}/complete"), &json!({"fence": lease["fence"], "result": "ok"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = cluster.post(new_leader, "/v1/agents/holder/poll", &body).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["leases"].as_array().unwrap().len(), 1, "{answer}");
 }

@@ -1197,8 +1197,9 @@ fn api_key_limits(limits: &phalanx_core::KeyLimits) -> api::KeyLimits {
 /// The decimal rate becomes thousandths here; the state machine checks the
 /// bounds and the cross-field rules.
 fn core_key_limits(limits: &api::KeyLimits) -> Result<phalanx_core::KeyLimits, ApiError> {
-    let rate_per_second_milli =
-        limits.rate_per_second_milli().map_err(|reason| ApiError::invalid(format!("invalid rate_per_second: {reason}")))?;
+    let rate_per_second_milli = limits
+        .rate_per_second_milli()
+        .map_err(|reason| ApiError::invalid(format!("invalid rate_per_second: {reason}")))?;
     Ok(phalanx_core::KeyLimits {
         concurrency_max: limits.concurrency_max,
         rate_per_second_milli,
@@ -1543,7 +1544,9 @@ async fn config_set(State(node): State<Node_>, body: Body) -> ApiResult {
         // checked whole by `validate` below.
         if key == "queues" {
             if !value.is_object() {
-                return Err(ApiError::invalid(format!("policy key queues: {value} is not an object of queue policies")));
+                return Err(ApiError::invalid(format!(
+                    "policy key queues: {value} is not an object of queue policies"
+                )));
             }
             *slot = value;
             continue;
