@@ -8,6 +8,7 @@ pub mod admission;
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod controller;
 pub mod election_guard;
 pub mod error;
