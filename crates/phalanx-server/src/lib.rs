@@ -12,6 +12,7 @@ pub mod console;
 pub mod controller;
 pub mod election_guard;
 pub mod error;
+pub mod histogram;
 pub mod listener;
 pub mod metrics;
 pub mod network;
