@@ -86,8 +86,7 @@ fn check_histogram(text: &str, name: &str, labels: &str) -> u64 {
 async fn metrics_follow_the_prometheus_conventions() {
     let cluster = Cluster::start(1, &[]).await;
     for i in 0..5 {
-        let (status, body) =
-            cluster.post(1, "/v1/tasks", &json!({"queue": "metrics-q", "payload": i})).await.unwrap();
+        let (status, body) = cluster.post(1, "/v1/tasks", &json!({"queue": "metrics-q", "payload": i})).await.unwrap();
         assert_eq!(status, 201, "{body}");
     }
     let text = cluster.http.get(cluster.url(1, "/metrics")).send().await.unwrap().text().await.unwrap();
