@@ -272,7 +272,7 @@ async function deadPage(params) {
   const canResume = paused !== null && paused.length > 0 && await hasRoute("POST", "/v1/tasks/0/resume");
   return `<h2>Dead letters${queue ? ` in ${h(queue)} <a class="muted" href="#/dead">(all queues)</a>` : ""}</h2>
     ${canReplay ? `<div class="actions"><button class="primary" id="replay" data-action="replay" data-queue="${h(queue ?? "")}">Replay ${list.tasks.length ? `these ${list.tasks.length}` : ""} dead tasks</button>
-      <span class="muted">as new pending tasks (POST /v1/tasks/replay)</span></div>` : ""}
+      <span class="muted">back to pending, oldest first (POST /v1/tasks/replay)</span></div>` : ""}
     ${table([
       ["task", (t) => taskLink(t.id)],
       ["queue", (t) => h(t.queue)],
@@ -308,13 +308,15 @@ async function policyPage() {
 
 async function limitsPage() {
   const limits = await get("/v1/limits");
-  // The shape is the flow-control API's: a list of keys (objects), shown as
-  // a table of their fields; anything else is shown as it is.
-  const list = Array.isArray(limits) ? limits : Object.values(limits).find(Array.isArray);
-  if (!list || !list.every((row) => row && typeof row === "object")) return `<h2>Flow control</h2>${json(limits)}`;
-  const fields = [...new Set(list.flatMap(Object.keys))];
-  return `<h2>Flow control keys</h2>
-    ${table(fields.map((f) => [f, (row) => (typeof row[f] === "object" && row[f] !== null ? json(row[f]) : h(row[f] ?? "—"))]), list, "no keys")}`;
+  // `{rules: [...], keys: [...]}` (docs/api.md): each list of objects is a
+  // table of their fields; anything else is shown as it is.
+  const lists = Object.entries(limits).filter(([, v]) => Array.isArray(v) && v.every((row) => row && typeof row === "object"));
+  if (lists.length === 0) return `<h2>Flow control</h2>${json(limits)}`;
+  const cell = (value) => (typeof value === "object" && value !== null ? json(value) : h(value ?? "—"));
+  return `<h2>Flow control</h2>` + lists.map(([name, list]) => {
+    const fields = [...new Set(list.flatMap(Object.keys))];
+    return `<h3>${h(name)}</h3>${table(fields.map((f) => [f, (row) => cell(row[f])]), list, "none")}`;
+  }).join("");
 }
 
 // ---- actions ----
@@ -325,7 +327,7 @@ async function act(button) {
     const body = { state: "dead", limit: LIST_LIMIT };
     if (button.dataset.queue) body.queue = button.dataset.queue;
     const answer = await api("POST", "/v1/tasks/replay", body);
-    notice(`Replayed ${answer.task_ids.length} tasks as new ones: ${answer.task_ids.slice(0, 20).join(", ")}`);
+    notice(`Replayed ${answer.task_ids.length} tasks, pending again: ${answer.task_ids.slice(0, 20).join(", ")}`);
   } else if (action === "resume") {
     await api("POST", `/v1/tasks/${encodeURIComponent(button.dataset.id)}/resume`, {});
     notice(`Task ${button.dataset.id} resumed.`);
