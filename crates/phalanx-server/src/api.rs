@@ -111,6 +111,7 @@ pub fn router(node: Arc<Node>) -> Router {
     Router::new()
         .merge(raft)
         .merge(client.merge(health).layer(middleware::from_fn(json_rejections)))
+        .merge(crate::console::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(node.clone(), count_requests))
         .with_state(node)

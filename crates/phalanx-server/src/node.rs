@@ -59,6 +59,8 @@ pub struct NodeStats {
     pub submits_refused: AtomicU64,
     /// Raft RPCs refused at the edge (`raft_edge.rs`): undecodable or implausible.
     pub raft_refused: AtomicU64,
+    /// Request latency: [0] every request but long-polls, [1] long-polls.
+    pub http_request_duration: [crate::histogram::Histogram; 2],
 }
 
 pub struct Node {
@@ -404,7 +406,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
                 .await;
         });
     }
-    let router = crate::api::router(node.clone());
+    let router = crate::api::router(node.clone())
+        .layer(axum::middleware::from_fn_with_state(node.clone(), crate::metrics::time_requests));
     let settings = crate::listener::Settings::of(&node.config);
     let listener = crate::listener::BoundedListener::new(listener, settings, node.listener_stats.clone());
     let server = tokio::spawn(crate::listener::serve(listener, router, shutdown_rx));

@@ -84,6 +84,8 @@ impl Class {
 pub struct Stats {
     pub entries: AtomicU64,
     pub commands: AtomicU64,
+    /// From proposing an entry to its outcome (committed and applied).
+    pub commit_duration: crate::histogram::Histogram,
 }
 
 #[derive(Clone)]
@@ -198,12 +200,15 @@ async fn run(
         stats.commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let raft = raft.clone();
         let now_ms = clock.now_ms();
+        let stats = stats.clone();
         tokio::spawn(async move {
             let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
             let _permit = permit;
             let request = Request { now_ms, commands };
+            let proposed = Instant::now();
             match raft.client_write(request).await {
                 Ok(response) => {
+                    stats.commit_duration.observe(proposed.elapsed());
                     let index = response.log_id.index;
                     assert_eq!(response.data.outcomes.len(), replies.len(), "one outcome per command");
                     for (reply, outcome) in replies.into_iter().zip(response.data.outcomes) {
