@@ -82,6 +82,8 @@ fn scenarios() -> clap::builder::PossibleValuesParser {
         PossibleValue::new("delegation").help("planners replaced mid-tree under leader faults, checked (--check)"),
         PossibleValue::new("fairness")
             .help("ten tenants, one with 10x the load: shares, Jain's index and throughput, fair dispatch vs FIFO"),
+        PossibleValue::new("budget")
+            .help("delegation trees with token budgets (--tasks trees): overshoot per tree, resume after a raise"),
     ])
 }
 
@@ -109,9 +111,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "steady" => crate::steady::steady(args).await,
         "delegation" => crate::delegation::delegation(args).await,
         "fairness" => crate::fairness::fairness(args).await,
+        "budget" => crate::budget::budget(args).await,
         other => {
             anyhow::bail!(
-                "unknown scenario {other:?}: use throughput, overload, backlog, soak, failover, steady, delegation or fairness"
+                "unknown scenario {other:?}: use throughput, overload, backlog, soak, failover, steady, delegation, fairness or budget"
             )
         }
     }
