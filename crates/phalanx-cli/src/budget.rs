@@ -10,9 +10,10 @@
 //! Judged in log time, from what the node answers: a grant's log time is
 //! its `valid_until_ms - lease_ttl_ms`, a completion's the task's
 //! `updated_ms`. Usage adds up in log order, so a tree reaches its budget at
-//! its tenth completion (time T); the leases granted by T and not completed
-//! by T are the tasks that may still add to it, and no lease may be granted
-//! after T.
+//! its tenth completion (time T); the leases granted by T, less those ten,
+//! are the tasks that may still add to it, and no lease may be granted after
+//! T. (Log time is in milliseconds: a grant in the same millisecond as T
+//! counts as before it.)
 
 use crate::bench::BenchArgs;
 use crate::launcher::LocalCluster;
@@ -158,11 +159,9 @@ pub async fn budget(args: BenchArgs) -> anyhow::Result<()> {
                 violations += 1;
                 continue;
             };
-            let in_flight = tree
-                .leases
-                .iter()
-                .filter(|(granted, done)| *granted <= reached && done.is_none_or(|d| d > reached))
-                .count();
+            // Granted by T and not among the completions that reached the
+            // budget (several completions of one Raft entry share its log time).
+            let in_flight = tree.leases.iter().filter(|(granted, _)| *granted <= reached).count().saturating_sub(reach);
             let late = tree.leases.iter().filter(|(granted, _)| *granted > reached).count();
             let bound = in_flight as u64 * CHILD_TOKENS;
             if overshoot > bound || late > 0 {
