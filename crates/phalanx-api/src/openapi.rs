@@ -19,6 +19,8 @@ pub enum Answer {
     Json(u16, &'static str),
     /// Prometheus text exposition.
     Text,
+    /// The web console's page.
+    Html,
 }
 
 /// A query parameter's JSON type.
@@ -293,6 +295,13 @@ pub fn document() -> OpenApi {
             Answer::Json(status, schema) => (
                 status,
                 ResponseBuilder::new().description("success").content("application/json", json_content(schema)),
+            ),
+            Answer::Html => (
+                200,
+                ResponseBuilder::new().description("the web console's page").content(
+                    "text/html",
+                    ContentBuilder::new().schema(Some(ObjectBuilder::new().schema_type(Type::String).build())).build(),
+                ),
             ),
             Answer::Text => (
                 200,
