@@ -122,6 +122,10 @@ pub const ROUTES: &[Route] = &[
     route!("GET" "/metrics" "metrics", "Prometheus metrics", None, Answer::Text),
     Route {
         authenticated: false,
+        ..route!("GET" "/ui" "console", "The web console (its API calls carry the token)", None, Answer::Html)
+    },
+    Route {
+        authenticated: false,
         ..route!("GET" "/health/live" "live", "The process answers", None, Answer::Json(200, "Live"))
     },
     Route {
