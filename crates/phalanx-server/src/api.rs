@@ -66,6 +66,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let routed = Router::new()
         .route("/v1/tasks", post(submit).get(list_tasks))
         .route("/v1/tasks/batch", post(submit_batch))
+        .route("/v1/tasks/complete", post(complete_many))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/cancel", post(cancel))
         .route("/v1/tasks/{id}/complete", post(complete))
@@ -412,7 +413,7 @@ pub const FORWARD_CONNECT_TIMEOUT_MS: u64 = 250;
 /// Copies onto a forwarded request the client's headers that the leader
 /// needs. The one place that decides what a forward carries.
 fn forward_headers(incoming: &HeaderMap, mut outgoing: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-    for name in ["authorization", "content-type", PRIORITY_HEADER] {
+    for name in ["authorization", "content-type", PRIORITY_HEADER, "prefer"] {
         if let Some(value) = incoming.get(name) {
             outgoing = outgoing.header(name, value);
         }
@@ -534,7 +535,7 @@ async fn forward(
         }
     })?;
     let mut response = (status, bytes).into_response();
-    for name in ["content-type", "retry-after", STALE_HEADER] {
+    for name in ["content-type", "retry-after", STALE_HEADER, PREFERENCE_APPLIED_HEADER] {
         if let Some(value) = headers.get(name) {
             response.headers_mut().insert(name, value.clone());
         }
@@ -646,7 +647,16 @@ async fn check_new_tasks(node: &Node, tasks: &[NewTask]) -> Vec<Result<(), phala
 async fn propose(node: &Node, command: Command) -> Result<(Outcome, u64), ApiError> {
     check_command(node, &command).await?;
     let deadline = crate::admission::current_deadline();
-    let (outcome, index) = node.proposer.propose_by(command, deadline).await.map_err(|error| match error {
+    let (outcome, index) = node.proposer.propose_by(command, deadline).await.map_err(|error| proposal_error(node, error))?;
+    match outcome {
+        Outcome::Refused { error } => Err(error.into()),
+        outcome => Ok((outcome, index)),
+    }
+}
+
+/// A proposal that did not get an outcome, as the client hears it.
+fn proposal_error(node: &Node, error: proposer::Error) -> ApiError {
+    match error {
         proposer::Error::NotLeader { leader_addr, .. } => {
             ApiError::unavailable(ErrorCode::NotLeader, "this node is no longer the leader", 100)
                 .with_leader_hint(leader_addr)
@@ -658,10 +668,6 @@ async fn propose(node: &Node, command: Command) -> Result<(Outcome, u64), ApiErr
         proposer::Error::Timeout(_) => ApiError::unavailable(ErrorCode::Timeout, error.to_string(), 500),
         proposer::Error::DeadlineExceeded => ApiError::unavailable(ErrorCode::DeadlineExceeded, error.to_string(), 100),
         proposer::Error::Fatal(_) => ApiError::unavailable(ErrorCode::Unavailable, error.to_string(), 1000),
-    })?;
-    match outcome {
-        Outcome::Refused { error } => Err(error.into()),
-        outcome => Ok((outcome, index)),
     }
 }
 
@@ -1055,7 +1061,30 @@ async fn cancel(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult 
     Ok(task_response(&task))
 }
 
-async fn complete(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+/// Whether the client asked for an acknowledgement without the task body
+/// (`Prefer: return=minimal`, RFC 7240).
+fn wants_minimal(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).any(|value| {
+        value.split([',', ';']).any(|preference| preference.trim().eq_ignore_ascii_case("return=minimal"))
+    })
+}
+
+const PREFERENCE_APPLIED_HEADER: &str = "preference-applied";
+
+/// A report's answer: the task, or with `return=minimal` only `{task_id, state}`.
+fn report_response(task: &Task, minimal: bool) -> Response {
+    if !minimal {
+        return task_response(task);
+    }
+    minimal_response(Json(api::Ack { task_id: task.id, state: api_state(task.state) }).into_response())
+}
+
+fn minimal_response(mut response: Response) -> Response {
+    response.headers_mut().insert(PREFERENCE_APPLIED_HEADER, HeaderValue::from_static("return=minimal"));
+    response
+}
+
+async fn complete(State(node): State<Node_>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
     let body = parse::<api::CompleteRequest>(body)?;
     let command = Command::Complete {
@@ -1066,10 +1095,86 @@ async fn complete(State(node): State<Node_>, Path(id): Path<String>, body: Body)
     };
     let (outcome, _) = propose(&node, command).await?;
     expect_outcome!(outcome, Outcome::Completed { task });
-    Ok(task_response(&task))
+    Ok(report_response(&task, wants_minimal(&headers)))
 }
 
-async fn fail(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+/// Many results in one request and one log entry, each judged on its own
+/// and answered in its slot: a malformed item, one the state refuses, or one
+/// under a stale fence is refused alone. A failure of the proposal itself
+/// (no leader, a timeout) answers the whole request, as for a single complete.
+async fn complete_many(State(node): State<Node_>, headers: HeaderMap, body: Body) -> ApiResult {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Loose {
+        results: Vec<Value>,
+    }
+    let items = parse::<Loose>(body)?.results;
+    let batch_max = node.shared.data.read().expect("state lock").state.limits().batch_tasks_max;
+    if items.is_empty() || items.len() > batch_max {
+        return Err(ApiError::invalid(format!("results: a batch holds 1..={batch_max} results")));
+    }
+    // Each slot: the task id when it is known, and the command or the refusal.
+    let mut slots: Vec<(Option<u64>, Result<Command, ApiError>)> = items
+        .into_iter()
+        .map(|item| {
+            let task_id = item.get("task_id").and_then(Value::as_u64);
+            let command = serde_json::from_value::<api::CompleteItem>(item)
+                .map(|item| Command::Complete {
+                    task_id: item.task_id,
+                    fence: item.fence,
+                    result: item.result.to_string(),
+                    usage: item.usage.as_ref().map(core_usage),
+                })
+                .map_err(|error| ApiError::invalid(format!("result: {error}")));
+            (task_id, command)
+        })
+        .collect();
+    let judged = refuse_early(&node, |state| {
+        slots.iter().filter_map(|(_, command)| command.as_ref().ok()).map(|command| state.check(command)).collect()
+    })
+    .await;
+    let mut judged = judged.into_iter();
+    for (_, slot) in slots.iter_mut() {
+        if slot.is_ok() {
+            if let Err(error) = judged.next().expect("one judgement per command") {
+                *slot = Err(error.into());
+            }
+        }
+    }
+    let proposed: Vec<Command> = slots.iter().filter_map(|(_, command)| command.as_ref().ok().cloned()).collect();
+    let mut outcomes = Vec::new().into_iter();
+    if !proposed.is_empty() {
+        let deadline = crate::admission::current_deadline();
+        let (answered, _) =
+            node.proposer.propose_all_by(proposed, deadline).await.map_err(|error| proposal_error(&node, error))?;
+        outcomes = answered.into_iter();
+    }
+    let results = slots
+        .into_iter()
+        .map(|(task_id, slot)| {
+            let refused = match slot {
+                Ok(_) => match outcomes.next().expect("one outcome per proposed command") {
+                    Outcome::Completed { task } => {
+                        return api::CompleteManyItem::Accepted {
+                            task_id: task.id,
+                            ok: true,
+                            state: api_state(task.state),
+                        }
+                    }
+                    Outcome::Refused { error } => ApiError::from(error),
+                    other => ApiError::unexpected("Outcome::Completed", &other),
+                },
+                Err(error) => error,
+            };
+            api::CompleteManyItem::Refused { task_id, error: api::Refusal { code: refused.code, message: refused.message } }
+        })
+        .collect();
+    let response = Json(api::CompleteManyAnswer { results }).into_response();
+    // The answer is an acknowledgement per result whatever was asked.
+    Ok(if wants_minimal(&headers) { minimal_response(response) } else { response })
+}
+
+async fn fail(State(node): State<Node_>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
     let body = parse::<api::FailRequest>(body)?;
     let command = Command::Fail {
@@ -1081,16 +1186,18 @@ async fn fail(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> 
     };
     let (outcome, _) = propose(&node, command).await?;
     expect_outcome!(outcome, Outcome::Failed { task });
-    Ok(task_response(&task))
+    Ok(report_response(&task, wants_minimal(&headers)))
 }
 
-async fn extend(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+async fn extend(State(node): State<Node_>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
     let body = parse::<api::ExtendRequest>(body)?;
     let lease_ttl_ms = body.lease_ttl_ms.unwrap_or_else(|| default_lease_ttl_ms(&node));
     let (outcome, _) = propose(&node, Command::Extend { task_id, fence: body.fence, lease_ttl_ms }).await?;
     expect_outcome!(outcome, Outcome::Extended { valid_until_ms });
-    Ok(Json(api::Extended { valid_until_ms }).into_response())
+    // The answer carries no task body already: minimal as it is.
+    let response = Json(api::Extended { valid_until_ms }).into_response();
+    Ok(if wants_minimal(&headers) { minimal_response(response) } else { response })
 }
 
 /// The lease holder says the work moves; a lease without progress for the
