@@ -1411,6 +1411,44 @@ mod tests {
         (addr, received)
     }
 
+    /// docs/sdk.md, 10: a node that refuses everything for load is soon
+    /// spared most requests; what the client refuses itself fails at once as
+    /// `overloaded`, `not_done`, "throttled by the client", and never
+    /// reaches the node; other classes and nodes are not throttled.
+    #[tokio::test]
+    async fn sdk_10_a_node_refusing_for_load_is_throttled_by_the_client() {
+        let overloaded = json!({"error": {"code": "overloaded", "message": "scripted", "outcome": "not_done"}});
+        let (node, received) = fake_node(vec![(429, Some(0), overloaded, 0); 200]).await;
+        let client = Client::new(vec![node], None).unwrap().with_retries_max(0);
+        let low = SubmitRequest::new("q", json!(1)).with_priority(2);
+        let (mut throttled, mut sent) = (0, 0);
+        for _ in 0..100 {
+            let error = client.submit(&low).await.unwrap_err();
+            assert_eq!((error.code(), error.outcome()), (Some("overloaded"), Outcome::NotDone), "{error}");
+            if error.to_string().contains("throttled by the client") {
+                throttled += 1;
+            } else {
+                sent += 1;
+            }
+        }
+        assert_eq!(sent, received.load(Ordering::SeqCst), "a throttled request never reaches the node");
+        // p = (requests - 2 * 0) / (requests + 1): past the first few, nearly every request stays home.
+        assert!(throttled >= 80 && sent >= 1, "{throttled} throttled, {sent} sent");
+        // The high class has its own window: its first request is sent.
+        let high = SubmitRequest::new("q", json!(1)).with_priority(8);
+        let before = received.load(Ordering::SeqCst);
+        let error = client.submit(&high).await.unwrap_err();
+        assert!(!error.to_string().contains("throttled"), "{error}");
+        assert_eq!(received.load(Ordering::SeqCst), before + 1);
+        // Turned off, every request is sent.
+        let client = client.with_throttling(false);
+        let before = received.load(Ordering::SeqCst);
+        for _ in 0..5 {
+            let _ = client.submit(&low).await;
+        }
+        assert_eq!(received.load(Ordering::SeqCst), before + 5);
+    }
+
     async fn refused_addr() -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         listener.local_addr().unwrap().to_string()
