@@ -156,6 +156,15 @@ class _ClientBase:
     def retry_budget(self) -> RetryBudget:
         return self._core.budget
 
+    @property
+    def throttling(self) -> bool:
+        """Whether client-side adaptive throttling may refuse requests locally (docs/sdk.md, 10; on by default)."""
+        return self._core.throttling
+
+    @throttling.setter
+    def throttling(self, value: bool) -> None:
+        self._core.throttling = value
+
 
 class Client(_ClientBase):
     """Blocking client. `nodes`: a list or `host:port,host:port` (default `PHALANX_NODES`);
@@ -194,6 +203,9 @@ class Client(_ClientBase):
         while True:
             index = core.node()
             verdict: _Verdict
+            refused = core.throttled(request, index)
+            if refused is not None:
+                raise core.give_up(refused, maybe_done)
             sent = time.monotonic()
             timeout = core.timeout(request, deadline)
             try:
@@ -283,6 +295,12 @@ class Client(_ClientBase):
 
     def complete(self, task_id: int, fence: int, result: Any = None) -> Task:
         return self._call(_Endpoints.complete(task_id, fence, result))
+
+    def complete_many(self, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Reports many results (`{task_id, fence, result}` each) in one request and one log entry; the answer
+        has one slot per result, in order: `{task_id, ok: True, state}` or `{task_id?, error: {code, message}}`,
+        that result's own refusal (a stale fence is `superseded` for that item alone)."""
+        return self._call(_Endpoints.complete_many(results))
 
     def fail(self, task_id: int, fence: int, error: str, retryable: bool = True) -> Task:
         return self._call(_Endpoints.fail(task_id, fence, error, retryable))
@@ -389,6 +407,9 @@ class AsyncClient(_ClientBase):
         while True:
             index = core.node()
             verdict: _Verdict
+            refused = core.throttled(request, index)
+            if refused is not None:
+                raise core.give_up(refused, maybe_done)
             sent = time.monotonic()
             timeout = core.timeout(request, deadline)
             try:
@@ -473,6 +494,14 @@ class AsyncClient(_ClientBase):
 
     async def complete(self, task_id: int, fence: int, result: Any = None) -> Task:
         return await self._call(_Endpoints.complete(task_id, fence, result))
+
+    async def complete_many(self, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """As `Client.complete_many`."""
+        return await self._call(_Endpoints.complete_many(results))
+
+    async def fail_minimal(self, task_id: int, fence: int, error: str, retryable: bool = True) -> None:
+        """A failure asking for an acknowledgement without the task (`Prefer: return=minimal`)."""
+        await self._call(_Endpoints.fail(task_id, fence, error, retryable, minimal=True))
 
     async def fail(self, task_id: int, fence: int, error: str, retryable: bool = True) -> Task:
         return await self._call(_Endpoints.fail(task_id, fence, error, retryable))
