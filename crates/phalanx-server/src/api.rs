@@ -107,6 +107,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .merge(raft)
         .merge(client.merge(health).layer(middleware::from_fn(json_rejections)))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(node.clone(), door))
         .layer(middleware::from_fn_with_state(node.clone(), count_requests))
         .with_state(node)
 }
@@ -236,44 +237,43 @@ pub const PRIORITY_HEADER: &str = "x-phalanx-priority";
 /// Header naming the client for per-client rate limits.
 pub const CLIENT_HEADER: &str = "x-phalanx-client";
 
-/// In-flight slots by priority, per-client rate limit and request deadline.
-/// A forwarded request is not rate-limited again (the node that received it
-/// did that), but takes a slot here too: the leader bounds the work that
-/// followers send it, by the priority the client announced.
-async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Response {
-    let now = Instant::now();
+/// In-flight slots by priority: the first thing a request meets, before
+/// routing, authentication and its body, so that refusing new work costs the
+/// node as little as possible (a prepared answer) and never waits behind
+/// admitted work. A forwarded request takes a slot here too: the leader
+/// bounds the work that followers send it, by the priority the client announced.
+async fn door(State(node): State<Node_>, request: Request, next: Next) -> Response {
     // A bound on requests being served at once (long-polls aside): past it the
     // node answers 429 at once instead of queueing work it cannot finish soon.
     // Only new work is bounded this way: completes, failures, extensions and
     // heartbeats finish work already admitted, and refusing them would waste it.
     let path = request.uri().path();
     let new_work = request.method() == Method::POST && (path == "/v1/tasks" || path == "/v1/tasks/batch");
-    let _slot = if !new_work {
-        None
-    } else {
-        // The priority header lets the door shed the lowest classes first,
-        // before the body is read.
-        let priority =
-            match request.headers().get(PRIORITY_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u8>().ok())) {
-                None => 5u8,
-                Some(Some(priority)) if priority <= 9 => priority,
-                Some(_) => return ApiError::invalid(format!("{PRIORITY_HEADER} must be 0..=9")).into_response(),
-            };
-        let max = node.config.requests_in_flight_max;
-        let share = crate::admission::in_flight_share(priority, max);
-        let busy = max - node.requests_in_flight.available_permits();
-        let slot = if busy < share { node.requests_in_flight.clone().try_acquire_owned().ok() } else { None };
-        match slot {
-            Some(slot) => Some(slot),
-            None => {
-                node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
-                let message = format!(
-                    "{busy} of requests_in_flight_max ({max}) requests are being served; priority {priority} may use {share}"
-                );
-                return ApiError::overloaded(ErrorCode::Overloaded, message, 100).into_response();
-            }
-        }
+    if !new_work {
+        return next.run(request).await;
+    }
+    // The priority header lets the door shed the lowest classes first.
+    let priority =
+        match request.headers().get(PRIORITY_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u8>().ok())) {
+            None => 5u8,
+            Some(Some(priority)) if priority <= 9 => priority,
+            Some(_) => return ApiError::invalid(format!("{PRIORITY_HEADER} must be 0..=9")).into_response(),
+        };
+    let max = node.config.requests_in_flight_max;
+    let share = crate::admission::in_flight_share(priority, max);
+    let busy = max - node.requests_in_flight.available_permits();
+    let slot = if busy < share { node.requests_in_flight.clone().try_acquire_owned().ok() } else { None };
+    let Some(_slot) = slot else {
+        node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
+        return crate::error::door_refusal(priority);
     };
+    next.run(request).await
+}
+
+/// Per-client rate limit and request deadline. A forwarded request is not
+/// rate-limited again (the node that received it did that).
+async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Response {
+    let now = Instant::now();
     let forwarded = match forwarded_by_peer(&node, &request) {
         Ok(forwarded) => forwarded,
         Err(error) => return error.into_response(),
