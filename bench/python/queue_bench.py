@@ -33,7 +33,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "sdk" / "python"))
 
-from phalanx import AsyncClient  # noqa: E402
+from phalanx import AsyncClient, PhalanxError  # noqa: E402
 from phalanx._batch import CompleteBatcher  # noqa: E402
 
 SUBMITS_IN_FLIGHT = 256
@@ -67,7 +67,14 @@ async def submit_all(tasks: int, submit: Callable[[int], Awaitable[Any]]) -> Non
         while next_task < tasks:
             n = next_task
             next_task += 1
-            await submit(n)
+            for attempt in range(10):
+                try:
+                    await submit(n)
+                    break
+                except PhalanxError:
+                    # Keyed: sending it again is harmless (a loaded machine may time an attempt out).
+                    if attempt == 9:
+                        raise
 
     await asyncio.gather(*(worker() for _ in range(SUBMITS_IN_FLIGHT)))
 
@@ -89,7 +96,8 @@ def measure(name: str, run: Callable[[], Awaitable[int]]) -> dict[str, float]:
 
 def phalanx_run(binary: str, tasks: int, batched: bool) -> Callable[[], Awaitable[int]]:
     async def run() -> int:
-        async with AsyncClient(ADDR) as client:
+        # A loaded machine (three engineers on two cores) answers slowly: long attempts, no failover to do.
+        async with AsyncClient(ADDR, write_timeout_s=10.0, timeout_s=30.0) as client:
             acked = 0
             finished = asyncio.Event()
 
@@ -99,15 +107,21 @@ def phalanx_run(binary: str, tasks: int, batched: bool) -> Callable[[], Awaitabl
                 registration = await client.register(agent_id, ["bench"], capacity=TAKE)
                 epoch = registration["epoch"]
                 batcher = CompleteBatcher(client)
+
+                async def heartbeats() -> None:
+                    while not finished.is_set():
+                        await asyncio.sleep(1.0)
+                        await client.heartbeat(agent_id, epoch)
+
+                beating = asyncio.create_task(heartbeats())
+                beating.add_done_callback(lambda _: None)
                 while not finished.is_set():
                     leases = await client.poll(agent_id, epoch, max_tasks=TAKE, wait_ms=200)
-                    if batched:
-                        await asyncio.gather(*(batcher.complete(lease["task"]["id"], lease["fence"], "ok")
-                                               for lease in leases))
-                    else:
-                        await asyncio.gather(*(client.complete(lease["task"]["id"], lease["fence"], "ok")
-                                               for lease in leases))
-                    acked += len(leases)
+                    complete = batcher.complete if batched else client.complete
+                    answers = await asyncio.gather(*(complete(lease["task"]["id"], lease["fence"], "ok")
+                                                     for lease in leases), return_exceptions=True)
+                    # A result not acknowledged is leased again when its lease lapses.
+                    acked += sum(1 for answer in answers if not isinstance(answer, BaseException))
                     if acked >= tasks:
                         finished.set()
 
