@@ -15,7 +15,7 @@
 //! `mode_of`, `AutonomyBudget`), and the runtime feeds them time and facts.
 
 use crate::client::{
-    payload_hash, Child, Client, Conversation, Error, LeaseGrant, SubmitRequest, Submitted, Task, Usage,
+    payload_hash, Child, Client, CompleteItem, Conversation, Error, LeaseGrant, SubmitRequest, Submitted, Task, Usage,
 };
 use crate::outbox::{Entry, Outbox, Report};
 use futures::FutureExt;
@@ -401,9 +401,84 @@ pub fn poll_wait_ms(poll_wait_ms: u64, lease_ttl_ms: u64) -> u64 {
     poll_wait_ms.min(lease_ttl_ms / 2)
 }
 
+/// How long the agent collects results before sending them together.
+pub const COMPLETE_BATCH_WAIT: Duration = Duration::from_millis(5);
+/// Results sent in one request at most.
+pub const COMPLETE_BATCH_MAX: usize = 64;
+
+struct PendingResult {
+    item: CompleteItem,
+    reply: tokio::sync::oneshot::Sender<Result<(), Error>>,
+}
+
+/// Collects results for up to `COMPLETE_BATCH_WAIT` (or `COMPLETE_BATCH_MAX`
+/// of them) and sends them in one `POST /v1/tasks/complete`, asking for a
+/// minimal answer. Each caller hears its own item's answer, exactly as a
+/// single complete would have answered: the acknowledgement of a result is
+/// its own item's, never the batch's (docs/sdk.md, 3).
+#[derive(Default)]
+pub struct CompleteBatcher {
+    pending: Mutex<Vec<PendingResult>>,
+    full: tokio::sync::Notify,
+}
+
+impl CompleteBatcher {
+    /// Sends `item` with whatever else arrives within the wait; resolves with its own answer.
+    pub async fn complete(self: &Arc<Self>, client: &Arc<Client>, item: CompleteItem) -> Result<(), Error> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let first = {
+            let mut pending = self.pending.lock().expect("batch lock");
+            pending.push(PendingResult { item, reply });
+            if pending.len() >= COMPLETE_BATCH_MAX {
+                self.full.notify_one();
+            }
+            pending.len() == 1
+        };
+        if first {
+            // The first result of a batch sends it, on a task of its own, so
+            // that a caller giving up (a timeout) does not strand the others.
+            let (batcher, client) = (self.clone(), client.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(COMPLETE_BATCH_WAIT) => {}
+                    () = batcher.full.notified() => {}
+                }
+                let batch = std::mem::take(&mut *batcher.pending.lock().expect("batch lock"));
+                let mut batch = batch.into_iter().peekable();
+                while batch.peek().is_some() {
+                    let chunk: Vec<PendingResult> = batch.by_ref().take(COMPLETE_BATCH_MAX).collect();
+                    let items: Vec<CompleteItem> = chunk.iter().map(|p| p.item.clone()).collect();
+                    match client.complete_many(&items).await {
+                        // A node older than the batch route: one complete each.
+                        Err(error) if matches!(error.status(), Some(404 | 405)) => {
+                            for pending in chunk {
+                                let item = &pending.item;
+                                let answer = client.complete(item.task_id, item.fence, &item.result).await;
+                                let _ = pending.reply.send(answer.map(|_| ()));
+                            }
+                        }
+                        Ok(answers) => {
+                            for (pending, answer) in chunk.into_iter().zip(answers) {
+                                let _ = pending.reply.send(answer.map(|_| ()));
+                            }
+                        }
+                        Err(error) => {
+                            for pending in chunk {
+                                let _ = pending.reply.send(Err(error.clone()));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        answer.await.unwrap_or_else(|_| Err(Error::Transport("the batch sender stopped before an answer".into())))
+    }
+}
+
 pub struct Agent {
     config: AgentConfig,
     client: Arc<Client>,
+    batcher: Arc<CompleteBatcher>,
     handler: Handler,
     pub stats: Arc<AgentStats>,
     seen: Mutex<SeenFences>,
@@ -437,6 +512,7 @@ impl Agent {
         Ok(Arc::new(Agent {
             config,
             client: Arc::new(client),
+            batcher: Arc::default(),
             handler,
             stats: Arc::new(AgentStats::default()),
             seen: Mutex::new(SeenFences::new()),
@@ -713,7 +789,9 @@ impl Agent {
     async fn send(&self, entry: &Entry) -> Result<(), Error> {
         let answer = match &entry.report {
             Report::Complete { result, usage } => {
-                self.client.complete_with_usage(entry.task_id, entry.fence, result, *usage).await.map(|_| ())
+                let item =
+                    CompleteItem { task_id: entry.task_id, fence: entry.fence, result: result.clone(), usage: *usage };
+                self.batcher.complete(&self.client, item).await
             }
             Report::Fail { error, retryable, usage } => {
                 self.client.fail_with_usage(entry.task_id, entry.fence, error, *retryable, *usage).await.map(|_| ())

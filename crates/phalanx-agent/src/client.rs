@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::throttle::{Class, Throttle};
 use phalanx_api::ErrorCode;
 /// Whether a failed request may have taken effect (docs/api.md, "Errors"):
 /// the contract's own type.
@@ -230,6 +231,20 @@ fn after_refusal(status: u16, code: &ErrorCode, outcome: Outcome, retry: Retry) 
 
 /// The error a call ends with once it stops retrying: unknown when an
 /// earlier attempt may have taken effect, even if the last did nothing.
+/// A request the client refused itself (docs/sdk.md, 10): nothing was sent.
+fn throttled(node: &str) -> Error {
+    Error::Api {
+        status: 429,
+        code: ErrorCode::Overloaded.to_string(),
+        message: format!(
+            "throttled by the client: {node} refuses most requests of this class lately; nothing was sent"
+        ),
+        leader_hint: None,
+        retry_after_ms: None,
+        outcome: Outcome::NotDone,
+    }
+}
+
 fn give_up(error: Error, maybe_done: bool) -> Error {
     match error.outcome() {
         Outcome::NotDone if maybe_done => {
@@ -285,9 +300,10 @@ fn door_priority(path: &str, body: &Value) -> Option<u64> {
 
 /// The wire types are the contract's (`phalanx-api`), re-exported here.
 pub use phalanx_api::{
-    payload_hash, BatchItem, Budget, BudgetSet, Child, ClusterInfo, ClusterNode, ContextEntry, Conversation, KeyLimits,
-    KeyStatus, LeaseGrant, LimitRule, LimitsTable, Refusal, Registered, ReplayRequest, Replayed, SubmitRequest,
-    Submitted, Task, TaskLease, TaskPage, TaskState, Usage, WaitingOn,
+    payload_hash, Ack, BatchItem, Budget, BudgetSet, Child, ClusterInfo, ClusterNode, CompleteItem, CompleteManyAnswer,
+    CompleteManyItem, ContextEntry, Conversation, KeyLimits, KeyStatus, LeaseGrant, LimitRule, LimitsTable, Refusal,
+    Registered, ReplayRequest, Replayed, SubmitRequest, Submitted, Task, TaskLease, TaskPage, TaskState, Usage,
+    WaitingOn,
 };
 
 /// Bytes of one answer read at most: the cluster bounds what it stores
@@ -447,6 +463,10 @@ pub struct Client {
     pub write_timeout: Duration,
     latency: Mutex<Latency>,
     budget: Mutex<RetryBudget>,
+    /// docs/sdk.md, 10: adaptive throttling per node and priority class.
+    throttle: Mutex<Throttle>,
+    /// Whether the throttle may refuse locally (on by default).
+    pub throttling: bool,
     /// The secret of each agent session registered through this client:
     /// agent id -> (epoch, secret).
     sessions: Mutex<BTreeMap<String, (u64, String)>>,
@@ -487,6 +507,8 @@ impl Client {
             write_timeout: WRITE_TIMEOUT_DEFAULT,
             latency: Mutex::new(Latency::default()),
             budget: Mutex::new(RetryBudget::new(RETRY_TOKENS_MAX)),
+            throttle: Mutex::new(Throttle::new(Instant::now())),
+            throttling: true,
             sessions: Mutex::new(BTreeMap::new()),
         })
     }
@@ -521,6 +543,12 @@ impl Client {
     /// Starts on the `index`-th node of the list (modulo its length) instead of a random one.
     pub fn starting_at(self, index: usize) -> Client {
         self.current.store(index % self.nodes.len(), Ordering::Relaxed);
+        self
+    }
+
+    /// Turns client-side adaptive throttling (docs/sdk.md, 10) on or off.
+    pub fn with_throttling(mut self, throttling: bool) -> Client {
+        self.throttling = throttling;
         self
     }
 
@@ -563,6 +591,7 @@ impl Client {
         path: &str,
         body: Option<&Value>,
         timeout: Duration,
+        minimal: bool,
     ) -> Result<Answer, Failure> {
         let mut request = self
             .http
@@ -579,6 +608,9 @@ impl Client {
         }
         if let Some(priority) = body.and_then(|body| door_priority(path, body)) {
             request = request.header("x-phalanx-priority", priority.to_string());
+        }
+        if minimal {
+            request = request.header("prefer", "return=minimal");
         }
         if let Some(body) = body {
             request = request.json(body);
@@ -613,7 +645,22 @@ impl Client {
         retry: Retry,
         attempt_timeout: Attempt,
     ) -> Result<T, Error> {
+        self.call_with(method, path, body, retry, attempt_timeout, false).await
+    }
+
+    /// `call`, asking for a minimal answer (`Prefer: return=minimal`) when `minimal`.
+    async fn call_with<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        retry: Retry,
+        attempt_timeout: Attempt,
+        minimal: bool,
+    ) -> Result<T, Error> {
         self.budget.lock().expect("budget lock").on_request();
+        // docs/sdk.md, 10: the throttle's class is the door's (a submit's priority).
+        let class = body.and_then(|body| door_priority(path, body)).map_or(Class::Normal, Class::of_priority);
         let mut attempt = 0;
         // Whether an earlier attempt may have taken effect: then giving up
         // after a later "nothing done" still leaves the outcome unknown.
@@ -626,7 +673,19 @@ impl Client {
                 Attempt::Write { wait } => self.write_attempt_timeout() + wait,
             };
             let sent = Instant::now();
-            let (error, next) = match self.exchange(&node, method.clone(), path, body, timeout).await {
+            if self.throttling
+                && !self.throttle.lock().expect("throttle lock").admit(&node, class, sent, rand::random())
+            {
+                return Err(give_up(throttled(&node), maybe_done));
+            }
+            let exchanged = self.exchange(&node, method.clone(), path, body, timeout, minimal).await;
+            if let Ok(answer) = &exchanged {
+                // Only a refusal for load counts against the node (SRE book: "accepts").
+                let refused_for_load = matches!(answer.status, 429 | 503)
+                    && matches!(refusal(answer).error_code(), Some(ErrorCode::Overloaded | ErrorCode::RateLimited));
+                self.throttle.lock().expect("throttle lock").answered(&node, class, Instant::now(), !refused_for_load);
+            }
+            let (error, next) = match exchanged {
                 Ok(answer) if (200..300).contains(&answer.status) => {
                     if let Attempt::Write { wait: Duration::ZERO } = attempt_timeout {
                         self.latency.lock().expect("latency lock").record(sent.elapsed().as_secs_f64() * 1000.0);
@@ -834,6 +893,64 @@ impl Client {
         self.post(&format!("/v1/tasks/{task_id}/complete"), serde_json::to_value(body).expect("serialises")).await
     }
 
+    /// Many results in one request and one log entry (`POST /v1/tasks/complete`),
+    /// with a minimal answer: one slot per item, in order, each `Ok` (the
+    /// task's state now) or that item's own refusal. The request as a whole
+    /// is retried like a single complete (fenced, so harmless).
+    pub async fn complete_many(&self, items: &[CompleteItem]) -> Result<Vec<Result<TaskState, Error>>, Error> {
+        let body = json!({ "results": items });
+        let answer: CompleteManyAnswer = self
+            .call_with(
+                reqwest::Method::POST,
+                "/v1/tasks/complete",
+                Some(&body),
+                Retry::Safe,
+                Attempt::Write { wait: Duration::ZERO },
+                true,
+            )
+            .await?;
+        if answer.results.len() != items.len() {
+            return Err(Error::Decode(format!("{} answers for {} results", answer.results.len(), items.len())));
+        }
+        Ok(answer
+            .results
+            .into_iter()
+            .map(|item| match item {
+                CompleteManyItem::Accepted { state, .. } => Ok(state),
+                CompleteManyItem::Refused { error, .. } => {
+                    let code: ErrorCode = error.code.clone();
+                    Err(Error::Api {
+                        status: code.status(),
+                        outcome: code.outcome(),
+                        code: code.to_string(),
+                        message: error.message,
+                        leader_hint: None,
+                        retry_after_ms: None,
+                    })
+                }
+            })
+            .collect())
+    }
+
+    /// A failure asking for a minimal answer (`Prefer: return=minimal`);
+    /// whatever the node answers with its 2xx (a node that ignores the
+    /// preference sends the task) is not read.
+    pub async fn fail_minimal(&self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Result<(), Error> {
+        let body = json!({"fence": fence, "error": error, "retryable": retryable});
+        let path = format!("/v1/tasks/{task_id}/fail");
+        let _: serde::de::IgnoredAny = self
+            .call_with(
+                reqwest::Method::POST,
+                &path,
+                Some(&body),
+                Retry::Safe,
+                Attempt::Write { wait: Duration::ZERO },
+                true,
+            )
+            .await?;
+        Ok(())
+    }
+
     pub async fn fail(&self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Result<Task, Error> {
         self.fail_with_usage(task_id, fence, error, retryable, None).await
     }
@@ -1033,7 +1150,8 @@ impl Client {
     }
 
     async fn ask_once(&self, node: &str, path: &str) -> Result<Value, Error> {
-        match self.exchange(&normalize_node(node), reqwest::Method::GET, path, None, self.request_timeout).await {
+        match self.exchange(&normalize_node(node), reqwest::Method::GET, path, None, self.request_timeout, false).await
+        {
             Ok(answer) if (200..300).contains(&answer.status) => decode(&answer.body),
             Ok(answer) => Err(refusal(&answer)),
             Err(Failure::Connect(reason)) => Err(Error::Unavailable(format!("{node}: {reason}"))),
@@ -1326,6 +1444,7 @@ mod tests {
         assert_eq!(task.state, TaskState::Leased);
         assert_eq!(task.lease.as_ref().map(|l| l.fence), Some(9));
         assert_eq!(task.other["from_a_newer_node"], json!(1), "unnamed fields are kept");
+        assert!(task.trail.is_empty(), "the trail is a named field now");
         assert_eq!(serde_json::to_value(TaskState::Cancelled).unwrap(), json!("cancelled"));
         let request = SubmitRequest::new("q", json!(1)).with_idempotency_key("k");
         assert_eq!(
@@ -1393,6 +1512,44 @@ mod tests {
             }
         });
         (addr, received)
+    }
+
+    /// docs/sdk.md, 10: a node that refuses everything for load is soon
+    /// spared most requests; what the client refuses itself fails at once as
+    /// `overloaded`, `not_done`, "throttled by the client", and never
+    /// reaches the node; other classes and nodes are not throttled.
+    #[tokio::test]
+    async fn sdk_10_a_node_refusing_for_load_is_throttled_by_the_client() {
+        let overloaded = json!({"error": {"code": "overloaded", "message": "scripted", "outcome": "not_done"}});
+        let (node, received) = fake_node(vec![(429, Some(0), overloaded, 0); 200]).await;
+        let client = Client::new(vec![node], None).unwrap().with_retries_max(0);
+        let low = SubmitRequest::new("q", json!(1)).with_priority(2);
+        let (mut throttled, mut sent) = (0, 0);
+        for _ in 0..100 {
+            let error = client.submit(&low).await.unwrap_err();
+            assert_eq!((error.code(), error.outcome()), (Some("overloaded"), Outcome::NotDone), "{error}");
+            if error.to_string().contains("throttled by the client") {
+                throttled += 1;
+            } else {
+                sent += 1;
+            }
+        }
+        assert_eq!(sent, received.load(Ordering::SeqCst), "a throttled request never reaches the node");
+        // p = (requests - 2 * 0) / (requests + 1): past the first few, nearly every request stays home.
+        assert!(throttled >= 80 && sent >= 1, "{throttled} throttled, {sent} sent");
+        // The high class has its own window: its first request is sent.
+        let high = SubmitRequest::new("q", json!(1)).with_priority(8);
+        let before = received.load(Ordering::SeqCst);
+        let error = client.submit(&high).await.unwrap_err();
+        assert!(!error.to_string().contains("throttled"), "{error}");
+        assert_eq!(received.load(Ordering::SeqCst), before + 1);
+        // Turned off, every request is sent.
+        let client = client.with_throttling(false);
+        let before = received.load(Ordering::SeqCst);
+        for _ in 0..5 {
+            let _ = client.submit(&low).await;
+        }
+        assert_eq!(received.load(Ordering::SeqCst), before + 5);
     }
 
     async fn refused_addr() -> String {

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod client;
 pub mod outbox;
+pub mod throttle;
 
 pub use agent::{handler, Agent, AgentConfig, AgentStats, AutonomousHandler, Handler, HandlerError, Mode, TaskContext};
 pub use client::{

@@ -132,6 +132,20 @@ async fn answer(mut stream: TcpStream, script: Arc<Mutex<Script>>) {
                 (200, json!({"leases": []}))
             }
         }
+    } else if path == "/v1/tasks/complete" {
+        // A batch of results: each answered on its own, minimally.
+        let mut script = script.lock().unwrap();
+        if script.disk_full {
+            (507, json!({"error": {"code": "disk_full", "message": "scripted", "outcome": "not_done"}}))
+        } else {
+            let mut results = Vec::new();
+            for item in body["results"].as_array().cloned().unwrap_or_default() {
+                let id = item["task_id"].as_u64().unwrap_or(0);
+                script.reports.push((id, item["fence"].as_u64().unwrap_or(0)));
+                results.push(json!({"task_id": id, "ok": true, "state": "succeeded"}));
+            }
+            (200, json!({ "results": results }))
+        }
     } else if path.ends_with("/complete") || path.ends_with("/fail") {
         let id: u64 = path.split('/').nth(3).and_then(|id| id.parse().ok()).unwrap_or(0);
         let mut script = script.lock().unwrap();

@@ -428,6 +428,55 @@ pub struct CompleteRequest {
     pub usage: Option<Usage>,
 }
 
+/// One result of `POST /v1/tasks/complete`: a complete's body with its task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteItem {
+    pub task_id: u64,
+    /// The fence of the lease the result was produced under.
+    pub fence: u64,
+    #[serde(default)]
+    pub result: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// `POST /v1/tasks/complete`: many results in one request and one log
+/// entry, each judged on its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteManyRequest {
+    pub results: Vec<CompleteItem>,
+}
+
+/// The minimal answer to a report (`Prefer: return=minimal`): which task,
+/// and the state it is in now, without its body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Ack {
+    pub task_id: u64,
+    pub state: TaskState,
+}
+
+/// One result's slot in `POST /v1/tasks/complete`'s answer, in request order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum CompleteManyItem {
+    /// Accepted (or an accepted result sent again): `ok` is always true.
+    Accepted { task_id: u64, ok: bool, state: TaskState },
+    /// Refused, this result alone; `task_id` is absent when the item did not parse.
+    Refused {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        task_id: Option<u64>,
+        error: Refusal,
+    },
+}
+
+/// `POST /v1/tasks/complete`'s answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CompleteManyAnswer {
+    pub results: Vec<CompleteManyItem>,
+}
+
 /// `POST /v1/tasks/{id}/fail`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

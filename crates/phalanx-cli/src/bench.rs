@@ -61,6 +61,12 @@ pub struct BenchArgs {
     /// Extra arguments for every `phalanx server` (e.g. Raft timings), space-separated.
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub server_args: String,
+    /// `overload`: who offers the load: `raw` (open-loop clients of the
+    /// bench's own HTTP client, ignoring Retry-After), `sdk` (the Rust SDK's
+    /// clients: adaptive throttling, retry budget, Retry-After), or `both`
+    /// (raw levels, then SDK levels, on the same cluster and capacity).
+    #[arg(long, default_value = "raw", value_parser = ["raw", "sdk", "both"])]
+    pub client_kind: String,
     /// `delegation`: exit with status 1 when the checker finds a violation.
     #[arg(long)]
     pub check: bool,

@@ -6,6 +6,12 @@
 //! refusals, elections, and peak memory; then drop back to 1x and time how
 //! long the p99 takes to return to normal. Writes a CSV and an SVG chart.
 //!
+//! Two populations can offer the load (`--client-kind`): raw open-loop
+//! clients that ignore `Retry-After`, and the Rust SDK's clients (adaptive
+//! throttling, docs/sdk.md 10; retry budget; `Retry-After`). Each level also
+//! prints the nodes' refusals (from their `/metrics`), and the CPU a
+//! refusal and a served task cost the nodes, fitted over the levels.
+//!
 //! Backlog: clients and agents run; every node is stopped (SIGSTOP) for a
 //! while; then the cluster resumes and the backlog drains. Reports the drain
 //! time, the tasks dead-lettered as expired, and the latency of fresh
@@ -35,6 +41,8 @@ struct Sample {
 }
 
 struct Level {
+    /// `raw` or `sdk`.
+    kind: &'static str,
     multiple: f64,
     target: f64,
     offered: f64,
@@ -52,6 +60,13 @@ struct Level {
     /// this process (the generator and the draining agents).
     nodes_cpu_pct: f64,
     generator_cpu_pct: f64,
+    /// Refused by the client itself (SDK clients' throttling), per second.
+    throttled: f64,
+    /// Refusals the nodes answered during the level (their `/metrics`), and
+    /// the tasks served (acknowledged submits), and the nodes' CPU seconds.
+    node_refusals: u64,
+    served: u64,
+    nodes_cpu_s: f64,
 }
 
 fn ms(us: u64) -> f64 {
@@ -85,6 +100,8 @@ async fn start_drain_agents(
 const NO_ANSWER: u16 = 0;
 const NOT_SENT: u16 = 1;
 const BROKEN: u16 = 2;
+/// Refused by the SDK client itself (adaptive throttling): nothing was sent.
+const THROTTLED: u16 = 3;
 
 /// One submit through the generator's own HTTP client (`rawhttp`).
 async fn submit_one(pool: &Pool, client: usize, priority: u8, n: u64, queue: &str) -> (u16, u64) {
@@ -141,6 +158,31 @@ async fn capacity(pools: &[Arc<Pool>], seconds: u64) -> f64 {
 /// Open loop at `rate` requests/s for `seconds`: requests leave on schedule
 /// whether or not earlier ones were answered.
 async fn open_loop(pools: &[Arc<Pool>], rate: f64, seconds: u64) -> (Vec<Sample>, u64, u64, f64) {
+    open_loop_with(&Load::Raw(pools.to_vec()), rate, seconds).await
+}
+
+/// Who sends the open-loop load.
+#[derive(Clone)]
+enum Load {
+    Raw(Vec<Arc<Pool>>),
+    /// One SDK client per named client, each with the whole node list.
+    Sdk(Vec<Arc<phalanx_agent::Client>>),
+}
+
+/// One submit of the SDK population: a status as the raw population reports it.
+async fn submit_sdk(client: &phalanx_agent::Client, priority: u8, n: u64) -> (u16, u64) {
+    let start = Instant::now();
+    let request = phalanx_agent::SubmitRequest::new("load", json!(n)).with_priority(priority);
+    let status = match tokio::time::timeout(Duration::from_secs(10), client.submit(&request)).await {
+        Ok(Ok(_)) => 201,
+        Ok(Err(error)) if error.to_string().contains("throttled by the client") => THROTTLED,
+        Ok(Err(error)) => error.status().unwrap_or(BROKEN),
+        Err(_) => NO_ANSWER,
+    };
+    (status, start.elapsed().as_micros() as u64)
+}
+
+async fn open_loop_with(load: &Load, rate: f64, seconds: u64) -> (Vec<Sample>, u64, u64, f64) {
     let samples = Arc::new(Mutex::new(Vec::new()));
     let in_flight = Arc::new(AtomicU64::new(0));
     let total = (rate * seconds as f64) as u64;
@@ -162,10 +204,14 @@ async fn open_loop(pools: &[Arc<Pool>], rate: f64, seconds: u64) -> (Vec<Sample>
             in_flight.fetch_add(1, Ordering::Relaxed);
             let class = (n % 3) as usize;
             let priority = [2u8, 5, 8][class];
-            let (pool, samples, in_flight) =
-                (pools[n as usize % pools.len()].clone(), samples.clone(), in_flight.clone());
+            let (load, samples, in_flight) = (load.clone(), samples.clone(), in_flight.clone());
             tokio::spawn(async move {
-                let (status, latency_us) = submit_one(&pool, n as usize % CLIENTS, priority, n, "load").await;
+                let (status, latency_us) = match &load {
+                    Load::Raw(pools) => {
+                        submit_one(&pools[n as usize % pools.len()], n as usize % CLIENTS, priority, n, "load").await
+                    }
+                    Load::Sdk(clients) => submit_sdk(&clients[n as usize % clients.len()], priority, n).await,
+                };
                 samples.lock().unwrap().push(Sample { class, status, latency_us });
                 in_flight.fetch_sub(1, Ordering::Relaxed);
             });
@@ -200,6 +246,7 @@ fn summarise(
     }
     let pool_full = samples.iter().filter(|s| s.status == NOT_SENT).count() as u64;
     Level {
+        kind: "raw",
         multiple,
         target,
         offered: (launched - pool_full) as f64 / window,
@@ -215,7 +262,45 @@ fn summarise(
         elections,
         nodes_cpu_pct: 0.0,
         generator_cpu_pct: 0.0,
+        throttled: samples.iter().filter(|s| s.status == THROTTLED).count() as f64 / window,
+        node_refusals: 0,
+        served: admitted.len() as u64,
+        nodes_cpu_s: 0.0,
     }
+}
+
+/// The nodes' refusals by admission control so far, summed (`/metrics`).
+async fn node_refusals(http: &reqwest::Client, addrs: &[String]) -> u64 {
+    let mut total = 0;
+    for addr in addrs {
+        let Ok(response) = http.get(format!("http://{addr}/metrics")).send().await else { continue };
+        let text = response.text().await.unwrap_or_default();
+        total += text
+            .lines()
+            .find(|l| l.starts_with("phalanx_refused_overload_total"))
+            .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// CPU seconds per served task and per refusal, fitted by least squares
+/// over the levels (`cpu = a * served + b * refused`), in microseconds.
+fn cpu_costs(levels: &[&Level]) -> Option<(f64, f64)> {
+    let (mut ss, mut sr, mut rr, mut sc, mut rc) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for l in levels {
+        let (s, r, c) = (l.served as f64, l.node_refusals as f64, l.nodes_cpu_s);
+        ss += s * s;
+        sr += s * r;
+        rr += r * r;
+        sc += s * c;
+        rc += r * c;
+    }
+    let det = ss * rr - sr * sr;
+    if det.abs() < 1e-9 {
+        return None;
+    }
+    Some((1e6 * (sc * rr - rc * sr) / det, 1e6 * (rc * ss - sc * sr) / det))
 }
 
 pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
@@ -232,30 +317,61 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
     let pools = pools(&addrs)?;
     let capacity = capacity(&pools, 4).await;
     println!("capacity: {capacity:.0} submits/s acknowledged");
+    let kinds: &[&'static str] = match args.client_kind.as_str() {
+        "both" => &["raw", "sdk"],
+        "sdk" => &["sdk"],
+        _ => &["raw"],
+    };
     let mut levels = Vec::new();
-    for multiple in [1.0, 2.0, 5.0, 10.0] {
-        let term = cluster_term(&http, &addrs).await;
-        let cpu_before = (cluster.cpu_seconds(), process_cpu_seconds("self").unwrap_or(0.0));
-        let level_start = Instant::now();
-        let (samples, launched, not_sent, window) = open_loop(&pools, capacity * multiple, LEVEL_SECONDS).await;
-        let cpu_after = (cluster.cpu_seconds(), process_cpu_seconds("self").unwrap_or(0.0));
-        let elections = cluster_term(&http, &addrs).await.saturating_sub(term);
-        let nodes_cpu: f64 =
-            cpu_after.0.iter().map(|(_, s)| s).sum::<f64>() - cpu_before.0.iter().map(|(_, s)| s).sum::<f64>();
-        let mut level = summarise(multiple, capacity * multiple, &samples, launched, not_sent, window, elections);
-        // Over the level and the wait for its last answers, so a little more than `window`.
-        let elapsed = level_start.elapsed().as_secs_f64();
-        level.nodes_cpu_pct = 100.0 * nodes_cpu / elapsed;
-        level.generator_cpu_pct = 100.0 * (cpu_after.1 - cpu_before.1) / elapsed;
-        println!(
-            "{:>4}x: offered {:>7.0}/s (target {:>7.0}, not sent {}), goodput {:>6.0}/s ({:.0}% of capacity; low/normal/high {:.0}/{:.0}/{:.0}), shed {:>7.0}/s, timeouts {}, broken {}, admitted p50 {:.1} ms p99 {:.1} ms, refusals p99 {:.1} ms, elections {}, CPU nodes {:.0}% generator+agents {:.0}%",
-            level.multiple, level.offered, level.target, level.not_sent, level.goodput, 100.0 * level.goodput / capacity,
-            level.goodput_by_class[0], level.goodput_by_class[1], level.goodput_by_class[2],
-            level.shed, level.timeouts, level.broken, level.admitted_p50_ms, level.admitted_p99_ms, level.refused_p99_ms, level.elections,
-            level.nodes_cpu_pct, level.generator_cpu_pct
-        );
-        levels.push(level);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    for kind in kinds {
+        let load = if *kind == "sdk" {
+            let clients = (0..CLIENTS)
+                .map(|i| {
+                    Ok(Arc::new(phalanx_agent::Client::new(addrs.clone(), None)?.with_name(format!("client-{i}"))))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Load::Sdk(clients)
+        } else {
+            Load::Raw(pools.clone())
+        };
+        println!("clients: {kind}");
+        for multiple in [1.0, 2.0, 5.0, 10.0] {
+            let term = cluster_term(&http, &addrs).await;
+            let refusals_before = node_refusals(&http, &addrs).await;
+            let cpu_before = (cluster.cpu_seconds(), process_cpu_seconds("self").unwrap_or(0.0));
+            let level_start = Instant::now();
+            let (samples, launched, not_sent, window) = open_loop_with(&load, capacity * multiple, LEVEL_SECONDS).await;
+            let cpu_after = (cluster.cpu_seconds(), process_cpu_seconds("self").unwrap_or(0.0));
+            let refusals = node_refusals(&http, &addrs).await.saturating_sub(refusals_before);
+            let elections = cluster_term(&http, &addrs).await.saturating_sub(term);
+            let nodes_cpu: f64 =
+                cpu_after.0.iter().map(|(_, s)| s).sum::<f64>() - cpu_before.0.iter().map(|(_, s)| s).sum::<f64>();
+            let mut level = summarise(multiple, capacity * multiple, &samples, launched, not_sent, window, elections);
+            level.kind = kind;
+            // Over the level and the wait for its last answers, so a little more than `window`.
+            let elapsed = level_start.elapsed().as_secs_f64();
+            level.nodes_cpu_pct = 100.0 * nodes_cpu / elapsed;
+            level.generator_cpu_pct = 100.0 * (cpu_after.1 - cpu_before.1) / elapsed;
+            level.node_refusals = refusals;
+            level.nodes_cpu_s = nodes_cpu;
+            println!(
+                "{kind} {:>4}x: offered {:>7.0}/s (target {:>7.0}, not sent {}), goodput {:>6.0}/s ({:.0}% of capacity; low/normal/high {:.0}/{:.0}/{:.0}), shed {:>7.0}/s, throttled by clients {:.0}/s, node refusals {:.0}/s, timeouts {}, broken {}, admitted p50 {:.1} ms p99 {:.1} ms, refusals p99 {:.1} ms, elections {}, CPU nodes {:.0}% generator+agents {:.0}%",
+                level.multiple, level.offered, level.target, level.not_sent, level.goodput, 100.0 * level.goodput / capacity,
+                level.goodput_by_class[0], level.goodput_by_class[1], level.goodput_by_class[2],
+                level.shed, level.throttled, level.node_refusals as f64 / window, level.timeouts, level.broken, level.admitted_p50_ms, level.admitted_p99_ms, level.refused_p99_ms, level.elections,
+                level.nodes_cpu_pct, level.generator_cpu_pct
+            );
+            levels.push(level);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let these: Vec<&Level> = levels.iter().filter(|l| l.kind == *kind).collect();
+        match cpu_costs(&these) {
+            Some((served_us, refusal_us)) => println!(
+                "{kind}: node CPU per served task {served_us:.0} us, per refusal {refusal_us:.1} us ({:.0}% of a served task; least squares over the levels)",
+                100.0 * refusal_us / served_us
+            ),
+            None => println!("{kind}: node CPU per request: not enough refusals to tell served from refused"),
+        }
     }
     // Recovery: back to 1x, p99 per second until it is within 1.5x of the 1x level's.
     let normal_p99 = levels[0].admitted_p99_ms.max(1.0);
@@ -294,12 +410,13 @@ fn write_outputs(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut csv = String::from(
-        "nodes,multiple,target_per_s,offered_per_s,not_sent,goodput_per_s,goodput_low,goodput_normal,goodput_high,shed_per_s,timeouts,broken,admitted_p50_ms,admitted_p99_ms,refused_p99_ms,elections,nodes_cpu_pct,generator_cpu_pct,peak_rss_kib\n",
+        "clients,nodes,multiple,target_per_s,offered_per_s,not_sent,goodput_per_s,goodput_low,goodput_normal,goodput_high,shed_per_s,timeouts,broken,admitted_p50_ms,admitted_p99_ms,refused_p99_ms,elections,nodes_cpu_pct,generator_cpu_pct,peak_rss_kib\n",
     );
     for l in levels {
         let _ = writeln!(
             csv,
-            "{nodes},{},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.0},{:.0},{},{},{:.2},{:.2},{:.2},{},{:.0},{:.0},{peak_kib}",
+            "{},{nodes},{},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.0},{:.0},{},{},{:.2},{:.2},{:.2},{},{:.0},{:.0},{peak_kib}",
+            l.kind,
             l.multiple,
             l.target,
             l.offered,

@@ -66,6 +66,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let routed = Router::new()
         .route("/v1/tasks", post(submit).get(list_tasks))
         .route("/v1/tasks/batch", post(submit_batch))
+        .route("/v1/tasks/complete", post(complete_many))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/cancel", post(cancel))
         .route("/v1/tasks/{id}/complete", post(complete))
@@ -113,6 +114,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .merge(client.merge(health).layer(middleware::from_fn(json_rejections)))
         .merge(crate::console::router())
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(node.clone(), door))
         .layer(middleware::from_fn_with_state(node.clone(), count_requests))
         .with_state(node)
 }
@@ -242,44 +244,43 @@ pub const PRIORITY_HEADER: &str = "x-phalanx-priority";
 /// Header naming the client for per-client rate limits.
 pub const CLIENT_HEADER: &str = "x-phalanx-client";
 
-/// In-flight slots by priority, per-client rate limit and request deadline.
-/// A forwarded request is not rate-limited again (the node that received it
-/// did that), but takes a slot here too: the leader bounds the work that
-/// followers send it, by the priority the client announced.
-async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Response {
-    let now = Instant::now();
+/// In-flight slots by priority: the first thing a request meets, before
+/// routing, authentication and its body, so that refusing new work costs the
+/// node as little as possible (a prepared answer) and never waits behind
+/// admitted work. A forwarded request takes a slot here too: the leader
+/// bounds the work that followers send it, by the priority the client announced.
+async fn door(State(node): State<Node_>, request: Request, next: Next) -> Response {
     // A bound on requests being served at once (long-polls aside): past it the
     // node answers 429 at once instead of queueing work it cannot finish soon.
     // Only new work is bounded this way: completes, failures, extensions and
     // heartbeats finish work already admitted, and refusing them would waste it.
     let path = request.uri().path();
     let new_work = request.method() == Method::POST && (path == "/v1/tasks" || path == "/v1/tasks/batch");
-    let _slot = if !new_work {
-        None
-    } else {
-        // The priority header lets the door shed the lowest classes first,
-        // before the body is read.
-        let priority =
-            match request.headers().get(PRIORITY_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u8>().ok())) {
-                None => 5u8,
-                Some(Some(priority)) if priority <= 9 => priority,
-                Some(_) => return ApiError::invalid(format!("{PRIORITY_HEADER} must be 0..=9")).into_response(),
-            };
-        let max = node.config.requests_in_flight_max;
-        let share = crate::admission::in_flight_share(priority, max);
-        let busy = max - node.requests_in_flight.available_permits();
-        let slot = if busy < share { node.requests_in_flight.clone().try_acquire_owned().ok() } else { None };
-        match slot {
-            Some(slot) => Some(slot),
-            None => {
-                node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
-                let message = format!(
-                    "{busy} of requests_in_flight_max ({max}) requests are being served; priority {priority} may use {share}"
-                );
-                return ApiError::overloaded(ErrorCode::Overloaded, message, 100).into_response();
-            }
-        }
+    if !new_work {
+        return next.run(request).await;
+    }
+    // The priority header lets the door shed the lowest classes first.
+    let priority =
+        match request.headers().get(PRIORITY_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u8>().ok())) {
+            None => 5u8,
+            Some(Some(priority)) if priority <= 9 => priority,
+            Some(_) => return ApiError::invalid(format!("{PRIORITY_HEADER} must be 0..=9")).into_response(),
+        };
+    let max = node.config.requests_in_flight_max;
+    let share = crate::admission::in_flight_share(priority, max);
+    let busy = max - node.requests_in_flight.available_permits();
+    let slot = if busy < share { node.requests_in_flight.clone().try_acquire_owned().ok() } else { None };
+    let Some(_slot) = slot else {
+        node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
+        return crate::error::door_refusal(priority);
     };
+    next.run(request).await
+}
+
+/// Per-client rate limit and request deadline. A forwarded request is not
+/// rate-limited again (the node that received it did that).
+async fn admit(State(node): State<Node_>, request: Request, next: Next) -> Response {
+    let now = Instant::now();
     let forwarded = match forwarded_by_peer(&node, &request) {
         Ok(forwarded) => forwarded,
         Err(error) => return error.into_response(),
@@ -419,7 +420,7 @@ pub const FORWARD_CONNECT_TIMEOUT_MS: u64 = 250;
 /// Copies onto a forwarded request the client's headers that the leader
 /// needs. The one place that decides what a forward carries.
 fn forward_headers(incoming: &HeaderMap, mut outgoing: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-    for name in ["authorization", "content-type", PRIORITY_HEADER] {
+    for name in ["authorization", "content-type", PRIORITY_HEADER, "prefer"] {
         if let Some(value) = incoming.get(name) {
             outgoing = outgoing.header(name, value);
         }
@@ -541,7 +542,7 @@ async fn forward(
         }
     })?;
     let mut response = (status, bytes).into_response();
-    for name in ["content-type", "retry-after", STALE_HEADER] {
+    for name in ["content-type", "retry-after", STALE_HEADER, PREFERENCE_APPLIED_HEADER] {
         if let Some(value) = headers.get(name) {
             response.headers_mut().insert(name, value.clone());
         }
@@ -653,7 +654,17 @@ async fn check_new_tasks(node: &Node, tasks: &[NewTask]) -> Vec<Result<(), phala
 async fn propose(node: &Node, command: Command) -> Result<(Outcome, u64), ApiError> {
     check_command(node, &command).await?;
     let deadline = crate::admission::current_deadline();
-    let (outcome, index) = node.proposer.propose_by(command, deadline).await.map_err(|error| match error {
+    let (outcome, index) =
+        node.proposer.propose_by(command, deadline).await.map_err(|error| proposal_error(node, error))?;
+    match outcome {
+        Outcome::Refused { error } => Err(error.into()),
+        outcome => Ok((outcome, index)),
+    }
+}
+
+/// A proposal that did not get an outcome, as the client hears it.
+fn proposal_error(node: &Node, error: proposer::Error) -> ApiError {
+    match error {
         proposer::Error::NotLeader { leader_addr, .. } => {
             ApiError::unavailable(ErrorCode::NotLeader, "this node is no longer the leader", 100)
                 .with_leader_hint(leader_addr)
@@ -665,10 +676,6 @@ async fn propose(node: &Node, command: Command) -> Result<(Outcome, u64), ApiErr
         proposer::Error::Timeout(_) => ApiError::unavailable(ErrorCode::Timeout, error.to_string(), 500),
         proposer::Error::DeadlineExceeded => ApiError::unavailable(ErrorCode::DeadlineExceeded, error.to_string(), 100),
         proposer::Error::Fatal(_) => ApiError::unavailable(ErrorCode::Unavailable, error.to_string(), 1000),
-    })?;
-    match outcome {
-        Outcome::Refused { error } => Err(error.into()),
-        outcome => Ok((outcome, index)),
     }
 }
 
@@ -1062,7 +1069,32 @@ async fn cancel(State(node): State<Node_>, Path(id): Path<String>) -> ApiResult 
     Ok(task_response(&task))
 }
 
-async fn complete(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+/// Whether the client asked for an acknowledgement without the task body
+/// (`Prefer: return=minimal`, RFC 7240).
+fn wants_minimal(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|value| value.split([',', ';']).any(|preference| preference.trim().eq_ignore_ascii_case("return=minimal")))
+}
+
+const PREFERENCE_APPLIED_HEADER: &str = "preference-applied";
+
+/// A report's answer: the task, or with `return=minimal` only `{task_id, state}`.
+fn report_response(task: &Task, minimal: bool) -> Response {
+    if !minimal {
+        return task_response(task);
+    }
+    minimal_response(Json(api::Ack { task_id: task.id, state: api_state(task.state) }).into_response())
+}
+
+fn minimal_response(mut response: Response) -> Response {
+    response.headers_mut().insert(PREFERENCE_APPLIED_HEADER, HeaderValue::from_static("return=minimal"));
+    response
+}
+
+async fn complete(State(node): State<Node_>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
     let body = parse::<api::CompleteRequest>(body)?;
     let command = Command::Complete {
@@ -1073,10 +1105,89 @@ async fn complete(State(node): State<Node_>, Path(id): Path<String>, body: Body)
     };
     let (outcome, _) = propose(&node, command).await?;
     expect_outcome!(outcome, Outcome::Completed { task });
-    Ok(task_response(&task))
+    Ok(report_response(&task, wants_minimal(&headers)))
 }
 
-async fn fail(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+/// Many results in one request and one log entry, each judged on its own
+/// and answered in its slot: a malformed item, one the state refuses, or one
+/// under a stale fence is refused alone. A failure of the proposal itself
+/// (no leader, a timeout) answers the whole request, as for a single complete.
+async fn complete_many(State(node): State<Node_>, headers: HeaderMap, body: Body) -> ApiResult {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Loose {
+        results: Vec<Value>,
+    }
+    let items = parse::<Loose>(body)?.results;
+    let batch_max = node.shared.data.read().expect("state lock").state.limits().batch_tasks_max;
+    if items.is_empty() || items.len() > batch_max {
+        return Err(ApiError::invalid(format!("results: a batch holds 1..={batch_max} results")));
+    }
+    // Each slot: the task id when it is known, and the command or the refusal.
+    let mut slots: Vec<(Option<u64>, Result<Command, ApiError>)> = items
+        .into_iter()
+        .map(|item| {
+            let task_id = item.get("task_id").and_then(Value::as_u64);
+            let command = serde_json::from_value::<api::CompleteItem>(item)
+                .map(|item| Command::Complete {
+                    task_id: item.task_id,
+                    fence: item.fence,
+                    result: item.result.to_string(),
+                    usage: item.usage.as_ref().map(core_usage),
+                })
+                .map_err(|error| ApiError::invalid(format!("result: {error}")));
+            (task_id, command)
+        })
+        .collect();
+    let judged = refuse_early(&node, |state| {
+        slots.iter().filter_map(|(_, command)| command.as_ref().ok()).map(|command| state.check(command)).collect()
+    })
+    .await;
+    let mut judged = judged.into_iter();
+    for (_, slot) in slots.iter_mut() {
+        if slot.is_ok() {
+            if let Err(error) = judged.next().expect("one judgement per command") {
+                *slot = Err(error.into());
+            }
+        }
+    }
+    let proposed: Vec<Command> = slots.iter().filter_map(|(_, command)| command.as_ref().ok().cloned()).collect();
+    let mut outcomes = Vec::new().into_iter();
+    if !proposed.is_empty() {
+        let deadline = crate::admission::current_deadline();
+        let (answered, _) =
+            node.proposer.propose_all_by(proposed, deadline).await.map_err(|error| proposal_error(&node, error))?;
+        outcomes = answered.into_iter();
+    }
+    let results = slots
+        .into_iter()
+        .map(|(task_id, slot)| {
+            let refused = match slot {
+                Ok(_) => match outcomes.next().expect("one outcome per proposed command") {
+                    Outcome::Completed { task } => {
+                        return api::CompleteManyItem::Accepted {
+                            task_id: task.id,
+                            ok: true,
+                            state: api_state(task.state),
+                        }
+                    }
+                    Outcome::Refused { error } => ApiError::from(error),
+                    other => ApiError::unexpected("Outcome::Completed", &other),
+                },
+                Err(error) => error,
+            };
+            api::CompleteManyItem::Refused {
+                task_id,
+                error: api::Refusal { code: refused.code, message: refused.message },
+            }
+        })
+        .collect();
+    let response = Json(api::CompleteManyAnswer { results }).into_response();
+    // The answer is an acknowledgement per result whatever was asked.
+    Ok(if wants_minimal(&headers) { minimal_response(response) } else { response })
+}
+
+async fn fail(State(node): State<Node_>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
     let body = parse::<api::FailRequest>(body)?;
     let command = Command::Fail {
@@ -1088,16 +1199,18 @@ async fn fail(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> 
     };
     let (outcome, _) = propose(&node, command).await?;
     expect_outcome!(outcome, Outcome::Failed { task });
-    Ok(task_response(&task))
+    Ok(report_response(&task, wants_minimal(&headers)))
 }
 
-async fn extend(State(node): State<Node_>, Path(id): Path<String>, body: Body) -> ApiResult {
+async fn extend(State(node): State<Node_>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
     let task_id = parse_id(&id)?;
     let body = parse::<api::ExtendRequest>(body)?;
     let lease_ttl_ms = body.lease_ttl_ms.unwrap_or_else(|| default_lease_ttl_ms(&node));
     let (outcome, _) = propose(&node, Command::Extend { task_id, fence: body.fence, lease_ttl_ms }).await?;
     expect_outcome!(outcome, Outcome::Extended { valid_until_ms });
-    Ok(Json(api::Extended { valid_until_ms }).into_response())
+    // The answer carries no task body already: minimal as it is.
+    let response = Json(api::Extended { valid_until_ms }).into_response();
+    Ok(if wants_minimal(&headers) { minimal_response(response) } else { response })
 }
 
 /// The lease holder says the work moves; a lease without progress for the

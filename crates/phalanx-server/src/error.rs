@@ -132,6 +132,35 @@ impl ApiError {
     }
 }
 
+/// The door's refusal of new work (`429 overloaded`), one per priority,
+/// serialised once: under overload a node answers tens of thousands of these
+/// a second, and each should cost a copy of prepared bytes, not a message
+/// formatted and a JSON document written.
+pub fn door_refusal(priority: u8) -> Response {
+    static PREPARED: std::sync::LazyLock<Vec<axum::body::Bytes>> = std::sync::LazyLock::new(|| {
+        (0..=9u8)
+            .map(|priority| {
+                let error = ApiError::overloaded(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "the node is serving all the requests priority {priority} may use of requests_in_flight_max; \
+                         try again after Retry-After"
+                    ),
+                    100,
+                );
+                axum::body::Bytes::from(serde_json::to_vec(&error.envelope()).expect("an envelope serialises"))
+            })
+            .collect()
+    });
+    let body = PREPARED[usize::from(priority.min(9))].clone();
+    let mut response = Response::new(axum::body::Body::from(body));
+    *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let headers = response.headers_mut();
+    headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert("retry-after", HeaderValue::from(retry_after_seconds(100)));
+    response
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, axum::Json(self.envelope())).into_response();

@@ -31,11 +31,13 @@ pub enum Error {
     Fatal(String),
 }
 
+/// One request's commands: they go into one log entry together, in order
+/// (a batch of results is one entry), and are answered together.
 struct Proposal {
-    command: Command,
+    commands: Vec<Command>,
     /// Past this instant the proposal is dropped unproposed: the client has given up.
     deadline: Option<Instant>,
-    reply: oneshot::Sender<Result<(Outcome, u64), Error>>,
+    reply: oneshot::Sender<Result<(Vec<Outcome>, u64), Error>>,
 }
 
 /// Load-shedding classes: when the proposal queue fills, the lowest class is
@@ -126,7 +128,20 @@ impl Proposer {
     /// fuller than the command's class allows, dropped unproposed if it is
     /// still queued at `deadline`.
     pub async fn propose_by(&self, command: Command, deadline: Option<Instant>) -> Result<(Outcome, u64), Error> {
-        let class = Class::of_command(&command);
+        let (mut outcomes, index) = self.propose_all_by(vec![command], deadline).await?;
+        assert_eq!(outcomes.len(), 1, "one outcome per command");
+        Ok((outcomes.pop().expect("one outcome"), index))
+    }
+
+    /// Proposes several commands in one log entry, applied in order, with
+    /// one outcome each. Admission is by the highest class among them.
+    pub async fn propose_all_by(
+        &self,
+        commands: Vec<Command>,
+        deadline: Option<Instant>,
+    ) -> Result<(Vec<Outcome>, u64), Error> {
+        assert!(!commands.is_empty(), "a proposal carries at least one command");
+        let class = commands.iter().map(Class::of_command).max().expect("not empty");
         if class < Class::High && self.fill() > class.fill_max() {
             return Err(Error::Overloaded(self.queue_max));
         }
@@ -134,7 +149,7 @@ impl Proposer {
             return Err(Error::DeadlineExceeded);
         }
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send(Proposal { command, deadline, reply }).map_err(|error| match error {
+        self.tx.try_send(Proposal { commands, deadline, reply }).map_err(|error| match error {
             mpsc::error::TrySendError::Full(_) => Error::Overloaded(self.queue_max),
             mpsc::error::TrySendError::Closed(_) => Error::Fatal("proposer stopped".into()),
         })?;
@@ -180,16 +195,19 @@ async fn run(
         let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
         let mut batch = Vec::new();
         let mut batch_bytes = 0;
+        let mut batch_commands = 0;
         let mut next = Some(first);
         let now = Instant::now();
         while let Some(proposal) = next.take() {
             if proposal.deadline.is_some_and(|d| d <= now) {
                 let _ = proposal.reply.send(Err(Error::DeadlineExceeded));
             } else {
-                batch_bytes += command_bytes(&proposal.command);
+                batch_bytes += proposal.commands.iter().map(command_bytes).sum::<usize>();
+                batch_commands += proposal.commands.len();
                 batch.push(proposal);
             }
-            if batch.len() < batch_commands_max && batch_bytes < BATCH_BYTES_MAX {
+            // A proposal is never split: the entry may pass the bounds by one proposal.
+            if batch_commands < batch_commands_max && batch_bytes < BATCH_BYTES_MAX {
                 next = rx.try_recv().ok();
             }
         }
@@ -197,12 +215,17 @@ async fn run(
             continue;
         }
         stats.entries.fetch_add(1, Ordering::Relaxed);
-        stats.commands.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats.commands.fetch_add(batch_commands as u64, Ordering::Relaxed);
         let raft = raft.clone();
         let now_ms = clock.now_ms();
         let stats = stats.clone();
         tokio::spawn(async move {
-            let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            let mut commands = Vec::with_capacity(batch_commands);
+            let mut replies = Vec::with_capacity(batch.len());
+            for proposal in batch {
+                replies.push((proposal.commands.len(), proposal.reply));
+                commands.extend(proposal.commands);
+            }
             let _permit = permit;
             let request = Request { now_ms, commands };
             let proposed = Instant::now();
@@ -210,14 +233,15 @@ async fn run(
                 Ok(response) => {
                     stats.commit_duration.observe(proposed.elapsed());
                     let index = response.log_id.index;
-                    assert_eq!(response.data.outcomes.len(), replies.len(), "one outcome per command");
-                    for (reply, outcome) in replies.into_iter().zip(response.data.outcomes) {
-                        let _ = reply.send(Ok((outcome, index)));
+                    assert_eq!(response.data.outcomes.len(), batch_commands, "one outcome per command");
+                    let mut outcomes = response.data.outcomes.into_iter();
+                    for (count, reply) in replies {
+                        let _ = reply.send(Ok((outcomes.by_ref().take(count).collect(), index)));
                     }
                 }
                 Err(error) => {
                     let error = map_error(error);
-                    for reply in replies {
+                    for (_, reply) in replies {
                         let _ = reply.send(Err(error.clone()));
                     }
                 }

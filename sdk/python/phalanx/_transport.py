@@ -22,8 +22,9 @@ from typing import Any, Callable, Generic, Literal, Optional, Sequence, TypeVar,
 
 import httpx
 
-from ._errors import OutcomeUnknown, PhalanxError, Unavailable, error_from_answer
+from ._errors import Overloaded, OutcomeUnknown, PhalanxError, Unavailable, error_from_answer
 from ._retry import WRITE_TIMEOUT_FLOOR_S, RetryBudget, RetryPolicy, _Latency
+from ._throttle import AdaptiveThrottle, Class, class_of_priority
 from .types import (
     BatchResult,
     Budget,
@@ -122,6 +123,8 @@ class _Request(Generic[T]):
     text: bool = False
     # A task or agent write: each attempt gets `write_timeout_s` (plus `wait_s`).
     fast: bool = False
+    # Ask for an acknowledgement without the task body (`Prefer: return=minimal`).
+    minimal: bool = False
 
 
 def _door_priority(request: _Request[Any]) -> Optional[int]:
@@ -135,6 +138,12 @@ def _door_priority(request: _Request[Any]) -> Optional[int]:
     priorities = [t.get("priority", 5) for t in tasks or [] if isinstance(t, dict)]
     valid = [p for p in priorities if isinstance(p, int) and 0 <= p <= 9]
     return max(valid) if valid else None
+
+
+def _class_of(request: _Request[Any]) -> Class:
+    """The throttle's class: the door's, from a submit's priority; other requests are normal."""
+    priority = _door_priority(request)
+    return class_of_priority(priority if priority is not None else 5)
 
 
 def _segment(value: Union[str, int]) -> str:
@@ -231,11 +240,20 @@ class _Endpoints:
         return _Request("POST", f"/v1/tasks/{int(task_id)}/complete", body, fast=True)
 
     @staticmethod
-    def fail(task_id: int, fence: int, error: str, retryable: bool, usage: Optional[Usage] = None) -> _Request[Task]:
+    def complete_many(results: Sequence[dict[str, Any]]) -> _Request[list[dict[str, Any]]]:
+        """Many results in one request and one log entry, answered item by item (minimal)."""
+        items = [_drop_none({"task_id": int(r["task_id"]), "fence": int(r["fence"]), "result": r.get("result"),
+                             "usage": r.get("usage")}) for r in results]
+        return _Request("POST", "/v1/tasks/complete", {"results": items},
+                        decode=lambda answer: answer["results"], fast=True, minimal=True)
+
+    @staticmethod
+    def fail(task_id: int, fence: int, error: str, retryable: bool, usage: Optional[Usage] = None,
+             minimal: bool = False) -> _Request[Task]:
         body: dict[str, Any] = {"fence": fence, "error": error, "retryable": retryable}
         if usage is not None:
             body["usage"] = dict(usage)
-        return _Request("POST", f"/v1/tasks/{int(task_id)}/fail", body, fast=True)
+        return _Request("POST", f"/v1/tasks/{int(task_id)}/fail", body, fast=True, minimal=minimal)
 
     # ---- flow control ----
 
@@ -457,6 +475,9 @@ class _Core:
     rng: random.Random = field(default_factory=random.Random)
     current: int = 0
     latency: _Latency = field(default_factory=_Latency)
+    # docs/sdk.md, 10: adaptive throttling per node and priority class.
+    throttle: AdaptiveThrottle = field(default_factory=AdaptiveThrottle)
+    throttling: bool = True
 
     def __post_init__(self) -> None:
         self.current = self.rng.randrange(len(self.nodes))
@@ -503,7 +524,19 @@ class _Core:
         priority = _door_priority(request) if request is not None else None
         if priority is not None:
             headers["x-phalanx-priority"] = str(priority)
+        if request is not None and request.minimal:
+            headers["prefer"] = "return=minimal"
         return headers
+
+    def throttled(self, request: _Request[Any], index: int) -> Optional[PhalanxError]:
+        """docs/sdk.md, 10: the error of a request the client refuses itself (nothing is sent), or None."""
+        if not self.throttling:
+            return None
+        node = self.nodes[index]
+        if self.throttle.admit(node, _class_of(request), self.rng.random()):
+            return None
+        return Overloaded(429, "overloaded", f"throttled by the client: {node} refuses most requests of this "
+                                             "class lately; nothing was sent", outcome="not_done")
 
     def timeout(self, request: _Request[Any], deadline: Optional[float]) -> httpx.Timeout:
         read_s = self.attempt_s(request)
@@ -536,6 +569,7 @@ class _Core:
                        tried: _Tried) -> _Verdict:
         status = response.status_code
         if 200 <= status < 300:
+            self.throttle.answered(self.nodes[index], _class_of(request), True)
             if request.text:
                 return _Done(response.text)
             try:
@@ -547,6 +581,9 @@ class _Core:
         except ValueError:
             body = None
         error = error_from_answer(status, body, response.text[:500], response.headers.get("retry-after"))
+        # Only a refusal for load counts against the node (the book's "accepts").
+        refused_for_load = status in (429, 503) and error.code in ("overloaded", "rate_limited")
+        self.throttle.answered(self.nodes[index], _class_of(request), not refused_for_load)
         tried.record(self.nodes[index], f"{status} {error.code}")
         # docs/sdk.md, 4: the code's table decides.
         if not error.transient:

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine, Literal, Optional, Sequence, TypeVar, Union, overload
 
+from ._batch import CompleteBatcher
 from ._errors import NotFound, PhalanxError
 from .client import AsyncClient
 from .types import Child, ContextEntry, Lease, Submitted, Task, Usage
@@ -411,6 +412,8 @@ class AsyncAgent:
         if outbox_path is None:
             log.warning("agent %s has no outbox_path: undelivered results are kept in memory only", agent_id)
         self.outbox = Outbox(outbox_path, outbox_entries_max)
+        # Completes are sent together, a few milliseconds' worth at a time, each acknowledged on its own.
+        self.batcher = CompleteBatcher(self.client)
         self.stats = Stats()
         self.recent_outcomes: collections.deque[ReportOutcome] = collections.deque(maxlen=RECENT_OUTCOMES_MAX)
         self.state: AgentState = "connected"
@@ -783,11 +786,11 @@ class AsyncAgent:
         code: Optional[str] = None
         try:
             if entry["kind"] == "complete":
-                await self.client.complete(entry["task_id"], entry["fence"], entry.get("result"), entry.get("usage"))
+                await self.batcher.complete(entry["task_id"], entry["fence"], entry.get("result"), entry.get("usage"))
                 self.stats.completed += 1
             else:
-                await self.client.fail(entry["task_id"], entry["fence"], entry.get("error", ""),
-                                       entry.get("retryable", True), entry.get("usage"))
+                await self.client.fail_minimal(entry["task_id"], entry["fence"], entry.get("error", ""),
+                                               entry.get("retryable", True), entry.get("usage"))
                 self.stats.failed += 1
             answer: Answer = "accepted"
         except PhalanxError as error:

@@ -112,6 +112,13 @@ from .types import (
 )
 
 
+# Connections per client at most, every one kept alive: with httpx's default (20 kept of 100) a busy
+# asyncio client closed and opened connections all the time, and requests queued for a connection cost
+# httpcore's pool time quadratic in the queue (issue 16: 9.5 ms of client CPU per task at 256 in flight).
+CONNECTIONS_MAX = 512
+_LIMITS = httpx.Limits(max_connections=CONNECTIONS_MAX, max_keepalive_connections=CONNECTIONS_MAX)
+
+
 class _ClientBase:
     def __init__(self, nodes: Union[str, Sequence[str], None], token: Optional[str], name: Optional[str],
                  timeout_s: float, write_timeout_s: float, connect_timeout_s: float, call_timeout_s: Optional[float],
@@ -162,6 +169,15 @@ class _ClientBase:
     def retry_budget(self) -> RetryBudget:
         return self._core.budget
 
+    @property
+    def throttling(self) -> bool:
+        """Whether client-side adaptive throttling may refuse requests locally (docs/sdk.md, 10; on by default)."""
+        return self._core.throttling
+
+    @throttling.setter
+    def throttling(self, value: bool) -> None:
+        self._core.throttling = value
+
 
 class Client(_ClientBase):
     """Blocking client. `nodes`: a list or `host:port,host:port` (default `PHALANX_NODES`);
@@ -179,7 +195,7 @@ class Client(_ClientBase):
                  transport: Optional[httpx.BaseTransport] = None, ca_file: Optional[str] = None) -> None:
         super().__init__(nodes, token, name, timeout_s, write_timeout_s, connect_timeout_s, call_timeout_s,
                          retries_max, retry_budget, rng, ca_file)
-        self._http = httpx.Client(transport=transport, verify=self._verify)
+        self._http = httpx.Client(transport=transport, verify=self._verify, limits=_LIMITS)
 
     def close(self) -> None:
         self._http.close()
@@ -200,6 +216,9 @@ class Client(_ClientBase):
         while True:
             index = core.node()
             verdict: _Verdict
+            refused = core.throttled(request, index)
+            if refused is not None:
+                raise core.give_up(refused, maybe_done)
             sent = time.monotonic()
             timeout = core.timeout(request, deadline)
             try:
@@ -296,6 +315,12 @@ class Client(_ClientBase):
         """`usage` (`{"tokens_in", "tokens_out", "cost"}`): what the attempt consumed, counted against its key's
         `tokens_per_minute` and its tree's budget."""
         return self._call(_Endpoints.complete(task_id, fence, result, usage))
+
+    def complete_many(self, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Reports many results (`{task_id, fence, result, usage?}` each) in one request and one log entry; the
+        answer has one slot per result, in order: `{task_id, ok: True, state}` or `{task_id?, error: {code,
+        message}}`, that result's own refusal (a stale fence is `superseded` for that item alone)."""
+        return self._call(_Endpoints.complete_many(results))
 
     def fail(self, task_id: int, fence: int, error: str, retryable: bool = True,
              usage: Optional[Usage] = None) -> Task:
@@ -415,7 +440,7 @@ class AsyncClient(_ClientBase):
                  transport: Optional[httpx.AsyncBaseTransport] = None, ca_file: Optional[str] = None) -> None:
         super().__init__(nodes, token, name, timeout_s, write_timeout_s, connect_timeout_s, call_timeout_s,
                          retries_max, retry_budget, rng, ca_file)
-        self._http = httpx.AsyncClient(transport=transport, verify=self._verify)
+        self._http = httpx.AsyncClient(transport=transport, verify=self._verify, limits=_LIMITS)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -436,6 +461,9 @@ class AsyncClient(_ClientBase):
         while True:
             index = core.node()
             verdict: _Verdict
+            refused = core.throttled(request, index)
+            if refused is not None:
+                raise core.give_up(refused, maybe_done)
             sent = time.monotonic()
             timeout = core.timeout(request, deadline)
             try:
@@ -523,6 +551,15 @@ class AsyncClient(_ClientBase):
 
     async def complete(self, task_id: int, fence: int, result: Any = None, usage: Optional[Usage] = None) -> Task:
         return await self._call(_Endpoints.complete(task_id, fence, result, usage))
+
+    async def complete_many(self, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """As `Client.complete_many`."""
+        return await self._call(_Endpoints.complete_many(results))
+
+    async def fail_minimal(self, task_id: int, fence: int, error: str, retryable: bool = True,
+                           usage: Optional[Usage] = None) -> None:
+        """A failure asking for an acknowledgement without the task (`Prefer: return=minimal`)."""
+        await self._call(_Endpoints.fail(task_id, fence, error, retryable, usage, minimal=True))
 
     async def fail(self, task_id: int, fence: int, error: str, retryable: bool = True,
                    usage: Optional[Usage] = None) -> Task:

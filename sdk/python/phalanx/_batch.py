@@ -1,0 +1,100 @@
+"""Results sent together (issue 16): an agent's completes collected for a few
+milliseconds (`BATCH_WAIT_S`, or `BATCH_MAX` of them) and sent in one
+`POST /v1/tasks/complete` with a minimal answer.
+
+What an acknowledgement means does not change: each caller hears its own
+item's answer, as a single complete would have answered it (accepted, or that
+item's refusal raised as its `PhalanxError`), and a failure of the request as
+a whole is raised to every caller of the batch (docs/sdk.md, 3). Leaves the
+outbox and the counting to `agent.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Optional
+
+from ._errors import ERROR_CODES, PhalanxError, error_from_answer
+from .client import AsyncClient
+from .types import Usage
+
+BATCH_WAIT_S = 0.005
+BATCH_MAX = 64
+
+
+class CompleteBatcher:
+    def __init__(self, client: AsyncClient, wait_s: float = BATCH_WAIT_S, batch_max: int = BATCH_MAX) -> None:
+        self.client = client
+        self.wait_s = wait_s
+        self.batch_max = batch_max
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._full: Optional[asyncio.Event] = None
+        self._senders: set[asyncio.Task[None]] = set()
+        # Requests sent and results they carried, for benches and tests.
+        self.requests = 0
+        self.results = 0
+
+    async def complete(self, task_id: int, fence: int, result: Any, usage: Optional[Usage] = None) -> None:
+        """Sends this result with whatever else arrives within the wait; returns when its own item is
+        accepted, raises its own refusal (or the whole request's failure) otherwise."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(({"task_id": task_id, "fence": fence, "result": result, "usage": usage}, future))
+        if len(self._pending) == 1:
+            self._full = asyncio.Event()
+            # On a task of its own, so that a caller that gives up does not strand the others.
+            sender = asyncio.ensure_future(self._send_after_wait(self._full))
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        elif len(self._pending) >= self.batch_max and self._full is not None:
+            self._full.set()
+        await asyncio.shield(future)
+
+    async def _send_after_wait(self, full: asyncio.Event) -> None:
+        try:
+            await asyncio.wait_for(full.wait(), self.wait_s)
+        except asyncio.TimeoutError:
+            pass
+        batch, self._pending = self._pending, []
+        for start in range(0, len(batch), self.batch_max):
+            await self._send(batch[start:start + self.batch_max])
+
+    async def _send(self, chunk: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
+        self.requests += 1
+        self.results += len(chunk)
+        try:
+            try:
+                answers = await self.client.complete_many([item for item, _ in chunk])
+            except PhalanxError as error:
+                if error.status not in (404, 405):
+                    raise
+                # A node older than the batch route: one complete each.
+                answers = []
+                for item, _ in chunk:
+                    try:
+                        await self.client.complete(item["task_id"], item["fence"], item["result"], item["usage"])
+                        answers.append({"task_id": item["task_id"], "ok": True})
+                    except PhalanxError as refused:
+                        answers.append({"task_id": item["task_id"],
+                                        "error": {"code": refused.code, "message": refused.message}})
+            if len(answers) != len(chunk):
+                raise PhalanxError(200, "bad_answer", f"{len(answers)} answers for {len(chunk)} results")
+        except BaseException as error:  # noqa: BLE001 - every caller hears the request's failure
+            for _, future in chunk:
+                if not future.done():
+                    future.set_exception(error if isinstance(error, Exception) else
+                                         PhalanxError(0, "cancelled", "the batch was cancelled", outcome="unknown"))
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (_, future), answer in zip(chunk, answers):
+            if future.done():
+                continue
+            if answer.get("ok"):
+                future.set_result(None)
+            else:
+                refusal = answer.get("error") or {}
+                status = ERROR_CODES.get(str(refusal.get("code")), (400, "not_done", False))[0]
+                future.set_exception(error_from_answer(status, {"error": refusal}))
+
+
+__all__ = ["BATCH_MAX", "BATCH_WAIT_S", "CompleteBatcher"]

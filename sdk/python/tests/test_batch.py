@@ -1,0 +1,122 @@
+"""Issue 16 in the Python SDK: client-side adaptive throttling (docs/sdk.md, 10) against a scripted node
+that refuses for load, and batched completes against a real node (a stale fence in the middle of a batch
+refused alone; the agent sends its results together, each acknowledged on its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import httpx
+import pytest
+
+from phalanx import AsyncAgent, AsyncClient, Client, Overloaded, TaskContext
+from phalanx._batch import CompleteBatcher
+from phalanx._errors import Superseded
+from phalanx._throttle import WINDOW_S, AdaptiveThrottle, class_of_priority
+
+from test_sdk import FAST, refusal, wait_for
+
+
+# ---- 10. adaptive throttling ----
+
+
+def test_sdk_10_the_probability_follows_requests_and_accepts_per_node_and_class():
+    now = [0.0]
+    throttle = AdaptiveThrottle(clock=lambda: now[0])
+    for i in range(1000):
+        throttle.answered("a:1", "low", accepted=i < 100)
+    assert throttle.reject_probability("a:1", "low") == pytest.approx(800 / 1001)
+    assert not throttle.admit("a:1", "low", 0.5) and throttle.admit("a:1", "low", 0.9)
+    assert throttle.reject_probability("b:1", "low") == 0.0 and throttle.reject_probability("a:1", "high") == 0.0
+    for _ in range(1000):
+        throttle.answered("c:1", "normal", accepted=True)
+    assert throttle.reject_probability("c:1", "normal") == 0.0
+    now[0] = WINDOW_S + 5
+    assert throttle.reject_probability("a:1", "low") == 0.0, "the window forgets after two minutes"
+    assert [class_of_priority(p) for p in (0, 3, 4, 6, 7, 9)] == ["low", "low", "normal", "normal", "high", "high"]
+
+
+def test_sdk_10_a_node_refusing_for_load_is_throttled_by_the_client():
+    seen: list[httpx.Request] = []
+    overloaded = refusal(429, "overloaded", outcome="not_done")
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return overloaded(request)
+
+    client = Client(["n1:1"], rng=random.Random(1), retries_max=0, transport=httpx.MockTransport(handle))
+    throttled = 0
+    for _ in range(100):
+        with pytest.raises(Overloaded) as error:
+            client.submit("q", 1, priority=2)
+        assert error.value.code == "overloaded" and error.value.outcome == "not_done"
+        throttled += "throttled by the client" in error.value.message
+    assert throttled + len(seen) == 100, "a throttled request never reaches the node"
+    assert throttled >= 80 and len(seen) >= 1
+    # The high class has a window of its own: its first request is sent.
+    before = len(seen)
+    with pytest.raises(Overloaded) as error:
+        client.submit("q", 1, priority=8)
+    assert "throttled" not in error.value.message and len(seen) == before + 1
+    # Turned off, every request is sent.
+    client.throttling = False
+    before = len(seen)
+    for _ in range(5):
+        with pytest.raises(Overloaded):
+            client.submit("q", 1, priority=2)
+    assert len(seen) == before + 5
+
+
+# ---- batched completes, real node ----
+
+
+def lease_all(client: Client, agent_id: str, count: int) -> list[tuple[int, int]]:
+    registration = client.register(agent_id, ["q"], capacity=count)
+    leases = client.poll(agent_id, registration["epoch"], max_tasks=count, wait_ms=1000)
+    return sorted((lease["task"]["id"], lease["fence"]) for lease in leases)
+
+
+def test_a_batch_of_results_refuses_a_stale_fence_alone(server, client):
+    ids = [client.submit("q", i) for i in range(5)]
+    leases = lease_all(client, "py-batch", 5)
+    assert [task_id for task_id, _ in leases] == sorted(ids)
+    items = [{"task_id": task_id, "fence": fence, "result": task_id} for task_id, fence in leases]
+    items[2]["fence"] -= 1
+    answers = client.complete_many(items)
+    assert [a.get("ok") for a in answers] == [True, True, None, True, True]
+    assert answers[2]["task_id"] == leases[2][0] and answers[2]["error"]["code"] == "superseded"
+    assert client.get_task(leases[0][0])["state"] == "succeeded"
+    assert client.get_task(leases[2][0])["state"] == "leased"
+
+
+async def test_the_batcher_answers_each_caller_with_its_own_item(server, client):
+    for i in range(4):
+        client.submit("q", i)
+    leases = lease_all(client, "py-batcher", 4)
+    async with AsyncClient(server.addr) as async_client:
+        batcher = CompleteBatcher(async_client)
+        calls = [batcher.complete(task_id, fence - (1 if n == 1 else 0), "r") for n, (task_id, fence) in
+                 enumerate(leases)]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert outcomes[0] is None and outcomes[2] is None and outcomes[3] is None
+    assert isinstance(outcomes[1], Superseded)
+    assert batcher.requests == 1 and batcher.results == 4
+
+
+async def test_the_agent_sends_its_results_in_batches(server, client):
+    ids = [client.submit("q", i) for i in range(200)]
+
+    async def handle(context: TaskContext) -> int:
+        return context.task_id
+
+    agent = AsyncAgent(server.addr, "py-batching", ["q"], handle, concurrency=64, **FAST)
+    running = asyncio.create_task(agent.run())
+    try:
+        await wait_for(lambda: agent.stats.completed == 200, what="every result acknowledged")
+    finally:
+        agent.stop()
+        await asyncio.wait_for(running, 15)
+    assert client.get_task(ids[123])["result"] == ids[123]
+    assert agent.batcher.results == 200 and agent.batcher.requests < 100, (agent.batcher.requests, "requests")
