@@ -420,6 +420,8 @@ struct PendingResult {
 pub struct CompleteBatcher {
     pending: Mutex<Vec<PendingResult>>,
     full: tokio::sync::Notify,
+    /// Batch requests sent, for benches and tests.
+    pub requests: AtomicU64,
 }
 
 impl CompleteBatcher {
@@ -448,6 +450,7 @@ impl CompleteBatcher {
                 while batch.peek().is_some() {
                     let chunk: Vec<PendingResult> = batch.by_ref().take(COMPLETE_BATCH_MAX).collect();
                     let items: Vec<CompleteItem> = chunk.iter().map(|p| p.item.clone()).collect();
+                    batcher.requests.fetch_add(1, Ordering::Relaxed);
                     match client.complete_many(&items).await {
                         // A node older than the batch route: one complete each.
                         Err(error) if matches!(error.status(), Some(404 | 405)) => {
@@ -531,6 +534,11 @@ impl Agent {
     /// Counters and mode, readable while the agent runs.
     pub fn stats(&self) -> &AgentStats {
         &self.stats
+    }
+
+    /// Batch complete requests sent so far (each carries up to `COMPLETE_BATCH_MAX` results).
+    pub fn complete_requests(&self) -> u64 {
+        self.batcher.requests.load(Ordering::Relaxed)
     }
 
     pub fn outbox_len(&self) -> usize {

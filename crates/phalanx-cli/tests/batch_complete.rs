@@ -171,6 +171,8 @@ async fn the_rust_agent_sends_its_results_in_batches() {
         assert_eq!((task["state"].as_str(), &task["result"]), (Some("succeeded"), &json!({"done": id})));
     }
     assert!(metric(&cluster, 1, "phalanx_commands_proposed_total").await - commands_before >= 300);
-    // One request per result would be 300 on their own, polls and heartbeats aside.
-    assert!(requests < 300, "{requests} requests for 300 results");
+    // Results share requests: fewer batch requests than results (how many
+    // share one depends on how the handlers' ends fall within 5 ms).
+    let batches = agent.complete_requests();
+    assert!(batches > 0 && batches < 300, "{batches} batch requests for 300 results ({requests} requests in all)");
 }
