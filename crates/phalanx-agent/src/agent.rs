@@ -45,6 +45,9 @@ pub struct AgentConfig {
     /// Where the outbox lives (`<dir>/<agent_id>.outbox`); `None` keeps
     /// undelivered results in memory only (lost when the process ends).
     pub outbox_dir: Option<PathBuf>,
+    /// The PEM CA file `https://` nodes are verified by (docs/sdk.md, 1;
+    /// default `PHALANX_CA_FILE`, else the system's roots).
+    pub ca_file: Option<PathBuf>,
     /// Local work the agent may do while autonomous, within the budget below.
     pub autonomous_handler: Option<AutonomousHandler>,
     /// Autonomy budget, per outage (docs/sdk.md, 7): runs of the autonomous
@@ -68,6 +71,7 @@ impl AgentConfig {
             poll_wait_ms: 10_000,
             orchestrator_timeout_ms: 5_000,
             outbox_dir: None,
+            ca_file: None,
             autonomous_handler: None,
             autonomy_tasks_max: 0,
             autonomy_seconds_max: 0,
@@ -498,7 +502,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(config: AgentConfig, handler: Handler) -> Result<Arc<Agent>, Error> {
-        let client = Client::new(config.nodes.clone(), config.token.clone())?.with_name(config.agent_id.clone());
+        let mut client = Client::new(config.nodes.clone(), config.token.clone())?.with_name(config.agent_id.clone());
+        if let Some(path) = &config.ca_file {
+            client = client.with_ca_file(path)?;
+        }
         let outbox = match &config.outbox_dir {
             Some(dir) => Outbox::open(&dir.join(format!("{}.outbox", config.agent_id)))
                 .map_err(|error| Error::Outbox(error.to_string()))?,

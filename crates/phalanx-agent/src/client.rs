@@ -87,8 +87,8 @@ pub enum Error {
     /// A wait ran out (`await_tasks`); it wrote nothing.
     #[error("timed out: {0}")]
     TimedOut(String),
-    /// Settings this client or agent cannot use (an `https://` node in this
-    /// build without TLS, an empty node list); nothing was sent.
+    /// Settings this client or agent cannot use (a node with an unknown
+    /// scheme, a CA file that cannot be read); nothing was sent.
     #[error("unusable settings: {0}")]
     Config(String),
     /// The agent's outbox could not be opened or written (another agent
@@ -154,8 +154,56 @@ pub fn parse_nodes(nodes: &str) -> Vec<String> {
     nodes.split(',').map(normalize_node).filter(|n| !n.is_empty()).collect()
 }
 
+/// A node as the client keeps it: `host:port` for plain HTTP, or
+/// `https://host:port` (docs/sdk.md, 1).
 fn normalize_node(node: &str) -> String {
     node.trim().trim_start_matches("http://").trim_end_matches('/').to_string()
+}
+
+/// `host:port` of a node, whatever its scheme.
+fn node_host(node: &str) -> &str {
+    node.strip_prefix("https://").unwrap_or(node)
+}
+
+/// The URL of `path` on `node`, in the node's own scheme.
+fn node_url(node: &str, path: &str) -> String {
+    if node.starts_with("https://") {
+        format!("{node}{path}")
+    } else {
+        format!("http://{node}{path}")
+    }
+}
+
+/// The environment variable naming the CA file `https://` nodes are verified by.
+pub const CA_FILE_ENV: &str = "PHALANX_CA_FILE";
+/// Bytes of a CA file (a bundle of a few certificates is a few KiB).
+pub const CA_FILE_BYTES_MAX: u64 = 1024 * 1024;
+
+/// The HTTP client: TLS through rustls, verifying `https://` nodes against
+/// `ca_file` alone when one is given, else the system's roots.
+fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, Error> {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_millis(500))
+        .pool_max_idle_per_host(32);
+    if let Some(path) = ca_file {
+        let unusable = |why: String| Error::Config(format!("CA file {}: {why}", path.display()));
+        let size = std::fs::metadata(path).map_err(|e| unusable(e.to_string()))?.len();
+        if size > CA_FILE_BYTES_MAX {
+            return Err(unusable(format!("{size} bytes is more than {CA_FILE_BYTES_MAX}")));
+        }
+        let pem = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| unusable(e.to_string()))?;
+        if certificates.is_empty() {
+            return Err(unusable("holds no PEM certificate".into()));
+        }
+        builder = builder.tls_built_in_root_certs(false);
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(|e| Error::Config(format!("the HTTP client: {e}")))
 }
 
 /// Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^attempt)].
@@ -479,21 +527,12 @@ impl Client {
         if nodes.is_empty() {
             return Err(Error::Unavailable("the node list is empty".into()));
         }
-        // docs/sdk.md, 1: never send to an `https://` node as plain HTTP.
-        if let Some(node) = nodes.iter().find(|n| n.contains("://")) {
-            let reason = if node.starts_with("https://") {
-                "this build of the Rust SDK speaks plain HTTP only (reqwest without TLS), and will not send it as http://"
-            } else {
-                "the scheme is not http:// or https://"
-            };
-            return Err(Error::Config(format!("node {node}: {reason}")));
+        // docs/sdk.md, 1: each node in the scheme it was given, and no other.
+        if let Some(node) = nodes.iter().find(|n| n.contains("://") && !n.starts_with("https://")) {
+            return Err(Error::Config(format!("node {node}: the scheme is not http:// or https://")));
         }
-        let http = reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_millis(500))
-            .pool_max_idle_per_host(32)
-            .build()
-            .map_err(|e| Error::Transport(e.to_string()))?;
+        let ca_file = std::env::var_os(CA_FILE_ENV).filter(|path| !path.is_empty()).map(std::path::PathBuf::from);
+        let http = http_client(ca_file.as_deref())?;
         // Clients start on different nodes, so that a fleet spreads its load.
         let start = rand::thread_rng().gen_range(0..nodes.len());
         Ok(Client {
@@ -522,6 +561,14 @@ impl Client {
     pub fn from_env() -> Result<Client, Error> {
         let nodes = std::env::var("PHALANX_NODES").unwrap_or_else(|_| "127.0.0.1:7070".into());
         Client::from_nodes_str(&nodes, std::env::var("PHALANX_TOKEN").ok().filter(|t| !t.is_empty()))
+    }
+
+    /// Verifies `https://` nodes against this PEM CA file alone (docs/sdk.md,
+    /// 1); without it, `PHALANX_CA_FILE`, else the system's roots. A file
+    /// that cannot be read or holds no certificate is `Error::Config`.
+    pub fn with_ca_file(mut self, path: impl AsRef<std::path::Path>) -> Result<Client, Error> {
+        self.http = http_client(Some(path.as_ref()))?;
+        Ok(self)
     }
 
     /// Names this client for the per-client rate limit (`X-Phalanx-Client`).
@@ -575,7 +622,9 @@ impl Client {
 
     /// Moves to the hinted leader when it is one of ours, else to the next node.
     fn move_on(&self, hint: Option<&str>) {
-        match hint.and_then(|h| self.nodes.iter().position(|n| *n == normalize_node(h))) {
+        let hint = hint.map(normalize_node);
+        let hint = hint.as_deref().map(node_host);
+        match hint.and_then(|h| self.nodes.iter().position(|n| node_host(n) == h)) {
             Some(index) => self.current.store(index, Ordering::Relaxed),
             None => {
                 self.current.fetch_add(1, Ordering::Relaxed);
@@ -595,7 +644,7 @@ impl Client {
     ) -> Result<Answer, Failure> {
         let mut request = self
             .http
-            .request(method, format!("http://{node}{path}"))
+            .request(method, node_url(node, path))
             .timeout(timeout)
             // The node refuses at once what it cannot propose within our
             // budget, which changes nothing, instead of timing out with an open outcome.
@@ -1696,16 +1745,34 @@ mod tests {
         );
     }
 
-    /// docs/sdk.md, 1: this build has no TLS, so an `https://` node is
-    /// refused at construction instead of being sent plain HTTP.
+    /// docs/sdk.md, 1: an `https://` node is spoken to with TLS, any other
+    /// node with plain HTTP, and nothing else is accepted.
     #[test]
-    fn sdk_1_an_https_node_is_refused_not_sent_as_http() {
-        for nodes in ["https://127.0.0.1:7070", "127.0.0.1:1,https://a:2", "ftp://a:1"] {
+    fn sdk_1_each_node_keeps_its_scheme() {
+        let client = Client::from_nodes_str("http://a:1, b:2 ,https://c:3/", None).unwrap();
+        assert_eq!(client.nodes(), ["a:1", "b:2", "https://c:3"]);
+        assert_eq!(node_url("a:1", "/v1/x"), "http://a:1/v1/x");
+        assert_eq!(node_url("https://c:3", "/v1/x"), "https://c:3/v1/x");
+        for nodes in ["ftp://a:1", "127.0.0.1:1,ws://a:2"] {
             let error = Client::from_nodes_str(nodes, None).err().expect(nodes);
             assert!(matches!(error, Error::Config(_)), "{nodes}: {error:?}");
         }
-        let error = Client::from_nodes_str("https://a:1", None).err().unwrap();
-        assert!(error.to_string().contains("https://a:1") && error.to_string().contains("plain HTTP only"), "{error}");
-        assert_eq!(Client::from_nodes_str("http://a:1", None).unwrap().nodes(), ["a:1"]);
+        // A leader hint is host:port; it matches an https:// node too.
+        client.move_on(Some("c:3"));
+        assert_eq!(client.current.load(Ordering::Relaxed), 2);
+        client.move_on(Some("http://a:1"));
+        assert_eq!(client.current.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn sdk_1_a_ca_file_that_cannot_be_used_fails_the_constructor() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let error = Client::from_nodes_str("https://a:1", None).unwrap().with_ca_file(&missing).err().unwrap();
+        assert!(matches!(&error, Error::Config(why) if why.contains("missing.pem")), "{error:?}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let error = Client::from_nodes_str("https://a:1", None).unwrap().with_ca_file(&empty).err().unwrap();
+        assert!(matches!(&error, Error::Config(why) if why.contains("no PEM certificate")), "{error:?}");
     }
 }

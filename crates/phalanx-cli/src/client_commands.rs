@@ -198,7 +198,11 @@ pub enum ClusterCommand {
 }
 
 pub fn client(connect: &Connect) -> anyhow::Result<Client> {
-    Client::new(connect.node_list()?, connect.token.clone()).context("building the client")
+    let client = Client::new(connect.node_list()?, connect.token.clone()).context("building the client")?;
+    match &connect.ca_file {
+        Some(path) => client.with_ca_file(path).context("--ca-file (PHALANX_CA_FILE)"),
+        None => Ok(client),
+    }
 }
 
 fn print_json(value: &Value) {
@@ -627,10 +631,35 @@ enum Health {
     Down(String),
 }
 
+/// How `status` asks each member on its own: members are listed as
+/// `host:port`, spoken to in the scheme of `--nodes` (a cluster is all TLS
+/// or none), verified by `--ca-file` when given.
+struct Probes {
+    client: reqwest::Client,
+    scheme: &'static str,
+}
+
+impl Probes {
+    fn new(connect: &Connect) -> anyhow::Result<Probes> {
+        let tls = connect.node_list()?.iter().any(|node| node.starts_with("https://"));
+        let mut builder = reqwest::Client::builder().use_rustls_tls().timeout(STATUS_PROBE_TIMEOUT);
+        if let Some(path) = &connect.ca_file {
+            let pem = std::fs::read(path).with_context(|| format!("--ca-file {}", path.display()))?;
+            builder = builder.tls_built_in_root_certs(false);
+            for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("--ca-file {}: not PEM certificates", path.display()))?
+            {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        Ok(Probes { client: builder.build()?, scheme: if tls { "https" } else { "http" } })
+    }
+}
+
 /// Asks one node whether it is ready (`GET /health/ready`), once: failing
 /// over would answer for another node.
-async fn probe(http: &reqwest::Client, token: Option<&str>, addr: &str) -> Health {
-    let mut request = http.get(format!("http://{addr}/health/ready"));
+async fn probe(http: &Probes, token: Option<&str>, addr: &str) -> Health {
+    let mut request = http.client.get(format!("{}://{addr}/health/ready", http.scheme));
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -654,8 +683,8 @@ async fn probe(http: &reqwest::Client, token: Option<&str>, addr: &str) -> Healt
 }
 
 /// `GET /v1/cluster` of one named node, once.
-async fn cluster_view(http: &reqwest::Client, token: Option<&str>, addr: &str) -> Option<Value> {
-    let mut request = http.get(format!("http://{addr}/v1/cluster"));
+async fn cluster_view(http: &Probes, token: Option<&str>, addr: &str) -> Option<Value> {
+    let mut request = http.client.get(format!("{}://{addr}/v1/cluster", http.scheme));
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -684,7 +713,7 @@ impl Gathered {
     }
 }
 
-async fn gather(client: &Client, http: &reqwest::Client, token: Option<&str>) -> anyhow::Result<Gathered> {
+async fn gather(client: &Client, http: &Probes, token: Option<&str>) -> anyhow::Result<Gathered> {
     let cluster = serde_json::to_value(client.cluster().await?)?;
     let work = client.status().await?;
     // The leader's own view knows how far each node's log matches its own.
@@ -713,7 +742,7 @@ async fn gather(client: &Client, http: &reqwest::Client, token: Option<&str>) ->
 /// if that does not happen within `wait_s` seconds.
 pub async fn status(connect: &Connect, wait_s: Option<u64>, json: bool) -> anyhow::Result<()> {
     let client = client(connect)?;
-    let http = reqwest::Client::builder().timeout(STATUS_PROBE_TIMEOUT).build()?;
+    let http = Probes::new(connect)?;
     let token = connect.token.as_deref();
     let deadline = wait_s.map(|s| std::time::Instant::now() + Duration::from_secs(s));
     let gathered = loop {

@@ -70,6 +70,7 @@ pub async fn run(args: ExecAgentArgs) -> anyhow::Result<()> {
     check_command(&args.exec).await?;
     let mut config = AgentConfig::new(args.connect.node_list()?, agent_id.clone(), args.queue.clone());
     config.token = args.connect.token.clone();
+    config.ca_file = args.connect.ca_file.clone();
     config.concurrency = args.concurrency;
     config.lease_ttl_ms = args.lease_ttl_ms;
     config.outbox_dir = args.outbox_dir.clone();

@@ -52,6 +52,10 @@ pub struct Connect {
     /// Client token, when the cluster requires one.
     #[arg(long, env = "PHALANX_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// The PEM CA file `https://` nodes are verified by (default: the
+    /// system's roots).
+    #[arg(long, env = "PHALANX_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Connect {
@@ -69,16 +73,17 @@ impl Connect {
     }
 }
 
-/// One `--nodes` entry as `host:port`: an `http://` prefix and a trailing
-/// `/` are dropped, a missing port is the client port default. Nodes speak
-/// plain HTTP, so any other scheme is refused rather than misread.
+/// One `--nodes` entry as `host:port` (plain HTTP) or `https://host:port`
+/// (TLS): an `http://` prefix and a trailing `/` are dropped, a missing port
+/// is the client port default. Any other scheme is refused rather than misread.
 fn node_address(node: &str) -> anyhow::Result<String> {
-    let bare = match node.split_once("://") {
-        Some(("http", rest)) => rest,
+    let (bare, prefix) = match node.split_once("://") {
+        Some(("http", rest)) => (rest, ""),
+        Some(("https", rest)) => (rest, "https://"),
         Some((scheme, _)) => anyhow::bail!(
-            "{node:?} in --nodes: nodes speak plain HTTP, not {scheme}:// (give HOST[:PORT], e.g. 127.0.0.1:7070)"
+            "{node:?} in --nodes: nodes speak http:// or https://, not {scheme}:// (give HOST[:PORT], e.g. 127.0.0.1:7070)"
         ),
-        None => node,
+        None => (node, ""),
     };
     let bare = bare.trim_end_matches('/');
     anyhow::ensure!(
@@ -108,7 +113,7 @@ fn node_address(node: &str) -> anyhow::Result<String> {
             .filter(|port| *port != 0)
             .with_context(|| format!("{node:?} in --nodes: {port:?} is not a port (1 to 65535)"))?,
     };
-    Ok(format!("{host}:{port}"))
+    Ok(format!("{prefix}{host}:{port}"))
 }
 
 #[derive(Subcommand)]
@@ -272,6 +277,21 @@ pub struct ServerArgs {
     /// Bytes of one list answer; a longer list is cut and says where to continue.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub list_bytes_max: usize,
+    /// Serve TLS with this PEM certificate chain, on both listeners, and
+    /// speak TLS to every peer (the whole cluster is TLS or none is).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Make the Raft listener mutual: peers must present a certificate this
+    /// PEM CA signed (each node presents its `--tls-cert`). Needs `--raft-listen`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The PEM CA that signed the nodes' certificates, to verify peers by
+    /// (default: `--tls-client-ca`).
+    #[arg(long, env = "PHALANX_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// `text` (one line per event; colours only on a terminal) or `json` (one object per line).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -304,6 +324,14 @@ impl ServerArgs {
         config.header_bytes_max = self.header_bytes_max;
         config.uri_bytes_max = self.uri_bytes_max;
         config.list_bytes_max = self.list_bytes_max;
+        config.tls = phalanx_server::tls::Files {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+            // PHALANX_CA_FILE may be set for the CLI's own use; a node
+            // without a certificate ignores it.
+            ca: self.ca_file.clone().filter(|_| self.tls_cert.is_some()),
+        };
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading the config file {} (--config)", path.display()))?;
@@ -496,14 +524,15 @@ mod tests {
         check_node("http://10.0.0.1:7002/", Ok("10.0.0.1:7002"));
         check_node("[::1]", Ok("[::1]:7070"));
         check_node("[::1]:7003", Ok("[::1]:7003"));
-        check_node("https://example.com", Err("plain HTTP, not https://"));
+        check_node("https://example.com", Ok("https://example.com:7070"));
+        check_node("https://127.0.0.1:7443/", Ok("https://127.0.0.1:7443"));
         check_node("ftp://example.com:21", Err("not ftp://"));
         check_node("::1", Err("in brackets"));
         check_node("host:http", Err("\"http\" is not a port"));
         check_node("host:0", Err("is not a port"));
         check_node(":7070", Err("names no host"));
         check_node("host/path", Err("is not HOST[:PORT]"));
-        let connect = |nodes: &str| Connect { nodes: nodes.into(), token: None }.node_list();
+        let connect = |nodes: &str| Connect { nodes: nodes.into(), token: None, ca_file: None }.node_list();
         assert_eq!(connect(" a, b:1 ,").unwrap(), ["a:7070", "b:1"]);
         assert!(connect(" , ").unwrap_err().to_string().contains("names no node"));
     }

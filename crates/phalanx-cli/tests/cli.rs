@@ -160,8 +160,8 @@ async fn status_is_a_short_summary_that_names_a_down_node() {
 #[test]
 fn addresses_default_to_port_7070_and_other_schemes_are_refused() {
     let port = free_port().to_string();
-    let output = run(&format!("https://127.0.0.1:{port}"), &["task", "list"]);
-    assert_clear_error(output.status, &text(&output.stderr), &["plain HTTP, not https://"]);
+    let output = run(&format!("ws://127.0.0.1:{port}"), &["task", "list"]);
+    assert_clear_error(output.status, &text(&output.stderr), &["not ws://"]);
     let output = run("127.0.0.1:http", &["status"]);
     assert_clear_error(output.status, &text(&output.stderr), &["is not a port"]);
     // Nothing may listen on 7070 here, or a node of someone else may: either

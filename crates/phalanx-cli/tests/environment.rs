@@ -350,7 +350,7 @@ fn one_node_on(data_dir: PathBuf, extra: &[&str]) -> Cluster {
         child: None,
     };
     let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-    Cluster { dir: tempfile::tempdir().unwrap(), servers: BTreeMap::from([(1, server)]), http }
+    Cluster { dir: tempfile::tempdir().unwrap(), servers: BTreeMap::from([(1, server)]), http, pki: None }
 }
 
 /// A payload of about 200 KB (under the default `payload_bytes_max`).

@@ -487,7 +487,7 @@ async fn forward(
     let mut timeout = Duration::from_millis(node.config.write_timeout_ms + wait + 2_000);
     let mut outgoing = node
         .http
-        .request(parts.method.clone(), format!("http://{leader_addr}{path}"))
+        .request(parts.method.clone(), node.peer_url(&leader_addr, path))
         .header(FORWARDED_HEADER, node.id().to_string())
         .header(PEER_TOKEN_HEADER, node.config.peer_token.clone().unwrap_or_default())
         .body(body);
@@ -1845,7 +1845,7 @@ async fn probe_member(node: &Node, node_id: u64, addr: &str, raft_addr: &str) ->
     };
     let answer = node
         .http
-        .get(format!("http://{addr}/health/live"))
+        .get(node.peer_url(addr, "/health/live"))
         .timeout(timeout)
         .send()
         .await

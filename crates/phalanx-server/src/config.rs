@@ -87,6 +87,9 @@ pub struct NodeConfig {
     /// Bytes of one list answer (`GET /v1/tasks`); a longer list is cut and
     /// says where to continue.
     pub list_bytes_max: usize,
+    /// TLS for both listeners and every peer connection (`tls.rs`); all
+    /// `None`: plain HTTP.
+    pub tls: crate::tls::Files,
 }
 
 impl NodeConfig {
@@ -127,6 +130,7 @@ impl NodeConfig {
             header_bytes_max: 16 * 1024,
             uri_bytes_max: 8 * 1024,
             list_bytes_max: 4 * 1024 * 1024,
+            tls: crate::tls::Files::default(),
         }
     }
 
@@ -226,6 +230,7 @@ impl NodeConfig {
         if self.disk_free_min_percent > 50 {
             return Err("disk_free_min_percent must be at most 50".into());
         }
+        self.tls.validate(self.raft_listen.is_some())?;
         if !(self.client_rate_per_second > 0.0 && self.client_burst >= 1.0) {
             return Err("client_rate_per_second must be positive and client_burst at least 1".into());
         }
@@ -279,6 +284,10 @@ impl NodeConfig {
                 "header_bytes_max" => self.header_bytes_max = number_of(value)? as usize,
                 "uri_bytes_max" => self.uri_bytes_max = number_of(value)? as usize,
                 "list_bytes_max" => self.list_bytes_max = number_of(value)? as usize,
+                "tls_cert" => self.tls.cert = Some(PathBuf::from(value)),
+                "tls_key" => self.tls.key = Some(PathBuf::from(value)),
+                "tls_client_ca" => self.tls.client_ca = Some(PathBuf::from(value)),
+                "ca_file" => self.tls.ca = Some(PathBuf::from(value)),
                 other => return Err(at(format!("unknown key {other:?}"))),
             }
         }

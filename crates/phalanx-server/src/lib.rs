@@ -21,6 +21,7 @@ pub mod proposer;
 pub mod raft_edge;
 pub mod raft_types;
 pub mod store;
+pub mod tls;
 
 pub use config::NodeConfig;
 pub use node::{start, Running};

@@ -18,6 +18,13 @@
 //!   timeout here: the body has its own (`api.rs`, `body_read_timeout_ms`),
 //!   and a long-poll waits on purpose.
 //!
+//! - TLS, when the node has a certificate: the handshake is done in the
+//!   connection's own task, after the connection has its slots and within
+//!   `header_read_timeout_ms` (a refused connection is answered through a
+//!   handshake too, so a TLS client reads the 503 instead of a protocol
+//!   error; those handshakes are bounded by the refusals' own bound).
+//!   What TLS is and is checked against is `tls.rs`'s.
+//!
 //! What a request means is left to the router (`api.rs`).
 
 use crate::error::{ApiError, ErrorCode};
@@ -117,10 +124,16 @@ pub struct BoundedListener {
     answer: Arc<[u8]>,
     answer_per_address: Arc<[u8]>,
     stats: Arc<ListenerStats>,
+    tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl BoundedListener {
-    pub fn new(inner: TcpListener, settings: Settings, stats: Arc<ListenerStats>) -> BoundedListener {
+    pub fn new(
+        inner: TcpListener,
+        settings: Settings,
+        stats: Arc<ListenerStats>,
+        tls: Option<Arc<crate::tls::Tls>>,
+    ) -> BoundedListener {
         BoundedListener {
             inner,
             slots: Arc::new(Semaphore::new(settings.connections_max)),
@@ -130,13 +143,14 @@ impl BoundedListener {
             answer: refusal().into(),
             answer_per_address: refusal_per_address().into(),
             stats,
+            tls,
         }
     }
 
     fn refuse(&self, stream: TcpStream, answer: &Arc<[u8]>) {
         self.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
         if let Ok(permit) = self.refusals.clone().try_acquire_owned() {
-            tokio::spawn(refuse(stream, answer.clone(), permit));
+            tokio::spawn(refuse(stream, self.tls.clone(), answer.clone(), permit));
         }
         // else: dropped, which closes it.
     }
@@ -164,7 +178,7 @@ impl BoundedListener {
                 continue;
             };
             let connection = Connection {
-                stream,
+                stream: Stream::Plain(stream),
                 activity: Arc::new(Mutex::new(Activity::new())),
                 settings: self.settings.clone(),
                 timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -286,9 +300,30 @@ impl Drop for Serving {
     }
 }
 
+/// A connection's bytes: as they come, or through TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// While the handshake has the socket (never read or written).
+    Handshaking,
+}
+
+impl Stream {
+    fn pinned(&mut self) -> io::Result<Pin<&mut dyn AsyncReadWrite>> {
+        match self {
+            Stream::Plain(stream) => Ok(Pin::new(stream)),
+            Stream::Tls(stream) => Ok(Pin::new(stream.as_mut())),
+            Stream::Handshaking => Err(io::Error::new(io::ErrorKind::NotConnected, "TLS handshake not done")),
+        }
+    }
+}
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
+
 /// An accepted connection; its slots are given back when it is dropped.
 pub struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     activity: Arc<Mutex<Activity>>,
     settings: Settings,
     timer: Pin<Box<Sleep>>,
@@ -315,10 +350,11 @@ pub async fn serve(
     let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
     let header_bytes_max = listener.settings.header_bytes_max;
     loop {
-        let (connection, addr) = tokio::select! {
+        let (mut connection, addr) = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
+        let tls = listener.tls.clone();
         let activity = connection.activity.clone();
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
@@ -334,6 +370,12 @@ pub async fn serve(
         let mut stop = shutdown.clone();
         let open = open_tx.clone();
         tokio::spawn(async move {
+            if let Some(tls) = tls {
+                if let Err(error) = connection.handshake(&tls).await {
+                    tracing::debug!(%error, %addr, "TLS handshake failed");
+                    return;
+                }
+            }
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.max_header_size(header_bytes_max).header_read_timeout(None).keep_alive(true);
             let serving = builder.serve_connection(hyper_util::rt::TokioIo::new(connection), service);
@@ -360,7 +402,30 @@ pub async fn serve(
 /// Writes the prepared answer and closes. What the client sent is read and
 /// discarded first, briefly, so that the close is a FIN the client reads
 /// after the answer, not a reset that could discard it.
-async fn refuse(mut stream: TcpStream, answer: Arc<[u8]>, _permit: OwnedSemaphorePermit) {
+async fn refuse(
+    stream: TcpStream,
+    tls: Option<Arc<crate::tls::Tls>>,
+    answer: Arc<[u8]>,
+    _permit: OwnedSemaphorePermit,
+) {
+    match tls {
+        None => answer_and_close(stream, answer).await,
+        Some(tls) => {
+            let Ok(Ok(mut stream)) = tokio::time::timeout(REFUSAL_LINGER, tls.accept_client(stream)).await else {
+                return;
+            };
+            // A TLS client sends its request once the handshake is done; an
+            // answer that arrived before it would be an unsolicited message
+            // to its HTTP client, so the first bytes of the request are waited
+            // for (briefly) first.
+            let mut head = [0u8; 1024];
+            let _ = tokio::time::timeout(REFUSAL_LINGER, stream.read(&mut head)).await;
+            answer_and_close(stream, answer).await;
+        }
+    }
+}
+
+async fn answer_and_close(mut stream: impl AsyncRead + AsyncWrite + Unpin, answer: Arc<[u8]>) {
     if stream.write_all(&answer).await.is_err() {
         return;
     }
@@ -377,11 +442,30 @@ async fn refuse(mut stream: TcpStream, answer: Arc<[u8]>, _permit: OwnedSemaphor
 }
 
 impl Connection {
+    /// Does the TLS handshake, within the time a request head is given.
+    async fn handshake(&mut self, tls: &crate::tls::Tls) -> io::Result<()> {
+        let Stream::Plain(stream) = std::mem::replace(&mut self.stream, Stream::Handshaking) else {
+            return Err(io::Error::other("the handshake is done once"));
+        };
+        match tokio::time::timeout(self.settings.header_read_timeout, tls.accept_client(stream)).await {
+            Ok(Ok(stream)) => {
+                self.stream = Stream::Tls(Box::new(stream));
+                self.activity.lock().expect("activity lock").opened = Instant::now();
+                Ok(())
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => {
+                self.stats.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake not done in time"))
+            }
+        }
+    }
+
     /// Writes what remains of the rewritten answer; `Ready` once all is out.
     fn poll_rewrite(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let Some((answer, written)) = &mut self.rewrite else { return Poll::Ready(Ok(())) };
         while *written < answer.len() {
-            match Pin::new(&mut self.stream).poll_write(cx, &answer[*written..]) {
+            match self.stream.pinned()?.poll_write(cx, &answer[*written..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(count)) => *written += count,
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
@@ -410,7 +494,7 @@ impl AsyncRead for Connection {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+        match this.stream.pinned()?.poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
                     this.activity.lock().expect("activity lock").bytes_read();
@@ -449,7 +533,7 @@ impl AsyncWrite for Connection {
         if this.rewrite.is_some() {
             return this.poll_rewrite(cx).map_ok(|()| buf.len());
         }
-        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
+        let result = this.stream.pinned()?.poll_write(cx, buf);
         if matches!(result, Poll::Ready(Ok(count)) if count > 0) {
             this.touch();
         }
@@ -469,7 +553,7 @@ impl AsyncWrite for Connection {
             let total = bufs.iter().map(|b| b.len()).sum();
             return this.poll_rewrite(cx).map_ok(|()| total);
         }
-        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        let result = this.stream.pinned()?.poll_write_vectored(cx, bufs);
         if matches!(result, Poll::Ready(Ok(count)) if count > 0) {
             this.touch();
         }
@@ -477,7 +561,11 @@ impl AsyncWrite for Connection {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            Stream::Plain(stream) => stream.is_write_vectored(),
+            Stream::Tls(stream) => stream.is_write_vectored(),
+            Stream::Handshaking => false,
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -485,7 +573,7 @@ impl AsyncWrite for Connection {
         if this.rewrite.is_some() {
             std::task::ready!(this.poll_rewrite(cx))?;
         }
-        Pin::new(&mut this.stream).poll_flush(cx)
+        this.stream.pinned()?.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -493,7 +581,7 @@ impl AsyncWrite for Connection {
         if this.rewrite.is_some() {
             std::task::ready!(this.poll_rewrite(cx))?;
         }
-        Pin::new(&mut this.stream).poll_shutdown(cx)
+        this.stream.pinned()?.poll_shutdown(cx)
     }
 }
 

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct Network {
     http: reqwest::Client,
+    /// `https` when the node has TLS (`tls.rs`), else `http`.
+    scheme: &'static str,
     peer_token: Option<String>,
     /// When each peer last answered a Raft RPC (shown by `/v1/cluster`).
     pub contacts: Arc<Mutex<BTreeMap<NodeId, Instant>>>,
@@ -57,14 +59,17 @@ impl Network {
 }
 
 impl Network {
-    pub fn new(peer_token: Option<String>) -> Network {
-        let http = reqwest::Client::builder()
+    pub fn new(peer_token: Option<String>, tls: Option<&crate::tls::Tls>) -> Result<Network, String> {
+        let mut http = reqwest::Client::builder()
             .pool_max_idle_per_host(8)
             .tcp_nodelay(true)
-            .connect_timeout(Duration::from_millis(500))
-            .build()
-            .expect("HTTP client builds");
-        Network { http, peer_token, contacts: Arc::default(), unreachable: Arc::default() }
+            .connect_timeout(Duration::from_millis(500));
+        if let Some(tls) = tls {
+            http = tls.client(http)?;
+        }
+        let http = http.build().map_err(|error| format!("the Raft client: {error}"))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        Ok(Network { http, scheme, peer_token, contacts: Arc::default(), unreachable: Arc::default() })
     }
 }
 
@@ -94,7 +99,7 @@ impl Connection {
         Resp: DeserializeOwned,
         Err: std::error::Error + DeserializeOwned,
     {
-        let url = format!("http://{}/raft/{route}", self.addr);
+        let url = format!("{}://{}/raft/{route}", self.network.scheme, self.addr);
         let mut request = self.network.http.post(url).json(body).timeout(option.hard_ttl());
         if let Some(token) = &self.network.peer_token {
             request = request.bearer_auth(token);

@@ -68,8 +68,10 @@ pub struct Node {
     pub raft: Raft,
     pub shared: Arc<StateMachineShared>,
     pub proposer: Proposer,
-    /// For forwarding requests to the leader.
+    /// For forwarding requests to the leader, and probing peers.
     pub http: reqwest::Client,
+    /// TLS, when the node has a certificate (`tls.rs`).
+    pub tls: Option<Arc<crate::tls::Tls>>,
     /// The node-level decisions and their soft state (agent liveness among
     /// them); the loops below and the agent routes call in.
     pub controller: Mutex<Controller>,
@@ -137,6 +139,13 @@ pub const EXIT_RAFT_STOPPED: u8 = 75;
 pub struct RaftStopped(pub String);
 
 impl Node {
+    /// `http://ADDR` or `https://ADDR`: how this node speaks to a peer's
+    /// listener (a cluster is all TLS or none, `tls.rs`).
+    pub fn peer_url(&self, addr: &str, path: &str) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{addr}{path}")
+    }
+
     /// Notes that a leader's append or snapshot was accepted here.
     pub fn heard_from_leader(&self) {
         self.elections.lock().expect("elections lock").leader_contact = Some(Instant::now());
@@ -278,6 +287,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {} (--data-dir)", config.data_dir.display()))?;
+    let tls = crate::tls::Tls::load(&config.tls).map_err(anyhow::Error::msg)?;
 
     // The listeners first: a busy port is the likeliest mistake, and it is
     // reported before anything is opened or started.
@@ -325,7 +335,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let descriptors = raise_descriptor_limit(&mut config);
     let storage_health = log_store.health.clone();
     let raft_config = Arc::new(raft_config(&config)?);
-    let network = Network::new(config.peer_token.clone());
+    let network = Network::new(config.peer_token.clone(), tls.as_deref()).map_err(anyhow::Error::msg)?;
     let peer_contacts = network.contacts.clone();
 
     let node_id = config.node_id;
@@ -352,11 +362,14 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
             config.write_timeout_ms,
         )
     };
-    let http = reqwest::Client::builder()
+    let mut http = reqwest::Client::builder()
         .tcp_nodelay(true)
         .pool_max_idle_per_host(64)
-        .connect_timeout(Duration::from_millis(crate::api::FORWARD_CONNECT_TIMEOUT_MS))
-        .build()?;
+        .connect_timeout(Duration::from_millis(crate::api::FORWARD_CONNECT_TIMEOUT_MS));
+    if let Some(tls) = &tls {
+        http = tls.client(http).map_err(anyhow::Error::msg)?;
+    }
+    let http = http.build()?;
     let controller = Controller::new(controller::Settings { election_timeout_max_ms: config.election_timeout_max_ms });
     let node = Arc::new(Node {
         pollers: Arc::new(Semaphore::new(config.pollers_max)),
@@ -371,6 +384,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         shared,
         proposer,
         http,
+        tls: tls.clone(),
         controller: Mutex::new(controller),
         peer_contacts,
         storage_health,
@@ -398,18 +412,21 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     if let Some(raft_listener) = raft_listener {
         let router = crate::api::raft_router(node.clone());
         let mut raft_shutdown = shutdown_rx.clone();
+        let tls = tls.clone();
         consensus.spawn(async move {
-            let _ = axum::serve(raft_listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = raft_shutdown.wait_for(|stop| *stop).await;
-                })
-                .await;
+            let stop = async move {
+                let _ = raft_shutdown.wait_for(|stop| *stop).await;
+            };
+            let _ = match tls {
+                Some(tls) => axum::serve(tls.raft_listener(raft_listener), router).with_graceful_shutdown(stop).await,
+                None => axum::serve(raft_listener, router).with_graceful_shutdown(stop).await,
+            };
         });
     }
     let router = crate::api::router(node.clone())
         .layer(axum::middleware::from_fn_with_state(node.clone(), crate::metrics::time_requests));
     let settings = crate::listener::Settings::of(&node.config);
-    let listener = crate::listener::BoundedListener::new(listener, settings, node.listener_stats.clone());
+    let listener = crate::listener::BoundedListener::new(listener, settings, node.listener_stats.clone(), tls);
     let server = tokio::spawn(crate::listener::serve(listener, router, shutdown_rx));
     tracing::info!(node_id = node.id(), %addr, ?raft_addr, "node serving");
     Ok(Running { node, addr, raft_addr, shutdown_tx, server, _raft_runtime: raft_runtime })
@@ -827,7 +844,7 @@ async fn election_loop(node: Arc<Node>, mut shutdown: tokio::sync::watch::Receiv
         for (peer, raft_addr) in peers.into_iter().filter(|_| probing) {
             let node = node.clone();
             tokio::spawn(async move {
-                let mut request = node.http.get(format!("http://{raft_addr}/raft/probe")).timeout(probe_timeout);
+                let mut request = node.http.get(node.peer_url(&raft_addr, "/raft/probe")).timeout(probe_timeout);
                 if let Some(token) = &node.config.peer_token {
                     request = request.bearer_auth(token);
                 }
@@ -918,7 +935,7 @@ async fn probe_readiness(node: Arc<Node>) {
             }
             let answer = node
                 .http
-                .get(format!("http://{api}/health/ready"))
+                .get(node.peer_url(api, "/health/ready"))
                 .timeout(Duration::from_millis(controller::READINESS_PROBE_MS * 2))
                 .send()
                 .await;

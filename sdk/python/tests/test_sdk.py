@@ -75,6 +75,25 @@ def test_sdk_1_https_to_a_plain_http_node_fails_instead_of_downgrading(server):
     assert "TLS" in failed.value.message, failed.value.message
 
 
+def test_sdk_1_a_tls_node_is_verified_by_the_ca_file(tls_server, monkeypatch):
+    monkeypatch.delenv("PHALANX_CA_FILE", raising=False)
+    with Client(f"https://{tls_server.addr}", ca_file=tls_server.ca_file) as client:
+        task_id = client.submit("q", {"over": "tls"})
+        assert client.get_task(task_id)["payload"] == {"over": "tls"}
+    monkeypatch.setenv("PHALANX_CA_FILE", tls_server.ca_file)
+    with Client(f"https://{tls_server.addr}") as client:
+        assert client.get_task(task_id)["payload"] == {"over": "tls"}
+    # Without the CA, the system's roots do not know the node: refused, not downgraded.
+    monkeypatch.delenv("PHALANX_CA_FILE")
+    with Client(f"https://{tls_server.addr}", retries_max=1) as client:
+        with pytest.raises(Unavailable):
+            client.get_task(task_id)
+    # And plain HTTP to the TLS node is not served.
+    with Client(tls_server.addr, retries_max=1) as client:
+        with pytest.raises(PhalanxError):
+            client.get_task(task_id)
+
+
 def test_sdk_1_a_ca_file_that_cannot_be_read_fails_at_construction(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="ca_file"):
         Client("https://n1:1", ca_file=str(tmp_path / "missing.pem"))

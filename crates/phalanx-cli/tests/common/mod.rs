@@ -108,6 +108,61 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub servers: BTreeMap<u64, Server>,
     pub http: reqwest::Client,
+    /// The cluster's CA and certificate, when it speaks TLS (`start_tls`).
+    pub pki: Option<Pki>,
+}
+
+/// A test CA and one certificate it signed, valid for 127.0.0.1 and
+/// localhost as a server and as a client, written as PEM files.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    /// Makes a CA named `name` and a certificate for loopback in `dir`.
+    pub fn create(dir: &std::path::Path, name: &str) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        std::fs::create_dir_all(dir).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, format!("{name} CA"));
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, format!("{name} node"));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        let pki = Pki {
+            ca: dir.join(format!("{name}-ca.pem")),
+            cert: dir.join(format!("{name}-cert.pem")),
+            key: dir.join(format!("{name}-key.pem")),
+        };
+        std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
+        std::fs::write(&pki.cert, cert.pem()).unwrap();
+        std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+        pki
+    }
+
+    /// The `phalanx server` flags of a mutual-TLS node with this material.
+    pub fn server_args(&self) -> Vec<String> {
+        let path = |p: &PathBuf| p.display().to_string();
+        ["--tls-cert", &path(&self.cert), "--tls-key", &path(&self.key), "--tls-client-ca", &path(&self.ca)]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    /// A client trusting this CA alone.
+    pub fn client_builder(&self) -> reqwest::ClientBuilder {
+        let pem = std::fs::read(&self.ca).unwrap();
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+    }
 }
 
 impl Cluster {
@@ -120,7 +175,27 @@ impl Cluster {
     /// waits for readiness only of those started as usual (a node whose
     /// environment is at fault may never be ready).
     pub async fn start_with(n: u64, extra: &[&str], environment: impl Fn(u64) -> Environment) -> Cluster {
+        Cluster::start_in(tempfile::tempdir().unwrap(), None, n, extra, environment).await
+    }
+
+    /// Starts `n` nodes speaking mutual TLS (a fresh CA; one certificate
+    /// for every node); `http` trusts that CA alone.
+    pub async fn start_tls(n: u64, extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::create(&dir.path().join("pki"), "cluster");
+        let mut args: Vec<String> = pki.server_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Cluster::start_in(dir, Some(pki), n, &args, |_| Environment::default()).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        pki: Option<Pki>,
+        n: u64,
+        extra: &[&str],
+        environment: impl Fn(u64) -> Environment,
+    ) -> Cluster {
         let addrs: BTreeMap<u64, (String, String)> = (1..=n)
             .map(|id| (id, (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()))))
             .collect();
@@ -148,8 +223,9 @@ impl Cluster {
             server.spawn_with(&environment);
             servers.insert(*id, server);
         }
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-        let cluster = Cluster { dir, servers, http };
+        let http = pki.as_ref().map_or_else(reqwest::Client::builder, Pki::client_builder);
+        let http = http.timeout(Duration::from_secs(20)).build().unwrap();
+        let cluster = Cluster { dir, servers, http, pki };
         for id in &usual {
             cluster.wait_ready(*id, Duration::from_secs(30)).await;
         }
@@ -160,8 +236,22 @@ impl Cluster {
         &self.servers[&id].addr
     }
 
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &'static str {
+        if self.pki.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     pub fn url(&self, id: u64, path: &str) -> String {
-        format!("http://{}{}", self.addr(id), path)
+        format!("{}://{}{}", self.scheme(), self.addr(id), path)
+    }
+
+    /// A client for this cluster's nodes (trusting its CA when it has one).
+    pub fn client_builder(&self) -> reqwest::ClientBuilder {
+        self.pki.as_ref().map_or_else(reqwest::Client::builder, Pki::client_builder)
     }
 
     pub async fn wait_ready(&self, id: u64, within: Duration) {
