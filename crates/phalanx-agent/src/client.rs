@@ -363,6 +363,13 @@ const BACKOFF_BASE: Duration = Duration::from_millis(50);
 /// next node is tried (the deadline header lets the node refuse, changing
 /// nothing, what it cannot propose within it).
 pub const WRITE_TIMEOUT_DEFAULT: Duration = Duration::from_millis(500);
+/// docs/sdk.md, 11: requests one client has in flight at once, long-polls
+/// aside; past it a call waits in the client's own queue, and its attempt's
+/// timeout starts once it is sent, so the client's queueing is never taken
+/// for a slow node.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 128;
+/// docs/sdk.md, 11: long-polls one client has waiting at once.
+pub const POLLS_IN_FLIGHT_MAX: usize = 64;
 /// The adaptive write timeout's floor (see the module's documentation): a
 /// new leader is elected about 250 ms after the old one falls silent.
 pub const WRITE_TIMEOUT_FLOOR: Duration = Duration::from_millis(250);
@@ -515,6 +522,10 @@ pub struct Client {
     throttle: Mutex<Throttle>,
     /// Whether the throttle may refuse locally (on by default).
     pub throttling: bool,
+    /// docs/sdk.md, 11: requests in flight at once (`REQUESTS_IN_FLIGHT_MAX`),
+    /// and long-polls apart (`POLLS_IN_FLIGHT_MAX`).
+    slots: tokio::sync::Semaphore,
+    poll_slots: tokio::sync::Semaphore,
     /// The secret of each agent session registered through this client:
     /// agent id -> (epoch, secret).
     sessions: Mutex<BTreeMap<String, (u64, String)>>,
@@ -548,6 +559,8 @@ impl Client {
             budget: Mutex::new(RetryBudget::new(RETRY_TOKENS_MAX)),
             throttle: Mutex::new(Throttle::new(Instant::now())),
             throttling: true,
+            slots: tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX),
+            poll_slots: tokio::sync::Semaphore::new(POLLS_IN_FLIGHT_MAX),
             sessions: Mutex::new(BTreeMap::new()),
         })
     }
@@ -717,17 +730,22 @@ impl Client {
         let mut tried = Tried::default();
         loop {
             let node = self.node();
+            if self.throttling
+                && !self.throttle.lock().expect("throttle lock").admit(&node, class, Instant::now(), rand::random())
+            {
+                return Err(give_up(throttled(&node), maybe_done));
+            }
+            // docs/sdk.md, 11: past the client's requests in flight, wait in
+            // its own queue; the attempt's time starts once a slot is held.
+            let slots = if path.ends_with("/poll") { &self.poll_slots } else { &self.slots };
+            let slot = slots.acquire().await.expect("the semaphore is never closed");
             let timeout = match attempt_timeout {
                 Attempt::Fixed(timeout) => timeout,
                 Attempt::Write { wait } => self.write_attempt_timeout() + wait,
             };
             let sent = Instant::now();
-            if self.throttling
-                && !self.throttle.lock().expect("throttle lock").admit(&node, class, sent, rand::random())
-            {
-                return Err(give_up(throttled(&node), maybe_done));
-            }
             let exchanged = self.exchange(&node, method.clone(), path, body, timeout, minimal).await;
+            drop(slot);
             if let Ok(answer) = &exchanged {
                 // Only a refusal for load counts against the node (SRE book: "accepts").
                 let refused_for_load = matches!(answer.status, 429 | 503)
@@ -1599,6 +1617,60 @@ mod tests {
             let _ = client.submit(&low).await;
         }
         assert_eq!(received.load(Ordering::SeqCst), before + 5);
+    }
+
+    /// docs/sdk.md, 11: a client sends at most `REQUESTS_IN_FLIGHT_MAX`
+    /// requests at once; the others wait in the client and are sent as
+    /// slots free up, every one answered.
+    #[tokio::test]
+    async fn sdk_11_requests_past_the_bound_wait_in_the_client() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let open = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (open_seen, most_seen) = (open.clone(), most.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (open, most) = (open_seen.clone(), most_seen.clone());
+                tokio::spawn(async move {
+                    let mut buffer = vec![0u8; 8192];
+                    let mut read = 0;
+                    while !buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buffer[read..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => read += n,
+                        }
+                    }
+                    let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    let body = r#"{"task_id": 1, "deduplicated": false}"#;
+                    let answer = format!(
+                        "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        let client = Arc::new(
+            Client::new(vec![addr], None)
+                .unwrap()
+                .with_retries_max(0)
+                .with_write_timeout(Duration::from_secs(10))
+                .with_throttling(false),
+        );
+        let calls = (0..REQUESTS_IN_FLIGHT_MAX + 44).map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.submit(&SubmitRequest::new("q", json!(1))).await })
+        });
+        for call in futures::future::join_all(calls).await {
+            call.unwrap().expect("a request that waited for a slot is sent and answered");
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!(most <= REQUESTS_IN_FLIGHT_MAX && most > REQUESTS_IN_FLIGHT_MAX / 2, "{most} at once");
     }
 
     async fn refused_addr() -> String {

@@ -112,11 +112,24 @@ from .types import (
 )
 
 
-# Connections per client at most, every one kept alive: with httpx's default (20 kept of 100) a busy
-# asyncio client closed and opened connections all the time, and requests queued for a connection cost
-# httpcore's pool time quadratic in the queue (issue 16: 9.5 ms of client CPU per task at 256 in flight).
-CONNECTIONS_MAX = 512
-_LIMITS = httpx.Limits(max_connections=CONNECTIONS_MAX, max_keepalive_connections=CONNECTIONS_MAX)
+# Requests a client has in flight at once, and the connections it keeps, every one kept alive. httpcore's
+# pool does work quadratic in its connections and its queued requests on every request it starts or ends
+# (each connection asked whether it is idle, for each idle one; each queued request against each
+# connection): at 256 requests in flight on 256 connections that was 9.4 ms of client CPU per task, and
+# the client, not the cluster, was the limit. So requests past this many wait in the client's own queue
+# (a semaphore, constant work per request) and the pool stays small. The wait counts against the call's
+# budget (`call_timeout_s`), not against an attempt's timeout: it is the client's queue, not the node's
+# slowness (docs/sdk.md, 11). Long-polls have slots of their own, so that waiting agents sharing a client
+# cannot hold every slot while their polls wait.
+REQUESTS_IN_FLIGHT_MAX = 16
+POLLS_IN_FLIGHT_MAX = 16
+_CONNECTIONS_MAX = REQUESTS_IN_FLIGHT_MAX + POLLS_IN_FLIGHT_MAX
+_LIMITS = httpx.Limits(max_connections=_CONNECTIONS_MAX, max_keepalive_connections=_CONNECTIONS_MAX)
+
+
+def _no_slot() -> PhalanxError:
+    return Overloaded(429, "overloaded", f"the client's {REQUESTS_IN_FLIGHT_MAX} requests in flight left no room "
+                                         "before the call's deadline; nothing was sent", outcome="not_done")
 
 
 class _ClientBase:
@@ -196,6 +209,8 @@ class Client(_ClientBase):
         super().__init__(nodes, token, name, timeout_s, write_timeout_s, connect_timeout_s, call_timeout_s,
                          retries_max, retry_budget, rng, ca_file)
         self._http = httpx.Client(transport=transport, verify=self._verify, limits=_LIMITS)
+        self._slots = threading.BoundedSemaphore(REQUESTS_IN_FLIGHT_MAX)
+        self._poll_slots = threading.BoundedSemaphore(POLLS_IN_FLIGHT_MAX)
 
     def close(self) -> None:
         self._http.close()
@@ -219,16 +234,23 @@ class Client(_ClientBase):
             refused = core.throttled(request, index)
             if refused is not None:
                 raise core.give_up(refused, maybe_done)
-            sent = time.monotonic()
-            timeout = core.timeout(request, deadline)
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            slots = self._poll_slots if request.wait_s > 0 else self._slots
+            if not slots.acquire(timeout=wait_s):
+                raise core.give_up(_no_slot(), maybe_done)
             try:
-                response = self._http.request(request.method, core.url(index, request.path), params=request.query,
-                                              json=request.body, headers=core.headers(deadline, request),
-                                              timeout=timeout)
-            except httpx.HTTPError as error:
-                verdict = core.judge_exception(request, index, error, tried, timeout.read)
-            else:
-                verdict = core.judge_response(request, index, response, tried)
+                sent = time.monotonic()
+                timeout = core.timeout(request, deadline)
+                try:
+                    response = self._http.request(request.method, core.url(index, request.path),
+                                                  params=request.query, json=request.body,
+                                                  headers=core.headers(deadline, request), timeout=timeout)
+                except httpx.HTTPError as error:
+                    verdict = core.judge_exception(request, index, error, tried, timeout.read)
+                else:
+                    verdict = core.judge_response(request, index, response, tried)
+            finally:
+                slots.release()
             if isinstance(verdict, _Done):
                 core.answered(request, sent)
                 return request.decode(verdict.value)
@@ -441,6 +463,8 @@ class AsyncClient(_ClientBase):
         super().__init__(nodes, token, name, timeout_s, write_timeout_s, connect_timeout_s, call_timeout_s,
                          retries_max, retry_budget, rng, ca_file)
         self._http = httpx.AsyncClient(transport=transport, verify=self._verify, limits=_LIMITS)
+        self._slots = asyncio.BoundedSemaphore(REQUESTS_IN_FLIGHT_MAX)
+        self._poll_slots = asyncio.BoundedSemaphore(POLLS_IN_FLIGHT_MAX)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -464,16 +488,27 @@ class AsyncClient(_ClientBase):
             refused = core.throttled(request, index)
             if refused is not None:
                 raise core.give_up(refused, maybe_done)
-            sent = time.monotonic()
-            timeout = core.timeout(request, deadline)
+            slots = self._poll_slots if request.wait_s > 0 else self._slots
             try:
-                response = await self._http.request(request.method, core.url(index, request.path),
-                                                    params=request.query, json=request.body,
-                                                    headers=core.headers(deadline, request), timeout=timeout)
-            except httpx.HTTPError as error:
-                verdict = core.judge_exception(request, index, error, tried, timeout.read)
-            else:
-                verdict = core.judge_response(request, index, response, tried)
+                if deadline is None:
+                    await slots.acquire()
+                else:
+                    await asyncio.wait_for(slots.acquire(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise core.give_up(_no_slot(), maybe_done) from None
+            try:
+                sent = time.monotonic()
+                timeout = core.timeout(request, deadline)
+                try:
+                    response = await self._http.request(request.method, core.url(index, request.path),
+                                                        params=request.query, json=request.body,
+                                                        headers=core.headers(deadline, request), timeout=timeout)
+                except httpx.HTTPError as error:
+                    verdict = core.judge_exception(request, index, error, tried, timeout.read)
+                else:
+                    verdict = core.judge_response(request, index, response, tried)
+            finally:
+                slots.release()
             if isinstance(verdict, _Done):
                 core.answered(request, sent)
                 return request.decode(verdict.value)

@@ -120,3 +120,49 @@ async def test_the_agent_sends_its_results_in_batches(server, client):
         await asyncio.wait_for(running, 15)
     assert client.get_task(ids[123])["result"] == ids[123]
     assert agent.batcher.results == 200 and agent.batcher.requests < 100, (agent.batcher.requests, "requests")
+
+
+# ---- 11. requests in flight ----
+
+
+def test_sdk_11_requests_past_the_bound_wait_in_the_client():
+    from phalanx.client import REQUESTS_IN_FLIGHT_MAX
+    seen = {"open": 0, "most": 0}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen["open"] += 1
+        seen["most"] = max(seen["most"], seen["open"])
+        await asyncio.sleep(0.02)
+        seen["open"] -= 1
+        return httpx.Response(201, json={"task_id": 1, "deduplicated": False})
+
+    async def main() -> None:
+        async with AsyncClient("n1:1", transport=httpx.MockTransport(handler), write_timeout_s=5.0) as client:
+            client.throttling = False
+            ids = await asyncio.gather(*(client.submit("q", i) for i in range(3 * REQUESTS_IN_FLIGHT_MAX)))
+        assert ids == [1] * (3 * REQUESTS_IN_FLIGHT_MAX)
+
+    asyncio.run(main())
+    assert REQUESTS_IN_FLIGHT_MAX // 2 < seen["most"] <= REQUESTS_IN_FLIGHT_MAX, seen
+
+
+def test_sdk_11_a_call_whose_budget_ends_while_it_waits_is_not_sent():
+    from phalanx.client import REQUESTS_IN_FLIGHT_MAX
+    sent = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        await asyncio.sleep(0.5)
+        return httpx.Response(201, json={"task_id": 1, "deduplicated": False})
+
+    async def main() -> list[object]:
+        async with AsyncClient("n1:1", transport=httpx.MockTransport(handler), write_timeout_s=5.0,
+                               call_timeout_s=0.2) as client:
+            client.throttling = False
+            return await asyncio.gather(*(client.submit("q", i) for i in range(REQUESTS_IN_FLIGHT_MAX + 4)),
+                                        return_exceptions=True)
+
+    answers = asyncio.run(main())
+    waited = [a for a in answers if isinstance(a, Overloaded)]
+    assert len(waited) == 4 and len(sent) == REQUESTS_IN_FLIGHT_MAX, (answers, len(sent))
+    assert all(a.outcome == "not_done" and "nothing was sent" in a.message for a in waited)
