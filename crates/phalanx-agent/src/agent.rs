@@ -141,6 +141,14 @@ impl TaskContext {
         &self.client
     }
 
+    /// The task's W3C Trace Context (`docs/sdk.md` item 11): the node's
+    /// submit span of the task. A handler that records spans makes them
+    /// children of it, so they join the submitter's trace. `None` for a task
+    /// submitted to a node that did not record one.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.task.traceparent.as_deref()
+    }
+
     /// Adds to what this attempt consumed (tokens, cost); the sum goes with
     /// its result or failure, counted against the task's key's
     /// `tokens_per_minute` and its tree's budget.

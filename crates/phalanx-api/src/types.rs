@@ -158,6 +158,11 @@ pub struct SubmitRequest {
     /// tree's reported usage reaches it, the tree's pending tasks are paused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// W3C Trace Context of the submitter's span: the node's submit span
+    /// becomes its child. Wins over the `traceparent` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$", max_length = 512)]
+    pub traceparent: Option<String>,
 }
 
 impl SubmitRequest {
@@ -175,7 +180,13 @@ impl SubmitRequest {
             concurrency_key: None,
             cost_estimate: None,
             budget: None,
+            traceparent: None,
         }
+    }
+    /// W3C Trace Context of the caller's span, so that the task's spans join its trace.
+    pub fn with_traceparent(mut self, traceparent: impl Into<String>) -> SubmitRequest {
+        self.traceparent = Some(traceparent.into());
+        self
     }
     /// Counted under this flow-control key's limits.
     pub fn with_concurrency_key(mut self, key: impl Into<String>) -> SubmitRequest {
@@ -240,6 +251,9 @@ pub struct Submitted {
     /// A child of an earlier attempt of the parent, taken over by this one.
     #[serde(default)]
     pub adopted: bool,
+    /// The task's stored trace context (`Task::traceparent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A refusal of one task of a batch (the batch itself was answered).
@@ -341,6 +355,11 @@ pub struct Task {
     /// Times it was replayed.
     #[serde(default)]
     pub replays: u32,
+    /// W3C Trace Context naming the node's submit span of this task: an
+    /// agent makes its own spans children of it to join the submitter's
+    /// trace. Absent on a task submitted before tasks carried one.
+    #[serde(default)]
+    pub traceparent: Option<String>,
     /// A pending task its key's limits hold back: which key and limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_on: Option<WaitingOn>,
@@ -383,6 +402,7 @@ pub struct TaskRef<'a> {
     pub usage: Usage,
     pub pause: Option<Pause>,
     pub replays: u32,
+    pub traceparent: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_on: Option<WaitingOn>,
 }

@@ -292,6 +292,13 @@ pub struct ServerArgs {
     /// (default: `--tls-client-ca`).
     #[arg(long, env = "PHALANX_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Export spans over OTLP/HTTP (JSON) to this collector (`{URL}/v1/traces`);
+    /// off when unset. The flag wins over the environment variable.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Spans waiting for export at once; past it, new ones are dropped and counted.
+    #[arg(long, default_value_t = 8_192)]
+    pub spans_queued_max: usize,
     /// `text` (one line per event; colours only on a terminal) or `json` (one object per line).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -332,6 +339,8 @@ impl ServerArgs {
             // without a certificate ignores it.
             ca: self.ca_file.clone().filter(|_| self.tls_cert.is_some()),
         };
+        config.otlp_endpoint = self.otlp_endpoint.clone().filter(|endpoint| !endpoint.is_empty());
+        config.spans_queued_max = self.spans_queued_max;
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading the config file {} (--config)", path.display()))?;

@@ -52,6 +52,10 @@ pub struct NewTask {
     /// Only on a root: what its whole delegation tree may consume.
     #[serde(default)]
     pub budget: Option<Budget>,
+    /// The `traceparent` to store on the task (`Task::traceparent`), made
+    /// by the edge: `00-<trace id>-<submit span id>-<flags>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl NewTask {
@@ -71,6 +75,7 @@ impl NewTask {
             concurrency_key: None,
             cost_estimate: None,
             budget: None,
+            traceparent: None,
         }
     }
 }

@@ -177,6 +177,14 @@ pub fn validate_new_task(task: &NewTask, limits: &Limits) -> Result<(), Error> {
         }
         budget.validate().map_err(|(field, reason)| invalid(&format!("budget.{field}"), reason))?;
     }
+    if let Some(traceparent) = &task.traceparent {
+        if !valid_traceparent(traceparent) {
+            return Err(invalid(
+                "traceparent",
+                "must be 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>, ids not all zero",
+            ));
+        }
+    }
     // A delegation is fenced like a result: without the fence of the
     // parent's lease, nothing may be decided on the parent's behalf.
     match (task.parent_id, task.parent_fence) {
@@ -187,6 +195,25 @@ pub fn validate_new_task(task: &NewTask, limits: &Limits) -> Result<(), Error> {
         _ => {}
     }
     Ok(())
+}
+
+/// Whether `text` is a version-00 W3C `traceparent` as the edge stores it:
+/// `00-` then 32 and 16 lowercase hex digits, neither all zeros, and two for
+/// the flags (https://www.w3.org/TR/trace-context/#traceparent-header).
+pub fn valid_traceparent(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let hex =
+        |range: std::ops::Range<usize>| bytes[range].iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
+    let nonzero = |range: std::ops::Range<usize>| bytes[range].iter().any(|b| *b != b'0');
+    bytes.len() == 55
+        && bytes.starts_with(b"00-")
+        && bytes[35] == b'-'
+        && bytes[52] == b'-'
+        && hex(3..35)
+        && hex(36..52)
+        && hex(53..55)
+        && nonzero(3..35)
+        && nonzero(36..52)
 }
 
 /// `Limits::validate` as a refusal.
@@ -1336,6 +1363,7 @@ impl State {
             usage: Usage::default(),
             pause: None,
             replays: 0,
+            traceparent: new.traceparent.clone(),
         };
         if let Some(key) = &new.idempotency_key {
             self.idempotency_keys.insert(key.clone(), id);

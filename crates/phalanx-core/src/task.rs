@@ -137,6 +137,13 @@ pub struct Task {
     /// Times the task was replayed (moved back to pending from dead or paused).
     #[serde(default)]
     pub replays: u32,
+    /// W3C Trace Context naming the span that submitted the task (trace id
+    /// kept from the submitter, parent id = the node's submit span), so that
+    /// every later span of the task, the agent's own included, joins the
+    /// submitter's trace. Drawn at the edge (the core draws no random
+    /// numbers); `None` for a task written before tasks carried it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A child taken over by a later attempt of its parent.

@@ -9,6 +9,7 @@
 use crate::error::{ApiError, ErrorCode};
 use crate::node::Node;
 use crate::proposer;
+use crate::trace::{AttributeValue, Span, TraceContext};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
@@ -37,6 +38,8 @@ const FORWARDED_HEADER: &str = "x-phalanx-forwarded";
 const PEER_TOKEN_HEADER: &str = "x-phalanx-peer-token";
 /// Marks a response answered from a node's own, possibly stale, state.
 const STALE_HEADER: &str = "x-phalanx-stale";
+/// W3C Trace Context of the caller's span (`trace.rs`).
+const TRACEPARENT_HEADER: &str = "traceparent";
 /// Longest long-poll an agent may ask for.
 const POLL_WAIT_MS_MAX: u64 = 30_000;
 const LIST_LIMIT_MAX: usize = 1000;
@@ -420,7 +423,7 @@ pub const FORWARD_CONNECT_TIMEOUT_MS: u64 = 250;
 /// Copies onto a forwarded request the client's headers that the leader
 /// needs. The one place that decides what a forward carries.
 fn forward_headers(incoming: &HeaderMap, mut outgoing: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-    for name in ["authorization", "content-type", PRIORITY_HEADER, "prefer"] {
+    for name in ["authorization", "content-type", PRIORITY_HEADER, "prefer", TRACEPARENT_HEADER] {
         if let Some(value) = incoming.get(name) {
             outgoing = outgoing.header(name, value);
         }
@@ -795,6 +798,7 @@ pub fn view(task: &Task) -> api::TaskRef<'_> {
         usage: api_usage(&task.usage),
         pause: task.pause.as_ref().map(api_pause),
         replays: task.replays,
+        traceparent: task.traceparent.as_deref(),
         waiting_on: None,
     }
 }
@@ -816,11 +820,43 @@ fn task_response(task: &Task) -> Response {
 
 // ---- tasks ----
 
+/// The trace of one task of a submit: the caller's span (from the body's
+/// `traceparent`, else the header's, else, for a delegation, the parent
+/// task's stored one), and the node's submit span, a child of it (or the
+/// root of a new trace), whose context the task stores.
+#[derive(Clone, Copy, Debug)]
+struct SubmitTrace {
+    caller: Option<TraceContext>,
+    span: TraceContext,
+}
+
+/// The `traceparent` header, if one came: `400 invalid` if it is not one
+/// well-formed value.
+fn header_traceparent(headers: &HeaderMap) -> Result<Option<TraceContext>, ApiError> {
+    let mut values = headers.get_all(TRACEPARENT_HEADER).iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(ApiError::invalid("traceparent header: send one, not several"));
+    }
+    let text = value.to_str().map_err(|_| ApiError::invalid("traceparent header: not ASCII"))?;
+    TraceContext::parse(text).map(Some).map_err(|why| ApiError::invalid(format!("traceparent header {why}")))
+}
+
 /// A submit's task as the state machine takes it, checked as far as it
-/// can be without the state.
-fn new_task(request: api::SubmitRequest, node: &Node) -> Result<NewTask, ApiError> {
+/// can be without the state, and its trace.
+fn new_task(
+    request: api::SubmitRequest,
+    header: Option<TraceContext>,
+    node: &Node,
+) -> Result<(NewTask, SubmitTrace), ApiError> {
     {
-        let task = NewTask {
+        let body_context = match &request.traceparent {
+            Some(text) => {
+                Some(TraceContext::parse(text).map_err(|why| ApiError::invalid(format!("traceparent {why}")))?)
+            }
+            None => None,
+        };
+        let mut task = NewTask {
             queue: request.queue,
             payload: request.payload.to_string(),
             priority: request.priority.unwrap_or(5),
@@ -833,12 +869,133 @@ fn new_task(request: api::SubmitRequest, node: &Node) -> Result<NewTask, ApiErro
             concurrency_key: request.concurrency_key,
             cost_estimate: request.cost_estimate,
             budget: request.budget.as_ref().map(core_budget),
+            traceparent: None,
         };
-        let limits = node.shared.data.read().expect("state lock").state.limits().clone();
+        let (limits, parent_context) = {
+            let data = node.shared.data.read().expect("state lock");
+            // A delegation without a context of its own joins its parent's
+            // trace. The parent's context never changes once stored, so
+            // reading it here, before the proposal, is as good as in apply.
+            let parent_context = match (body_context.or(header), task.parent_id) {
+                (None, Some(parent_id)) => data
+                    .state
+                    .task(parent_id)
+                    .and_then(|parent| parent.traceparent.as_deref())
+                    .and_then(|text| TraceContext::parse(text).ok()),
+                _ => None,
+            };
+            (data.state.limits().clone(), parent_context)
+        };
+        let caller = body_context.or(header).or(parent_context);
+        let span = caller.map_or_else(TraceContext::root, |caller| caller.child());
+        task.traceparent = Some(span.header());
         // Stateless checks first, so a malformed task is refused without a read index.
         phalanx_core::state::validate_new_task(&task, &limits)?;
-        Ok(task)
+        Ok((task, SubmitTrace { caller, span }))
     }
+}
+
+/// The span of one task of a submit: `phalanx.submit`, or
+/// `phalanx.delegation` for a child, from `start` to now.
+fn submit_span(
+    node: &Node,
+    start: u64,
+    task: &NewTask,
+    trace: &SubmitTrace,
+    answer: Result<&phalanx_core::command::Submitted, &ApiError>,
+) -> Span {
+    let mut attributes = vec![
+        ("phalanx.node.id", node.id().into()),
+        ("phalanx.queue", task.queue.as_str().into()),
+        ("phalanx.priority", u32::from(task.priority).into()),
+    ];
+    if let Some(parent_id) = task.parent_id {
+        attributes.push(("phalanx.parent.id", parent_id.into()));
+    }
+    if let Some(key) = &task.idempotency_key {
+        attributes.push(("phalanx.idempotency_key", key.as_str().into()));
+    }
+    if let Ok(submitted) = answer {
+        attributes.push(("phalanx.task.id", submitted.task_id.into()));
+        attributes.push(("phalanx.deduplicated", submitted.deduplicated.into()));
+    }
+    finished_span(
+        if task.parent_id.is_some() { "phalanx.delegation" } else { "phalanx.submit" },
+        trace.span,
+        trace.caller.map(|caller| caller.span_id),
+        start,
+        attributes,
+        answer.err().map(|error| error.code.as_str().to_string()),
+    )
+}
+
+/// A span that ends now, with its outcome as an attribute.
+fn finished_span(
+    name: &'static str,
+    context: TraceContext,
+    parent_span_id: Option<u64>,
+    start: u64,
+    mut attributes: Vec<(&'static str, AttributeValue)>,
+    error: Option<String>,
+) -> Span {
+    attributes.push(("phalanx.outcome", error.as_deref().unwrap_or("ok").into()));
+    Span {
+        name,
+        context,
+        parent_span_id,
+        start_unix_nanos: start,
+        end_unix_nanos: crate::trace::unix_nanos(),
+        attributes,
+        error,
+    }
+}
+
+/// The context a span about `task_id` joins: the task's stored one (a new
+/// trace for a task without one, or one this node does not know).
+fn task_trace(node: &Node, task_id: u64) -> (Option<String>, Option<TraceContext>) {
+    let data = node.shared.data.read().expect("state lock");
+    let task = data.state.task(task_id);
+    let context = task.and_then(|task| task.traceparent.as_deref()).and_then(|text| TraceContext::parse(text).ok());
+    (task.map(|task| task.queue.clone()), context)
+}
+
+/// The span of a report on a task (complete, fail, extend): a child of the
+/// task's stored context.
+#[allow(clippy::too_many_arguments)]
+fn report_span(
+    node: &Node,
+    name: &'static str,
+    start: u64,
+    task_id: u64,
+    fence: u64,
+    usage: Option<&api::Usage>,
+    trace: (Option<String>, Option<TraceContext>),
+    error: Option<&ApiError>,
+) -> Span {
+    let (queue, parent) = trace;
+    let mut attributes = vec![
+        ("phalanx.node.id", node.id().into()),
+        ("phalanx.task.id", task_id.into()),
+        ("phalanx.fence", fence.into()),
+    ];
+    if let Some(queue) = queue {
+        attributes.push(("phalanx.queue", queue.into()));
+    }
+    if let Some(usage) = usage {
+        // OpenTelemetry GenAI semantic conventions; cost has no GenAI name.
+        attributes.push(("gen_ai.usage.input_tokens", usage.tokens_in.into()));
+        attributes.push(("gen_ai.usage.output_tokens", usage.tokens_out.into()));
+        attributes.push(("phalanx.usage.cost", usage.cost.into()));
+    }
+    let context = parent.map_or_else(TraceContext::root, |parent| parent.child());
+    finished_span(
+        name,
+        context,
+        parent.map(|parent| parent.span_id),
+        start,
+        attributes,
+        error.map(|error| error.code.as_str().to_string()),
+    )
 }
 
 /// Counts one submitted task's outcome for the policy guard: accepted, or
@@ -857,8 +1014,8 @@ fn count_submit(node: &Node, refusal: Option<(StatusCode, &ErrorCode)>) {
     };
 }
 
-async fn submit(State(node): State<Node_>, body: Body) -> ApiResult {
-    let answer = submit_task(&node, body).await;
+async fn submit(State(node): State<Node_>, headers: HeaderMap, body: Body) -> ApiResult {
+    let answer = submit_task(&node, &headers, body).await;
     count_submit(&node, answer.as_ref().err().map(|error| (error.status, &error.code)));
     answer
 }
@@ -876,24 +1033,48 @@ fn check_disk(node: &Node, body: &Body) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn submit_task(node: &Node_, body: Body) -> ApiResult {
+async fn submit_task(node: &Node_, headers: &HeaderMap, body: Body) -> ApiResult {
+    let start = node.tracer.start();
     check_disk(node, &body)?;
-    let task = new_task(parse::<api::SubmitRequest>(body)?, node)?;
-    check_new_tasks(node, std::slice::from_ref(&task)).await.pop().expect("one judgement")?;
-    let (outcome, _) = propose(node, Command::Submit { tasks: vec![task] }).await?;
-    expect_outcome!(outcome, Outcome::Submitted { mut results });
-    let submitted = results.pop().expect("one result per task")?;
-    let body = submitted_body(&submitted);
+    let header = header_traceparent(headers)?;
+    let (task, trace) = new_task(parse::<api::SubmitRequest>(body)?, header, node)?;
+    // The task is kept for the span only when spans are recorded.
+    let spanned = start.map(|start| (start, task.clone()));
+    let answer = async {
+        check_new_tasks(node, std::slice::from_ref(&task)).await.pop().expect("one judgement")?;
+        let (outcome, _) = propose(node, Command::Submit { tasks: vec![task] }).await?;
+        expect_outcome!(outcome, Outcome::Submitted { mut results });
+        Ok::<_, ApiError>(results.pop().expect("one result per task")?)
+    }
+    .await;
+    if let Some((start, task)) = spanned {
+        node.tracer.record(submit_span(node, start, &task, &trace, answer.as_ref()));
+    }
+    let submitted = answer?;
+    let traceparent = stored_traceparents(node, &[submitted.task_id]).pop().flatten();
+    let body = submitted_body(&submitted, traceparent);
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-/// What a submit created or found.
-fn submitted_body(submitted: &phalanx_core::command::Submitted) -> api::Submitted {
-    api::Submitted { task_id: submitted.task_id, deduplicated: submitted.deduplicated, adopted: submitted.adopted }
+/// The stored `traceparent` of each task: the one a submit made, or, for a
+/// deduplicated submit, the one the first submit made.
+fn stored_traceparents(node: &Node, task_ids: &[u64]) -> Vec<Option<String>> {
+    let data = node.shared.data.read().expect("state lock");
+    task_ids.iter().map(|id| data.state.task(*id).and_then(|task| task.traceparent.clone())).collect()
 }
 
-async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
-    let answer = submit_tasks(&node, body).await;
+/// What a submit created or found.
+fn submitted_body(submitted: &phalanx_core::command::Submitted, traceparent: Option<String>) -> api::Submitted {
+    api::Submitted {
+        task_id: submitted.task_id,
+        deduplicated: submitted.deduplicated,
+        adopted: submitted.adopted,
+        traceparent,
+    }
+}
+
+async fn submit_batch(State(node): State<Node_>, headers: HeaderMap, body: Body) -> ApiResult {
+    let answer = submit_tasks(&node, &headers, body).await;
     if let Err(error) = &answer {
         count_submit(&node, Some((error.status, &error.code)));
     }
@@ -901,8 +1082,10 @@ async fn submit_batch(State(node): State<Node_>, body: Body) -> ApiResult {
 }
 
 /// A batch; each task's outcome is counted for the policy guard on its own.
-async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
+async fn submit_tasks(node: &Node_, headers: &HeaderMap, body: Body) -> ApiResult {
+    let start = node.tracer.start();
     check_disk(node, &body)?;
+    let header = header_traceparent(headers)?;
     let batch = parse::<api::BatchRequest>(body)?;
     let batch_max = node.shared.data.read().expect("state lock").state.limits().batch_tasks_max;
     if batch.tasks.is_empty() || batch.tasks.len() > batch_max {
@@ -912,15 +1095,19 @@ async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
     // state) is answered in its slot, and only the others are proposed.
     let mut slots: Vec<Result<usize, ApiError>> = Vec::new();
     let mut valid = Vec::new();
+    let mut traces = Vec::new();
     for task in batch.tasks {
-        match new_task(task, node) {
-            Ok(task) => {
+        match new_task(task, header, node) {
+            Ok((task, trace)) => {
                 slots.push(Ok(valid.len()));
                 valid.push(task);
+                traces.push(trace);
             }
             Err(error) => slots.push(Err(error)),
         }
     }
+    // The tasks are kept for their spans only when spans are recorded.
+    let spanned = start.map(|start| (start, valid.clone()));
     let judged = check_new_tasks(node, &valid).await;
     let mut proposed = Vec::new();
     // For each valid task: its index among the proposed ones, or its refusal.
@@ -933,23 +1120,49 @@ async fn submit_tasks(node: &Node_, body: Body) -> ApiResult {
     }
     let mut results = Vec::new();
     if !proposed.is_empty() {
-        let (outcome, _) = propose(node, Command::Submit { tasks: proposed }).await?;
+        let proposal = propose(node, Command::Submit { tasks: proposed }).await;
+        let outcome = match proposal {
+            Ok((outcome, _)) => outcome,
+            Err(error) => {
+                // The whole batch's answer: each valid task's span says so.
+                if let Some((start, valid)) = &spanned {
+                    for (task, trace) in valid.iter().zip(&traces) {
+                        node.tracer.record(submit_span(node, *start, task, trace, Err(&error)));
+                    }
+                }
+                return Err(error);
+            }
+        };
         expect_outcome!(outcome, Outcome::Submitted { results: submitted });
         results = submitted;
     }
+    // Each valid task's answer, in order: what was created or found, or why not.
+    let answers: Vec<Result<phalanx_core::command::Submitted, ApiError>> = placed
+        .iter()
+        .map(|placement| match placement {
+            Ok(j) => results[*j].clone().map_err(ApiError::from),
+            Err(error) => Err(ApiError::from(error.clone())),
+        })
+        .collect();
+    if let Some((start, valid)) = &spanned {
+        for ((task, trace), answer) in valid.iter().zip(&traces).zip(&answers) {
+            node.tracer.record(submit_span(node, *start, task, trace, answer.as_ref()));
+        }
+    }
+    let created: Vec<u64> = answers.iter().filter_map(|answer| answer.as_ref().ok().map(|s| s.task_id)).collect();
+    let mut traceparents = stored_traceparents(node, &created).into_iter();
+    let mut answers = answers.into_iter();
     let rendered: Vec<api::BatchItem> = slots
         .into_iter()
         .map(|slot| {
             let refused = match slot {
-                Ok(i) => match &placed[i] {
-                    Ok(j) => match &results[*j] {
-                        Ok(submitted) => {
-                            count_submit(node, None);
-                            return api::BatchItem::Submitted(submitted_body(submitted));
-                        }
-                        Err(error) => ApiError::from(error.clone()),
-                    },
-                    Err(error) => ApiError::from(error.clone()),
+                Ok(_) => match answers.next().expect("one answer per valid task") {
+                    Ok(submitted) => {
+                        count_submit(node, None);
+                        let traceparent = traceparents.next().flatten();
+                        return api::BatchItem::Submitted(submitted_body(&submitted, traceparent));
+                    }
+                    Err(error) => error,
                 },
                 Err(error) => error,
             };
@@ -1095,6 +1308,7 @@ fn minimal_response(mut response: Response) -> Response {
 }
 
 async fn complete(State(node): State<Node_>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
+    let start = node.tracer.start();
     let task_id = parse_id(&id)?;
     let body = parse::<api::CompleteRequest>(body)?;
     let command = Command::Complete {
@@ -1103,7 +1317,22 @@ async fn complete(State(node): State<Node_>, Path(id): Path<String>, headers: He
         result: body.result.to_string(),
         usage: body.usage.as_ref().map(core_usage),
     };
-    let (outcome, _) = propose(&node, command).await?;
+    let trace = start.map(|start| (start, task_trace(&node, task_id)));
+    let answer = propose(&node, command).await;
+    if let Some((start, trace)) = trace {
+        let span = report_span(
+            &node,
+            "phalanx.complete",
+            start,
+            task_id,
+            body.fence,
+            body.usage.as_ref(),
+            trace,
+            answer.as_ref().err(),
+        );
+        node.tracer.record(span);
+    }
+    let (outcome, _) = answer?;
     expect_outcome!(outcome, Outcome::Completed { task });
     Ok(report_response(&task, wants_minimal(&headers)))
 }
@@ -1118,6 +1347,7 @@ async fn complete_many(State(node): State<Node_>, headers: HeaderMap, body: Body
     struct Loose {
         results: Vec<Value>,
     }
+    let start = node.tracer.start();
     let items = parse::<Loose>(body)?.results;
     let batch_max = node.shared.data.read().expect("state lock").state.limits().batch_tasks_max;
     if items.is_empty() || items.len() > batch_max {
@@ -1162,20 +1392,54 @@ async fn complete_many(State(node): State<Node_>, headers: HeaderMap, body: Body
     let results = slots
         .into_iter()
         .map(|(task_id, slot)| {
+            let reported = start.and_then(|start| match &slot {
+                Ok(Command::Complete { task_id, fence, usage, .. }) => Some((start, *task_id, *fence, *usage)),
+                _ => None,
+            });
             let refused = match slot {
                 Ok(_) => match outcomes.next().expect("one outcome per proposed command") {
                     Outcome::Completed { task } => {
+                        if let Some((start, task_id, fence, usage)) = reported {
+                            let usage = usage.as_ref().map(api_usage);
+                            let trace = (Some(task.queue.clone()), stored_context(&task));
+                            let span = report_span(
+                                &node,
+                                "phalanx.complete",
+                                start,
+                                task_id,
+                                fence,
+                                usage.as_ref(),
+                                trace,
+                                None,
+                            );
+                            node.tracer.record(span);
+                        }
                         return api::CompleteManyItem::Accepted {
                             task_id: task.id,
                             ok: true,
                             state: api_state(task.state),
-                        }
+                        };
                     }
                     Outcome::Refused { error } => ApiError::from(error),
                     other => ApiError::unexpected("Outcome::Completed", &other),
                 },
                 Err(error) => error,
             };
+            if let Some((start, task_id, fence, usage)) = reported {
+                let usage = usage.as_ref().map(api_usage);
+                let trace = task_trace(&node, task_id);
+                let span = report_span(
+                    &node,
+                    "phalanx.complete",
+                    start,
+                    task_id,
+                    fence,
+                    usage.as_ref(),
+                    trace,
+                    Some(&refused),
+                );
+                node.tracer.record(span);
+            }
             api::CompleteManyItem::Refused {
                 task_id,
                 error: api::Refusal { code: refused.code, message: refused.message },
@@ -1188,25 +1452,50 @@ async fn complete_many(State(node): State<Node_>, headers: HeaderMap, body: Body
 }
 
 async fn fail(State(node): State<Node_>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
+    let start = node.tracer.start();
     let task_id = parse_id(&id)?;
     let body = parse::<api::FailRequest>(body)?;
+    let retryable = body.retryable.unwrap_or(true);
     let command = Command::Fail {
         task_id,
         fence: body.fence,
         error: body.error,
-        retryable: body.retryable.unwrap_or(true),
+        retryable,
         usage: body.usage.as_ref().map(core_usage),
     };
-    let (outcome, _) = propose(&node, command).await?;
+    let trace = start.map(|start| (start, task_trace(&node, task_id)));
+    let answer = propose(&node, command).await;
+    if let Some((start, trace)) = trace {
+        let mut span = report_span(
+            &node,
+            "phalanx.fail",
+            start,
+            task_id,
+            body.fence,
+            body.usage.as_ref(),
+            trace,
+            answer.as_ref().err(),
+        );
+        span.attributes.push(("phalanx.retryable", retryable.into()));
+        node.tracer.record(span);
+    }
+    let (outcome, _) = answer?;
     expect_outcome!(outcome, Outcome::Failed { task });
     Ok(report_response(&task, wants_minimal(&headers)))
 }
 
 async fn extend(State(node): State<Node_>, Path(id): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
+    let start = node.tracer.start();
     let task_id = parse_id(&id)?;
     let body = parse::<api::ExtendRequest>(body)?;
     let lease_ttl_ms = body.lease_ttl_ms.unwrap_or_else(|| default_lease_ttl_ms(&node));
-    let (outcome, _) = propose(&node, Command::Extend { task_id, fence: body.fence, lease_ttl_ms }).await?;
+    let trace = start.map(|start| (start, task_trace(&node, task_id)));
+    let answer = propose(&node, Command::Extend { task_id, fence: body.fence, lease_ttl_ms }).await;
+    if let Some((start, trace)) = trace {
+        let span = report_span(&node, "phalanx.extend", start, task_id, body.fence, None, trace, answer.as_ref().err());
+        node.tracer.record(span);
+    }
+    let (outcome, _) = answer?;
     expect_outcome!(outcome, Outcome::Extended { valid_until_ms });
     // The answer carries no task body already: minimal as it is.
     let response = Json(api::Extended { valid_until_ms }).into_response();
@@ -1485,6 +1774,7 @@ async fn deregister(State(node): State<Node_>, Path(agent_id): Path<String>, bod
 /// has room and work is ready for it, otherwise waits for the next apply
 /// (which may have changed that) until `wait_ms` runs out.
 async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Body) -> ApiResult {
+    let start = node.tracer.start();
     let body = parse::<api::PollRequest>(body)?;
     let wait_ms = body.wait_ms.unwrap_or(0);
     if wait_ms > POLL_WAIT_MS_MAX {
@@ -1535,6 +1825,11 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
             };
             let (outcome, _) = propose(&node, command).await?;
             expect_outcome!(outcome, Outcome::Leased { grants });
+            if let Some(start) = start {
+                for grant in &grants {
+                    node.tracer.record(lease_span(&node, start, &agent_id, grant));
+                }
+            }
             if !grants.is_empty() || Instant::now() >= deadline {
                 let leases: Vec<api::LeaseGrantRef> = grants
                     .iter()
@@ -1559,6 +1854,26 @@ async fn poll(State(node): State<Node_>, Path(agent_id): Path<String>, body: Bod
         }
         node.heard_from_agent(&agent_id, body.epoch);
     }
+}
+
+/// The span of one grant of a poll: a child of the task's stored context.
+fn lease_span(node: &Node, start: u64, agent_id: &str, grant: &phalanx_core::Grant) -> Span {
+    let parent = stored_context(&grant.task);
+    let attributes = vec![
+        ("phalanx.node.id", node.id().into()),
+        ("phalanx.task.id", grant.task.id.into()),
+        ("phalanx.queue", grant.task.queue.as_str().into()),
+        ("phalanx.fence", grant.fence.into()),
+        ("phalanx.attempt", grant.task.attempts.into()),
+        ("phalanx.agent.id", agent_id.into()),
+    ];
+    let context = parent.map_or_else(TraceContext::root, |parent| parent.child());
+    finished_span("phalanx.lease", context, parent.map(|parent| parent.span_id), start, attributes, None)
+}
+
+/// A task's stored trace context, if it has one.
+fn stored_context(task: &Task) -> Option<TraceContext> {
+    task.traceparent.as_deref().and_then(|text| TraceContext::parse(text).ok())
 }
 
 // ---- conversations ----

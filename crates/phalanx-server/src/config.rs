@@ -90,6 +90,11 @@ pub struct NodeConfig {
     /// TLS for both listeners and every peer connection (`tls.rs`); all
     /// `None`: plain HTTP.
     pub tls: crate::tls::Files,
+    /// OTLP/HTTP collector that spans are exported to (`{URL}/v1/traces`);
+    /// `None`, the default, records no span (`trace.rs`).
+    pub otlp_endpoint: Option<String>,
+    /// Spans waiting for export at once; past it, new spans are dropped and counted.
+    pub spans_queued_max: usize,
 }
 
 impl NodeConfig {
@@ -131,6 +136,8 @@ impl NodeConfig {
             uri_bytes_max: 8 * 1024,
             list_bytes_max: 4 * 1024 * 1024,
             tls: crate::tls::Files::default(),
+            otlp_endpoint: None,
+            spans_queued_max: 8_192,
         }
     }
 
@@ -231,6 +238,12 @@ impl NodeConfig {
             return Err("disk_free_min_percent must be at most 50".into());
         }
         self.tls.validate(self.raft_listen.is_some())?;
+        if let Some(endpoint) = &self.otlp_endpoint {
+            crate::trace::validate_endpoint(endpoint)?;
+        }
+        if !(1..=1_000_000).contains(&self.spans_queued_max) {
+            return Err("spans_queued_max must be 1..=1000000".into());
+        }
         if !(self.client_rate_per_second > 0.0 && self.client_burst >= 1.0) {
             return Err("client_rate_per_second must be positive and client_burst at least 1".into());
         }
@@ -288,6 +301,8 @@ impl NodeConfig {
                 "tls_key" => self.tls.key = Some(PathBuf::from(value)),
                 "tls_client_ca" => self.tls.client_ca = Some(PathBuf::from(value)),
                 "ca_file" => self.tls.ca = Some(PathBuf::from(value)),
+                "otlp_endpoint" => self.otlp_endpoint = Some(value.to_string()),
+                "spans_queued_max" => self.spans_queued_max = number_of(value)? as usize,
                 other => return Err(at(format!("unknown key {other:?}"))),
             }
         }

@@ -22,6 +22,7 @@ pub mod raft_edge;
 pub mod raft_types;
 pub mod store;
 pub mod tls;
+pub mod trace;
 
 pub use config::NodeConfig;
 pub use node::{start, Running};

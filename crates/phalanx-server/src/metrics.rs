@@ -134,6 +134,22 @@ pub fn render(node: &Node) -> String {
         load(&node.proposer.stats.commands),
     );
 
+    let traces = &node.tracer.stats;
+    counter(o, "phalanx_spans_exported_total", "Spans accepted by the OTLP collector.", load(&traces.spans_exported));
+    family(o, "phalanx_spans_dropped_total", "counter", "Spans dropped before a collector took them, by reason.");
+    let _ =
+        writeln!(o, "phalanx_spans_dropped_total{{reason=\"queue_full\"}} {}", load(&traces.spans_dropped_queue_full));
+    let _ = writeln!(
+        o,
+        "phalanx_spans_dropped_total{{reason=\"export_failed\"}} {}",
+        load(&traces.spans_dropped_export_failed)
+    );
+    counter(
+        o,
+        "phalanx_span_exports_failed_total",
+        "Span export requests that failed (no connection, timeout or a non-2xx answer).",
+        load(&traces.exports_failed),
+    );
     family(
         o,
         "phalanx_http_request_duration_seconds",

@@ -104,6 +104,9 @@ pub struct Node {
     pub stepping_down: AtomicBool,
     /// What `raise_descriptor_limit` found and set at start.
     pub descriptors: Descriptors,
+    /// Records the spans of the requests this node serves, and exports them
+    /// when `otlp_endpoint` is set (`trace.rs`).
+    pub tracer: crate::trace::Tracer,
 }
 
 /// Free space on the data directory's file system, measured every
@@ -371,6 +374,14 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     }
     let http = http.build()?;
     let controller = Controller::new(controller::Settings { election_timeout_max_ms: config.election_timeout_max_ms });
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let tracer = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            tracing::info!(%endpoint, "spans are exported over OTLP/HTTP");
+            crate::trace::Tracer::exporting(endpoint, config.node_id, config.spans_queued_max, shutdown_rx.clone())?
+        }
+        None => crate::trace::Tracer::off(),
+    };
     let node = Arc::new(Node {
         pollers: Arc::new(Semaphore::new(config.pollers_max)),
         requests_in_flight: Arc::new(Semaphore::new(config.requests_in_flight_max)),
@@ -399,11 +410,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         disk: DiskSpace::default(),
         stepping_down: AtomicBool::new(false),
         descriptors,
+        tracer,
     });
     // Measured once before serving, so the first request already knows.
     measure_disk(&node);
 
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     consensus.spawn(timer_loop(node.clone(), shutdown_rx.clone()));
     consensus.spawn(election_loop(node.clone(), shutdown_rx.clone()));
     tokio::spawn(disk_loop(node.clone(), shutdown_rx.clone()));
