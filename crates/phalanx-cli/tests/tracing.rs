@@ -36,6 +36,9 @@ fn ids(traceparent: &str) -> (String, String) {
     (fields[1].to_string(), fields[2].to_string())
 }
 
+/// (task id, `traceparent`) as each handler saw them.
+type Seen = Vec<(u64, Option<String>)>;
+
 /// How the collector answers.
 #[derive(Clone, Copy, PartialEq)]
 enum Answer {
@@ -200,7 +203,7 @@ async fn sdk_11_a_task_tree_is_one_trace_under_the_callers_span() {
 
     // The agent plans (delegates a child), then works the child; each
     // attempt reports usage. What the handlers saw is kept.
-    let seen: Arc<Mutex<Vec<(u64, Option<String>)>>> = Arc::default();
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let kept = seen.clone();
     let mut config = AgentConfig::new(vec![cluster.addr(1).to_string()], "tracer", vec!["plan".into(), "work".into()]);
     config.poll_wait_ms = 200;
@@ -455,4 +458,24 @@ async fn a_malformed_traceparent_is_refused_and_creates_nothing() {
     assert_eq!(ids(answer["results"][2]["traceparent"].as_str().unwrap()).0, CALLER_TRACE, "{answer}");
     let (_, page) = cluster.get(1, "/v1/tasks").await.unwrap();
     assert_eq!(page["tasks"].as_array().unwrap().len(), 3, "{page}");
+}
+
+#[tokio::test]
+async fn sdk_11_the_rust_client_submits_with_a_traceparent_and_reads_it_back() {
+    let cluster = Cluster::start(1, &[]).await;
+    let client = phalanx_agent::Client::new(vec![cluster.addr(1).to_string()], None).unwrap();
+    let request = phalanx_api::SubmitRequest::new("q", json!({"n": 1})).with_traceparent(caller_traceparent());
+    let submitted = client.submit(&request).await.unwrap();
+    let stored = submitted.traceparent.clone().expect("the answer says what the task keeps");
+    assert_eq!(ids(&stored).0, CALLER_TRACE);
+    let task = client.get_task(submitted.task_id, false).await.unwrap();
+    assert_eq!(task.traceparent.as_deref(), Some(stored.as_str()));
+    // Sent again (same generated key on a retry, or the same key on purpose):
+    // the first submit's context is answered.
+    let keyed = request.with_idempotency_key("k-1");
+    let first = client.submit(&keyed).await.unwrap();
+    let again =
+        client.submit(&keyed.with_traceparent(format!("00-{}-{CALLER_SPAN}-01", "2".repeat(32)))).await.unwrap();
+    assert!(again.deduplicated);
+    assert_eq!(again.traceparent, first.traceparent, "a deduplicated submit answers the stored context");
 }

@@ -67,6 +67,7 @@ fn entries(submit_count: u64) -> Vec<Entry<TypeConfig>> {
             concurrency_key: None,
             cost_estimate: None,
             budget: None,
+            traceparent: None,
         };
         let request = Request { now_ms: 1_000 + n, commands: vec![Command::Submit { tasks: vec![task] }] };
         entries.push(Entry { log_id: log_id(3 + n), payload: EntryPayload::Normal(request) });

@@ -25,6 +25,7 @@ import httpx
 from ._errors import Overloaded, OutcomeUnknown, PhalanxError, Unavailable, error_from_answer
 from ._retry import WRITE_TIMEOUT_FLOOR_S, RetryBudget, RetryPolicy, _Latency
 from ._throttle import AdaptiveThrottle, Class, class_of_priority
+from ._trace import current_traceparent
 from .types import (
     BatchResult,
     Budget,
@@ -161,15 +162,19 @@ class _Endpoints:
     def submit(queue: str, payload: Any, priority: int, idempotency_key: Optional[str], deadline_ms: Optional[int],
                max_attempts: int, parent_id: Optional[int], parent_fence: Optional[int],
                conversation_id: Optional[str], concurrency_key: Optional[str] = None,
-               cost_estimate: Optional[int] = None, budget: Optional[Budget] = None) -> _Request[TaskId]:
+               cost_estimate: Optional[int] = None, budget: Optional[Budget] = None,
+               traceparent: Optional[str] = None) -> _Request[TaskId]:
         # One key for every attempt of this call: the cluster keeps one task per key.
         if idempotency_key is None:
             idempotency_key = generated_idempotency_key()
+        if traceparent is None:
+            traceparent = current_traceparent()
         body = _drop_none({"queue": queue, "payload": payload, "priority": priority,
                            "idempotency_key": idempotency_key, "deadline_ms": deadline_ms,
                            "max_attempts": max_attempts, "parent_id": parent_id, "parent_fence": parent_fence,
                            "conversation_id": conversation_id, "concurrency_key": concurrency_key,
-                           "cost_estimate": cost_estimate, "budget": dict(budget) if budget is not None else None})
+                           "cost_estimate": cost_estimate, "budget": dict(budget) if budget is not None else None,
+                           "traceparent": traceparent})
         body["payload"] = payload
         return _Request("POST", "/v1/tasks", body, retry="safe", decode=TaskId.of, fast=True)
 

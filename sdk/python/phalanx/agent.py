@@ -196,6 +196,12 @@ class _ContextBase:
         return self.task["id"]
 
     @property
+    def traceparent(self) -> Optional[str]:
+        """The task's W3C Trace Context (docs/sdk.md item 11): the node's submit span of the task. Spans the
+        handler records as its children join the submitter's trace. `None` from a node that keeps none."""
+        return self.task.get("traceparent")
+
+    @property
     def queue(self) -> str:
         return self.task["queue"]
 

@@ -269,14 +269,16 @@ class Client(_ClientBase):
                deadline_ms: Optional[int] = None, max_attempts: int = 3, parent_id: Optional[int] = None,
                conversation_id: Optional[str] = None, parent_fence: Optional[int] = None, *,
                concurrency_key: Optional[str] = None, cost_estimate: Optional[int] = None,
-               budget: Optional[Budget] = None) -> TaskId:
+               budget: Optional[Budget] = None, traceparent: Optional[str] = None) -> TaskId:
         """Submits a task; returns its id, a `TaskId` (an `int`) whose `deduplicated` says whether
         `idempotency_key` named an existing task (then nothing new was created). `concurrency_key` counts it under
         that key's limits, `cost_estimate` (tokens) against the key's `tokens_per_minute` while leased; `budget`
-        (`{"tokens_max": ..., "cost_max": ...}`) covers the whole tree a root task starts."""
+        (`{"tokens_max": ..., "cost_max": ...}`) covers the whole tree a root task starts. `traceparent` (W3C
+        Trace Context; by default the current OpenTelemetry span's, if `opentelemetry` is installed) puts the
+        task's spans in the caller's trace; the answer's `traceparent` is the one the task keeps."""
         return self._call(_Endpoints.submit(queue, payload, priority, idempotency_key, deadline_ms, max_attempts,
                                             parent_id, parent_fence, conversation_id, concurrency_key,
-                                            cost_estimate, budget))
+                                            cost_estimate, budget, traceparent))
 
     def delegate(self, parent_id: int, parent_fence: int, queue: str, payload: Any = None, priority: int = 5,
                  idempotency_key: Optional[str] = None, deadline_ms: Optional[int] = None, max_attempts: int = 3,
@@ -527,10 +529,10 @@ class AsyncClient(_ClientBase):
                      deadline_ms: Optional[int] = None, max_attempts: int = 3, parent_id: Optional[int] = None,
                      conversation_id: Optional[str] = None, parent_fence: Optional[int] = None, *,
                      concurrency_key: Optional[str] = None, cost_estimate: Optional[int] = None,
-                     budget: Optional[Budget] = None) -> TaskId:
+                     budget: Optional[Budget] = None, traceparent: Optional[str] = None) -> TaskId:
         return await self._call(_Endpoints.submit(queue, payload, priority, idempotency_key, deadline_ms,
                                                   max_attempts, parent_id, parent_fence, conversation_id,
-                                                  concurrency_key, cost_estimate, budget))
+                                                  concurrency_key, cost_estimate, budget, traceparent))
 
     async def delegate(self, parent_id: int, parent_fence: int, queue: str, payload: Any = None, priority: int = 5,
                        idempotency_key: Optional[str] = None, deadline_ms: Optional[int] = None,

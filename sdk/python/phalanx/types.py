@@ -130,6 +130,8 @@ class Task(_TaskRequired, total=False):
     replays: int
     # On a pending task its key's limits hold back (`GET /v1/tasks/{id}`).
     waiting_on: WaitingOn
+    # W3C Trace Context naming the node's submit span of the task (docs/sdk.md item 11).
+    traceparent: Optional[str]
 
 
 class _SubmittedRequired(TypedDict):
@@ -141,6 +143,7 @@ class Submitted(_SubmittedRequired, total=False):
     """What a submit created or found; `adopted`: a child of an earlier attempt of the parent, taken over."""
 
     adopted: bool
+    traceparent: str
 
 
 class Child(TypedDict):
@@ -176,6 +179,7 @@ class BatchResult(TypedDict, total=False):
 
     task_id: int
     deduplicated: bool
+    traceparent: str
     error: ErrorBody
 
 
@@ -197,6 +201,7 @@ class TaskSpec(_TaskSpecRequired, total=False):
     concurrency_key: str
     cost_estimate: int
     budget: Budget
+    traceparent: str
 
 
 class TaskPage(TypedDict):
@@ -274,15 +279,19 @@ class ClusterInfo(_ClusterInfoRequired, total=False):
 class TaskId(int):
     """What `submit` answers: the task's id (an `int`, usable wherever the id is) that also says whether
     the submit was `deduplicated` (its idempotency key named a task that existed already: nothing new was
-    created) and, for a delegation, `adopted` (a child of an earlier attempt of the parent, taken over)."""
+    created) and, for a delegation, `adopted` (a child of an earlier attempt of the parent, taken over).
+    `traceparent` is the task's stored W3C Trace Context (`None` from a node that keeps none)."""
 
     deduplicated: bool
     adopted: bool
+    traceparent: Optional[str]
 
-    def __new__(cls, task_id: int, deduplicated: bool = False, adopted: bool = False) -> "TaskId":
+    def __new__(cls, task_id: int, deduplicated: bool = False, adopted: bool = False,
+                traceparent: Optional[str] = None) -> "TaskId":
         value = super().__new__(cls, task_id)
         value.deduplicated = deduplicated
         value.adopted = adopted
+        value.traceparent = traceparent
         return value
 
     @property
@@ -302,7 +311,7 @@ class TaskId(int):
     @classmethod
     def of(cls, submitted: Submitted) -> "TaskId":
         return cls(submitted["task_id"], bool(submitted.get("deduplicated", False)),
-                   bool(submitted.get("adopted", False)))
+                   bool(submitted.get("adopted", False)), submitted.get("traceparent"))
 
 
 __all__ = [

@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from conftest import REPO, free_port
-from phalanx import Agent, AsyncAgent, Client, FenceMemory, OutboxLocked, PhalanxError, TaskContext, TaskId, Unavailable
+from phalanx import (Agent, AsyncAgent, Client, FenceMemory, InvalidRequest, OutboxLocked, PhalanxError, SyncTaskContext,
+                     TaskContext, TaskId, Unavailable)
 from phalanx._errors import ERROR_CODES
 from phalanx.agent import agent_state, lease_margin_s, lease_startable, poll_wait_ms
 
@@ -314,6 +315,56 @@ def test_sdk_9_a_submit_says_whether_it_was_deduplicated(server, client):
     assert json.dumps({"id": again}) == f'{{"id": {int(again)}}}', "still an int to JSON"
     assert f"/v1/tasks/{again}" == f"/v1/tasks/{int(again)}" == "/v1/tasks/" + str(again), "and to text"
     assert f"{again:>5}" == f"{int(again):>5}"
+
+
+# ---- 11. trace context ----
+
+CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CALLER_TRACEPARENT = f"00-{CALLER_TRACE}-b7ad6b7169203331-01"
+
+
+def test_sdk_11_traceparent_round_trips_through_submit_and_the_agents_context(server, client):
+    task_id = client.submit("traced", {"n": 1}, traceparent=CALLER_TRACEPARENT)
+    stored = task_id.traceparent
+    assert stored is not None and stored.split("-")[1] == CALLER_TRACE, "the task stays in the caller's trace"
+    assert stored.split("-")[2] != "b7ad6b7169203331", "and names the node's submit span"
+    assert client.get_task(task_id)["traceparent"] == stored
+    seen: list[object] = []
+
+    def handler(context: SyncTaskContext):
+        seen.append(context.traceparent)
+        return {"ok": True}
+
+    agent = Agent(server.addr, "py-tracer", ["traced"], handler, poll_wait_ms=300)
+    agent.start()
+    try:
+        deadline = time.monotonic() + 20
+        while client.get_task(task_id)["state"] != "succeeded":
+            assert time.monotonic() < deadline, "the task did not succeed"
+            time.sleep(0.05)
+    finally:
+        agent.stop()
+        agent.join(10)
+    assert seen == [stored], "the handler sees the task's stored context"
+
+
+def test_sdk_11_a_malformed_traceparent_is_refused_and_creates_nothing(server, client):
+    with pytest.raises(InvalidRequest) as refused:
+        client.submit("traced", {"n": 1}, traceparent="00-not-a-trace-01")
+    assert "traceparent" in str(refused.value)
+    assert client.list_tasks()["tasks"] == []
+
+
+def test_sdk_11_a_submit_inside_an_opentelemetry_span_carries_its_context(server, client):
+    trace = pytest.importorskip("opentelemetry.trace")
+    context = trace.SpanContext(trace_id=int(CALLER_TRACE, 16), span_id=0x00F067AA0BA902B7, is_remote=False,
+                                trace_flags=trace.TraceFlags(1))
+    with trace.use_span(trace.NonRecordingSpan(context)):
+        task_id = client.submit("traced", {"n": 2})
+    assert task_id.traceparent is not None and task_id.traceparent.split("-")[1] == CALLER_TRACE
+    # Outside any span, a task starts a trace of its own.
+    alone = client.submit("traced", {"n": 3})
+    assert alone.traceparent is not None and alone.traceparent.split("-")[1] != CALLER_TRACE
 
 
 # ---- the sync Agent's options ----

@@ -1,0 +1,27 @@
+"""W3C Trace Context for submits (docs/sdk.md item 11), without depending on OpenTelemetry.
+
+If the `opentelemetry` API is importable and a span is current, a submit that names no `traceparent` sends
+that span's context, so the task's spans join the caller's trace. Nothing here imports OpenTelemetry unless it
+is installed, and nothing fails when it is not.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+
+
+def current_traceparent() -> Optional[str]:
+    """The current OpenTelemetry span's context as a version-00 `traceparent`, or `None` (no OpenTelemetry, no
+    current span, or one that is not valid)."""
+    try:
+        trace: Any = importlib.import_module("opentelemetry.trace")
+    except ImportError:
+        return None
+    try:
+        context = trace.get_current_span().get_span_context()
+        if not context.is_valid:
+            return None
+        return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags) & 0xFF:02x}"
+    except Exception:  # an OpenTelemetry too unlike the API this was written for: submit without a context
+        return None
