@@ -479,3 +479,37 @@ async fn sdk_11_the_rust_client_submits_with_a_traceparent_and_reads_it_back() {
     assert!(again.deduplicated);
     assert_eq!(again.traceparent, first.traceparent, "a deduplicated submit answers the stored context");
 }
+
+#[tokio::test]
+async fn a_submit_through_a_follower_is_one_span_on_the_leader_in_the_callers_trace() {
+    let collector = Collector::start(Answer::Ok).await;
+    let cluster = Cluster::start(3, &["--otlp-endpoint", &collector.url()]).await;
+    let leader = wait_for(Duration::from_secs(10), "a leader", async || cluster.leader().await).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let response = cluster
+        .http
+        .post(cluster.url(follower, "/v1/tasks"))
+        .header("traceparent", caller_traceparent())
+        .json(&json!({"queue": "q"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, submitted) = decode(response).await.unwrap();
+    assert_eq!(status, 201, "{submitted}");
+    let (trace, span_id) = ids(submitted["traceparent"].as_str().unwrap());
+    assert_eq!(trace, CALLER_TRACE, "the follower forwards the caller's traceparent");
+    let spans = wait_for(Duration::from_secs(10), "the submit span", async || {
+        let spans = collector.spans();
+        (!spans.is_empty()).then_some(spans)
+    })
+    .await;
+    // Two more export intervals: time must pass to show no second span comes.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(collector.spans().len(), spans.len(), "one request, one span: {:?}", collector.spans());
+    assert_eq!(spans.len(), 1, "one request, one span: {spans:?}");
+    let (resource, span) = &spans[0];
+    assert_eq!(span["spanId"], json!(span_id));
+    assert_eq!(span["parentSpanId"], CALLER_SPAN);
+    assert_eq!(attribute(span, "phalanx.node.id"), json!(leader.to_string()), "the leader records it");
+    assert_eq!(attribute(resource, "service.instance.id"), json!(leader.to_string()));
+}
