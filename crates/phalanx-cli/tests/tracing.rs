@@ -319,6 +319,28 @@ async fn sdk_11_a_task_tree_is_one_trace_under_the_callers_span() {
         assert_eq!(attribute(&complete, "gen_ai.usage.output_tokens"), json!(usage.1.to_string()));
         assert_eq!(attribute(&complete, "phalanx.usage.cost"), json!(usage.2.to_string()));
     }
+    // A refused report has its span too, with the refusal's code as its
+    // outcome: one alone, one in a batch of results.
+    let stale = json!({"fence": 1, "result": "late"});
+    let (status, single) = cluster.post(1, &format!("/v1/tasks/{root_id}/complete"), &stale).await.unwrap();
+    assert_eq!(status, 409, "{single}");
+    let batch = json!({"results": [{"task_id": child_id, "fence": 1, "result": "late"}]});
+    let (status, many) = cluster.post(1, "/v1/tasks/complete", &batch).await.unwrap();
+    assert_eq!(status, 200, "{many}");
+    for (task_id, code) in [(root_id, &single["error"]["code"]), (child_id, &many["results"][0]["error"]["code"])] {
+        assert!(code.is_string(), "{single} {many}");
+        let refused = wait_for(Duration::from_secs(10), "the refused report's span", async || {
+            collector.spans().into_iter().map(|(_, span)| span).find(|span| {
+                span["name"] == "phalanx.complete"
+                    && attribute(span, "phalanx.task.id") == json!(task_id.to_string())
+                    && attribute(span, "phalanx.outcome") != json!("ok")
+            })
+        })
+        .await;
+        assert_eq!(&attribute(&refused, "phalanx.outcome"), code, "{refused}");
+        assert_eq!(refused["status"]["code"], 2, "{refused}");
+        assert_eq!(refused["traceId"], CALLER_TRACE, "{refused}");
+    }
     let text = metrics_text(&cluster).await;
     assert!(sample(&text, "phalanx_spans_exported_total") >= 6);
     assert_eq!(sample(&text, "phalanx_spans_dropped_total{reason=\"queue_full\"}"), 0);

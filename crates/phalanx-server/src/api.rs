@@ -1040,6 +1040,7 @@ async fn submit_task(node: &Node_, headers: &HeaderMap, body: Body) -> ApiResult
     let (task, trace) = new_task(parse::<api::SubmitRequest>(body)?, header, node)?;
     // The task is kept for the span only when spans are recorded.
     let spanned = start.map(|start| (start, task.clone()));
+    let proposed_traceparent = task.traceparent.clone();
     let answer = async {
         check_new_tasks(node, std::slice::from_ref(&task)).await.pop().expect("one judgement")?;
         let (outcome, _) = propose(node, Command::Submit { tasks: vec![task] }).await?;
@@ -1051,7 +1052,11 @@ async fn submit_task(node: &Node_, headers: &HeaderMap, body: Body) -> ApiResult
         node.tracer.record(submit_span(node, start, &task, &trace, answer.as_ref()));
     }
     let submitted = answer?;
-    let traceparent = stored_traceparents(node, &[submitted.task_id]).pop().flatten();
+    // A new task keeps the context proposed; a deduplicated one, its first submit's.
+    let traceparent = match submitted.deduplicated {
+        false => proposed_traceparent,
+        true => stored_traceparents(node, &[submitted.task_id]).pop().flatten(),
+    };
     let body = submitted_body(&submitted, traceparent);
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
@@ -1369,6 +1374,17 @@ async fn complete_many(State(node): State<Node_>, headers: HeaderMap, body: Body
             (task_id, command)
         })
         .collect();
+    // What each well-formed result's span needs, taken before the checks
+    // (a result they refuse gets a span too), and only when spans are recorded.
+    let reported: Vec<Option<(u64, u64, u64, Option<phalanx_core::Usage>)>> = slots
+        .iter()
+        .map(|(_, command)| match (start, command) {
+            (Some(start), Ok(Command::Complete { task_id, fence, usage, .. })) => {
+                Some((start, *task_id, *fence, *usage))
+            }
+            _ => None,
+        })
+        .collect();
     let judged = refuse_early(&node, |state| {
         slots.iter().filter_map(|(_, command)| command.as_ref().ok()).map(|command| state.check(command)).collect()
     })
@@ -1391,11 +1407,8 @@ async fn complete_many(State(node): State<Node_>, headers: HeaderMap, body: Body
     }
     let results = slots
         .into_iter()
-        .map(|(task_id, slot)| {
-            let reported = start.and_then(|start| match &slot {
-                Ok(Command::Complete { task_id, fence, usage, .. }) => Some((start, *task_id, *fence, *usage)),
-                _ => None,
-            });
+        .zip(reported)
+        .map(|((task_id, slot), reported)| {
             let refused = match slot {
                 Ok(_) => match outcomes.next().expect("one outcome per proposed command") {
                     Outcome::Completed { task } => {

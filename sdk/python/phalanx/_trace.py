@@ -11,12 +11,27 @@ import importlib
 from typing import Any, Optional
 
 
+_UNKNOWN = object()
+# The `opentelemetry.trace` module once looked up (`None`: not installed), so that a submit does not search
+# the import path again each time.
+_trace_module: Any = _UNKNOWN
+
+
+def _opentelemetry_trace() -> Any:
+    global _trace_module
+    if _trace_module is _UNKNOWN:
+        try:
+            _trace_module = importlib.import_module("opentelemetry.trace")
+        except ImportError:
+            _trace_module = None
+    return _trace_module
+
+
 def current_traceparent() -> Optional[str]:
     """The current OpenTelemetry span's context as a version-00 `traceparent`, or `None` (no OpenTelemetry, no
     current span, or one that is not valid)."""
-    try:
-        trace: Any = importlib.import_module("opentelemetry.trace")
-    except ImportError:
+    trace = _opentelemetry_trace()
+    if trace is None:
         return None
     try:
         context = trace.get_current_span().get_span_context()
