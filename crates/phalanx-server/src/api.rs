@@ -1342,6 +1342,9 @@ async fn complete(State(node): State<Node_>, Path(id): Path<String>, headers: He
     Ok(report_response(&task, wants_minimal(&headers)))
 }
 
+/// A result of a batch, as its span needs it: (span start, task id, fence, usage).
+type ReportedResult = (u64, u64, u64, Option<phalanx_core::Usage>);
+
 /// Many results in one request and one log entry, each judged on its own
 /// and answered in its slot: a malformed item, one the state refuses, or one
 /// under a stale fence is refused alone. A failure of the proposal itself
@@ -1376,7 +1379,7 @@ async fn complete_many(State(node): State<Node_>, headers: HeaderMap, body: Body
         .collect();
     // What each well-formed result's span needs, taken before the checks
     // (a result they refuse gets a span too), and only when spans are recorded.
-    let reported: Vec<Option<(u64, u64, u64, Option<phalanx_core::Usage>)>> = slots
+    let reported: Vec<Option<ReportedResult>> = slots
         .iter()
         .map(|(_, command)| match (start, command) {
             (Some(start), Ok(Command::Complete { task_id, fence, usage, .. })) => {
