@@ -535,3 +535,42 @@ async fn a_submit_through_a_follower_is_one_span_on_the_leader_in_the_callers_tr
     assert_eq!(attribute(span, "phalanx.node.id"), json!(leader.to_string()), "the leader records it");
     assert_eq!(attribute(resource, "service.instance.id"), json!(leader.to_string()));
 }
+
+#[tokio::test]
+async fn fail_and_extend_have_spans_in_the_tasks_trace() {
+    let collector = Collector::start(Answer::Ok).await;
+    let cluster = Cluster::start(1, &["--otlp-endpoint", &collector.url()]).await;
+    let (status, submitted) = submit_with_header(&cluster, &caller_traceparent(), &json!({"queue": "q"})).await;
+    assert_eq!(status, 201, "{submitted}");
+    let task_id = submitted["task_id"].as_u64().unwrap();
+    let (_, submit_span_id) = ids(submitted["traceparent"].as_str().unwrap());
+    let register = json!({"agent_id": "a", "capabilities": ["q"], "capacity": 1});
+    let (_, session) = cluster.post(1, "/v1/agents/register", &register).await.unwrap();
+    let poll = json!({"epoch": session["epoch"], "session": session["session"], "wait_ms": 1000});
+    let (_, polled) = cluster.post(1, "/v1/agents/a/poll", &poll).await.unwrap();
+    let fence = polled["leases"][0]["fence"].as_u64().expect("a lease");
+    let (status, body) =
+        cluster.post(1, &format!("/v1/tasks/{task_id}/extend"), &json!({"fence": fence})).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let fail = json!({"fence": fence, "error": "no", "retryable": false, "usage": {"tokens_in": 11, "tokens_out": 22, "cost": 33}});
+    let (status, body) = cluster.post(1, &format!("/v1/tasks/{task_id}/fail"), &fail).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let spans = wait_for(Duration::from_secs(10), "the extend and fail spans", async || {
+        let spans: Vec<Value> = collector.spans().into_iter().map(|(_, span)| span).collect();
+        let named = |name: &str| spans.iter().find(|span| span["name"] == name).cloned();
+        Some((named("phalanx.extend")?, named("phalanx.fail")?))
+    })
+    .await;
+    for span in [&spans.0, &spans.1] {
+        assert_eq!(span["traceId"], CALLER_TRACE, "{span}");
+        assert_eq!(span["parentSpanId"], json!(submit_span_id), "{span}");
+        assert_eq!(attribute(span, "phalanx.task.id"), json!(task_id.to_string()));
+        assert_eq!(attribute(span, "phalanx.fence"), json!(fence.to_string()));
+        assert_eq!(attribute(span, "phalanx.outcome"), json!("ok"));
+    }
+    let failed = &spans.1;
+    assert_eq!(attribute(failed, "phalanx.retryable"), json!(false));
+    assert_eq!(attribute(failed, "gen_ai.usage.input_tokens"), json!("11"));
+    assert_eq!(attribute(failed, "gen_ai.usage.output_tokens"), json!("22"));
+    assert_eq!(attribute(failed, "phalanx.usage.cost"), json!("33"));
+}
