@@ -4,7 +4,9 @@
 //! Rust agent and completed with usage, to a collector this test runs (a
 //! real HTTP server on loopback that parses the OTLP/HTTP JSON it gets):
 //! one trace, parent links as the task's stored `traceparent` says, GenAI
-//! usage attributes. Without the flag, the task still carries its context
+//! usage attributes; refused reports, fail and extend have spans too, and a
+//! submit through a follower is one span, on the leader. Without the flag,
+//! the task still carries its context
 //! and nothing is sent anywhere; with a collector that never answers,
 //! requests stay prompt and the lost spans are counted; a malformed
 //! `traceparent` is refused and creates nothing.
