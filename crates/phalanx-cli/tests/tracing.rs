@@ -6,10 +6,9 @@
 //! one trace, parent links as the task's stored `traceparent` says, GenAI
 //! usage attributes; refused reports, fail and extend have spans too, and a
 //! submit through a follower is one span, on the leader. Without the flag,
-//! the task still carries its context
-//! and nothing is sent anywhere; with a collector that never answers,
-//! requests stay prompt and the lost spans are counted; a malformed
-//! `traceparent` is refused and creates nothing.
+//! the task still carries its context and nothing is sent anywhere; with a
+//! collector that never answers, requests stay prompt and the lost spans are
+//! counted; a malformed `traceparent` is refused and creates nothing.
 
 mod common;
 
