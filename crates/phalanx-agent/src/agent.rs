@@ -141,7 +141,7 @@ impl TaskContext {
         &self.client
     }
 
-    /// The task's W3C Trace Context (`docs/sdk.md` item 11): the node's
+    /// The task's W3C Trace Context (`docs/sdk.md` item 12): the node's
     /// submit span of the task. A handler that records spans makes them
     /// children of it, so they join the submitter's trace. `None` for a task
     /// submitted to a node that did not record one.

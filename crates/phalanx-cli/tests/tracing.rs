@@ -189,7 +189,7 @@ fn sample(text: &str, name: &str) -> u64 {
 }
 
 #[tokio::test]
-async fn sdk_11_a_task_tree_is_one_trace_under_the_callers_span() {
+async fn sdk_12_a_task_tree_is_one_trace_under_the_callers_span() {
     let collector = Collector::start(Answer::Ok).await;
     let cluster = Cluster::start(1, &["--otlp-endpoint", &collector.url()]).await;
     let (status, submitted) = submit_with_header(&cluster, &caller_traceparent(), &json!({"queue": "plan"})).await;
@@ -484,7 +484,7 @@ async fn a_malformed_traceparent_is_refused_and_creates_nothing() {
 }
 
 #[tokio::test]
-async fn sdk_11_the_rust_client_submits_with_a_traceparent_and_reads_it_back() {
+async fn sdk_12_the_rust_client_submits_with_a_traceparent_and_reads_it_back() {
     let cluster = Cluster::start(1, &[]).await;
     let client = phalanx_agent::Client::new(vec![cluster.addr(1).to_string()], None).unwrap();
     let request = phalanx_api::SubmitRequest::new("q", json!({"n": 1})).with_traceparent(caller_traceparent());

@@ -1,4 +1,4 @@
-"""W3C Trace Context for submits (docs/sdk.md item 11), without depending on OpenTelemetry.
+"""W3C Trace Context for submits (docs/sdk.md item 12), without depending on OpenTelemetry.
 
 If the `opentelemetry` API is importable and a span is current, a submit that names no `traceparent` sends
 that span's context, so the task's spans join the caller's trace. Nothing here imports OpenTelemetry unless it

@@ -197,7 +197,7 @@ class _ContextBase:
 
     @property
     def traceparent(self) -> Optional[str]:
-        """The task's W3C Trace Context (docs/sdk.md item 11): the node's submit span of the task. Spans the
+        """The task's W3C Trace Context (docs/sdk.md item 12): the node's submit span of the task. Spans the
         handler records as its children join the submitter's trace. `None` from a node that keeps none."""
         return self.task.get("traceparent")
 

@@ -130,7 +130,7 @@ class Task(_TaskRequired, total=False):
     replays: int
     # On a pending task its key's limits hold back (`GET /v1/tasks/{id}`).
     waiting_on: WaitingOn
-    # W3C Trace Context naming the node's submit span of the task (docs/sdk.md item 11).
+    # W3C Trace Context naming the node's submit span of the task (docs/sdk.md item 12).
     traceparent: Optional[str]
 
 

@@ -317,13 +317,13 @@ def test_sdk_9_a_submit_says_whether_it_was_deduplicated(server, client):
     assert f"{again:>5}" == f"{int(again):>5}"
 
 
-# ---- 11. trace context ----
+# ---- 12. trace context ----
 
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER_TRACEPARENT = f"00-{CALLER_TRACE}-b7ad6b7169203331-01"
 
 
-def test_sdk_11_traceparent_round_trips_through_submit_and_the_agents_context(server, client):
+def test_sdk_12_traceparent_round_trips_through_submit_and_the_agents_context(server, client):
     task_id = client.submit("traced", {"n": 1}, traceparent=CALLER_TRACEPARENT)
     stored = task_id.traceparent
     assert stored is not None and stored.split("-")[1] == CALLER_TRACE, "the task stays in the caller's trace"
@@ -348,14 +348,14 @@ def test_sdk_11_traceparent_round_trips_through_submit_and_the_agents_context(se
     assert seen == [stored], "the handler sees the task's stored context"
 
 
-def test_sdk_11_a_malformed_traceparent_is_refused_and_creates_nothing(server, client):
+def test_sdk_12_a_malformed_traceparent_is_refused_and_creates_nothing(server, client):
     with pytest.raises(InvalidRequest) as refused:
         client.submit("traced", {"n": 1}, traceparent="00-not-a-trace-01")
     assert "traceparent" in str(refused.value)
     assert client.list_tasks()["tasks"] == []
 
 
-def test_sdk_11_a_submit_inside_an_opentelemetry_span_carries_its_context(server, client):
+def test_sdk_12_a_submit_inside_an_opentelemetry_span_carries_its_context(server, client):
     trace = pytest.importorskip("opentelemetry.trace")
     context = trace.SpanContext(trace_id=int(CALLER_TRACE, 16), span_id=0x00F067AA0BA902B7, is_remote=False,
                                 trace_flags=trace.TraceFlags(1))
