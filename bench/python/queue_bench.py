@@ -161,7 +161,10 @@ def redis_run(port: int, tasks: int) -> Callable[[], Awaitable[int]]:
     async def run() -> int:
         import redis.asyncio as redis
 
-        connection = redis.Redis(port=port, max_connections=SUBMITS_IN_FLIGHT + 2 * CONSUMERS)
+        # Blocking: a request past the pool's connections waits for one (as the Phalanx client's do,
+        # docs/sdk.md, 11) instead of failing with "Too many connections".
+        pool = redis.BlockingConnectionPool(port=port, max_connections=SUBMITS_IN_FLIGHT + 2 * CONSUMERS, timeout=30)
+        connection = redis.Redis(connection_pool=pool)
         acked = 0
         finished = asyncio.Event()
 
