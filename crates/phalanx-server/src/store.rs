@@ -574,6 +574,84 @@ fn store_snapshot(db: &Database, data_dir: &Path, meta: &StoredSnapshotMeta, nam
     Ok(outcome?.is_some())
 }
 
+/// The bytes of a snapshot in flight between nodes (openraft's
+/// `SnapshotData`): a `Cursor<Vec<u8>>` that refuses, while it is written,
+/// more than `SNAPSHOT_BYTES_MAX` bytes, and, when the last chunk is in
+/// (`shutdown`), a header of a format this code does not read. openraft
+/// answers the sender with those errors and the node goes on; an error in
+/// `install_snapshot` itself would stop the Raft core.
+#[derive(Debug, Default)]
+pub struct SnapshotBuffer(Cursor<Vec<u8>>);
+
+impl SnapshotBuffer {
+    pub fn new(bytes: Vec<u8>) -> SnapshotBuffer {
+        SnapshotBuffer(Cursor::new(bytes))
+    }
+
+    pub fn get_ref(&self) -> &Vec<u8> {
+        self.0.get_ref()
+    }
+
+    pub fn get_mut(&mut self) -> &mut Vec<u8> {
+        self.0.get_mut()
+    }
+
+    pub fn into_inner(self) -> Vec<u8> {
+        self.0.into_inner()
+    }
+}
+
+impl tokio::io::AsyncRead for SnapshotBuffer {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(context, buf)
+    }
+}
+
+impl tokio::io::AsyncSeek for SnapshotBuffer {
+    fn start_seek(mut self: std::pin::Pin<&mut Self>, position: std::io::SeekFrom) -> std::io::Result<()> {
+        std::pin::Pin::new(&mut self.0).start_seek(position)
+    }
+
+    fn poll_complete(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<u64>> {
+        std::pin::Pin::new(&mut self.0).poll_complete(context)
+    }
+}
+
+impl tokio::io::AsyncWrite for SnapshotBuffer {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        bytes: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let end = self.0.position() as usize + bytes.len();
+        if end > SNAPSHOT_BYTES_MAX {
+            return std::task::Poll::Ready(Err(std::io::Error::other(Error::SnapshotTooLarge { bytes: end })));
+        }
+        std::pin::Pin::new(&mut self.0).poll_write(context, bytes)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(context)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(read_header(self.0.get_ref()).map(|_| ()).map_err(std::io::Error::other))
+    }
+}
+
 // ---- the log ----
 
 /// How storage is doing, read by readiness: a write that has been in progress
@@ -877,7 +955,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // openraft 0.9 keeps only the meta of a snapshot it had built
         // (`core/sm/worker.rs`, `build_snapshot`); a follower that needs the
         // bytes gets them from `get_current_snapshot`, read from the file.
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) })
+        Ok(Snapshot { meta, snapshot: Box::new(SnapshotBuffer::default()) })
     }
 }
 
@@ -932,14 +1010,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotBuffer>, StorageError> {
+        Ok(Box::new(SnapshotBuffer::default()))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &StoredSnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotBuffer>,
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
         let (db, data_dir, stored_meta) = (self.db.clone(), self.data_dir.clone(), meta.clone());
@@ -991,6 +1069,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await
         .map_err(|error| StorageIOError::read_snapshot(None, &error))?;
-        Ok(stored.map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
+        Ok(stored.map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(SnapshotBuffer::new(bytes)) }))
     }
 }
