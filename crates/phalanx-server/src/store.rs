@@ -248,11 +248,26 @@ pub fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Error> {
 
 /// `open`, with the synchronous work run as `io` says.
 pub fn open_with(data_dir: &Path, io: Io) -> Result<(LogStore, StateMachineStore), Error> {
-    let db = Arc::new(Database::create(data_dir.join(DATABASE_FILE_NAME))?);
-    let found = stored_format_version(&db)?;
-    if found == 0 || found > FORMAT_VERSION {
-        return Err(Error::FormatTooNew { found, supported: FORMAT_VERSION });
+    let path = data_dir.join(DATABASE_FILE_NAME);
+    // Read first through a read-only handle, so that a database or a
+    // snapshot this code cannot read is refused with nothing changed on disk
+    // (a writable open alone writes to the file). After a crash redb must
+    // repair the file first, which only a writable open does: the same
+    // checks then run after the repair.
+    let mut loaded = None;
+    if path.exists() {
+        match redb::ReadOnlyDatabase::open(&path) {
+            Ok(db) => loaded = Some(load(&db, data_dir)?),
+            Err(redb::DatabaseError::RepairAborted) => {}
+            Err(error) => return Err(Error::Database(error.into())),
+        }
     }
+    let db = Arc::new(Database::create(&path)?);
+    let (stored, found) = match loaded {
+        Some(loaded) => loaded,
+        None => load(&*db, data_dir)?,
+    };
+    assert!(found <= FORMAT_VERSION, "load refuses newer formats");
     // Created up front, so that every reader can open every table; the
     // version is recorded on creation and on upgrade alike. An upgraded
     // database may still hold a format 1 snapshot until the next one is taken.
@@ -269,11 +284,10 @@ pub fn open_with(data_dir: &Path, io: Io) -> Result<(LogStore, StateMachineStore
         state: State::new(Limits::default()),
     };
     let mut snapshot_counter = 0;
-    let stored = read_snapshot(&db)?;
     // Files left by a snapshot whose transaction never committed (a crash
     // between the file and the commit, or an older snapshot that lost the race).
     let current_file = match &stored {
-        Some((_, Body::File(name))) => Some(name.clone()),
+        Some((_, Body::File(name), _)) => Some(name.clone()),
         _ => None,
     };
     let mut file_number_max = 0;
@@ -283,8 +297,7 @@ pub fn open_with(data_dir: &Path, io: Io) -> Result<(LogStore, StateMachineStore
             std::fs::remove_file(data_dir.join(&name))?;
         }
     }
-    if let Some((meta, body)) = stored {
-        let body = decode_stored_snapshot(data_dir, &meta, &body)?;
+    if let Some((meta, _, body)) = stored {
         data = StateMachineData {
             last_applied: meta.last_log_id,
             last_membership: meta.last_membership,
@@ -322,9 +335,25 @@ pub fn open_with(data_dir: &Path, io: Io) -> Result<(LogStore, StateMachineStore
     Ok((log, state_machine))
 }
 
+/// What a start finds in the database: the current snapshot (its meta, where
+/// its body is, and the body decoded and checked) and the storage format.
+type Loaded = (Option<(StoredSnapshotMeta, Body, SnapshotBody)>, u32);
+
+/// Reads what `open` needs from `db`, refusing a storage or snapshot format
+/// this code does not know. It only reads.
+fn load(db: &impl ReadableDatabase, data_dir: &Path) -> Result<Loaded, Error> {
+    let found = stored_format_version(db)?;
+    if found == 0 || found > FORMAT_VERSION {
+        return Err(Error::FormatTooNew { found, supported: FORMAT_VERSION });
+    }
+    let Some((meta, body)) = read_snapshot(db)? else { return Ok((None, found)) };
+    let decoded = decode_stored_snapshot(data_dir, &meta, &body)?;
+    Ok((Some((meta, body, decoded)), found))
+}
+
 /// The storage format version recorded in `db`: format 1 recorded none, and a
 /// new database has nothing in any format yet.
-fn stored_format_version(db: &Database) -> Result<u32, Error> {
+fn stored_format_version(db: &impl ReadableDatabase) -> Result<u32, Error> {
     let txn = db.begin_read()?;
     let table = match txn.open_table(META_TABLE) {
         Ok(table) => table,
@@ -379,9 +408,14 @@ fn is_snapshot_file_name(name: &str) -> bool {
         .is_some_and(|number| !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
 }
 
-fn read_snapshot(db: &Database) -> Result<Option<(StoredSnapshotMeta, Body)>, Error> {
+fn read_snapshot(db: &impl ReadableDatabase) -> Result<Option<(StoredSnapshotMeta, Body)>, Error> {
     let txn = db.begin_read()?;
-    let table = txn.open_table(SNAPSHOT_TABLE)?;
+    let table = match txn.open_table(SNAPSHOT_TABLE) {
+        Ok(table) => table,
+        // A database no node has opened yet (tables are created at the first open).
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
     let Some(meta) = table.get(SNAPSHOT_META_KEY)? else {
         return Ok(None);
     };
@@ -1058,7 +1092,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             // the file has deleted it: the name is read again, a few times.
             let mut attempts_left = 3;
             loop {
-                let Some((meta, body)) = read_snapshot(&db)? else { return Ok(None) };
+                let Some((meta, body)) = read_snapshot(&*db)? else { return Ok(None) };
                 match read_snapshot_bytes(&data_dir, body) {
                     Err(Error::Io(error)) if error.kind() == std::io::ErrorKind::NotFound && attempts_left > 0 => {
                         attempts_left -= 1;
