@@ -156,6 +156,31 @@ async fn json_of(response: reqwest::Response, what: &str) -> anyhow::Result<Valu
     Ok(body)
 }
 
+/// Refusals a submit may meet while the node is busy (a snapshot of a large
+/// state, a step-down and re-election) before the fill gives up.
+const SUBMIT_RETRIES_MAX: u32 = 100;
+
+/// One batch submit, retried after the wait a `503` or `429` asks for.
+async fn submit(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<Value> {
+    for _ in 0..SUBMIT_RETRIES_MAX {
+        let response = http.post(url).json(body).send().await?;
+        let status = response.status();
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            let answer: Value = response.json().await.unwrap_or_default();
+            // Only a batch surely not done is sent again, so the count stays exact.
+            anyhow::ensure!(
+                answer["error"]["outcome"] == "not_done",
+                "POST /v1/tasks/batch answered {status}: {answer}"
+            );
+            let wait_ms = answer["error"]["retry_after_ms"].as_u64().unwrap_or(200).clamp(10, 5_000);
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            continue;
+        }
+        return json_of(response, "POST /v1/tasks/batch").await;
+    }
+    anyhow::bail!("POST /v1/tasks/batch: still refused after {SUBMIT_RETRIES_MAX} tries")
+}
+
 /// Fills the node with `tasks` pending tasks, then writes until a snapshot
 /// covers every one of them.
 async fn fill(http: &reqwest::Client, node: &Node, tasks: u64) -> anyhow::Result<()> {
@@ -185,7 +210,7 @@ async fn fill(http: &reqwest::Client, node: &Node, tasks: u64) -> anyhow::Result
                 }
                 let count = (tasks - batch * SUBMIT_BATCH as u64).min(SUBMIT_BATCH as u64);
                 let body = json!({"tasks": (0..count).map(|_| json!({"queue": "restart", "payload": payload})).collect::<Vec<_>>()});
-                let answer = json_of(http.post(&url).json(&body).send().await?, "POST /v1/tasks/batch").await?;
+                let answer = submit(&http, &url, &body).await?;
                 let refused = answer["results"]
                     .as_array()
                     .map_or(0, |results| results.iter().filter(|result| result.get("error").is_some()).count());
@@ -206,8 +231,11 @@ async fn fill(http: &reqwest::Client, node: &Node, tasks: u64) -> anyhow::Result
             break;
         }
         anyhow::ensure!(start.elapsed() < WAIT_MAX, "no snapshot covered the fill within {WAIT_MAX:?}");
+        // A refusal while the node re-elects itself is only waited out.
         let put = http.put(node.url("/v1/conversations/restart-bench/n")).json(&json!({"value": n})).send().await?;
-        json_of(put, "PUT /v1/conversations").await?;
+        if put.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            json_of(put, "PUT /v1/conversations").await?;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())

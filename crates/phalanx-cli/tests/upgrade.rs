@@ -34,11 +34,8 @@ fn fixture_clock() -> Option<Environment> {
         eprintln!("skipped: libfaketime is unavailable");
         return None;
     }
-    let env = [
-        ("LD_PRELOAD", FAKETIME_LIBRARY),
-        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-        ("FAKETIME", FIXTURE_RESUME_TIME),
-    ];
+    let env =
+        [("LD_PRELOAD", FAKETIME_LIBRARY), ("FAKETIME_DONT_FAKE_MONOTONIC", "1"), ("FAKETIME", FIXTURE_RESUME_TIME)];
     Some(Environment { wrapper: Vec::new(), env: env.map(|(k, v)| (k.to_string(), v.to_string())).to_vec() })
 }
 
@@ -141,11 +138,8 @@ fn server_exit(data_dir: &Path) -> (Option<i32>, String) {
 
 fn assert_unchanged(data_dir: &Path, before: &BTreeMap<String, Vec<u8>>) {
     let after = contents(data_dir);
-    let changed: Vec<&String> = before
-        .keys()
-        .chain(after.keys())
-        .filter(|name| before.get(*name) != after.get(*name))
-        .collect();
+    let changed: Vec<&String> =
+        before.keys().chain(after.keys()).filter(|name| before.get(*name) != after.get(*name)).collect();
     assert!(changed.is_empty(), "nothing changed on disk, but {changed:?} did");
 }
 
@@ -181,13 +175,12 @@ async fn a_data_dir_of_the_previous_format_is_read_then_written_in_the_new_one()
 
     // Enough new entries for a snapshot: it is written in the new format.
     for i in 0..20 {
-        let (status, body) = cluster.post(1, "/v1/tasks", &json!({"queue": "after", "payload": {"i": i}})).await.unwrap();
+        let (status, body) =
+            cluster.post(1, "/v1/tasks", &json!({"queue": "after", "payload": {"i": i}})).await.unwrap();
         assert_eq!(status, 201, "{body}");
     }
-    wait_until(Duration::from_secs(20), "a snapshot in the new format", async || {
-        snapshot_files(&data_dir).len() == 1
-    })
-    .await;
+    wait_until(Duration::from_secs(20), "a snapshot in the new format", async || snapshot_files(&data_dir).len() == 1)
+        .await;
     let snapshot = std::fs::read(&snapshot_files(&data_dir)[0]).unwrap();
     assert_eq!(&snapshot[..8], phalanx_server::store::SNAPSHOT_MAGIC);
     assert_eq!(snapshot[8..12], phalanx_server::store::SNAPSHOT_FORMAT_VERSION.to_le_bytes());

@@ -511,11 +511,10 @@ fn decode_snapshot(meta: &StoredSnapshotMeta, bytes: &[u8]) -> Result<SnapshotBo
 }
 
 fn check_snapshot(meta: &StoredSnapshotMeta, mut body: SnapshotBody) -> Result<SnapshotBody, Error> {
-    body.state.restore();
     if body.last_applied != meta.last_log_id {
         return Err(Error::SnapshotMismatch { body: body.last_applied, meta: meta.last_log_id });
     }
-    body.state.check_invariants();
+    body.state.restore_checked();
     Ok(body)
 }
 
@@ -550,7 +549,8 @@ fn write_snapshot_file(
 ) -> Result<(), Error> {
     let path = data_dir.join(name);
     let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
-    let mut writer = BoundedWriter { inner: std::io::BufWriter::with_capacity(SNAPSHOT_BUFFER_BYTES, file), written_bytes: 0 };
+    let mut writer =
+        BoundedWriter { inner: std::io::BufWriter::with_capacity(SNAPSHOT_BUFFER_BYTES, file), written_bytes: 0 };
     let outcome = fill(&mut writer).and_then(|()| {
         let file = writer.inner.into_inner().map_err(|error| error.into_error())?;
         file.sync_all()?;

@@ -10,8 +10,8 @@
 //! `PHALANX_WRITE_FIXTURES=1 cargo test -p phalanx-server --test snapshot_format`.
 
 use openraft::raft::InstallSnapshotRequest;
-use openraft::{CommittedLeaderId, Entry, EntryPayload, Membership, RaftSnapshotBuilder, Vote};
 use openraft::storage::RaftStateMachine;
+use openraft::{CommittedLeaderId, Entry, EntryPayload, Membership, RaftSnapshotBuilder, Vote};
 use phalanx_core::{Command, NewTask, Request, State};
 use phalanx_server::raft_types::{LogId, Member, Raft, TypeConfig};
 use phalanx_server::store::{self, SnapshotBuffer, StateMachineStore};
@@ -172,9 +172,9 @@ async fn a_received_snapshot_of_an_unknown_format_is_refused_and_the_node_goes_o
     assert!(message.contains("snapshot format version 7") && message.contains("versions 1 to 2"), "{message}");
     assert!(raft.metrics().borrow().running_state.is_ok(), "the Raft node goes on");
     assert_eq!(*shared.applied_tx.borrow(), 0, "nothing was installed");
-    assert!(std::fs::read_dir(dir.path()).unwrap().all(|entry| {
-        !entry.unwrap().file_name().to_string_lossy().ends_with(".phx")
-    }));
+    assert!(std::fs::read_dir(dir.path())
+        .unwrap()
+        .all(|entry| { !entry.unwrap().file_name().to_string_lossy().ends_with(".phx") }));
 
     // The same snapshot in a known format is then installed.
     raft.install_snapshot(request(good)).await.expect("install");
