@@ -90,6 +90,8 @@ fn scenarios() -> clap::builder::PossibleValuesParser {
             .help("ten tenants, one with 10x the load: shares, Jain's index and throughput, fair dispatch vs FIFO"),
         PossibleValue::new("budget")
             .help("delegation trees with token budgets (--tasks trees): overshoot per tree, resume after a raise"),
+        PossibleValue::new("restart")
+            .help("a node with --tasks pending tasks restarted: time to ready, memory per task, both snapshot formats"),
     ])
 }
 
@@ -118,6 +120,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "delegation" => crate::delegation::delegation(args).await,
         "fairness" => crate::fairness::fairness(args).await,
         "budget" => crate::budget::budget(args).await,
+        "restart" => crate::restart::restart(args).await,
         other => {
             anyhow::bail!(
                 "unknown scenario {other:?}: use throughput, overload, backlog, soak, failover, steady, delegation, fairness or budget"

@@ -20,6 +20,7 @@ mod launcher;
 mod netns;
 mod overload;
 mod rawhttp;
+mod restart;
 mod sim;
 mod steady;
 

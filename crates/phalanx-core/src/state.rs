@@ -308,6 +308,7 @@ pub struct State {
     last_index: u64,
     next_task_id: u64,
     limits: Limits,
+    #[serde(deserialize_with = "bulk_map")]
     tasks: BTreeMap<u64, Task>,
     /// Pending tasks that may be leased now, per queue, best first: (9 - priority, id).
     ready: BTreeMap<String, BTreeSet<(u8, u64)>>,
@@ -395,6 +396,37 @@ pub struct State {
     key_idle: BTreeSet<(u64, String)>,
 }
 
+/// Entries preallocated at most when reading a map, whatever length its
+/// encoding claims (the claim is not trusted; the vector grows past it).
+const PREALLOCATED_ENTRIES_MAX: usize = 1 << 20;
+
+/// Reads a map into a `BTreeMap` built in bulk from its entries: full nodes,
+/// where inserting one entry at a time in key order leaves them a little
+/// over half full. For the task map of a large state that is most of a
+/// third of its memory. Duplicate keys keep the last value, as inserts would.
+fn bulk_map<'de, D, K, V>(deserializer: D) -> Result<BTreeMap<K, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    K: Deserialize<'de> + Ord,
+    V: Deserialize<'de>,
+{
+    struct Entries<K, V>(std::marker::PhantomData<(K, V)>);
+    impl<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>> serde::de::Visitor<'de> for Entries<K, V> {
+        type Value = BTreeMap<K, V>;
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("a map")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(PREALLOCATED_ENTRIES_MAX));
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries.into_iter().collect())
+        }
+    }
+    deserializer.deserialize_map(Entries(std::marker::PhantomData))
+}
+
 /// queue -> inverse priority -> concurrency key -> ready task ids.
 type FairReady = BTreeMap<String, BTreeMap<u8, BTreeMap<String, BTreeSet<u64>>>>;
 
@@ -440,45 +472,59 @@ impl State {
         self.key_idle = derived.key_idle;
     }
 
+    /// Recounts the derived fields in one pass over the tasks. It runs at
+    /// every start of a replica on the whole state, so it avoids per-task map
+    /// lookups where it can and builds the large maps from sorted runs (bulk
+    /// built: full nodes, no rebalancing) rather than by one insert per task.
     fn derived(&self) -> Derived {
-        let state_bytes = self.tasks.values().map(task_bytes).sum::<u64>()
-            + self.conversations.values().map(|c| c.bytes as u64).sum::<u64>();
+        let mut state_bytes = self.conversations.values().map(|c| c.bytes as u64).sum::<u64>();
         let conversation_expiry =
             self.conversations.iter().filter_map(|(id, c)| c.written_ms.map(|at| (at, id.clone()))).collect();
         let mut conversation_tasks: BTreeMap<String, u64> = BTreeMap::new();
-        for task in self.tasks.values() {
-            if let Some(id) = &task.conversation_id {
-                *conversation_tasks.entry(id.clone()).or_default() += 1;
-            }
-        }
-        // A parent missing from the state (compacted by a version that did
-        // not keep trees whole) makes its child a root.
         let mut children: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+        let mut tree_usage: BTreeMap<u64, Usage> = BTreeMap::new();
+        // Per task: (its tree's root, whether it is open, when it was updated).
+        let mut memberships: Vec<(u64, bool, u64)> = Vec::with_capacity(self.tasks.len());
         for task in self.tasks.values() {
-            if let Some(parent) = task.parent_id.filter(|parent| self.tasks.contains_key(parent)) {
+            state_bytes += task_bytes(task);
+            if let Some(id) = &task.conversation_id {
+                match conversation_tasks.get_mut(id) {
+                    Some(count) => *count += 1,
+                    None => {
+                        conversation_tasks.insert(id.clone(), 1);
+                    }
+                }
+            }
+            // A parent missing from the state (compacted by a version that did
+            // not keep trees whole) makes its child a root.
+            let parent = task.parent_id.filter(|parent| self.tasks.contains_key(parent));
+            if let Some(parent) = parent {
                 children.entry(parent).or_default().insert(task.id);
             }
-        }
-        let mut tree_open: BTreeMap<u64, u64> = BTreeMap::new();
-        // root -> (tasks, when the last of them was updated)
-        let mut trees: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-        for task in self.tasks.values() {
-            let root = self.root_of(task.id);
-            if !task.state.is_terminal() {
-                *tree_open.entry(root).or_default() += 1;
+            let root = if parent.is_some() { self.root_of(task.id) } else { task.id };
+            memberships.push((root, !task.state.is_terminal(), task.updated_ms));
+            if !task.usage.is_zero() {
+                tree_usage.entry(root).or_default().add(&task.usage);
             }
-            let tree = trees.entry(root).or_default();
-            tree.0 += 1;
-            tree.1 = tree.1.max(task.updated_ms);
         }
-        let mut compactable = BTreeSet::new();
+        // Roots are mostly in order already (a root precedes its tree).
+        memberships.sort_by_key(|&(root, _, _)| root);
+        let mut tree_open = Vec::new();
+        let mut compactable = Vec::new();
         let mut compactable_tasks = 0;
-        for (root, (tasks, finished_ms)) in trees {
-            if !tree_open.contains_key(&root) {
-                compactable.insert((finished_ms, root));
-                compactable_tasks += tasks;
+        for tree in memberships.chunk_by(|a, b| a.0 == b.0) {
+            let root = tree[0].0;
+            let open = tree.iter().filter(|(_, open, _)| *open).count() as u64;
+            if open > 0 {
+                tree_open.push((root, open));
+            } else {
+                compactable.push((tree.iter().map(|&(_, _, updated_ms)| updated_ms).max().unwrap_or(0), root));
+                compactable_tasks += tree.len() as u64;
             }
         }
+        drop(memberships);
+        let tree_open: BTreeMap<u64, u64> = tree_open.into_iter().collect();
+        let compactable: BTreeSet<(u64, u64)> = compactable.into_iter().collect();
         let mut written: BTreeMap<u64, BTreeSet<(String, String)>> = BTreeMap::new();
         for (conversation_id, conversation) in &self.conversations {
             for (key, writer) in &conversation.writers {
@@ -487,21 +533,25 @@ impl State {
         }
         let mut fair_ready = FairReady::new();
         for (queue, set) in &self.ready {
+            // `set` is ordered by (band, id): the ids of one band and key come in order.
+            let mut bands: BTreeMap<u8, BTreeMap<String, Vec<u64>>> = BTreeMap::new();
             for &(band, id) in set {
-                let key = self.tasks[&id].concurrency_key.clone().unwrap_or_default();
-                fair_ready
-                    .entry(queue.clone())
-                    .or_default()
-                    .entry(band)
-                    .or_default()
-                    .entry(key)
-                    .or_default()
-                    .insert(id);
+                let key = self.tasks[&id].concurrency_key.as_deref().unwrap_or("");
+                let keys = bands.entry(band).or_default();
+                match keys.get_mut(key) {
+                    Some(ids) => ids.push(id),
+                    None => {
+                        keys.insert(key.to_string(), vec![id]);
+                    }
+                }
             }
-        }
-        let mut tree_usage: BTreeMap<u64, Usage> = BTreeMap::new();
-        for task in self.tasks.values().filter(|task| !task.usage.is_zero()) {
-            tree_usage.entry(self.root_of(task.id)).or_default().add(&task.usage);
+            let bands = bands
+                .into_iter()
+                .map(|(band, keys)| {
+                    (band, keys.into_iter().map(|(key, ids)| (key, ids.into_iter().collect())).collect())
+                })
+                .collect();
+            fair_ready.insert(queue.clone(), bands);
         }
         let key_idle =
             self.key_usage.iter().filter_map(|(key, usage)| usage.idle_from_ms.map(|at| (at, key.clone()))).collect();
@@ -2435,6 +2485,37 @@ impl State {
     /// Full consistency check of every index against the task map. O(n):
     /// for tests and for the start of a replica, not for every apply.
     pub fn check_invariants(&self) {
+        self.check_stored_invariants();
+        self.check_derived_invariants();
+    }
+
+    /// `restore`, then every check of `check_invariants` but the recount of
+    /// the derived fields, which `restore` has just made: what a replica
+    /// runs on a state read from a snapshot.
+    pub fn restore_checked(&mut self) {
+        self.restore();
+        self.check_stored_invariants();
+    }
+
+    /// The derived fields are what a recount from the stored ones gives.
+    fn check_derived_invariants(&self) {
+        let derived = self.derived();
+        assert_eq!(derived.state_bytes, self.state_bytes, "state bytes");
+        assert_eq!(derived.conversation_expiry, self.conversation_expiry, "conversation expiry index");
+        assert_eq!(derived.conversation_tasks, self.conversation_tasks, "tasks per conversation");
+        assert_eq!(derived.children, self.children, "children index");
+        assert_eq!(derived.tree_open, self.tree_open, "open tasks per tree");
+        assert_eq!(derived.compactable, self.compactable, "finished trees");
+        assert_eq!(derived.compactable_tasks, self.compactable_tasks, "tasks of finished trees");
+        assert_eq!(derived.written, self.written, "context entries per writer");
+        assert_eq!(derived.fair_ready, self.fair_ready, "ready tasks per key");
+        assert_eq!(derived.tree_usage, self.tree_usage, "usage per tree");
+        assert_eq!(derived.key_idle, self.key_idle, "idle keys");
+    }
+
+    /// Every check of `check_invariants` on the stored fields (and on the
+    /// derived ones through them).
+    fn check_stored_invariants(&self) {
         // The wait-for graph has no cycle: no task waits, through others, on
         // itself (one depth-first pass: grey while on the path, black when done).
         let mut done = BTreeSet::new();
@@ -2510,18 +2591,6 @@ impl State {
         assert_eq!(servers, self.servers_per_queue, "agents per capability");
         let open: u64 = self.open_per_queue.values().sum();
         assert_eq!(open as usize, self.tasks.values().filter(|t| !t.state.is_terminal()).count());
-        let derived = self.derived();
-        assert_eq!(derived.state_bytes, self.state_bytes, "state bytes");
-        assert_eq!(derived.conversation_expiry, self.conversation_expiry, "conversation expiry index");
-        assert_eq!(derived.conversation_tasks, self.conversation_tasks, "tasks per conversation");
-        assert_eq!(derived.children, self.children, "children index");
-        assert_eq!(derived.tree_open, self.tree_open, "open tasks per tree");
-        assert_eq!(derived.compactable, self.compactable, "finished trees");
-        assert_eq!(derived.compactable_tasks, self.compactable_tasks, "tasks of finished trees");
-        assert_eq!(derived.written, self.written, "context entries per writer");
-        assert_eq!(derived.fair_ready, self.fair_ready, "ready tasks per key");
-        assert_eq!(derived.tree_usage, self.tree_usage, "usage per tree");
-        assert_eq!(derived.key_idle, self.key_idle, "idle keys");
         for conversation in self.conversations.values() {
             let bytes: usize = conversation.entries.iter().map(|(key, (_, value))| key.len() + value.len()).sum();
             assert_eq!(bytes, conversation.bytes, "conversation bytes");

@@ -4,7 +4,6 @@
 //! commands with the leader's time stamp); its response is the batch's outcomes.
 
 use serde::{Deserialize, Serialize};
-use std::io::Cursor;
 
 /// A member of the cluster: where clients reach it, and where its Raft RPCs
 /// go. With a separate Raft listener, consensus traffic has its own socket and
@@ -61,7 +60,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = crate::store::SnapshotBuffer,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -1,6 +1,15 @@
 //! redb storage for openraft: the log, the vote, the committed log id and the
-//! current snapshot, all in one file per node (`phalanx.redb`), plus the
-//! in-memory state machine that openraft applies committed entries to.
+//! current snapshot's meta in one file per node (`phalanx.redb`), the
+//! snapshot's body in a file beside it, plus the in-memory state machine that
+//! openraft applies committed entries to.
+//!
+//! Formats. The database records the storage format version that wrote it
+//! (`FORMAT_VERSION_KEY`); a database without one was written by format 1.
+//! Format 1 kept the snapshot body inside the database as serde_json with no
+//! header. Format 2 keeps it in a file of its own, `snapshot-N.phx`, which
+//! begins with `SNAPSHOT_MAGIC` and the snapshot format version, then the body
+//! in MessagePack. This code reads both, writes format 2, and refuses, naming
+//! both versions, a database or a snapshot of a version it does not know.
 //!
 //! Durability. Every write is one redb write transaction committed with
 //! `Durability::Immediate` (redb's default: the file is fsynced before
@@ -31,7 +40,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
-use std::io::Cursor;
+use std::io::{BufRead, Cursor, Read, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,8 +50,33 @@ use std::sync::{Arc, RwLock};
 pub const DATABASE_FILE_NAME: &str = "phalanx.redb";
 
 /// A snapshot larger than this is refused, whether built, received or found
-/// on disk, rather than held in memory (a snapshot is one `Vec<u8>`).
+/// on disk: one is held whole in memory when sent to or received from a peer
+/// (openraft's `SnapshotData` is a `Cursor<Vec<u8>>`).
 pub const SNAPSHOT_BYTES_MAX: usize = 1 << 30;
+
+/// The storage format this code writes. 1: the snapshot body is serde_json
+/// inside the database (no version recorded). 2: the version is recorded and
+/// the snapshot body is a file of its own (see the module comment).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The snapshot body format this code writes: 1 is serde_json with no header,
+/// 2 is `SNAPSHOT_MAGIC`, the version (u32, little endian), then MessagePack.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+
+/// The first bytes of a snapshot body of format 2 and later. A body of format 1
+/// is a JSON object, which never starts with these.
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"PHXSNAP\0";
+
+/// Snapshot bodies are written and read through buffers of this size.
+const SNAPSHOT_BUFFER_BYTES: usize = 1 << 20;
+
+/// Snapshot body files are `snapshot-N.phx` in the data directory.
+const SNAPSHOT_FILE_PREFIX: &str = "snapshot-";
+const SNAPSHOT_FILE_SUFFIX: &str = ".phx";
+
+/// Set to `1`, a node writes its snapshots in format 1 (serde_json) in place
+/// of the current format: `phalanx bench restart` measures both side by side.
+pub const SNAPSHOT_WRITE_VERSION_ENV: &str = "PHALANX_SNAPSHOT_WRITE_VERSION";
 
 /// While a file of this name exists in the data directory, log writes wait,
 /// as on a disk that has stalled: the failpoint behind the "up but not
@@ -56,20 +90,24 @@ pub const APPLY_STALL_FAILPOINT_FILE_NAME: &str = "failpoint-stall-apply";
 
 /// Log index -> serde_json of `Entry<TypeConfig>`.
 const LOG_TABLE: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-/// `VOTE_KEY`, `COMMITTED_KEY`, `LAST_PURGED_KEY` -> serde_json of each.
+/// `FORMAT_VERSION_KEY`, `VOTE_KEY`, `COMMITTED_KEY`, `LAST_PURGED_KEY` -> serde_json of each.
 const META_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// The one current snapshot: its meta and its bytes, always replaced together
-/// in one transaction, so older snapshots are gone the moment a new one lands.
+/// The one current snapshot: its meta and where its body is (format 2: the
+/// file name under `SNAPSHOT_FILE_KEY`; format 1: the bytes under
+/// `SNAPSHOT_DATA_KEY`), always replaced together in one transaction, so
+/// older snapshots are gone the moment a new one lands.
 const SNAPSHOT_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 /// What openraft records about a snapshot: the log id and membership it covers, and its id.
 type StoredSnapshotMeta = SnapshotMeta<NodeId, Member>;
 
+const FORMAT_VERSION_KEY: &str = "format_version";
 const VOTE_KEY: &str = "vote";
 const COMMITTED_KEY: &str = "committed";
 const LAST_PURGED_KEY: &str = "last_purged";
 const SNAPSHOT_META_KEY: &str = "meta";
 const SNAPSHOT_DATA_KEY: &str = "data";
+const SNAPSHOT_FILE_KEY: &str = "file";
 
 const LOCK_POISONED: &str = "state machine lock poisoned: an apply panicked while holding it";
 
@@ -82,6 +120,24 @@ pub enum Error {
     Database(#[from] redb::Error),
     #[error(transparent)]
     Encoding(#[from] serde_json::Error),
+    #[error("snapshot body: {0}")]
+    SnapshotEncode(#[from] rmp_serde::encode::Error),
+    #[error("snapshot body: {0}")]
+    SnapshotDecode(#[from] rmp_serde::decode::Error),
+    #[error("snapshot file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "the database was written by storage format version {found}, and this binary reads versions 1 to {supported}: \
+         run a phalanx that knows version {found}"
+    )]
+    FormatTooNew { found: u32, supported: u32 },
+    #[error(
+        "the snapshot is of snapshot format version {found}, and this binary reads versions 1 to {supported}: \
+         run a phalanx that knows version {found}"
+    )]
+    SnapshotFormatUnknown { found: u32, supported: u32 },
+    #[error("the snapshot body is neither format 1 (JSON) nor begins with the snapshot header")]
+    SnapshotHeader,
     #[error("snapshot of {bytes} bytes exceeds SNAPSHOT_BYTES_MAX ({SNAPSHOT_BYTES_MAX} bytes)")]
     SnapshotTooLarge { bytes: usize },
     #[error("snapshot body was taken at {body:?} but its meta says {meta:?}")]
@@ -181,6 +237,9 @@ fn write_meta<T: Serialize>(db: &Database, key: &str, value: &T, durability: red
 /// the state machine, so its last applied log id is the snapshot's; openraft
 /// then re-applies the committed log after it.
 ///
+/// A database of a storage format this code does not know is refused before
+/// anything is written to it; one of an older format is upgraded in place.
+///
 /// It blocks (file open, one fsync, snapshot decode): call it at startup,
 /// before the node serves anything.
 pub fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Error> {
@@ -189,11 +248,32 @@ pub fn open(data_dir: &Path) -> Result<(LogStore, StateMachineStore), Error> {
 
 /// `open`, with the synchronous work run as `io` says.
 pub fn open_with(data_dir: &Path, io: Io) -> Result<(LogStore, StateMachineStore), Error> {
-    let db = Arc::new(Database::create(data_dir.join(DATABASE_FILE_NAME))?);
-    // Created up front, so that every reader can open every table.
+    let path = data_dir.join(DATABASE_FILE_NAME);
+    // Read first through a read-only handle, so that a database or a
+    // snapshot this code cannot read is refused with nothing changed on disk
+    // (a writable open alone writes to the file). After a crash redb must
+    // repair the file first, which only a writable open does: the same
+    // checks then run after the repair.
+    let mut loaded = None;
+    if path.exists() {
+        match redb::ReadOnlyDatabase::open(&path) {
+            Ok(db) => loaded = Some(load(&db, data_dir)?),
+            Err(redb::DatabaseError::RepairAborted) => {}
+            Err(error) => return Err(Error::Database(error.into())),
+        }
+    }
+    let db = Arc::new(Database::create(&path)?);
+    let (stored, found) = match loaded {
+        Some(loaded) => loaded,
+        None => load(&*db, data_dir)?,
+    };
+    assert!(found <= FORMAT_VERSION, "load refuses newer formats");
+    // Created up front, so that every reader can open every table; the
+    // version is recorded on creation and on upgrade alike. An upgraded
+    // database may still hold a format 1 snapshot until the next one is taken.
     write(&db, |txn| {
         txn.open_table(LOG_TABLE)?;
-        txn.open_table(META_TABLE)?;
+        txn.open_table(META_TABLE)?.insert(FORMAT_VERSION_KEY, encode(&FORMAT_VERSION)?.as_slice())?;
         txn.open_table(SNAPSHOT_TABLE)?;
         Ok(())
     })?;
@@ -204,8 +284,20 @@ pub fn open_with(data_dir: &Path, io: Io) -> Result<(LogStore, StateMachineStore
         state: State::new(Limits::default()),
     };
     let mut snapshot_counter = 0;
-    if let Some((meta, bytes)) = read_snapshot(&db)? {
-        let body = decode_snapshot(&meta, &bytes)?;
+    // Files left by a snapshot whose transaction never committed (a crash
+    // between the file and the commit, or an older snapshot that lost the race).
+    let current_file = match &stored {
+        Some((_, Body::File(name), _)) => Some(name.clone()),
+        _ => None,
+    };
+    let mut file_number_max = 0;
+    for (number, name) in snapshot_files(data_dir)? {
+        file_number_max = file_number_max.max(number);
+        if Some(&name) != current_file.as_ref() {
+            std::fs::remove_file(data_dir.join(&name))?;
+        }
+    }
+    if let Some((meta, _, body)) = stored {
         data = StateMachineData {
             last_applied: meta.last_log_id,
             last_membership: meta.last_membership,
@@ -220,12 +312,19 @@ pub fn open_with(data_dir: &Path, io: Io) -> Result<(LogStore, StateMachineStore
         data: RwLock::new(data),
         applied_tx: tokio::sync::watch::channel(applied_index).0,
     });
+    let write_version = match std::env::var(SNAPSHOT_WRITE_VERSION_ENV).as_deref() {
+        Ok("1") => 1,
+        _ => SNAPSHOT_FORMAT_VERSION,
+    };
     let state_machine = StateMachineStore {
         io,
         db: db.clone(),
         shared,
         snapshot_counter: Arc::new(AtomicU64::new(snapshot_counter)),
         apply_stall_failpoint: Arc::new(data_dir.join(APPLY_STALL_FAILPOINT_FILE_NAME)),
+        data_dir: Arc::new(data_dir.to_path_buf()),
+        file_number: Arc::new(AtomicU64::new(file_number_max)),
+        write_version,
     };
     let log = LogStore {
         io,
@@ -234,6 +333,34 @@ pub fn open_with(data_dir: &Path, io: Io) -> Result<(LogStore, StateMachineStore
         stall_failpoint: Arc::new(data_dir.join(STALL_FAILPOINT_FILE_NAME)),
     };
     Ok((log, state_machine))
+}
+
+/// What a start finds in the database: the current snapshot (its meta, where
+/// its body is, and the body decoded and checked) and the storage format.
+type Loaded = (Option<(StoredSnapshotMeta, Body, SnapshotBody)>, u32);
+
+/// Reads what `open` needs from `db`, refusing a storage or snapshot format
+/// this code does not know. It only reads.
+fn load(db: &impl ReadableDatabase, data_dir: &Path) -> Result<Loaded, Error> {
+    let found = stored_format_version(db)?;
+    if found == 0 || found > FORMAT_VERSION {
+        return Err(Error::FormatTooNew { found, supported: FORMAT_VERSION });
+    }
+    let Some((meta, body)) = read_snapshot(db)? else { return Ok((None, found)) };
+    let decoded = decode_stored_snapshot(data_dir, &meta, &body)?;
+    Ok((Some((meta, body, decoded)), found))
+}
+
+/// The storage format version recorded in `db`: format 1 recorded none, and a
+/// new database has nothing in any format yet.
+fn stored_format_version(db: &impl ReadableDatabase) -> Result<u32, Error> {
+    let txn = db.begin_read()?;
+    let table = match txn.open_table(META_TABLE) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(FORMAT_VERSION),
+        Err(error) => return Err(error.into()),
+    };
+    Ok(read_meta(&table, FORMAT_VERSION_KEY)?.unwrap_or(1))
 }
 
 // ---- snapshots on disk ----
@@ -247,35 +374,213 @@ struct SnapshotBody {
     state: State,
 }
 
-fn read_snapshot(db: &Database) -> Result<Option<(StoredSnapshotMeta, Vec<u8>)>, Error> {
+/// Where the current snapshot's body is.
+enum Body {
+    /// Format 1: the bytes, inside the database.
+    Inline(Vec<u8>),
+    /// Format 2: the name of a file in the data directory.
+    File(String),
+}
+
+fn snapshot_file_name(number: u64) -> String {
+    format!("{SNAPSHOT_FILE_PREFIX}{number:020}{SNAPSHOT_FILE_SUFFIX}")
+}
+
+/// The snapshot body files in `data_dir`, by number.
+fn snapshot_files(data_dir: &Path) -> Result<Vec<(u64, String)>, Error> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(data_dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let number = name.strip_prefix(SNAPSHOT_FILE_PREFIX).and_then(|rest| rest.strip_suffix(SNAPSHOT_FILE_SUFFIX));
+        if let Some(number) = number.and_then(|number| number.parse::<u64>().ok()) {
+            files.push((number, name));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Whether `name`, read from the database, is a snapshot file this code wrote
+/// (never a path that leads out of the data directory).
+fn is_snapshot_file_name(name: &str) -> bool {
+    name.strip_prefix(SNAPSHOT_FILE_PREFIX)
+        .and_then(|rest| rest.strip_suffix(SNAPSHOT_FILE_SUFFIX))
+        .is_some_and(|number| !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn read_snapshot(db: &impl ReadableDatabase) -> Result<Option<(StoredSnapshotMeta, Body)>, Error> {
     let txn = db.begin_read()?;
-    let table = txn.open_table(SNAPSHOT_TABLE)?;
-    let (Some(meta), Some(data)) = (table.get(SNAPSHOT_META_KEY)?, table.get(SNAPSHOT_DATA_KEY)?) else {
+    let table = match txn.open_table(SNAPSHOT_TABLE) {
+        Ok(table) => table,
+        // A database no node has opened yet (tables are created at the first open).
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    let Some(meta) = table.get(SNAPSHOT_META_KEY)? else {
+        return Ok(None);
+    };
+    let meta: StoredSnapshotMeta = decode(meta.value())?;
+    if let Some(name) = table.get(SNAPSHOT_FILE_KEY)? {
+        let name = String::from_utf8_lossy(name.value()).into_owned();
+        if !is_snapshot_file_name(&name) {
+            return Err(std::io::Error::other(format!("the database names {name:?} as its snapshot file")).into());
+        }
+        return Ok(Some((meta, Body::File(name))));
+    }
+    let Some(data) = table.get(SNAPSHOT_DATA_KEY)? else {
         return Ok(None);
     };
     check_snapshot_size(data.value().len())?;
-    Ok(Some((decode(meta.value())?, data.value().to_vec())))
+    Ok(Some((meta, Body::Inline(data.value().to_vec()))))
 }
 
-/// Decodes a snapshot and checks it against its meta and against the state
-/// machine's own invariants (a full O(n) check, affordable once per load).
+/// The bytes of a stored snapshot, whole: what is sent to a lagging follower.
+fn read_snapshot_bytes(data_dir: &Path, body: Body) -> Result<Vec<u8>, Error> {
+    match body {
+        Body::Inline(bytes) => Ok(bytes),
+        Body::File(name) => {
+            let mut file = std::fs::File::open(data_dir.join(&name))?;
+            let length = file.metadata()?.len() as usize;
+            check_snapshot_size(length)?;
+            let mut bytes = Vec::with_capacity(length);
+            (&mut file).take(SNAPSHOT_BYTES_MAX as u64 + 1).read_to_end(&mut bytes)?;
+            check_snapshot_size(bytes.len())?;
+            Ok(bytes)
+        }
+    }
+}
+
+/// Decodes the stored snapshot `body` (see `decode_snapshot`), streaming a
+/// format 2 file rather than reading it whole.
+fn decode_stored_snapshot(data_dir: &Path, meta: &StoredSnapshotMeta, body: &Body) -> Result<SnapshotBody, Error> {
+    match body {
+        Body::Inline(bytes) => decode_snapshot(meta, bytes),
+        Body::File(name) => {
+            let file = std::fs::File::open(data_dir.join(name))?;
+            check_snapshot_size(file.metadata()?.len() as usize)?;
+            let mut reader = std::io::BufReader::with_capacity(SNAPSHOT_BUFFER_BYTES, file);
+            let body = match read_header(reader.fill_buf()?)? {
+                Some(_) => {
+                    reader.consume(SNAPSHOT_HEADER_BYTES);
+                    rmp_serde::from_read(&mut reader)?
+                }
+                None => {
+                    let mut bytes = Vec::new();
+                    reader.read_to_end(&mut bytes)?;
+                    serde_json::from_slice(&bytes)?
+                }
+            };
+            check_snapshot(meta, body)
+        }
+    }
+}
+
+const SNAPSHOT_HEADER_BYTES: usize = SNAPSHOT_MAGIC.len() + 4;
+
+/// The snapshot format version that `head` (the first bytes of a body) says:
+/// `Some` for a known header, `None` for format 1 (JSON, no header).
+fn read_header(head: &[u8]) -> Result<Option<u32>, Error> {
+    if head.first() == Some(&SNAPSHOT_MAGIC[0]) {
+        if head.len() < SNAPSHOT_HEADER_BYTES || &head[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {
+            return Err(Error::SnapshotHeader);
+        }
+        let mut version = [0; 4];
+        version.copy_from_slice(&head[SNAPSHOT_MAGIC.len()..SNAPSHOT_HEADER_BYTES]);
+        let version = u32::from_le_bytes(version);
+        if version != SNAPSHOT_FORMAT_VERSION {
+            return Err(Error::SnapshotFormatUnknown { found: version, supported: SNAPSHOT_FORMAT_VERSION });
+        }
+        return Ok(Some(version));
+    }
+    match head.iter().find(|byte| !byte.is_ascii_whitespace()) {
+        Some(b'{') => Ok(None),
+        _ => Err(Error::SnapshotHeader),
+    }
+}
+
+/// Decodes a snapshot of any format this code reads and checks it against
+/// its meta and against the state machine's own invariants (a full O(n)
+/// check, affordable once per load).
 fn decode_snapshot(meta: &StoredSnapshotMeta, bytes: &[u8]) -> Result<SnapshotBody, Error> {
     check_snapshot_size(bytes.len())?;
-    let mut body: SnapshotBody = decode(bytes)?;
-    body.state.restore();
+    let body = match read_header(bytes)? {
+        Some(_) => rmp_serde::from_slice(&bytes[SNAPSHOT_HEADER_BYTES..])?,
+        None => serde_json::from_slice(bytes)?,
+    };
+    check_snapshot(meta, body)
+}
+
+fn check_snapshot(meta: &StoredSnapshotMeta, mut body: SnapshotBody) -> Result<SnapshotBody, Error> {
     if body.last_applied != meta.last_log_id {
         return Err(Error::SnapshotMismatch { body: body.last_applied, meta: meta.last_log_id });
     }
-    body.state.check_invariants();
+    body.state.restore_checked();
     Ok(body)
 }
 
-/// Stores `meta` and `bytes` as the current snapshot, durably, unless the
-/// stored one is newer; returns whether it was stored.
-fn write_snapshot(db: &Database, meta: &StoredSnapshotMeta, bytes: &[u8]) -> Result<bool, Error> {
-    check_snapshot_size(bytes.len())?;
+/// Counts what goes through it and fails past `SNAPSHOT_BYTES_MAX`, so a
+/// snapshot too large is refused while it is written, not after.
+struct BoundedWriter<W> {
+    inner: W,
+    written_bytes: usize,
+}
+
+impl<W: Write> Write for BoundedWriter<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.written_bytes + bytes.len() > SNAPSHOT_BYTES_MAX {
+            return Err(std::io::Error::other(Error::SnapshotTooLarge { bytes: self.written_bytes + bytes.len() }));
+        }
+        let written = self.inner.write(bytes)?;
+        self.written_bytes += written;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Creates the file `name` in `data_dir` with what `fill` writes, fsyncs it
+/// and the directory: durable before any transaction names it.
+fn write_snapshot_file(
+    data_dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut dyn Write) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let path = data_dir.join(name);
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+    let mut writer =
+        BoundedWriter { inner: std::io::BufWriter::with_capacity(SNAPSHOT_BUFFER_BYTES, file), written_bytes: 0 };
+    let outcome = fill(&mut writer).and_then(|()| {
+        let file = writer.inner.into_inner().map_err(|error| error.into_error())?;
+        file.sync_all()?;
+        std::fs::File::open(data_dir)?.sync_all()?;
+        Ok(())
+    });
+    if outcome.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    outcome
+}
+
+/// Encodes `body` in snapshot format `version` (1 or the current one).
+fn encode_snapshot(writer: &mut dyn Write, body: &SnapshotBody, version: u32) -> Result<(), Error> {
+    if version == 1 {
+        serde_json::to_writer(writer, body)?;
+        return Ok(());
+    }
+    writer.write_all(SNAPSHOT_MAGIC)?;
+    writer.write_all(&version.to_le_bytes())?;
+    body.serialize(&mut rmp_serde::Serializer::new(writer))?;
+    Ok(())
+}
+
+/// Makes the snapshot file `name` (already durable) the current snapshot with
+/// `meta`, durably, unless the stored one is newer; returns whether it did.
+/// The file it replaces, or the file itself when it lost, is deleted after.
+fn store_snapshot(db: &Database, data_dir: &Path, meta: &StoredSnapshotMeta, name: &str) -> Result<bool, Error> {
     let meta_bytes = encode(meta)?;
-    write(db, |txn| {
+    let outcome = write(db, |txn| {
         let mut table = txn.open_table(SNAPSHOT_TABLE)?;
         let stored: Option<StoredSnapshotMeta> = read_meta(&table, SNAPSHOT_META_KEY)?;
         // openraft builds snapshots in a task of its own, so a build that
@@ -284,12 +589,101 @@ fn write_snapshot(db: &Database, meta: &StoredSnapshotMeta, bytes: &[u8]) -> Res
         // snapshot that ends before the log (purged up to the installed one)
         // begins: a hole.
         if stored.is_some_and(|stored| stored.last_log_id > meta.last_log_id) {
-            return Ok(false);
+            return Ok(None);
         }
+        let previous = table.get(SNAPSHOT_FILE_KEY)?.map(|name| String::from_utf8_lossy(name.value()).into_owned());
         table.insert(SNAPSHOT_META_KEY, meta_bytes.as_slice())?;
-        table.insert(SNAPSHOT_DATA_KEY, bytes)?;
-        Ok(true)
-    })
+        table.insert(SNAPSHOT_FILE_KEY, name.as_bytes())?;
+        table.remove(SNAPSHOT_DATA_KEY)?;
+        Ok(Some(previous))
+    });
+    let stale = match &outcome {
+        Ok(Some(previous)) => previous.clone().filter(|previous| is_snapshot_file_name(previous)),
+        // Not named by the database, whatever happened: gone now, or at the next start.
+        Ok(None) | Err(_) => Some(name.to_string()),
+    };
+    if let Some(stale) = stale {
+        let _ = std::fs::remove_file(data_dir.join(stale));
+    }
+    Ok(outcome?.is_some())
+}
+
+/// The bytes of a snapshot in flight between nodes (openraft's
+/// `SnapshotData`): a `Cursor<Vec<u8>>` that refuses, while it is written,
+/// more than `SNAPSHOT_BYTES_MAX` bytes, and, when the last chunk is in
+/// (`shutdown`), a header of a format this code does not read. openraft
+/// answers the sender with those errors and the node goes on; an error in
+/// `install_snapshot` itself would stop the Raft core.
+#[derive(Debug, Default)]
+pub struct SnapshotBuffer(Cursor<Vec<u8>>);
+
+impl SnapshotBuffer {
+    pub fn new(bytes: Vec<u8>) -> SnapshotBuffer {
+        SnapshotBuffer(Cursor::new(bytes))
+    }
+
+    pub fn get_ref(&self) -> &Vec<u8> {
+        self.0.get_ref()
+    }
+
+    pub fn get_mut(&mut self) -> &mut Vec<u8> {
+        self.0.get_mut()
+    }
+
+    pub fn into_inner(self) -> Vec<u8> {
+        self.0.into_inner()
+    }
+}
+
+impl tokio::io::AsyncRead for SnapshotBuffer {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(context, buf)
+    }
+}
+
+impl tokio::io::AsyncSeek for SnapshotBuffer {
+    fn start_seek(mut self: std::pin::Pin<&mut Self>, position: std::io::SeekFrom) -> std::io::Result<()> {
+        std::pin::Pin::new(&mut self.0).start_seek(position)
+    }
+
+    fn poll_complete(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<u64>> {
+        std::pin::Pin::new(&mut self.0).poll_complete(context)
+    }
+}
+
+impl tokio::io::AsyncWrite for SnapshotBuffer {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        bytes: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let end = self.0.position() as usize + bytes.len();
+        if end > SNAPSHOT_BYTES_MAX {
+            return std::task::Poll::Ready(Err(std::io::Error::other(Error::SnapshotTooLarge { bytes: end })));
+        }
+        std::pin::Pin::new(&mut self.0).poll_write(context, bytes)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(context)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(read_header(self.0.get_ref()).map(|_| ()).map_err(std::io::Error::other))
+    }
 }
 
 // ---- the log ----
@@ -533,6 +927,13 @@ pub struct StateMachineStore {
     snapshot_counter: Arc<AtomicU64>,
     /// See `APPLY_STALL_FAILPOINT_FILE_NAME`.
     apply_stall_failpoint: Arc<PathBuf>,
+    /// Where snapshot files go.
+    data_dir: Arc<PathBuf>,
+    /// The number of the last snapshot file made: each new file gets the
+    /// next, so no file is ever written twice.
+    file_number: Arc<AtomicU64>,
+    /// The snapshot format written (see `SNAPSHOT_WRITE_VERSION_ENV`).
+    write_version: u32,
 }
 
 impl StateMachineStore {
@@ -541,12 +942,19 @@ impl StateMachineStore {
     }
 }
 
+impl StateMachineStore {
+    fn next_snapshot_file_name(&self) -> String {
+        snapshot_file_name(self.file_number.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        // Clone under the read lock, then serialise off it on a blocking
-        // thread: a clone is a memory copy, much faster than serde_json, so
-        // apply (the writer) waits for the copy only. The price is a second
-        // copy of the state in memory while the snapshot is built.
+        // Clone under the read lock, then encode off it on a blocking thread:
+        // a clone is a memory copy, much faster than encoding, so apply (the
+        // writer) waits for the copy only. The price is a second copy of the
+        // state in memory while the snapshot is built; the encoded bytes are
+        // streamed to the file through a fixed buffer, never held whole.
         let body = {
             let data = self.shared.data.read().expect(LOCK_POISONED);
             SnapshotBody {
@@ -566,16 +974,22 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 last_applied.map_or(0, |log_id| log_id.index)
             ),
         };
-        let (db, stored_meta) = (self.db.clone(), meta.clone());
-        let bytes = blocking(self.io, move || {
-            let bytes = encode(&body)?;
+        let (db, data_dir, stored_meta, version) =
+            (self.db.clone(), self.data_dir.clone(), meta.clone(), self.write_version);
+        let name = self.next_snapshot_file_name();
+        blocking(self.io, move || {
+            write_snapshot_file(&data_dir, &name, |writer| encode_snapshot(writer, &body, version))?;
+            drop(body);
             // Durable before openraft hears of it: it purges the log this snapshot covers.
-            write_snapshot(&db, &stored_meta, &bytes)?;
-            Ok(bytes)
+            store_snapshot(&db, &data_dir, &stored_meta, &name)?;
+            Ok(())
         })
         .await
         .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), &error))?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+        // openraft 0.9 keeps only the meta of a snapshot it had built
+        // (`core/sm/worker.rs`, `build_snapshot`); a follower that needs the
+        // bytes gets them from `get_current_snapshot`, read from the file.
+        Ok(Snapshot { meta, snapshot: Box::new(SnapshotBuffer::default()) })
     }
 }
 
@@ -630,22 +1044,27 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotBuffer>, StorageError> {
+        Ok(Box::new(SnapshotBuffer::default()))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &StoredSnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotBuffer>,
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
-        let (db, stored_meta) = (self.db.clone(), meta.clone());
-        // Persisted before the state in memory changes: if the write fails,
-        // the node keeps the state it had, consistent with its disk.
+        let (db, data_dir, stored_meta) = (self.db.clone(), self.data_dir.clone(), meta.clone());
+        let name = self.next_snapshot_file_name();
+        // Checked, then persisted, before the state in memory changes: if
+        // either fails, the node keeps the state it had, consistent with its
+        // disk. The bytes are kept as the leader encoded them (any format
+        // this code reads), not encoded again.
         let body = blocking(self.io, move || {
             let body = decode_snapshot(&stored_meta, &bytes)?;
-            let stored = write_snapshot(&db, &stored_meta, &bytes)?;
+            write_snapshot_file(&data_dir, &name, |writer| Ok(writer.write_all(&bytes)?))?;
+            drop(bytes);
+            let stored = store_snapshot(&db, &data_dir, &stored_meta, &name)?;
             // openraft installs only a snapshot beyond its committed log id,
             // and every stored snapshot is at or before it.
             assert!(stored, "installing snapshot {} older than the stored one", stored_meta.snapshot_id);
@@ -667,10 +1086,23 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let db = self.db.clone();
-        let stored = blocking(self.io, move || read_snapshot(&db))
-            .await
-            .map_err(|error| StorageIOError::read_snapshot(None, &error))?;
-        Ok(stored.map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) }))
+        let (db, data_dir) = (self.db.clone(), self.data_dir.clone());
+        let stored = blocking(self.io, move || {
+            // A newer snapshot committed between reading the name and opening
+            // the file has deleted it: the name is read again, a few times.
+            let mut attempts_left = 3;
+            loop {
+                let Some((meta, body)) = read_snapshot(&*db)? else { return Ok(None) };
+                match read_snapshot_bytes(&data_dir, body) {
+                    Err(Error::Io(error)) if error.kind() == std::io::ErrorKind::NotFound && attempts_left > 0 => {
+                        attempts_left -= 1;
+                    }
+                    outcome => return outcome.map(|bytes| Some((meta, bytes))),
+                }
+            }
+        })
+        .await
+        .map_err(|error| StorageIOError::read_snapshot(None, &error))?;
+        Ok(stored.map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(SnapshotBuffer::new(bytes)) }))
     }
 }

@@ -107,11 +107,18 @@ async fn restart_finds_vote_committed_log_snapshot_and_state() {
         assert_eq!(snapshot.meta.last_log_id, Some(log_id(5)));
         assert_eq!(snapshot.meta.snapshot_id, format!("{TERM}-5-1"));
         let snapshot_state = state_json(&state_machine);
+        // openraft keeps only the meta of a built snapshot; the bytes are
+        // read back from disk, as when one is sent to a follower.
+        let stored = state_machine.get_current_snapshot().await.expect("read snapshot").expect("a snapshot");
+        assert_eq!(stored.meta, snapshot.meta);
+        let bytes = stored.snapshot.into_inner();
+        assert!(bytes.starts_with(store::SNAPSHOT_MAGIC), "a snapshot of the current format has its header");
+        assert_eq!(bytes[8..12], store::SNAPSHOT_FORMAT_VERSION.to_le_bytes());
         log.purge(log_id(3)).await.expect("purge");
 
         state_machine.apply(all[5..].to_vec()).await.expect("apply 6..=8");
         assert_eq!(*state_machine.shared().applied_tx.borrow(), 8);
-        (snapshot.meta, snapshot.snapshot.into_inner(), snapshot_state, state_json(&state_machine))
+        (snapshot.meta, bytes, snapshot_state, state_json(&state_machine))
         // Every handle on the database drops here, closing the file.
     };
 
@@ -153,7 +160,8 @@ async fn installed_snapshot_survives_restart() {
     let leader_dir = tempfile::tempdir().expect("temp dir");
     let (_leader_log, mut leader) = store::open(leader_dir.path()).expect("open leader store");
     leader.apply(entries(3)).await.expect("apply");
-    let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.expect("snapshot");
+    leader.get_snapshot_builder().await.build_snapshot().await.expect("snapshot");
+    let snapshot = leader.get_current_snapshot().await.expect("read snapshot").expect("a snapshot");
 
     let follower_dir = tempfile::tempdir().expect("temp dir");
     {

@@ -1,0 +1,192 @@
+//! Snapshot formats at the store and Raft boundary: a committed snapshot of
+//! the current format still decodes to the same state (so a change to the
+//! encoded types that the format cannot absorb fails here, and must come
+//! with a new snapshot format version and a decoder for this one); and a
+//! snapshot of an unknown format sent by a leader is refused with an error
+//! naming both versions while the Raft node goes on.
+//!
+//! The committed snapshot is `fixtures/snapshot-v2.*`; to write it again (only
+//! together with a new `SNAPSHOT_FORMAT_VERSION`):
+//! `PHALANX_WRITE_FIXTURES=1 cargo test -p phalanx-server --test snapshot_format`.
+
+use openraft::raft::InstallSnapshotRequest;
+use openraft::storage::RaftStateMachine;
+use openraft::{CommittedLeaderId, Entry, EntryPayload, Membership, RaftSnapshotBuilder, Vote};
+use phalanx_core::{Command, NewTask, Request, State};
+use phalanx_server::raft_types::{LogId, Member, Raft, TypeConfig};
+use phalanx_server::store::{self, SnapshotBuffer, StateMachineStore};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+const TERM: u64 = 2;
+const NODE: u64 = 1;
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+fn log_id(index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(TERM, NODE), index)
+}
+
+fn new_task(n: u64) -> NewTask {
+    NewTask {
+        queue: "work".to_string(),
+        payload: format!("{{\"job\":{n}}}"),
+        priority: (n % 10) as u8,
+        deadline_ms: Some(1_000_000 + n),
+        max_attempts: 3,
+        idempotency_key: Some(format!("key-{n}")),
+        parent_id: None,
+        parent_fence: None,
+        conversation_id: Some("talk".to_string()),
+        concurrency_key: Some(format!("tenant:{}", n % 2)),
+        cost_estimate: Some(10),
+        budget: None,
+    }
+}
+
+/// A log that leaves tasks in most states, an agent, leases, a context.
+fn entries() -> Vec<Entry<TypeConfig>> {
+    let nodes = BTreeMap::from([(NODE, Member::new("127.0.0.1:7001", "127.0.0.1:7101"))]);
+    let mut entries = vec![
+        Entry { log_id: log_id(1), payload: EntryPayload::Blank },
+        Entry {
+            log_id: log_id(2),
+            payload: EntryPayload::Membership(Membership::new(vec![BTreeSet::from([NODE])], nodes)),
+        },
+    ];
+    let commands = vec![
+        Command::Submit { tasks: (0..6).map(new_task).collect() },
+        Command::RegisterAgent {
+            agent_id: "agent-1".to_string(),
+            capabilities: BTreeSet::from(["work".to_string()]),
+            capacity: 10,
+            session: "secret".to_string(),
+        },
+        Command::Lease {
+            agent_id: "agent-1".to_string(),
+            epoch: 1,
+            queues: vec!["work".to_string()],
+            tasks_max: 4,
+            lease_ttl_ms: 60_000,
+        },
+        Command::ContextPut {
+            conversation_id: "talk".to_string(),
+            key: "k".to_string(),
+            value: "\"v\"".to_string(),
+            expected_version: None,
+            writer: None,
+        },
+    ];
+    for (n, command) in commands.into_iter().enumerate() {
+        let request = Request { now_ms: 1_000 + n as u64, commands: vec![command] };
+        entries.push(Entry { log_id: log_id(3 + n as u64), payload: EntryPayload::Normal(request) });
+    }
+    // The lease entry (index 5) is every grant's fence; the tasks leased
+    // are the four of highest priority: 5, 4, 3, 2 (ids 6, 5, 4, 3).
+    let reports = vec![
+        Command::Complete { task_id: 6, fence: 5, result: "{\"ok\":true}".to_string(), usage: None },
+        Command::Fail { task_id: 5, fence: 5, error: "broken".to_string(), retryable: false, usage: None },
+        Command::Fail { task_id: 4, fence: 5, error: "again".to_string(), retryable: true, usage: None },
+        Command::Cancel { task_id: 1 },
+    ];
+    for (n, command) in reports.into_iter().enumerate() {
+        let index = 7 + n as u64;
+        let request = Request { now_ms: 2_000 + n as u64, commands: vec![command] };
+        entries.push(Entry { log_id: log_id(index), payload: EntryPayload::Normal(request) });
+    }
+    entries
+}
+
+fn state_value(state_machine: &StateMachineStore) -> serde_json::Value {
+    serde_json::to_value(&state_machine.shared().data.read().expect("lock").state).expect("serialisable")
+}
+
+/// A leader's state machine after `entries`, with its snapshot taken.
+async fn leader() -> (tempfile::TempDir, StateMachineStore, openraft::Snapshot<TypeConfig>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_log, mut state_machine) = store::open(dir.path()).expect("open store");
+    state_machine.apply(entries()).await.expect("apply");
+    state_machine.get_snapshot_builder().await.build_snapshot().await.expect("snapshot");
+    let snapshot = state_machine.get_current_snapshot().await.expect("read").expect("a snapshot");
+    (dir, state_machine, snapshot)
+}
+
+#[tokio::test]
+async fn a_committed_snapshot_of_the_current_format_decodes_to_the_same_state() {
+    let bytes_path = format!("{FIXTURES}/snapshot-v{}.bin", store::SNAPSHOT_FORMAT_VERSION);
+    let meta_path = format!("{FIXTURES}/snapshot-v{}.meta.json", store::SNAPSHOT_FORMAT_VERSION);
+    let state_path = format!("{FIXTURES}/snapshot-v{}.state.json", store::SNAPSHOT_FORMAT_VERSION);
+    if std::env::var("PHALANX_WRITE_FIXTURES").as_deref() == Ok("1") {
+        let (_dir, leader, snapshot) = leader().await;
+        std::fs::write(&bytes_path, snapshot.snapshot.get_ref()).unwrap();
+        std::fs::write(&meta_path, serde_json::to_string_pretty(&snapshot.meta).unwrap()).unwrap();
+        std::fs::write(&state_path, serde_json::to_string_pretty(&state_value(&leader)).unwrap()).unwrap();
+    }
+    let bytes = std::fs::read(&bytes_path).expect("the committed snapshot");
+    assert!(bytes.starts_with(store::SNAPSHOT_MAGIC));
+    let meta = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    // The state as JSON, which absorbs fields added with a default: read
+    // into today's `State` and written again, it is what the binary
+    // snapshot must decode to.
+    let state: State = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    let expected = serde_json::to_value(&state).unwrap();
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_log, mut follower) = store::open(dir.path()).expect("open store");
+    follower.install_snapshot(&meta, Box::new(SnapshotBuffer::new(bytes))).await.unwrap_or_else(|error| {
+        panic!(
+            "the committed snapshot of format {} no longer decodes ({error}): a change to the \
+             snapshot's types that MessagePack cannot absorb (a field inserted before the last, \
+             removed, reordered or retyped) needs a new SNAPSHOT_FORMAT_VERSION and a decoder for this one",
+            store::SNAPSHOT_FORMAT_VERSION
+        )
+    });
+    assert_eq!(state_value(&follower), expected, "the committed snapshot decodes to its state");
+    let tasks = expected["tasks"].as_object().unwrap();
+    let states: BTreeSet<&str> = tasks.values().map(|task| task["state"].as_str().unwrap()).collect();
+    assert_eq!(states, BTreeSet::from(["cancelled", "failed", "leased", "pending", "succeeded"]));
+}
+
+#[tokio::test]
+async fn a_received_snapshot_of_an_unknown_format_is_refused_and_the_node_goes_on() {
+    let (_leader_dir, leader, snapshot) = leader().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, follower) = store::open(dir.path()).expect("open store");
+    let shared = follower.shared();
+    let config = Arc::new(openraft::Config::default().validate().unwrap());
+    let network = phalanx_server::network::Network::new(None);
+    let raft = Raft::new(2, config, network, log, follower).await.expect("raft");
+
+    let good = snapshot.snapshot.get_ref().clone();
+    let mut unknown = good.clone();
+    unknown[8..12].copy_from_slice(&7u32.to_le_bytes());
+    let request = |data: Vec<u8>| InstallSnapshotRequest {
+        vote: Vote::new_committed(TERM, NODE),
+        meta: snapshot.meta.clone(),
+        offset: 0,
+        data,
+        done: true,
+    };
+    let error = raft.install_snapshot(request(unknown)).await.expect_err("an unknown format is refused");
+    let message = error.to_string();
+    assert!(message.contains("snapshot format version 7") && message.contains("versions 1 to 2"), "{message}");
+    assert!(raft.metrics().borrow().running_state.is_ok(), "the Raft node goes on");
+    assert_eq!(*shared.applied_tx.borrow(), 0, "nothing was installed");
+    assert!(std::fs::read_dir(dir.path())
+        .unwrap()
+        .all(|entry| { !entry.unwrap().file_name().to_string_lossy().ends_with(".phx") }));
+
+    // The same snapshot in a known format is then installed.
+    raft.install_snapshot(request(good)).await.expect("install");
+    let mut applied = shared.applied_tx.subscribe();
+    tokio::time::timeout(Duration::from_secs(10), applied.wait_for(|index| *index == 10))
+        .await
+        .expect("installed within 10 s")
+        .expect("applied");
+    assert_eq!(
+        serde_json::to_value(&shared.data.read().unwrap().state).unwrap(),
+        state_value(&leader),
+        "the follower has the leader's state"
+    );
+    raft.shutdown().await.expect("shutdown");
+}
