@@ -69,7 +69,7 @@ fn one_node_on(data_dir: PathBuf) -> Cluster {
         child: None,
     };
     let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-    Cluster { dir: tempfile::tempdir().unwrap(), servers: BTreeMap::from([(1, server)]), http }
+    Cluster { dir: tempfile::tempdir().unwrap(), servers: BTreeMap::from([(1, server)]), http, pki: None }
 }
 
 fn unpack_fixture(into: &Path) {

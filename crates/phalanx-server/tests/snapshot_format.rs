@@ -41,6 +41,7 @@ fn new_task(n: u64) -> NewTask {
         concurrency_key: Some(format!("tenant:{}", n % 2)),
         cost_estimate: Some(10),
         budget: None,
+        traceparent: None,
     }
 }
 
@@ -154,7 +155,7 @@ async fn a_received_snapshot_of_an_unknown_format_is_refused_and_the_node_goes_o
     let (log, follower) = store::open(dir.path()).expect("open store");
     let shared = follower.shared();
     let config = Arc::new(openraft::Config::default().validate().unwrap());
-    let network = phalanx_server::network::Network::new(None);
+    let network = phalanx_server::network::Network::new(None, None).expect("a plain HTTP transport");
     let raft = Raft::new(2, config, network, log, follower).await.expect("raft");
 
     let good = snapshot.snapshot.get_ref().clone();
