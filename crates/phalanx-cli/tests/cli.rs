@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{free_port, Cluster, PEER_TOKEN};
+use common::{free_port, phalanx, Cluster, PEER_TOKEN};
 use serde_json::Value;
 use std::io::Read;
 use std::process::{Child, Command, Output, Stdio};
@@ -17,16 +17,6 @@ use std::time::{Duration, Instant};
 /// How long a command that should end (an error at start, a stopping agent)
 /// may take.
 const EXIT_WITHIN: Duration = Duration::from_secs(30);
-
-/// `phalanx ARGS` with no `PHALANX_*` from the test's own environment.
-fn phalanx(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_phalanx"));
-    command.args(args);
-    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("PHALANX_")) {
-        command.env_remove(name);
-    }
-    command
-}
 
 /// Runs `phalanx ARGS --nodes NODES` to the end.
 fn run(nodes: &str, args: &[&str]) -> Output {

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{Cluster, Environment, Server};
+use common::{Cluster, Environment};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -340,17 +340,7 @@ impl Drop for SmallDisk {
 }
 
 fn one_node_on(data_dir: PathBuf, extra: &[&str]) -> Cluster {
-    let server = Server {
-        id: 1,
-        addr: format!("127.0.0.1:{}", common::free_port()),
-        raft_addr: format!("127.0.0.1:{}", common::free_port()),
-        data_dir,
-        peers: String::new(),
-        extra: extra.iter().map(|s| s.to_string()).collect(),
-        child: None,
-    };
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-    Cluster { dir: tempfile::tempdir().unwrap(), servers: BTreeMap::from([(1, server)]), http, pki: None }
+    Cluster::one_node_on(data_dir, extra)
 }
 
 /// A payload of about 200 KB (under the default `payload_bytes_max`).

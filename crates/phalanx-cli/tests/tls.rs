@@ -9,20 +9,10 @@
 
 mod common;
 
-use common::{free_port, Cluster, Pki};
+use common::{free_port, phalanx, Cluster, Pki};
 use serde_json::{json, Value};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
-
-/// `phalanx ARGS` with no `PHALANX_*` from the test's own environment.
-fn phalanx(args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_phalanx"));
-    command.args(args);
-    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("PHALANX_")) {
-        command.env_remove(name);
-    }
-    command
-}
 
 fn text(output: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{wait_until, Cluster, Environment, Server};
+use common::{wait_until, Cluster, Environment};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -59,17 +59,7 @@ fn assert_same_tasks(actual: &[Value], expected: &[Value], what: &str) {
 /// A one-node cluster on `data_dir` (not started), taking a snapshot every
 /// eight log entries so that the tests see new snapshots soon.
 fn one_node_on(data_dir: PathBuf) -> Cluster {
-    let server = Server {
-        id: 1,
-        addr: format!("127.0.0.1:{}", common::free_port()),
-        raft_addr: format!("127.0.0.1:{}", common::free_port()),
-        data_dir,
-        peers: String::new(),
-        extra: ["--snapshot-logs-since-last", "8", "--snapshot-logs-kept", "0"].map(String::from).to_vec(),
-        child: None,
-    };
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-    Cluster { dir: tempfile::tempdir().unwrap(), servers: BTreeMap::from([(1, server)]), http, pki: None }
+    Cluster::one_node_on(data_dir, &["--snapshot-logs-since-last", "8", "--snapshot-logs-kept", "0"])
 }
 
 fn unpack_fixture(into: &Path) {

@@ -48,6 +48,7 @@ from typing import Any, Optional, Sequence, Union
 
 import httpx
 
+from . import _pool
 from ._errors import (
     ERROR_CODES,
     OUTCOME_UNKNOWN_CODES,
@@ -112,16 +113,14 @@ from .types import (
 )
 
 
-# Requests a client has in flight at once, and the connections it keeps, every one kept alive. httpcore's
-# pool does work quadratic in its connections and its queued requests on every request it starts or ends
-# (each connection asked whether it is idle, for each idle one; each queued request against each
-# connection): at 256 requests in flight on 256 connections that was 9.4 ms of client CPU per task, and
-# the client, not the cluster, was the limit. So requests past this many wait in the client's own queue
-# (a semaphore, constant work per request) and the pool stays small. The wait counts against the call's
-# budget (`call_timeout_s`), not against an attempt's timeout: it is the client's queue, not the node's
-# slowness (docs/sdk.md, 11). Long-polls have slots of their own, so that waiting agents sharing a client
-# cannot hold every slot while their polls wait.
-REQUESTS_IN_FLIGHT_MAX = 16
+# Requests a client has in flight at once (docs/sdk.md, 11); past it a call waits in the client's own queue
+# (a semaphore: constant work per request). The wait counts against the call's budget (`call_timeout_s`),
+# not against an attempt's timeout: it is the client's queue, not the node's slowness. Long-polls have slots
+# of their own, so that waiting agents sharing a client cannot hold every slot while their polls wait. The
+# asyncio client keeps its connections in a pool of its own (`_pool.py`): httpcore's re-examines every
+# connection and every queued request on each request started or ended, which at 256 in flight cost 9.4 ms
+# of client CPU per task. The blocking client keeps httpx's pool, sized to the same bound.
+REQUESTS_IN_FLIGHT_MAX = 64
 POLLS_IN_FLIGHT_MAX = 16
 _CONNECTIONS_MAX = REQUESTS_IN_FLIGHT_MAX + POLLS_IN_FLIGHT_MAX
 _LIMITS = httpx.Limits(max_connections=_CONNECTIONS_MAX, max_keepalive_connections=_CONNECTIONS_MAX)
@@ -464,6 +463,8 @@ class AsyncClient(_ClientBase):
                  transport: Optional[httpx.AsyncBaseTransport] = None, ca_file: Optional[str] = None) -> None:
         super().__init__(nodes, token, name, timeout_s, write_timeout_s, connect_timeout_s, call_timeout_s,
                          retries_max, retry_budget, rng, ca_file)
+        if transport is None and _pool.available():
+            transport = _pool.AsyncPool(self._verify, _CONNECTIONS_MAX)
         self._http = httpx.AsyncClient(transport=transport, verify=self._verify, limits=_LIMITS)
         self._slots = asyncio.BoundedSemaphore(REQUESTS_IN_FLIGHT_MAX)
         self._poll_slots = asyncio.BoundedSemaphore(POLLS_IN_FLIGHT_MAX)

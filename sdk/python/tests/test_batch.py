@@ -166,3 +166,55 @@ def test_sdk_11_a_call_whose_budget_ends_while_it_waits_is_not_sent():
     waited = [a for a in answers if isinstance(a, Overloaded)]
     assert len(waited) == 4 and len(sent) == REQUESTS_IN_FLIGHT_MAX, (answers, len(sent))
     assert all(a.outcome == "not_done" and "nothing was sent" in a.message for a in waited)
+
+
+def test_sdk_11_the_pool_reuses_connections_and_drops_closed_ones():
+    """The asyncio client's own pool (phalanx._pool): connections are reused, at most one per request in
+    flight; a connection the node closes is not reused, and nothing is lost."""
+
+    async def main(close_each: bool) -> tuple[int, list[int]]:
+        connections = 0
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = 0
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    await reader.readexactly(length)
+                    await asyncio.sleep(0.005)
+                    body = b'{"task_id": 7, "deduplicated": false}'
+                    writer.write(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: "
+                                 + str(len(body)).encode() + (b"\r\nconnection: close" if close_each else b"")
+                                 + b"\r\n\r\n" + body)
+                    await writer.drain()
+                    if close_each:
+                        break
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with AsyncClient(f"127.0.0.1:{port}", write_timeout_s=5.0) as client:
+            client.throttling = False
+            slots = asyncio.Semaphore(8)
+
+            async def one(i: int) -> int:
+                async with slots:
+                    return await client.submit("q", i)
+
+            ids = await asyncio.gather(*(one(i) for i in range(200)))
+        server.close()
+        await server.wait_closed()
+        return connections, ids
+
+    connections, ids = asyncio.run(main(close_each=False))
+    assert ids == [7] * 200 and connections <= 8, connections
+    connections, ids = asyncio.run(main(close_each=True))
+    assert ids == [7] * 200 and connections == 200, connections

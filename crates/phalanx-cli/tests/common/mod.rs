@@ -236,6 +236,22 @@ impl Cluster {
         &self.servers[&id].addr
     }
 
+    /// One node on `data_dir`, not started (`servers[&1].spawn()` starts
+    /// it), for tests that prepare or keep its data directory themselves.
+    pub fn one_node_on(data_dir: PathBuf, extra: &[&str]) -> Cluster {
+        let server = Server {
+            id: 1,
+            addr: format!("127.0.0.1:{}", free_port()),
+            raft_addr: format!("127.0.0.1:{}", free_port()),
+            data_dir,
+            peers: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+        Cluster { dir: tempfile::tempdir().unwrap(), servers: BTreeMap::from([(1, server)]), http, pki: None }
+    }
+
     /// `http` or `https`.
     pub fn scheme(&self) -> &'static str {
         if self.pki.is_some() {
@@ -302,6 +318,16 @@ impl Cluster {
         let response = self.http.get(self.url(id, path)).send().await?;
         decode(response).await
     }
+}
+
+/// `phalanx ARGS` with no `PHALANX_*` from the test's own environment.
+pub fn phalanx(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_phalanx"));
+    command.args(args);
+    for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("PHALANX_")) {
+        command.env_remove(name);
+    }
+    command
 }
 
 /// How often `wait_until` and `wait_for` look again.
