@@ -5,12 +5,14 @@ taking 64 at a time and acknowledging each task. Prints tasks/s and the client's
   `CompleteBatcher.complete` call, sent together (`POST /v1/tasks/complete`, `Prefer: return=minimal`);
 - `phalanx-single`: the same, one `complete` request per task answered with the whole task (the path
   before issue 16), for a ratio in the same run;
+- `phalanx-batched-submits`: the same, the submits also sent together (`SubmitBatcher`: what arrives within
+  5 ms, up to 64, in one `POST /v1/tasks/batch`, each caller answered by its own task's slot);
 - `redis`: a reliable queue on Redis (LPUSH; LMOVE to a processing list, 64 in one pipeline; LREM to
   acknowledge each task, pipelined), the server started here with `--appendonly yes --appendfsync always`,
   when `redis-server` and redis-py are installed.
 
 Usage: python bench/python/queue_bench.py [--phalanx-bin target/release/phalanx] [--tasks 20000]
-       [--systems phalanx-batched,phalanx-single,redis] [--rounds 1]
+       [--systems phalanx-batched,phalanx-batched-submits,phalanx-single,redis] [--rounds 1]
 Each system runs against a fresh server on a temporary directory; with --rounds N the systems alternate.
 """
 
@@ -34,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "sdk" / "python"))
 
 from phalanx import AsyncClient, PhalanxError  # noqa: E402
-from phalanx._batch import CompleteBatcher  # noqa: E402
+from phalanx._batch import CompleteBatcher, SubmitBatcher  # noqa: E402
 
 SUBMITS_IN_FLIGHT = 256
 CONSUMERS = 4
@@ -94,7 +96,7 @@ def measure(name: str, run: Callable[[], Awaitable[int]]) -> dict[str, float]:
 # ---- Phalanx ----
 
 
-def phalanx_run(binary: str, tasks: int, batched: bool) -> Callable[[], Awaitable[int]]:
+def phalanx_run(binary: str, tasks: int, batched: bool, batched_submits: bool = False) -> Callable[[], Awaitable[int]]:
     async def run() -> int:
         # A loaded machine (three engineers on two cores) answers slowly: long attempts, no failover to do.
         async with AsyncClient(ADDR, write_timeout_s=10.0, timeout_s=30.0) as client:
@@ -126,7 +128,11 @@ def phalanx_run(binary: str, tasks: int, batched: bool) -> Callable[[], Awaitabl
                         finished.set()
 
             consumers = [asyncio.create_task(consumer(i)) for i in range(CONSUMERS)]
-            await submit_all(tasks, lambda n: client.submit("bench", n, idempotency_key=f"k-{n}"))
+            if batched_submits:
+                submitter = SubmitBatcher(client)
+                await submit_all(tasks, lambda n: submitter.submit("bench", n, idempotency_key=f"k-{n}"))
+            else:
+                await submit_all(tasks, lambda n: client.submit("bench", n, idempotency_key=f"k-{n}"))
             await asyncio.wait_for(finished.wait(), 300)
             for task in consumers:
                 task.cancel()
@@ -245,9 +251,12 @@ def main() -> None:
                     continue
                 result = with_redis(lambda port: measure("redis", redis_run(port, args.tasks)))
             else:
-                batched = system == "phalanx-batched"
+                if system not in ("phalanx-batched", "phalanx-single", "phalanx-batched-submits"):
+                    raise SystemExit(f"unknown system {system}")
+                batched = system != "phalanx-single"
+                batched_submits = system == "phalanx-batched-submits"
                 result = with_phalanx(args.phalanx_bin, lambda: measure(
-                    system, phalanx_run(args.phalanx_bin, args.tasks, batched)))
+                    system, phalanx_run(args.phalanx_bin, args.tasks, batched, batched_submits)))
             results.setdefault(system, []).append(result)
     if "phalanx-batched" in results:
         best = max(r["tasks_per_s"] for r in results["phalanx-batched"])

@@ -51,10 +51,13 @@ from .client import (
     Unavailable,
     Unprocessable,
 )
+from ._batch import CompleteBatcher, SubmitBatcher
 from .outbox import Outbox, OutboxEntry, OutboxFull, OutboxLocked
 from .types import Budget, KeyLimits, KeyStatus, LimitRule, LimitsTable, Pause, TaskState, Usage, WaitingOn
 
 __all__ = [
+    "CompleteBatcher",
+    "SubmitBatcher",
     "WaitingOn",
     "Usage",
     "TaskState",

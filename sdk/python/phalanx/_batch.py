@@ -1,12 +1,14 @@
-"""Results sent together (issue 16): an agent's completes collected for a few
-milliseconds (`BATCH_WAIT_S`, or `BATCH_MAX` of them) and sent in one
-`POST /v1/tasks/complete` with a minimal answer.
+"""Requests sent together (issue 16): completes (`CompleteBatcher`) or submits
+(`SubmitBatcher`) collected for a few milliseconds (`BATCH_WAIT_S`, or
+`BATCH_MAX` of them) and sent in one `POST /v1/tasks/complete` (with a minimal
+answer) or one `POST /v1/tasks/batch`.
 
 What an acknowledgement means does not change: each caller hears its own
-item's answer, as a single complete would have answered it (accepted, or that
+item's answer, as a single request would have answered it (accepted, or that
 item's refusal raised as its `PhalanxError`), and a failure of the request as
-a whole is raised to every caller of the batch (docs/sdk.md, 3). Leaves the
-outbox and the counting to `agent.py`.
+a whole is raised to every caller of the batch (docs/sdk.md, 3). A submit's
+idempotency key is drawn when it is called, so a batch sent again is
+harmless (docs/sdk.md, 9). Leaves the outbox and the counting to `agent.py`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import asyncio
 from typing import Any, Optional
 
 from ._errors import ERROR_CODES, PhalanxError, error_from_answer
+from ._transport import generated_idempotency_key
 from .client import AsyncClient
-from .types import Usage
+from .types import BatchResult, TaskId, TaskSpec, Usage
 
 BATCH_WAIT_S = 0.005
 BATCH_MAX = 64
@@ -97,4 +100,72 @@ class CompleteBatcher:
                 future.set_exception(error_from_answer(status, {"error": refusal}))
 
 
-__all__ = ["BATCH_MAX", "BATCH_WAIT_S", "CompleteBatcher"]
+class SubmitBatcher:
+    """`submit` calls of one client sent together in `POST /v1/tasks/batch`; each caller gets its own
+    task's `TaskId`, or its own refusal raised."""
+
+    def __init__(self, client: AsyncClient, wait_s: float = BATCH_WAIT_S, batch_max: int = BATCH_MAX) -> None:
+        self.client = client
+        self.wait_s = wait_s
+        self.batch_max = batch_max
+        self._pending: list[tuple[TaskSpec, asyncio.Future[TaskId]]] = []
+        self._full: Optional[asyncio.Event] = None
+        self._senders: set[asyncio.Task[None]] = set()
+        self.requests = 0
+        self.submits = 0
+
+    async def submit(self, queue: str, payload: Any = None, priority: int = 5,
+                     idempotency_key: Optional[str] = None, **fields: Any) -> TaskId:
+        """As `AsyncClient.submit` (the other fields by name: `deadline_ms`, `max_attempts`, `parent_id`,
+        `parent_fence`, `conversation_id`, `concurrency_key`, `cost_estimate`, `budget`, `traceparent`)."""
+        spec: dict[str, Any] = {"queue": queue, "payload": payload, "priority": priority,
+                                "idempotency_key": idempotency_key or generated_idempotency_key()}
+        spec.update({name: value for name, value in fields.items() if value is not None})
+        future: asyncio.Future[TaskId] = asyncio.get_running_loop().create_future()
+        self._pending.append((spec, future))  # type: ignore[arg-type]
+        if len(self._pending) == 1:
+            self._full = asyncio.Event()
+            sender = asyncio.ensure_future(self._send_after_wait(self._full))
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        elif len(self._pending) >= self.batch_max and self._full is not None:
+            self._full.set()
+        return await asyncio.shield(future)
+
+    async def _send_after_wait(self, full: asyncio.Event) -> None:
+        try:
+            await asyncio.wait_for(full.wait(), self.wait_s)
+        except asyncio.TimeoutError:
+            pass
+        batch, self._pending = self._pending, []
+        for start in range(0, len(batch), self.batch_max):
+            await self._send(batch[start:start + self.batch_max])
+
+    async def _send(self, chunk: list[tuple[TaskSpec, asyncio.Future[TaskId]]]) -> None:
+        self.requests += 1
+        self.submits += len(chunk)
+        try:
+            answers: list[BatchResult] = await self.client.submit_batch([spec for spec, _ in chunk])
+            if len(answers) != len(chunk):
+                raise PhalanxError(200, "bad_answer", f"{len(answers)} answers for {len(chunk)} submits")
+        except BaseException as error:  # noqa: BLE001 - every caller hears the request's failure
+            for _, future in chunk:
+                if not future.done():
+                    future.set_exception(error if isinstance(error, Exception) else
+                                         PhalanxError(0, "cancelled", "the batch was cancelled", outcome="unknown"))
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (_, future), answer in zip(chunk, answers):
+            if future.done():
+                continue
+            if "task_id" in answer:
+                future.set_result(TaskId(answer["task_id"], bool(answer.get("deduplicated")),
+                                         bool(answer.get("adopted")), answer.get("traceparent")))
+            else:
+                refusal: Any = answer.get("error") or {}
+                status = ERROR_CODES.get(str(refusal.get("code")), (400, "not_done", False))[0]
+                future.set_exception(error_from_answer(status, {"error": refusal}))
+
+
+__all__ = ["BATCH_MAX", "BATCH_WAIT_S", "CompleteBatcher", "SubmitBatcher"]

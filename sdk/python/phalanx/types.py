@@ -179,6 +179,7 @@ class BatchResult(TypedDict, total=False):
 
     task_id: int
     deduplicated: bool
+    adopted: bool
     traceparent: str
     error: ErrorBody
 

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from phalanx import AsyncAgent, AsyncClient, Client, Overloaded, TaskContext
-from phalanx._batch import CompleteBatcher
+from phalanx import AsyncAgent, AsyncClient, Client, Overloaded, PhalanxError, TaskContext
+from phalanx._batch import CompleteBatcher, SubmitBatcher
 from phalanx._errors import Superseded
 from phalanx._throttle import WINDOW_S, AdaptiveThrottle, class_of_priority
 
@@ -103,6 +103,26 @@ async def test_the_batcher_answers_each_caller_with_its_own_item(server, client)
     assert outcomes[0] is None and outcomes[2] is None and outcomes[3] is None
     assert isinstance(outcomes[1], Superseded)
     assert batcher.requests == 1 and batcher.results == 4
+
+
+async def test_the_submit_batcher_answers_each_caller_with_its_own_task(server, client):
+    async with AsyncClient(server.addr) as async_client:
+        batcher = SubmitBatcher(async_client)
+        first = await batcher.submit("q", {"n": 0}, idempotency_key="same")
+        calls = [batcher.submit("q", {"n": i}) for i in range(1, 100)]
+        # The same key and request again: the first task, deduplicated; another request under it: refused alone.
+        calls.append(batcher.submit("q", {"n": 0}, idempotency_key="same"))
+        calls.append(batcher.submit("q", {"n": 1}, idempotency_key="same"))
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    ids = outcomes[:99]
+    assert all(isinstance(task_id, int) and not task_id.deduplicated for task_id in ids), outcomes
+    assert len(set(ids)) == 99 and first not in ids
+    again = outcomes[99]
+    assert isinstance(again, int) and again == first and again.deduplicated
+    assert isinstance(outcomes[100], PhalanxError) and outcomes[100].code == "idempotency_conflict"
+    # 101 submits in at most a few requests (64 a batch), each task as submitted.
+    assert batcher.submits == 102 and batcher.requests <= 4, (batcher.requests, batcher.submits)
+    assert client.get_task(ids[41])["payload"] == {"n": 42}
 
 
 async def test_the_agent_sends_its_results_in_batches(server, client):
