@@ -214,7 +214,14 @@ async fn fill(http: &reqwest::Client, node: &Node, tasks: u64) -> anyhow::Result
                 let refused = answer["results"]
                     .as_array()
                     .map_or(0, |results| results.iter().filter(|result| result.get("error").is_some()).count());
-                anyhow::ensure!(refused == 0, "{refused} tasks of a batch refused: {answer}");
+                // The first refusal says why; all of them would be megabytes.
+                let first = answer["results"].as_array().and_then(|results| results.iter().find_map(|r| r.get("error")));
+                anyhow::ensure!(
+                    refused == 0,
+                    "{refused} tasks of a batch refused, the first: {} (the policy guard rolls a policy back when \
+                     the node stops being ready after it: see the node's log)",
+                    first.map(Value::to_string).unwrap_or_default()
+                );
             }
         }));
     }
@@ -326,10 +333,17 @@ pub async fn restart(args: BenchArgs) -> anyhow::Result<()> {
         "restart: {tasks} pending tasks of a {PAYLOAD_BYTES}-byte payload, one node, stopped with SIGTERM, \
          {RESTARTS} restarts per format (medians)"
     );
+    // A format whose run fails is reported after the others' figures, not
+    // instead of them.
     let mut outcomes = Vec::new();
+    let mut failures = Vec::new();
     for version in [phalanx_server::store::SNAPSHOT_FORMAT_VERSION, 1] {
-        outcomes.push(measure(&http, dir.path(), version, tasks, &server_args).await?);
+        match measure(&http, dir.path(), version, tasks, &server_args).await {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(error) => failures.push(format!("format {version}: {error:#}")),
+        }
     }
+    anyhow::ensure!(!outcomes.is_empty(), "no format was measured: {}", failures.join("; "));
     println!();
     println!(
         "{:<28} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>14}",
@@ -358,5 +372,6 @@ pub async fn restart(args: BenchArgs) -> anyhow::Result<()> {
          format 1 kept its snapshot inside the database, written here to a file for the same measure)",
         outcomes[0].empty_rss_bytes / (1 << 20) as f64
     );
+    anyhow::ensure!(failures.is_empty(), "not measured: {}", failures.join("; "));
     Ok(())
 }
