@@ -1,7 +1,9 @@
 //! Style checks run as ordinary tests (after rust-analyzer's `tidy`): every
 //! source file of every crate opens with a `//!` header, and the core stays
 //! pure: no I/O, clock, randomness, threads, async runtime, or hash maps
-//! whose iteration order would differ between replicas.
+//! whose iteration order would differ between replicas; and a stored
+//! record's field left out when empty is its last (the snapshot format reads
+//! fields by position).
 //!
 //! The purity check reads code, not prose: comments and string literals are
 //! dropped first, and names are matched as whole identifiers, so a comment
@@ -277,4 +279,36 @@ fn the_purity_check_reads_code_not_prose() {
         impurities(dirty),
         ["HashMap", "std::fs", "std::net", "HashSet", "std::time", "SystemTime", "rand", "async"]
     );
+}
+
+/// The snapshot format (MessagePack, `phalanx-server`'s `store.rs`) writes
+/// a record's fields by position: a field left out when empty
+/// (`skip_serializing_if`) shifts every field after it, and the snapshot
+/// then reads wrong values without an error. So only a record's last field
+/// may be skipped (a field appended with `#[serde(default)]` reads back).
+#[test]
+fn a_field_skipped_when_empty_is_its_records_last() {
+    let mut sources = Vec::new();
+    rust_files(&core_dir().join("src"), &mut sources);
+    let mut misplaced = Vec::new();
+    for path in sources {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let code = |line: &str| {
+            let line = line.trim();
+            !line.is_empty() && !line.starts_with("//")
+        };
+        for (at, line) in lines.iter().enumerate() {
+            if !code(line) || !line.contains("skip_serializing_if") {
+                continue;
+            }
+            // The field is the first line of code after its attributes.
+            let field = (at + 1..lines.len()).find(|&i| code(lines[i]) && !lines[i].trim().starts_with("#["));
+            let next = field.and_then(|field| (field + 1..lines.len()).find(|&i| code(lines[i])));
+            if !next.is_some_and(|next| lines[next].trim().starts_with('}')) {
+                misplaced.push(format!("{}:{}", path.display(), field.map_or(at, |f| f) + 1));
+            }
+        }
+    }
+    assert!(misplaced.is_empty(), "fields skipped when empty that are not their record's last: {misplaced:?}");
 }
