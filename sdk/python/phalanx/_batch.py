@@ -14,7 +14,7 @@ harmless (docs/sdk.md, 9). Leaves the outbox and the counting to `agent.py`.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional
+from typing import Any, Generic, Optional, TypeVar
 
 from ._errors import ERROR_CODES, PhalanxError, error_from_answer
 from ._transport import generated_idempotency_key
@@ -24,107 +24,31 @@ from .types import BatchResult, TaskId, TaskSpec, Usage
 BATCH_WAIT_S = 0.005
 BATCH_MAX = 64
 
+Item = TypeVar("Item")
+Answer = TypeVar("Answer")
 
-class CompleteBatcher:
-    def __init__(self, client: AsyncClient, wait_s: float = BATCH_WAIT_S, batch_max: int = BATCH_MAX) -> None:
+
+class _Batcher(Generic[Item, Answer]):
+    """What both batchers share: items collected for `wait_s` (or `batch_max` of them) and sent by a task of
+    their own, each caller answered by its own slot of the answer, a whole request's failure raised to all."""
+
+    def __init__(self, client: AsyncClient, wait_s: float, batch_max: int) -> None:
         self.client = client
         self.wait_s = wait_s
         self.batch_max = batch_max
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._pending: list[tuple[Item, asyncio.Future[Answer]]] = []
         self._full: Optional[asyncio.Event] = None
         self._senders: set[asyncio.Task[None]] = set()
-        # Requests sent and results they carried, for benches and tests.
+        # Requests sent and items they carried, for benches and tests.
         self.requests = 0
-        self.results = 0
+        self.items = 0
 
-    async def complete(self, task_id: int, fence: int, result: Any, usage: Optional[Usage] = None) -> None:
-        """Sends this result with whatever else arrives within the wait; returns when its own item is
-        accepted, raises its own refusal (or the whole request's failure) otherwise."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(({"task_id": task_id, "fence": fence, "result": result, "usage": usage}, future))
+    async def _add(self, item: Item) -> Answer:
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
         if len(self._pending) == 1:
             self._full = asyncio.Event()
             # On a task of its own, so that a caller that gives up does not strand the others.
-            sender = asyncio.ensure_future(self._send_after_wait(self._full))
-            self._senders.add(sender)
-            sender.add_done_callback(self._senders.discard)
-        elif len(self._pending) >= self.batch_max and self._full is not None:
-            self._full.set()
-        await asyncio.shield(future)
-
-    async def _send_after_wait(self, full: asyncio.Event) -> None:
-        try:
-            await asyncio.wait_for(full.wait(), self.wait_s)
-        except asyncio.TimeoutError:
-            pass
-        batch, self._pending = self._pending, []
-        for start in range(0, len(batch), self.batch_max):
-            await self._send(batch[start:start + self.batch_max])
-
-    async def _send(self, chunk: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
-        self.requests += 1
-        self.results += len(chunk)
-        try:
-            try:
-                answers = await self.client.complete_many([item for item, _ in chunk])
-            except PhalanxError as error:
-                if error.status not in (404, 405):
-                    raise
-                # A node older than the batch route: one complete each.
-                answers = []
-                for item, _ in chunk:
-                    try:
-                        await self.client.complete(item["task_id"], item["fence"], item["result"], item["usage"])
-                        answers.append({"task_id": item["task_id"], "ok": True})
-                    except PhalanxError as refused:
-                        answers.append({"task_id": item["task_id"],
-                                        "error": {"code": refused.code, "message": refused.message}})
-            if len(answers) != len(chunk):
-                raise PhalanxError(200, "bad_answer", f"{len(answers)} answers for {len(chunk)} results")
-        except BaseException as error:  # noqa: BLE001 - every caller hears the request's failure
-            for _, future in chunk:
-                if not future.done():
-                    future.set_exception(error if isinstance(error, Exception) else
-                                         PhalanxError(0, "cancelled", "the batch was cancelled", outcome="unknown"))
-            if not isinstance(error, Exception):
-                raise
-            return
-        for (_, future), answer in zip(chunk, answers):
-            if future.done():
-                continue
-            if answer.get("ok"):
-                future.set_result(None)
-            else:
-                refusal = answer.get("error") or {}
-                status = ERROR_CODES.get(str(refusal.get("code")), (400, "not_done", False))[0]
-                future.set_exception(error_from_answer(status, {"error": refusal}))
-
-
-class SubmitBatcher:
-    """`submit` calls of one client sent together in `POST /v1/tasks/batch`; each caller gets its own
-    task's `TaskId`, or its own refusal raised."""
-
-    def __init__(self, client: AsyncClient, wait_s: float = BATCH_WAIT_S, batch_max: int = BATCH_MAX) -> None:
-        self.client = client
-        self.wait_s = wait_s
-        self.batch_max = batch_max
-        self._pending: list[tuple[TaskSpec, asyncio.Future[TaskId]]] = []
-        self._full: Optional[asyncio.Event] = None
-        self._senders: set[asyncio.Task[None]] = set()
-        self.requests = 0
-        self.submits = 0
-
-    async def submit(self, queue: str, payload: Any = None, priority: int = 5,
-                     idempotency_key: Optional[str] = None, **fields: Any) -> TaskId:
-        """As `AsyncClient.submit` (the other fields by name: `deadline_ms`, `max_attempts`, `parent_id`,
-        `parent_fence`, `conversation_id`, `concurrency_key`, `cost_estimate`, `budget`, `traceparent`)."""
-        spec: dict[str, Any] = {"queue": queue, "payload": payload, "priority": priority,
-                                "idempotency_key": idempotency_key or generated_idempotency_key()}
-        spec.update({name: value for name, value in fields.items() if value is not None})
-        future: asyncio.Future[TaskId] = asyncio.get_running_loop().create_future()
-        self._pending.append((spec, future))  # type: ignore[arg-type]
-        if len(self._pending) == 1:
-            self._full = asyncio.Event()
             sender = asyncio.ensure_future(self._send_after_wait(self._full))
             self._senders.add(sender)
             sender.add_done_callback(self._senders.discard)
@@ -141,13 +65,21 @@ class SubmitBatcher:
         for start in range(0, len(batch), self.batch_max):
             await self._send(batch[start:start + self.batch_max])
 
-    async def _send(self, chunk: list[tuple[TaskSpec, asyncio.Future[TaskId]]]) -> None:
+    async def _request(self, items: list[Item]) -> list[Any]:
+        """One request for `items`: their answers, one per item, in order."""
+        raise NotImplementedError
+
+    def _accepted(self, answer: Any) -> Optional[Answer]:
+        """An item's answer if it was accepted, else None (its `error` is then raised to its caller)."""
+        raise NotImplementedError
+
+    async def _send(self, chunk: list[tuple[Item, asyncio.Future[Answer]]]) -> None:
         self.requests += 1
-        self.submits += len(chunk)
+        self.items += len(chunk)
         try:
-            answers: list[BatchResult] = await self.client.submit_batch([spec for spec, _ in chunk])
+            answers = await self._request([item for item, _ in chunk])
             if len(answers) != len(chunk):
-                raise PhalanxError(200, "bad_answer", f"{len(answers)} answers for {len(chunk)} submits")
+                raise PhalanxError(200, "bad_answer", f"{len(answers)} answers for {len(chunk)} items")
         except BaseException as error:  # noqa: BLE001 - every caller hears the request's failure
             for _, future in chunk:
                 if not future.done():
@@ -159,13 +91,78 @@ class SubmitBatcher:
         for (_, future), answer in zip(chunk, answers):
             if future.done():
                 continue
-            if "task_id" in answer:
-                future.set_result(TaskId(answer["task_id"], bool(answer.get("deduplicated")),
-                                         bool(answer.get("adopted")), answer.get("traceparent")))
+            accepted = self._accepted(answer)
+            if accepted is not None:
+                future.set_result(accepted)
             else:
                 refusal: Any = answer.get("error") or {}
                 status = ERROR_CODES.get(str(refusal.get("code")), (400, "not_done", False))[0]
                 future.set_exception(error_from_answer(status, {"error": refusal}))
+
+
+class CompleteBatcher(_Batcher[dict[str, Any], bool]):
+    """`complete` calls sent together in `POST /v1/tasks/complete` with a minimal answer."""
+
+    def __init__(self, client: AsyncClient, wait_s: float = BATCH_WAIT_S, batch_max: int = BATCH_MAX) -> None:
+        super().__init__(client, wait_s, batch_max)
+
+    @property
+    def results(self) -> int:
+        return self.items
+
+    async def complete(self, task_id: int, fence: int, result: Any, usage: Optional[Usage] = None) -> None:
+        """Sends this result with whatever else arrives within the wait; returns when its own item is
+        accepted, raises its own refusal (or the whole request's failure) otherwise."""
+        await self._add({"task_id": task_id, "fence": fence, "result": result, "usage": usage})
+
+    async def _request(self, items: list[dict[str, Any]]) -> list[Any]:
+        try:
+            return await self.client.complete_many(items)
+        except PhalanxError as error:
+            if error.status not in (404, 405):
+                raise
+        # A node older than the batch route: one complete each.
+        answers: list[Any] = []
+        for item in items:
+            try:
+                await self.client.complete(item["task_id"], item["fence"], item["result"], item["usage"])
+                answers.append({"task_id": item["task_id"], "ok": True})
+            except PhalanxError as refused:
+                answers.append({"task_id": item["task_id"], "error": {"code": refused.code, "message": refused.message}})
+        return answers
+
+    def _accepted(self, answer: Any) -> Optional[bool]:
+        return True if answer.get("ok") else None
+
+
+class SubmitBatcher(_Batcher[TaskSpec, TaskId]):
+    """`submit` calls of one client sent together in `POST /v1/tasks/batch`; each caller gets its own
+    task's `TaskId`, or its own refusal raised."""
+
+    def __init__(self, client: AsyncClient, wait_s: float = BATCH_WAIT_S, batch_max: int = BATCH_MAX) -> None:
+        super().__init__(client, wait_s, batch_max)
+
+    @property
+    def submits(self) -> int:
+        return self.items
+
+    async def submit(self, queue: str, payload: Any = None, priority: int = 5,
+                     idempotency_key: Optional[str] = None, **fields: Any) -> TaskId:
+        """As `AsyncClient.submit` (the other fields by name: `deadline_ms`, `max_attempts`, `parent_id`,
+        `parent_fence`, `conversation_id`, `concurrency_key`, `cost_estimate`, `budget`, `traceparent`)."""
+        spec: dict[str, Any] = {"queue": queue, "payload": payload, "priority": priority,
+                                "idempotency_key": idempotency_key or generated_idempotency_key()}
+        spec.update({name: value for name, value in fields.items() if value is not None})
+        return await self._add(spec)  # type: ignore[arg-type]
+
+    async def _request(self, items: list[TaskSpec]) -> list[Any]:
+        return list(await self.client.submit_batch(items))
+
+    def _accepted(self, answer: Any) -> Optional[TaskId]:
+        if "task_id" not in answer:
+            return None
+        return TaskId(answer["task_id"], bool(answer.get("deduplicated")), bool(answer.get("adopted")),
+                      answer.get("traceparent"))
 
 
 __all__ = ["BATCH_MAX", "BATCH_WAIT_S", "CompleteBatcher", "SubmitBatcher"]
