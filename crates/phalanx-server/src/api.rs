@@ -1412,23 +1412,29 @@ async fn complete_many(State(node): State<Node_>, headers: HeaderMap, body: Body
         .into_iter()
         .zip(reported)
         .map(|((task_id, slot), reported)| {
+            // Each result's span, when spans are recorded: accepted (`refused`
+            // None) or refused, with the task's stored trace context.
+            let record = |trace, refused: Option<&ApiError>| {
+                if let Some((start, task_id, fence, usage)) = &reported {
+                    let usage = usage.as_ref().map(api_usage);
+                    let span = report_span(
+                        &node,
+                        "phalanx.complete",
+                        *start,
+                        *task_id,
+                        *fence,
+                        usage.as_ref(),
+                        trace,
+                        refused,
+                    );
+                    node.tracer.record(span);
+                }
+            };
             let refused = match slot {
                 Ok(_) => match outcomes.next().expect("one outcome per proposed command") {
                     Outcome::Completed { task } => {
-                        if let Some((start, task_id, fence, usage)) = reported {
-                            let usage = usage.as_ref().map(api_usage);
-                            let trace = (Some(task.queue.clone()), stored_context(&task));
-                            let span = report_span(
-                                &node,
-                                "phalanx.complete",
-                                start,
-                                task_id,
-                                fence,
-                                usage.as_ref(),
-                                trace,
-                                None,
-                            );
-                            node.tracer.record(span);
+                        if reported.is_some() {
+                            record((Some(task.queue.clone()), stored_context(&task)), None);
                         }
                         return api::CompleteManyItem::Accepted {
                             task_id: task.id,
@@ -1441,20 +1447,8 @@ async fn complete_many(State(node): State<Node_>, headers: HeaderMap, body: Body
                 },
                 Err(error) => error,
             };
-            if let Some((start, task_id, fence, usage)) = reported {
-                let usage = usage.as_ref().map(api_usage);
-                let trace = task_trace(&node, task_id);
-                let span = report_span(
-                    &node,
-                    "phalanx.complete",
-                    start,
-                    task_id,
-                    fence,
-                    usage.as_ref(),
-                    trace,
-                    Some(&refused),
-                );
-                node.tracer.record(span);
+            if let Some((_, reported_id, _, _)) = &reported {
+                record(task_trace(&node, *reported_id), Some(&refused));
             }
             api::CompleteManyItem::Refused {
                 task_id,
