@@ -20,7 +20,7 @@ use crate::client::{
 use crate::outbox::{Entry, Outbox, Report};
 use futures::FutureExt;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -418,9 +418,23 @@ pub const COMPLETE_BATCH_WAIT: Duration = Duration::from_millis(5);
 /// Results sent in one request at most.
 pub const COMPLETE_BATCH_MAX: usize = 64;
 
-struct PendingResult {
-    item: CompleteItem,
-    reply: tokio::sync::oneshot::Sender<Result<(), Error>>,
+type Reply = tokio::sync::oneshot::Sender<Result<(), Error>>;
+
+/// What the batcher holds: results not yet taken by a sender, and who waits
+/// for the answer about each (task, fence), whether pending or sent.
+#[derive(Default)]
+struct Reports {
+    pending: Vec<CompleteItem>,
+    waiting: HashMap<(u64, u64), Vec<Reply>>,
+}
+
+impl Reports {
+    /// Answers everyone waiting for `item`'s answer.
+    fn answer(&mut self, item: &CompleteItem, answer: Result<(), Error>) {
+        for reply in self.waiting.remove(&(item.task_id, item.fence)).unwrap_or_default() {
+            let _ = reply.send(answer.clone());
+        }
+    }
 }
 
 /// Collects results for up to `COMPLETE_BATCH_WAIT` (or `COMPLETE_BATCH_MAX`
@@ -428,9 +442,14 @@ struct PendingResult {
 /// minimal answer. Each caller hears its own item's answer, exactly as a
 /// single complete would have answered: the acknowledgement of a result is
 /// its own item's, never the batch's (docs/sdk.md, 3).
+///
+/// A result already pending or sent under the same fence is not sent again:
+/// a caller that asks for it (the outbox retrying after an earlier attempt
+/// timed out on its side) waits for that attempt's answer. So a report that
+/// is slow to be taken is in flight at most once, not once per retry.
 #[derive(Default)]
 pub struct CompleteBatcher {
-    pending: Mutex<Vec<PendingResult>>,
+    reports: Mutex<Reports>,
     full: tokio::sync::Notify,
     /// Batch requests sent, for benches and tests.
     pub requests: AtomicU64,
@@ -441,12 +460,22 @@ impl CompleteBatcher {
     pub async fn complete(self: &Arc<Self>, client: &Arc<Client>, item: CompleteItem) -> Result<(), Error> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let first = {
-            let mut pending = self.pending.lock().expect("batch lock");
-            pending.push(PendingResult { item, reply });
-            if pending.len() >= COMPLETE_BATCH_MAX {
-                self.full.notify_one();
+            let mut reports = self.reports.lock().expect("batch lock");
+            let reports = &mut *reports;
+            match reports.waiting.entry((item.task_id, item.fence)) {
+                std::collections::hash_map::Entry::Occupied(mut waiting) => {
+                    waiting.get_mut().push(reply);
+                    false
+                }
+                std::collections::hash_map::Entry::Vacant(waiting) => {
+                    waiting.insert(vec![reply]);
+                    reports.pending.push(item);
+                    if reports.pending.len() >= COMPLETE_BATCH_MAX {
+                        self.full.notify_one();
+                    }
+                    reports.pending.len() == 1
+                }
             }
-            pending.len() == 1
         };
         if first {
             // The first result of a batch sends it, on a task of its own, so
@@ -457,36 +486,40 @@ impl CompleteBatcher {
                     () = tokio::time::sleep(COMPLETE_BATCH_WAIT) => {}
                     () = batcher.full.notified() => {}
                 }
-                let batch = std::mem::take(&mut *batcher.pending.lock().expect("batch lock"));
-                let mut batch = batch.into_iter().peekable();
-                while batch.peek().is_some() {
-                    let chunk: Vec<PendingResult> = batch.by_ref().take(COMPLETE_BATCH_MAX).collect();
-                    let items: Vec<CompleteItem> = chunk.iter().map(|p| p.item.clone()).collect();
-                    batcher.requests.fetch_add(1, Ordering::Relaxed);
-                    match client.complete_many(&items).await {
-                        // A node older than the batch route: one complete each.
-                        Err(error) if matches!(error.status(), Some(404 | 405)) => {
-                            for pending in chunk {
-                                let item = &pending.item;
-                                let answer = client.complete(item.task_id, item.fence, &item.result).await;
-                                let _ = pending.reply.send(answer.map(|_| ()));
-                            }
-                        }
-                        Ok(answers) => {
-                            for (pending, answer) in chunk.into_iter().zip(answers) {
-                                let _ = pending.reply.send(answer.map(|_| ()));
-                            }
-                        }
-                        Err(error) => {
-                            for pending in chunk {
-                                let _ = pending.reply.send(Err(error.clone()));
-                            }
-                        }
+                let batch = std::mem::take(&mut batcher.reports.lock().expect("batch lock").pending);
+                if AssertUnwindSafe(batcher.send(&client, &batch)).catch_unwind().await.is_err() {
+                    // Nobody may wait for an answer that will not come.
+                    let mut reports = batcher.reports.lock().expect("batch lock");
+                    for item in &batch {
+                        reports.answer(item, Err(Error::Transport("the batch sender failed".into())));
                     }
                 }
             });
         }
         answer.await.unwrap_or_else(|_| Err(Error::Transport("the batch sender stopped before an answer".into())))
+    }
+
+    /// Sends `batch` in requests of at most `COMPLETE_BATCH_MAX`, answering each item's callers.
+    async fn send(&self, client: &Client, batch: &[CompleteItem]) {
+        for chunk in batch.chunks(COMPLETE_BATCH_MAX) {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let answers: Vec<Result<(), Error>> = match client.complete_many(chunk).await {
+                // A node older than the batch route: one complete each.
+                Err(error) if matches!(error.status(), Some(404 | 405)) => {
+                    let mut answers = Vec::with_capacity(chunk.len());
+                    for item in chunk {
+                        answers.push(client.complete(item.task_id, item.fence, &item.result).await.map(|_| ()));
+                    }
+                    answers
+                }
+                Ok(answers) => answers.into_iter().map(|answer| answer.map(|_| ())).collect(),
+                Err(error) => chunk.iter().map(|_| Err(error.clone())).collect(),
+            };
+            let mut reports = self.reports.lock().expect("batch lock");
+            for (item, answer) in chunk.iter().zip(answers) {
+                reports.answer(item, answer);
+            }
+        }
     }
 }
 
@@ -876,6 +909,11 @@ impl Agent {
     /// every 200 ms, with or without an outbox directory.
     async fn flush_loop(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut stopping = false;
+        // The delivery in flight, kept across rounds: an answer slower than
+        // the wait below is waited for again, never asked for a second time
+        // (a result sent twice at once would be taken twice, the second
+        // answered as already done).
+        let mut delivery: Option<Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>> = None;
         loop {
             tokio::select! {
                 _ = stop.changed(), if !stopping => stopping = true,
@@ -883,9 +921,17 @@ impl Agent {
             }
             self.refresh_mode();
             if self.stats.mode() != Mode::Autonomous {
-                while let Some(entry) = self.outbox.front() {
-                    let timeout = Duration::from_millis(self.config.orchestrator_timeout_ms);
-                    if !matches!(tokio::time::timeout(timeout, self.send(&entry)).await, Ok(Ok(()))) {
+                loop {
+                    if delivery.is_none() {
+                        let Some(entry) = self.outbox.front() else { break };
+                        let agent = self.clone();
+                        delivery = Some(Box::pin(async move { agent.send(&entry).await }));
+                    }
+                    let in_flight = delivery.as_mut().expect("a delivery is in flight");
+                    let wait = Duration::from_millis(self.config.orchestrator_timeout_ms);
+                    let Ok(answer) = tokio::time::timeout(wait, in_flight).await else { break };
+                    delivery = None;
+                    if answer.is_err() {
                         break;
                     }
                     self.stats.reconciled.fetch_add(1, Ordering::Relaxed);

@@ -22,6 +22,10 @@ struct Script {
     grant_delay_ms: u64,
     /// Answer reports with `507 disk_full` while set.
     disk_full: bool,
+    /// Answer a batch of results only after this long.
+    report_delay_ms: u64,
+    /// Batch-of-results requests received.
+    report_requests: u32,
     /// (task id, fence) of every accepted report.
     reports: Vec<(u64, u64)>,
     registrations: u32,
@@ -134,6 +138,12 @@ async fn answer(mut stream: TcpStream, script: Arc<Mutex<Script>>) {
         }
     } else if path == "/v1/tasks/complete" {
         // A batch of results: each answered on its own, minimally.
+        let delay_ms = {
+            let mut script = script.lock().unwrap();
+            script.report_requests += 1;
+            script.report_delay_ms
+        };
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         let mut script = script.lock().unwrap();
         if script.disk_full {
             (507, json!({"error": {"code": "disk_full", "message": "scripted", "outcome": "not_done"}}))
@@ -294,6 +304,28 @@ async fn sdk_3_a_report_refused_with_a_transient_code_is_kept_and_sent_again() {
     wait_until("the result delivered", Duration::from_secs(15), || node.reports() == [(4, 7)]).await;
     wait_until("connected", Duration::from_secs(5), || agent.stats.mode() == Mode::Connected).await;
     assert_eq!(agent.stats.rejected.load(Ordering::Relaxed), 0);
+    running.stop().await;
+}
+
+/// docs/sdk.md, 3: a report whose answer is slower than the agent waits
+/// goes to the outbox, and the outbox waits for that same request's answer
+/// instead of sending the result again alongside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_3_a_slow_report_is_in_flight_once_not_once_per_retry() {
+    // Slower than the agent waits for it (80 ms), within the client's own
+    // attempt timeout (at least 250 ms): answered, but late.
+    let node = FakeNode::start(Script { tasks: vec![5], report_delay_ms: 200, ..Script::default() }).await;
+    let mut config = config(&node, "slow-report");
+    config.orchestrator_timeout_ms = 80;
+    let running = run(Agent::new(config, handler(quick)).unwrap());
+    let agent = running.agent.clone();
+    wait_until("the result kept", Duration::from_secs(15), || agent.outbox_len() == 1).await;
+    wait_until("the result delivered", Duration::from_secs(15), || agent.outbox_len() == 0).await;
+    // Long enough for any second request sent meanwhile to be answered too.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(node.reports(), [(5, 7)]);
+    assert_eq!(node.script.lock().unwrap().report_requests, 1, "one request for one result");
+    assert_eq!(agent.stats.reconciled.load(Ordering::Relaxed), 1);
     running.stop().await;
 }
 
