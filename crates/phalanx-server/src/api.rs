@@ -9,11 +9,13 @@
 use crate::error::{ApiError, ErrorCode};
 use crate::node::Node;
 use crate::proposer;
+use crate::raft_wire::{Format, RAFT_FORMAT_HEADER};
 use crate::trace::{AttributeValue, Span, TraceContext};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -22,6 +24,7 @@ use phalanx_api as api;
 use phalanx_core::state::validate_name;
 use phalanx_core::{Command, NewTask, Outcome, Task};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -2389,36 +2392,56 @@ async fn metrics(State(node): State<Node_>) -> ApiResult {
 
 // ---- Raft RPC (server side of network.rs) ----
 
-/// Decodes a Raft RPC body and runs the edge checks (`raft_edge.rs`) on it
-/// before openraft sees it; a refusal is a JSON error, never a panic.
+/// Decodes a Raft RPC body in the format its headers name (`raft_wire.rs`)
+/// and runs the edge checks (`raft_edge.rs`) on it before openraft sees it;
+/// a refusal is a JSON error, never a panic.
 fn raft_input<T: DeserializeOwned>(
     node: &Node,
+    headers: &HeaderMap,
     body: Body,
     check: impl FnOnce(&crate::raft_edge::Receiver, &T) -> Result<(), String>,
-) -> Result<T, ApiError> {
+) -> Result<(T, Format), ApiError> {
     let bytes =
         body.map_err(|rejection| ApiError::new(ErrorCode::TooLarge, format!("Raft request refused: {rejection}")))?;
-    let request: T = serde_json::from_slice(&bytes).map_err(|error| {
+    let malformed = |why: String| {
         node.stats.raft_refused.fetch_add(1, Ordering::Relaxed);
-        ApiError::new(ErrorCode::MalformedRaftRequest, format!("Raft request: {error}"))
-    })?;
+        ApiError::new(ErrorCode::MalformedRaftRequest, format!("Raft request: {why}"))
+    };
+    let format = Format::of(headers).map_err(malformed)?;
+    let request: T = format.decode(&bytes).map_err(malformed)?;
     let membership = node.raft.metrics().borrow().membership_config.clone();
     check(&crate::raft_edge::Receiver { membership: &membership }, &request).map_err(|why| {
         node.stats.raft_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(why, "refused a Raft request");
         ApiError::invalid(format!("Raft request refused: {why}"))
     })?;
-    Ok(request)
+    Ok((request, format))
 }
 
-async fn raft_append(State(node): State<Node_>, body: Body) -> ApiResult {
-    let request = raft_input(&node, body, crate::raft_edge::check_append_request)?;
+/// A Raft RPC's answer, in the format it was asked in.
+fn raft_answer<T: Serialize>(format: Format, answer: &T) -> ApiResult {
+    let bytes = format
+        .encode(answer)
+        .map_err(|why| ApiError::new(ErrorCode::Internal, format!("encoding a Raft answer: {why}")))?;
+    let version = HeaderValue::from(format.version());
+    Ok((
+        [
+            (CONTENT_TYPE, HeaderValue::from_static(format.content_type())),
+            (HeaderName::from_static(RAFT_FORMAT_HEADER), version),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+async fn raft_append(State(node): State<Node_>, headers: HeaderMap, body: Body) -> ApiResult {
+    let (request, format) = raft_input(&node, &headers, body, crate::raft_edge::check_append_request)?;
     let answer = node.raft.append_entries(request).await;
     // Any answer but "your vote is old" means a current leader reached us.
     if answer.as_ref().is_ok_and(|a| !matches!(a, openraft::raft::AppendEntriesResponse::HigherVote(_))) {
         node.heard_from_leader();
     }
-    Ok(Json(answer).into_response())
+    raft_answer(format, &answer)
 }
 
 /// The election guard's probe (`election_guard.rs`): who this node is, how
@@ -2435,16 +2458,16 @@ async fn raft_probe(State(node): State<Node_>) -> ApiResult {
     .into_response())
 }
 
-async fn raft_vote(State(node): State<Node_>, body: Body) -> ApiResult {
-    let request = raft_input(&node, body, crate::raft_edge::check_vote_request)?;
-    Ok(Json(node.raft.vote(request).await).into_response())
+async fn raft_vote(State(node): State<Node_>, headers: HeaderMap, body: Body) -> ApiResult {
+    let (request, format) = raft_input(&node, &headers, body, crate::raft_edge::check_vote_request)?;
+    raft_answer(format, &node.raft.vote(request).await)
 }
 
-async fn raft_snapshot(State(node): State<Node_>, body: Body) -> ApiResult {
-    let request = raft_input(&node, body, crate::raft_edge::check_snapshot_request)?;
+async fn raft_snapshot(State(node): State<Node_>, headers: HeaderMap, body: Body) -> ApiResult {
+    let (request, format) = raft_input(&node, &headers, body, crate::raft_edge::check_snapshot_request)?;
     let answer = node.raft.install_snapshot(request).await;
     if answer.is_ok() {
         node.heard_from_leader();
     }
-    Ok(Json(answer).into_response())
+    raft_answer(format, &answer)
 }

@@ -20,6 +20,7 @@ pub mod node;
 pub mod proposer;
 pub mod raft_edge;
 pub mod raft_types;
+pub mod raft_wire;
 pub mod store;
 pub mod tls;
 pub mod trace;

@@ -167,8 +167,20 @@ fn path_id() -> impl Strategy<Value = String> {
 
 #[derive(Debug, Clone)]
 enum Case {
-    Client { route: usize, id: String, body: Vec<u8> },
-    Raft { route: usize, body: Vec<u8> },
+    Client {
+        route: usize,
+        id: String,
+        body: Vec<u8>,
+    },
+    Raft {
+        route: usize,
+        body: Vec<u8>,
+    },
+    /// In the Raft message format 2 (MessagePack, `raft_wire.rs`).
+    RaftPacked {
+        route: usize,
+        body: Vec<u8>,
+    },
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -178,6 +190,8 @@ fn case() -> impl Strategy<Value = Case> {
         1 => (0..ROUTES.len(), path_id(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(route, id, body)| Case::Client { route, id, body }),
         3 => (0..RAFT_ROUTES.len(), raft_body()).prop_map(move |(route, b)| Case::Raft { route, body: json_bytes(b) }),
         1 => (0..RAFT_ROUTES.len(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(route, body)| Case::Raft { route, body }),
+        3 => (0..RAFT_ROUTES.len(), raft_body()).prop_map(|(route, b)| Case::RaftPacked { route, body: rmp_serde::to_vec_named(&b).unwrap() }),
+        1 => (0..RAFT_ROUTES.len(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(route, body)| Case::RaftPacked { route, body }),
     ]
 }
 
@@ -192,6 +206,12 @@ async fn send(http: &reqwest::Client, base: &str, case: &Case) -> (u16, Vec<u8>)
             .post(format!("{base}{}", RAFT_ROUTES[*route]))
             .bearer_auth(PEER_TOKEN)
             .header("content-type", "application/json")
+            .body(body.clone()),
+        Case::RaftPacked { route, body } => http
+            .post(format!("{base}{}", RAFT_ROUTES[*route]))
+            .bearer_auth(PEER_TOKEN)
+            .header("content-type", "application/msgpack")
+            .header("x-phalanx-raft-format", "2")
             .body(body.clone()),
     };
     let response = request.send().await.expect("the node answers");
@@ -246,6 +266,20 @@ fn generated_requests_get_json_answers_and_never_hurt_the_node() {
     }
 
     runtime.block_on(async {
+        // A Raft message in a format this node does not read: refused, naming both.
+        let newer = http
+            .post(format!("{base}/raft/vote"))
+            .bearer_auth(PEER_TOKEN)
+            .header("x-phalanx-raft-format", "3")
+            .body(vec![0x80])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(newer.status().as_u16(), 400);
+        let refusal: Value = newer.json().await.unwrap();
+        assert_eq!(refusal["error"]["code"], "malformed_raft_request", "{refusal}");
+        let message = refusal["error"]["message"].as_str().unwrap();
+        assert!(message.contains("format 3") && message.contains("formats 1 to 2"), "{message}");
         let ready = http.get(format!("{base}/health/ready")).send().await.unwrap();
         assert_eq!(ready.status().as_u16(), 200, "{}", ready.text().await.unwrap());
         let task: Value = http.get(format!("{base}/v1/tasks/{kept}")).send().await.unwrap().json().await.unwrap();
