@@ -20,7 +20,7 @@ use crate::client::{
 use crate::outbox::{Entry, Outbox, Report};
 use futures::FutureExt;
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -413,120 +413,10 @@ pub fn poll_wait_ms(poll_wait_ms: u64, lease_ttl_ms: u64) -> u64 {
     poll_wait_ms.min(lease_ttl_ms / 2)
 }
 
-/// How long the agent collects results before sending them together.
-pub const COMPLETE_BATCH_WAIT: Duration = Duration::from_millis(5);
-/// Results sent in one request at most.
-pub const COMPLETE_BATCH_MAX: usize = 64;
-
-type Reply = tokio::sync::oneshot::Sender<Result<(), Error>>;
-
-/// What the batcher holds: results not yet taken by a sender, and who waits
-/// for the answer about each (task, fence), whether pending or sent.
-#[derive(Default)]
-struct Reports {
-    pending: Vec<CompleteItem>,
-    waiting: HashMap<(u64, u64), Vec<Reply>>,
-}
-
-impl Reports {
-    /// Answers everyone waiting for `item`'s answer.
-    fn answer(&mut self, item: &CompleteItem, answer: Result<(), Error>) {
-        for reply in self.waiting.remove(&(item.task_id, item.fence)).unwrap_or_default() {
-            let _ = reply.send(answer.clone());
-        }
-    }
-}
-
-/// Collects results for up to `COMPLETE_BATCH_WAIT` (or `COMPLETE_BATCH_MAX`
-/// of them) and sends them in one `POST /v1/tasks/complete`, asking for a
-/// minimal answer. Each caller hears its own item's answer, exactly as a
-/// single complete would have answered: the acknowledgement of a result is
-/// its own item's, never the batch's (docs/sdk.md, 3).
-///
-/// A result already pending or sent under the same fence is not sent again:
-/// a caller that asks for it (the outbox retrying after an earlier attempt
-/// timed out on its side) waits for that attempt's answer. So a report that
-/// is slow to be taken is in flight at most once, not once per retry.
-#[derive(Default)]
-pub struct CompleteBatcher {
-    reports: Mutex<Reports>,
-    full: tokio::sync::Notify,
-    /// Batch requests sent, for benches and tests.
-    pub requests: AtomicU64,
-}
-
-impl CompleteBatcher {
-    /// Sends `item` with whatever else arrives within the wait; resolves with its own answer.
-    pub async fn complete(self: &Arc<Self>, client: &Arc<Client>, item: CompleteItem) -> Result<(), Error> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let first = {
-            let mut reports = self.reports.lock().expect("batch lock");
-            let reports = &mut *reports;
-            match reports.waiting.entry((item.task_id, item.fence)) {
-                std::collections::hash_map::Entry::Occupied(mut waiting) => {
-                    waiting.get_mut().push(reply);
-                    false
-                }
-                std::collections::hash_map::Entry::Vacant(waiting) => {
-                    waiting.insert(vec![reply]);
-                    reports.pending.push(item);
-                    if reports.pending.len() >= COMPLETE_BATCH_MAX {
-                        self.full.notify_one();
-                    }
-                    reports.pending.len() == 1
-                }
-            }
-        };
-        if first {
-            // The first result of a batch sends it, on a task of its own, so
-            // that a caller giving up (a timeout) does not strand the others.
-            let (batcher, client) = (self.clone(), client.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = tokio::time::sleep(COMPLETE_BATCH_WAIT) => {}
-                    () = batcher.full.notified() => {}
-                }
-                let batch = std::mem::take(&mut batcher.reports.lock().expect("batch lock").pending);
-                if AssertUnwindSafe(batcher.send(&client, &batch)).catch_unwind().await.is_err() {
-                    // Nobody may wait for an answer that will not come.
-                    let mut reports = batcher.reports.lock().expect("batch lock");
-                    for item in &batch {
-                        reports.answer(item, Err(Error::Transport("the batch sender failed".into())));
-                    }
-                }
-            });
-        }
-        answer.await.unwrap_or_else(|_| Err(Error::Transport("the batch sender stopped before an answer".into())))
-    }
-
-    /// Sends `batch` in requests of at most `COMPLETE_BATCH_MAX`, answering each item's callers.
-    async fn send(&self, client: &Client, batch: &[CompleteItem]) {
-        for chunk in batch.chunks(COMPLETE_BATCH_MAX) {
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            let answers: Vec<Result<(), Error>> = match client.complete_many(chunk).await {
-                // A node older than the batch route: one complete each.
-                Err(error) if matches!(error.status(), Some(404 | 405)) => {
-                    let mut answers = Vec::with_capacity(chunk.len());
-                    for item in chunk {
-                        answers.push(client.complete(item.task_id, item.fence, &item.result).await.map(|_| ()));
-                    }
-                    answers
-                }
-                Ok(answers) => answers.into_iter().map(|answer| answer.map(|_| ())).collect(),
-                Err(error) => chunk.iter().map(|_| Err(error.clone())).collect(),
-            };
-            let mut reports = self.reports.lock().expect("batch lock");
-            for (item, answer) in chunk.iter().zip(answers) {
-                reports.answer(item, answer);
-            }
-        }
-    }
-}
-
 pub struct Agent {
     config: AgentConfig,
     client: Arc<Client>,
-    batcher: Arc<CompleteBatcher>,
+    batcher: Arc<crate::batch::CompleteBatcher>,
     handler: Handler,
     pub stats: Arc<AgentStats>,
     seen: Mutex<SeenFences>,
@@ -584,7 +474,7 @@ impl Agent {
         &self.stats
     }
 
-    /// Batch complete requests sent so far (each carries up to `COMPLETE_BATCH_MAX` results).
+    /// Batch complete requests sent so far (each carries up to `crate::batch::BATCH_MAX` results).
     pub fn complete_requests(&self) -> u64 {
         self.batcher.requests.load(Ordering::Relaxed)
     }

@@ -135,6 +135,17 @@ impl Error {
     pub fn is_definite(&self) -> bool {
         matches!(self, Error::Api { .. }) && !self.is_transient()
     }
+    /// One item's refusal within a batch's answer, as a call of its own would have been refused.
+    pub fn refused(code: ErrorCode, message: String) -> Error {
+        Error::Api {
+            status: code.status(),
+            outcome: code.outcome(),
+            code: code.to_string(),
+            message,
+            leader_hint: None,
+            retry_after_ms: None,
+        }
+    }
     /// True when no node could be reached, or none answered in time.
     pub fn is_unreachable(&self) -> bool {
         matches!(self, Error::Unavailable(_) | Error::Transport(_))
@@ -984,17 +995,7 @@ impl Client {
             .into_iter()
             .map(|item| match item {
                 CompleteManyItem::Accepted { state, .. } => Ok(state),
-                CompleteManyItem::Refused { error, .. } => {
-                    let code: ErrorCode = error.code.clone();
-                    Err(Error::Api {
-                        status: code.status(),
-                        outcome: code.outcome(),
-                        code: code.to_string(),
-                        message: error.message,
-                        leader_hint: None,
-                        retry_after_ms: None,
-                    })
-                }
+                CompleteManyItem::Refused { error, .. } => Err(Error::refused(error.code, error.message)),
             })
             .collect())
     }

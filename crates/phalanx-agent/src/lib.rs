@@ -9,11 +9,13 @@
 //! refusals are classified with the contract's `phalanx_api::ErrorCode`.
 
 pub mod agent;
+pub mod batch;
 pub mod client;
 pub mod outbox;
 pub mod throttle;
 
 pub use agent::{handler, Agent, AgentConfig, AgentStats, AutonomousHandler, Handler, HandlerError, Mode, TaskContext};
+pub use batch::{CompleteBatcher, SubmitBatcher};
 pub use client::{
     parse_nodes, payload_hash, Child, Client, ClusterInfo, ClusterNode, ContextEntry, Conversation, Error, LeaseGrant,
     Outcome, Refusal, Registered, SubmitRequest, Submitted, Task, TaskLease, TaskPage, TaskState,

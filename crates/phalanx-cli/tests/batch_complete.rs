@@ -176,3 +176,50 @@ async fn the_rust_agent_sends_its_results_in_batches() {
     let batches = agent.complete_requests();
     assert!(batches > 0 && batches < 300, "{batches} batch requests for 300 results ({requests} requests in all)");
 }
+
+/// docs/sdk.md, 3: the Rust SDK's `SubmitBatcher` sends concurrent submits
+/// together in `POST /v1/tasks/batch`; each caller hears its own task, a key
+/// given twice names one task, and a key reused with another payload is
+/// refused alone.
+#[tokio::test]
+async fn the_submit_batcher_answers_each_caller_with_its_own_task() {
+    use phalanx_agent::{Client, SubmitBatcher, SubmitRequest};
+    use std::sync::Arc;
+    let cluster = Cluster::start(1, &[]).await;
+    let client = Arc::new(Client::new(vec![cluster.addr(1).to_string()], None).unwrap());
+    client.submit(&SubmitRequest::new("q", json!("taken")).with_idempotency_key("conflict")).await.unwrap();
+    let batcher = Arc::new(SubmitBatcher::default());
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..99 {
+        let (batcher, client) = (batcher.clone(), client.clone());
+        calls.spawn(async move { (i, batcher.submit(&client, SubmitRequest::new("q", json!(i))).await) });
+    }
+    for (name, payload, key) in [("first", json!("same"), "same"), ("again", json!("same"), "same")] {
+        let (batcher, client) = (batcher.clone(), client.clone());
+        let request = SubmitRequest::new("q", payload).with_idempotency_key(key);
+        calls.spawn(async move { (if name == "first" { 100 } else { 101 }, batcher.submit(&client, request).await) });
+    }
+    let conflicting = SubmitRequest::new("q", json!("other")).with_idempotency_key("conflict");
+    let (batcher_, client_) = (batcher.clone(), client.clone());
+    calls.spawn(async move { (102, batcher_.submit(&client_, conflicting).await) });
+    let mut answers = std::collections::BTreeMap::new();
+    while let Some(joined) = calls.join_next().await {
+        let (i, answer) = joined.unwrap();
+        answers.insert(i, answer);
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..99 {
+        let submitted = answers[&i].as_ref().unwrap_or_else(|e| panic!("submit {i}: {e}"));
+        assert!(!submitted.deduplicated);
+        assert!(ids.insert(submitted.task_id), "each caller its own task");
+        assert_eq!(state(&cluster, submitted.task_id).await["payload"], json!(i));
+    }
+    let (first, again) = (answers[&100].as_ref().unwrap(), answers[&101].as_ref().unwrap());
+    assert_eq!(first.task_id, again.task_id, "one key, one task");
+    assert!(first.deduplicated || again.deduplicated);
+    let refused = answers[&102].as_ref().unwrap_err();
+    assert_eq!(refused.status(), Some(409), "{refused}");
+    let requests = batcher.requests.load(std::sync::atomic::Ordering::Relaxed);
+    assert!((2..=4).contains(&requests), "102 submits in {requests} requests");
+    assert_eq!(batcher.waiting(), 0, "every caller answered and forgotten");
+}

@@ -23,6 +23,8 @@ from .types import BatchResult, TaskId, TaskSpec, Usage
 
 BATCH_WAIT_S = 0.005
 BATCH_MAX = 64
+# Calls waiting in one batcher at most (pending or sent); past it a call is refused at once, nothing sent.
+BATCH_CALLS_MAX = 16_384
 
 Item = TypeVar("Item")
 Answer = TypeVar("Answer")
@@ -39,11 +41,27 @@ class _Batcher(Generic[Item, Answer]):
         self._pending: list[tuple[Item, asyncio.Future[Answer]]] = []
         self._full: Optional[asyncio.Event] = None
         self._senders: set[asyncio.Task[None]] = set()
+        self._waiting = 0
         # Requests sent and items they carried, for benches and tests.
         self.requests = 0
         self.items = 0
 
     async def _add(self, item: Item) -> Answer:
+        if self._waiting >= BATCH_CALLS_MAX:
+            raise PhalanxError(429, "overloaded", f"{BATCH_CALLS_MAX} calls already wait in this batcher; nothing was sent",
+                               outcome="not_done")
+        self._waiting += 1
+        try:
+            return await self._add_counted(item)
+        finally:
+            self._waiting -= 1
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting (pending or sent)."""
+        return self._waiting
+
+    async def _add_counted(self, item: Item) -> Answer:
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if len(self._pending) == 1:
@@ -165,4 +183,4 @@ class SubmitBatcher(_Batcher[TaskSpec, TaskId]):
                       answer.get("traceparent"))
 
 
-__all__ = ["BATCH_MAX", "BATCH_WAIT_S", "CompleteBatcher", "SubmitBatcher"]
+__all__ = ["BATCH_CALLS_MAX", "BATCH_MAX", "BATCH_WAIT_S", "CompleteBatcher", "SubmitBatcher"]

@@ -125,6 +125,30 @@ async def test_the_submit_batcher_answers_each_caller_with_its_own_task(server, 
     assert client.get_task(ids[41])["payload"] == {"n": 42}
 
 
+async def test_calls_past_the_batchers_bound_are_refused_at_once(monkeypatch):
+    """Past BATCH_CALLS_MAX calls waiting, a call is refused at once (overloaded, nothing sent)."""
+    import phalanx._batch as batch
+    monkeypatch.setattr(batch, "BATCH_CALLS_MAX", 8)
+    sent = asyncio.Event()
+
+    class Silent(SubmitBatcher):
+        async def _request(self, items):  # a node that never answers
+            sent.set()
+            await asyncio.sleep(3600)
+
+    batcher = Silent(None)  # type: ignore[arg-type]
+    waiting = [asyncio.ensure_future(batcher.submit("q", i)) for i in range(8)]
+    await asyncio.wait_for(sent.wait(), 5)
+    assert batcher.waiting == 8
+    with pytest.raises(PhalanxError) as refused:
+        await batcher.submit("q", "one more")
+    assert (refused.value.status, refused.value.code, refused.value.outcome) == (429, "overloaded", "not_done")
+    for call in waiting:
+        call.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert batcher.waiting == 0
+
+
 async def test_the_agent_sends_its_results_in_batches(server, client):
     ids = [client.submit("q", i) for i in range(200)]
 
