@@ -66,6 +66,14 @@ pub fn render(node: &Node) -> String {
     gauge(o, "phalanx_raft_last_applied_index", "Last log index applied to the state machine.", last_applied);
     gauge(o, "phalanx_raft_last_log_index", "Last log index in this node's log.", last_log);
     gauge(o, "phalanx_raft_snapshot_index", "Last log index covered by the snapshot.", snapshot);
+    let copy_us = node.shared.snapshot_copy_us_last.load(std::sync::atomic::Ordering::Relaxed);
+    family(
+        o,
+        "phalanx_snapshot_copy_seconds",
+        "gauge",
+        "How long the last snapshot's copy of the state held apply back.",
+    );
+    let _ = writeln!(o, "phalanx_snapshot_copy_seconds {}", copy_us as f64 / 1e6);
     gauge(
         o,
         "phalanx_disk_free_bytes",

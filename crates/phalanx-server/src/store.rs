@@ -311,6 +311,7 @@ pub fn open_with(data_dir: &Path, io: Io) -> Result<(LogStore, StateMachineStore
     let shared = Arc::new(StateMachineShared {
         data: RwLock::new(data),
         applied_tx: tokio::sync::watch::channel(applied_index).0,
+        snapshot_copy_us_last: AtomicU64::new(0),
     });
     let write_version = match std::env::var(SNAPSHOT_WRITE_VERSION_ENV).as_deref() {
         Ok("1") => 1,
@@ -913,6 +914,9 @@ pub struct StateMachineShared {
     /// Sends the last applied log index after every apply batch and snapshot
     /// install; the HTTP layer waits on it (long-poll wakeups, read-index waits).
     pub applied_tx: tokio::sync::watch::Sender<u64>,
+    /// How long the last snapshot's copy of the state held the read lock
+    /// (apply, the writer, waits that long), in microseconds.
+    pub snapshot_copy_us_last: AtomicU64,
 }
 
 /// openraft's handle on the state machine and on the snapshot stored in redb.
@@ -955,6 +959,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // writer) waits for the copy only. The price is a second copy of the
         // state in memory while the snapshot is built; the encoded bytes are
         // streamed to the file through a fixed buffer, never held whole.
+        let started = std::time::Instant::now();
         let body = {
             let data = self.shared.data.read().expect(LOCK_POISONED);
             SnapshotBody {
@@ -963,6 +968,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 state: data.state.clone(),
             }
         };
+        let copy_us = started.elapsed().as_micros() as u64;
+        self.shared.snapshot_copy_us_last.store(copy_us, Ordering::Relaxed);
+        tracing::info!(copy_ms = copy_us / 1000, tasks = body.state.task_count(), "snapshot: the state copied");
         let counter = self.snapshot_counter.fetch_add(1, Ordering::Relaxed) + 1;
         let last_applied = body.last_applied;
         let meta = SnapshotMeta {
