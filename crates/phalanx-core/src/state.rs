@@ -310,16 +310,22 @@ pub struct State {
     #[serde(deserialize_with = "bulk_map")]
     tasks: BTreeMap<u64, Task>,
     /// Pending tasks that may be leased now, per queue, best first: (9 - priority, id).
+    #[serde(deserialize_with = "bulk_map_of_sets")]
     ready: BTreeMap<String, BTreeSet<(u8, u64)>>,
     /// Pending tasks waiting out a retry backoff: (not_before_ms, id).
+    #[serde(deserialize_with = "bulk_set")]
     delayed: BTreeSet<(u64, u64)>,
     /// Leased tasks by lease end: (valid_until_ms, id).
+    #[serde(deserialize_with = "bulk_set")]
     lease_expiry: BTreeSet<(u64, u64)>,
     /// Leased tasks by last progress: (progress_ms, id).
+    #[serde(deserialize_with = "bulk_set")]
     lease_progress: BTreeSet<(u64, u64)>,
     /// Non-terminal tasks with a deadline: (deadline_ms, id).
+    #[serde(deserialize_with = "bulk_set")]
     deadlines: BTreeSet<(u64, u64)>,
     /// Terminal tasks by the time they finished: (updated_ms, id), for retention.
+    #[serde(deserialize_with = "bulk_set")]
     finished: BTreeSet<(u64, u64)>,
     /// Non-terminal tasks per queue.
     open_per_queue: BTreeMap<String, u64>,
@@ -327,6 +333,7 @@ pub struct State {
     /// The last epoch given to each agent id, kept after deregistration so an
     /// epoch is never reused.
     agent_epochs: BTreeMap<String, u64>,
+    #[serde(deserialize_with = "bulk_map")]
     idempotency_keys: BTreeMap<String, u64>,
     conversations: BTreeMap<String, Conversation>,
     /// The wait-for graph: waiting task -> the tasks it waits on.
@@ -334,6 +341,7 @@ pub struct State {
     /// Reverse edges: task -> the tasks waiting on it.
     waited_by: BTreeMap<u64, BTreeSet<u64>>,
     /// Waits by deadline: (until_ms, waiting task).
+    #[serde(deserialize_with = "bulk_set")]
     wait_deadlines: BTreeSet<(u64, u64)>,
     policy_version: u64,
     /// Earlier and current policies, newest last, at most `POLICY_HISTORY_MAX`.
@@ -424,6 +432,51 @@ where
         }
     }
     deserializer.deserialize_map(Entries(std::marker::PhantomData))
+}
+
+/// Reads a sequence into a `BTreeSet` built in bulk, as `bulk_map` does a
+/// map: the indexes of a large state (the ready queues above all) are
+/// nearly as many entries as its tasks.
+fn bulk_set<'de, D, T>(deserializer: D) -> Result<BTreeSet<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Ord,
+{
+    BulkSet::deserialize(deserializer).map(|set| set.0)
+}
+
+/// A `BTreeSet` read by `bulk_set`, to be a value of a map.
+struct BulkSet<T>(BTreeSet<T>);
+
+impl<'de, T: Deserialize<'de> + Ord> Deserialize<'de> for BulkSet<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Items<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de> + Ord> serde::de::Visitor<'de> for Items<T> {
+            type Value = BulkSet<T>;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a sequence")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(PREALLOCATED_ENTRIES_MAX));
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(BulkSet(items.into_iter().collect()))
+            }
+        }
+        deserializer.deserialize_seq(Items(std::marker::PhantomData))
+    }
+}
+
+/// A map of sets (`ready`), each set built in bulk.
+fn bulk_map_of_sets<'de, D, K, T>(deserializer: D) -> Result<BTreeMap<K, BTreeSet<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    K: Deserialize<'de> + Ord,
+    T: Deserialize<'de> + Ord,
+{
+    let sets: BTreeMap<K, BulkSet<T>> = bulk_map(deserializer)?;
+    Ok(sets.into_iter().map(|(key, set)| (key, set.0)).collect())
 }
 
 /// queue -> inverse priority -> concurrency key -> ready task ids.
