@@ -1,7 +1,10 @@
 //! The records the state machine keeps: tasks, their leases, and agents.
 //!
-//! Plain data with no behaviour beyond small predicates; every change to them
-//! goes through `State::apply` in `state.rs`.
+//! Plain data with no behaviour beyond small predicates and accessors; every
+//! change to them goes through `State::apply` in `state.rs`. A task is laid
+//! out in memory for a state of millions of them (see `Task`) and encoded as
+//! the record it always was (`TaskRecord`): that layout is this file's
+//! business, and the encodings are the snapshot format's.
 
 use crate::flow::{Budget, Pause, Usage};
 use serde::{Deserialize, Serialize};
@@ -80,7 +83,7 @@ pub struct Lease {
 /// them, so what is rare lives in `TaskExtra`, allocated only when one of
 /// its fields is set; a lease is boxed (few tasks hold one at a time); a
 /// root's trail, the one step its submit made, is not stored but rebuilt
-/// from the queue and the payload's hash; and a trace context in the form
+/// from the queue and its step's payload hash; and a trace context in the form
 /// the edge writes is held as its 25 bytes rather than 55 characters.
 ///
 /// None of this shows in the encodings: a task serialises through
