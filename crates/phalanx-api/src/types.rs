@@ -402,7 +402,7 @@ pub struct TaskRef<'a> {
     pub usage: Usage,
     pub pause: Option<Pause>,
     pub replays: u32,
-    pub traceparent: Option<&'a str>,
+    pub traceparent: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_on: Option<WaitingOn>,
 }

@@ -20,7 +20,7 @@
 use crate::command::{Command, NewTask, Outcome, Request, Response, Submitted, Writer};
 use crate::flow::{Drr, KeyLimits, KeyUsage, OnExhausted, PauseCause, Usage, USAGE_VALUE_MAX};
 use crate::limits::Limits;
-use crate::task::{payload_hash, Adoption, Agent, Child, Grant, Lease, Task, TaskState, TrailStep};
+use crate::task::{payload_hash, Adoption, Agent, Child, Grant, Lease, Task, TaskRecord, TaskState, TrailStep};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -240,8 +240,7 @@ pub struct Conversation {
 /// The bytes of a task counted against `state_bytes_max`: what a client or
 /// an agent chose the size of (payload, result, error).
 fn task_bytes(task: &Task) -> u64 {
-    (task.payload.len() + task.result.as_ref().map_or(0, String::len) + task.error.as_ref().map_or(0, String::len))
-        as u64
+    (task.payload.len() + task.result().map_or(0, str::len) + task.error().map_or(0, str::len)) as u64
 }
 
 /// Policy versions kept for `config history` and rollback.
@@ -311,16 +310,22 @@ pub struct State {
     #[serde(deserialize_with = "bulk_map")]
     tasks: BTreeMap<u64, Task>,
     /// Pending tasks that may be leased now, per queue, best first: (9 - priority, id).
+    #[serde(deserialize_with = "bulk_map_of_sets")]
     ready: BTreeMap<String, BTreeSet<(u8, u64)>>,
     /// Pending tasks waiting out a retry backoff: (not_before_ms, id).
+    #[serde(deserialize_with = "bulk_set")]
     delayed: BTreeSet<(u64, u64)>,
     /// Leased tasks by lease end: (valid_until_ms, id).
+    #[serde(deserialize_with = "bulk_set")]
     lease_expiry: BTreeSet<(u64, u64)>,
     /// Leased tasks by last progress: (progress_ms, id).
+    #[serde(deserialize_with = "bulk_set")]
     lease_progress: BTreeSet<(u64, u64)>,
     /// Non-terminal tasks with a deadline: (deadline_ms, id).
+    #[serde(deserialize_with = "bulk_set")]
     deadlines: BTreeSet<(u64, u64)>,
     /// Terminal tasks by the time they finished: (updated_ms, id), for retention.
+    #[serde(deserialize_with = "bulk_set")]
     finished: BTreeSet<(u64, u64)>,
     /// Non-terminal tasks per queue.
     open_per_queue: BTreeMap<String, u64>,
@@ -328,6 +333,7 @@ pub struct State {
     /// The last epoch given to each agent id, kept after deregistration so an
     /// epoch is never reused.
     agent_epochs: BTreeMap<String, u64>,
+    #[serde(deserialize_with = "bulk_map")]
     idempotency_keys: BTreeMap<String, u64>,
     conversations: BTreeMap<String, Conversation>,
     /// The wait-for graph: waiting task -> the tasks it waits on.
@@ -335,6 +341,7 @@ pub struct State {
     /// Reverse edges: task -> the tasks waiting on it.
     waited_by: BTreeMap<u64, BTreeSet<u64>>,
     /// Waits by deadline: (until_ms, waiting task).
+    #[serde(deserialize_with = "bulk_set")]
     wait_deadlines: BTreeSet<(u64, u64)>,
     policy_version: u64,
     /// Earlier and current policies, newest last, at most `POLICY_HISTORY_MAX`.
@@ -427,6 +434,51 @@ where
     deserializer.deserialize_map(Entries(std::marker::PhantomData))
 }
 
+/// Reads a sequence into a `BTreeSet` built in bulk, as `bulk_map` does a
+/// map: the indexes of a large state (the ready queues above all) are
+/// nearly as many entries as its tasks.
+fn bulk_set<'de, D, T>(deserializer: D) -> Result<BTreeSet<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Ord,
+{
+    BulkSet::deserialize(deserializer).map(|set| set.0)
+}
+
+/// A `BTreeSet` read by `bulk_set`, to be a value of a map.
+struct BulkSet<T>(BTreeSet<T>);
+
+impl<'de, T: Deserialize<'de> + Ord> Deserialize<'de> for BulkSet<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Items<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de> + Ord> serde::de::Visitor<'de> for Items<T> {
+            type Value = BulkSet<T>;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a sequence")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(PREALLOCATED_ENTRIES_MAX));
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(BulkSet(items.into_iter().collect()))
+            }
+        }
+        deserializer.deserialize_seq(Items(std::marker::PhantomData))
+    }
+}
+
+/// A map of sets (`ready`), each set built in bulk.
+fn bulk_map_of_sets<'de, D, K, T>(deserializer: D) -> Result<BTreeMap<K, BTreeSet<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    K: Deserialize<'de> + Ord,
+    T: Deserialize<'de> + Ord,
+{
+    let sets: BTreeMap<K, BulkSet<T>> = bulk_map(deserializer)?;
+    Ok(sets.into_iter().map(|(key, set)| (key, set.0)).collect())
+}
+
 /// queue -> inverse priority -> concurrency key -> ready task ids.
 type FairReady = BTreeMap<String, BTreeMap<u8, BTreeMap<String, BTreeSet<u64>>>>;
 
@@ -487,24 +539,24 @@ impl State {
         let mut memberships: Vec<(u64, bool, u64)> = Vec::with_capacity(self.tasks.len());
         for task in self.tasks.values() {
             state_bytes += task_bytes(task);
-            if let Some(id) = &task.conversation_id {
+            if let Some(id) = task.conversation_id() {
                 match conversation_tasks.get_mut(id) {
                     Some(count) => *count += 1,
                     None => {
-                        conversation_tasks.insert(id.clone(), 1);
+                        conversation_tasks.insert(id.to_string(), 1);
                     }
                 }
             }
             // A parent missing from the state (compacted by a version that did
             // not keep trees whole) makes its child a root.
-            let parent = task.parent_id.filter(|parent| self.tasks.contains_key(parent));
+            let parent = task.parent_id().filter(|parent| self.tasks.contains_key(parent));
             if let Some(parent) = parent {
                 children.entry(parent).or_default().insert(task.id);
             }
             let root = if parent.is_some() { self.root_of(task.id) } else { task.id };
             memberships.push((root, !task.state.is_terminal(), task.updated_ms));
-            if !task.usage.is_zero() {
-                tree_usage.entry(root).or_default().add(&task.usage);
+            if !task.usage().is_zero() {
+                tree_usage.entry(root).or_default().add(task.usage());
             }
         }
         // Roots are mostly in order already (a root precedes its tree).
@@ -536,7 +588,7 @@ impl State {
             // `set` is ordered by (band, id): the ids of one band and key come in order.
             let mut bands: BTreeMap<u8, BTreeMap<String, Vec<u64>>> = BTreeMap::new();
             for &(band, id) in set {
-                let key = self.tasks[&id].concurrency_key.as_deref().unwrap_or("");
+                let key = self.tasks[&id].concurrency_key().unwrap_or("");
                 let keys = bands.entry(band).or_default();
                 match keys.get_mut(key) {
                     Some(ids) => ids.push(id),
@@ -573,7 +625,7 @@ impl State {
     /// The root of a task's delegation tree: its oldest ancestor in the state.
     /// (Parents have smaller ids than their children, so the walk ends.)
     fn root_of(&self, mut task_id: u64) -> u64 {
-        while let Some(parent) = self.tasks[&task_id].parent_id.filter(|parent| self.tasks.contains_key(parent)) {
+        while let Some(parent) = self.tasks[&task_id].parent_id().filter(|parent| self.tasks.contains_key(parent)) {
             task_id = parent;
         }
         task_id
@@ -1009,7 +1061,7 @@ impl State {
                 }
                 // A stale fence is left to the log (it is counted there).
                 let Some(task) = self.check_report(*task_id, *fence)? else { return Ok(()) };
-                let old = task.result.as_ref().map_or(0, String::len);
+                let old = task.result().map_or(0, str::len);
                 self.check_room(result.len() as u64, old as u64)
             }
             Command::Fail { task_id, fence, error, retryable, usage } => {
@@ -1020,7 +1072,7 @@ impl State {
                 }
                 // A stale fence is left to the log (it is counted there).
                 let Some(task) = self.check_report(*task_id, *fence)? else { return Ok(()) };
-                let old = task.error.as_ref().map_or(0, String::len);
+                let old = task.error().map_or(0, str::len);
                 self.check_room(error.len() as u64, old as u64)
             }
             Command::Extend { task_id, fence, lease_ttl_ms } => {
@@ -1158,7 +1210,7 @@ impl State {
             if deadline >= now {
                 break;
             }
-            self.finish(id, TaskState::Dead, None, |task| task.dead_reason = Some("expired".to_string()));
+            self.finish(id, TaskState::Dead, None, |task| task.extra_mut().dead_reason = Some("expired".to_string()));
         }
         self.forget_idle_keys();
         self.enforce_retention();
@@ -1296,7 +1348,7 @@ impl State {
             "queue"
         } else if task.payload != new.payload {
             "payload"
-        } else if task.parent_id != new.parent_id {
+        } else if task.parent_id() != new.parent_id {
             "parent_id"
         } else {
             return Ok(Some(task.id));
@@ -1308,7 +1360,7 @@ impl State {
     /// latest that adopted it, or the one that created it. `None` for a
     /// child created before fences were recorded.
     pub fn owner_fence(&self, parent: &Task, child: &Task) -> Option<u64> {
-        parent.adopted.get(&child.id).map(|adoption| adoption.fence).or(child.parent_fence)
+        parent.adopted().get(&child.id).map(|adoption| adoption.fence).or(child.parent_fence())
     }
 
     /// A child of an earlier attempt of the parent doing the same step (same
@@ -1336,7 +1388,7 @@ impl State {
             return false;
         }
         let parent = self.tasks.get_mut(&parent_id).expect("checked: the parent exists");
-        let previous = parent.adopted.insert(child_id, Adoption { fence, idempotency_key: key.clone() });
+        let previous = parent.extra_mut().adopted.insert(child_id, Adoption { fence, idempotency_key: key.clone() });
         if let Some(old) = previous.and_then(|adoption| adoption.idempotency_key) {
             if Some(&old) != key.as_ref() && self.idempotency_keys.get(&old) == Some(&child_id) {
                 self.idempotency_keys.remove(&old);
@@ -1356,7 +1408,7 @@ impl State {
             let adopted = match (new.parent_id, new.parent_fence) {
                 (Some(parent_id), Some(fence)) => {
                     // The key is the child's own or an earlier adoption's: kept as it is.
-                    let own = self.tasks[&task_id].idempotency_key == new.idempotency_key;
+                    let own = self.tasks[&task_id].idempotency_key() == new.idempotency_key.as_deref();
                     self.adopt(parent_id, fence, task_id, if own { None } else { new.idempotency_key.clone() })
                 }
                 _ => false,
@@ -1382,7 +1434,7 @@ impl State {
         let id = self.next_task_id;
         self.next_task_id += 1;
         let deadline_ms = new.deadline_ms.map(|relative| self.now_ms.saturating_add(relative));
-        let task = Task {
+        let task = Task::from(TaskRecord {
             id,
             queue: new.queue.clone(),
             payload: new.payload.clone(),
@@ -1414,7 +1466,7 @@ impl State {
             pause: None,
             replays: 0,
             traceparent: new.traceparent.clone(),
-        };
+        });
         if let Some(key) = &new.idempotency_key {
             self.idempotency_keys.insert(key.clone(), id);
         }
@@ -1423,8 +1475,8 @@ impl State {
         }
         *self.open_per_queue.entry(new.queue.clone()).or_default() += 1;
         self.state_bytes += task_bytes(&task);
-        if let Some(conversation_id) = &task.conversation_id {
-            *self.conversation_tasks.entry(conversation_id.clone()).or_default() += 1;
+        if let Some(conversation_id) = task.conversation_id() {
+            *self.conversation_tasks.entry(conversation_id.to_string()).or_default() += 1;
         }
         let root = match new.parent_id {
             Some(parent_id) => {
@@ -1648,13 +1700,13 @@ impl State {
             task.last_fence = index;
             task.updated_ms = self.now_ms;
             let now = self.now_ms;
-            task.lease = Some(Lease {
+            task.lease = Some(Box::new(Lease {
                 agent_id: agent_id.to_string(),
                 agent_epoch: epoch,
                 fence: index,
                 valid_until_ms,
                 progress_ms: now,
-            });
+            }));
             let task = task.clone();
             // Every earlier attempt is superseded now: what it wrote in the
             // conversation goes, so that this one can write its own.
@@ -1682,8 +1734,8 @@ impl State {
                     queue: child.queue.clone(),
                     payload_hash: payload_hash(&child.payload),
                     state: child.state,
-                    parent_fence: child.parent_fence,
-                    adopted_fence: parent.adopted.get(id).map(|adoption| adoption.fence),
+                    parent_fence: child.parent_fence(),
+                    adopted_fence: parent.adopted().get(id).map(|adoption| adoption.fence),
                 }
             })
             .collect()
@@ -1737,7 +1789,7 @@ impl State {
     fn check_fence(&mut self, task_id: u64, fence: u64) -> Result<(), Error> {
         let result = self.current_fence(task_id, fence).map(drop);
         if let Err(Error::Superseded { .. }) = result {
-            self.tasks.get_mut(&task_id).expect("found").superseded_count += 1;
+            self.tasks.get_mut(&task_id).expect("found").extra_mut().superseded_count += 1;
             self.counters.superseded += 1;
         }
         result
@@ -1747,8 +1799,7 @@ impl State {
     /// request whose answer was lost) is answered as before.
     fn completed_before(&self, task_id: u64, fence: u64, result: &str) -> Option<&Task> {
         let task = self.tasks.get(&task_id)?;
-        let same =
-            task.state == TaskState::Succeeded && task.last_fence == fence && task.result.as_deref() == Some(result);
+        let same = task.state == TaskState::Succeeded && task.last_fence == fence && task.result() == Some(result);
         same.then_some(task)
     }
 
@@ -1757,7 +1808,7 @@ impl State {
     /// second backoff, no second entry in the delay queue.
     fn failed_before(&self, task_id: u64, fence: u64, error: &str, retryable: bool) -> Option<&Task> {
         let task = self.tasks.get(&task_id)?;
-        let same_error = task.error.as_deref() == Some(error) && task.last_fence == fence;
+        let same_error = task.error() == Some(error) && task.last_fence == fence;
         // A paused task stays paused after a retryable failure.
         let already_retrying = retryable && matches!(task.state, TaskState::Pending | TaskState::Paused);
         let already_failed = !retryable && matches!(task.state, TaskState::Failed);
@@ -1769,14 +1820,14 @@ impl State {
             return Ok(Outcome::Completed { task: task.clone() });
         }
         self.check_fence(task_id, fence)?;
-        self.make_room(result.len() as u64, self.tasks[&task_id].result.as_ref().map_or(0, String::len) as u64)?;
+        self.make_room(result.len() as u64, self.tasks[&task_id].result().map_or(0, str::len) as u64)?;
         if let Some(usage) = usage {
             self.record_usage(task_id, usage);
         }
         // A succeeded task carries no error of an earlier attempt or wait.
         self.finish(task_id, TaskState::Succeeded, Some(fence), |task| {
-            task.result = Some(result.to_string());
-            task.error = None;
+            task.extra_mut().result = Some(result.to_string());
+            task.extra_mut().error = None;
         });
         Ok(Outcome::Completed { task: self.tasks[&task_id].clone() })
     }
@@ -1793,7 +1844,7 @@ impl State {
             return Ok(Outcome::Failed { task: task.clone() });
         }
         self.check_fence(task_id, fence)?;
-        self.make_room(error.len() as u64, self.tasks[&task_id].error.as_ref().map_or(0, String::len) as u64)?;
+        self.make_room(error.len() as u64, self.tasks[&task_id].error().map_or(0, str::len) as u64)?;
         if let Some(usage) = usage {
             self.record_usage(task_id, usage);
         }
@@ -1804,11 +1855,13 @@ impl State {
         let exhausted = task.attempts >= self.max_attempts_of(task);
         let pause_when_exhausted = self.on_exhausted(&task.queue) == OnExhausted::Pause;
         if !retryable {
-            self.finish(task_id, TaskState::Failed, Some(fence), |task| task.error = Some(error.to_string()));
+            self.finish(task_id, TaskState::Failed, Some(fence), |task| {
+                task.extra_mut().error = Some(error.to_string())
+            });
         } else if exhausted && !pause_when_exhausted {
             self.finish(task_id, TaskState::Dead, Some(fence), |task| {
-                task.error = Some(error.to_string());
-                task.dead_reason = Some(format!("attempts_exhausted: {} attempts", task.attempts));
+                task.extra_mut().error = Some(error.to_string());
+                task.extra_mut().dead_reason = Some(format!("attempts_exhausted: {} attempts", task.attempts));
             });
         } else {
             let (base, max) = self.backoff_of(&task.queue);
@@ -1875,13 +1928,13 @@ impl State {
         check_size("value", value, self.limits.conversation_bytes_max)?;
         if let Some(writer) = writer {
             let task = self.held_lease(writer.task_id, writer.fence)?;
-            if task.conversation_id.as_deref() != Some(conversation_id) {
+            if task.conversation_id() != Some(conversation_id) {
                 return Err(invalid(
                     "conversation_id",
                     format!(
                         "task {} writes on its own behalf only to its own conversation ({})",
                         writer.task_id,
-                        task.conversation_id.as_deref().unwrap_or("it has none")
+                        task.conversation_id().unwrap_or("it has none")
                     ),
                 ));
             }
@@ -1953,11 +2006,11 @@ impl State {
     /// it repeats a step already on the parent's trail (same capability, same
     /// payload), or it passes `delegation_hops_max`. Names the trail.
     fn delegation_loop(&self, parent: &Task, queue: &str, hash: u64) -> Option<String> {
-        let repeats = parent.trail.iter().any(|s| s.queue == queue && s.payload_hash == hash);
-        if !repeats && parent.hop_count < self.limits.delegation_hops_max {
+        let repeats = parent.trail().iter().any(|s| s.queue == queue && s.payload_hash == hash);
+        if !repeats && parent.hop_count() < self.limits.delegation_hops_max {
             return None;
         }
-        let mut path: Vec<String> = parent.trail.iter().map(|s| s.queue.clone()).collect();
+        let mut path: Vec<String> = parent.trail().iter().map(|s| s.queue.clone()).collect();
         path.push(queue.to_string());
         let why = if repeats {
             "repeats a step already on its trail".to_string()
@@ -1980,7 +2033,7 @@ impl State {
         if let Some(trail) = self.delegation_loop(parent, &new.queue, hash) {
             if !parent.state.is_terminal() {
                 let reason = format!("loop_detected: {trail}");
-                self.finish(parent_id, TaskState::Dead, None, |task| task.dead_reason = Some(reason));
+                self.finish(parent_id, TaskState::Dead, None, |task| task.extra_mut().dead_reason = Some(reason));
             }
             return Err(Error::LoopDetected { task_id: parent_id, trail });
         }
@@ -1989,9 +2042,9 @@ impl State {
             agent_id: parent.lease.as_ref().map(|lease| lease.agent_id.clone()),
             payload_hash: hash,
         };
-        let mut trail = parent.trail.clone();
+        let mut trail = parent.trail().into_owned();
         trail.push(step);
-        Ok((parent.hop_count + 1, parent.conversation_id.clone(), trail))
+        Ok((parent.hop_count() + 1, parent.conversation_id().map(str::to_string), trail))
     }
 
     /// Whether a task may wait on others: not if that closes a cycle in the
@@ -2086,7 +2139,7 @@ impl State {
         if all_dead && !waiter.state.is_terminal() {
             let ids: Vec<String> = named.iter().map(|id| id.to_string()).collect();
             let reason = format!("dependencies_dead: every awaited task ({}) is dead", ids.join(", "));
-            self.finish(task_id, TaskState::Dead, None, |task| task.dead_reason = Some(reason));
+            self.finish(task_id, TaskState::Dead, None, |task| task.extra_mut().dead_reason = Some(reason));
         }
     }
 
@@ -2126,7 +2179,7 @@ impl State {
         assert!(!task.state.is_terminal());
         assert!(task.lease.is_none());
         task.state = TaskState::Pending;
-        if let Some(pause) = task.pause.take() {
+        if let Some(pause) = task.take_pause() {
             // Asked for while the task was leased: in force now.
             self.pause_pending(task_id, pause.cause, pause.reason);
             return;
@@ -2157,7 +2210,7 @@ impl State {
         assert_eq!(task.state, TaskState::Pending);
         let band = 9 - task.priority;
         self.ready.entry(task.queue.clone()).or_default().insert((band, task_id));
-        let key = task.concurrency_key.clone().unwrap_or_default();
+        let key = task.concurrency_key().map(str::to_string).unwrap_or_default();
         let keys = self.fair_ready.entry(task.queue.clone()).or_default().entry(band).or_default();
         keys.entry(key).or_default().insert(task_id);
     }
@@ -2175,7 +2228,7 @@ impl State {
         if set.is_empty() {
             self.ready.remove(&task.queue);
         }
-        let key = task.concurrency_key.clone().unwrap_or_default();
+        let key = task.concurrency_key().map(str::to_string).unwrap_or_default();
         let bands = self.fair_ready.get_mut(&task.queue).expect("indexed alike");
         let keys = bands.get_mut(&band).expect("indexed alike");
         let ids = keys.get_mut(&key).expect("indexed alike");
@@ -2214,7 +2267,7 @@ impl State {
             if self.on_exhausted(&task.queue) == OnExhausted::Pause {
                 self.pause_pending(task_id, PauseCause::AttemptsExhausted, reason);
             } else {
-                self.finish(task_id, TaskState::Dead, None, |task| task.dead_reason = Some(reason));
+                self.finish(task_id, TaskState::Dead, None, |task| task.extra_mut().dead_reason = Some(reason));
             }
         } else {
             self.make_ready(task_id);
@@ -2226,8 +2279,8 @@ impl State {
         self.remove_wait(task_id);
         let task = self.tasks.get_mut(&task_id).expect("task exists");
         if let Some(lease) = task.lease.take() {
-            let key = task.concurrency_key.clone();
-            let estimate = task.cost_estimate.unwrap_or(0);
+            let key = task.concurrency_key().map(str::to_string);
+            let estimate = task.cost_estimate().unwrap_or(0);
             task.state = TaskState::Pending;
             if let Some(key) = key {
                 let usage = self.key_usage.get_mut(&key).expect("an open task's key has a record");
@@ -2264,7 +2317,7 @@ impl State {
                 let why = format!(
                     "orphaned: parent {parent_id} ended {parent_state} and no attempt of it that reported owns this child (attempt under fence {owner})"
                 );
-                self.finish_one(child_id, TaskState::Cancelled, None, |task| task.error = Some(why));
+                self.finish_one(child_id, TaskState::Cancelled, None, |task| task.extra_mut().error = Some(why));
                 self.counters.orphans_cancelled += 1;
                 ended.push((child_id, None));
             }
@@ -2298,8 +2351,8 @@ impl State {
         task.state = state;
         task.updated_ms = now;
         // A pause is a live condition: it ends with the task.
-        task.pause = None;
-        let key = task.concurrency_key.clone();
+        task.take_pause();
+        let key = task.concurrency_key().map(str::to_string);
         let before = task_bytes(task);
         update(task);
         self.state_bytes = self.state_bytes - before + task_bytes(task);
@@ -2357,7 +2410,7 @@ impl State {
             assert!(task.state.is_terminal(), "a compacted tree has no open task");
             assert!(self.finished.remove(&(task.updated_ms, task_id)), "a finished task is indexed");
             self.children.remove(&task_id);
-            if let Some(parent) = task.parent_id {
+            if let Some(parent) = task.parent_id() {
                 if let Some(siblings) = self.children.get_mut(&parent) {
                     siblings.remove(&task_id);
                     if siblings.is_empty() {
@@ -2366,7 +2419,7 @@ impl State {
                 }
             }
             self.state_bytes -= task_bytes(&task);
-            if let Some(conversation_id) = &task.conversation_id {
+            if let Some(conversation_id) = task.conversation_id() {
                 let count = self.conversation_tasks.get_mut(conversation_id).expect("counted at submit");
                 *count -= 1;
                 if *count == 0 {
@@ -2375,12 +2428,12 @@ impl State {
                     self.remove_conversation(conversation_id);
                 }
             }
-            let keys = task.idempotency_key.iter().map(|key| (key, task_id));
+            let keys = task.idempotency_key().map(|key| (key, task_id));
             let adoption_keys = task
-                .adopted
+                .adopted()
                 .iter()
-                .filter_map(|(child, adoption)| adoption.idempotency_key.as_ref().map(|key| (key, *child)));
-            for (key, named) in keys.chain(adoption_keys) {
+                .filter_map(|(child, adoption)| adoption.idempotency_key.as_deref().map(|key| (key, *child)));
+            for (key, named) in keys.into_iter().chain(adoption_keys) {
                 if self.idempotency_keys.get(key) == Some(&named) {
                     self.idempotency_keys.remove(key);
                 }
@@ -2433,7 +2486,7 @@ impl State {
     fn set_error(&mut self, task_id: u64, error: String) {
         let task = self.tasks.get_mut(&task_id).expect("task exists");
         let before = task_bytes(task);
-        task.error = Some(error);
+        task.extra_mut().error = Some(error);
         self.state_bytes = self.state_bytes - before + task_bytes(task);
     }
 
@@ -2605,11 +2658,11 @@ impl State {
         }
         for (parent_id, children) in &self.children {
             let parent = &self.tasks[parent_id];
-            assert!(children.len() >= parent.adopted.keys().filter(|id| children.contains(id)).count());
+            assert!(children.len() >= parent.adopted().keys().filter(|id| children.contains(id)).count());
             for child_id in children {
                 let child = &self.tasks[child_id];
                 // Retention keeps trees whole: no child outlives its parent.
-                assert_eq!(child.parent_id, Some(*parent_id));
+                assert_eq!(child.parent_id(), Some(*parent_id));
                 assert!(child.id > parent.id);
                 // A finished parent's open children belong to the attempt whose report ended it.
                 if parent.state.is_terminal() && !child.state.is_terminal() {

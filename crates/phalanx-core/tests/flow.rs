@@ -130,7 +130,7 @@ fn ids(grants: &[Grant]) -> Vec<u64> {
 }
 
 fn keys_of(grants: &[Grant]) -> Vec<String> {
-    grants.iter().map(|grant| grant.task.concurrency_key.clone().unwrap_or_default()).collect()
+    grants.iter().map(|grant| grant.task.concurrency_key().unwrap_or_default().to_string()).collect()
 }
 
 #[test]
@@ -256,7 +256,7 @@ fn fair_dispatch_gives_a_key_with_ten_times_the_backlog_a_tenth_of_the_grants() 
         let grants = sim.lease("a", epoch, "q", 10);
         let mut completions = Vec::new();
         for grant in &grants {
-            *granted.entry(grant.task.concurrency_key.clone().unwrap()).or_default() += 1;
+            *granted.entry(grant.task.concurrency_key().unwrap().to_string()).or_default() += 1;
             completions.push(Command::Complete {
                 task_id: grant.task.id,
                 fence: grant.fence,
@@ -332,7 +332,7 @@ fn a_tree_that_reaches_its_budget_is_paused_and_its_held_leases_run_to_their_end
     for id in &children[1..] {
         let task = sim.task(*id);
         assert_eq!(task.state, TaskState::Paused, "not dead-lettered");
-        let pause = task.pause.as_ref().unwrap();
+        let pause = task.pause().unwrap();
         assert_eq!(pause.cause, PauseCause::Budget);
         assert!(pause.reason.contains("1000 tokens used of tokens_max 1000"), "{}", pause.reason);
     }
@@ -342,7 +342,7 @@ fn a_tree_that_reaches_its_budget_is_paused_and_its_held_leases_run_to_their_end
     let late = sim.submit(child(root, root_grant.fence, 9));
     assert_eq!(sim.task(late).state, TaskState::Paused);
     // Resume is refused while the budget is still exhausted.
-    let reason = sim.task(late).pause.clone().unwrap().reason;
+    let reason = sim.task(late).pause().unwrap().reason.clone();
     sim.refused(Command::Resume { task_id: late }, Error::BudgetExhausted { task_id: late, root_id: root, reason });
     // Raising the budget resumes the tree's budget-paused tasks.
     let raised = Budget { tokens_max: Some(5_000), cost_max: None };
@@ -378,7 +378,7 @@ fn an_operator_pauses_and_resumes_a_task() {
     let leased = sim.submit(NewTask::new("q", "{}"));
     sim.ok(Command::Pause { task_id: id });
     assert_eq!(sim.task(id).state, TaskState::Paused);
-    assert_eq!(sim.task(id).pause.as_ref().unwrap().cause, PauseCause::Operator);
+    assert_eq!(sim.task(id).pause().unwrap().cause, PauseCause::Operator);
     let epoch = sim.register("a", &["q"], 10);
     let grant = sim.lease("a", epoch, "q", 10).pop().unwrap();
     assert_eq!(grant.task.id, leased, "a paused task is not granted");
@@ -423,7 +423,7 @@ fn a_queue_policy_pauses_tasks_that_used_their_attempts_and_sets_their_backoff()
     sim.ok(fail(&second));
     let task = sim.task(id);
     assert_eq!(task.state, TaskState::Paused, "capped at the queue's 2 attempts, paused not dead");
-    assert_eq!(task.pause.as_ref().unwrap().cause, PauseCause::AttemptsExhausted);
+    assert_eq!(task.pause().unwrap().cause, PauseCause::AttemptsExhausted);
     // Resuming counts the attempts anew.
     sim.ok(Command::Resume { task_id: id });
     assert_eq!((sim.task(id).state, sim.task(id).attempts), (TaskState::Pending, 0));
@@ -461,7 +461,7 @@ fn replay_moves_dead_and_paused_tasks_back_keeping_their_trail_and_never_a_succe
     sim.ok(retry);
     assert_eq!(sim.task(dead).state, TaskState::Dead);
     assert_eq!(sim.task(paused).state, TaskState::Paused);
-    let trail = sim.task(dead).trail.clone();
+    let trail = sim.task(dead).trail().into_owned();
     // Only dead or paused tasks: a succeeded one is never replayed.
     let replay = |state| Command::Replay { queue: None, state, concurrency_key: None, since_ms: None, limit: 10 };
     sim.refused(
@@ -477,8 +477,8 @@ fn replay_moves_dead_and_paused_tasks_back_keeping_their_trail_and_never_a_succe
     };
     assert_eq!(sim.ok(filtered), Outcome::Replayed { task_ids: vec![dead] });
     let task = sim.task(dead);
-    assert_eq!((task.state, task.attempts, task.replays, &task.trail), (TaskState::Pending, 0, 1, &trail));
-    assert_eq!(task.dead_reason, None);
+    assert_eq!((task.state, task.attempts, task.replays(), &*task.trail()), (TaskState::Pending, 0, 1, &*trail));
+    assert_eq!(task.dead_reason(), None);
     assert_eq!(sim.ok(replay(TaskState::Paused)), Outcome::Replayed { task_ids: vec![paused] });
     let regrants = sim.lease("a", epoch, "q", 10);
     // Tasks without a key come first in the round's key order.

@@ -277,7 +277,7 @@ proptest! {
             let held = |state: &State, key: &str| {
                 state.tasks(None, Some(TaskState::Leased), 0, usize::MAX)
                     .iter()
-                    .filter(|task| task.concurrency_key.as_deref() == Some(key))
+                    .filter(|task| task.concurrency_key() == Some(key))
                     .count() as u32
             };
             for (key, max) in [("k0", 2), ("tenant:x", 1), ("tenant:y", 1)] {
@@ -301,7 +301,7 @@ proptest! {
         let mut granted: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
         replay(&history, |applied| {
             for grant in grants(applied.response) {
-                if let Some(key) = grant.task.concurrency_key.as_deref() {
+                if let Some(key) = grant.task.concurrency_key() {
                     if let Some(key) = ["k1", "tenant:x", "tenant:y"].into_iter().find(|k| *k == key) {
                         granted.entry(key).or_default().push(applied.after.now_ms());
                     }
@@ -352,7 +352,7 @@ proptest! {
                     for id in task_ids {
                         // (It may have died or paused earlier in the same entry.)
                         assert_ne!(applied.before.task(*id).map(|t| t.state), Some(TaskState::Succeeded));
-                        assert!(applied.after.task(*id).is_some_and(|t| t.replays > 0));
+                        assert!(applied.after.task(*id).is_some_and(|t| t.replays() > 0));
                     }
                 }
             }

@@ -342,7 +342,7 @@ trait Children {
 impl Children for State {
     /// The tasks whose parent is `parent_id`, oldest first.
     fn children_of_any(&self, parent_id: u64) -> Vec<&Task> {
-        self.tasks(None, None, parent_id, usize::MAX).into_iter().filter(|t| t.parent_id == Some(parent_id)).collect()
+        self.tasks(None, None, parent_id, usize::MAX).into_iter().filter(|t| t.parent_id() == Some(parent_id)).collect()
     }
 }
 
@@ -427,7 +427,9 @@ fn resolve(state: &State, op: &Op) -> Command {
             let mut conversation_id = format!("c{conversation}");
             let writer = writer.as_ref().map(|(task, fence, own)| {
                 let task_id = task_id(state, *task);
-                if let Some(own) = state.task(task_id).and_then(|t| t.conversation_id.clone()).filter(|_| *own) {
+                if let Some(own) =
+                    state.task(task_id).and_then(|t| t.conversation_id().map(str::to_string)).filter(|_| *own)
+                {
                     conversation_id = own;
                 }
                 Writer { task_id, fence: fence_value(state, task_id, fence) }
@@ -653,7 +655,8 @@ proptest! {
             }
             for id in &acknowledged {
                 let task = applied.after.task(*id).unwrap_or_else(|| panic!("acknowledged task {id} disappeared"));
-                let unfenced = Task { superseded_count: 0, ..task.clone() };
+                let mut unfenced = task.clone();
+                unfenced.extra_mut().superseded_count = 0;
                 match finished.get(id) {
                     Some(was) => assert_eq!(was, &unfenced, "finished task {id} changed"),
                     None if task.state.is_terminal() => {
@@ -738,7 +741,7 @@ proptest! {
             let refusal = Error::Superseded { task_id, fence, current: task.last_fence };
             assert_eq!(response.outcomes, vec![Outcome::Refused { error: refusal }], "{command:?}");
             assert_eq!(copy.counters().superseded, after.counters().superseded + 1);
-            assert_eq!(copy.task(task_id).unwrap().superseded_count, task.superseded_count + 1);
+            assert_eq!(copy.task(task_id).unwrap().superseded_count(), task.superseded_count() + 1);
             let expected = without_superseded_counters(after, task_id);
             assert_eq!(without_superseded_counters(&copy, task_id), expected, "{command:?} changed the state");
         });
@@ -857,7 +860,7 @@ proptest! {
         let mut compacted = 0;
         let (state, _) = replay_with(tight(), &history, |applied| {
             for task in applied.after.tasks(None, None, 0, usize::MAX) {
-                if let Some(parent) = task.parent_id {
+                if let Some(parent) = task.parent_id() {
                     assert!(applied.after.task(parent).is_some(), "task {} lost its parent {parent}", task.id);
                 }
             }
@@ -879,9 +882,9 @@ proptest! {
                 });
                 assert!(held || fence == applied.index, "child {child_id} of {parent_id} under fence {fence}, not the current one");
                 let (Some(parent), Some(child)) = (applied.after.task(parent_id), applied.after.task(child_id)) else { continue };
-                assert_eq!(child.parent_id, Some(parent_id));
+                assert_eq!(child.parent_id(), Some(parent_id));
                 if adopted {
-                    assert!(parent.adopted.get(&child_id).is_some_and(|adoption| adoption.fence >= fence));
+                    assert!(parent.adopted().get(&child_id).is_some_and(|adoption| adoption.fence >= fence));
                 }
                 assert!(applied.after.owner_fence(parent, child).is_some_and(|owner| owner >= fence));
             }
@@ -897,7 +900,7 @@ proptest! {
         replay_with(tight(), &history, |applied| {
             let after = applied.after;
             for child in after.tasks(None, None, 0, usize::MAX) {
-                let Some(parent) = child.parent_id.and_then(|id| after.task(id)) else { continue };
+                let Some(parent) = child.parent_id().and_then(|id| after.task(id)) else { continue };
                 if !parent.state.is_terminal() {
                     continue;
                 }
@@ -905,7 +908,7 @@ proptest! {
                     assert_ne!(parent.state, TaskState::Cancelled, "open child {} of a cancelled parent", child.id);
                     assert_eq!(after.owner_fence(parent, child), Some(parent.last_fence), "open child {} of finished {} is its accepted attempt's", child.id, parent.id);
                 }
-                if child.state == TaskState::Cancelled && child.error.as_deref().is_some_and(|e| e.starts_with("orphaned")) {
+                if child.state == TaskState::Cancelled && child.error().is_some_and(|e| e.starts_with("orphaned")) {
                     assert_ne!(after.owner_fence(parent, child), Some(parent.last_fence).filter(|_| matches!(parent.state, TaskState::Succeeded | TaskState::Failed)));
                 }
             }

@@ -189,11 +189,11 @@ fn superseded(task_id: u64, fence: u64, current: u64) -> Error {
 fn check_stale_refused(sim: &mut Sim, command: Command, expected: Error) {
     let Error::Superseded { task_id, .. } = expected else { panic!("not a superseded error") };
     let counted_before = sim.state.counters().superseded;
-    let task_before = sim.state.task(task_id).map(|t| t.superseded_count);
+    let task_before = sim.state.task(task_id).map(|t| t.superseded_count());
     let task_counter = format!("tasks.{task_id}.superseded_count");
     sim.check_refused(command, expected, &["counters.superseded", &task_counter]);
     assert_eq!(sim.state.counters().superseded, counted_before + 1);
-    assert_eq!(sim.state.task(task_id).map(|t| t.superseded_count), task_before.map(|n| n + 1));
+    assert_eq!(sim.state.task(task_id).map(|t| t.superseded_count()), task_before.map(|n| n + 1));
 }
 
 // ---- leases and results ----
@@ -213,7 +213,7 @@ fn lease_then_complete() {
 
     let Outcome::Completed { task } = sim.one(complete(id, fence, "\"done\"")) else { panic!() };
     assert_eq!(task.state, TaskState::Succeeded);
-    assert_eq!(task.result.as_deref(), Some("\"done\""));
+    assert_eq!(task.result(), Some("\"done\""));
     assert!(task.lease.is_none());
     assert!(sim.state.agent("a").unwrap().leased_task_ids.is_empty());
     assert_eq!(sim.state.counters().succeeded, 1);
@@ -256,9 +256,9 @@ fn an_old_fence_is_superseded_once_another_agent_took_the_task() {
     // b's result is accepted; a's again afterwards changes nothing.
     assert!(matches!(sim.one(complete(id, new, "\"b\"")), Outcome::Completed { .. }));
     check_stale_refused(&mut sim, complete(id, old, "\"a\""), superseded(id, old, new));
-    assert_eq!(sim.task(id).result.as_deref(), Some("\"b\""));
+    assert_eq!(sim.task(id).result(), Some("\"b\""));
     assert_eq!(sim.task(id).state, TaskState::Succeeded);
-    assert_eq!(sim.task(id).superseded_count, 5);
+    assert_eq!(sim.task(id).superseded_count(), 5);
     // Neither a fence never granted nor zero is current.
     check_stale_refused(&mut sim, complete(id, new + 1, "\"x\""), superseded(id, new + 1, new));
     let fresh = sim.submit(new_task("q"));
@@ -284,7 +284,7 @@ fn a_late_result_with_the_current_fence_is_accepted_until_someone_else_takes_the
     );
     assert!(matches!(sim.one(complete(id, fence, "\"late\"")), Outcome::Completed { .. }));
     assert_eq!(sim.task(id).state, TaskState::Succeeded);
-    assert_eq!(sim.task(id).result.as_deref(), Some("\"late\""));
+    assert_eq!(sim.task(id).result(), Some("\"late\""));
     assert!(sim.lease("a", epoch, &["q"], 1, 500).is_empty(), "nothing left to lease");
 }
 
@@ -320,7 +320,7 @@ fn a_retryable_failure_goes_back_to_pending_after_a_backoff() {
     let Outcome::Failed { task } = sim.one(fail(id, fence, true)) else { panic!() };
     let base = Limits::default().retry_backoff_ms_base;
     assert_eq!(task.state, TaskState::Pending);
-    assert_eq!(task.error.as_deref(), Some("boom"));
+    assert_eq!(task.error(), Some("boom"));
     assert_eq!(task.not_before_ms, 1_000 + base);
     assert!(sim.state.agent("a").unwrap().leased_task_ids.is_empty());
     assert_eq!(sim.state.next_due_ms(), Some(1_000 + base));
@@ -347,7 +347,7 @@ fn exhausted_attempts_dead_letter_the_task() {
     let second = sim.lease("a", epoch, &["q"], 1, 1_000)[0].fence;
     let Outcome::Failed { task } = sim.one(fail(id, second, true)) else { panic!() };
     assert_eq!(task.state, TaskState::Dead);
-    assert_eq!(task.dead_reason.as_deref(), Some("attempts_exhausted: 2 attempts"));
+    assert_eq!(task.dead_reason(), Some("attempts_exhausted: 2 attempts"));
     assert_eq!(sim.state.counters().dead, 1);
 
     // A lease that lapses on the last attempt dead-letters the task too.
@@ -356,14 +356,14 @@ fn exhausted_attempts_dead_letter_the_task() {
     sim.at(20_000);
     sim.one(Command::Tick);
     assert_eq!(sim.task(id).state, TaskState::Dead);
-    assert_eq!(sim.task(id).dead_reason.as_deref(), Some("attempts_exhausted: lease expired on attempt 1"));
+    assert_eq!(sim.task(id).dead_reason(), Some("attempts_exhausted: lease expired on attempt 1"));
 
     // A non-retryable failure is final at once, whatever attempts remain.
     let id = sim.submit(new_task("q"));
     let fence = sim.lease("a", epoch, &["q"], 1, 1_000)[0].fence;
     let Outcome::Failed { task } = sim.one(fail(id, fence, false)) else { panic!() };
     assert_eq!(task.state, TaskState::Failed);
-    assert_eq!(task.dead_reason, None);
+    assert_eq!(task.dead_reason(), None);
 }
 
 #[test]
@@ -383,7 +383,7 @@ fn a_passed_deadline_dead_letters_the_task_as_expired() {
     sim.one(Command::Tick);
     for id in [held, queued] {
         assert_eq!(sim.task(id).state, TaskState::Dead);
-        assert_eq!(sim.task(id).dead_reason.as_deref(), Some("expired"));
+        assert_eq!(sim.task(id).dead_reason(), Some("expired"));
     }
     assert_eq!(sim.task(relaxed).state, TaskState::Pending);
     assert!(sim.state.agent("a").unwrap().leased_task_ids.is_empty(), "the expired task's lease is released");
@@ -527,10 +527,10 @@ fn delegation_counts_hops_and_stops_past_the_limit() {
         let queue = format!("q{hop}");
         let child = sim.submit(NewTask { parent_id: Some(parent), parent_fence: Some(fence), ..new_task(&queue) });
         let record = sim.task(child);
-        assert_eq!(record.hop_count, hop);
-        assert_eq!(record.parent_id, Some(parent));
-        assert_eq!(record.trail.len() as u32, hop + 1);
-        assert_eq!(record.trail.last().unwrap().agent_id.as_deref(), Some("a"));
+        assert_eq!(record.hop_count(), hop);
+        assert_eq!(record.parent_id(), Some(parent));
+        assert_eq!(record.trail().len() as u32, hop + 1);
+        assert_eq!(record.trail().last().unwrap().agent_id.as_deref(), Some("a"));
         parent = child;
         fence = sim.lease("a", epoch, &[&queue], 1, 10_000)[0].fence;
     }
@@ -543,7 +543,7 @@ fn delegation_counts_hops_and_stops_past_the_limit() {
     assert_eq!(task_id, parent);
     assert_eq!(trail, "q0 -> q1 -> q2 -> q3 passes delegation_hops_max 2");
     assert_eq!(sim.task(parent).state, TaskState::Dead);
-    assert!(sim.task(parent).dead_reason.as_deref().unwrap().starts_with("loop_detected: q0 -> q1 -> q2 -> q3"));
+    assert!(sim.task(parent).dead_reason().unwrap().starts_with("loop_detected: q0 -> q1 -> q2 -> q3"));
     assert_eq!(sim.task(root).state, TaskState::Leased, "only the delegating task is dead-lettered");
 }
 
@@ -613,7 +613,7 @@ fn a_new_attempt_is_handed_the_children_and_adopts_the_same_steps() {
     // The root ends: the child nobody adopted is cancelled, the others go on.
     sim.one(complete(root, grant.fence, "\"done\""));
     assert_eq!(sim.task(children[2]).state, TaskState::Cancelled);
-    assert!(sim.task(children[2]).error.as_deref().unwrap().starts_with("orphaned: parent"));
+    assert!(sim.task(children[2]).error().unwrap().starts_with("orphaned: parent"));
     assert_eq!(sim.task(children[0]).state, TaskState::Pending);
     assert_eq!(sim.task(twice.task_id).state, TaskState::Pending);
     assert_eq!(sim.state.counters().orphans_cancelled, 1);
@@ -769,11 +769,11 @@ fn a_succeeded_task_carries_no_earlier_error() {
     let id = sim.submit(new_task("q"));
     let fence = sim.lease("a", epoch, &["q"], 1, 10_000)[0].fence;
     sim.one(fail(id, fence, true));
-    assert!(sim.task(id).error.is_some());
+    assert!(sim.task(id).error().is_some());
     sim.at(2_000);
     let fence = sim.lease("a", epoch, &["q"], 1, 10_000)[0].fence;
     sim.one(complete(id, fence, "\"r\""));
-    assert_eq!(sim.task(id).error, None);
+    assert_eq!(sim.task(id).error(), None);
 }
 
 #[test]
@@ -1052,7 +1052,7 @@ fn next_due_ms_covers_every_timer() {
     assert_eq!(sim.state.next_due_ms(), Some(1_501), "a wait's timeout is due too");
     sim.at(1_501).one(Command::Tick);
     assert!(sim.state.wait_of(waiter).is_none());
-    assert_eq!(sim.task(waiter).error.as_deref(), Some("wait_timeout: the awaited tasks did not finish in time"));
+    assert_eq!(sim.task(waiter).error(), Some("wait_timeout: the awaited tasks did not finish in time"));
 }
 
 #[test]
@@ -1093,7 +1093,7 @@ fn an_agent_leaving_on_the_last_attempt_dead_letters_its_task() {
     sim.lease("a", epoch, &["q"], 1, 1_000);
     assert_eq!(sim.one(Command::DeregisterAgent { agent_id: "a".into(), epoch }), Outcome::Deregistered);
     assert_eq!(sim.task(id).state, TaskState::Dead);
-    assert_eq!(sim.task(id).dead_reason.as_deref(), Some("attempts_exhausted: agent left on attempt 1"));
+    assert_eq!(sim.task(id).dead_reason(), Some("attempts_exhausted: agent left on attempt 1"));
 }
 
 // ---- the byte budget of the state, and conversations that leave ----

@@ -31,7 +31,7 @@ fn apply(state: &mut State, index: u64, command: Command) -> Outcome {
 #[test]
 fn a_task_written_before_traceparent_loads_without_one() {
     let task: Task = serde_json::from_str(OLD_TASK_JSON).expect("the previous version's task decodes");
-    assert_eq!(task.traceparent, None);
+    assert_eq!(task.traceparent(), None);
     assert_eq!(task.id, 7);
     // And it is written back as it was: no field appears for an absent context.
     let written = serde_json::to_value(&task).unwrap();
@@ -41,7 +41,7 @@ fn a_task_written_before_traceparent_loads_without_one() {
     assert_eq!(tasks[0].traceparent, None);
     let mut state = State::new(Limits::default());
     assert!(matches!(apply(&mut state, 1, command), Outcome::Submitted { .. }));
-    assert_eq!(state.task(1).unwrap().traceparent, None);
+    assert_eq!(state.task(1).unwrap().traceparent(), None);
 }
 
 #[test]
@@ -52,10 +52,10 @@ fn a_submitted_traceparent_is_stored_on_the_task() {
         panic!("a submit's outcome")
     };
     let task_id = results[0].as_ref().expect("accepted").task_id;
-    assert_eq!(state.task(task_id).unwrap().traceparent.as_deref(), Some(TRACEPARENT));
+    assert_eq!(state.task(task_id).unwrap().traceparent().as_deref(), Some(TRACEPARENT));
     // A snapshot keeps it.
     let copy: State = serde_json::from_slice(&serde_json::to_vec(&state).unwrap()).unwrap();
-    assert_eq!(copy.task(task_id).unwrap().traceparent.as_deref(), Some(TRACEPARENT));
+    assert_eq!(copy.task(task_id).unwrap().traceparent().as_deref(), Some(TRACEPARENT));
 }
 
 #[test]

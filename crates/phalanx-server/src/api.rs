@@ -26,6 +26,7 @@ use phalanx_core::{Command, NewTask, Outcome, Task};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -768,12 +769,12 @@ pub fn view(task: &Task) -> api::TaskRef<'_> {
         deadline_ms: task.deadline_ms,
         max_attempts: task.max_attempts,
         attempts: task.attempts,
-        idempotency_key: task.idempotency_key.as_deref(),
-        parent_id: task.parent_id,
-        conversation_id: task.conversation_id.as_deref(),
-        hop_count: task.hop_count,
+        idempotency_key: task.idempotency_key(),
+        parent_id: task.parent_id(),
+        conversation_id: task.conversation_id(),
+        hop_count: task.hop_count(),
         trail: task
-            .trail
+            .trail()
             .iter()
             .map(|step| api::TrailStep {
                 queue: step.queue.clone(),
@@ -790,18 +791,18 @@ pub fn view(task: &Task) -> api::TaskRef<'_> {
             other: Default::default(),
         }),
         last_fence: task.last_fence,
-        result: task.result.as_deref().map(api::raw_json),
-        error: task.error.as_deref(),
-        dead_reason: task.dead_reason.as_deref(),
-        superseded_count: task.superseded_count,
-        parent_fence: task.parent_fence,
-        concurrency_key: task.concurrency_key.as_deref(),
-        cost_estimate: task.cost_estimate,
-        budget: task.budget.as_ref().map(api_budget),
-        usage: api_usage(&task.usage),
-        pause: task.pause.as_ref().map(api_pause),
-        replays: task.replays,
-        traceparent: task.traceparent.as_deref(),
+        result: task.result().map(api::raw_json),
+        error: task.error(),
+        dead_reason: task.dead_reason(),
+        superseded_count: task.superseded_count(),
+        parent_fence: task.parent_fence(),
+        concurrency_key: task.concurrency_key(),
+        cost_estimate: task.cost_estimate(),
+        budget: task.budget().map(api_budget),
+        usage: api_usage(task.usage()),
+        pause: task.pause().map(api_pause),
+        replays: task.replays(),
+        traceparent: task.traceparent(),
         waiting_on: None,
     }
 }
@@ -880,11 +881,7 @@ fn new_task(
             // trace. The parent's context never changes once stored, so
             // reading it here, before the proposal, is as good as in apply.
             let parent_context = match (body_context.or(header), task.parent_id) {
-                (None, Some(parent_id)) => data
-                    .state
-                    .task(parent_id)
-                    .and_then(|parent| parent.traceparent.as_deref())
-                    .and_then(|text| TraceContext::parse(text).ok()),
+                (None, Some(parent_id)) => data.state.task(parent_id).and_then(stored_context),
                 _ => None,
             };
             (data.state.limits().clone(), parent_context)
@@ -958,7 +955,7 @@ fn finished_span(
 fn task_trace(node: &Node, task_id: u64) -> (Option<String>, Option<TraceContext>) {
     let data = node.shared.data.read().expect("state lock");
     let task = data.state.task(task_id);
-    let context = task.and_then(|task| task.traceparent.as_deref()).and_then(|text| TraceContext::parse(text).ok());
+    let context = task.and_then(stored_context);
     (task.map(|task| task.queue.clone()), context)
 }
 
@@ -1068,7 +1065,7 @@ async fn submit_task(node: &Node_, headers: &HeaderMap, body: Body) -> ApiResult
 /// deduplicated submit, the one the first submit made.
 fn stored_traceparents(node: &Node, task_ids: &[u64]) -> Vec<Option<String>> {
     let data = node.shared.data.read().expect("state lock");
-    task_ids.iter().map(|id| data.state.task(*id).and_then(|task| task.traceparent.clone())).collect()
+    task_ids.iter().map(|id| data.state.task(*id).and_then(|task| task.traceparent().map(Cow::into_owned))).collect()
 }
 
 /// What a submit created or found.
@@ -1248,10 +1245,11 @@ async fn list_tasks(State(node): State<Node_>, RawQuery(query): RawQuery) -> Api
 /// At least the bytes a task takes in a list answer, short of JSON escapes.
 fn task_bytes_estimate(task: &Task) -> usize {
     let texts = task.payload.len()
-        + task.result.as_ref().map_or(0, String::len)
-        + task.error.as_ref().map_or(0, String::len)
-        + task.dead_reason.as_ref().map_or(0, String::len);
-    texts + task.queue.len() + task.trail.len() * 64 + 400
+        + task.result().map_or(0, str::len)
+        + task.error().map_or(0, str::len)
+        + task.dead_reason().map_or(0, str::len);
+    // The trail holds a step per hop and one for the root.
+    texts + task.queue.len() + (task.hop_count() as usize + 1) * 64 + 400
 }
 
 /// `{tasks, next_after, truncated}` of at most `bytes_max` bytes (or the
@@ -1592,7 +1590,7 @@ fn tree_spends(state: &phalanx_core::State) -> Vec<api::TreeSpend> {
         .map(|(root, usage)| api::TreeSpend {
             root_id: *root,
             usage: api_usage(usage),
-            budget: state.task(*root).and_then(|task| task.budget.as_ref()).map(api_budget),
+            budget: state.task(*root).and_then(|task| task.budget()).map(api_budget),
             exhausted: state.budget_exhausted(*root),
         })
         .collect()
@@ -1886,7 +1884,7 @@ fn lease_span(node: &Node, start: u64, agent_id: &str, grant: &phalanx_core::Gra
 
 /// A task's stored trace context, if it has one.
 fn stored_context(task: &Task) -> Option<TraceContext> {
-    task.traceparent.as_deref().and_then(|text| TraceContext::parse(text).ok())
+    task.traceparent().and_then(|text| TraceContext::parse(&text).ok())
 }
 
 // ---- conversations ----

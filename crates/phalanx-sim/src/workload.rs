@@ -259,7 +259,7 @@ async fn work(shared: Shared, log: Log, task_id: u64, queue: String, fence: u64)
             Ok(outcomes) => {
                 if let Some(Outcome::Completed { task }) = outcomes.first() {
                     // The task as accepted: its result, under the fence it names.
-                    let accepted = task.result.clone().unwrap_or_default();
+                    let accepted = task.result().map(str::to_string).unwrap_or_default();
                     history(&log).completed(task_id, fence, &accepted, sent);
                 }
                 return;
@@ -473,7 +473,7 @@ async fn final_checks(shared: &Shared, log: &Log, recovered: bool) {
             let found = data
                 .state
                 .task(*task_id)
-                .map(|task| (task.state == phalanx_core::TaskState::Succeeded, task.result.clone()));
+                .map(|task| (task.state == phalanx_core::TaskState::Succeeded, task.result().map(str::to_string)));
             // Retention (200,000 finished tasks, a day) compacts nothing in a run this short.
             history(log).final_task(*task_id, found);
         }

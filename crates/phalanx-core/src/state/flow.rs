@@ -95,7 +95,7 @@ impl State {
             return Err((Limit::RatePerSecond, rule));
         }
         if let Some(tokens_per_minute) = limits.tokens_per_minute {
-            if !usage.admits_tokens(tokens_per_minute, task.cost_estimate.unwrap_or(0), self.now_ms) {
+            if !usage.admits_tokens(tokens_per_minute, task.cost_estimate().unwrap_or(0), self.now_ms) {
                 return Err((Limit::TokensPerMinute, rule));
             }
         }
@@ -212,7 +212,7 @@ impl State {
         if task.state != TaskState::Pending || !self.ready.get(&task.queue)?.contains(&(9 - task.priority, task_id)) {
             return None;
         }
-        let key = task.concurrency_key.as_deref()?;
+        let key = task.concurrency_key()?;
         let (limit, rule) = self.admits(key, task).err()?;
         Some(WaitingOn { key: key.to_string(), limit, rule: rule.to_string() })
     }
@@ -291,8 +291,8 @@ impl State {
 
     pub(super) fn key_granted(&mut self, task_id: u64) {
         let task = &self.tasks[&task_id];
-        let Some(key) = task.concurrency_key.clone() else { return };
-        let estimate = task.cost_estimate.unwrap_or(0);
+        let Some(key) = task.concurrency_key().map(str::to_string) else { return };
+        let estimate = task.cost_estimate().unwrap_or(0);
         let limits = self.limits_of_key(&key).map(|(_, limits)| limits.clone());
         let now = self.now_ms;
         let usage = self.key_usage.get_mut(&key).expect("an open task's key has a record");
@@ -342,8 +342,8 @@ impl State {
         }
         let now = self.now_ms;
         let task = self.tasks.get_mut(&task_id).expect("checked: the task exists");
-        task.usage.add(usage);
-        if let Some(key) = &task.concurrency_key {
+        task.extra_mut().usage.add(usage);
+        if let Some(key) = task.concurrency_key() {
             let record = self.key_usage.get_mut(key).expect("an open task's key has a record");
             record.add_tokens(now, usage.tokens());
         }
@@ -356,7 +356,7 @@ impl State {
 
     /// Why the tree under `root` may not go on, if its budget is reached.
     pub fn budget_exhausted(&self, root: u64) -> Option<String> {
-        let budget = self.tasks.get(&root)?.budget?;
+        let budget = *self.tasks.get(&root)?.budget()?;
         budget.exhausted_by(self.tree_usage.get(&root).unwrap_or(&Usage::default()))
     }
 
@@ -393,7 +393,7 @@ impl State {
         assert_eq!(task.state, TaskState::Pending, "only a pending task is paused");
         assert!(task.lease.is_none());
         task.state = TaskState::Paused;
-        task.pause = Some(Pause { cause, reason, since_ms: now });
+        task.extra_mut().pause = Some(Pause { cause, reason, since_ms: now });
         task.updated_ms = now;
         self.counters.paused += 1;
     }
@@ -401,7 +401,7 @@ impl State {
     /// A paused task (or one just replayed) back to pending.
     fn unpause(&mut self, task_id: u64, fresh_attempts: bool) {
         let task = self.tasks.get_mut(&task_id).expect("task exists");
-        task.pause = None;
+        task.take_pause();
         task.state = TaskState::Pending;
         task.updated_ms = self.now_ms;
         if fresh_attempts {
@@ -444,7 +444,7 @@ impl State {
             TaskState::Pending => self.pause_pending(task_id, PauseCause::Operator, reason),
             TaskState::Leased => {
                 let task = self.tasks.get_mut(&task_id).expect("checked");
-                task.pause = Some(Pause { cause: PauseCause::Operator, reason, since_ms: now });
+                task.extra_mut().pause = Some(Pause { cause: PauseCause::Operator, reason, since_ms: now });
             }
             _ => {}
         }
@@ -453,7 +453,7 @@ impl State {
 
     pub(super) fn check_resume(&self, task_id: u64) -> Result<(), Error> {
         let task = self.open_task(task_id)?;
-        let Some(pause) = &task.pause else {
+        let Some(pause) = task.pause() else {
             return Err(Error::NotPaused { task_id, state: task.state });
         };
         if task.state == TaskState::Paused && pause.cause == PauseCause::Budget {
@@ -469,9 +469,9 @@ impl State {
     /// used them), or a leased task's pending pause withdrawn.
     pub(super) fn resume(&mut self, task_id: u64) -> Outcome {
         let task = self.tasks.get_mut(&task_id).expect("checked");
-        let cause = task.pause.as_ref().expect("checked: paused").cause;
+        let cause = task.pause().as_ref().expect("checked: paused").cause;
         if task.state == TaskState::Leased {
-            task.pause = None;
+            task.take_pause();
         } else {
             self.unpause(task_id, cause == PauseCause::AttemptsExhausted);
         }
@@ -521,13 +521,13 @@ impl State {
             }
             let matches = task.state == state
                 && queue.is_none_or(|queue| task.queue == queue)
-                && concurrency_key.is_none_or(|key| task.concurrency_key.as_deref() == Some(key))
+                && concurrency_key.is_none_or(|key| task.concurrency_key() == Some(key))
                 && since_ms.is_none_or(|since| task.updated_ms >= since);
             if !matches {
                 continue;
             }
             let parent_finished = task
-                .parent_id
+                .parent_id()
                 .and_then(|parent| self.tasks.get(&parent))
                 .is_some_and(|parent| parent.state.is_terminal());
             if parent_finished || self.budget_exhausted(self.root_of(task.id)).is_some() {
@@ -560,7 +560,7 @@ impl State {
                 self.reopen(task_id);
             }
             let task = self.tasks.get_mut(&task_id).expect("a candidate exists");
-            task.replays += 1;
+            task.extra_mut().replays += 1;
             self.unpause(task_id, true);
             self.counters.replayed += 1;
         }
@@ -585,7 +585,7 @@ impl State {
         assert_eq!(task.state, TaskState::Dead);
         assert!(self.finished.remove(&(task.updated_ms, task_id)), "a finished task is indexed");
         task.state = TaskState::Pending;
-        task.dead_reason = None;
+        task.extra_mut().dead_reason = None;
         task.updated_ms = now;
         match task.deadline_ms {
             Some(deadline) if deadline >= now => {
@@ -595,14 +595,14 @@ impl State {
             None => {}
         }
         *self.open_per_queue.entry(task.queue.clone()).or_default() += 1;
-        if let Some(key) = task.concurrency_key.clone() {
+        if let Some(key) = task.concurrency_key().map(str::to_string) {
             self.key_opened(&key);
         }
     }
 
     pub(super) fn check_set_budget(&self, task_id: u64, budget: Option<&Budget>) -> Result<(), Error> {
         let task = self.tasks.get(&task_id).ok_or(Error::TaskNotFound { task_id })?;
-        if task.parent_id.is_some() {
+        if task.parent_id().is_some() {
             return Err(invalid("task_id", format!("task {task_id} is not a root: a budget covers a whole tree")));
         }
         if let Some(budget) = budget {
@@ -614,7 +614,7 @@ impl State {
     /// Sets a root's budget; the tree is paused if the new budget is
     /// exhausted, or its budget-paused tasks resume if it no longer is.
     pub(super) fn set_budget(&mut self, root: u64, budget: Option<Budget>) -> Outcome {
-        self.tasks.get_mut(&root).expect("checked").budget = budget;
+        self.tasks.get_mut(&root).expect("checked").extra_mut().budget = budget;
         if let Some(reason) = self.budget_exhausted(root) {
             self.pause_tree(root, &reason);
             return Outcome::BudgetSet { resumed: Vec::new() };
@@ -624,7 +624,7 @@ impl State {
             .into_iter()
             .filter(|id| {
                 let task = &self.tasks[id];
-                task.state == TaskState::Paused && task.pause.as_ref().is_some_and(|p| p.cause == PauseCause::Budget)
+                task.state == TaskState::Paused && task.pause().as_ref().is_some_and(|p| p.cause == PauseCause::Budget)
             })
             .collect();
         for &id in &resumed {
@@ -643,25 +643,25 @@ impl State {
         let mut keys: BTreeMap<&str, (u32, u64, u64)> = BTreeMap::new();
         for task in self.tasks.values() {
             match task.state {
-                TaskState::Paused => assert!(task.pause.is_some(), "paused task {} says why", task.id),
+                TaskState::Paused => assert!(task.pause().is_some(), "paused task {} says why", task.id),
                 TaskState::Leased => {}
-                _ => assert!(task.pause.is_none(), "task {} is {:?} with a pause", task.id, task.state),
+                _ => assert!(task.pause().is_none(), "task {} is {:?} with a pause", task.id, task.state),
             }
             if task.state == TaskState::Pending {
                 let root = self.root_of(task.id);
                 assert!(self.budget_exhausted(root).is_none(), "pending task {} in a tree past its budget", task.id);
             }
-            if task.budget.is_some() {
-                assert!(task.parent_id.is_none(), "task {} carries a budget and is not a root", task.id);
+            if task.budget().is_some() {
+                assert!(task.parent_id().is_none(), "task {} carries a budget and is not a root", task.id);
             }
-            if let Some(key) = &task.concurrency_key {
+            if let Some(key) = task.concurrency_key() {
                 let entry = keys.entry(key).or_default();
                 if !task.state.is_terminal() {
                     entry.2 += 1;
                 }
                 if task.state == TaskState::Leased {
                     entry.0 += 1;
-                    entry.1 += task.cost_estimate.unwrap_or(0);
+                    entry.1 += task.cost_estimate().unwrap_or(0);
                 }
             }
         }
