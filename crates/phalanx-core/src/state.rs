@@ -23,6 +23,7 @@ use crate::limits::Limits;
 use crate::task::{payload_hash, Adoption, Agent, Child, Grant, Lease, Task, TaskRecord, TaskState, TrailStep};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 mod flow;
 
@@ -307,8 +308,7 @@ pub struct State {
     last_index: u64,
     next_task_id: u64,
     limits: Limits,
-    #[serde(deserialize_with = "bulk_map")]
-    tasks: BTreeMap<u64, Task>,
+    tasks: Tasks,
     /// Pending tasks that may be leased now, per queue, best first: (9 - priority, id).
     #[serde(deserialize_with = "bulk_map_of_sets")]
     ready: BTreeMap<String, BTreeSet<(u8, u64)>>,
@@ -432,6 +432,66 @@ where
         }
     }
     deserializer.deserialize_map(Entries(std::marker::PhantomData))
+}
+
+/// The task map, each task shared between the state and the copies made of
+/// it for snapshots (copy on write): copying the state for a snapshot copies
+/// a pointer per task instead of every task's strings, so the copy holds
+/// apply back for milliseconds, not seconds, on a large state; a task
+/// changed while a copy is being written is copied then, alone. Encoded as
+/// the plain map of tasks it was (the snapshot format does not change).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tasks(BTreeMap<u64, Arc<Task>>);
+
+impl Tasks {
+    pub fn get(&self, id: &u64) -> Option<&Task> {
+        self.0.get(id).map(|task| &**task)
+    }
+    /// The task to change: copied first if a snapshot's copy still shares it.
+    pub fn get_mut(&mut self, id: &u64) -> Option<&mut Task> {
+        self.0.get_mut(id).map(Arc::make_mut)
+    }
+    pub fn insert(&mut self, id: u64, task: Task) {
+        self.0.insert(id, Arc::new(task));
+    }
+    pub fn remove(&mut self, id: &u64) -> Option<Task> {
+        self.0.remove(id).map(Arc::unwrap_or_clone)
+    }
+    pub fn contains_key(&self, id: &u64) -> bool {
+        self.0.contains_key(id)
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &Task> {
+        self.0.values().map(|task| &**task)
+    }
+    pub fn range(&self, range: impl std::ops::RangeBounds<u64>) -> impl DoubleEndedIterator<Item = (&u64, &Task)> {
+        self.0.range(range).map(|(id, task)| (id, &**task))
+    }
+}
+
+impl std::ops::Index<&u64> for Tasks {
+    type Output = Task;
+    fn index(&self, id: &u64) -> &Task {
+        &self.0[id]
+    }
+}
+
+impl Serialize for Tasks {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(id, task)| (id, &**task)))
+    }
+}
+
+impl<'de> Deserialize<'de> for Tasks {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Tasks, D::Error> {
+        let tasks: BTreeMap<u64, Task> = bulk_map(deserializer)?;
+        Ok(Tasks(tasks.into_iter().map(|(id, task)| (id, Arc::new(task))).collect()))
+    }
 }
 
 /// Reads a sequence into a `BTreeSet` built in bulk, as `bulk_map` does a

@@ -1251,3 +1251,28 @@ fn the_edge_check_of_the_budget_lets_a_known_idempotency_key_through() {
     assert_eq!(sim.state.check_new_task(&keyed), Ok(()));
     assert!(sim.submit_result(keyed).unwrap().deduplicated);
 }
+
+/// A copy of the state (what a snapshot encodes) shares its tasks with the
+/// state instead of copying them, and keeps the tasks as they were when it
+/// was made while the state goes on changing (copy on write).
+#[test]
+fn a_copy_of_the_state_shares_its_tasks_and_keeps_them_as_they_were() {
+    let mut sim = Sim::new();
+    let ids: Vec<u64> = (0..3).map(|_| sim.submit(new_task("q"))).collect();
+    let copy = sim.state.clone();
+    for id in &ids {
+        assert!(std::ptr::eq(copy.task(*id).unwrap(), sim.task(*id)), "task {id} shared, not copied");
+    }
+    let before = comparable(&copy, &[]);
+    let epoch = sim.register("a", &["q"], 1);
+    let fence = sim.lease("a", epoch, &["q"], 1, 1_000)[0].fence;
+    let leased = ids.iter().copied().find(|id| sim.task(*id).state == TaskState::Leased).unwrap();
+    sim.one(complete(leased, fence, "\"done\""));
+    assert_eq!(sim.task(leased).state, TaskState::Succeeded);
+    assert_eq!(copy.task(leased).unwrap().state, TaskState::Pending, "the copy keeps the task as it was");
+    assert_eq!(before, comparable(&copy, &[]), "nothing of the copy changed");
+    assert!(!std::ptr::eq(copy.task(leased).unwrap(), sim.task(leased)), "the changed task was copied");
+    let untouched = ids.iter().copied().find(|id| *id != leased).unwrap();
+    assert!(std::ptr::eq(copy.task(untouched).unwrap(), sim.task(untouched)), "the others still shared");
+    copy.check_invariants();
+}
