@@ -60,7 +60,7 @@ impl Node {
             .arg(data_dir)
             .args(["--snapshot-logs-since-last", FILL_SNAPSHOT_LOGS, "--snapshot-logs-kept", "0"])
             .args(server_args)
-            .env("PHALANX_LOG", "warn")
+            .env("PHALANX_LOG", std::env::var("PHALANX_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         if snapshot_write_version == 1 {
