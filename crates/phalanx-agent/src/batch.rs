@@ -49,11 +49,15 @@ type Reply<A> = tokio::sync::oneshot::Sender<Result<A, Error>>;
 struct Calls<K: Kind> {
     pending: Vec<(K::Key, K::Item)>,
     waiting: HashMap<K::Key, Vec<Reply<K::Answer>>>,
+    /// Callers waiting, all keys together (several may wait on one key).
+    callers: usize,
 }
 
 impl<K: Kind> Calls<K> {
     fn answer(&mut self, key: K::Key, answer: Result<K::Answer, Error>) {
-        for reply in self.waiting.remove(&key).unwrap_or_default() {
+        let replies = self.waiting.remove(&key).unwrap_or_default();
+        self.callers -= replies.len();
+        for reply in replies {
             let _ = reply.send(answer.clone());
         }
     }
@@ -71,7 +75,7 @@ pub struct Batcher<K: Kind> {
 impl<K: Kind> Default for Batcher<K> {
     fn default() -> Self {
         Batcher {
-            calls: Mutex::new(Calls { pending: Vec::new(), waiting: HashMap::new() }),
+            calls: Mutex::new(Calls { pending: Vec::new(), waiting: HashMap::new(), callers: 0 }),
             full: tokio::sync::Notify::new(),
             keys: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -87,20 +91,21 @@ impl<K: Kind> Batcher<K> {
         let first = {
             let mut calls = self.calls.lock().expect("batch lock");
             let calls = &mut *calls;
+            if calls.callers >= BATCH_CALLS_MAX {
+                return Err(Error::Api {
+                    status: 429,
+                    code: ErrorCode::Overloaded.to_string(),
+                    message: format!("{BATCH_CALLS_MAX} calls already wait in this batcher; nothing was sent"),
+                    leader_hint: None,
+                    retry_after_ms: None,
+                    outcome: Outcome::NotDone,
+                });
+            }
+            calls.callers += 1;
             if let Some(waiting) = calls.waiting.get_mut(&key) {
                 waiting.push(reply);
                 false
             } else {
-                if calls.waiting.len() >= BATCH_CALLS_MAX {
-                    return Err(Error::Api {
-                        status: 429,
-                        code: ErrorCode::Overloaded.to_string(),
-                        message: format!("{BATCH_CALLS_MAX} calls already wait in this batcher; nothing was sent"),
-                        leader_hint: None,
-                        retry_after_ms: None,
-                        outcome: Outcome::NotDone,
-                    });
-                }
                 calls.waiting.insert(key, vec![reply]);
                 calls.pending.push((key, item));
                 if calls.pending.len() >= BATCH_MAX {
@@ -147,7 +152,7 @@ impl<K: Kind> Batcher<K> {
 
     /// Calls waiting (pending or sent), for tests.
     pub fn waiting(&self) -> usize {
-        self.calls.lock().expect("batch lock").waiting.len()
+        self.calls.lock().expect("batch lock").callers
     }
 }
 
