@@ -258,6 +258,11 @@ pub struct ServerArgs {
     /// Low priorities may use half, normal four fifths (`X-Phalanx-Priority`).
     #[arg(long, default_value_t = 1024)]
     pub requests_in_flight_max: usize,
+    /// The door lowers that bound while admitted new work takes this much
+    /// longer than the node's unloaded latency (90th percentile over 100 ms),
+    /// and raises it back as the delay goes; 0 keeps it fixed.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub admission_delay_target_ms: u64,
     /// Client connections served at once (idle keep-alive ones included);
     /// past it a new connection is answered 503 before it is read.
     /// (capped at start by what the descriptor limit leaves).
@@ -338,6 +343,7 @@ impl ServerArgs {
         config.client_rate_per_second = self.client_rate_per_second;
         config.client_burst = self.client_burst;
         config.requests_in_flight_max = self.requests_in_flight_max;
+        config.admission_delay_target_ms = self.admission_delay_target_ms;
         config.connections_max = self.connections_max;
         config.clock_skew_max_ms = self.clock_skew_max_ms;
         config.disk_free_min_bytes = self.disk_free_min_bytes;

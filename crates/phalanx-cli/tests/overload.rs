@@ -183,6 +183,87 @@ async fn a_forwarded_submit_keeps_its_priority_at_the_leaders_door() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_held_past_the_delay_target_lowers_the_doors_bound_and_it_grows_back() {
+    let cluster = Cluster::start(1, &["--requests-in-flight-max", "64", "--admission-delay-target-ms", "100"]).await;
+    let cluster = &cluster;
+    let submit = |priority: &'static str, payload: u64| {
+        cluster
+            .http
+            .post(cluster.url(1, "/v1/tasks"))
+            .header("x-phalanx-priority", priority)
+            .json(&json!({"queue": "q", "payload": payload}))
+            .send()
+    };
+    let burst = |from: u64, count: u64| futures::future::join_all((from..from + count).map(|i| submit("8", i)));
+    // A few intervals of quick submits: the node learns its unloaded latency.
+    for round in 0..3 {
+        for answer in burst(round * 8, 8).await {
+            assert_eq!(answer.unwrap().status().as_u16(), 201);
+        }
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    assert_eq!(metric(&cluster, "phalanx_admission_limit").await, 64);
+
+    // The disk stalls for 800 ms under 8 submits: they are all served, late.
+    let failpoint = &cluster.servers[&1].data_dir.join("failpoint-stall-storage");
+    let hold = |from: u64| async move {
+        std::fs::write(&failpoint, b"stall").unwrap();
+        let proposed = commands_proposed(cluster, 1).await;
+        let held: Vec<_> = (from..from + 8).map(|i| tokio::spawn(submit("8", i))).collect();
+        wait_proposed(cluster, 1, proposed + 8, "8 submits waiting for the disk").await;
+        held
+    };
+    let held = hold(100).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    std::fs::remove_file(&failpoint).unwrap();
+    for answer in held {
+        assert_eq!(answer.await.unwrap().unwrap().status().as_u16(), 201);
+    }
+    // By the next interval they are judged: 800 ms past a base of
+    // milliseconds is eight times the target, and one interval cuts the
+    // bound to a quarter.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(submit("8", 200).await.unwrap().status().as_u16(), 201);
+    assert_eq!(metric(&cluster, "phalanx_admission_limit").await, 16);
+
+    // Now low work (half of the bound) is refused at once with 8 in flight,
+    // where requests_in_flight_max alone would let in 32, and changes nothing.
+    let held = hold(300).await;
+    let start = Instant::now();
+    let refused = common::decode(submit("1", 999).await.unwrap()).await.unwrap();
+    assert!(start.elapsed() < Duration::from_millis(500), "a refusal is immediate");
+    assert_error(&refused, 429, "overloaded");
+    std::fs::remove_file(&failpoint).unwrap();
+    for answer in held {
+        assert_eq!(answer.await.unwrap().unwrap().status().as_u16(), 201);
+    }
+    let (_, list) = cluster.get(1, "/v1/tasks?queue=q&limit=1000").await.unwrap();
+    let payloads: Vec<u64> = list["tasks"].as_array().unwrap().iter().map(|t| t["payload"].as_u64().unwrap()).collect();
+    assert_eq!(payloads.len(), 24 + 8 + 1 + 8, "{list}");
+    assert!(!payloads.contains(&999));
+
+    // Quick again and in use: the bound grows back.
+    let mut payload = 1_000;
+    wait_until(Duration::from_secs(20), "the bound grows back past 24", async || {
+        for answer in burst(payload, 16).await {
+            assert_eq!(answer.unwrap().status().as_u16(), 201);
+        }
+        payload += 16;
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        metric(&cluster, "phalanx_admission_limit").await > 24
+    })
+    .await;
+}
+
+async fn metric(cluster: &Cluster, name: &str) -> u64 {
+    let text = cluster.http.get(cluster.url(1, "/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} is exported"))
+}
+
 /// Commands node `id` has proposed: a submit is counted once it is past the
 /// door and handed to Raft, where a stalled disk keeps it waiting.
 async fn commands_proposed(cluster: &Cluster, id: u64) -> u64 {

@@ -1,12 +1,14 @@
-//! Admission control at the door of every node: per-client token buckets and
-//! request deadlines. Refusals are cheap and immediate (429 or 503 with
-//! `Retry-After`), never a timeout.
+//! Admission control at the door of every node: per-client token buckets,
+//! request deadlines, and the bound on new work in flight, which follows the
+//! delay admitted work meets (`AdaptiveLimit`). Refusals are cheap and
+//! immediate (429 or 503 with `Retry-After`), never a timeout.
 //!
 //! The proposal queue's own bound and the shedding of low priorities first
 //! live in `proposer.rs`; per-queue depth (`queue_tasks_max`) is decided by
 //! the replicated state.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,123 @@ pub fn in_flight_share(priority: u8, requests_in_flight_max: usize) -> usize {
         0..=3 => requests_in_flight_max / 2,
         4..=6 => requests_in_flight_max * 4 / 5,
         _ => requests_in_flight_max,
+    }
+}
+
+/// How often the door's bound is reconsidered, at most.
+pub const LIMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// The bound never falls below this many requests (nor above
+/// `requests_in_flight_max`): a node keeps admitting some work, and the
+/// delay of what it admits is how it learns that the pressure has gone.
+pub const LIMIT_FLOOR: usize = 16;
+/// Latencies one interval keeps at most (the rest of a busy interval adds
+/// nothing a thousand samples do not already say).
+const WINDOW_SAMPLES_MAX: usize = 1024;
+/// An interval is judged once it has this many latencies, not before.
+const WINDOW_SAMPLES_MIN: usize = 4;
+/// Intervals over which the node's unloaded latency (the smallest latency
+/// of an interval) is remembered: about 3 s.
+const BASE_WINDOWS: usize = 32;
+/// The most one interval may cut the bound by (to a quarter).
+const DECREASE_MAX: f64 = 0.25;
+
+/// The door's bound on new work in flight, following the delay that admitted
+/// work meets (a gradient limit, as TCP Vegas or CoDel reason): each interval
+/// of `LIMIT_INTERVAL` the 90th percentile of admitted requests' latency is
+/// compared with the node's unloaded latency (the smallest latency of the last
+/// `BASE_WINDOWS` intervals). Past it by more than the target, work is queueing
+/// inside the node and the bound is cut in proportion (target / delay, at most
+/// to a quarter); otherwise, while at least half of it is in use, it grows by a
+/// tenth. So a slow disk (every request slow) is not taken for overload, and a
+/// node past its capacity refuses at the door instead of holding work longer
+/// than its clients' attempt timeouts (docs/sdk.md, 1: 250-500 ms), after which
+/// they would count it lost and send it again.
+pub struct AdaptiveLimit {
+    limit: AtomicUsize,
+    ceiling: usize,
+    /// `None`: the bound stays at `ceiling`.
+    target: Option<Duration>,
+    window: Mutex<Window>,
+}
+
+struct Window {
+    started: Instant,
+    latencies_us: Vec<u64>,
+    /// The most requests in flight seen at an admission in this interval.
+    busiest: usize,
+    /// The smallest latency of each of the last intervals judged.
+    minima_us: std::collections::VecDeque<u64>,
+}
+
+impl AdaptiveLimit {
+    pub fn new(ceiling: usize, target: Option<Duration>, now: Instant) -> AdaptiveLimit {
+        assert!(ceiling > 0);
+        AdaptiveLimit {
+            limit: AtomicUsize::new(ceiling),
+            ceiling,
+            target,
+            window: Mutex::new(Window {
+                started: now,
+                latencies_us: Vec::new(),
+                busiest: 0,
+                minima_us: std::collections::VecDeque::new(),
+            }),
+        }
+    }
+
+    /// How many new-work requests the door admits at once now.
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// One admitted request was answered after `latency`; `busy` requests
+    /// (itself included) were in flight when it was admitted.
+    pub fn observe(&self, latency: Duration, busy: usize, now: Instant) {
+        let Some(target) = self.target else { return };
+        let mut window = self.window.lock().expect("limit lock");
+        if window.latencies_us.len() < WINDOW_SAMPLES_MAX {
+            window.latencies_us.push(latency.as_micros() as u64);
+        }
+        window.busiest = window.busiest.max(busy);
+        if now.saturating_duration_since(window.started) < LIMIT_INTERVAL
+            || window.latencies_us.len() < WINDOW_SAMPLES_MIN
+        {
+            return;
+        }
+        let latencies = &mut window.latencies_us;
+        latencies.sort_unstable();
+        let p90 = latencies[(latencies.len() - 1) * 9 / 10];
+        let smallest = latencies[0];
+        if window.minima_us.len() == BASE_WINDOWS {
+            window.minima_us.pop_front();
+        }
+        window.minima_us.push_back(smallest);
+        let base = window.minima_us.iter().copied().min().unwrap_or(smallest);
+        let delay_us = p90.saturating_sub(base);
+        let target_us = target.as_micros() as u64;
+        let limit = self.limit();
+        let next = if delay_us > target_us {
+            let ratio = (target_us as f64 / delay_us as f64).max(DECREASE_MAX);
+            (limit as f64 * ratio) as usize
+        } else if window.busiest * 2 >= limit {
+            limit + (limit / 10).max(1)
+        } else {
+            limit
+        };
+        let next = next.clamp(LIMIT_FLOOR.min(self.ceiling), self.ceiling);
+        if next != limit {
+            tracing::debug!(
+                limit,
+                next,
+                p90_ms = p90 / 1000,
+                base_ms = base / 1000,
+                "admission: bound on new work moved"
+            );
+        }
+        self.limit.store(next, Ordering::Relaxed);
+        window.started = now;
+        window.latencies_us.clear();
+        window.busiest = 0;
     }
 }
 
@@ -93,6 +212,78 @@ mod tests {
                 assert!(in_flight_share(priority, max) <= in_flight_share(priority + 1, max));
             }
         }
+    }
+
+    fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    /// Feeds one interval of ten latencies of `latency_ms`, `busy` in
+    /// flight, the last at its end, and returns the bound judged then.
+    fn interval(limit: &AdaptiveLimit, now: &mut Instant, latency_ms: u64, busy: usize) -> usize {
+        for _ in 0..9 {
+            limit.observe(ms(latency_ms), busy, *now);
+        }
+        *now += LIMIT_INTERVAL;
+        limit.observe(ms(latency_ms), busy, *now);
+        limit.limit()
+    }
+
+    #[test]
+    fn delay_past_the_target_cuts_the_bound_in_proportion_down_to_the_floor() {
+        let mut now = Instant::now();
+        let limit = AdaptiveLimit::new(1024, Some(ms(100)), now);
+        // Unloaded: 2 ms, the bound in use: it stays at its ceiling.
+        assert_eq!(interval(&limit, &mut now, 2, 1000), 1024);
+        // 402 ms: 400 ms of delay past the 2 ms base, four times the target.
+        assert_eq!(interval(&limit, &mut now, 402, 1000), 256);
+        // Never more than a quarter at once, never below the floor.
+        assert_eq!(interval(&limit, &mut now, 2_000, 256), 64);
+        assert_eq!(interval(&limit, &mut now, 2_000, 64), 16);
+        assert_eq!(interval(&limit, &mut now, 2_000, 16), LIMIT_FLOOR);
+    }
+
+    #[test]
+    fn the_bound_grows_back_while_in_use_and_not_while_idle() {
+        let mut now = Instant::now();
+        let limit = AdaptiveLimit::new(100, Some(ms(50)), now);
+        assert_eq!(interval(&limit, &mut now, 1, 100), 100);
+        assert_eq!(interval(&limit, &mut now, 500, 100), 25);
+        // Fast again but only a few requests in flight: no reason to grow.
+        assert_eq!(interval(&limit, &mut now, 1, 3), 25);
+        // Half of it in use: a tenth more per interval, up to the ceiling.
+        assert_eq!(interval(&limit, &mut now, 1, 13), 27);
+        let mut bound = 27;
+        for _ in 0..40 {
+            bound = interval(&limit, &mut now, 1, bound);
+        }
+        assert_eq!(bound, 100);
+    }
+
+    #[test]
+    fn a_slow_disk_is_not_overload_and_no_target_keeps_the_ceiling() {
+        let mut now = Instant::now();
+        // Every request takes 300 ms, from the start: no delay past the base.
+        let limit = AdaptiveLimit::new(1024, Some(ms(100)), now);
+        for _ in 0..5 {
+            assert_eq!(interval(&limit, &mut now, 300, 1024), 1024);
+        }
+        let fixed = AdaptiveLimit::new(1024, None, now);
+        assert_eq!(interval(&fixed, &mut now, 5_000, 1024), 1024);
+        // Too few latencies, or too soon: no judgment yet.
+        let limit = AdaptiveLimit::new(1024, Some(ms(100)), now);
+        interval(&limit, &mut now, 1, 1024);
+        now += LIMIT_INTERVAL;
+        for _ in 0..WINDOW_SAMPLES_MIN - 1 {
+            limit.observe(ms(5_000), 1024, now);
+        }
+        assert_eq!(limit.limit(), 1024);
+        limit.observe(ms(5_000), 1024, now);
+        assert_eq!(limit.limit(), 256);
+        for _ in 0..10 {
+            limit.observe(ms(5_000), 1024, now + ms(50));
+        }
+        assert_eq!(limit.limit(), 256, "judged at most once per interval");
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub struct NodeConfig {
     pub pollers_max: usize,
     /// Other requests being served at once on this node; past it, 429 at once.
     pub requests_in_flight_max: usize,
+    /// How much longer than the node's unloaded latency admitted new work may
+    /// take (90th percentile over 100 ms) before the door lowers its bound
+    /// below `requests_in_flight_max` (`admission::AdaptiveLimit`); 0: never.
+    pub admission_delay_target_ms: u64,
     /// Bytes of one HTTP request body.
     pub request_bytes_max: usize,
     /// Bytes of one Raft RPC body (a batch of log entries or a snapshot chunk).
@@ -118,6 +122,7 @@ impl NodeConfig {
             proposals_in_flight_max: 8,
             pollers_max: 10_000,
             requests_in_flight_max: 1024,
+            admission_delay_target_ms: 100,
             request_bytes_max: 4 * 1024 * 1024,
             raft_request_bytes_max: 256 * 1024 * 1024,
             write_timeout_ms: 10_000,
@@ -287,6 +292,7 @@ impl NodeConfig {
                 "client_rate_per_second" => self.client_rate_per_second = number_of(value)? as f64,
                 "client_burst" => self.client_burst = number_of(value)? as f64,
                 "connections_max" => self.connections_max = number_of(value)? as usize,
+                "admission_delay_target_ms" => self.admission_delay_target_ms = number_of(value)?,
                 "clock_skew_max_ms" => self.clock_skew_max_ms = number_of(value)?,
                 "disk_free_min_bytes" => self.disk_free_min_bytes = number_of(value)?,
                 "disk_free_min_percent" => self.disk_free_min_percent = number_of(value)?,

@@ -86,6 +86,12 @@ pub fn render(node: &Node) -> String {
         "The watermark under which new work is refused (507 disk_full).",
         node.disk_free_min_bytes(),
     );
+    gauge(
+        o,
+        "phalanx_admission_limit",
+        "New-work requests the door admits at once now (at most requests_in_flight_max; lowered while admitted work is delayed).",
+        node.admission_limit.limit() as u64,
+    );
     let stats = &node.stats;
     let load = |value: &std::sync::atomic::AtomicU64| value.load(Ordering::Relaxed);
     counter(o, "phalanx_http_requests_total", "HTTP requests served by this node.", load(&stats.http_requests));

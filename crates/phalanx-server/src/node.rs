@@ -91,6 +91,8 @@ pub struct Node {
     pub pollers: Arc<Semaphore>,
     pub requests_in_flight: Arc<Semaphore>,
     pub rate_limiter: crate::admission::RateLimiter,
+    /// The door's bound on new work in flight, at most `requests_in_flight_max`.
+    pub admission_limit: crate::admission::AdaptiveLimit,
     pub listener_stats: Arc<crate::listener::ListenerStats>,
     pub stats: NodeStats,
     pub elections: Mutex<Elections>,
@@ -385,6 +387,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     let node = Arc::new(Node {
         pollers: Arc::new(Semaphore::new(config.pollers_max)),
         requests_in_flight: Arc::new(Semaphore::new(config.requests_in_flight_max)),
+        admission_limit: crate::admission::AdaptiveLimit::new(
+            config.requests_in_flight_max,
+            (config.admission_delay_target_ms > 0).then(|| Duration::from_millis(config.admission_delay_target_ms)),
+            std::time::Instant::now(),
+        ),
         rate_limiter: crate::admission::RateLimiter::new(
             config.client_rate_per_second,
             config.client_burst,
