@@ -258,9 +258,9 @@ pub struct ServerArgs {
     /// Low priorities may use half, normal four fifths (`X-Phalanx-Priority`).
     #[arg(long, default_value_t = 1024)]
     pub requests_in_flight_max: usize,
-    /// The door lowers that bound while admitted new work takes this much
-    /// longer than the node's unloaded latency (90th percentile over 100 ms),
-    /// and raises it back as the delay goes; 0 keeps it fixed.
+    /// The door lowers that bound while proposals wait this much longer in the
+    /// proposal queue than when it is unloaded (90th percentile over 100 ms),
+    /// and raises it back as the wait goes; 0 keeps it fixed.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub admission_delay_target_ms: u64,
     /// Client connections served at once (idle keep-alive ones included);

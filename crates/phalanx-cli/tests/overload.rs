@@ -184,7 +184,7 @@ async fn a_forwarded_submit_keeps_its_priority_at_the_leaders_door() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn work_held_past_the_delay_target_lowers_the_doors_bound_and_it_grows_back() {
+async fn work_queued_past_the_delay_target_lowers_the_doors_bound_and_it_grows_back() {
     let cluster = Cluster::start(1, &["--requests-in-flight-max", "64", "--admission-delay-target-ms", "100"]).await;
     let cluster = &cluster;
     let submit = |priority: &'static str, payload: u64| {
@@ -205,24 +205,30 @@ async fn work_held_past_the_delay_target_lowers_the_doors_bound_and_it_grows_bac
     }
     assert_eq!(metric(&cluster, "phalanx_admission_limit").await, 64);
 
-    // The disk stalls for 800 ms under 8 submits: they are all served, late.
+    // The disk stalls: 8 submits, one after the other, take the 8 entries
+    // that may be in flight (`proposals_in_flight_max`) and wait for it.
     let failpoint = &cluster.servers[&1].data_dir.join("failpoint-stall-storage");
     let hold = |from: u64| async move {
-        std::fs::write(&failpoint, b"stall").unwrap();
-        let proposed = commands_proposed(cluster, 1).await;
-        let held: Vec<_> = (from..from + 8).map(|i| tokio::spawn(submit("8", i))).collect();
-        wait_proposed(cluster, 1, proposed + 8, "8 submits waiting for the disk").await;
+        std::fs::write(failpoint, b"stall").unwrap();
+        let mut held = Vec::new();
+        for i in from..from + 8 {
+            let proposed = commands_proposed(cluster, 1).await;
+            held.push(tokio::spawn(submit("8", i)));
+            wait_proposed(cluster, 1, proposed + 1, "a submit waiting for the disk").await;
+        }
         held
     };
-    let held = hold(100).await;
+    let mut held = hold(100).await;
+    // 8 more wait in the proposal queue behind them for 800 ms: all are served, late.
+    held.extend((108..116).map(|i| tokio::spawn(submit("8", i))));
     tokio::time::sleep(Duration::from_millis(800)).await;
-    std::fs::remove_file(&failpoint).unwrap();
+    std::fs::remove_file(failpoint).unwrap();
     for answer in held {
         assert_eq!(answer.await.unwrap().unwrap().status().as_u16(), 201);
     }
-    // By the next interval they are judged: 800 ms past a base of
-    // milliseconds is eight times the target, and one interval cuts the
-    // bound to a quarter.
+    // By the next interval their wait is judged: 800 ms in the queue
+    // against an unloaded wait of microseconds is eight times the target,
+    // and one interval cuts the bound to a quarter.
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(submit("8", 200).await.unwrap().status().as_u16(), 201);
     assert_eq!(metric(&cluster, "phalanx_admission_limit").await, 16);
@@ -234,13 +240,13 @@ async fn work_held_past_the_delay_target_lowers_the_doors_bound_and_it_grows_bac
     let refused = common::decode(submit("1", 999).await.unwrap()).await.unwrap();
     assert!(start.elapsed() < Duration::from_millis(500), "a refusal is immediate");
     assert_error(&refused, 429, "overloaded");
-    std::fs::remove_file(&failpoint).unwrap();
+    std::fs::remove_file(failpoint).unwrap();
     for answer in held {
         assert_eq!(answer.await.unwrap().unwrap().status().as_u16(), 201);
     }
     let (_, list) = cluster.get(1, "/v1/tasks?queue=q&limit=1000").await.unwrap();
     let payloads: Vec<u64> = list["tasks"].as_array().unwrap().iter().map(|t| t["payload"].as_u64().unwrap()).collect();
-    assert_eq!(payloads.len(), 24 + 8 + 1 + 8, "{list}");
+    assert_eq!(payloads.len(), 24 + 16 + 1 + 8, "{list}");
     assert!(!payloads.contains(&999));
 
     // Quick again and in use: the bound grows back.

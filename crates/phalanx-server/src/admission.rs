@@ -9,8 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 tokio::task_local! {
     /// The instant after which the current request's client no longer wants
@@ -53,18 +54,25 @@ const BASE_WINDOWS: usize = 32;
 /// The most one interval may cut the bound by (to a quarter).
 const DECREASE_MAX: f64 = 0.25;
 
-/// The door's bound on new work in flight, following the delay that admitted
-/// work meets (a gradient limit, as TCP Vegas or CoDel reason): each interval
-/// of `LIMIT_INTERVAL` the 90th percentile of admitted requests' latency is
-/// compared with the node's unloaded latency (the smallest latency of the last
-/// `BASE_WINDOWS` intervals). Past it by more than the target, work is queueing
-/// inside the node and the bound is cut in proportion (target / delay, at most
-/// to a quarter); otherwise, while at least half of it is in use, it grows by a
-/// tenth. So a slow disk (every request slow) is not taken for overload, and a
-/// node past its capacity refuses at the door instead of holding work longer
-/// than its clients' attempt timeouts (docs/sdk.md, 1: 250-500 ms), after which
-/// they would count it lost and send it again.
+/// The door's slots for new work in flight, and their bound, which follows the
+/// delay work meets in the node's own queue (as CoDel does): each interval of
+/// `LIMIT_INTERVAL` the 90th percentile of the time proposals waited in the
+/// proposal queue (`proposer.rs`: from being queued to being handed to Raft)
+/// is compared with that queue's unloaded wait (the smallest of the last
+/// `BASE_WINDOWS` intervals). Past it by more than the target, admitted work
+/// is queueing and the bound is cut in proportion (target / delay, at most to
+/// a quarter); otherwise, while at least half of it is in use, it grows by a
+/// tenth. So a node past its capacity refuses at the door instead of holding
+/// work longer than its clients' attempt timeouts (docs/sdk.md, 1: 250-500
+/// ms), after which they would count it lost and send it again.
+///
+/// The signal is the queue the bound controls, not a request's whole latency:
+/// a node whose cores are taken by refusing (or by anything else) is slow
+/// whatever it admits, and a bound cut for that would only refuse more and
+/// serve less (measured: goodput fell from about a third of capacity to 2% at
+/// 10x open-loop load when the bound followed whole latencies).
 pub struct AdaptiveLimit {
+    slots: Arc<Semaphore>,
     limit: AtomicUsize,
     ceiling: usize,
     /// `None`: the bound stays at `ceiling`.
@@ -85,6 +93,7 @@ impl AdaptiveLimit {
     pub fn new(ceiling: usize, target: Option<Duration>, now: Instant) -> AdaptiveLimit {
         assert!(ceiling > 0);
         AdaptiveLimit {
+            slots: Arc::new(Semaphore::new(ceiling)),
             limit: AtomicUsize::new(ceiling),
             ceiling,
             target,
@@ -102,9 +111,27 @@ impl AdaptiveLimit {
         self.limit.load(Ordering::Relaxed)
     }
 
-    /// One admitted request was answered after `latency`; `busy` requests
-    /// (itself included) were in flight when it was admitted.
-    pub fn observe(&self, latency: Duration, busy: usize, now: Instant) {
+    /// New-work requests in flight now.
+    pub fn busy(&self) -> usize {
+        self.ceiling - self.slots.available_permits()
+    }
+
+    /// A slot for new work of `priority`, held until its answer is sent, or
+    /// `None`: the class's share of the bound (`in_flight_share`) is in use.
+    pub fn try_admit(&self, priority: u8) -> Option<OwnedSemaphorePermit> {
+        if self.busy() >= in_flight_share(priority, self.limit()) {
+            return None;
+        }
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// A proposal waited `delay` in the proposal queue.
+    pub fn observe_queue_delay(&self, delay: Duration, now: Instant) {
+        self.observe(delay, self.busy(), now)
+    }
+
+    /// One delay seen, with `busy` new-work requests in flight.
+    fn observe(&self, latency: Duration, busy: usize, now: Instant) {
         let Some(target) = self.target else { return };
         let mut window = self.window.lock().expect("limit lock");
         if window.latencies_us.len() < WINDOW_SAMPLES_MAX {
@@ -138,13 +165,7 @@ impl AdaptiveLimit {
         };
         let next = next.clamp(LIMIT_FLOOR.min(self.ceiling), self.ceiling);
         if next != limit {
-            tracing::debug!(
-                limit,
-                next,
-                p90_ms = p90 / 1000,
-                base_ms = base / 1000,
-                "admission: bound on new work moved"
-            );
+            tracing::debug!(limit, next, p90_us = p90, base_us = base, "admission: bound on new work moved");
         }
         self.limit.store(next, Ordering::Relaxed);
         window.started = now;

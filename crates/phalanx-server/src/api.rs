@@ -273,21 +273,12 @@ async fn door(State(node): State<Node_>, request: Request, next: Next) -> Respon
             Some(Some(priority)) if priority <= 9 => priority,
             Some(_) => return ApiError::invalid(format!("{PRIORITY_HEADER} must be 0..=9")).into_response(),
         };
-    // The bound follows the delay admitted work meets (`AdaptiveLimit`).
-    let share = crate::admission::in_flight_share(priority, node.admission_limit.limit());
-    let busy = node.config.requests_in_flight_max - node.requests_in_flight.available_permits();
-    let slot = if busy < share { node.requests_in_flight.clone().try_acquire_owned().ok() } else { None };
-    let Some(_slot) = slot else {
+    // The bound follows the delay in the proposal queue (`AdaptiveLimit`).
+    let Some(_slot) = node.admission_limit.try_admit(priority) else {
         node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
         return crate::error::door_refusal(priority);
     };
-    let admitted = Instant::now();
-    let response = next.run(request).await;
-    // Only work served counts: a refusal further in is quick and says nothing of the queue.
-    if response.status().is_success() {
-        node.admission_limit.observe(admitted.elapsed(), busy + 1, Instant::now());
-    }
-    response
+    next.run(request).await
 }
 
 /// Per-client rate limit and request deadline. A forwarded request is not

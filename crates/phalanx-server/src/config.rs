@@ -48,9 +48,9 @@ pub struct NodeConfig {
     pub pollers_max: usize,
     /// Other requests being served at once on this node; past it, 429 at once.
     pub requests_in_flight_max: usize,
-    /// How much longer than the node's unloaded latency admitted new work may
-    /// take (90th percentile over 100 ms) before the door lowers its bound
-    /// below `requests_in_flight_max` (`admission::AdaptiveLimit`); 0: never.
+    /// How much longer than when unloaded proposals may wait in the proposal
+    /// queue (90th percentile over 100 ms) before the door lowers its bound on
+    /// new work below `requests_in_flight_max` (`admission::AdaptiveLimit`); 0: never.
     pub admission_delay_target_ms: u64,
     /// Bytes of one HTTP request body.
     pub request_bytes_max: usize,

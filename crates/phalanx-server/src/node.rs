@@ -89,10 +89,10 @@ pub struct Node {
     /// When each peer last answered this node's Raft RPCs.
     pub peer_contacts: Arc<Mutex<BTreeMap<u64, Instant>>>,
     pub pollers: Arc<Semaphore>,
-    pub requests_in_flight: Arc<Semaphore>,
     pub rate_limiter: crate::admission::RateLimiter,
-    /// The door's bound on new work in flight, at most `requests_in_flight_max`.
-    pub admission_limit: crate::admission::AdaptiveLimit,
+    /// The door's slots for new work in flight and their bound, at most
+    /// `requests_in_flight_max`, fed by the proposal queue's delay.
+    pub admission_limit: Arc<crate::admission::AdaptiveLimit>,
     pub listener_stats: Arc<crate::listener::ListenerStats>,
     pub stats: NodeStats,
     pub elections: Mutex<Elections>,
@@ -357,6 +357,11 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
 
     initialize_if_first(&raft, &config).await?;
 
+    let admission_limit = Arc::new(crate::admission::AdaptiveLimit::new(
+        config.requests_in_flight_max,
+        (config.admission_delay_target_ms > 0).then(|| Duration::from_millis(config.admission_delay_target_ms)),
+        std::time::Instant::now(),
+    ));
     let proposer = {
         let _inside = consensus.enter();
         Proposer::start(
@@ -365,6 +370,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
             config.batch_commands_max,
             config.proposals_in_flight_max,
             config.write_timeout_ms,
+            admission_limit.clone(),
         )
     };
     let mut http = reqwest::Client::builder()
@@ -386,12 +392,7 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
     };
     let node = Arc::new(Node {
         pollers: Arc::new(Semaphore::new(config.pollers_max)),
-        requests_in_flight: Arc::new(Semaphore::new(config.requests_in_flight_max)),
-        admission_limit: crate::admission::AdaptiveLimit::new(
-            config.requests_in_flight_max,
-            (config.admission_delay_target_ms > 0).then(|| Duration::from_millis(config.admission_delay_target_ms)),
-            std::time::Instant::now(),
-        ),
+        admission_limit,
         rate_limiter: crate::admission::RateLimiter::new(
             config.client_rate_per_second,
             config.client_burst,

@@ -37,6 +37,8 @@ struct Proposal {
     commands: Vec<Command>,
     /// Past this instant the proposal is dropped unproposed: the client has given up.
     deadline: Option<Instant>,
+    /// When it was queued: its wait is what the door's bound follows.
+    queued: Instant,
     reply: oneshot::Sender<Result<(Vec<Outcome>, u64), Error>>,
 }
 
@@ -105,11 +107,12 @@ impl Proposer {
         batch_commands_max: usize,
         in_flight_max: usize,
         write_timeout_ms: u64,
+        admission: Arc<crate::admission::AdaptiveLimit>,
     ) -> Proposer {
         let queue_max = batch_commands_max * in_flight_max * 2;
         let (tx, rx) = mpsc::channel(queue_max);
         let stats = Arc::new(Stats::default());
-        tokio::spawn(run(raft, clock, rx, batch_commands_max, in_flight_max, stats.clone()));
+        tokio::spawn(run(raft, clock, rx, batch_commands_max, in_flight_max, stats.clone(), admission));
         Proposer { tx, queue_max, write_timeout: Duration::from_millis(write_timeout_ms), stats }
     }
 
@@ -149,10 +152,12 @@ impl Proposer {
             return Err(Error::DeadlineExceeded);
         }
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send(Proposal { commands, deadline, reply }).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(_) => Error::Overloaded(self.queue_max),
-            mpsc::error::TrySendError::Closed(_) => Error::Fatal("proposer stopped".into()),
-        })?;
+        self.tx.try_send(Proposal { commands, deadline, queued: Instant::now(), reply }).map_err(
+            |error| match error {
+                mpsc::error::TrySendError::Full(_) => Error::Overloaded(self.queue_max),
+                mpsc::error::TrySendError::Closed(_) => Error::Fatal("proposer stopped".into()),
+            },
+        )?;
         match tokio::time::timeout(self.write_timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::Fatal("proposal dropped".into())),
@@ -189,6 +194,7 @@ async fn run(
     batch_commands_max: usize,
     in_flight_max: usize,
     stats: Arc<Stats>,
+    admission: Arc<crate::admission::AdaptiveLimit>,
 ) {
     let in_flight = Arc::new(Semaphore::new(in_flight_max));
     while let Some(first) = rx.recv().await {
@@ -199,6 +205,7 @@ async fn run(
         let mut next = Some(first);
         let now = Instant::now();
         while let Some(proposal) = next.take() {
+            admission.observe_queue_delay(now.saturating_duration_since(proposal.queued), now);
             if proposal.deadline.is_some_and(|d| d <= now) {
                 let _ = proposal.reply.send(Err(Error::DeadlineExceeded));
             } else {
