@@ -384,6 +384,9 @@ pub const POLLS_IN_FLIGHT_MAX: usize = 64;
 /// The adaptive write timeout's floor (see the module's documentation): a
 /// new leader is elected about 250 ms after the old one falls silent.
 pub const WRITE_TIMEOUT_FLOOR: Duration = Duration::from_millis(250);
+/// docs/sdk.md, 4: how long a write attempt may wait in all while its node
+/// keeps answering other requests (a slow node, not a lost one).
+pub const SLOW_NODE_WAIT_MAX: Duration = Duration::from_secs(2);
 
 /// The latency of single write attempts, smoothed as RFC 6298 does.
 #[derive(Clone, Copy, Debug, Default)]
@@ -528,6 +531,9 @@ pub struct Client {
     /// the attempt's timeout adapts below it, down to `WRITE_TIMEOUT_FLOOR`.
     pub write_timeout: Duration,
     latency: Mutex<Latency>,
+    /// When each node last answered anything (docs/sdk.md, 4: a node that
+    /// answers others is slow, not lost). One entry per node of the list.
+    answered: Mutex<BTreeMap<String, Instant>>,
     budget: Mutex<RetryBudget>,
     /// docs/sdk.md, 10: adaptive throttling per node and priority class.
     throttle: Mutex<Throttle>,
@@ -567,6 +573,7 @@ impl Client {
             request_timeout: Duration::from_secs(15),
             write_timeout: WRITE_TIMEOUT_DEFAULT,
             latency: Mutex::new(Latency::default()),
+            answered: Mutex::new(BTreeMap::new()),
             budget: Mutex::new(RetryBudget::new(RETRY_TOKENS_MAX)),
             throttle: Mutex::new(Throttle::new(Instant::now())),
             throttling: true,
@@ -697,6 +704,7 @@ impl Client {
             }
         })?;
         let status = response.status().as_u16();
+        self.answered.lock().expect("answered lock").insert(node.to_string(), Instant::now());
         let retry_after_ms = retry_after_header(response.headers());
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| Failure::Broken(failure_reason(&e, timeout)))? {
@@ -708,6 +716,41 @@ impl Client {
             body.extend_from_slice(&chunk);
         }
         Ok(Answer { status, retry_after_ms, body })
+    }
+
+    /// docs/sdk.md, 4: a write attempt on a node that keeps answering. When
+    /// its `timeout` passes and the node answered other requests within that
+    /// time, the node is slow, not lost, and the attempt is given another
+    /// `timeout`, up to `SLOW_NODE_WAIT_MAX` in all; a node that answered
+    /// nothing in a period is left then, as before (a paused or cut-off node
+    /// is still left after one adaptive timeout, or two when it fell silent
+    /// during the first). Under load this keeps queueing from being taken for
+    /// a lost node, and the attempt from being sent again on top of it.
+    async fn exchange_patiently(
+        &self,
+        node: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+        minimal: bool,
+    ) -> Result<Answer, Failure> {
+        let ceiling = SLOW_NODE_WAIT_MAX.max(timeout);
+        let start = Instant::now();
+        let exchange = self.exchange(node, method, path, body, ceiling, minimal);
+        let mut exchange = std::pin::pin!(exchange);
+        let mut period_start = start;
+        loop {
+            let period_end = (period_start + timeout).min(start + ceiling);
+            if let Ok(result) = tokio::time::timeout_at(period_end.into(), exchange.as_mut()).await {
+                return result;
+            }
+            let answering = self.answered.lock().expect("answered lock").get(node).is_some_and(|at| *at > period_start);
+            if period_end >= start + ceiling || !answering {
+                return Err(Failure::Broken(format!("no answer within {:?}", period_end - start)));
+            }
+            period_start = period_end;
+        }
     }
 
     async fn call<T: DeserializeOwned>(
@@ -755,7 +798,12 @@ impl Client {
                 Attempt::Write { wait } => self.write_attempt_timeout() + wait,
             };
             let sent = Instant::now();
-            let exchanged = self.exchange(&node, method.clone(), path, body, timeout, minimal).await;
+            let exchanged = match attempt_timeout {
+                Attempt::Write { wait: Duration::ZERO } => {
+                    self.exchange_patiently(&node, method.clone(), path, body, timeout, minimal).await
+                }
+                _ => self.exchange(&node, method.clone(), path, body, timeout, minimal).await,
+            };
             drop(slot);
             if let Ok(answer) = &exchanged {
                 // Only a refusal for load counts against the node (SRE book: "accepts").
@@ -1580,6 +1628,98 @@ mod tests {
             }
         });
         (addr, received)
+    }
+
+    /// A node whose submits answer after `slow_ms` and whose every other
+    /// request answers at once, each connection served on its own; counts
+    /// the submits it received.
+    async fn slow_submits_node(slow_ms: u64) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let submits = Arc::new(AtomicUsize::new(0));
+        let counted = submits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let mut request = Vec::new();
+                        let mut buffer = [0u8; 4096];
+                        let head_end = loop {
+                            let n = stream.read(&mut buffer).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            request.extend_from_slice(&buffer[..n]);
+                            if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break end;
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&request[..head_end]).to_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                            .unwrap_or(0);
+                        while request.len() < head_end + 4 + length {
+                            let n = stream.read(&mut buffer).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            request.extend_from_slice(&buffer[..n]);
+                        }
+                        let body = if head.starts_with("post /v1/tasks ") {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(slow_ms)).await;
+                            json!({"task_id": 1, "deduplicated": false}).to_string()
+                        } else {
+                            "{}".to_string()
+                        };
+                        let head = format!(
+                            "HTTP/1.1 {} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            if body == "{}" { 200 } else { 201 },
+                            body.len()
+                        );
+                        if stream.write_all(format!("{head}{body}").as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, submits)
+    }
+
+    /// docs/sdk.md, 4: a write attempt is not abandoned while its node keeps
+    /// answering other requests: a submit answered after 1.2 s (more than
+    /// two adaptive timeouts) is waited for, and sent once.
+    #[tokio::test]
+    async fn sdk_4_a_slow_node_that_answers_others_is_waited_for() {
+        let (node, submits) = slow_submits_node(1_200).await;
+        let client = Arc::new(Client::new(vec![node], None).unwrap());
+        let submitting = {
+            let client = client.clone();
+            tokio::spawn(async move { client.submit(&SubmitRequest::new("q", json!(1))).await })
+        };
+        while !submitting.is_finished() {
+            let _ = client.get_task(1, true).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let submitted = submitting.await.unwrap().expect("the slow submit was waited for");
+        assert_eq!(submitted.task_id, 1);
+        assert_eq!(submits.load(Ordering::SeqCst), 1, "sent once");
+    }
+
+    /// docs/sdk.md, 4: a node that answers nothing is still left after one
+    /// attempt timeout.
+    #[tokio::test]
+    async fn sdk_4_a_silent_node_is_left_after_one_timeout() {
+        let (node, submits) = slow_submits_node(1_200).await;
+        let client = Client::new(vec![node], None).unwrap().with_retries_max(0);
+        let start = Instant::now();
+        let error = client.submit(&SubmitRequest::new("q", json!(1))).await.unwrap_err();
+        assert!(start.elapsed() < Duration::from_millis(900), "{:?}", start.elapsed());
+        assert!(error.to_string().contains("no answer within 500ms"), "{error}");
+        assert_eq!(submits.load(Ordering::SeqCst), 1);
     }
 
     /// docs/sdk.md, 10: a node that refuses everything for load is soon

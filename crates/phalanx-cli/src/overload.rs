@@ -8,7 +8,10 @@
 //!
 //! Two populations can offer the load (`--client-kind`): raw open-loop
 //! clients that ignore `Retry-After`, and the Rust SDK's clients (adaptive
-//! throttling, docs/sdk.md 10; retry budget; `Retry-After`). Each level also
+//! throttling, docs/sdk.md 10; retry budget; `Retry-After`). Each
+//! population's capacity is measured with its own client (the SDK's costs
+//! more CPU on the cores it shares with the nodes), and its levels are
+//! multiples of that; the CSV says which (`capacity_per_s`). Each level also
 //! prints the nodes' refusals (from their `/metrics`), and the CPU a
 //! refusal and a served task cost the nodes, fitted over the levels.
 //!
@@ -44,6 +47,8 @@ struct Level {
     /// `raw` or `sdk`.
     kind: &'static str,
     multiple: f64,
+    /// The population's own closed-loop capacity, which `multiple` multiplies.
+    capacity: f64,
     target: f64,
     offered: f64,
     not_sent: u64,
@@ -127,18 +132,24 @@ fn pools(addrs: &[String]) -> anyhow::Result<Vec<Arc<Pool>>> {
     addrs.iter().map(|addr| Ok(Arc::new(Pool::new(addr.parse()?, per_node)))).collect()
 }
 
-/// Closed loop, `concurrency` clients back to back: the acknowledged rate.
-async fn capacity(pools: &[Arc<Pool>], seconds: u64) -> f64 {
+/// Closed loop, 256 callers of `load`'s kind back to back: the acknowledged
+/// rate. Each population is measured with its own client, since on shared
+/// cores a heavier client leaves the nodes less.
+async fn capacity(load: &Load, seconds: u64) -> f64 {
     let acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     for i in 0..256 {
-        let (pool, acked, stop) = (pools[i % pools.len()].clone(), acked.clone(), stop.clone());
+        let (load, acked, stop) = (load.clone(), acked.clone(), stop.clone());
         handles.push(tokio::spawn(async move {
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                if submit_one(&pool, i, 5, n, "load").await.0 == 201 {
+                let status = match &load {
+                    Load::Raw(pools) => submit_one(&pools[i % pools.len()], i, 5, n, "load").await.0,
+                    Load::Sdk(clients) => submit_sdk(&clients[i % clients.len()], 5, n).await.0,
+                };
+                if status == 201 {
                     acked.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -248,6 +259,7 @@ fn summarise(
     Level {
         kind: "raw",
         multiple,
+        capacity: target / multiple,
         target,
         offered: (launched - pool_full) as f64 / window,
         not_sent: not_sent + pool_full,
@@ -315,8 +327,8 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
         args.node_count
     );
     let pools = pools(&addrs)?;
-    let capacity = capacity(&pools, 4).await;
-    println!("capacity: {capacity:.0} submits/s acknowledged");
+    let raw_capacity = capacity(&Load::Raw(pools.clone()), 4).await;
+    println!("capacity: {raw_capacity:.0} submits/s acknowledged");
     let kinds: &[&'static str] = match args.client_kind.as_str() {
         "both" => &["raw", "sdk"],
         "sdk" => &["sdk"],
@@ -334,6 +346,17 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
         } else {
             Load::Raw(pools.clone())
         };
+        // Load and goodput are multiples of what this population gets served closed-loop.
+        let capacity = if *kind == "sdk" {
+            let sdk_capacity = capacity(&load, 4).await;
+            println!(
+                "capacity with SDK clients (closed loop, 256 callers): {sdk_capacity:.0} submits/s acknowledged ({:.0}% of the raw clients'); the SDK levels are multiples of it",
+                100.0 * sdk_capacity / raw_capacity
+            );
+            sdk_capacity
+        } else {
+            raw_capacity
+        };
         println!("clients: {kind}");
         for multiple in [1.0, 2.0, 5.0, 10.0] {
             let term = cluster_term(&http, &addrs).await;
@@ -348,6 +371,7 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
                 cpu_after.0.iter().map(|(_, s)| s).sum::<f64>() - cpu_before.0.iter().map(|(_, s)| s).sum::<f64>();
             let mut level = summarise(multiple, capacity * multiple, &samples, launched, not_sent, window, elections);
             level.kind = kind;
+            level.capacity = capacity;
             // Over the level and the wait for its last answers, so a little more than `window`.
             let elapsed = level_start.elapsed().as_secs_f64();
             level.nodes_cpu_pct = 100.0 * nodes_cpu / elapsed;
@@ -377,8 +401,8 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
     let normal_p99 = levels[0].admitted_p99_ms.max(1.0);
     let mut recovered_after = None;
     for second in 1..=10u64 {
-        let (samples, launched, not_sent, window) = open_loop(&pools, capacity, 1).await;
-        let level = summarise(1.0, capacity, &samples, launched, not_sent, window, 0);
+        let (samples, launched, not_sent, window) = open_loop(&pools, raw_capacity, 1).await;
+        let level = summarise(1.0, raw_capacity, &samples, launched, not_sent, window, 0);
         if level.admitted_p99_ms <= normal_p99 * 1.5 {
             recovered_after = Some(second);
             break;
@@ -397,7 +421,7 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
     for agent in agents {
         let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
     }
-    write_outputs(&args.out_dir, args.node_count, capacity, &levels, peak)?;
+    write_outputs(&args.out_dir, args.node_count, raw_capacity, &levels, peak)?;
     Ok(())
 }
 
@@ -410,12 +434,12 @@ fn write_outputs(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut csv = String::from(
-        "clients,nodes,multiple,target_per_s,offered_per_s,not_sent,goodput_per_s,goodput_low,goodput_normal,goodput_high,shed_per_s,timeouts,broken,admitted_p50_ms,admitted_p99_ms,refused_p99_ms,elections,nodes_cpu_pct,generator_cpu_pct,peak_rss_kib\n",
+        "clients,nodes,multiple,target_per_s,offered_per_s,not_sent,goodput_per_s,goodput_low,goodput_normal,goodput_high,shed_per_s,timeouts,broken,admitted_p50_ms,admitted_p99_ms,refused_p99_ms,elections,nodes_cpu_pct,generator_cpu_pct,peak_rss_kib,capacity_per_s\n",
     );
     for l in levels {
         let _ = writeln!(
             csv,
-            "{},{nodes},{},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.0},{:.0},{},{},{:.2},{:.2},{:.2},{},{:.0},{:.0},{peak_kib}",
+            "{},{nodes},{},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.0},{:.0},{},{},{:.2},{:.2},{:.2},{},{:.0},{:.0},{peak_kib},{:.0}",
             l.kind,
             l.multiple,
             l.target,
@@ -433,7 +457,8 @@ fn write_outputs(
             l.refused_p99_ms,
             l.elections,
             l.nodes_cpu_pct,
-            l.generator_cpu_pct
+            l.generator_cpu_pct,
+            l.capacity
         );
     }
     let csv_path = dir.join(format!("overload-{nodes}node.csv"));
