@@ -71,6 +71,10 @@ class RetryBudget:
 # after the old one falls silent.
 WRITE_TIMEOUT_FLOOR_S = 0.25
 
+# docs/sdk.md, 4: how long a write attempt of the asyncio client may wait in all while its node keeps answering
+# other requests (a slow node, not a lost one).
+SLOW_NODE_WAIT_MAX_S = 2.0
+
 
 @dataclass
 class _Latency:
@@ -95,4 +99,4 @@ class _Latency:
         return min(ceiling_s, max(floor_s, self.smoothed_s + 4 * self.variation_s))
 
 
-__all__ = ["RetryPolicy", "RetryBudget", "WRITE_TIMEOUT_FLOOR_S"]
+__all__ = ["RetryPolicy", "RetryBudget", "WRITE_TIMEOUT_FLOOR_S", "SLOW_NODE_WAIT_MAX_S"]

@@ -23,7 +23,7 @@ from typing import Any, Callable, Generic, Literal, Optional, Sequence, TypeVar,
 import httpx
 
 from ._errors import Overloaded, OutcomeUnknown, PhalanxError, Unavailable, error_from_answer
-from ._retry import WRITE_TIMEOUT_FLOOR_S, RetryBudget, RetryPolicy, _Latency
+from ._retry import SLOW_NODE_WAIT_MAX_S, WRITE_TIMEOUT_FLOOR_S, RetryBudget, RetryPolicy, _Latency
 from ._throttle import AdaptiveThrottle, Class, class_of_priority
 from ._trace import current_traceparent
 from .types import (
@@ -487,6 +487,23 @@ class _Core:
     def __post_init__(self) -> None:
         self.current = self.rng.randrange(len(self.nodes))
         self._lock = threading.Lock()
+        # When each node (by index) last answered anything: docs/sdk.md, 4, a node that answers is not lost.
+        self.last_answer: dict[int, float] = {}
+
+    def patient(self, request: _Request[Any]) -> bool:
+        """docs/sdk.md, 4: whether an attempt of `request` waits past its timeout while its node answers others
+        (writes, long-polls aside)."""
+        return request.fast and request.wait_s == 0
+
+    def patient_s(self, request: _Request[Any], deadline: Optional[float]) -> float:
+        """How long a patient attempt may wait in all: `SLOW_NODE_WAIT_MAX_S`, within the call's deadline."""
+        ceiling_s = max(SLOW_NODE_WAIT_MAX_S, self.attempt_s(request))
+        if deadline is not None:
+            ceiling_s = max(0.001, min(ceiling_s, deadline - time.monotonic()))
+        return ceiling_s
+
+    def answering_since(self, index: int, since: float) -> bool:
+        return self.last_answer.get(index, float("-inf")) > since
 
     def node(self) -> int:
         return self.current % len(self.nodes)
@@ -513,7 +530,8 @@ class _Core:
             with self._lock:
                 self.latency.record(time.monotonic() - sent)
 
-    def headers(self, deadline: Optional[float], request: Optional[_Request[Any]] = None) -> dict[str, str]:
+    def headers(self, deadline: Optional[float], request: Optional[_Request[Any]] = None,
+                attempt_s: Optional[float] = None) -> dict[str, str]:
         headers = {}
         if self.token:
             headers["authorization"] = f"Bearer {self.token}"
@@ -522,7 +540,7 @@ class _Core:
         if request is not None and request.fast:
             # The node refuses at once (changing nothing) what it cannot
             # propose within this attempt, instead of leaving the outcome open.
-            attempt_end = time.monotonic() + self.attempt_s(request)
+            attempt_end = time.monotonic() + (attempt_s if attempt_s is not None else self.attempt_s(request))
             deadline = attempt_end if deadline is None else min(deadline, attempt_end)
         if deadline is not None:
             headers["x-phalanx-deadline-ms"] = str(max(1, int((deadline - time.monotonic()) * 1000)))
@@ -543,8 +561,9 @@ class _Core:
         return Overloaded(429, "overloaded", f"throttled by the client: {node} refuses most requests of this "
                                              "class lately; nothing was sent", outcome="not_done")
 
-    def timeout(self, request: _Request[Any], deadline: Optional[float]) -> httpx.Timeout:
-        read_s = self.attempt_s(request)
+    def timeout(self, request: _Request[Any], deadline: Optional[float],
+                read_s: Optional[float] = None) -> httpx.Timeout:
+        read_s = self.attempt_s(request) if read_s is None else read_s
         if deadline is not None:
             read_s = max(0.001, min(read_s, deadline - time.monotonic()))
         return httpx.Timeout(read_s, connect=min(self.connect_timeout_s, read_s))
@@ -573,6 +592,7 @@ class _Core:
     def judge_response(self, request: _Request[Any], index: int, response: httpx.Response,
                        tried: _Tried) -> _Verdict:
         status = response.status_code
+        self.last_answer[index] = time.monotonic()
         if 200 <= status < 300:
             self.throttle.answered(self.nodes[index], _class_of(request), True)
             if request.text:

@@ -44,7 +44,7 @@ import os
 import random
 import threading
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Awaitable, Optional, Sequence, Union
 
 import httpx
 
@@ -453,6 +453,36 @@ class Client(_ClientBase):
         return response.status_code == 200
 
 
+class _GaveUp(Exception):
+    """A patient attempt left its node: it answered nothing else for a whole period."""
+
+    def __init__(self, waited_s: float) -> None:
+        super().__init__(f"no answer within {waited_s:g} s")
+        self.waited_s = waited_s
+
+
+async def _patiently(sending: Awaitable[httpx.Response], core: _Core, index: int, period_s: float,
+                     ceiling_s: float) -> httpx.Response:
+    """docs/sdk.md, 4: waits for an attempt's answer while its node keeps answering other requests: each time
+    `period_s` (the adaptive write timeout) passes, another period if the node answered anything during the last
+    one, up to `ceiling_s` in all; otherwise `_GaveUp` (and the request is abandoned)."""
+    task = asyncio.ensure_future(sending)
+    start = period_start = time.monotonic()
+    try:
+        while True:
+            period_end = min(period_start + period_s, start + ceiling_s)
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, period_end - time.monotonic()))
+            if done:
+                return task.result()
+            if period_end >= start + ceiling_s or not core.answering_since(index, period_start):
+                raise _GaveUp(round(period_end - start, 3))
+            period_start = period_end
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 class AsyncClient(_ClientBase):
     """Asyncio client with the same methods, arguments and semantics as `Client`."""
 
@@ -501,13 +531,24 @@ class AsyncClient(_ClientBase):
                 raise core.give_up(_no_slot(), maybe_done) from None
             try:
                 sent = time.monotonic()
-                timeout = core.timeout(request, deadline)
+                patient = core.patient(request)
+                period_s = core.attempt_s(request)
+                ceiling_s = core.patient_s(request, deadline) if patient else None
+                timeout = core.timeout(request, deadline, ceiling_s)
+                waited_s: Optional[float] = timeout.read
                 try:
-                    response = await self._http.request(request.method, core.url(index, request.path),
-                                                        params=request.query, json=request.body,
-                                                        headers=core.headers(deadline, request), timeout=timeout)
+                    sending = self._http.request(request.method, core.url(index, request.path),
+                                                 params=request.query, json=request.body,
+                                                 headers=core.headers(deadline, request, ceiling_s), timeout=timeout)
+                    if ceiling_s is None:
+                        response = await sending
+                    else:
+                        response = await _patiently(sending, core, index, period_s, ceiling_s)
+                except _GaveUp as gave_up:
+                    waited_s = gave_up.waited_s
+                    verdict = core.judge_exception(request, index, httpx.ReadTimeout(str(gave_up)), tried, waited_s)
                 except httpx.HTTPError as error:
-                    verdict = core.judge_exception(request, index, error, tried, timeout.read)
+                    verdict = core.judge_exception(request, index, error, tried, waited_s)
                 else:
                     verdict = core.judge_response(request, index, response, tried)
             finally:

@@ -3,6 +3,8 @@ conversations, errors, failover past a dead node."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -163,3 +165,70 @@ async def test_the_async_client(server):
         assert len((await client.list_tasks(queue="q"))["tasks"]) == 4
         assert (await client.cancel(task_id))["state"] == "cancelled"
         assert (await client.cluster())["leader_id"] == 1
+
+
+def _slow_submits_node(slow_s: float) -> tuple[Any, list[int]]:
+    """A node whose submits answer after `slow_s` and whose other requests answer at once; counts submits."""
+    import asyncio
+
+    submits = [0]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                if head.startswith(b"POST /v1/tasks "):
+                    submits[0] += 1
+                    await asyncio.sleep(slow_s)
+                    status, body = b"201 Created", b'{"task_id": 7, "deduplicated": false}'
+                else:
+                    status, body = b"404 Not Found", b'{"error": {"code": "task_not_found", "message": "no"}}'
+                writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return serve, submits
+
+
+def test_sdk_4_a_slow_node_that_answers_others_is_waited_for() -> None:
+    """docs/sdk.md, 4: the asyncio client's write attempt is not abandoned while its node keeps answering other
+    requests (a submit answered after 1.2 s, more than two timeouts, is waited for and sent once); a node that
+    answers nothing else is left after one timeout."""
+    import asyncio
+    import time
+
+    async def main() -> None:
+        serve, submits = _slow_submits_node(1.2)
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            client.throttling = False
+            submitting = asyncio.ensure_future(client.submit("q", 1))
+            while not submitting.done():
+                try:
+                    await client.get_task(1, stale=True)
+                except NotFound:
+                    pass
+                await asyncio.sleep(0.05)
+            assert await submitting == 7
+            assert submits[0] == 1
+        async with AsyncClient(f"127.0.0.1:{port}", retries_max=0) as client:
+            start = time.monotonic()
+            with pytest.raises(PhalanxError) as refused:
+                await client.submit("q", 2)
+            assert time.monotonic() - start < 0.9
+            assert "no answer within 0.5 s" in str(refused.value), refused.value
+            assert submits[0] == 2
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
