@@ -99,6 +99,8 @@ fn scenarios() -> clap::builder::PossibleValuesParser {
             .help("delegation trees with token budgets (--tasks trees): overshoot per tree, resume after a raise"),
         PossibleValue::new("restart")
             .help("a node with --tasks pending tasks restarted: time to ready, memory per task, both snapshot formats"),
+        PossibleValue::new("refusals")
+            .help("the CPU one node spends per request refused at the door and per task served, measured apart"),
     ])
 }
 
@@ -128,6 +130,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "fairness" => crate::fairness::fairness(args).await,
         "budget" => crate::budget::budget(args).await,
         "restart" => crate::restart::restart(args).await,
+        "refusals" => crate::overload::refusal_cost(args).await,
         other => {
             anyhow::bail!(
                 "unknown scenario {other:?}: use throughput, overload, backlog, soak, failover, steady, delegation, fairness or budget"

@@ -169,8 +169,11 @@ async fn capacity(load: &Load, seconds: u64) -> f64 {
 /// Open loop at `rate` requests/s for `seconds`: requests leave on schedule
 /// whether or not earlier ones were answered.
 async fn open_loop(pools: &[Arc<Pool>], rate: f64, seconds: u64) -> (Vec<Sample>, u64, u64, f64) {
-    open_loop_with(&Load::Raw(pools.to_vec()), rate, seconds).await
+    open_loop_with(&Load::Raw(pools.to_vec()), rate, seconds, MIXED).await
 }
+
+/// The priorities of the open-loop load's three classes, in equal shares.
+const MIXED: [u8; 3] = [2, 5, 8];
 
 /// Who sends the open-loop load.
 #[derive(Clone)]
@@ -193,7 +196,7 @@ async fn submit_sdk(client: &phalanx_agent::Client, priority: u8, n: u64) -> (u1
     (status, start.elapsed().as_micros() as u64)
 }
 
-async fn open_loop_with(load: &Load, rate: f64, seconds: u64) -> (Vec<Sample>, u64, u64, f64) {
+async fn open_loop_with(load: &Load, rate: f64, seconds: u64, priorities: [u8; 3]) -> (Vec<Sample>, u64, u64, f64) {
     let samples = Arc::new(Mutex::new(Vec::new()));
     let in_flight = Arc::new(AtomicU64::new(0));
     let total = (rate * seconds as f64) as u64;
@@ -214,7 +217,7 @@ async fn open_loop_with(load: &Load, rate: f64, seconds: u64) -> (Vec<Sample>, u
             launched += 1;
             in_flight.fetch_add(1, Ordering::Relaxed);
             let class = (n % 3) as usize;
-            let priority = [2u8, 5, 8][class];
+            let priority = priorities[class];
             let (load, samples, in_flight) = (load.clone(), samples.clone(), in_flight.clone());
             tokio::spawn(async move {
                 let (status, latency_us) = match &load {
@@ -363,7 +366,8 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
             let refusals_before = node_refusals(&http, &addrs).await;
             let cpu_before = (cluster.cpu_seconds(), process_cpu_seconds("self").unwrap_or(0.0));
             let level_start = Instant::now();
-            let (samples, launched, not_sent, window) = open_loop_with(&load, capacity * multiple, LEVEL_SECONDS).await;
+            let (samples, launched, not_sent, window) =
+                open_loop_with(&load, capacity * multiple, LEVEL_SECONDS, MIXED).await;
             let cpu_after = (cluster.cpu_seconds(), process_cpu_seconds("self").unwrap_or(0.0));
             let refusals = node_refusals(&http, &addrs).await.saturating_sub(refusals_before);
             let elections = cluster_term(&http, &addrs).await.saturating_sub(term);
@@ -422,6 +426,101 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
     }
     write_outputs(&args.out_dir, args.node_count, raw_capacity, &levels, peak)?;
+    Ok(())
+}
+
+/// The nodes' CPU seconds so far, summed.
+fn nodes_cpu_seconds(cluster: &LocalCluster) -> f64 {
+    cluster.cpu_seconds().iter().map(|(_, seconds)| seconds).sum()
+}
+
+/// `phalanx bench refusals`: the CPU one node spends per refused request and
+/// per served task, each measured on its own rather than fitted over mixed
+/// levels. Served: a node drained by four agents while 256 closed-loop raw
+/// clients submit (submit, lease and complete per task). Refused: a node with
+/// `--requests-in-flight-max 1`, where a low-priority submit's share of the
+/// door's slots is none, offered low-priority submits open-loop, so that
+/// every one is refused at the door. The idle node's own CPU is taken out.
+pub async fn refusal_cost(args: BenchArgs) -> anyhow::Result<()> {
+    let server_args: Vec<String> = args.server_args.split_whitespace().map(String::from).collect();
+    let seconds = args.seconds.max(2);
+    let served_us = {
+        let dir = tempfile::tempdir()?;
+        let cluster = LocalCluster::start(1, dir.path(), &server_args).await?;
+        let addrs = cluster.addrs();
+        let (stop_agents, agents) = start_drain_agents(&addrs, "load", 4).await?;
+        let pools = pools(&addrs)?;
+        let acked = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for i in 0..256 {
+            let (pool, acked, stop) = (pools[i % pools.len()].clone(), acked.clone(), stop.clone());
+            clients.push(tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    if submit_one(&pool, i, 5, n, "load").await.0 == 201 {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (cpu, served, start) = (nodes_cpu_seconds(&cluster), acked.load(Ordering::Relaxed), Instant::now());
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let cpu = nodes_cpu_seconds(&cluster) - cpu;
+        let served = acked.load(Ordering::Relaxed) - served;
+        let elapsed = start.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        for client in clients {
+            let _ = client.await;
+        }
+        stop_agents.notify_waiters();
+        for agent in agents {
+            let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
+        }
+        let served_us = 1e6 * cpu / served.max(1) as f64;
+        println!(
+            "served: {:.0} tasks/s (submitted closed-loop, leased and completed), node CPU {:.0}%, {served_us:.1} us per task",
+            served as f64 / elapsed,
+            100.0 * cpu / elapsed
+        );
+        served_us
+    };
+    let dir = tempfile::tempdir()?;
+    let mut refusing_args = server_args.clone();
+    refusing_args.extend(["--requests-in-flight-max".to_string(), "1".to_string()]);
+    let cluster = LocalCluster::start(1, dir.path(), &refusing_args).await?;
+    let addrs = cluster.addrs();
+    let http = reqwest::Client::new();
+    let pools = pools(&addrs)?;
+    // What the idle node spends (its timers, Raft's ticks) is not the refusals'.
+    let (cpu, start) = (nodes_cpu_seconds(&cluster), Instant::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_per_second = (nodes_cpu_seconds(&cluster) - cpu) / start.elapsed().as_secs_f64();
+    println!("idle: node CPU {:.1}%", 100.0 * idle_per_second);
+    for rate in [5_000.0, 10_000.0, 20_000.0, 40_000.0] {
+        let (cpu, refused_before, start) =
+            (nodes_cpu_seconds(&cluster), node_refusals(&http, &addrs).await, Instant::now());
+        let (samples, launched, not_sent, _) =
+            open_loop_with(&Load::Raw(pools.clone()), rate, seconds, [2, 2, 2]).await;
+        let elapsed = start.elapsed().as_secs_f64();
+        let cpu = nodes_cpu_seconds(&cluster) - cpu;
+        let refused = node_refusals(&http, &addrs).await.saturating_sub(refused_before);
+        let mut latencies: Vec<u64> = samples.iter().filter(|s| s.status == 429).map(|s| s.latency_us).collect();
+        latencies.sort_unstable();
+        let refusal_us = 1e6 * (cpu - idle_per_second * elapsed).max(0.0) / refused.max(1) as f64;
+        println!(
+            "refused: {:.0}/s sent ({not_sent} not sent), {:.0}/s refused at the door, node CPU {:.0}%, {refusal_us:.1} us per refusal ({:.0}% of a served task), refusals p50 {:.1} ms p99 {:.1} ms, other answers {}",
+            launched as f64 / elapsed,
+            refused as f64 / elapsed,
+            100.0 * cpu / elapsed,
+            100.0 * refusal_us / served_us,
+            ms(percentile(&latencies, 0.5)),
+            ms(percentile(&latencies, 0.99)),
+            samples.iter().filter(|s| s.status != 429).count()
+        );
+    }
     Ok(())
 }
 

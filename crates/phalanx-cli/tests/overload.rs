@@ -240,6 +240,8 @@ async fn work_queued_past_the_delay_target_lowers_the_doors_bound_and_it_grows_b
     let refused = common::decode(submit("1", 999).await.unwrap()).await.unwrap();
     assert!(start.elapsed() < Duration::from_millis(500), "a refusal is immediate");
     assert_error(&refused, 429, "overloaded");
+    // Refused before routing, and still counted.
+    assert_eq!(metric(cluster, "phalanx_refused_overload_total").await, 1);
     std::fs::remove_file(failpoint).unwrap();
     for answer in held {
         assert_eq!(answer.await.unwrap().unwrap().status().as_u16(), 201);

@@ -121,7 +121,6 @@ pub fn router(node: Arc<Node>) -> Router {
         .merge(client.merge(health).layer(middleware::from_fn(json_rejections)))
         .merge(crate::console::router())
         .fallback(|| async { ApiError::not_found("no such route") })
-        .layer(middleware::from_fn_with_state(node.clone(), door))
         .layer(middleware::from_fn_with_state(node.clone(), count_requests))
         .with_state(node)
 }
@@ -251,34 +250,45 @@ pub const PRIORITY_HEADER: &str = "x-phalanx-priority";
 /// Header naming the client for per-client rate limits.
 pub const CLIENT_HEADER: &str = "x-phalanx-client";
 
-/// In-flight slots by priority: the first thing a request meets, before
-/// routing, authentication and its body, so that refusing new work costs the
-/// node as little as possible (a prepared answer) and never waits behind
-/// admitted work. A forwarded request takes a slot here too: the leader
-/// bounds the work that followers send it, by the priority the client announced.
-async fn door(State(node): State<Node_>, request: Request, next: Next) -> Response {
-    // A bound on requests being served at once (long-polls aside): past it the
-    // node answers 429 at once instead of queueing work it cannot finish soon.
-    // Only new work is bounded this way: completes, failures, extensions and
-    // heartbeats finish work already admitted, and refusing them would waste it.
-    let path = request.uri().path();
-    let new_work = request.method() == Method::POST && (path == "/v1/tasks" || path == "/v1/tasks/batch");
-    if !new_work {
-        return next.run(request).await;
-    }
-    // The priority header lets the door shed the lowest classes first.
-    let priority =
-        match request.headers().get(PRIORITY_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u8>().ok())) {
+/// In-flight slots by priority: the first thing a request meets, from its
+/// head alone, before routing, the router's layers, authentication and its
+/// body (`listener::Gate`), so that refusing new work costs the node as little
+/// as possible (a prepared answer, no route matched, no layer run) and never
+/// waits behind admitted work. A forwarded request takes a slot here too: the
+/// leader bounds the work that followers send it, by the priority the client
+/// announced. (A request refused here is counted in
+/// `phalanx_http_requests_total` and `phalanx_refused_overload_total`, not in
+/// the request-duration histogram.)
+pub fn door(node: Node_) -> crate::listener::Gate {
+    Arc::new(move |method, uri, headers| {
+        // A bound on requests being served at once (long-polls aside): past it the
+        // node answers 429 at once instead of queueing work it cannot finish soon.
+        // Only new work is bounded this way: completes, failures, extensions and
+        // heartbeats finish work already admitted, and refusing them would waste it.
+        let path = uri.path();
+        let new_work = method == Method::POST && (path == "/v1/tasks" || path == "/v1/tasks/batch");
+        if !new_work {
+            return Ok(None);
+        }
+        // The priority header lets the door shed the lowest classes first.
+        let priority = match headers.get(PRIORITY_HEADER).map(|v| v.to_str().ok().and_then(|v| v.parse::<u8>().ok())) {
             None => 5u8,
             Some(Some(priority)) if priority <= 9 => priority,
-            Some(_) => return ApiError::invalid(format!("{PRIORITY_HEADER} must be 0..=9")).into_response(),
+            Some(_) => {
+                node.stats.http_requests.fetch_add(1, Ordering::Relaxed);
+                return Err(ApiError::invalid(format!("{PRIORITY_HEADER} must be 0..=9")).into_response());
+            }
         };
-    // The bound follows the delay in the proposal queue (`AdaptiveLimit`).
-    let Some(_slot) = node.admission_limit.try_admit(priority) else {
-        node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
-        return crate::error::door_refusal(priority);
-    };
-    next.run(request).await
+        // The bound follows the delay in the proposal queue (`AdaptiveLimit`).
+        match node.admission_limit.try_admit(priority) {
+            Some(slot) => Ok(Some(Box::new(slot))),
+            None => {
+                node.stats.http_requests.fetch_add(1, Ordering::Relaxed);
+                node.stats.refused_overload.fetch_add(1, Ordering::Relaxed);
+                Err(crate::error::door_refusal(priority))
+            }
+        }
+    })
 }
 
 /// Per-client rate limit and request deadline. A forwarded request is not

@@ -338,12 +338,27 @@ pub struct Connection {
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// What the node decides about a request from its head alone, before the
+/// router sees it (`api::door`): refused at once with a prepared answer, or let
+/// in, holding its guard (a slot, say) until its answer is produced. A refusal
+/// here costs no routing and none of the router's layers.
+pub type Gate = Arc<
+    dyn Fn(
+            &axum::http::Method,
+            &axum::http::Uri,
+            &axum::http::HeaderMap,
+        ) -> Result<Option<Box<dyn Send>>, axum::response::Response>
+        + Send
+        + Sync,
+>;
+
 /// Serves the router on the listener until `shutdown` turns true, then stops
 /// accepting, lets each connection finish the request it is serving, and
-/// returns once all are closed.
+/// returns once all are closed. Every request meets `gate` first, if any.
 pub async fn serve(
     mut listener: BoundedListener,
     router: Router,
+    gate: Option<Gate>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<()> {
     // Every connection task holds a sender; `recv` ends once all are dropped.
@@ -357,12 +372,22 @@ pub async fn serve(
         let tls = listener.tls.clone();
         let activity = connection.activity.clone();
         let router = router.clone();
+        let gate = gate.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(ConnectInfo(PeerAddr(addr)));
             let serving = Serving::begin(&activity);
+            let admitted = match &gate {
+                Some(gate) => gate(request.method(), request.uri(), request.headers()),
+                None => Ok(None),
+            };
             let router = router.clone();
             async move {
+                let guard = match admitted {
+                    Ok(guard) => guard,
+                    Err(refusal) => return Ok(refusal),
+                };
                 let response = tower::ServiceExt::oneshot(router, request.map(axum::body::Body::new)).await;
+                drop(guard);
                 drop(serving);
                 response
             }

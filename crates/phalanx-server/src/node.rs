@@ -446,7 +446,8 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<Running> {
         .layer(axum::middleware::from_fn_with_state(node.clone(), crate::metrics::time_requests));
     let settings = crate::listener::Settings::of(&node.config);
     let listener = crate::listener::BoundedListener::new(listener, settings, node.listener_stats.clone(), tls);
-    let server = tokio::spawn(crate::listener::serve(listener, router, shutdown_rx));
+    let gate = crate::api::door(node.clone());
+    let server = tokio::spawn(crate::listener::serve(listener, router, Some(gate), shutdown_rx));
     tracing::info!(node_id = node.id(), %addr, ?raft_addr, "node serving");
     Ok(Running { node, addr, raft_addr, shutdown_tx, server, _raft_runtime: raft_runtime })
 }
