@@ -284,6 +284,43 @@ fn summarise(
     }
 }
 
+/// Tasks of `queue` not finished yet (pending or leased), as the first node
+/// that answers reports them (`/metrics`); `None` when none answers.
+async fn unfinished(http: &reqwest::Client, addrs: &[String], queue: &str) -> Option<u64> {
+    for addr in addrs {
+        let Ok(answer) = http.get(format!("http://{addr}/metrics")).timeout(Duration::from_secs(2)).send().await else {
+            continue;
+        };
+        let Ok(text) = answer.text().await else { continue };
+        let count = |state: &str| {
+            let prefix = format!("phalanx_tasks{{queue=\"{queue}\",state=\"{state}\"}} ");
+            text.lines().find_map(|line| line.strip_prefix(&prefix)?.trim().parse::<u64>().ok()).unwrap_or(0)
+        };
+        return Some(count("pending") + count("leased"));
+    }
+    None
+}
+
+/// Waits (at most `DRAIN_WAIT_MAX`) until the agents have drained the load
+/// queue, so that each level starts from an empty queue: one that a level
+/// left full would refuse the next level's submits (`queue_full`) for reasons
+/// of its own.
+async fn wait_drained(http: &reqwest::Client, addrs: &[String]) {
+    let start = Instant::now();
+    let mut left = None;
+    while start.elapsed() < DRAIN_WAIT_MAX {
+        left = unfinished(http, addrs, "load").await;
+        if left == Some(0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("(the queue still held {left:?} unfinished tasks after {DRAIN_WAIT_MAX:?}; the level starts anyway)");
+}
+
+/// How long the bench waits for the queue to drain between levels, at most.
+const DRAIN_WAIT_MAX: Duration = Duration::from_secs(30);
+
 /// The nodes' refusals by admission control so far, summed (`/metrics`).
 async fn node_refusals(http: &reqwest::Client, addrs: &[String]) -> u64 {
     let mut total = 0;
@@ -350,6 +387,7 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
             Load::Raw(pools.clone())
         };
         // Load and goodput are multiples of what this population gets served closed-loop.
+        wait_drained(&http, &addrs).await;
         let capacity = if *kind == "sdk" {
             let sdk_capacity = capacity(&load, 4).await;
             println!(
@@ -362,6 +400,7 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
         };
         println!("clients: {kind}");
         for multiple in [1.0, 2.0, 5.0, 10.0] {
+            wait_drained(&http, &addrs).await;
             let term = cluster_term(&http, &addrs).await;
             let refusals_before = node_refusals(&http, &addrs).await;
             let cpu_before = (cluster.cpu_seconds(), process_cpu_seconds("self").unwrap_or(0.0));
