@@ -531,8 +531,10 @@ pub struct Client {
     /// the attempt's timeout adapts below it, down to `WRITE_TIMEOUT_FLOOR`.
     pub write_timeout: Duration,
     latency: Mutex<Latency>,
-    /// When each node last answered anything (docs/sdk.md, 4: a node that
-    /// answers others is slow, not lost). One entry per node of the list.
+    /// When each node last gave an answer that shows it making progress
+    /// (below 500: served, or refused for what was asked or for load);
+    /// docs/sdk.md, 4: a node that answers others so is slow, not lost. One
+    /// entry per node of the list.
     answered: Mutex<BTreeMap<String, Instant>>,
     budget: Mutex<RetryBudget>,
     /// docs/sdk.md, 10: adaptive throttling per node and priority class.
@@ -704,7 +706,11 @@ impl Client {
             }
         })?;
         let status = response.status().as_u16();
-        self.answered.lock().expect("answered lock").insert(node.to_string(), Instant::now());
+        // A 5xx (not ready, no leader, unavailable) says the node cannot make
+        // progress: waiting longer on it would only delay failover.
+        if status < 500 {
+            self.answered.lock().expect("answered lock").insert(node.to_string(), Instant::now());
+        }
         let retry_after_ms = retry_after_header(response.headers());
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| Failure::Broken(failure_reason(&e, timeout)))? {
@@ -1633,7 +1639,7 @@ mod tests {
     /// A node whose submits answer after `slow_ms` and whose every other
     /// request answers at once, each connection served on its own; counts
     /// the submits it received.
-    async fn slow_submits_node(slow_ms: u64) -> (String, Arc<AtomicUsize>) {
+    async fn slow_submits_node(slow_ms: u64, others: u16) -> (String, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let submits = Arc::new(AtomicUsize::new(0));
@@ -1667,16 +1673,19 @@ mod tests {
                             }
                             request.extend_from_slice(&buffer[..n]);
                         }
-                        let body = if head.starts_with("post /v1/tasks ") {
+                        let (status, body) = if head.starts_with("post /v1/tasks ") {
                             counted.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(Duration::from_millis(slow_ms)).await;
-                            json!({"task_id": 1, "deduplicated": false}).to_string()
+                            (201, json!({"task_id": 1, "deduplicated": false}).to_string())
+                        } else if others == 503 {
+                            let error =
+                                json!({"error": {"code": "not_ready", "message": "scripted", "outcome": "not_done"}});
+                            (503, error.to_string())
                         } else {
-                            "{}".to_string()
+                            (others, "{}".to_string())
                         };
                         let head = format!(
-                            "HTTP/1.1 {} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                            if body == "{}" { 200 } else { 201 },
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
                             body.len()
                         );
                         if stream.write_all(format!("{head}{body}").as_bytes()).await.is_err() {
@@ -1694,7 +1703,7 @@ mod tests {
     /// two adaptive timeouts) is waited for, and sent once.
     #[tokio::test]
     async fn sdk_4_a_slow_node_that_answers_others_is_waited_for() {
-        let (node, submits) = slow_submits_node(1_200).await;
+        let (node, submits) = slow_submits_node(1_200, 200).await;
         let client = Arc::new(Client::new(vec![node], None).unwrap());
         let submitting = {
             let client = client.clone();
@@ -1709,11 +1718,33 @@ mod tests {
         assert_eq!(submits.load(Ordering::SeqCst), 1, "sent once");
     }
 
+    /// docs/sdk.md, 4: a node that answers others only with 5xx (it cannot
+    /// make progress: a stalled disk, no leader) is left after one timeout,
+    /// as a silent one is.
+    #[tokio::test]
+    async fn sdk_4_a_node_answering_others_only_with_5xx_is_left_after_one_timeout() {
+        let (node, submits) = slow_submits_node(1_200, 503).await;
+        let client = Arc::new(Client::new(vec![node], None).unwrap().with_retries_max(0));
+        let submitting = {
+            let client = client.clone();
+            tokio::spawn(async move { client.submit(&SubmitRequest::new("q", json!(1))).await })
+        };
+        let start = Instant::now();
+        while !submitting.is_finished() {
+            let _ = client.get_task(1, true).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let error = submitting.await.unwrap().unwrap_err();
+        assert!(start.elapsed() < Duration::from_millis(900), "{:?}", start.elapsed());
+        assert!(error.to_string().contains("no answer within 500ms"), "{error}");
+        assert_eq!(submits.load(Ordering::SeqCst), 1);
+    }
+
     /// docs/sdk.md, 4: a node that answers nothing is still left after one
     /// attempt timeout.
     #[tokio::test]
     async fn sdk_4_a_silent_node_is_left_after_one_timeout() {
-        let (node, submits) = slow_submits_node(1_200).await;
+        let (node, submits) = slow_submits_node(1_200, 200).await;
         let client = Client::new(vec![node], None).unwrap().with_retries_max(0);
         let start = Instant::now();
         let error = client.submit(&SubmitRequest::new("q", json!(1))).await.unwrap_err();

@@ -64,7 +64,9 @@ const DECREASE_MAX: f64 = 0.25;
 /// a quarter); otherwise, while at least half of it is in use, it grows by a
 /// tenth. So a node past its capacity refuses at the door instead of holding
 /// work longer than its clients' attempt timeouts (docs/sdk.md, 1: 250-500
-/// ms), after which they would count it lost and send it again.
+/// ms), after which they would count it lost and send it again. Only the
+/// leader proposes, so a follower's bound stays at its ceiling; the leader's
+/// door bounds what followers forward to it.
 ///
 /// The signal is the queue the bound controls, not a request's whole latency:
 /// a node whose cores are taken by refusing (or by anything else) is slow

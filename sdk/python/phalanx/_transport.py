@@ -487,7 +487,8 @@ class _Core:
     def __post_init__(self) -> None:
         self.current = self.rng.randrange(len(self.nodes))
         self._lock = threading.Lock()
-        # When each node (by index) last answered anything: docs/sdk.md, 4, a node that answers is not lost.
+        # When each node (by index) last answered below 500 (served, or refused for the request or for load):
+        # docs/sdk.md, 4, a node that answers so is slow, not lost.
         self.last_answer: dict[int, float] = {}
 
     def patient(self, request: _Request[Any]) -> bool:
@@ -592,7 +593,9 @@ class _Core:
     def judge_response(self, request: _Request[Any], index: int, response: httpx.Response,
                        tried: _Tried) -> _Verdict:
         status = response.status_code
-        self.last_answer[index] = time.monotonic()
+        if status < 500:
+            # A 5xx (not ready, no leader) says the node cannot make progress: no reason to wait on it longer.
+            self.last_answer[index] = time.monotonic()
         if 200 <= status < 300:
             self.throttle.answered(self.nodes[index], _class_of(request), True)
             if request.text:

@@ -167,8 +167,9 @@ async def test_the_async_client(server):
         assert (await client.cluster())["leader_id"] == 1
 
 
-def _slow_submits_node(slow_s: float) -> tuple[Any, list[int]]:
-    """A node whose submits answer after `slow_s` and whose other requests answer at once; counts submits."""
+def _slow_submits_node(slow_s: float, others: bytes = b"404 Not Found") -> tuple[Any, list[int]]:
+    """A node whose submits answer after `slow_s` and whose other requests answer at once with `others`;
+    counts submits."""
     import asyncio
 
     submits = [0]
@@ -186,8 +187,10 @@ def _slow_submits_node(slow_s: float) -> tuple[Any, list[int]]:
                     submits[0] += 1
                     await asyncio.sleep(slow_s)
                     status, body = b"201 Created", b'{"task_id": 7, "deduplicated": false}'
+                elif others.startswith(b"503"):
+                    status, body = others, b'{"error": {"code": "not_ready", "message": "no", "outcome": "not_done"}}'
                 else:
-                    status, body = b"404 Not Found", b'{"error": {"code": "task_not_found", "message": "no"}}'
+                    status, body = others, b'{"error": {"code": "task_not_found", "message": "no"}}'
                 writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
                              + str(len(body)).encode() + b"\r\n\r\n" + body)
                 await writer.drain()
@@ -202,7 +205,7 @@ def _slow_submits_node(slow_s: float) -> tuple[Any, list[int]]:
 def test_sdk_4_a_slow_node_that_answers_others_is_waited_for() -> None:
     """docs/sdk.md, 4: the asyncio client's write attempt is not abandoned while its node keeps answering other
     requests (a submit answered after 1.2 s, more than two timeouts, is waited for and sent once); a node that
-    answers nothing else is left after one timeout."""
+    answers nothing else, or only 5xx (it cannot make progress), is left after one timeout."""
     import asyncio
     import time
 
@@ -228,6 +231,26 @@ def test_sdk_4_a_slow_node_that_answers_others_is_waited_for() -> None:
             assert time.monotonic() - start < 0.9
             assert "no answer within 0.5 s" in str(refused.value), refused.value
             assert submits[0] == 2
+        server.close()
+        await server.wait_closed()
+        # Answering others only with 5xx (cannot make progress) is not answering: left after one timeout.
+        serve, submits = _slow_submits_node(1.2, b"503 Service Unavailable")
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with AsyncClient(f"127.0.0.1:{port}", retries_max=0) as client:
+            client.throttling = False
+            start = time.monotonic()
+            submitting = asyncio.ensure_future(client.submit("q", 3))
+            while not submitting.done():
+                try:
+                    await client.get_task(1, stale=True)
+                except PhalanxError:
+                    pass
+                await asyncio.sleep(0.05)
+            with pytest.raises(PhalanxError) as refused:
+                await submitting
+            assert time.monotonic() - start < 0.9
+            assert "no answer within 0.5 s" in str(refused.value), refused.value
         server.close()
         await server.wait_closed()
 
