@@ -260,7 +260,7 @@ pub struct ServerArgs {
     pub requests_in_flight_max: usize,
     /// The door lowers that bound while proposals wait this much longer in the
     /// proposal queue than when it is unloaded (90th percentile over 100 ms),
-    /// and raises it back as the wait goes; 0 keeps it fixed.
+    /// and raises it back as the wait goes; 0 keeps it fixed (otherwise 10..=60000).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub admission_delay_target_ms: u64,
     /// Client connections served at once (idle keep-alive ones included);

@@ -137,6 +137,15 @@ fn a_node_refuses_to_start_with_an_open_peer_channel() {
     assert!(stderr.contains("client token must be"), "{stderr}");
 }
 
+/// A valid number that would break service: a delay target of a millisecond
+/// reads ordinary jitter as overload and refuses a healthy node's clients.
+#[test]
+fn a_node_refuses_to_start_with_a_meaningless_admission_delay_target() {
+    let base = ["--node-id", "1", "--listen", "127.0.0.1:0"];
+    let stderr = start_fails(&[&base[..], &["--admission-delay-target-ms", "1"]].concat(), None);
+    assert!(stderr.contains("admission_delay_target_ms must be 0 (off) or 10..=60000"), "{stderr}");
+}
+
 #[tokio::test]
 async fn a_one_node_server_without_a_peer_token_serves_no_raft_routes() {
     let dir = tempfile::tempdir().unwrap();

@@ -165,6 +165,12 @@ impl NodeConfig {
         if self.connections_max == 0 || self.requests_in_flight_max == 0 || self.pollers_max == 0 {
             return Err("connections_max, requests_in_flight_max and pollers_max must be positive".into());
         }
+        // The bound is judged every 100 ms on the 90th percentile of the
+        // queue's wait: a target of a few milliseconds would read ordinary
+        // jitter as overload and refuse a healthy node's clients.
+        if self.admission_delay_target_ms != 0 && !(10..=60_000).contains(&self.admission_delay_target_ms) {
+            return Err("admission_delay_target_ms must be 0 (off) or 10..=60000".into());
+        }
         if self.connections_per_address_max == 0 {
             return Err("connections_per_address_max must be positive".into());
         }
