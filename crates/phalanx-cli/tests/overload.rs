@@ -106,14 +106,7 @@ async fn a_saturated_queue_answers_429_with_retry_after_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_door_refuses_low_priority_first_when_slots_run_short() {
     let cluster = Cluster::start(1, &["--requests-in-flight-max", "10"]).await;
-    let submit = |priority: &str, payload: u64| {
-        cluster
-            .http
-            .post(cluster.url(1, "/v1/tasks"))
-            .header("x-phalanx-priority", priority)
-            .json(&json!({"queue": "q", "payload": payload}))
-            .send()
-    };
+    let submit = |priority: &str, payload: u64| submit_at(&cluster, 1, priority, payload);
     assert_error(&common::decode(submit("12", 0).await.unwrap()).await.unwrap(), 400, "invalid");
 
     // The disk stalls: five high-priority submits wait for it, holding five slots.
@@ -158,14 +151,7 @@ async fn a_forwarded_submit_keeps_its_priority_at_the_leaders_door() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let follower = cluster.servers.keys().copied().find(|id| *id != leader).unwrap();
-    let submit = |node: u64, priority: &str, payload: u64| {
-        cluster
-            .http
-            .post(cluster.url(node, "/v1/tasks"))
-            .header("x-phalanx-priority", priority)
-            .json(&json!({"queue": "q", "payload": payload}))
-            .send()
-    };
+    let submit = |node: u64, priority: &str, payload: u64| submit_at(&cluster, node, priority, payload);
     // The leader's disk stalls: five high-priority submits hold five of its ten slots.
     let failpoint = cluster.servers[&leader].data_dir.join("failpoint-stall-storage");
     std::fs::write(&failpoint, b"stall").unwrap();
@@ -187,14 +173,7 @@ async fn a_forwarded_submit_keeps_its_priority_at_the_leaders_door() {
 async fn work_queued_past_the_delay_target_lowers_the_doors_bound_and_it_grows_back() {
     let cluster = Cluster::start(1, &["--requests-in-flight-max", "64", "--admission-delay-target-ms", "100"]).await;
     let cluster = &cluster;
-    let submit = |priority: &'static str, payload: u64| {
-        cluster
-            .http
-            .post(cluster.url(1, "/v1/tasks"))
-            .header("x-phalanx-priority", priority)
-            .json(&json!({"queue": "q", "payload": payload}))
-            .send()
-    };
+    let submit = |priority: &str, payload: u64| submit_at(cluster, 1, priority, payload);
     let burst = |from: u64, count: u64| futures::future::join_all((from..from + count).map(|i| submit("8", i)));
     // A few intervals of quick submits: the node learns its unloaded latency.
     for round in 0..3 {
@@ -270,6 +249,21 @@ async fn metric(cluster: &Cluster, name: &str) -> u64 {
         .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or_else(|| panic!("{name} is exported"))
+}
+
+/// A submit to node `node` announcing `priority` in `X-Phalanx-Priority`.
+fn submit_at(
+    cluster: &Cluster,
+    node: u64,
+    priority: &str,
+    payload: u64,
+) -> impl std::future::Future<Output = reqwest::Result<reqwest::Response>> + Send + 'static {
+    cluster
+        .http
+        .post(cluster.url(node, "/v1/tasks"))
+        .header("x-phalanx-priority", priority)
+        .json(&json!({"queue": "q", "payload": payload}))
+        .send()
 }
 
 /// Commands node `id` has proposed: a submit is counted once it is past the
