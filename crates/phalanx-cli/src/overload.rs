@@ -135,7 +135,8 @@ fn pools(addrs: &[String]) -> anyhow::Result<Vec<Arc<Pool>>> {
 /// Closed loop, 256 callers of `load`'s kind back to back: the acknowledged
 /// rate. Each population is measured with its own client, since on shared
 /// cores a heavier client leaves the nodes less.
-async fn capacity(load: &Load, seconds: u64) -> f64 {
+/// Answers the rate and the nodes' CPU (in cores) over the measured seconds.
+async fn capacity(load: &Load, seconds: u64, cluster: &LocalCluster) -> (f64, f64) {
     let acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
@@ -156,14 +157,16 @@ async fn capacity(load: &Load, seconds: u64) -> f64 {
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = acked.load(Ordering::Relaxed);
+    let (before, cpu, start) = (acked.load(Ordering::Relaxed), nodes_cpu_seconds(cluster), Instant::now());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let rate = (acked.load(Ordering::Relaxed) - before) as f64 / seconds as f64;
+    let elapsed = start.elapsed().as_secs_f64();
+    let rate = (acked.load(Ordering::Relaxed) - before) as f64 / elapsed;
+    let cores = (nodes_cpu_seconds(cluster) - cpu) / elapsed;
     stop.store(true, Ordering::Relaxed);
     for handle in handles {
         let _ = handle.await;
     }
-    rate
+    (rate, cores)
 }
 
 /// Open loop at `rate` requests/s for `seconds`: requests leave on schedule
@@ -367,7 +370,7 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
         args.node_count
     );
     let pools = pools(&addrs)?;
-    let raw_capacity = capacity(&Load::Raw(pools.clone()), 4).await;
+    let (raw_capacity, _) = capacity(&Load::Raw(pools.clone()), 4, &cluster).await;
     println!("capacity: {raw_capacity:.0} submits/s acknowledged");
     let kinds: &[&'static str] = match args.client_kind.as_str() {
         "both" => &["raw", "sdk"],
@@ -389,7 +392,7 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
         // Load and goodput are multiples of what this population gets served closed-loop.
         wait_drained(&http, &addrs).await;
         let capacity = if *kind == "sdk" {
-            let sdk_capacity = capacity(&load, 4).await;
+            let (sdk_capacity, _) = capacity(&load, 4, &cluster).await;
             println!(
                 "capacity with SDK clients (closed loop, 256 callers): {sdk_capacity:.0} submits/s acknowledged ({:.0}% of the raw clients'); the SDK levels are multiples of it",
                 100.0 * sdk_capacity / raw_capacity
@@ -488,41 +491,15 @@ pub async fn refusal_cost(args: BenchArgs) -> anyhow::Result<()> {
         let cluster = LocalCluster::start(1, dir.path(), &server_args).await?;
         let addrs = cluster.addrs();
         let (stop_agents, agents) = start_drain_agents(&addrs, "load", 4).await?;
-        let pools = pools(&addrs)?;
-        let acked = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut clients = Vec::new();
-        for i in 0..256 {
-            let (pool, acked, stop) = (pools[i % pools.len()].clone(), acked.clone(), stop.clone());
-            clients.push(tokio::spawn(async move {
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    n += 1;
-                    if submit_one(&pool, i, 5, n, "load").await.0 == 201 {
-                        acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }));
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (cpu, served, start) = (nodes_cpu_seconds(&cluster), acked.load(Ordering::Relaxed), Instant::now());
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
-        let cpu = nodes_cpu_seconds(&cluster) - cpu;
-        let served = acked.load(Ordering::Relaxed) - served;
-        let elapsed = start.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        for client in clients {
-            let _ = client.await;
-        }
+        let (rate, cores) = capacity(&Load::Raw(pools(&addrs)?), seconds, &cluster).await;
         stop_agents.notify_waiters();
         for agent in agents {
             let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
         }
-        let served_us = 1e6 * cpu / served.max(1) as f64;
+        let served_us = 1e6 * cores / rate.max(1.0);
         println!(
-            "served: {:.0} tasks/s (submitted closed-loop, leased and completed), node CPU {:.0}%, {served_us:.1} us per task",
-            served as f64 / elapsed,
-            100.0 * cpu / elapsed
+            "served: {rate:.0} tasks/s (submitted closed-loop, leased and completed), node CPU {:.0}%, {served_us:.1} us per task",
+            100.0 * cores
         );
         served_us
     };
