@@ -60,7 +60,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = crate::store::SnapshotBuffer,
+        SnapshotData = crate::store::SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

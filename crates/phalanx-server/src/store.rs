@@ -50,8 +50,9 @@ use std::sync::{Arc, RwLock};
 pub const DATABASE_FILE_NAME: &str = "phalanx.redb";
 
 /// A snapshot larger than this is refused, whether built, received or found
-/// on disk: one is held whole in memory when sent to or received from a peer
-/// (openraft's `SnapshotData` is a `Cursor<Vec<u8>>`).
+/// on disk. One is sent and received a chunk at a time (`SnapshotData`), but
+/// the state it decodes to is held in memory, and a peer must not be able to
+/// fill the disk with one.
 pub const SNAPSHOT_BYTES_MAX: usize = 1 << 30;
 
 /// The storage format this code writes. 1: the snapshot body is serde_json
@@ -435,20 +436,12 @@ fn read_snapshot(db: &impl ReadableDatabase) -> Result<Option<(StoredSnapshotMet
     Ok(Some((meta, Body::Inline(data.value().to_vec()))))
 }
 
-/// The bytes of a stored snapshot, whole: what is sent to a lagging follower.
-fn read_snapshot_bytes(data_dir: &Path, body: Body) -> Result<Vec<u8>, Error> {
-    match body {
-        Body::Inline(bytes) => Ok(bytes),
-        Body::File(name) => {
-            let mut file = std::fs::File::open(data_dir.join(&name))?;
-            let length = file.metadata()?.len() as usize;
-            check_snapshot_size(length)?;
-            let mut bytes = Vec::with_capacity(length);
-            (&mut file).take(SNAPSHOT_BYTES_MAX as u64 + 1).read_to_end(&mut bytes)?;
-            check_snapshot_size(bytes.len())?;
-            Ok(bytes)
-        }
-    }
+/// Opens the stored snapshot file `name` to send it (a chunk at a time).
+fn open_snapshot_file(data_dir: &Path, name: &str) -> Result<(std::fs::File, PathBuf), Error> {
+    let path = data_dir.join(name);
+    let file = std::fs::File::open(&path)?;
+    check_snapshot_size(file.metadata()?.len() as usize)?;
+    Ok((file, path))
 }
 
 /// Decodes the stored snapshot `body` (see `decode_snapshot`), streaming a
@@ -610,80 +603,217 @@ fn store_snapshot(db: &Database, data_dir: &Path, meta: &StoredSnapshotMeta, nam
 }
 
 /// The bytes of a snapshot in flight between nodes (openraft's
-/// `SnapshotData`): a `Cursor<Vec<u8>>` that refuses, while it is written,
-/// more than `SNAPSHOT_BYTES_MAX` bytes, and, when the last chunk is in
-/// (`shutdown`), a header of a format this code does not read. openraft
-/// answers the sender with those errors and the node goes on; an error in
-/// `install_snapshot` itself would stop the Raft core.
-#[derive(Debug, Default)]
-pub struct SnapshotBuffer(Cursor<Vec<u8>>);
+/// `SnapshotData`), read and written a chunk at a time, never whole:
+/// - sent: the current snapshot file, opened (`get_current_snapshot`); the
+///   leader reads it in chunks of `snapshot_max_chunk_size`;
+/// - received: a new snapshot file in the data directory
+///   (`begin_receiving_snapshot`), written chunk by chunk as they arrive,
+///   and deleted when dropped unless installed (a leader that gave up, a
+///   refused chunk); one the process did not live to delete goes at the next
+///   start with the other files no transaction names;
+/// - in memory: a snapshot of format 1, which lives inside the database, or
+///   a test's bytes.
+///
+/// While written, it refuses to grow past `SNAPSHOT_BYTES_MAX` (a peer cannot
+/// fill the disk), and when the last chunk is in (`shutdown`) it refuses a
+/// header of a format this code does not read. openraft answers the sender
+/// with those errors and the node goes on; an error in `install_snapshot`
+/// itself would stop the Raft core.
+#[derive(Debug)]
+pub struct SnapshotData {
+    inner: Inner,
+    /// Where the next write lands, so the bound is checked before it.
+    position: u64,
+    /// The first bytes written (a header's worth): checked at `shutdown`.
+    head: Vec<u8>,
+}
 
-impl SnapshotBuffer {
-    pub fn new(bytes: Vec<u8>) -> SnapshotBuffer {
-        SnapshotBuffer(Cursor::new(bytes))
+#[derive(Debug)]
+enum Inner {
+    Memory(Cursor<Vec<u8>>),
+    /// A node's: the work runs on tokio's blocking threads.
+    File {
+        file: tokio::fs::File,
+        path: PathBuf,
+        received: Received,
+    },
+    /// The simulation's (`Io::Inline`): the work runs in place, in order.
+    InlineFile {
+        file: std::fs::File,
+        path: PathBuf,
+        received: Received,
+    },
+}
+
+/// Whether a snapshot file is one being received, to delete unless installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Received {
+    No,
+    DeleteUnlessInstalled,
+    Installed,
+}
+
+impl SnapshotData {
+    /// Bytes in memory (a snapshot of format 1, or a test's).
+    pub fn in_memory(bytes: Vec<u8>) -> SnapshotData {
+        SnapshotData { inner: Inner::Memory(Cursor::new(bytes)), position: 0, head: Vec::new() }
     }
 
-    pub fn get_ref(&self) -> &Vec<u8> {
-        self.0.get_ref()
+    fn file(file: std::fs::File, path: PathBuf, io: Io, received: Received) -> SnapshotData {
+        let inner = match io {
+            Io::Blocking => Inner::File { file: tokio::fs::File::from_std(file), path, received },
+            Io::Inline => Inner::InlineFile { file, path, received },
+        };
+        SnapshotData { inner, position: 0, head: Vec::new() }
     }
 
-    pub fn get_mut(&mut self) -> &mut Vec<u8> {
-        self.0.get_mut()
+    /// All its bytes, from the start (tests and tools; a node streams them).
+    pub async fn read_all(&mut self) -> std::io::Result<Vec<u8>> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        self.seek(std::io::SeekFrom::Start(0)).await?;
+        let mut bytes = Vec::new();
+        self.take(SNAPSHOT_BYTES_MAX as u64 + 1).read_to_end(&mut bytes).await?;
+        check_snapshot_size(bytes.len()).map_err(std::io::Error::other)?;
+        Ok(bytes)
     }
 
-    pub fn into_inner(self) -> Vec<u8> {
-        self.0.into_inner()
+    /// What `install_snapshot` installs: the bytes, or the received file's
+    /// name (flushed; kept from now on, whatever happens to `self`). A
+    /// snapshot file that was not received here (another store's current
+    /// one, as openraft's storage suite installs) is read into memory.
+    async fn into_installable(mut self) -> std::io::Result<Installable> {
+        use tokio::io::AsyncWriteExt;
+        self.flush().await?;
+        match &mut self.inner {
+            Inner::Memory(cursor) => Ok(Installable::Bytes(std::mem::take(cursor.get_mut()))),
+            Inner::File { received: Received::No, .. } | Inner::InlineFile { received: Received::No, .. } => {
+                Ok(Installable::Bytes(self.read_all().await?))
+            }
+            Inner::File { path, received, .. } | Inner::InlineFile { path, received, .. } => {
+                let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+                if !is_snapshot_file_name(&name) {
+                    return Err(std::io::Error::other(format!("{name:?} is not a snapshot file")));
+                }
+                *received = Received::Installed;
+                Ok(Installable::File(name))
+            }
+        }
+    }
+
+    /// Notes the bytes written at `self.position`: the head, and where the next goes.
+    fn wrote(&mut self, bytes: &[u8]) {
+        let header = SNAPSHOT_HEADER_BYTES as u64;
+        if self.position < header {
+            let at = self.position as usize;
+            let take = bytes.len().min(SNAPSHOT_HEADER_BYTES - at);
+            if self.head.len() < at + take {
+                self.head.resize(at + take, 0);
+            }
+            self.head[at..at + take].copy_from_slice(&bytes[..take]);
+        }
+        self.position += bytes.len() as u64;
     }
 }
 
-impl tokio::io::AsyncRead for SnapshotBuffer {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        context: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(context, buf)
+/// A received snapshot, ready to be checked and installed.
+enum Installable {
+    Bytes(Vec<u8>),
+    /// The name of a snapshot file in the data directory.
+    File(String),
+}
+
+impl Drop for SnapshotData {
+    fn drop(&mut self) {
+        if let Inner::File { path, received: Received::DeleteUnlessInstalled, .. }
+        | Inner::InlineFile { path, received: Received::DeleteUnlessInstalled, .. } = &self.inner
+        {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
-impl tokio::io::AsyncSeek for SnapshotBuffer {
-    fn start_seek(mut self: std::pin::Pin<&mut Self>, position: std::io::SeekFrom) -> std::io::Result<()> {
-        std::pin::Pin::new(&mut self.0).start_seek(position)
-    }
+type Poll<T> = std::task::Poll<std::io::Result<T>>;
+type Context<'a> = std::task::Context<'a>;
+type Pinned<'a> = std::pin::Pin<&'a mut SnapshotData>;
 
-    fn poll_complete(
-        mut self: std::pin::Pin<&mut Self>,
-        context: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<u64>> {
-        std::pin::Pin::new(&mut self.0).poll_complete(context)
+impl tokio::io::AsyncRead for SnapshotData {
+    fn poll_read(self: Pinned<'_>, context: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        match &mut this.inner {
+            Inner::Memory(cursor) => std::pin::Pin::new(cursor).poll_read(context, buf),
+            Inner::File { file, .. } => std::pin::Pin::new(file).poll_read(context, buf),
+            Inner::InlineFile { file, .. } => {
+                let read = file.read(buf.initialize_unfilled())?;
+                buf.advance(read);
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
     }
 }
 
-impl tokio::io::AsyncWrite for SnapshotBuffer {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        context: &mut std::task::Context<'_>,
-        bytes: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let end = self.0.position() as usize + bytes.len();
+impl tokio::io::AsyncSeek for SnapshotData {
+    fn start_seek(self: Pinned<'_>, position: std::io::SeekFrom) -> std::io::Result<()> {
+        let this = self.get_mut();
+        match &mut this.inner {
+            Inner::Memory(cursor) => std::pin::Pin::new(cursor).start_seek(position),
+            Inner::File { file, .. } => std::pin::Pin::new(file).start_seek(position),
+            Inner::InlineFile { file, .. } => {
+                use std::io::Seek;
+                this.position = file.seek(position)?;
+                Ok(())
+            }
+        }
+    }
+
+    fn poll_complete(self: Pinned<'_>, context: &mut Context<'_>) -> Poll<u64> {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            Inner::Memory(cursor) => std::pin::Pin::new(cursor).poll_complete(context),
+            Inner::File { file, .. } => std::pin::Pin::new(file).poll_complete(context),
+            Inner::InlineFile { .. } => std::task::Poll::Ready(Ok(this.position)),
+        };
+        if let std::task::Poll::Ready(Ok(position)) = polled {
+            this.position = position;
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for SnapshotData {
+    fn poll_write(self: Pinned<'_>, context: &mut Context<'_>, bytes: &[u8]) -> Poll<usize> {
+        let this = self.get_mut();
+        let end = (this.position as usize).saturating_add(bytes.len());
         if end > SNAPSHOT_BYTES_MAX {
             return std::task::Poll::Ready(Err(std::io::Error::other(Error::SnapshotTooLarge { bytes: end })));
         }
-        std::pin::Pin::new(&mut self.0).poll_write(context, bytes)
+        let polled = match &mut this.inner {
+            Inner::Memory(cursor) => std::pin::Pin::new(cursor).poll_write(context, bytes),
+            Inner::File { file, .. } => std::pin::Pin::new(file).poll_write(context, bytes),
+            Inner::InlineFile { file, .. } => std::task::Poll::Ready(file.write(bytes)),
+        };
+        if let std::task::Poll::Ready(Ok(written)) = polled {
+            this.wrote(&bytes[..written]);
+        }
+        polled
     }
 
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        context: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(context)
+    fn poll_flush(self: Pinned<'_>, context: &mut Context<'_>) -> Poll<()> {
+        match &mut self.get_mut().inner {
+            Inner::Memory(cursor) => std::pin::Pin::new(cursor).poll_flush(context),
+            Inner::File { file, .. } => std::pin::Pin::new(file).poll_flush(context),
+            Inner::InlineFile { file, .. } => std::task::Poll::Ready(file.flush()),
+        }
     }
 
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _context: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(read_header(self.0.get_ref()).map(|_| ()).map_err(std::io::Error::other))
+    /// The last chunk is in: the header must be one this code reads.
+    fn poll_shutdown(mut self: Pinned<'_>, context: &mut Context<'_>) -> Poll<()> {
+        std::task::ready!(self.as_mut().poll_flush(context))?;
+        let this = self.get_mut();
+        let head = match &this.inner {
+            Inner::Memory(cursor) => cursor.get_ref().as_slice(),
+            _ => this.head.as_slice(),
+        };
+        std::task::Poll::Ready(read_header(head).map(|_| ()).map_err(std::io::Error::other))
     }
 }
 
@@ -997,7 +1127,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // openraft 0.9 keeps only the meta of a snapshot it had built
         // (`core/sm/worker.rs`, `build_snapshot`); a follower that needs the
         // bytes gets them from `get_current_snapshot`, read from the file.
-        Ok(Snapshot { meta, snapshot: Box::new(SnapshotBuffer::default()) })
+        Ok(Snapshot { meta, snapshot: Box::new(SnapshotData::in_memory(Vec::new())) })
     }
 }
 
@@ -1052,26 +1182,51 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotBuffer>, StorageError> {
-        Ok(Box::new(SnapshotBuffer::default()))
+    /// A new snapshot file, written chunk by chunk as they arrive.
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        let (io, path) = (self.io, self.data_dir.join(self.next_snapshot_file_name()));
+        let file = {
+            let path = path.clone();
+            blocking(io, move || Ok(std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path)?))
+        };
+        let file = file.await.map_err(|error| StorageIOError::write_snapshot(None, &error))?;
+        Ok(Box::new(SnapshotData::file(file, path, io, Received::DeleteUnlessInstalled)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &StoredSnapshotMeta,
-        snapshot: Box<SnapshotBuffer>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        let bytes = snapshot.into_inner();
+        let installable = snapshot
+            .into_installable()
+            .await
+            .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), &error))?;
         let (db, data_dir, stored_meta) = (self.db.clone(), self.data_dir.clone(), meta.clone());
-        let name = self.next_snapshot_file_name();
+        let next_name = self.next_snapshot_file_name();
         // Checked, then persisted, before the state in memory changes: if
         // either fails, the node keeps the state it had, consistent with its
         // disk. The bytes are kept as the leader encoded them (any format
         // this code reads), not encoded again.
         let body = blocking(self.io, move || {
-            let body = decode_snapshot(&stored_meta, &bytes)?;
-            write_snapshot_file(&data_dir, &name, |writer| Ok(writer.write_all(&bytes)?))?;
-            drop(bytes);
+            let (body, name) = match installable {
+                Installable::Bytes(bytes) => {
+                    let body = decode_snapshot(&stored_meta, &bytes)?;
+                    write_snapshot_file(&data_dir, &next_name, |writer| Ok(writer.write_all(&bytes)?))?;
+                    (body, next_name)
+                }
+                Installable::File(name) => {
+                    let checked = (|| {
+                        std::fs::File::open(data_dir.join(&name))?.sync_all()?;
+                        std::fs::File::open(&*data_dir)?.sync_all()?;
+                        decode_stored_snapshot(&data_dir, &stored_meta, &Body::File(name.clone()))
+                    })();
+                    if checked.is_err() {
+                        let _ = std::fs::remove_file(data_dir.join(&name));
+                    }
+                    (checked?, name)
+                }
+            };
             let stored = store_snapshot(&db, &data_dir, &stored_meta, &name)?;
             // openraft installs only a snapshot beyond its committed log id,
             // and every stored snapshot is at or before it.
@@ -1093,24 +1248,32 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(())
     }
 
+    /// The current snapshot, opened to be read a chunk at a time.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let (db, data_dir) = (self.db.clone(), self.data_dir.clone());
-        let stored = blocking(self.io, move || {
+        let (db, data_dir, io) = (self.db.clone(), self.data_dir.clone(), self.io);
+        let stored = blocking(io, move || {
             // A newer snapshot committed between reading the name and opening
             // the file has deleted it: the name is read again, a few times.
             let mut attempts_left = 3;
             loop {
                 let Some((meta, body)) = read_snapshot(&*db)? else { return Ok(None) };
-                match read_snapshot_bytes(&data_dir, body) {
+                let name = match body {
+                    Body::Inline(bytes) => return Ok(Some((meta, SnapshotData::in_memory(bytes)))),
+                    Body::File(name) => name,
+                };
+                match open_snapshot_file(&data_dir, &name) {
                     Err(Error::Io(error)) if error.kind() == std::io::ErrorKind::NotFound && attempts_left > 0 => {
                         attempts_left -= 1;
                     }
-                    outcome => return outcome.map(|bytes| Some((meta, bytes))),
+                    outcome => {
+                        return outcome
+                            .map(|(file, path)| Some((meta, SnapshotData::file(file, path, io, Received::No))))
+                    }
                 }
             }
         })
         .await
         .map_err(|error| StorageIOError::read_snapshot(None, &error))?;
-        Ok(stored.map(|(meta, bytes)| Snapshot { meta, snapshot: Box::new(SnapshotBuffer::new(bytes)) }))
+        Ok(stored.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(data) }))
     }
 }

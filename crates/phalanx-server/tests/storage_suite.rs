@@ -109,9 +109,9 @@ async fn restart_finds_vote_committed_log_snapshot_and_state() {
         let snapshot_state = state_json(&state_machine);
         // openraft keeps only the meta of a built snapshot; the bytes are
         // read back from disk, as when one is sent to a follower.
-        let stored = state_machine.get_current_snapshot().await.expect("read snapshot").expect("a snapshot");
+        let mut stored = state_machine.get_current_snapshot().await.expect("read snapshot").expect("a snapshot");
         assert_eq!(stored.meta, snapshot.meta);
-        let bytes = stored.snapshot.into_inner();
+        let bytes = stored.snapshot.read_all().await.expect("the snapshot's bytes");
         assert!(bytes.starts_with(store::SNAPSHOT_MAGIC), "a snapshot of the current format has its header");
         assert_eq!(bytes[8..12], store::SNAPSHOT_FORMAT_VERSION.to_le_bytes());
         log.purge(log_id(3)).await.expect("purge");
@@ -132,9 +132,9 @@ async fn restart_finds_vote_committed_log_snapshot_and_state() {
     let stored = log.try_get_log_entries(0..100).await.expect("read log");
     assert_eq!(json(&stored), json(&all[3..]), "entries after the purge point, as written");
 
-    let snapshot = state_machine.get_current_snapshot().await.expect("read snapshot").expect("a snapshot");
+    let mut snapshot = state_machine.get_current_snapshot().await.expect("read snapshot").expect("a snapshot");
     assert_eq!(snapshot.meta, snapshot_meta);
-    assert_eq!(snapshot.snapshot.into_inner(), snapshot_bytes);
+    assert_eq!(snapshot.snapshot.read_all().await.expect("the snapshot's bytes"), snapshot_bytes);
 
     // Before replay the state machine is the snapshot's...
     let (last_applied, last_membership) = state_machine.applied_state().await.expect("applied state");
@@ -161,22 +161,24 @@ async fn installed_snapshot_survives_restart() {
     let (_leader_log, mut leader) = store::open(leader_dir.path()).expect("open leader store");
     leader.apply(entries(3)).await.expect("apply");
     leader.get_snapshot_builder().await.build_snapshot().await.expect("snapshot");
-    let snapshot = leader.get_current_snapshot().await.expect("read snapshot").expect("a snapshot");
+    let mut snapshot = leader.get_current_snapshot().await.expect("read snapshot").expect("a snapshot");
+    let bytes = snapshot.snapshot.read_all().await.expect("the snapshot's bytes");
 
     let follower_dir = tempfile::tempdir().expect("temp dir");
     {
         let (_log, mut follower) = store::open(follower_dir.path()).expect("open follower store");
         let mut receiving = follower.begin_receiving_snapshot().await.expect("receive");
-        receiving.get_mut().extend_from_slice(snapshot.snapshot.get_ref());
+        tokio::io::AsyncWriteExt::write_all(&mut receiving, &bytes).await.expect("write");
+        tokio::io::AsyncWriteExt::shutdown(&mut receiving).await.expect("a known header");
         follower.install_snapshot(&snapshot.meta, receiving).await.expect("install");
         assert_eq!(*follower.shared().applied_tx.borrow(), 5);
         assert_eq!(state_json(&follower), state_json(&leader));
     }
 
     let (_log, mut follower) = reopen(follower_dir.path());
-    let stored = follower.get_current_snapshot().await.expect("read snapshot").expect("a snapshot");
+    let mut stored = follower.get_current_snapshot().await.expect("read snapshot").expect("a snapshot");
     assert_eq!(stored.meta, snapshot.meta);
-    assert_eq!(stored.snapshot.get_ref(), snapshot.snapshot.get_ref());
+    assert_eq!(stored.snapshot.read_all().await.expect("the snapshot's bytes"), bytes);
     assert_eq!(follower.applied_state().await.expect("applied state").0, Some(log_id(5)));
     assert_eq!(state_json(&follower), state_json(&leader));
 }
