@@ -10,7 +10,9 @@
 //! start to `/health/live` and to `/health/ready` answering 200, the
 //! resident memory once ready, and the memory per pending task beyond its
 //! payload: (RSS with N tasks - RSS of an empty node started the same way)
-//! / N - 64 bytes. The snapshot's size on disk is printed too.
+//! / N - 64 bytes. The snapshot's size on disk is printed too. For the
+//! current format, a second node then joins the filled one and catches up
+//! by its snapshot: the time, and both nodes' peak resident memory.
 
 use crate::bench::BenchArgs;
 use anyhow::Context;
@@ -51,15 +53,31 @@ struct Node {
 
 impl Node {
     fn spawn(data_dir: &Path, snapshot_write_version: u32, server_args: &[String]) -> anyhow::Result<Node> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let api = format!("127.0.0.1:{port}");
-        let mut command = Command::new(std::env::current_exe()?);
+        Node::spawn_as(1, free_addr()?, data_dir, snapshot_write_version, server_args, &[])
+    }
+
+    /// Node `id` on `api`, with `extra` arguments. PHALANX_SERVER_BIN runs
+    /// another build (e.g. the previous main), measured the same way.
+    fn spawn_as(
+        id: u64,
+        api: String,
+        data_dir: &Path,
+        snapshot_write_version: u32,
+        server_args: &[String],
+        extra: &[String],
+    ) -> anyhow::Result<Node> {
+        let exe = match std::env::var_os("PHALANX_SERVER_BIN") {
+            Some(path) => PathBuf::from(path),
+            None => std::env::current_exe()?,
+        };
+        let mut command = Command::new(exe);
         command
-            .args(["server", "--node-id", "1", "--listen", &api])
+            .args(["server", "--node-id", &id.to_string(), "--listen", &api])
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--snapshot-logs-since-last", FILL_SNAPSHOT_LOGS, "--snapshot-logs-kept", "0"])
             .args(server_args)
+            .args(extra)
             .env("PHALANX_LOG", std::env::var("PHALANX_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -123,6 +141,10 @@ impl Drop for Node {
             let _ = self.child.wait();
         }
     }
+}
+
+fn free_addr() -> anyhow::Result<String> {
+    Ok(format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
 }
 
 /// Starts a node on `data_dir`, measures it, and stops it.
@@ -274,6 +296,90 @@ struct Outcome {
     ready_s: f64,
     rss_bytes: f64,
     empty_rss_bytes: f64,
+    join: Option<Join>,
+}
+
+/// What a second node joining the filled one measured: it catches up by
+/// the snapshot, sent and received a chunk at a time.
+struct Join {
+    seconds: f64,
+    leader_rss_before: u64,
+    leader_rss_peak: u64,
+    joiner_rss_peak: u64,
+}
+
+/// The filled node on `data_dir` is started again and a new, empty node is
+/// added to it (`POST /v1/cluster/members`): the time until the new node has
+/// applied everything the first had, and both nodes' resident memory,
+/// sampled every 10 ms meanwhile.
+async fn join(
+    http: &reqwest::Client,
+    root: &Path,
+    data_dir: &Path,
+    version: u32,
+    server_args: &[String],
+) -> anyhow::Result<Join> {
+    // Nodes of a cluster of more than one need the same peer token.
+    let token = ["--peer-token".to_string(), "restart-bench-join".to_string()];
+    let mut leader = Node::spawn_as(1, free_addr()?, data_dir, version, server_args, &token)?;
+    leader.wait_ok(http, "/health/ready").await?;
+    tokio::time::sleep(RSS_SETTLE).await;
+    let leader_rss_before = leader.rss_bytes()?;
+    let applied = |node: &Node| {
+        let url = node.url("/v1/cluster");
+        async move {
+            let answer = http.get(url).send().await.ok()?.json::<Value>().await.ok()?;
+            answer["last_applied"].as_u64()
+        }
+    };
+    let addr = free_addr()?;
+    let peers = format!("1={},2={addr}", leader.api);
+    let extra = [&token[..], &["--peers".to_string(), peers, "--advertise".to_string(), addr.clone()]].concat();
+    let mut joiner =
+        Node::spawn_as(2, addr.clone(), &root.join(format!("join-v{version}")), version, server_args, &extra)?;
+    joiner.wait_ok(http, "/health/live").await?;
+
+    let started = Instant::now();
+    let add = {
+        let (http, url) = (http.clone(), leader.url("/v1/cluster/members"));
+        tokio::spawn(async move {
+            // A learner still catching up is answered 503 `learner_lagging`: asked again.
+            loop {
+                let answer = http.post(&url).json(&json!({"node_id": 2, "addr": addr})).send().await?;
+                let status = answer.status();
+                let body = answer.text().await.unwrap_or_default();
+                if status.is_success() {
+                    return Ok(());
+                }
+                anyhow::ensure!(
+                    status.as_u16() == 503 && started.elapsed() < WAIT_MAX,
+                    "adding node 2: {status} {body}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let (mut leader_rss_peak, mut joiner_rss_peak) = (leader_rss_before, 0);
+    let mut target = None;
+    loop {
+        leader_rss_peak = leader_rss_peak.max(leader.rss_bytes()?);
+        joiner_rss_peak = joiner_rss_peak.max(joiner.rss_bytes()?);
+        if target.is_none() && add.is_finished() {
+            target = Some(applied(&leader).await.context("node 1's last applied")?);
+        }
+        if let Some(target) = target {
+            if applied(&joiner).await.is_some_and(|index| index >= target) {
+                break;
+            }
+        }
+        anyhow::ensure!(started.elapsed() < WAIT_MAX, "node 2 did not catch up within {WAIT_MAX:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    add.await??;
+    joiner.stop().await?;
+    leader.stop().await?;
+    Ok(Join { seconds, leader_rss_before, leader_rss_peak, joiner_rss_peak })
 }
 
 async fn measure(
@@ -309,6 +415,11 @@ async fn measure(
         );
         starts.push(start);
     }
+    let join = if version == phalanx_server::store::SNAPSHOT_FORMAT_VERSION {
+        Some(join(http, root, &data_dir, version, server_args).await?)
+    } else {
+        None
+    };
     Ok(Outcome {
         version,
         fill: fill_time,
@@ -318,6 +429,7 @@ async fn measure(
         ready_s: median(starts.iter().map(|s| s.ready.as_secs_f64()).collect()),
         rss_bytes: median(starts.iter().map(|s| s.rss_bytes as f64).collect()),
         empty_rss_bytes: median(empty),
+        join,
     })
 }
 
@@ -372,6 +484,21 @@ pub async fn restart(args: BenchArgs) -> anyhow::Result<()> {
          format 1 kept its snapshot inside the database, written here to a file for the same measure)",
         outcomes[0].empty_rss_bytes / (1 << 20) as f64
     );
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    for outcome in &outcomes {
+        if let Some(join) = &outcome.join {
+            println!(
+                "join (format {}): a new node added to the filled one caught up by snapshot in {:.2} s; \
+                 peak RSS meanwhile: the filled node {:.0} MiB (from {:.0} MiB, +{:.0}), the new node {:.0} MiB",
+                outcome.version,
+                join.seconds,
+                mib(join.leader_rss_peak),
+                mib(join.leader_rss_before),
+                mib(join.leader_rss_peak.saturating_sub(join.leader_rss_before)),
+                mib(join.joiner_rss_peak),
+            );
+        }
+    }
     anyhow::ensure!(failures.is_empty(), "not measured: {}", failures.join("; "));
     Ok(())
 }
