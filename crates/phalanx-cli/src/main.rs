@@ -244,6 +244,11 @@ pub struct ServerArgs {
     /// Log entries kept behind a snapshot for followers that lag a little.
     #[arg(long, default_value_t = 1_000)]
     pub snapshot_logs_kept: u64,
+    /// How long a leader waits for a snapshot chunk to be taken, and for the
+    /// last one to be installed, before it sends the snapshot again
+    /// (installing takes about 1.5 s per million tasks).
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
+    pub snapshot_install_timeout_ms: u64,
     /// A bootstrap file of `key = value` lines (the flags' names with `_`);
     /// its values override the flags.
     #[arg(long)]
@@ -340,6 +345,7 @@ impl ServerArgs {
         config.election_timeout_max_ms = self.election_timeout_max_ms;
         config.snapshot_logs_since_last = self.snapshot_logs_since_last;
         config.snapshot_logs_kept = self.snapshot_logs_kept;
+        config.snapshot_install_timeout_ms = self.snapshot_install_timeout_ms;
         config.client_rate_per_second = self.client_rate_per_second;
         config.client_burst = self.client_burst;
         config.requests_in_flight_max = self.requests_in_flight_max;

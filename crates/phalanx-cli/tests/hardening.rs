@@ -146,6 +146,19 @@ fn a_node_refuses_to_start_with_a_meaningless_admission_delay_target() {
     assert!(stderr.contains("admission_delay_target_ms must be 0 (off) or 10..=60000"), "{stderr}");
 }
 
+/// openraft's own 200 ms made every large snapshot time out while it was
+/// installed and be sent again; a node will not start with less.
+#[test]
+fn a_node_refuses_to_start_with_a_snapshot_install_timeout_shorter_than_an_install() {
+    let base = ["--node-id", "1", "--listen", "127.0.0.1:0"];
+    let stderr = start_fails(&[&base[..], &["--snapshot-install-timeout-ms", "50"]].concat(), None);
+    assert!(stderr.contains("snapshot-install-timeout-ms"), "{stderr}");
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "snapshot_install_timeout_ms = 50\n").unwrap();
+    let stderr = start_fails(&[&base[..], &["--config", config.path().to_str().unwrap()]].concat(), None);
+    assert!(stderr.contains("snapshot_install_timeout_ms must be 200..=600000"), "{stderr}");
+}
+
 #[tokio::test]
 async fn a_one_node_server_without_a_peer_token_serves_no_raft_routes() {
     let dir = tempfile::tempdir().unwrap();

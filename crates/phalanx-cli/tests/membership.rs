@@ -1,7 +1,8 @@
 //! Membership at run time on real processes: a node added through the API
 //! (learner, then voter) catches up by snapshot; a removed node's id is never
 //! accepted again; a node that was down through many snapshots rejoins; a
-//! node that does not answer is not added at all.
+//! node that does not answer is not added at all; a snapshot that takes long
+//! to install is sent once, not again and again.
 
 mod common;
 
@@ -111,4 +112,71 @@ async fn a_node_that_does_not_answer_is_not_added() {
     // The one voter still commits on its own.
     let (status, _) = cluster.post(1, "/v1/tasks", &json!({"queue": "m", "payload": "after"})).await.unwrap();
     assert_eq!(status, 201);
+}
+
+/// The node's counter `name` (`/metrics`), or 0.
+async fn counter(cluster: &Cluster, node: u64, name: &str) -> u64 {
+    let text = cluster.http.get(cluster.url(node, "/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|line| line.strip_prefix(&format!("{name} "))?.parse().ok()).unwrap_or(0)
+}
+
+/// Installing a snapshot takes time that grows with the state (decoding,
+/// fsync; about 1.5 s per million tasks). The leader waits for it
+/// (`snapshot_install_timeout_ms`) instead of giving up after openraft's
+/// 200 ms and sending the snapshot again and again while the first is still
+/// being installed. The install is held for 1.5 s here (the apply stall
+/// failpoint, which holds installs too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_takes_long_to_install_is_sent_once() {
+    let extra = ["--snapshot-logs-since-last", "20", "--snapshot-logs-kept", "0"];
+    let mut cluster = Cluster::start(1, &extra).await;
+    // 50 entries: snapshots taken, the log behind them purged.
+    submit_many(&cluster, 1, 2500, "before").await;
+    let (_, info) = cluster.get(1, "/v1/cluster").await.unwrap();
+    assert!(info["snapshot_index"].as_u64().unwrap() >= 30, "snapshots were taken: {info}");
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let raft_addr = format!("127.0.0.1:{}", free_port());
+    let data_dir = cluster.dir.path().join("node-2");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let stall = data_dir.join("failpoint-stall-apply");
+    std::fs::write(&stall, b"").unwrap();
+    let mut node2 = Server {
+        id: 2,
+        addr: addr.clone(),
+        raft_addr: raft_addr.clone(),
+        data_dir,
+        peers: format!("1={}/{},2={addr}/{raft_addr}", cluster.addr(1), cluster.servers[&1].raft_addr),
+        extra: extra.iter().map(|s| s.to_string()).chain(["--advertise".to_string(), addr.clone()]).collect(),
+        child: None,
+    };
+    node2.spawn();
+    cluster.servers.insert(2, node2);
+    let start = Instant::now();
+    while cluster.http.get(format!("http://{addr}/health/live")).send().await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "node 2 did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The add waits for the learner, which cannot install yet: not awaited here.
+    let add = {
+        let (http, url) = (cluster.http.clone(), cluster.url(1, "/v1/cluster/members"));
+        let body = json!({"node_id": 2, "addr": addr, "raft_addr": raft_addr});
+        tokio::spawn(async move { http.post(url).json(&body).send().await.map(|answer| answer.status().as_u16()) })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::fs::remove_file(&stall).unwrap();
+    let start = Instant::now();
+    while applied(&cluster, 2).await < applied(&cluster, 1).await {
+        assert!(start.elapsed() < Duration::from_secs(30), "node 2 did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), add).await;
+    // Late retries of the leader would show up a little after the install.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counter(&cluster, 2, "phalanx_snapshots_installed_total").await, 1);
+    assert_eq!(
+        counter(&cluster, 2, "phalanx_snapshots_received_total").await,
+        1,
+        "the leader sent the snapshot once, and waited for its install"
+    );
 }

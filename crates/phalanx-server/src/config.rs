@@ -38,6 +38,12 @@ pub struct NodeConfig {
     pub snapshot_logs_since_last: u64,
     /// Log entries kept behind a snapshot, for followers that lag a little.
     pub snapshot_logs_kept: u64,
+    /// How long a leader waits for one snapshot chunk to be taken, and for
+    /// the last to be installed (decoded, fsynced), before it starts the
+    /// snapshot again. Installing grows with the state (about 1.5 s per
+    /// million tasks here), so openraft's 200 ms made every large snapshot
+    /// time out and be sent again.
+    pub snapshot_install_timeout_ms: u64,
     /// Period of the leader's timer loop (agent expiry, Tick proposals).
     pub timer_interval_ms: u64,
     /// Commands in one log entry (group commit).
@@ -117,6 +123,7 @@ impl NodeConfig {
             election_timeout_max_ms: 200,
             snapshot_logs_since_last: 20_000,
             snapshot_logs_kept: 1_000,
+            snapshot_install_timeout_ms: 30_000,
             timer_interval_ms: 100,
             batch_commands_max: 1024,
             proposals_in_flight_max: 8,
@@ -170,6 +177,9 @@ impl NodeConfig {
         // jitter as overload and refuse a healthy node's clients.
         if self.admission_delay_target_ms != 0 && !(10..=60_000).contains(&self.admission_delay_target_ms) {
             return Err("admission_delay_target_ms must be 0 (off) or 10..=60000".into());
+        }
+        if !(200..=600_000).contains(&self.snapshot_install_timeout_ms) {
+            return Err("snapshot_install_timeout_ms must be 200..=600000".into());
         }
         if self.connections_per_address_max == 0 {
             return Err("connections_per_address_max must be positive".into());
@@ -295,6 +305,7 @@ impl NodeConfig {
                 "election_timeout_max_ms" => self.election_timeout_max_ms = number_of(value)?,
                 "snapshot_logs_since_last" => self.snapshot_logs_since_last = number_of(value)?,
                 "snapshot_logs_kept" => self.snapshot_logs_kept = number_of(value)?,
+                "snapshot_install_timeout_ms" => self.snapshot_install_timeout_ms = number_of(value)?,
                 "client_rate_per_second" => self.client_rate_per_second = number_of(value)? as f64,
                 "client_burst" => self.client_burst = number_of(value)? as f64,
                 "connections_max" => self.connections_max = number_of(value)? as usize,

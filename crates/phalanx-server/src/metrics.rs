@@ -74,6 +74,12 @@ pub fn render(node: &Node) -> String {
         "How long the last snapshot's copy of the state held apply back.",
     );
     let _ = writeln!(o, "phalanx_snapshot_copy_seconds {}", copy_us as f64 / 1e6);
+    let received = node.shared.snapshots_received.load(std::sync::atomic::Ordering::Relaxed);
+    family(o, "phalanx_snapshots_received_total", "counter", "Snapshots a leader began to send to this node.");
+    let _ = writeln!(o, "phalanx_snapshots_received_total {received}");
+    let installed = node.shared.snapshots_installed.load(std::sync::atomic::Ordering::Relaxed);
+    family(o, "phalanx_snapshots_installed_total", "counter", "Snapshots received and installed on this node.");
+    let _ = writeln!(o, "phalanx_snapshots_installed_total {installed}");
     gauge(
         o,
         "phalanx_disk_free_bytes",

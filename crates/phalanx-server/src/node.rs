@@ -277,6 +277,7 @@ pub fn raft_config(config: &NodeConfig) -> anyhow::Result<openraft::Config> {
         election_timeout_max: config.election_timeout_max_ms,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_logs_since_last),
         max_in_snapshot_log_to_keep: config.snapshot_logs_kept,
+        install_snapshot_timeout: config.snapshot_install_timeout_ms,
         // With the proposer's BATCH_BYTES_MAX this bounds one append RPC to
         // about 32 x (1 MiB + one request) bytes, under raft_request_bytes_max.
         max_payload_entries: 32,

@@ -85,8 +85,9 @@ pub const SNAPSHOT_WRITE_VERSION_ENV: &str = "PHALANX_SNAPSHOT_WRITE_VERSION";
 pub const STALL_FAILPOINT_FILE_NAME: &str = "failpoint-stall-storage";
 
 /// While a file of this name exists in the data directory, the state machine
-/// applies nothing, as when the apply loop is wedged: the log still grows and
-/// commits, the state stops moving (the "apply stalled" tests).
+/// applies nothing and installs no snapshot, as when the apply loop is
+/// wedged: the log still grows and commits, the state stops moving (the
+/// "apply stalled" tests, and a snapshot install that takes long).
 pub const APPLY_STALL_FAILPOINT_FILE_NAME: &str = "failpoint-stall-apply";
 
 /// Log index -> serde_json of `Entry<TypeConfig>`.
@@ -313,6 +314,8 @@ pub fn open_with(data_dir: &Path, io: Io) -> Result<(LogStore, StateMachineStore
         data: RwLock::new(data),
         applied_tx: tokio::sync::watch::channel(applied_index).0,
         snapshot_copy_us_last: AtomicU64::new(0),
+        snapshots_received: AtomicU64::new(0),
+        snapshots_installed: AtomicU64::new(0),
     });
     let write_version = match std::env::var(SNAPSHOT_WRITE_VERSION_ENV).as_deref() {
         Ok("1") => 1,
@@ -1047,6 +1050,9 @@ pub struct StateMachineShared {
     /// How long the last snapshot's copy of the state held the read lock
     /// (apply, the writer, waits that long), in microseconds.
     pub snapshot_copy_us_last: AtomicU64,
+    /// Snapshots this node began to receive, and installed.
+    pub snapshots_received: AtomicU64,
+    pub snapshots_installed: AtomicU64,
 }
 
 /// openraft's handle on the state machine and on the snapshot stored in redb.
@@ -1190,6 +1196,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             blocking(io, move || Ok(std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path)?))
         };
         let file = file.await.map_err(|error| StorageIOError::write_snapshot(None, &error))?;
+        self.shared.snapshots_received.fetch_add(1, Ordering::Relaxed);
         Ok(Box::new(SnapshotData::file(file, path, io, Received::DeleteUnlessInstalled)))
     }
 
@@ -1198,6 +1205,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &StoredSnapshotMeta,
         snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
+        // Waits without limit on purpose, like apply.
+        while self.apply_stall_failpoint.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let installable = snapshot
             .into_installable()
             .await
@@ -1244,6 +1255,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             };
             meta.last_log_id.map_or(0, |log_id| log_id.index)
         };
+        self.shared.snapshots_installed.fetch_add(1, Ordering::Relaxed);
         self.shared.applied_tx.send_replace(applied_index);
         Ok(())
     }
