@@ -632,6 +632,14 @@ impl Client {
         self
     }
 
+    /// How far back the throttle counts requests and accepts (docs/sdk.md,
+    /// 10; `throttle::WINDOW`, 10 s, by default): longer is steadier and
+    /// slower to forget an overload that has passed.
+    pub fn with_throttle_window(mut self, window: Duration) -> Client {
+        self.throttle = Mutex::new(Throttle::with_window(Instant::now(), window));
+        self
+    }
+
     pub fn with_retries_max(mut self, retries_max: u32) -> Client {
         self.retries_max = retries_max;
         self

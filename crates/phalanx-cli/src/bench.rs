@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// (raw levels, then SDK levels, on the same cluster and capacity).
     #[arg(long, default_value = "raw", value_parser = ["raw", "sdk", "both"])]
     pub client_kind: String,
+    /// `overload`: the SDK clients' throttle window in ms (docs/sdk.md, 10);
+    /// 0 keeps the SDK's default.
+    #[arg(long, default_value_t = 0)]
+    pub sdk_throttle_window_ms: u64,
     /// `delegation`: exit with status 1 when the checker finds a violation.
     #[arg(long)]
     pub check: bool,

@@ -382,7 +382,11 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
         let load = if *kind == "sdk" {
             let clients = (0..CLIENTS)
                 .map(|i| {
-                    Ok(Arc::new(phalanx_agent::Client::new(addrs.clone(), None)?.with_name(format!("client-{i}"))))
+                    let client = phalanx_agent::Client::new(addrs.clone(), None)?.with_name(format!("client-{i}"));
+                    Ok(Arc::new(match args.sdk_throttle_window_ms {
+                        0 => client,
+                        ms => client.with_throttle_window(Duration::from_millis(ms)),
+                    }))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             Load::Sdk(clients)
@@ -434,6 +438,9 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
             levels.push(level);
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        if *kind == "sdk" {
+            sdk_recovery(&load, capacity).await;
+        }
         let these: Vec<&Level> = levels.iter().filter(|l| l.kind == *kind).collect();
         match cpu_costs(&these) {
             Some((served_us, refusal_us)) => println!(
@@ -469,6 +476,35 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
     }
     write_outputs(&args.out_dir, args.node_count, raw_capacity, &levels, peak)?;
     Ok(())
+}
+
+/// Seconds the SDK clients are watched after their 10x level, at most.
+const SDK_RECOVERY_SECONDS_MAX: u64 = 30;
+
+/// Right after the 10x level, the SDK clients' load falls to half their
+/// capacity, which the nodes serve whole: how long the clients' memory of
+/// the overload (their throttle's window) goes on refusing calls locally,
+/// second by second, until under 1% of calls are.
+async fn sdk_recovery(load: &Load, capacity: f64) {
+    let mut shares = Vec::new();
+    let mut recovered = None;
+    for second in 1..=SDK_RECOVERY_SECONDS_MAX {
+        let (samples, _, _, _) = open_loop_with(load, capacity * 0.5, 1, MIXED).await;
+        let throttled = samples.iter().filter(|s| s.status == THROTTLED).count() as f64 / samples.len().max(1) as f64;
+        shares.push(format!("{:.0}%", 100.0 * throttled));
+        if throttled < 0.01 {
+            recovered = Some(second);
+            break;
+        }
+    }
+    let when = match recovered {
+        Some(second) => format!("under 1% in the {second}. second"),
+        None => format!("not under 1% within {SDK_RECOVERY_SECONDS_MAX} s"),
+    };
+    println!(
+        "sdk after 10x, load back to 0.5x: calls the clients refused themselves {when} (per second: {})",
+        shares.join(" ")
+    );
 }
 
 /// The nodes' CPU seconds so far, summed.

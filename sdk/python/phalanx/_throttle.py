@@ -1,8 +1,11 @@
 """Client-side adaptive throttling (docs/sdk.md, 10; Google's SRE book,
 "Handling Overload"): per node and per priority class, a request is refused
 locally with probability max(0, (requests - K * accepts) / (requests + 1)),
-K = 2, over a sliding window of two minutes in buckets. A node that refuses
-most of what it is sent is soon sent little more than it can serve.
+K = 2, over a sliding window of 10 s in buckets. A node that refuses
+most of what it is sent is soon sent little more than it can serve. (Not the
+book's two minutes: once the node serves again, what is sent grows by about K
+times per window, so two minutes kept clients refusing their own calls for
+minutes after an overload had passed.)
 
 Pure: the clock is injected and the caller draws the random number, so tests
 replay any sequence. Leaves what a local refusal does (the call fails fast)
@@ -17,8 +20,8 @@ from collections import OrderedDict
 from typing import Callable, Literal
 
 K = 2.0
-WINDOW_S = 120.0
-BUCKET_COUNT = 24
+WINDOW_S = 10.0
+BUCKET_COUNT = 20
 # Nodes x classes tracked at most; past it the least recently used is forgotten.
 KEYS_MAX = 1024
 

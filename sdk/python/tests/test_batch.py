@@ -34,8 +34,40 @@ def test_sdk_10_the_probability_follows_requests_and_accepts_per_node_and_class(
         throttle.answered("c:1", "normal", accepted=True)
     assert throttle.reject_probability("c:1", "normal") == 0.0
     now[0] = WINDOW_S + 5
-    assert throttle.reject_probability("a:1", "low") == 0.0, "the window forgets after two minutes"
+    assert throttle.reject_probability("a:1", "low") == 0.0, "the window forgets after its length"
     assert [class_of_priority(p) for p in (0, 3, 4, 6, 7, 9)] == ["low", "low", "normal", "normal", "high", "high"]
+
+
+def test_sdk_10_a_client_stops_refusing_its_own_calls_within_30_s_of_an_overload_passing():
+    # As the Rust test: 60 s at 10x (the node accepts one call in ten), then
+    # half of what the node serves, all accepted; seconds until under 1% of
+    # calls are refused locally. Draws from a fixed sequence.
+    now = [0.0]
+    throttle = AdaptiveThrottle(clock=lambda: now[0])
+    draws = random.Random(7)
+    for tick in range(6_000):
+        now[0] = tick / 100
+        served = 0
+        for _ in range(10):
+            if throttle.admit("a:1", "normal", draws.random()):
+                throttle.answered("a:1", "normal", accepted=served < 1)
+                served += 1
+    refused = calls = 0
+    recovered = None
+    for tick in range(6_000, 12_000):
+        now[0] = tick / 100
+        if tick % 2 == 0:
+            calls += 1
+            if throttle.admit("a:1", "normal", draws.random()):
+                throttle.answered("a:1", "normal", accepted=True)
+            else:
+                refused += 1
+        if (tick + 1) % 100 == 0:
+            if refused * 100 < calls:
+                recovered = (tick + 1 - 6_000) // 100
+                break
+            refused = calls = 0
+    assert recovered is not None and recovered <= 30, recovered
 
 
 def test_sdk_10_a_node_refusing_for_load_is_throttled_by_the_client():
