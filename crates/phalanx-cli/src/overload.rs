@@ -54,6 +54,8 @@ struct Level {
     not_sent: u64,
     goodput: f64,
     goodput_by_class: [f64; 3],
+    /// Of the high-priority calls offered (launched), the share acknowledged, in %.
+    high_served_pct: f64,
     shed: f64,
     timeouts: u64,
     broken: u64,
@@ -262,6 +264,8 @@ fn summarise(
         by_class[sample.class] += 1.0 / window;
     }
     let pool_full = samples.iter().filter(|s| s.status == NOT_SENT).count() as u64;
+    let high_offered = samples.iter().filter(|s| s.class == 2 && s.status != NOT_SENT).count();
+    let high_served = samples.iter().filter(|s| s.class == 2 && s.status == 201).count();
     Level {
         kind: "raw",
         multiple,
@@ -271,6 +275,7 @@ fn summarise(
         not_sent: not_sent + pool_full,
         goodput: admitted.len() as f64 / window,
         goodput_by_class: by_class,
+        high_served_pct: 100.0 * high_served as f64 / high_offered.max(1) as f64,
         shed: refused.len() as f64 / window,
         timeouts: samples.iter().filter(|s| s.status == NO_ANSWER).count() as u64,
         broken: samples.iter().filter(|s| s.status == BROKEN).count() as u64,
@@ -429,9 +434,9 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
             level.node_refusals = refusals;
             level.nodes_cpu_s = nodes_cpu;
             println!(
-                "{kind} {:>4}x: offered {:>7.0}/s (target {:>7.0}, not sent {}), goodput {:>6.0}/s ({:.0}% of capacity; low/normal/high {:.0}/{:.0}/{:.0}), shed {:>7.0}/s, throttled by clients {:.0}/s, node refusals {:.0}/s, timeouts {}, broken {}, admitted p50 {:.1} ms p99 {:.1} ms, refusals p99 {:.1} ms, elections {}, CPU nodes {:.0}% generator+agents {:.0}%",
+                "{kind} {:>4}x: offered {:>7.0}/s (target {:>7.0}, not sent {}), goodput {:>6.0}/s ({:.0}% of capacity; low/normal/high {:.0}/{:.0}/{:.0}; high served {:.1}% of its offered), shed {:>7.0}/s, throttled by clients {:.0}/s, node refusals {:.0}/s, timeouts {}, broken {}, admitted p50 {:.1} ms p99 {:.1} ms, refusals p99 {:.1} ms, elections {}, CPU nodes {:.0}% generator+agents {:.0}%",
                 level.multiple, level.offered, level.target, level.not_sent, level.goodput, 100.0 * level.goodput / capacity,
-                level.goodput_by_class[0], level.goodput_by_class[1], level.goodput_by_class[2],
+                level.goodput_by_class[0], level.goodput_by_class[1], level.goodput_by_class[2], level.high_served_pct,
                 level.shed, level.throttled, level.node_refusals as f64 / window, level.timeouts, level.broken, level.admitted_p50_ms, level.admitted_p99_ms, level.refused_p99_ms, level.elections,
                 level.nodes_cpu_pct, level.generator_cpu_pct
             );
@@ -439,7 +444,7 @@ pub async fn overload(args: BenchArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         if *kind == "sdk" {
-            sdk_recovery(&load, capacity).await;
+            sdk_recovery(&load, capacity, &http, &addrs).await;
         }
         let these: Vec<&Level> = levels.iter().filter(|l| l.kind == *kind).collect();
         match cpu_costs(&these) {
@@ -484,14 +489,18 @@ const SDK_RECOVERY_SECONDS_MAX: u64 = 30;
 /// Right after the 10x level, the SDK clients' load falls to half their
 /// capacity, which the nodes serve whole: how long the clients' memory of
 /// the overload (their throttle's window) goes on refusing calls locally,
-/// second by second, until under 1% of calls are.
-async fn sdk_recovery(load: &Load, capacity: f64) {
+/// second by second, until under 1% of calls are; and beside each, the
+/// refusals the nodes still answered (a backlog left by the overload can keep
+/// them refusing, and then the clients are right to hold back).
+async fn sdk_recovery(load: &Load, capacity: f64, http: &reqwest::Client, addrs: &[String]) {
     let mut shares = Vec::new();
     let mut recovered = None;
     for second in 1..=SDK_RECOVERY_SECONDS_MAX {
+        let refusals_before = node_refusals(http, addrs).await;
         let (samples, _, _, _) = open_loop_with(load, capacity * 0.5, 1, MIXED).await;
+        let refused = node_refusals(http, addrs).await.saturating_sub(refusals_before);
         let throttled = samples.iter().filter(|s| s.status == THROTTLED).count() as f64 / samples.len().max(1) as f64;
-        shares.push(format!("{:.0}%", 100.0 * throttled));
+        shares.push(format!("{:.0}%/{refused}", 100.0 * throttled));
         if throttled < 0.01 {
             recovered = Some(second);
             break;
@@ -502,7 +511,7 @@ async fn sdk_recovery(load: &Load, capacity: f64) {
         None => format!("not under 1% within {SDK_RECOVERY_SECONDS_MAX} s"),
     };
     println!(
-        "sdk after 10x, load back to 0.5x: calls the clients refused themselves {when} (per second: {})",
+        "sdk after 10x, load back to 0.5x: calls the clients refused themselves {when} (per second, refused by the clients / refusals the nodes answered: {})",
         shares.join(" ")
     );
 }
@@ -585,12 +594,12 @@ fn write_outputs(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut csv = String::from(
-        "clients,nodes,multiple,target_per_s,offered_per_s,not_sent,goodput_per_s,goodput_low,goodput_normal,goodput_high,shed_per_s,timeouts,broken,admitted_p50_ms,admitted_p99_ms,refused_p99_ms,elections,nodes_cpu_pct,generator_cpu_pct,peak_rss_kib,capacity_per_s\n",
+        "clients,nodes,multiple,target_per_s,offered_per_s,not_sent,goodput_per_s,goodput_low,goodput_normal,goodput_high,shed_per_s,timeouts,broken,admitted_p50_ms,admitted_p99_ms,refused_p99_ms,elections,nodes_cpu_pct,generator_cpu_pct,peak_rss_kib,capacity_per_s,high_served_pct\n",
     );
     for l in levels {
         let _ = writeln!(
             csv,
-            "{},{nodes},{},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.0},{:.0},{},{},{:.2},{:.2},{:.2},{},{:.0},{:.0},{peak_kib},{:.0}",
+            "{},{nodes},{},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.0},{:.0},{},{},{:.2},{:.2},{:.2},{},{:.0},{:.0},{peak_kib},{:.0},{:.1}",
             l.kind,
             l.multiple,
             l.target,
@@ -609,7 +618,8 @@ fn write_outputs(
             l.elections,
             l.nodes_cpu_pct,
             l.generator_cpu_pct,
-            l.capacity
+            l.capacity,
+            l.high_served_pct
         );
     }
     let csv_path = dir.join(format!("overload-{nodes}node.csv"));

@@ -153,13 +153,7 @@ async fn a_committed_snapshot_of_the_current_format_decodes_to_the_same_state() 
 #[tokio::test]
 async fn a_received_snapshot_of_an_unknown_format_is_refused_and_the_node_goes_on() {
     let (_leader_dir, leader, meta, good) = leader().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (log, follower) = store::open(dir.path()).expect("open store");
-    let shared = follower.shared();
-    let config = Arc::new(openraft::Config::default().validate().unwrap());
-    let network = phalanx_server::network::Network::new(None, None).expect("a plain HTTP transport");
-    let raft = Raft::new(2, config, network, log, follower).await.expect("raft");
-
+    let (dir, raft, shared) = follower().await;
     let mut unknown = good.clone();
     unknown[8..12].copy_from_slice(&7u32.to_le_bytes());
     let request = |data: Vec<u8>| InstallSnapshotRequest {
