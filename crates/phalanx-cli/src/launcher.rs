@@ -30,7 +30,17 @@ pub struct LocalCluster {
     client_token: Option<String>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// The `phalanx` binary that runs a benchmark's nodes: this one, or
+/// PHALANX_SERVER_BIN's (e.g. the previous main), so that a benchmark
+/// measures another build the same way.
+pub fn server_exe() -> anyhow::Result<PathBuf> {
+    match std::env::var_os("PHALANX_SERVER_BIN") {
+        Some(path) => Ok(PathBuf::from(path)),
+        None => std::env::current_exe().context("finding the phalanx binary"),
+    }
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -109,12 +119,7 @@ impl LocalCluster {
     }
 
     pub fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
-        // PHALANX_SERVER_BIN runs the nodes from another build (e.g. the
-        // previous main), so that a benchmark measures it the same way.
-        let exe = match std::env::var_os("PHALANX_SERVER_BIN") {
-            Some(path) => PathBuf::from(path),
-            None => std::env::current_exe().context("finding the phalanx binary")?,
-        };
+        let exe = server_exe()?;
         let node = self.nodes.get_mut(&id).context("no such node")?;
         // PHALANX_NODE_CPUS pins the nodes (e.g. "0"), so a benchmark can keep
         // its load generator off their cores: `taskset -c 1 phalanx bench ...`.

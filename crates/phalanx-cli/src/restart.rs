@@ -56,8 +56,7 @@ impl Node {
         Node::spawn_as(1, free_addr()?, data_dir, snapshot_write_version, server_args, &[])
     }
 
-    /// Node `id` on `api`, with `extra` arguments. PHALANX_SERVER_BIN runs
-    /// another build (e.g. the previous main), measured the same way.
+    /// Node `id` on `api`, with `extra` arguments, of `launcher::server_exe`'s build.
     fn spawn_as(
         id: u64,
         api: String,
@@ -66,11 +65,7 @@ impl Node {
         server_args: &[String],
         extra: &[String],
     ) -> anyhow::Result<Node> {
-        let exe = match std::env::var_os("PHALANX_SERVER_BIN") {
-            Some(path) => PathBuf::from(path),
-            None => std::env::current_exe()?,
-        };
-        let mut command = Command::new(exe);
+        let mut command = Command::new(crate::launcher::server_exe()?);
         command
             .args(["server", "--node-id", &id.to_string(), "--listen", &api])
             .arg("--data-dir")
@@ -144,7 +139,7 @@ impl Drop for Node {
 }
 
 fn free_addr() -> anyhow::Result<String> {
-    Ok(format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
+    Ok(format!("127.0.0.1:{}", crate::launcher::free_port()?))
 }
 
 /// Starts a node on `data_dir`, measures it, and stops it.

@@ -7,6 +7,7 @@ from the same data directory and address.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -35,6 +36,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """For the tests' raw HTTP fakes: one request read off `reader` (head and body); its head."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return head
 
 
 class Server:

@@ -16,6 +16,7 @@ from phalanx._batch import CompleteBatcher, SubmitBatcher
 from phalanx._errors import Superseded
 from phalanx._throttle import WINDOW_S, AdaptiveThrottle, class_of_priority
 
+from conftest import read_request
 from test_sdk import FAST, refusal, wait_for
 
 
@@ -256,12 +257,7 @@ def test_sdk_11_the_pool_reuses_connections_and_drops_closed_ones():
             connections += 1
             try:
                 while True:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    length = 0
-                    for line in head.split(b"\r\n"):
-                        if line.lower().startswith(b"content-length:"):
-                            length = int(line.split(b":")[1])
-                    await reader.readexactly(length)
+                    await read_request(reader)
                     await asyncio.sleep(0.005)
                     body = b'{"task_id": 7, "deduplicated": false}'
                     writer.write(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: "

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from conftest import read_request
 from phalanx import AsyncClient, Client, Conflict, InvalidRequest, NotFound, PhalanxError, Superseded
 from conftest import free_port
 
@@ -177,12 +178,7 @@ def _slow_submits_node(slow_s: float, others: bytes = b"404 Not Found") -> tuple
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
+                head = await read_request(reader)
                 if head.startswith(b"POST /v1/tasks "):
                     submits[0] += 1
                     await asyncio.sleep(slow_s)
@@ -209,6 +205,15 @@ def test_sdk_4_a_slow_node_that_answers_others_is_waited_for() -> None:
     import asyncio
     import time
 
+    async def ask_others_until_done(client: AsyncClient, submitting: Any, answers: type[Exception]) -> None:
+        # Other requests of the same client, answered (or refused with `answers`) while the submit waits.
+        while not submitting.done():
+            try:
+                await client.get_task(1, stale=True)
+            except answers:
+                pass
+            await asyncio.sleep(0.05)
+
     async def main() -> None:
         serve, submits = _slow_submits_node(1.2)
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
@@ -216,12 +221,7 @@ def test_sdk_4_a_slow_node_that_answers_others_is_waited_for() -> None:
         async with AsyncClient(f"127.0.0.1:{port}") as client:
             client.throttling = False
             submitting = asyncio.ensure_future(client.submit("q", 1))
-            while not submitting.done():
-                try:
-                    await client.get_task(1, stale=True)
-                except NotFound:
-                    pass
-                await asyncio.sleep(0.05)
+            await ask_others_until_done(client, submitting, NotFound)
             assert await submitting == 7
             assert submits[0] == 1
         async with AsyncClient(f"127.0.0.1:{port}", retries_max=0) as client:
@@ -241,12 +241,7 @@ def test_sdk_4_a_slow_node_that_answers_others_is_waited_for() -> None:
             client.throttling = False
             start = time.monotonic()
             submitting = asyncio.ensure_future(client.submit("q", 3))
-            while not submitting.done():
-                try:
-                    await client.get_task(1, stale=True)
-                except PhalanxError:
-                    pass
-                await asyncio.sleep(0.05)
+            await ask_others_until_done(client, submitting, PhalanxError)
             with pytest.raises(PhalanxError) as refused:
                 await submitting
             assert time.monotonic() - start < 0.9
